@@ -1,0 +1,248 @@
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use fabbrica_data::TokenizerKind;
+use fabbrica_models::{flops_per_token, memory_estimate};
+use fabbrica_train::sample::{sample_from_checkpoint, SampleArgs as LibSampleArgs};
+use fabbrica_train::{Config, TrainError, TrainOptions};
+
+/// A failure to report: one line, and whether the user caused it (exit 2) or not (exit 1).
+pub struct Failure {
+    pub message: String,
+    pub user: bool,
+}
+
+impl From<TrainError> for Failure {
+    fn from(e: TrainError) -> Self {
+        Failure { user: e.is_user_error(), message: e.to_string() }
+    }
+}
+
+impl From<fabbrica_train::ConfigError> for Failure {
+    fn from(e: fabbrica_train::ConfigError) -> Self {
+        Failure { user: true, message: e.to_string() }
+    }
+}
+
+impl From<fabbrica_data::DataError> for Failure {
+    fn from(e: fabbrica_data::DataError) -> Self {
+        Failure { user: true, message: e.to_string() }
+    }
+}
+
+type Result<T> = std::result::Result<T, Failure>;
+
+#[derive(Args)]
+pub struct ConfigArgs {
+    /// TOML file with [model], [data], [train], [run] sections, applied over the preset.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Base settings: tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b (default tiny).
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+    /// Override one key, e.g. --set train.lr=3e-4 --set run.device=cpu (repeatable; applied last).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn resolve(&self) -> Result<Config> {
+        Ok(Config::resolve(self.preset.as_deref(), self.config.as_deref(), &self.sets)?)
+    }
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub cfg: ConfigArgs,
+    /// Print the resolved config, parameter count, FLOPs per token and a memory estimate per
+    /// device, then exit without reading data or touching a device.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let cfg = a.cfg.resolve()?;
+    if a.dry_run {
+        dry_run(&cfg);
+        return Ok(());
+    }
+    let out = fabbrica_train::train(&cfg, &TrainOptions { progress: true })?;
+    println!("finished {} steps: train loss {:.4}, val loss {:.4}", out.steps, out.train_loss, out.val_loss);
+    println!("checkpoint: {}", out.checkpoint.display());
+    println!("metrics: {}", out.out_dir.join("metrics.jsonl").display());
+    if let Some(s) = out.sample {
+        println!("--- sample ---\n{s}\n--------------");
+    }
+    Ok(())
+}
+
+fn dry_run(cfg: &Config) {
+    println!("# resolved config\n{}", cfg.to_toml());
+    let mut m = cfg.model.clone();
+    let auto_vocab = m.vocab_size == 0;
+    if auto_vocab {
+        m.vocab_size = 256; // placeholder: the real size comes from the data's tokenizer
+    }
+    let t = &cfg.train;
+    let n = fabbrica_models::flops::total_params(&m);
+    let fpt = flops_per_token(&m, m.block_size);
+    let bf16 = t.dtype == "bf16" || (t.dtype == "auto" && cfg.run.device == "cuda");
+    let mem = memory_estimate(&m, t.batch_size, m.block_size, bf16);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if auto_vocab {
+        println!("# model.vocab_size = 0 is taken from the tokenizer at start; figures below assume 256");
+    }
+    println!("parameters:        {n} ({:.1}M)", n as f64 / 1e6);
+    println!("flops per token:   {fpt:.4e} (6N + 12·L·H·Q·T, T = {})", m.block_size);
+    println!("tokens per step:   {} (batch {} × accum {} × block {})", t.batch_size * t.grad_accum * m.block_size, t.batch_size, t.grad_accum, m.block_size);
+    println!("flops per step:    {:.4e}", fpt * (t.batch_size * t.grad_accum * m.block_size) as f64);
+    println!(
+        "memory per device: {:.2} GiB (params {:.2}, grads {:.2}, AdamW {:.2}, activations {:.2} at micro-batch {}, {})",
+        gib(mem.total()),
+        gib(mem.params),
+        gib(mem.grads),
+        gib(mem.optimizer),
+        gib(mem.activations),
+        t.batch_size,
+        if bf16 { "bf16" } else { "fp32" }
+    );
+}
+
+#[derive(Args)]
+pub struct PrepareArgs {
+    /// UTF-8 text file to tokenize.
+    #[arg(long, value_name = "FILE")]
+    pub input: PathBuf,
+    /// char (vocabulary = the file's characters) or gpt2 (GPT-2 BPE, 50257 tokens).
+    #[arg(long, default_value = "char")]
+    pub tokenizer: String,
+    /// Output directory for train.bin, val.bin (flat little-endian uint16) and meta.json.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Fraction of the tokens (the end of the file) held out as val.bin.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+}
+
+pub fn prepare(a: PrepareArgs) -> Result<()> {
+    let kind: TokenizerKind = a.tokenizer.parse()?;
+    let s = fabbrica_data::prepare(&a.input, kind, &a.out, a.val_fraction)?;
+    println!(
+        "{}: {} train + {} val tokens, {} tokenizer (vocab {}) -> {}",
+        a.input.display(),
+        s.train_tokens,
+        s.val_tokens,
+        s.tokenizer,
+        s.vocab_size,
+        a.out.display()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// A run directory (run.out_dir; its latest checkpoint is used) or a checkpoints/step_* directory.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    /// Text to continue (empty: start from a newline / end-of-text token).
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    /// Number of tokens to generate.
+    #[arg(long, default_value_t = 200)]
+    pub tokens: usize,
+    /// Softmax temperature (lower is more conservative).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Sample only among the k likeliest tokens (0 = all).
+    #[arg(long, default_value_t = 200)]
+    pub top_k: i64,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+pub fn sample(a: SampleArgs) -> Result<()> {
+    if !(a.temperature.is_finite() && a.temperature > 0.0) {
+        return Err(Failure { user: true, message: format!("--temperature {} must be a positive number", a.temperature) });
+    }
+    if a.top_k < 0 {
+        return Err(Failure { user: true, message: format!("--top-k {} must be >= 0 (0 = no limit)", a.top_k) });
+    }
+    if !matches!(a.device.as_str(), "auto" | "cpu" | "cuda") {
+        return Err(Failure { user: true, message: format!("--device {} is not one of auto, cpu, cuda", a.device) });
+    }
+    let text = sample_from_checkpoint(&LibSampleArgs {
+        checkpoint: &a.checkpoint,
+        prompt: &a.prompt,
+        tokens: a.tokens,
+        temperature: a.temperature,
+        top_k: (a.top_k > 0).then_some(a.top_k),
+        seed: a.seed,
+        device: &a.device,
+    })?;
+    println!("{text}");
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Training-step throughput (tokens/s, step time, MFU) on synthetic tokens.
+    Train(BenchTrainArgs),
+}
+
+#[derive(Args)]
+pub struct BenchTrainArgs {
+    #[command(flatten)]
+    pub cfg: ConfigArgs,
+    /// Micro-batch size (sequences per step); default: the preset's train.batch_size.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Sequence length; default: the preset's model.block_size.
+    #[arg(long)]
+    pub block: Option<usize>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed steps first (allocator, kernels, caches).
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Also write the result as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+pub fn bench(b: BenchCommand) -> Result<()> {
+    let BenchCommand::Train(a) = b;
+    let mut sets = a.cfg.sets.clone();
+    if let Some(bs) = a.batch {
+        sets.push(format!("train.batch_size={bs}"));
+    }
+    if let Some(t) = a.block {
+        sets.push(format!("model.block_size={t}"));
+    }
+    if a.steps == 0 {
+        return Err(Failure { user: true, message: "--steps must be at least 1".into() });
+    }
+    let cfg = Config::resolve(a.cfg.preset.as_deref(), a.cfg.config.as_deref(), &sets)?;
+    let r = fabbrica_train::bench::run(&cfg, a.steps, a.warmup)?;
+    let mfu = r.mfu.map(|m| format!("{:.1}%", 100.0 * m)).unwrap_or_else(|| "n/a (set train.peak_flops)".into());
+    println!("device        {}", r.device);
+    println!("model         {} parameters, batch {} × block {}, {}", r.params, r.batch, r.block, cfg.train.dtype);
+    println!("step          {:.2} ms (mean of {} steps after {} warm-up)", r.step_ms, r.steps, a.warmup);
+    println!("throughput    {:.0} tokens/s", r.tokens_per_s);
+    println!("mfu           {mfu}");
+    println!("peak memory   {:.2} GiB", r.peak_mem_bytes as f64 / (1u64 << 30) as f64);
+    if let Some(path) = a.json {
+        let v = serde_json::json!({
+            "device": r.device, "params": r.params, "batch": r.batch, "block": r.block, "steps": r.steps,
+            "step_ms": r.step_ms, "tokens_per_s": r.tokens_per_s, "mfu": r.mfu, "peak_mem_bytes": r.peak_mem_bytes,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap())
+            .map_err(|e| Failure { user: true, message: format!("cannot write {}: {e}", path.display()) })?;
+    }
+    Ok(())
+}

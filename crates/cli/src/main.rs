@@ -1,0 +1,47 @@
+//! `fabbrica`: train, prepare, sample, bench.
+//!
+//! Errors caused by input (config, data, checkpoints) print one line and exit with code 2;
+//! other failures exit with code 1.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "fabbrica", version, about = "Distributed GPT training runtime (data and pipeline parallelism over MPI/NCCL)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a GPT model (one process, or many under mpirun/srun).
+    Train(commands::TrainArgs),
+    /// Tokenize a UTF-8 text file into nanoGPT's train.bin/val.bin/meta.json.
+    Prepare(commands::PrepareArgs),
+    /// Generate text from a checkpoint.
+    Sample(commands::SampleArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(commands::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => commands::train(a),
+        Command::Prepare(a) => commands::prepare(a),
+        Command::Sample(a) => commands::sample(a),
+        Command::Bench(b) => commands::bench(b),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            ExitCode::from(if e.user { 2 } else { 1 })
+        }
+    }
+}

@@ -1,0 +1,1127 @@
+//! Launch environment detection: which rank am I, how many are there, and
+//! which of them share my node — read from the variables that `mpirun`,
+//! `mpiexec` (Hydra) or `srun` export to every process they start.
+//!
+//! Everything here is pure: [`from_vars`] takes a variable lookup function, so
+//! tests pass a map and never touch the process environment; [`detect`] is the
+//! thin wrapper that reads the real one.
+//!
+//! # Which launcher
+//!
+//! Checked in this order, first match wins:
+//!
+//! 1. **Open MPI** (`mpirun`): any `OMPI_COMM_WORLD_*` variable.
+//! 2. **MPICH / Intel MPI** (Hydra `mpiexec`): `PMI_RANK` or `PMI_SIZE`.
+//! 3. **Slurm** (`srun`): `SLURM_PROCID` *and* a job-step id (`SLURM_STEP_ID`
+//!    or `SLURM_STEPID`).
+//! 4. Otherwise a **single** process: rank 0 of 1.
+//!
+//! MPI variables take precedence over Slurm ones because an `sbatch`
+//! allocation exports `SLURM_*` to everything it runs, including an `mpirun`
+//! started from the batch script (whose ranks may even inherit the `SLURM_*`
+//! of the daemon step that `mpirun` used to reach other nodes).
+//!
+//! Slurm also sets `SLURM_PROCID=0`, `SLURM_LOCALID=0` and `SLURM_NTASKS` in
+//! the batch script itself and in an `salloc` shell, where nothing else is
+//! running; only an `srun` job step sets `SLURM_STEP_ID`, so without one the
+//! process is treated as single (otherwise rank 0 would wait forever for
+//! `SLURM_NTASKS - 1` peers that were never started).
+
+use std::fmt;
+
+/// The program that started this process (or [`Launcher::Single`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Launcher {
+    /// Open MPI's `mpirun`/`mpiexec`.
+    OpenMpi,
+    /// MPICH's or Intel MPI's Hydra `mpiexec`.
+    Mpich,
+    /// Slurm's `srun` (direct launch, one task per rank).
+    Slurm,
+    /// No launcher: a plain single-process run.
+    Single,
+}
+
+impl fmt::Display for Launcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Launcher::OpenMpi => "Open MPI (mpirun)",
+            Launcher::Mpich => "MPICH/Hydra (mpiexec)",
+            Launcher::Slurm => "Slurm (srun)",
+            Launcher::Single => "single process",
+        })
+    }
+}
+
+/// Where this process sits in the job, as told by its launcher.
+///
+/// Invariants (checked by [`from_vars`]): `rank < world_size`,
+/// `local_rank < local_world_size <= world_size`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchEnv {
+    /// Global rank, `0..world_size`.
+    pub rank: usize,
+    /// Number of ranks in the job.
+    pub world_size: usize,
+    /// Rank among the processes on this node, `0..local_world_size`; selects
+    /// the GPU (see [`cuda_device_for`]).
+    pub local_rank: usize,
+    /// Number of ranks on this node.
+    pub local_world_size: usize,
+    /// Who started the job.
+    pub launcher: Launcher,
+}
+
+impl LaunchEnv {
+    /// Rank 0 of a one-process job.
+    pub fn single() -> Self {
+        Self {
+            rank: 0,
+            world_size: 1,
+            local_rank: 0,
+            local_world_size: 1,
+            launcher: Launcher::Single,
+        }
+    }
+
+    /// Whether there is more than one rank.
+    pub fn is_distributed(&self) -> bool {
+        self.world_size > 1
+    }
+}
+
+impl fmt::Display for LaunchEnv {
+    /// e.g. `rank 5/8 (local 1/4) via Slurm (srun)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rank {}/{} (local {}/{}) via {}",
+            self.rank, self.world_size, self.local_rank, self.local_world_size, self.launcher
+        )
+    }
+}
+
+/// Why the launch environment is unusable. Each message is one line naming
+/// the variable(s) involved.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum LaunchError {
+    /// A variable does not hold a non-negative integer.
+    #[error("{var}='{value}' is not a number: {launcher} should set it to a non-negative integer")]
+    NotANumber {
+        var: &'static str,
+        value: String,
+        launcher: Launcher,
+    },
+
+    /// A launcher was recognised but one of its variables is absent.
+    #[error(
+        "{var} is not set although {present} is: the {launcher} launch environment is incomplete \
+         (start the job with the launcher itself, or unset {present} to run as a single process)"
+    )]
+    Missing {
+        var: &'static str,
+        present: &'static str,
+        launcher: Launcher,
+    },
+
+    /// A size (world or node-local) is 0.
+    #[error("{source_desc}: the {what} must be at least 1")]
+    ZeroSize {
+        source_desc: String,
+        what: &'static str,
+    },
+
+    /// A rank is not below the corresponding size.
+    #[error("{var}={value} is out of range: it must be below {limit} ({limit_desc})")]
+    OutOfRange {
+        var: &'static str,
+        value: usize,
+        limit: usize,
+        limit_desc: String,
+    },
+
+    /// More ranks on this node than in the whole job.
+    #[error("{local_desc} ranks on this node exceed the {world_desc} ranks of the whole job")]
+    LocalExceedsWorld {
+        local_desc: String,
+        world_desc: String,
+    },
+
+    /// A Slurm tasks-per-node list that cannot be parsed.
+    #[error("{var}='{value}' is not a Slurm tasks-per-node list (expected e.g. '4', '4(x2)' or '2(x3),1')")]
+    BadTasksPerNode { var: &'static str, value: String },
+
+    /// `SLURM_NODEID` points past the end of the tasks-per-node list.
+    #[error("SLURM_NODEID={node} is out of range for {var}='{value}', which describes only {nodes} node(s)")]
+    NodeOutOfRange {
+        node: usize,
+        var: &'static str,
+        value: String,
+        nodes: usize,
+    },
+
+    /// No GPU is visible at all.
+    #[error(
+        "no CUDA devices are visible to local rank {local_rank}: check CUDA_VISIBLE_DEVICES \
+         and that this node has GPUs"
+    )]
+    NoCudaDevices { local_rank: usize },
+
+    /// More ranks on the node than visible GPUs.
+    #[error(
+        "local rank {local_rank} has no GPU of its own: only {visible} CUDA device(s) are visible \
+         on this node and NCCL cannot share a GPU between ranks; launch at most {visible} ranks per node"
+    )]
+    NotEnoughDevices { local_rank: usize, visible: usize },
+}
+
+// Open MPI.
+const OMPI_RANK: &str = "OMPI_COMM_WORLD_RANK";
+const OMPI_SIZE: &str = "OMPI_COMM_WORLD_SIZE";
+const OMPI_LOCAL_RANK: &str = "OMPI_COMM_WORLD_LOCAL_RANK";
+const OMPI_LOCAL_SIZE: &str = "OMPI_COMM_WORLD_LOCAL_SIZE";
+// MPICH / Intel MPI (Hydra).
+const PMI_RANK: &str = "PMI_RANK";
+const PMI_SIZE: &str = "PMI_SIZE";
+const MPI_LOCALRANKID: &str = "MPI_LOCALRANKID";
+const MPI_LOCALNRANKS: &str = "MPI_LOCALNRANKS";
+const PMI_LOCAL_RANK: &str = "PMI_LOCAL_RANK";
+const PMI_LOCAL_SIZE: &str = "PMI_LOCAL_SIZE";
+// Slurm.
+const SLURM_PROCID: &str = "SLURM_PROCID";
+const SLURM_STEP_ID: &str = "SLURM_STEP_ID";
+const SLURM_STEPID: &str = "SLURM_STEPID";
+const SLURM_STEP_NUM_TASKS: &str = "SLURM_STEP_NUM_TASKS";
+const SLURM_NTASKS: &str = "SLURM_NTASKS";
+const SLURM_LOCALID: &str = "SLURM_LOCALID";
+const SLURM_NODEID: &str = "SLURM_NODEID";
+const SLURM_STEP_TASKS_PER_NODE: &str = "SLURM_STEP_TASKS_PER_NODE";
+const SLURM_TASKS_PER_NODE: &str = "SLURM_TASKS_PER_NODE";
+const SLURM_NTASKS_PER_NODE: &str = "SLURM_NTASKS_PER_NODE";
+
+/// Reads the launch environment of this process from `std::env`.
+pub fn detect() -> Result<LaunchEnv, LaunchError> {
+    // Non-UTF-8 values are kept (lossily) so they fail as "not a number"
+    // instead of silently looking unset.
+    from_vars(|name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned()))
+}
+
+/// Works out the launch environment from a variable lookup (`get(name)` is
+/// `Some(value)` when the variable is set). See the [module docs](self) for
+/// which launcher wins.
+///
+/// Per launcher:
+///
+/// * **Open MPI**: `OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE}`, all
+///   required (`mpirun` always sets all four).
+/// * **MPICH / Intel MPI**: `PMI_RANK`, `PMI_SIZE`; node-local values from
+///   `MPI_LOCALRANKID`/`MPI_LOCALNRANKS` (set by Hydra), else
+///   `PMI_LOCAL_RANK`/`PMI_LOCAL_SIZE`. If neither pair is present:
+///   - inside an `srun` step (Slurm's PMI-2 plugin also exports `PMI_RANK`),
+///     the job is read as a Slurm launch, whose variables carry the
+///     node-local information;
+///   - otherwise the job is assumed to fit on one node (`local_rank = rank`,
+///     `local_world_size = world_size`). On several nodes this makes
+///     [`cuda_device_for`] fail loudly rather than pick a wrong GPU.
+/// * **Slurm**: `SLURM_PROCID` (rank), `SLURM_STEP_NUM_TASKS` else
+///   `SLURM_NTASKS` (world), `SLURM_LOCALID` (local rank). Tasks on this
+///   node: the entry for `SLURM_NODEID` (0 if unset) in
+///   `SLURM_STEP_TASKS_PER_NODE`, else `SLURM_TASKS_PER_NODE` (compressed
+///   lists like `4(x2)` or `2,1`), else `SLURM_NTASKS_PER_NODE`. The step
+///   values come first because job-level ones describe the allocation, which
+///   may differ from what this `srun` started.
+pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<LaunchEnv, LaunchError> {
+    let vars = Vars { get: &get };
+
+    if let Some(present) = vars.first_set(&[OMPI_RANK, OMPI_SIZE, OMPI_LOCAL_RANK, OMPI_LOCAL_SIZE])
+    {
+        return open_mpi(&vars, present);
+    }
+    if let Some(present) = vars.first_set(&[PMI_RANK, PMI_SIZE]) {
+        return mpich(&vars, present);
+    }
+    if vars.is_srun_step() {
+        return slurm(&vars);
+    }
+    Ok(LaunchEnv::single())
+}
+
+/// Picks the CUDA device for a rank: device `local_rank` of the
+/// `visible_devices` this process can see.
+///
+/// Wrapping around (`local_rank % visible_devices`) would put two ranks on one
+/// GPU when a node runs more ranks than it has GPUs, which NCCL rejects (or,
+/// worse, deadlocks on); that case is an error instead.
+pub fn cuda_device_for(local_rank: usize, visible_devices: usize) -> Result<usize, LaunchError> {
+    match visible_devices {
+        0 => Err(LaunchError::NoCudaDevices { local_rank }),
+        v if local_rank >= v => Err(LaunchError::NotEnoughDevices {
+            local_rank,
+            visible: v,
+        }),
+        _ => Ok(local_rank),
+    }
+}
+
+/// A number read from the environment, with a description of where it came
+/// from for error messages (e.g. `OMPI_COMM_WORLD_SIZE=4`).
+struct Num {
+    var: &'static str,
+    value: usize,
+    desc: String,
+}
+
+impl Num {
+    fn plain(var: &'static str, value: usize) -> Self {
+        Self {
+            var,
+            value,
+            desc: format!("{var}={value}"),
+        }
+    }
+}
+
+/// The variable lookup plus parsing helpers.
+struct Vars<'a> {
+    get: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Vars<'_> {
+    fn is_set(&self, name: &str) -> bool {
+        (self.get)(name).is_some()
+    }
+
+    fn first_set(&self, names: &[&'static str]) -> Option<&'static str> {
+        names.iter().copied().find(|n| self.is_set(n))
+    }
+
+    /// Inside a task started by `srun` (not the batch script or an `salloc`
+    /// shell, which also have `SLURM_PROCID=0`).
+    fn is_srun_step(&self) -> bool {
+        self.is_set(SLURM_PROCID) && (self.is_set(SLURM_STEP_ID) || self.is_set(SLURM_STEPID))
+    }
+
+    /// `Ok(None)` when unset, an error when set but not a number.
+    fn num(&self, var: &'static str, launcher: Launcher) -> Result<Option<Num>, LaunchError> {
+        match (self.get)(var) {
+            None => Ok(None),
+            Some(raw) => match raw.trim().parse::<usize>() {
+                Ok(value) => Ok(Some(Num::plain(var, value))),
+                Err(_) => Err(LaunchError::NotANumber {
+                    var,
+                    value: raw,
+                    launcher,
+                }),
+            },
+        }
+    }
+
+    /// Like [`Vars::num`], but absence is an error blaming `present`.
+    fn require(
+        &self,
+        var: &'static str,
+        present: &'static str,
+        launcher: Launcher,
+    ) -> Result<Num, LaunchError> {
+        self.num(var, launcher)?.ok_or(LaunchError::Missing {
+            var,
+            present,
+            launcher,
+        })
+    }
+
+    /// A node-local (rank, size) pair, both or neither.
+    fn local_pair(
+        &self,
+        rank_var: &'static str,
+        size_var: &'static str,
+        launcher: Launcher,
+    ) -> Result<Option<(Num, Num)>, LaunchError> {
+        match (self.num(rank_var, launcher)?, self.num(size_var, launcher)?) {
+            (Some(r), Some(s)) => Ok(Some((r, s))),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(LaunchError::Missing {
+                var: size_var,
+                present: rank_var,
+                launcher,
+            }),
+            (None, Some(_)) => Err(LaunchError::Missing {
+                var: rank_var,
+                present: size_var,
+                launcher,
+            }),
+        }
+    }
+}
+
+fn open_mpi(vars: &Vars, present: &'static str) -> Result<LaunchEnv, LaunchError> {
+    let l = Launcher::OpenMpi;
+    let rank = vars.require(OMPI_RANK, present, l)?;
+    let world = vars.require(OMPI_SIZE, present, l)?;
+    let local_rank = vars.require(OMPI_LOCAL_RANK, present, l)?;
+    let local_size = vars.require(OMPI_LOCAL_SIZE, present, l)?;
+    finish(l, rank, world, local_rank, local_size)
+}
+
+fn mpich(vars: &Vars, present: &'static str) -> Result<LaunchEnv, LaunchError> {
+    let l = Launcher::Mpich;
+    let rank = vars.require(PMI_RANK, present, l)?;
+    let world = vars.require(PMI_SIZE, present, l)?;
+    let local = match vars.local_pair(MPI_LOCALRANKID, MPI_LOCALNRANKS, l)? {
+        Some(pair) => Some(pair),
+        None => vars.local_pair(PMI_LOCAL_RANK, PMI_LOCAL_SIZE, l)?,
+    };
+    let (local_rank, local_size) = match local {
+        Some(pair) => pair,
+        // `srun --mpi=pmi2`: Slurm's PMI plugin exports PMI_RANK/PMI_SIZE but
+        // not Hydra's node-local variables; Slurm's own variables have them.
+        None if vars.is_srun_step() => return slurm(vars),
+        // No node-local information at all: assume a single node.
+        None => {
+            let local_rank = Num {
+                var: PMI_RANK,
+                value: rank.value,
+                desc: format!(
+                    "{PMI_RANK}={} (no {MPI_LOCALRANKID}: assuming one node)",
+                    rank.value
+                ),
+            };
+            let local_size = Num {
+                var: PMI_SIZE,
+                value: world.value,
+                desc: format!(
+                    "{PMI_SIZE}={} (no {MPI_LOCALNRANKS}: assuming one node)",
+                    world.value
+                ),
+            };
+            (local_rank, local_size)
+        }
+    };
+    finish(l, rank, world, local_rank, local_size)
+}
+
+fn slurm(vars: &Vars) -> Result<LaunchEnv, LaunchError> {
+    let l = Launcher::Slurm;
+    let rank = vars.require(SLURM_PROCID, SLURM_STEP_ID, l)?;
+    let world = match vars.num(SLURM_STEP_NUM_TASKS, l)? {
+        Some(n) => n,
+        None => vars.require(SLURM_NTASKS, SLURM_PROCID, l)?,
+    };
+    let local_rank = vars.require(SLURM_LOCALID, SLURM_PROCID, l)?;
+    let local_size = slurm_local_size(vars)?;
+    finish(l, rank, world, local_rank, local_size)
+}
+
+/// Number of tasks of this step on this node.
+fn slurm_local_size(vars: &Vars) -> Result<Num, LaunchError> {
+    let l = Launcher::Slurm;
+    let node = vars.num(SLURM_NODEID, l)?.map_or(0, |n| n.value);
+    for var in [SLURM_STEP_TASKS_PER_NODE, SLURM_TASKS_PER_NODE] {
+        let Some(list) = (vars.get)(var) else {
+            continue;
+        };
+        let entries = parse_tasks_per_node(&list).ok_or_else(|| LaunchError::BadTasksPerNode {
+            var,
+            value: list.clone(),
+        })?;
+        let nodes: usize = entries.iter().map(|&(_, repeat)| repeat).sum();
+        let value = tasks_on_node(&entries, node).ok_or_else(|| LaunchError::NodeOutOfRange {
+            node,
+            var,
+            value: list.clone(),
+            nodes,
+        })?;
+        return Ok(Num {
+            var,
+            value,
+            desc: format!("{var}='{list}' ({value} on node {node})"),
+        });
+    }
+    vars.num(SLURM_NTASKS_PER_NODE, l)?
+        .ok_or(LaunchError::Missing {
+            var: "SLURM_STEP_TASKS_PER_NODE (or SLURM_TASKS_PER_NODE, SLURM_NTASKS_PER_NODE)",
+            present: SLURM_PROCID,
+            launcher: l,
+        })
+}
+
+/// Parses Slurm's compressed tasks-per-node list: comma-separated entries
+/// `N` (one node with N tasks) or `N(xM)` (M consecutive nodes with N tasks
+/// each), e.g. `2(x3),1` = nodes with 2, 2, 2 and 1 tasks. Returns
+/// `(tasks, repeat)` pairs, or `None` when malformed.
+fn parse_tasks_per_node(list: &str) -> Option<Vec<(usize, usize)>> {
+    list.split(',')
+        .map(|entry| {
+            let entry = entry.trim();
+            match entry.split_once("(x") {
+                None => Some((entry.parse().ok()?, 1)),
+                Some((tasks, rest)) => {
+                    let repeat: usize = rest.strip_suffix(')')?.parse().ok()?;
+                    (repeat > 0).then_some(())?;
+                    Some((tasks.parse().ok()?, repeat))
+                }
+            }
+        })
+        .collect()
+}
+
+/// The task count of node `node` in a parsed list, `None` past its end.
+fn tasks_on_node(entries: &[(usize, usize)], mut node: usize) -> Option<usize> {
+    for &(tasks, repeat) in entries {
+        if node < repeat {
+            return Some(tasks);
+        }
+        node -= repeat;
+    }
+    None
+}
+
+/// Checks the invariants of [`LaunchEnv`] and builds it.
+fn finish(
+    launcher: Launcher,
+    rank: Num,
+    world: Num,
+    local_rank: Num,
+    local_size: Num,
+) -> Result<LaunchEnv, LaunchError> {
+    if world.value == 0 {
+        return Err(LaunchError::ZeroSize {
+            source_desc: world.desc,
+            what: "world size",
+        });
+    }
+    if local_size.value == 0 {
+        return Err(LaunchError::ZeroSize {
+            source_desc: local_size.desc,
+            what: "number of ranks on this node",
+        });
+    }
+    if rank.value >= world.value {
+        return Err(LaunchError::OutOfRange {
+            var: rank.var,
+            value: rank.value,
+            limit: world.value,
+            limit_desc: world.desc,
+        });
+    }
+    if local_rank.value >= local_size.value {
+        return Err(LaunchError::OutOfRange {
+            var: local_rank.var,
+            value: local_rank.value,
+            limit: local_size.value,
+            limit_desc: local_size.desc,
+        });
+    }
+    if local_size.value > world.value {
+        return Err(LaunchError::LocalExceedsWorld {
+            local_desc: local_size.desc,
+            world_desc: world.desc,
+        });
+    }
+    Ok(LaunchEnv {
+        rank: rank.value,
+        world_size: world.value,
+        local_rank: local_rank.value,
+        local_world_size: local_size.value,
+        launcher,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> Result<LaunchEnv, LaunchError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        from_vars(|name| map.get(name).cloned())
+    }
+
+    fn expect(
+        launcher: Launcher,
+        rank: usize,
+        world: usize,
+        local_rank: usize,
+        local_world: usize,
+    ) -> LaunchEnv {
+        LaunchEnv {
+            rank,
+            world_size: world,
+            local_rank,
+            local_world_size: local_world,
+            launcher,
+        }
+    }
+
+    /// Asserts an error whose one-line message contains every needle.
+    fn err_with(result: Result<LaunchEnv, LaunchError>, needles: &[&str]) -> LaunchError {
+        let e = result.expect_err("expected an error");
+        let msg = e.to_string();
+        assert!(!msg.contains('\n'), "multi-line message: {msg}");
+        for n in needles {
+            assert!(msg.contains(n), "{n:?} missing from: {msg}");
+        }
+        e
+    }
+
+    fn ompi(rank: &str, size: &str, lrank: &str, lsize: &str) -> Vec<(&'static str, String)> {
+        vec![
+            (OMPI_RANK, rank.into()),
+            (OMPI_SIZE, size.into()),
+            (OMPI_LOCAL_RANK, lrank.into()),
+            (OMPI_LOCAL_SIZE, lsize.into()),
+        ]
+    }
+
+    fn owned<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+        v.iter().map(|(k, v)| (*k, v.as_str())).collect()
+    }
+
+    /// The job-level variables an `sbatch -N2 --ntasks-per-node=4` allocation
+    /// exports to its batch script (and everything the script starts).
+    const SBATCH: &[(&str, &str)] = &[
+        ("SLURM_JOB_ID", "12345"),
+        ("SLURM_NTASKS", "8"),
+        ("SLURM_NTASKS_PER_NODE", "4"),
+        ("SLURM_TASKS_PER_NODE", "4(x2)"),
+        ("SLURM_PROCID", "0"),
+        ("SLURM_LOCALID", "0"),
+        ("SLURM_NODEID", "0"),
+    ];
+
+    /// Task `rank` of `srun -N2 -n8` inside that allocation.
+    fn srun_task(
+        rank: usize,
+        tasks_per_node: &str,
+        node: usize,
+        local: usize,
+    ) -> Vec<(&'static str, String)> {
+        vec![
+            ("SLURM_JOB_ID", "12345".into()),
+            ("SLURM_STEP_ID", "0".into()),
+            ("SLURM_STEPID", "0".into()),
+            ("SLURM_PROCID", rank.to_string()),
+            ("SLURM_NTASKS", "8".into()),
+            ("SLURM_STEP_NUM_TASKS", "8".into()),
+            ("SLURM_LOCALID", local.to_string()),
+            ("SLURM_NODEID", node.to_string()),
+            ("SLURM_TASKS_PER_NODE", tasks_per_node.into()),
+            ("SLURM_STEP_TASKS_PER_NODE", tasks_per_node.into()),
+        ]
+    }
+
+    #[test]
+    fn nothing_set_is_single() {
+        assert_eq!(env(&[]).unwrap(), LaunchEnv::single());
+        assert_eq!(
+            env(&[("UNRELATED", "1")]).unwrap(),
+            expect(Launcher::Single, 0, 1, 0, 1)
+        );
+        assert!(!LaunchEnv::single().is_distributed());
+    }
+
+    #[test]
+    fn open_mpi_four_ranks() {
+        for rank in 0..4 {
+            // 2 nodes × 2 ranks.
+            let vars = ompi(&rank.to_string(), "4", &(rank % 2).to_string(), "2");
+            let got = env(&owned(&vars)).unwrap();
+            assert_eq!(got, expect(Launcher::OpenMpi, rank, 4, rank % 2, 2));
+            assert!(got.is_distributed());
+        }
+        // Whitespace around values is tolerated.
+        let vars = ompi(" 3 ", "4\n", "3", "4");
+        assert_eq!(
+            env(&owned(&vars)).unwrap(),
+            expect(Launcher::OpenMpi, 3, 4, 3, 4)
+        );
+    }
+
+    #[test]
+    fn mpich_hydra() {
+        let got = env(&[
+            (PMI_RANK, "5"),
+            (PMI_SIZE, "8"),
+            (MPI_LOCALRANKID, "1"),
+            (MPI_LOCALNRANKS, "4"),
+        ])
+        .unwrap();
+        assert_eq!(got, expect(Launcher::Mpich, 5, 8, 1, 4));
+        // PMI_LOCAL_* fallback.
+        let got = env(&[
+            (PMI_RANK, "5"),
+            (PMI_SIZE, "8"),
+            (PMI_LOCAL_RANK, "1"),
+            (PMI_LOCAL_SIZE, "4"),
+        ])
+        .unwrap();
+        assert_eq!(got, expect(Launcher::Mpich, 5, 8, 1, 4));
+        // MPI_LOCAL* wins over PMI_LOCAL_*.
+        let got = env(&[
+            (PMI_RANK, "5"),
+            (PMI_SIZE, "8"),
+            (MPI_LOCALRANKID, "1"),
+            (MPI_LOCALNRANKS, "4"),
+            (PMI_LOCAL_RANK, "0"),
+            (PMI_LOCAL_SIZE, "1"),
+        ])
+        .unwrap();
+        assert_eq!(got, expect(Launcher::Mpich, 5, 8, 1, 4));
+        // No node-local variables at all: assume one node.
+        let got = env(&[(PMI_RANK, "2"), (PMI_SIZE, "3")]).unwrap();
+        assert_eq!(got, expect(Launcher::Mpich, 2, 3, 2, 3));
+    }
+
+    #[test]
+    fn mpich_under_srun_pmi2_uses_slurm_locals() {
+        let mut vars = srun_task(6, "4(x2)", 1, 2);
+        vars.push((PMI_RANK, "6".into()));
+        vars.push((PMI_SIZE, "8".into()));
+        assert_eq!(
+            env(&owned(&vars)).unwrap(),
+            expect(Launcher::Slurm, 6, 8, 2, 4)
+        );
+    }
+
+    #[test]
+    fn slurm_homogeneous_compressed_list() {
+        // srun -N2 -n8: "4(x2)".
+        for rank in 0..8 {
+            let (node, local) = (rank / 4, rank % 4);
+            let vars = srun_task(rank, "4(x2)", node, local);
+            assert_eq!(
+                env(&owned(&vars)).unwrap(),
+                expect(Launcher::Slurm, rank, 8, local, 4),
+                "rank {rank}"
+            );
+        }
+    }
+
+    #[test]
+    fn slurm_heterogeneous_list() {
+        // srun -n3 over two nodes: "2,1" — node 0 has ranks 0,1; node 1 has rank 2.
+        let task = |rank: usize, node: usize, local: usize| {
+            let mut v = srun_task(rank, "2,1", node, local);
+            for (k, val) in v.iter_mut() {
+                if *k == "SLURM_NTASKS" || *k == "SLURM_STEP_NUM_TASKS" {
+                    *val = "3".into();
+                }
+            }
+            v
+        };
+        assert_eq!(
+            env(&owned(&task(0, 0, 0))).unwrap(),
+            expect(Launcher::Slurm, 0, 3, 0, 2)
+        );
+        assert_eq!(
+            env(&owned(&task(1, 0, 1))).unwrap(),
+            expect(Launcher::Slurm, 1, 3, 1, 2)
+        );
+        assert_eq!(
+            env(&owned(&task(2, 1, 0))).unwrap(),
+            expect(Launcher::Slurm, 2, 3, 0, 1)
+        );
+    }
+
+    #[test]
+    fn slurm_local_size_sources() {
+        let base = [
+            ("SLURM_STEP_ID", "0"),
+            ("SLURM_PROCID", "3"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_LOCALID", "1"),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            env(&v)
+        };
+        // Step list beats the job list and the stale --ntasks-per-node.
+        let got = with(&[
+            ("SLURM_STEP_TASKS_PER_NODE", "2(x2)"),
+            ("SLURM_TASKS_PER_NODE", "4"),
+            ("SLURM_NTASKS_PER_NODE", "4"),
+        ]);
+        assert_eq!(got.unwrap(), expect(Launcher::Slurm, 3, 4, 1, 2));
+        // Job-level list (no SLURM_NODEID: first entry).
+        assert_eq!(
+            with(&[("SLURM_TASKS_PER_NODE", "2(x2)")])
+                .unwrap()
+                .local_world_size,
+            2
+        );
+        // --ntasks-per-node only.
+        assert_eq!(
+            with(&[("SLURM_NTASKS_PER_NODE", "2")])
+                .unwrap()
+                .local_world_size,
+            2
+        );
+        // SLURM_STEPID (old name) also marks an srun step; SLURM_STEP_NUM_TASKS beats SLURM_NTASKS.
+        let got = env(&[
+            ("SLURM_STEPID", "3"),
+            ("SLURM_PROCID", "1"),
+            ("SLURM_NTASKS", "16"),
+            ("SLURM_STEP_NUM_TASKS", "2"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_STEP_TASKS_PER_NODE", "2"),
+        ]);
+        assert_eq!(got.unwrap(), expect(Launcher::Slurm, 1, 2, 1, 2));
+    }
+
+    #[test]
+    fn tasks_per_node_parsing() {
+        assert_eq!(parse_tasks_per_node("4"), Some(vec![(4, 1)]));
+        assert_eq!(parse_tasks_per_node("4(x2)"), Some(vec![(4, 2)]));
+        assert_eq!(parse_tasks_per_node("2(x3),1"), Some(vec![(2, 3), (1, 1)]));
+        assert_eq!(parse_tasks_per_node("2,1"), Some(vec![(2, 1), (1, 1)]));
+        for bad in [
+            "",
+            "x",
+            "4(x)",
+            "4(x0)",
+            "4(2)",
+            "4(x2",
+            "(x2)",
+            "2,,1",
+            "-1",
+            "4(x2)junk",
+        ] {
+            assert_eq!(parse_tasks_per_node(bad), None, "{bad:?}");
+        }
+        let entries = parse_tasks_per_node("2(x3),1").unwrap();
+        let per_node: Vec<_> = (0..5).map(|n| tasks_on_node(&entries, n)).collect();
+        assert_eq!(per_node, [Some(2), Some(2), Some(2), Some(1), None]);
+    }
+
+    #[test]
+    fn open_mpi_beats_slurm_batch_env() {
+        // mpirun started from an sbatch script: the ranks see both.
+        let mut vars: Vec<(&str, String)> =
+            SBATCH.iter().map(|&(k, v)| (k, v.to_owned())).collect();
+        vars.push(("SLURM_STEP_ID", "0".into())); // mpirun's daemons run in an srun step
+        vars.extend(ompi("5", "8", "1", "4"));
+        assert_eq!(
+            env(&owned(&vars)).unwrap(),
+            expect(Launcher::OpenMpi, 5, 8, 1, 4)
+        );
+        // Same for Hydra.
+        let mut vars: Vec<(&str, &str)> = SBATCH.to_vec();
+        vars.extend([
+            (PMI_RANK, "5"),
+            (PMI_SIZE, "8"),
+            (MPI_LOCALRANKID, "1"),
+            (MPI_LOCALNRANKS, "4"),
+        ]);
+        assert_eq!(env(&vars).unwrap(), expect(Launcher::Mpich, 5, 8, 1, 4));
+        // Open MPI beats MPICH.
+        let mut vars = ompi("0", "2", "0", "2");
+        vars.extend([(PMI_RANK, "1".to_owned()), (PMI_SIZE, "2".to_owned())]);
+        assert_eq!(env(&owned(&vars)).unwrap().launcher, Launcher::OpenMpi);
+    }
+
+    #[test]
+    fn slurm_without_srun_step_is_single() {
+        assert_eq!(
+            env(&[("SLURM_JOB_ID", "12345")]).unwrap(),
+            LaunchEnv::single()
+        );
+        // The batch script (or an salloc shell) has SLURM_PROCID=0 and
+        // SLURM_NTASKS=8 but is one process, not rank 0 of 8.
+        assert_eq!(env(SBATCH).unwrap(), LaunchEnv::single());
+        // A step id without SLURM_PROCID is not a task either.
+        assert_eq!(
+            env(&[("SLURM_STEP_ID", "0"), ("SLURM_NTASKS", "2")]).unwrap(),
+            LaunchEnv::single()
+        );
+    }
+
+    #[test]
+    fn not_a_number_names_the_variable() {
+        let vars = ompi("abc", "4", "0", "4");
+        let e = err_with(
+            env(&owned(&vars)),
+            &["OMPI_COMM_WORLD_RANK='abc' is not a number", "Open MPI"],
+        );
+        assert!(matches!(e, LaunchError::NotANumber { var: OMPI_RANK, .. }));
+        for (i, var) in [OMPI_RANK, OMPI_SIZE, OMPI_LOCAL_RANK, OMPI_LOCAL_SIZE]
+            .into_iter()
+            .enumerate()
+        {
+            let mut vars = ompi("0", "4", "0", "4");
+            vars[i].1 = "-1".into();
+            err_with(
+                env(&owned(&vars)),
+                &[&format!("{var}='-1' is not a number")],
+            );
+        }
+        err_with(
+            env(&[(PMI_RANK, "x"), (PMI_SIZE, "2")]),
+            &["PMI_RANK='x' is not a number", "MPICH"],
+        );
+        err_with(
+            env(&[
+                (PMI_RANK, "0"),
+                (PMI_SIZE, "2"),
+                (MPI_LOCALRANKID, "0"),
+                (MPI_LOCALNRANKS, "two"),
+            ]),
+            &["MPI_LOCALNRANKS='two' is not a number"],
+        );
+        for var in [
+            SLURM_PROCID,
+            SLURM_NTASKS,
+            SLURM_STEP_NUM_TASKS,
+            SLURM_LOCALID,
+            SLURM_NODEID,
+        ] {
+            let mut vars = srun_task(0, "4(x2)", 0, 0);
+            // SLURM_STEP_NUM_TASKS takes precedence, so drop it to reach SLURM_NTASKS.
+            vars.retain(|(k, _)| *k != var && !(var == SLURM_NTASKS && *k == SLURM_STEP_NUM_TASKS));
+            vars.push((var, "1.5".into()));
+            err_with(
+                env(&owned(&vars)),
+                &[&format!("{var}='1.5' is not a number"), "Slurm"],
+            );
+        }
+        let vars = [
+            ("SLURM_STEP_ID", "0"),
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "1"),
+            ("SLURM_LOCALID", "0"),
+            ("SLURM_NTASKS_PER_NODE", ""),
+        ];
+        err_with(env(&vars), &["SLURM_NTASKS_PER_NODE='' is not a number"]);
+    }
+
+    #[test]
+    fn missing_variables_are_named() {
+        for (i, var) in [OMPI_RANK, OMPI_SIZE, OMPI_LOCAL_RANK, OMPI_LOCAL_SIZE]
+            .into_iter()
+            .enumerate()
+        {
+            let mut vars = ompi("0", "4", "0", "4");
+            vars.remove(i);
+            let e = err_with(
+                env(&owned(&vars)),
+                &[
+                    &format!("{var} is not set although OMPI_COMM_WORLD_"),
+                    "Open MPI",
+                ],
+            );
+            assert!(matches!(e, LaunchError::Missing { .. }));
+        }
+        err_with(
+            env(&[(PMI_RANK, "0")]),
+            &["PMI_SIZE is not set although PMI_RANK is"],
+        );
+        err_with(
+            env(&[(PMI_SIZE, "2")]),
+            &["PMI_RANK is not set although PMI_SIZE is"],
+        );
+        err_with(
+            env(&[(PMI_RANK, "0"), (PMI_SIZE, "2"), (MPI_LOCALRANKID, "0")]),
+            &["MPI_LOCALNRANKS is not set although MPI_LOCALRANKID is"],
+        );
+        err_with(
+            env(&[(PMI_RANK, "0"), (PMI_SIZE, "2"), (PMI_LOCAL_SIZE, "2")]),
+            &["PMI_LOCAL_RANK is not set although PMI_LOCAL_SIZE is"],
+        );
+        for var in [SLURM_NTASKS, SLURM_LOCALID] {
+            let mut vars = srun_task(0, "4(x2)", 0, 0);
+            vars.retain(|(k, _)| *k != var && (var != SLURM_NTASKS || *k != SLURM_STEP_NUM_TASKS));
+            err_with(
+                env(&owned(&vars)),
+                &[
+                    &format!("{var} is not set although SLURM_PROCID is"),
+                    "Slurm",
+                ],
+            );
+        }
+        let vars = [
+            ("SLURM_STEP_ID", "0"),
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "1"),
+            ("SLURM_LOCALID", "0"),
+        ];
+        err_with(
+            env(&vars),
+            &[
+                "SLURM_STEP_TASKS_PER_NODE",
+                "SLURM_TASKS_PER_NODE",
+                "SLURM_NTASKS_PER_NODE",
+                "not set",
+            ],
+        );
+    }
+
+    #[test]
+    fn range_errors_name_both_variables() {
+        let vars = ompi("4", "4", "0", "4");
+        let e = err_with(
+            env(&owned(&vars)),
+            &[
+                "OMPI_COMM_WORLD_RANK=4 is out of range",
+                "below 4",
+                "OMPI_COMM_WORLD_SIZE=4",
+            ],
+        );
+        assert!(matches!(
+            e,
+            LaunchError::OutOfRange {
+                var: OMPI_RANK,
+                value: 4,
+                limit: 4,
+                ..
+            }
+        ));
+        let vars = ompi("1", "4", "2", "2");
+        err_with(
+            env(&owned(&vars)),
+            &[
+                "OMPI_COMM_WORLD_LOCAL_RANK=2 is out of range",
+                "OMPI_COMM_WORLD_LOCAL_SIZE=2",
+            ],
+        );
+        err_with(
+            env(&[
+                (PMI_RANK, "9"),
+                (PMI_SIZE, "8"),
+                (MPI_LOCALRANKID, "0"),
+                (MPI_LOCALNRANKS, "1"),
+            ]),
+            &["PMI_RANK=9 is out of range", "PMI_SIZE=8"],
+        );
+        err_with(
+            env(&[
+                (PMI_RANK, "1"),
+                (PMI_SIZE, "8"),
+                (MPI_LOCALRANKID, "1"),
+                (MPI_LOCALNRANKS, "1"),
+            ]),
+            &["MPI_LOCALRANKID=1 is out of range", "MPI_LOCALNRANKS=1"],
+        );
+        // Slurm: rank 8 of 8, and local id 4 on a 4-task node.
+        err_with(
+            env(&owned(&srun_task(8, "4(x2)", 1, 0))),
+            &["SLURM_PROCID=8 is out of range", "SLURM_STEP_NUM_TASKS=8"],
+        );
+        err_with(
+            env(&owned(&srun_task(7, "4(x2)", 1, 4))),
+            &[
+                "SLURM_LOCALID=4 is out of range",
+                "SLURM_STEP_TASKS_PER_NODE='4(x2)' (4 on node 1)",
+            ],
+        );
+        // Heterogeneous: node 1 has a single task.
+        err_with(
+            env(&owned(&srun_task(7, "2,1", 1, 1))),
+            &["SLURM_LOCALID=1 is out of range", "(1 on node 1)"],
+        );
+    }
+
+    #[test]
+    fn zero_sizes_and_inconsistent_sizes() {
+        let vars = ompi("0", "0", "0", "1");
+        let e = err_with(
+            env(&owned(&vars)),
+            &["OMPI_COMM_WORLD_SIZE=0", "world size must be at least 1"],
+        );
+        assert!(matches!(e, LaunchError::ZeroSize { .. }));
+        err_with(
+            env(&[(PMI_RANK, "0"), (PMI_SIZE, "0")]),
+            &["PMI_SIZE=0", "world size"],
+        );
+        let vars = ompi("0", "2", "0", "0");
+        err_with(
+            env(&owned(&vars)),
+            &[
+                "OMPI_COMM_WORLD_LOCAL_SIZE=0",
+                "ranks on this node must be at least 1",
+            ],
+        );
+        let vars = ompi("0", "2", "0", "4");
+        let e = err_with(
+            env(&owned(&vars)),
+            &[
+                "OMPI_COMM_WORLD_LOCAL_SIZE=4",
+                "exceed",
+                "OMPI_COMM_WORLD_SIZE=2",
+            ],
+        );
+        assert!(matches!(e, LaunchError::LocalExceedsWorld { .. }));
+        let mut vars = srun_task(0, "4(x2)", 0, 0);
+        vars.retain(|(k, _)| *k != SLURM_STEP_NUM_TASKS);
+        vars.retain(|(k, _)| *k != SLURM_NTASKS);
+        vars.push((SLURM_NTASKS, "0".into()));
+        err_with(env(&owned(&vars)), &["SLURM_NTASKS=0", "world size"]);
+    }
+
+    #[test]
+    fn bad_slurm_lists() {
+        let e = err_with(
+            env(&owned(&srun_task(0, "4(x2", 0, 0))),
+            &[
+                "SLURM_STEP_TASKS_PER_NODE='4(x2'",
+                "not a Slurm tasks-per-node list",
+            ],
+        );
+        assert!(matches!(e, LaunchError::BadTasksPerNode { .. }));
+        let e = err_with(
+            env(&owned(&srun_task(0, "4(x2)", 2, 0))),
+            &[
+                "SLURM_NODEID=2 is out of range for SLURM_STEP_TASKS_PER_NODE='4(x2)'",
+                "only 2 node(s)",
+            ],
+        );
+        assert!(matches!(
+            e,
+            LaunchError::NodeOutOfRange {
+                node: 2,
+                nodes: 2,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn cuda_device_selection() {
+        assert_eq!(cuda_device_for(0, 1), Ok(0));
+        assert_eq!(cuda_device_for(3, 8), Ok(3));
+        assert_eq!(cuda_device_for(7, 8), Ok(7));
+        let e = cuda_device_for(4, 4).unwrap_err();
+        assert_eq!(
+            e,
+            LaunchError::NotEnoughDevices {
+                local_rank: 4,
+                visible: 4
+            }
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("local rank 4")
+                && msg.contains("only 4 CUDA device(s)")
+                && msg.contains("at most 4 ranks per node"),
+            "{msg}"
+        );
+        let msg = cuda_device_for(0, 0).unwrap_err().to_string();
+        assert!(
+            msg.contains("no CUDA devices") && msg.contains("CUDA_VISIBLE_DEVICES"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn display() {
+        assert_eq!(
+            expect(Launcher::Slurm, 5, 8, 1, 4).to_string(),
+            "rank 5/8 (local 1/4) via Slurm (srun)"
+        );
+        assert_eq!(Launcher::OpenMpi.to_string(), "Open MPI (mpirun)");
+        assert_eq!(Launcher::Mpich.to_string(), "MPICH/Hydra (mpiexec)");
+        assert_eq!(Launcher::Single.to_string(), "single process");
+    }
+}

@@ -1,0 +1,29 @@
+//! nanoGPT-compatible data handling for fabbrica, fully offline.
+//!
+//! * [`Tokenizer`]: char-level (vocabulary = sorted unique chars of the
+//!   corpus) or GPT-2 BPE (tiktoken `r50k_base`, embedded ranks).
+//! * [`prepare()`]: text -> `train.bin`, `val.bin` (flat little-endian uint16)
+//!   and `meta.json`, each written atomically.
+//! * [`load()`]: a prepared directory (memory-mapped, validated) or a raw text
+//!   file (tokenized in memory) -> [`Dataset`].
+//! * [`Sampler`]: stateless counter-based batches, identical across resumption
+//!   and any data-parallel layout.
+//!
+//! All errors are [`DataError`]s whose `Display` is one user-facing line.
+
+mod atomic;
+pub mod dataset;
+pub mod error;
+pub mod meta;
+pub mod prepare;
+pub mod sampler;
+pub mod tokenizer;
+pub mod tokens;
+
+pub use dataset::{load, Dataset};
+pub use error::{DataError, Result};
+pub use meta::{Meta, META_FILE};
+pub use prepare::{prepare, split_point, PrepareSummary, TRAIN_FILE, VAL_FILE};
+pub use sampler::{Sampler, Split};
+pub use tokenizer::{Gpt2Bpe, Tokenizer, TokenizerKind, GPT2_EOT, GPT2_VOCAB_SIZE, MAX_VOCAB};
+pub use tokens::{TokenFile, TokenSource};

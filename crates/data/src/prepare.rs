@@ -1,0 +1,173 @@
+//! `fabbrica prepare`: text file -> `train.bin`, `val.bin`, `meta.json`.
+
+use std::path::{Path, PathBuf};
+
+use crate::atomic::write_tokens_atomic;
+use crate::error::{DataError, Result};
+use crate::meta::Meta;
+use crate::tokenizer::{Tokenizer, TokenizerKind};
+
+/// Name of the training token file in a prepared directory.
+pub const TRAIN_FILE: &str = "train.bin";
+/// Name of the validation token file in a prepared directory.
+pub const VAL_FILE: &str = "val.bin";
+
+/// What `prepare` wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrepareSummary {
+    pub tokenizer: TokenizerKind,
+    pub vocab_size: usize,
+    pub train_tokens: usize,
+    pub val_tokens: usize,
+    /// Paths written: train.bin, val.bin, meta.json.
+    pub train_path: PathBuf,
+    pub val_path: PathBuf,
+    pub meta_path: PathBuf,
+}
+
+/// Tokenizes the UTF-8 file `input` and writes `train.bin`, `val.bin` and
+/// `meta.json` into `out_dir` (created if needed). The first
+/// `n - round(n * val_fraction)` tokens go to train, the rest to val.
+///
+/// Each file is written atomically (temp file, fsync, rename), so an
+/// interrupted run never leaves a truncated file under a final name. Files
+/// are written in the order train, val, meta: a directory with meta.json
+/// always has complete bins from the same run or an earlier one.
+pub fn prepare(
+    input: &Path,
+    kind: TokenizerKind,
+    out_dir: &Path,
+    val_fraction: f64,
+) -> Result<PrepareSummary> {
+    check_val_fraction(val_fraction)?;
+    let text = read_text(input)?;
+    if text.is_empty() {
+        return Err(DataError::EmptyInput {
+            path: input.to_owned(),
+        });
+    }
+    let tokenizer = Tokenizer::for_text(kind, &text)?;
+    let tokens = tokenizer.encode(&text)?;
+    let cut = split_point(tokens.len(), val_fraction);
+    let (train, val) = tokens.split_at(cut);
+
+    std::fs::create_dir_all(out_dir).map_err(|e| DataError::io("create directory", out_dir, e))?;
+    let train_path = out_dir.join(TRAIN_FILE);
+    let val_path = out_dir.join(VAL_FILE);
+    write_tokens_atomic(&train_path, train)?;
+    write_tokens_atomic(&val_path, val)?;
+    let meta_path = Meta::for_tokenizer(&tokenizer).write(out_dir)?;
+
+    Ok(PrepareSummary {
+        tokenizer: kind,
+        vocab_size: tokenizer.vocab_size(),
+        train_tokens: train.len(),
+        val_tokens: val.len(),
+        train_path,
+        val_path,
+        meta_path,
+    })
+}
+
+/// Index where val starts: `n_tokens - round(n_tokens * val_fraction)`.
+///
+/// Rounding the val count (rather than flooring `n * (1 - f)`) avoids
+/// floating-point surprises like `100 * 0.7 = 69.999…`.
+pub fn split_point(n_tokens: usize, val_fraction: f64) -> usize {
+    let n_val = (n_tokens as f64 * val_fraction).round() as usize;
+    n_tokens - n_val.min(n_tokens)
+}
+
+/// `val_fraction` must lie strictly between 0 and 1 (both splits non-empty).
+pub(crate) fn check_val_fraction(val_fraction: f64) -> Result<()> {
+    if val_fraction > 0.0 && val_fraction < 1.0 {
+        Ok(())
+    } else {
+        Err(DataError::InvalidValFraction {
+            value: val_fraction,
+        })
+    }
+}
+
+/// Reads a whole UTF-8 text file with user-facing errors.
+pub(crate) fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => DataError::PathNotFound {
+            path: path.to_owned(),
+        },
+        _ => DataError::io("read", path, e),
+    })?;
+    String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {
+        path: path.to_owned(),
+        offset: e.utf8_error().valid_up_to(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_point_rounds_val_count() {
+        assert_eq!(split_point(10, 0.1), 9);
+        assert_eq!(split_point(100, 0.3), 70);
+        assert_eq!(split_point(1, 0.1), 1); // val gets round(0.1) = 0 tokens
+        assert_eq!(split_point(0, 0.5), 0);
+    }
+
+    #[test]
+    fn val_fraction_must_be_open_unit_interval() {
+        for bad in [0.0, 1.0, -0.1, 1.5, f64::NAN] {
+            let msg = check_val_fraction(bad).unwrap_err().to_string();
+            assert!(msg.contains("val_fraction"), "{msg}");
+        }
+        assert!(check_val_fraction(0.1).is_ok());
+    }
+
+    #[test]
+    fn writes_bins_of_two_bytes_per_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.txt");
+        let text = "abcdefghij".repeat(10); // 100 chars
+        std::fs::write(&input, &text).unwrap();
+        let out = dir.path().join("out/nested");
+        let s = prepare(&input, TokenizerKind::Char, &out, 0.1).unwrap();
+        assert_eq!((s.train_tokens, s.val_tokens, s.vocab_size), (90, 10, 10));
+        assert_eq!(std::fs::metadata(&s.train_path).unwrap().len(), 180);
+        assert_eq!(std::fs::metadata(&s.val_path).unwrap().len(), 20);
+        // Only the three final files, no temp leftovers.
+        let mut names: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["meta.json", "train.bin", "val.bin"]);
+        // Bytes are the little-endian ids: 'a' -> 0, 'b' -> 1.
+        let bytes = std::fs::read(&s.train_path).unwrap();
+        assert_eq!(&bytes[..4], &[0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn non_utf8_input_names_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("latin1.txt");
+        std::fs::write(&input, b"caf\xe9 au lait").unwrap();
+        let err = prepare(&input, TokenizerKind::Char, dir.path(), 0.1).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, DataError::NotUtf8 { offset: 3, .. }), "{msg}");
+        assert!(msg.contains("latin1.txt") && msg.contains("UTF-8"), "{msg}");
+    }
+
+    #[test]
+    fn missing_and_empty_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.txt");
+        let err = prepare(&missing, TokenizerKind::Gpt2, dir.path(), 0.1).unwrap_err();
+        assert!(matches!(err, DataError::PathNotFound { .. }), "{err}");
+        assert!(err.to_string().contains("nope.txt"));
+        let empty = dir.path().join("empty.txt");
+        std::fs::write(&empty, "").unwrap();
+        let err = prepare(&empty, TokenizerKind::Char, dir.path(), 0.1).unwrap_err();
+        assert!(matches!(err, DataError::EmptyInput { .. }), "{err}");
+    }
+}

@@ -1,0 +1,132 @@
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+
+/// GPT-2 architecture hyper-parameters (nanoGPT's `GPTConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GptConfig {
+    /// Rows of the (tied) token embedding. 0 = take the tokenizer's vocabulary size.
+    /// May exceed it (GPT-2 presets pad 50257 to 50304, a multiple of 64, for faster matmuls).
+    pub vocab_size: usize,
+    /// Context length T: learned position embeddings exist for positions 0..block_size.
+    pub block_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    /// Model width C; head size is C / n_head.
+    pub n_embd: usize,
+    /// Dropout on embeddings, attention weights and residual branches (training only).
+    pub dropout: f64,
+    /// Bias in Linear layers and LayerNorms.
+    pub bias: bool,
+}
+
+impl Default for GptConfig {
+    fn default() -> Self {
+        Self::preset("tiny").expect("tiny preset exists")
+    }
+}
+
+/// Model presets; the trainer's presets of the same names add batch and schedule settings.
+pub const PRESET_NAMES: [&str; 5] = ["tiny", "gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b"];
+
+impl GptConfig {
+    pub fn preset(name: &str) -> Option<Self> {
+        let gpt2 = |n_layer, n_head, n_embd| GptConfig {
+            vocab_size: 50304,
+            block_size: 1024,
+            n_layer,
+            n_head,
+            n_embd,
+            dropout: 0.0,
+            bias: true,
+        };
+        Some(match name {
+            // A char-level model that learns visible structure in a few CPU minutes.
+            "tiny" => GptConfig {
+                vocab_size: 0,
+                block_size: 128,
+                n_layer: 4,
+                n_head: 4,
+                n_embd: 128,
+                dropout: 0.0,
+                bias: true,
+            },
+            "gpt2-124m" => gpt2(12, 12, 768),
+            "gpt2-350m" => gpt2(24, 16, 1024),
+            "gpt2-774m" => gpt2(36, 20, 1280),
+            "gpt2-1.5b" => gpt2(48, 25, 1600),
+            _ => return None,
+        })
+    }
+
+    pub fn head_size(&self) -> usize {
+        self.n_embd / self.n_head.max(1)
+    }
+
+    /// Checks every field; `vocab_size` must already be resolved (non-zero).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key, value: usize, why: &str| {
+            Err(ModelError::InvalidConfig { key, value: value.to_string(), why: why.to_string() })
+        };
+        if self.vocab_size == 0 {
+            return bad("model.vocab_size", 0, "must be resolved from the tokenizer before building");
+        }
+        if self.vocab_size > 1 << 20 {
+            return bad("model.vocab_size", self.vocab_size, "is larger than any tokenizer here (max 1048576)");
+        }
+        if self.block_size == 0 {
+            return bad("model.block_size", 0, "must be at least 1");
+        }
+        if self.n_layer == 0 {
+            return bad("model.n_layer", 0, "must be at least 1");
+        }
+        if self.n_head == 0 {
+            return bad("model.n_head", 0, "must be at least 1");
+        }
+        if self.n_embd == 0 || self.n_embd % self.n_head != 0 {
+            return Err(ModelError::InvalidConfig {
+                key: "model.n_embd",
+                value: self.n_embd.to_string(),
+                why: format!("must be a positive multiple of model.n_head ({})", self.n_head),
+            });
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(ModelError::InvalidConfig {
+                key: "model.dropout",
+                value: self.dropout.to_string(),
+                why: "must be in [0, 1)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_valid_and_named() {
+        for name in PRESET_NAMES {
+            let mut c = GptConfig::preset(name).unwrap();
+            if c.vocab_size == 0 {
+                c.vocab_size = 65;
+            }
+            c.validate().unwrap();
+        }
+        assert!(GptConfig::preset("gpt5").is_none());
+    }
+
+    #[test]
+    fn invalid_fields_name_their_key() {
+        let mut c = GptConfig { vocab_size: 65, ..GptConfig::default() };
+        c.n_embd = 130;
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("model.n_embd") && msg.contains("model.n_head"), "{msg}");
+        let c = GptConfig { vocab_size: 65, dropout: 1.0, ..GptConfig::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("model.dropout"));
+        let c = GptConfig::default();
+        assert!(c.validate().unwrap_err().to_string().contains("model.vocab_size"));
+    }
+}

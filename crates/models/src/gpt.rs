@@ -1,0 +1,188 @@
+//! GPT-2 (nanoGPT's model.py): token + learned position embeddings, pre-LayerNorm blocks with
+//! causal self-attention through libtorch's `scaled_dot_product_attention` (flash attention on
+//! CUDA), GELU MLP, final LayerNorm and an output projection tied to the token embedding.
+
+use tch::{nn, nn::Init, Device, Kind, Tensor};
+
+use crate::config::GptConfig;
+use crate::error::{ModelError, Result};
+use crate::layers::{LayerNorm, Linear, Params};
+
+struct Attention {
+    c_attn: Linear, // C -> 3C (q, k, v)
+    c_proj: Linear, // C -> C
+}
+
+struct Mlp {
+    c_fc: Linear,   // C -> 4C
+    c_proj: Linear, // 4C -> C
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+pub struct Gpt {
+    cfg: GptConfig,
+    vs: nn::VarStore,
+    params: Vec<(String, Tensor)>,
+    wte: Tensor, // [V, C], also the output projection
+    wpe: Tensor, // [block_size, C]
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+}
+
+impl Gpt {
+    /// Builds the model with GPT-2 initialisation: N(0, 0.02) for weights and embeddings, zero
+    /// biases, and N(0, 0.02/sqrt(2·n_layer)) for the residual projections (`c_proj`), which keeps
+    /// the residual stream's variance independent of depth. Uses libtorch's global RNG: seed it
+    /// with `tch::manual_seed` first for a reproducible init.
+    pub fn new(cfg: &GptConfig, device: Device) -> Result<Self> {
+        cfg.validate()?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let tr = root.sub("transformer");
+        let (c, l) = (cfg.n_embd as i64, cfg.n_layer);
+        let std = 0.02;
+        let proj_std = 0.02 / ((2 * l) as f64).sqrt();
+        let mut ps = Params::default();
+        let normal = Init::Randn { mean: 0.0, stdev: std };
+        let wte = ps.var(&tr.sub("wte"), "weight", &[cfg.vocab_size as i64, c], normal);
+        let wpe = ps.var(&tr.sub("wpe"), "weight", &[cfg.block_size as i64, c], normal);
+        let h = tr.sub("h");
+        let blocks = (0..l)
+            .map(|i| {
+                let p = h.sub(i);
+                let (a, m) = (p.sub("attn"), p.sub("mlp"));
+                Block {
+                    ln_1: LayerNorm::new(&mut ps, &p.sub("ln_1"), c, cfg.bias),
+                    attn: Attention {
+                        c_attn: Linear::new(&mut ps, &a.sub("c_attn"), c, 3 * c, cfg.bias, std),
+                        c_proj: Linear::new(&mut ps, &a.sub("c_proj"), c, c, cfg.bias, proj_std),
+                    },
+                    ln_2: LayerNorm::new(&mut ps, &p.sub("ln_2"), c, cfg.bias),
+                    mlp: Mlp {
+                        c_fc: Linear::new(&mut ps, &m.sub("c_fc"), c, 4 * c, cfg.bias, std),
+                        c_proj: Linear::new(&mut ps, &m.sub("c_proj"), 4 * c, c, cfg.bias, proj_std),
+                    },
+                }
+            })
+            .collect();
+        let ln_f = LayerNorm::new(&mut ps, &tr.sub("ln_f"), c, cfg.bias);
+        Ok(Gpt { cfg: cfg.clone(), vs, params: ps.list, wte, wpe, blocks, ln_f })
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Parameters in registration order (embeddings first, then block by block) with their
+    /// PyTorch state-dict names. `lm_head.weight` is not listed: it is `transformer.wte.weight`.
+    pub fn parameters(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// Number of parameters, counting the tied embedding once.
+    pub fn num_params(&self) -> i64 {
+        self.params.iter().map(|(_, t)| t.numel() as i64).sum()
+    }
+
+    /// Forward pass. `idx` is (B, T) int64 token ids with T <= block_size; returns logits
+    /// (B, T, vocab_size) in the compute dtype (bf16 under autocast, else fp32).
+    pub fn forward(&self, idx: &Tensor, train: bool) -> Tensor {
+        let (_b, t) = idx.size2().expect("idx is (B, T)");
+        assert!(t as usize <= self.cfg.block_size, "sequence length {t} exceeds block_size");
+        let pos = Tensor::arange(t, (Kind::Int64, idx.device()));
+        let tok_emb = Tensor::embedding(&self.wte, idx, -1, false, false); // (B, T, C)
+        let pos_emb = Tensor::embedding(&self.wpe, &pos, -1, false, false); // (T, C)
+        let mut x = (tok_emb + pos_emb).dropout(self.cfg.dropout, train);
+        for block in &self.blocks {
+            x = &x + self.attention(&block.attn, &block.ln_1.forward(&x), train);
+            x = &x + self.mlp(&block.mlp, &block.ln_2.forward(&x), train);
+        }
+        let x = self.ln_f.forward(&x);
+        x.linear(&self.wte, None::<&Tensor>) // (B, T, V)
+    }
+
+    fn attention(&self, a: &Attention, x: &Tensor, train: bool) -> Tensor {
+        let (b, t, c) = x.size3().expect("x is (B, T, C)");
+        let nh = self.cfg.n_head as i64;
+        let qkv = a.c_attn.forward(x).split(c, 2); // 3 × (B, T, C)
+        let heads = |z: &Tensor| z.view([b, t, nh, c / nh]).transpose(1, 2); // (B, nh, T, hs)
+        let (q, k, v) = (heads(&qkv[0]), heads(&qkv[1]), heads(&qkv[2]));
+        let p = if train { self.cfg.dropout } else { 0.0 };
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, p, true, None, false);
+        let y = y.transpose(1, 2).contiguous().view([b, t, c]);
+        a.c_proj.forward(&y).dropout(self.cfg.dropout, train)
+    }
+
+    fn mlp(&self, m: &Mlp, x: &Tensor, train: bool) -> Tensor {
+        m.c_proj.forward(&m.c_fc.forward(x).gelu("none")).dropout(self.cfg.dropout, train)
+    }
+
+    /// Mean cross-entropy of logits (B, T, V) against targets (B, T), computed in fp32.
+    pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
+        let v = logits.size().last().copied().expect("logits have a vocab dim");
+        logits
+            .view([-1, v])
+            .to_kind(Kind::Float)
+            .cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::Mean, -100, 0.0)
+    }
+
+    /// Autoregressive sampling: appends `new_tokens` tokens to `idx` (1, T0), cropping the
+    /// context to the last block_size tokens. `top_k` limits sampling to the k likeliest tokens.
+    pub fn generate(&self, idx: &Tensor, new_tokens: usize, temperature: f64, top_k: Option<i64>) -> Tensor {
+        tch::no_grad(|| {
+            let mut idx = idx.shallow_clone();
+            let bs = self.cfg.block_size as i64;
+            for _ in 0..new_tokens {
+                let t = idx.size()[1];
+                let ctx = if t > bs { idx.narrow(1, t - bs, bs) } else { idx.shallow_clone() };
+                let logits = self.forward(&ctx, false).select(1, -1).to_kind(Kind::Float) / temperature.max(1e-6);
+                let logits = match top_k {
+                    Some(k) if k < logits.size()[1] => {
+                        let (vals, _) = logits.topk(k, -1, true, true);
+                        let kth = vals.select(1, k - 1).unsqueeze(1);
+                        logits.where_self(&logits.ge_tensor(&kth), &Tensor::from(f64::NEG_INFINITY).to_device(logits.device()))
+                    }
+                    _ => logits,
+                };
+                let next = logits.softmax(-1, Kind::Float).multinomial(1, true);
+                idx = Tensor::cat(&[idx, next], 1);
+            }
+            idx
+        })
+    }
+
+    /// Copies named tensors into the parameters, checking that the names and shapes match
+    /// exactly (so a checkpoint of another model shape is refused with the offending name).
+    pub fn load_parameters(&self, tensors: &[(String, Tensor)]) -> Result<()> {
+        let by_name: std::collections::HashMap<&str, &Tensor> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        if let Some((extra, _)) = tensors.iter().find(|(n, _)| !self.params.iter().any(|(p, _)| p == n)) {
+            return Err(ModelError::UnexpectedTensor { name: extra.clone() });
+        }
+        // Check every name and shape before copying anything: a refused checkpoint changes nothing.
+        let mut pairs = Vec::with_capacity(self.params.len());
+        for (name, p) in &self.params {
+            let src = *by_name.get(name.as_str()).ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
+            if src.size() != p.size() {
+                return Err(ModelError::ShapeMismatch { name: name.clone(), expected: p.size(), found: src.size() });
+            }
+            pairs.push((p, src));
+        }
+        tch::no_grad(|| {
+            for (p, src) in pairs {
+                p.shallow_clone().f_copy_(src)?;
+            }
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,53 @@
+//! Minimal layers over raw parameters, so that parameter names follow nanoGPT's state dict and
+//! the model keeps them in registration order (DDP buckets and optimizer groups rely on it).
+
+use tch::{nn::Init, nn::Path, Tensor};
+
+/// Ordered registry of (state-dict name, parameter) pairs.
+#[derive(Default)]
+pub struct Params {
+    pub list: Vec<(String, Tensor)>,
+}
+
+impl Params {
+    pub fn var(&mut self, p: &Path, name: &str, dims: &[i64], init: Init) -> Tensor {
+        let t = p.var(name, dims, init);
+        self.list.push((p.path(name), t.shallow_clone()));
+        t
+    }
+}
+
+pub struct Linear {
+    pub weight: Tensor, // [out, in]
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(ps: &mut Params, p: &Path, d_in: i64, d_out: i64, bias: bool, std: f64) -> Self {
+        let weight = ps.var(p, "weight", &[d_out, d_in], Init::Randn { mean: 0.0, stdev: std });
+        let bias = bias.then(|| ps.var(p, "bias", &[d_out], Init::Const(0.0)));
+        Linear { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub dim: i64,
+}
+
+impl LayerNorm {
+    pub fn new(ps: &mut Params, p: &Path, dim: i64, bias: bool) -> Self {
+        let weight = ps.var(p, "weight", &[dim], Init::Const(1.0));
+        let bias = bias.then(|| ps.var(p, "bias", &[dim], Init::Const(0.0)));
+        LayerNorm { weight, bias, dim }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm([self.dim], Some(&self.weight), self.bias.as_ref(), 1e-5, true)
+    }
+}

@@ -1,0 +1,782 @@
+//! Parallel dimensions of a training job: validation, rank ↔ coordinate
+//! mapping and process-group membership.
+//!
+//! Modelled on torchtitan's `ParallelDims`: the job's ranks form a 3-D grid
+//! `dp × pp × tp` (data parallel × pipeline parallel × tensor parallel) whose
+//! product must equal the world size. Everything here is pure arithmetic on
+//! integers, so it is exhaustively unit-tested and can be used before any
+//! communicator exists (e.g. to validate a config against `mpirun -np N`).
+//!
+//! # Rank layout
+//!
+//! Ranks are laid out Megatron-style: **tp varies fastest, then pp, then dp**:
+//!
+//! ```text
+//! rank = dp_idx * (pp * tp) + pp_idx * tp + tp_idx
+//! ```
+//!
+//! Tensor-parallel peers (which talk every layer) are therefore adjacent ranks,
+//! which `mpirun`/`srun` place on the same node, and pipeline stages come next.
+//! For `dp = 2, pp = 2, tp = 1` (4 ranks):
+//!
+//! | rank | dp | pp | tp | pipeline (`pp_groups`) | gradient all-reduce (`dp_groups`) |
+//! |-----:|---:|---:|---:|------------------------|-----------------------------------|
+//! |    0 |  0 |  0 |  0 | `[0, 1]`, first stage  | `[0, 2]`                          |
+//! |    1 |  0 |  1 |  0 | `[0, 1]`, last stage   | `[1, 3]`                          |
+//! |    2 |  1 |  0 |  0 | `[2, 3]`, first stage  | `[0, 2]`                          |
+//! |    3 |  1 |  1 |  0 | `[2, 3]`, last stage   | `[1, 3]`                          |
+//!
+//! ```
+//! use fabbrica_topology::{Coords, Dim, ParallelDims};
+//!
+//! let dims = ParallelDims::new(2, 2, 1, 4).unwrap();
+//! assert_eq!(dims.coords(1).unwrap(), Coords { dp: 0, pp: 1, tp: 0 });
+//! assert_eq!(dims.pp_groups(), vec![vec![0, 1], vec![2, 3]]);
+//! assert_eq!(dims.dp_groups(), vec![vec![0, 2], vec![1, 3]]);
+//! assert_eq!(dims.group_of(3, Dim::Dp).unwrap(), vec![1, 3]);
+//! assert_eq!(dims.pp_next(0).unwrap(), Some(1));
+//! assert_eq!(dims.pp_next(1).unwrap(), None);
+//! ```
+
+use std::fmt;
+
+/// Config key of the data-parallel degree.
+pub const KEY_DP: &str = "parallel.dp";
+/// Config key of the pipeline-parallel degree (number of stages).
+pub const KEY_PP: &str = "parallel.pp";
+/// Config key of the tensor-parallel degree.
+pub const KEY_TP: &str = "parallel.tp";
+
+/// Why a parallel layout or a rank/coordinate query is invalid.
+///
+/// Every message is one line that names the offending config key (or rank)
+/// and says what to change.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum TopologyError {
+    /// A degree that must be at least 1 is 0 (`parallel.pp`, `parallel.tp`;
+    /// `parallel.dp = 0` means "infer" and is not an error).
+    #[error("{key} = 0 is not a valid size: set {key} to at least 1 (1 disables this kind of parallelism)")]
+    ZeroSize { key: &'static str },
+
+    /// A degree read from a config is negative.
+    #[error("{key} = {value} is negative: {hint}")]
+    Negative {
+        key: &'static str,
+        value: i64,
+        /// What to set instead (differs for `parallel.dp`, which may be 0).
+        hint: &'static str,
+    },
+
+    /// The job has no ranks at all.
+    #[error("the world size is 0: the job must have at least one rank")]
+    ZeroWorldSize,
+
+    /// `dp × pp × tp` differs from the number of ranks.
+    #[error(
+        "parallel.dp × parallel.pp × parallel.tp = {dp} × {pp} × {tp} = {product}, \
+         but the job has {world_size} ranks (world size): \
+         set them so the product is {world_size}, or launch {product} ranks"
+    )]
+    ProductMismatch {
+        dp: usize,
+        pp: usize,
+        tp: usize,
+        product: u128,
+        world_size: usize,
+    },
+
+    /// `parallel.dp = 0` (infer) but `pp × tp` does not divide the world size.
+    #[error(
+        "cannot infer parallel.dp (set to 0): the world size {world_size} is not divisible by \
+         parallel.pp × parallel.tp = {pp} × {tp} = {pp_tp}: \
+         set parallel.pp and parallel.tp so their product divides {world_size}, \
+         or launch a multiple of {pp_tp} ranks"
+    )]
+    NotDivisible {
+        pp: usize,
+        tp: usize,
+        pp_tp: u128,
+        world_size: usize,
+    },
+
+    /// A rank outside `0..world_size` was queried.
+    #[error("rank {rank} is out of range: the job has {world_size} ranks (0..={max})", max = world_size.saturating_sub(1))]
+    RankOutOfRange { rank: usize, world_size: usize },
+
+    /// A coordinate outside the grid was queried.
+    #[error("coordinates {coords} are out of range for parallel.dp × parallel.pp × parallel.tp = {dp} × {pp} × {tp}")]
+    CoordsOutOfRange {
+        coords: Coords,
+        dp: usize,
+        pp: usize,
+        tp: usize,
+    },
+}
+
+/// One axis of the parallel grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dim {
+    /// Data parallel: replicas that all-reduce gradients.
+    Dp,
+    /// Pipeline parallel: stages of one model replica.
+    Pp,
+    /// Tensor parallel: shards of each layer.
+    Tp,
+}
+
+impl Dim {
+    /// All dimensions, outermost (slowest-varying in the rank order) first.
+    pub const ALL: [Dim; 3] = [Dim::Dp, Dim::Pp, Dim::Tp];
+
+    /// The config key that sets this dimension's size (e.g. `parallel.pp`).
+    pub fn key(self) -> &'static str {
+        match self {
+            Dim::Dp => KEY_DP,
+            Dim::Pp => KEY_PP,
+            Dim::Tp => KEY_TP,
+        }
+    }
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Dim::Dp => "dp",
+            Dim::Pp => "pp",
+            Dim::Tp => "tp",
+        })
+    }
+}
+
+/// A rank's position in the `dp × pp × tp` grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Coords {
+    /// Data-parallel replica index, `0..dp`.
+    pub dp: usize,
+    /// Pipeline stage index, `0..pp`.
+    pub pp: usize,
+    /// Tensor-parallel shard index, `0..tp`.
+    pub tp: usize,
+}
+
+impl Coords {
+    /// The coordinate along `dim`.
+    pub fn get(&self, dim: Dim) -> usize {
+        match dim {
+            Dim::Dp => self.dp,
+            Dim::Pp => self.pp,
+            Dim::Tp => self.tp,
+        }
+    }
+}
+
+impl fmt::Display for Coords {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "(dp {}, pp {}, tp {})", self.dp, self.pp, self.tp)
+    }
+}
+
+/// The sizes of the parallel dimensions of a job.
+///
+/// Build it with [`ParallelDims::new`] (or [`ParallelDims::from_config`]),
+/// which validates that `dp × pp × tp == world_size`; every method assumes
+/// that invariant. The fields are public for reading; a value assembled by
+/// hand that breaks the invariant gives meaningless answers.
+///
+/// See the [crate docs](crate) for the rank layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ParallelDims {
+    /// Data-parallel degree (number of model replicas).
+    pub dp: usize,
+    /// Pipeline-parallel degree (number of stages per replica).
+    pub pp: usize,
+    /// Tensor-parallel degree (shards per layer).
+    pub tp: usize,
+    /// Number of ranks in the job; equals `dp * pp * tp`.
+    pub world_size: usize,
+}
+
+impl ParallelDims {
+    /// Validates a layout. `dp = 0` means "infer": `dp = world_size / (pp * tp)`,
+    /// which must divide exactly. `pp` and `tp` must be at least 1.
+    pub fn new(dp: usize, pp: usize, tp: usize, world_size: usize) -> Result<Self, TopologyError> {
+        if world_size == 0 {
+            return Err(TopologyError::ZeroWorldSize);
+        }
+        if pp == 0 {
+            return Err(TopologyError::ZeroSize { key: KEY_PP });
+        }
+        if tp == 0 {
+            return Err(TopologyError::ZeroSize { key: KEY_TP });
+        }
+        // Products are computed in u128 so absurd configs report their real
+        // product instead of overflowing (three usizes can exceed u128 only in
+        // theory; saturate in that case, the numbers are still "too big").
+        let pp_tp = pp as u128 * tp as u128;
+        let dp = if dp == 0 {
+            // `%` rather than `is_multiple_of`: the workspace MSRV is 1.85.
+            #[allow(clippy::manual_is_multiple_of)]
+            let divisible = world_size as u128 % pp_tp == 0;
+            if !divisible {
+                return Err(TopologyError::NotDivisible {
+                    pp,
+                    tp,
+                    pp_tp,
+                    world_size,
+                });
+            }
+            // Exact and ≤ world_size, so it fits in usize.
+            (world_size as u128 / pp_tp) as usize
+        } else {
+            let product = pp_tp.saturating_mul(dp as u128);
+            if product != world_size as u128 {
+                return Err(TopologyError::ProductMismatch {
+                    dp,
+                    pp,
+                    tp,
+                    product,
+                    world_size,
+                });
+            }
+            dp
+        };
+        Ok(Self {
+            dp,
+            pp,
+            tp,
+            world_size,
+        })
+    }
+
+    /// Like [`ParallelDims::new`], for sizes read from a config as signed
+    /// integers: negative values are rejected with a message naming the key.
+    pub fn from_config(
+        dp: i64,
+        pp: i64,
+        tp: i64,
+        world_size: usize,
+    ) -> Result<Self, TopologyError> {
+        fn non_negative(
+            key: &'static str,
+            value: i64,
+            hint: &'static str,
+        ) -> Result<usize, TopologyError> {
+            usize::try_from(value).map_err(|_| TopologyError::Negative { key, value, hint })
+        }
+        let dp = non_negative(
+            KEY_DP,
+            dp,
+            "set it to the number of data-parallel replicas, or 0 to infer it from the world size",
+        )?;
+        let pp = non_negative(
+            KEY_PP,
+            pp,
+            "set it to the number of pipeline stages (1 disables pipeline parallelism)",
+        )?;
+        let tp = non_negative(
+            KEY_TP,
+            tp,
+            "set it to the tensor-parallel degree (1 disables tensor parallelism)",
+        )?;
+        Self::new(dp, pp, tp, world_size)
+    }
+
+    /// A single-process layout (`1 × 1 × 1`).
+    pub fn single() -> Self {
+        Self {
+            dp: 1,
+            pp: 1,
+            tp: 1,
+            world_size: 1,
+        }
+    }
+
+    /// The size of `dim`.
+    pub fn size(&self, dim: Dim) -> usize {
+        match dim {
+            Dim::Dp => self.dp,
+            Dim::Pp => self.pp,
+            Dim::Tp => self.tp,
+        }
+    }
+
+    /// Distance in rank numbers between neighbours along `dim`.
+    fn stride(&self, dim: Dim) -> usize {
+        match dim {
+            Dim::Tp => 1,
+            Dim::Pp => self.tp,
+            Dim::Dp => self.pp * self.tp,
+        }
+    }
+
+    /// Whether gradients are replicated across more than one rank.
+    pub fn dp_enabled(&self) -> bool {
+        self.dp > 1
+    }
+
+    /// Whether the model is split into more than one pipeline stage.
+    pub fn pp_enabled(&self) -> bool {
+        self.pp > 1
+    }
+
+    /// Whether layers are sharded across more than one rank.
+    pub fn tp_enabled(&self) -> bool {
+        self.tp > 1
+    }
+
+    fn check_rank(&self, rank: usize) -> Result<(), TopologyError> {
+        if rank < self.world_size {
+            Ok(())
+        } else {
+            Err(TopologyError::RankOutOfRange {
+                rank,
+                world_size: self.world_size,
+            })
+        }
+    }
+
+    /// The grid position of `rank`.
+    pub fn coords(&self, rank: usize) -> Result<Coords, TopologyError> {
+        self.check_rank(rank)?;
+        Ok(Coords {
+            dp: rank / self.stride(Dim::Dp),
+            pp: (rank / self.stride(Dim::Pp)) % self.pp,
+            tp: rank % self.tp,
+        })
+    }
+
+    /// The rank at grid position `coords`.
+    pub fn rank_of(&self, coords: Coords) -> Result<usize, TopologyError> {
+        if coords.dp >= self.dp || coords.pp >= self.pp || coords.tp >= self.tp {
+            return Err(TopologyError::CoordsOutOfRange {
+                coords,
+                dp: self.dp,
+                pp: self.pp,
+                tp: self.tp,
+            });
+        }
+        Ok(coords.dp * self.stride(Dim::Dp) + coords.pp * self.stride(Dim::Pp) + coords.tp)
+    }
+
+    /// All groups along `dim`: each group holds the ranks whose coordinates
+    /// agree in the other two dimensions, sorted ascending (which is also the
+    /// order of their `dim` coordinate). Groups are ordered by their smallest
+    /// rank and together partition `0..world_size`.
+    pub fn groups(&self, dim: Dim) -> Vec<Vec<usize>> {
+        let (size, stride) = (self.size(dim), self.stride(dim));
+        (0..self.world_size)
+            // A group's leader has coordinate 0 along `dim`.
+            .filter(|&r| (r / stride) % size == 0)
+            .map(|leader| (0..size).map(|i| leader + i * stride).collect())
+            .collect()
+    }
+
+    /// Data-parallel groups: ranks sharing pp and tp index. Each group
+    /// all-reduces its gradients together.
+    pub fn dp_groups(&self) -> Vec<Vec<usize>> {
+        self.groups(Dim::Dp)
+    }
+
+    /// Pipeline groups: ranks sharing dp and tp index, in stage order. Each
+    /// group is one pipeline (one model replica's stages).
+    pub fn pp_groups(&self) -> Vec<Vec<usize>> {
+        self.groups(Dim::Pp)
+    }
+
+    /// Tensor-parallel groups: ranks sharing dp and pp index.
+    pub fn tp_groups(&self) -> Vec<Vec<usize>> {
+        self.groups(Dim::Tp)
+    }
+
+    /// The group along `dim` that contains `rank` (sorted ascending; the
+    /// position of `rank` in it is its `dim` coordinate).
+    pub fn group_of(&self, rank: usize, dim: Dim) -> Result<Vec<usize>, TopologyError> {
+        let coord = self.coords(rank)?.get(dim);
+        let stride = self.stride(dim);
+        let leader = rank - coord * stride;
+        Ok((0..self.size(dim)).map(|i| leader + i * stride).collect())
+    }
+
+    /// The rank holding the previous pipeline stage of `rank`'s pipeline
+    /// (same dp and tp index), or `None` on the first stage.
+    pub fn pp_prev(&self, rank: usize) -> Result<Option<usize>, TopologyError> {
+        let c = self.coords(rank)?;
+        Ok((c.pp > 0).then(|| rank - self.stride(Dim::Pp)))
+    }
+
+    /// The rank holding the next pipeline stage of `rank`'s pipeline
+    /// (same dp and tp index), or `None` on the last stage.
+    pub fn pp_next(&self, rank: usize) -> Result<Option<usize>, TopologyError> {
+        let c = self.coords(rank)?;
+        Ok((c.pp + 1 < self.pp).then(|| rank + self.stride(Dim::Pp)))
+    }
+
+    /// Whether `rank` holds the first pipeline stage (embeddings, reads inputs).
+    pub fn is_first_stage(&self, rank: usize) -> Result<bool, TopologyError> {
+        Ok(self.coords(rank)?.pp == 0)
+    }
+
+    /// Whether `rank` holds the last pipeline stage (head, computes the loss).
+    pub fn is_last_stage(&self, rank: usize) -> Result<bool, TopologyError> {
+        Ok(self.coords(rank)?.pp + 1 == self.pp)
+    }
+}
+
+impl fmt::Display for ParallelDims {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "dp {} × pp {} × tp {} = {} ranks",
+            self.dp, self.pp, self.tp, self.world_size
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every valid `(dp, pp, tp)` for every world size in `1..=32`.
+    fn all_layouts() -> Vec<ParallelDims> {
+        let mut out = Vec::new();
+        for world in 1..=32usize {
+            for dp in 1..=world {
+                for pp in 1..=world {
+                    if world % (dp * pp) != 0 {
+                        continue;
+                    }
+                    let tp = world / (dp * pp);
+                    out.push(ParallelDims::new(dp, pp, tp, world).unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn enumerates_all_factorisations() {
+        let layouts = all_layouts();
+        // Number of ordered triples with product n, summed over n = 1..=32.
+        let expected: usize = (1..=32usize)
+            .map(|n| {
+                (1..=n)
+                    .filter(|d| n % d == 0)
+                    .map(|d| (1..=n / d).filter(|e| (n / d) % e == 0).count())
+                    .sum::<usize>()
+            })
+            .sum();
+        assert_eq!(layouts.len(), expected);
+        assert!(layouts.iter().any(|d| d.dp == 2 && d.pp == 2 && d.tp == 8));
+    }
+
+    #[test]
+    fn rank_coords_round_trip_and_layout_formula() {
+        for d in all_layouts() {
+            for rank in 0..d.world_size {
+                let c = d.coords(rank).unwrap();
+                assert!(c.dp < d.dp && c.pp < d.pp && c.tp < d.tp, "{d}: {c}");
+                assert_eq!(rank, c.dp * d.pp * d.tp + c.pp * d.tp + c.tp, "{d}: {c}");
+                assert_eq!(d.rank_of(c).unwrap(), rank, "{d}: {c}");
+            }
+            // Every coordinate maps to a distinct rank.
+            let mut ranks = Vec::new();
+            for dp in 0..d.dp {
+                for pp in 0..d.pp {
+                    for tp in 0..d.tp {
+                        let c = Coords { dp, pp, tp };
+                        let r = d.rank_of(c).unwrap();
+                        assert_eq!(d.coords(r).unwrap(), c);
+                        ranks.push(r);
+                    }
+                }
+            }
+            ranks.sort_unstable();
+            assert_eq!(ranks, (0..d.world_size).collect::<Vec<_>>(), "{d}");
+        }
+    }
+
+    #[test]
+    fn groups_partition_world_and_vary_only_their_dim() {
+        for d in all_layouts() {
+            for dim in Dim::ALL {
+                let groups = d.groups(dim);
+                let expected_named = match dim {
+                    Dim::Dp => d.dp_groups(),
+                    Dim::Pp => d.pp_groups(),
+                    Dim::Tp => d.tp_groups(),
+                };
+                assert_eq!(groups, expected_named);
+                assert_eq!(groups.len(), d.world_size / d.size(dim), "{d} {dim}");
+
+                let mut all: Vec<usize> = groups.iter().flatten().copied().collect();
+                all.sort_unstable();
+                assert_eq!(
+                    all,
+                    (0..d.world_size).collect::<Vec<_>>(),
+                    "{d} {dim}: not a partition"
+                );
+
+                for group in &groups {
+                    assert_eq!(group.len(), d.size(dim), "{d} {dim}");
+                    assert!(
+                        group.windows(2).all(|w| w[0] < w[1]),
+                        "{d} {dim}: {group:?} not sorted"
+                    );
+                    let first = d.coords(group[0]).unwrap();
+                    for (i, &r) in group.iter().enumerate() {
+                        let c = d.coords(r).unwrap();
+                        // Position in the group is the coordinate along `dim`…
+                        assert_eq!(c.get(dim), i, "{d} {dim}: {group:?}");
+                        // …and all other coordinates agree.
+                        for other in Dim::ALL.into_iter().filter(|&o| o != dim) {
+                            assert_eq!(c.get(other), first.get(other), "{d} {dim}: {group:?}");
+                        }
+                        assert_eq!(&d.group_of(r, dim).unwrap(), group, "{d} {dim} rank {r}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pipeline_neighbours_walk_each_pipeline_in_order() {
+        for d in all_layouts() {
+            for pipeline in d.pp_groups() {
+                // Walk forward from the first stage.
+                let mut walk = vec![pipeline[0]];
+                assert_eq!(d.pp_prev(pipeline[0]).unwrap(), None);
+                while let Some(next) = d.pp_next(*walk.last().unwrap()).unwrap() {
+                    assert_eq!(d.pp_prev(next).unwrap(), walk.last().copied(), "{d}");
+                    walk.push(next);
+                    assert!(walk.len() <= d.pp, "{d}: pp_next does not terminate");
+                }
+                assert_eq!(walk, pipeline, "{d}");
+
+                // Walk backward from the last stage.
+                let mut back = vec![*pipeline.last().unwrap()];
+                while let Some(prev) = d.pp_prev(*back.last().unwrap()).unwrap() {
+                    back.push(prev);
+                }
+                back.reverse();
+                assert_eq!(back, pipeline, "{d}");
+
+                for (stage, &r) in pipeline.iter().enumerate() {
+                    assert_eq!(d.is_first_stage(r).unwrap(), stage == 0, "{d} rank {r}");
+                    assert_eq!(
+                        d.is_last_stage(r).unwrap(),
+                        stage + 1 == d.pp,
+                        "{d} rank {r}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn documented_dp2_pp2_table() {
+        let d = ParallelDims::new(2, 2, 1, 4).unwrap();
+        let table = [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)];
+        for (rank, dp, pp) in table {
+            assert_eq!(d.coords(rank).unwrap(), Coords { dp, pp, tp: 0 });
+        }
+        assert_eq!(d.pp_groups(), vec![vec![0, 1], vec![2, 3]]);
+        assert_eq!(d.dp_groups(), vec![vec![0, 2], vec![1, 3]]);
+        assert_eq!(d.tp_groups(), vec![vec![0], vec![1], vec![2], vec![3]]);
+    }
+
+    #[test]
+    fn megatron_order_with_tp() {
+        // dp 2 × pp 2 × tp 2: tp peers adjacent, pipeline stride tp.
+        let d = ParallelDims::new(2, 2, 2, 8).unwrap();
+        assert_eq!(
+            d.tp_groups(),
+            vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]]
+        );
+        assert_eq!(
+            d.pp_groups(),
+            vec![vec![0, 2], vec![1, 3], vec![4, 6], vec![5, 7]]
+        );
+        assert_eq!(
+            d.dp_groups(),
+            vec![vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]]
+        );
+        assert_eq!(
+            d.coords(6).unwrap(),
+            Coords {
+                dp: 1,
+                pp: 1,
+                tp: 0
+            }
+        );
+        assert_eq!(d.pp_next(1).unwrap(), Some(3));
+        assert_eq!(d.pp_prev(7).unwrap(), Some(5));
+    }
+
+    #[test]
+    fn infers_dp() {
+        for world in 1..=32usize {
+            for pp in 1..=world {
+                for tp in 1..=world {
+                    let r = ParallelDims::new(0, pp, tp, world);
+                    if world % (pp * tp) == 0 {
+                        let d = r.unwrap();
+                        assert_eq!(
+                            (d.dp, d.pp, d.tp, d.world_size),
+                            (world / (pp * tp), pp, tp, world)
+                        );
+                    } else {
+                        assert!(
+                            matches!(r, Err(TopologyError::NotDivisible { .. })),
+                            "{world} {pp} {tp}"
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            ParallelDims::new(0, 1, 1, 1).unwrap(),
+            ParallelDims::single()
+        );
+    }
+
+    #[test]
+    fn product_mismatch_message() {
+        let e = ParallelDims::new(2, 2, 1, 6).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "parallel.dp × parallel.pp × parallel.tp = 2 × 2 × 1 = 4, but the job has 6 ranks (world size): \
+             set them so the product is 6, or launch 4 ranks"
+        );
+        assert!(!e.to_string().contains('\n'));
+        // Huge values do not overflow.
+        let e = ParallelDims::new(usize::MAX, usize::MAX, 1, 4).unwrap_err();
+        assert!(matches!(e, TopologyError::ProductMismatch { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&(usize::MAX as u128 * usize::MAX as u128).to_string()),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn not_divisible_message() {
+        let e = ParallelDims::new(0, 4, 1, 6).unwrap_err();
+        let msg = e.to_string();
+        for needle in [
+            "parallel.dp",
+            "parallel.pp",
+            "parallel.tp",
+            "6",
+            "4 × 1 = 4",
+            "multiple of 4",
+        ] {
+            assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
+        }
+        assert!(!msg.contains('\n'));
+        // pp × tp larger than the world is reported the same way.
+        let msg = ParallelDims::new(0, 4, 2, 4).unwrap_err().to_string();
+        assert!(
+            msg.contains("4 × 2 = 8") && msg.contains("world size 4"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn zero_and_negative_sizes() {
+        let msg = ParallelDims::new(1, 0, 1, 1).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("parallel.pp = 0") && msg.contains("set parallel.pp to at least 1"),
+            "{msg}"
+        );
+        let msg = ParallelDims::new(1, 1, 0, 1).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("parallel.tp = 0") && msg.contains("set parallel.tp to at least 1"),
+            "{msg}"
+        );
+        assert_eq!(
+            ParallelDims::new(1, 1, 1, 0).unwrap_err(),
+            TopologyError::ZeroWorldSize
+        );
+        assert!(ParallelDims::new(0, 1, 1, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("world size is 0"));
+
+        let msg = ParallelDims::from_config(-1, 1, 1, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("parallel.dp = -1 is negative") && msg.contains("or 0 to infer"),
+            "{msg}"
+        );
+        let msg = ParallelDims::from_config(1, -2, 1, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("parallel.pp = -2 is negative"), "{msg}");
+        let msg = ParallelDims::from_config(1, 1, -3, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("parallel.tp = -3 is negative"), "{msg}");
+        assert_eq!(
+            ParallelDims::from_config(0, 2, 1, 4).unwrap(),
+            ParallelDims::new(2, 2, 1, 4).unwrap()
+        );
+        assert_eq!(
+            ParallelDims::from_config(1, 0, 1, 1).unwrap_err(),
+            TopologyError::ZeroSize { key: KEY_PP }
+        );
+    }
+
+    #[test]
+    fn out_of_range_queries() {
+        let d = ParallelDims::new(2, 2, 1, 4).unwrap();
+        let e = d.coords(4).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "rank 4 is out of range: the job has 4 ranks (0..=3)"
+        );
+        for r in [4, 5, usize::MAX] {
+            assert!(d.coords(r).is_err());
+            assert!(d.group_of(r, Dim::Dp).is_err());
+            assert!(d.pp_prev(r).is_err());
+            assert!(d.pp_next(r).is_err());
+            assert!(d.is_first_stage(r).is_err());
+            assert!(d.is_last_stage(r).is_err());
+        }
+        let msg = d
+            .rank_of(Coords {
+                dp: 0,
+                pp: 2,
+                tp: 0,
+            })
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "coordinates (dp 0, pp 2, tp 0) are out of range for parallel.dp × parallel.pp × parallel.tp = 2 × 2 × 1"
+        );
+        assert!(d
+            .rank_of(Coords {
+                dp: 2,
+                pp: 0,
+                tp: 0
+            })
+            .is_err());
+        assert!(d
+            .rank_of(Coords {
+                dp: 0,
+                pp: 0,
+                tp: 1
+            })
+            .is_err());
+    }
+
+    #[test]
+    fn display_and_keys() {
+        let d = ParallelDims::new(4, 2, 1, 8).unwrap();
+        assert_eq!(d.to_string(), "dp 4 × pp 2 × tp 1 = 8 ranks");
+        assert!(d.dp_enabled() && d.pp_enabled() && !d.tp_enabled());
+        assert_eq!(Dim::Pp.key(), "parallel.pp");
+        assert_eq!(Dim::Tp.to_string(), "tp");
+    }
+}

@@ -1,0 +1,58 @@
+// What tch does not bind, over the same libtorch that tch links.
+// Every entry point catches C++ exceptions and returns them as a malloc'd message (NULL on success):
+// an exception must never unwind into Rust.
+#include <ATen/ATen.h>
+#include <c10/core/CachingDeviceAllocator.h>
+#include <cstring>
+#include <vector>
+
+namespace {
+char *dup_message(const char *what) {
+  size_t n = std::strlen(what);
+  char *out = static_cast<char *>(std::malloc(n + 1));
+  if (out) std::memcpy(out, what, n + 1);
+  return out;
+}
+
+std::vector<at::Tensor> gather(at::Tensor **xs, int n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (int i = 0; i < n; ++i) out.push_back(*xs[i]);  // shallow: shares storage, in-place ops land
+  return out;
+}
+}  // namespace
+
+extern "C" {
+
+// One call of ATen's fused AdamW kernel (`torch.optim.AdamW(fused=True)`) over a parameter group.
+// `steps` are float32 scalar tensors on the parameters' device (ATen increments them).
+char *fab_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **exp_avgs,
+                      at::Tensor **exp_avg_sqs, at::Tensor **steps, int n, double lr, double beta1,
+                      double beta2, double weight_decay, double eps) {
+  try {
+    auto p = gather(params, n), g = gather(grads, n), m = gather(exp_avgs, n),
+         v = gather(exp_avg_sqs, n), s = gather(steps, n);
+    std::vector<at::Tensor> max_v;  // amsgrad off
+    at::_fused_adamw_(p, g, m, v, max_v, s, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false, /*grad_scale=*/std::nullopt,
+                      /*found_inf=*/std::nullopt);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return dup_message(e.what());
+  }
+}
+
+// Peak bytes allocated by libtorch's caching allocator on CUDA device `device` since the start
+// (what `torch.cuda.max_memory_allocated` reports). -1 where no CUDA allocator is registered.
+int64_t fab_cuda_peak_allocated_bytes(int device) {
+  try {
+    auto *alloc = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    if (!alloc || !alloc->initialized()) return -1;
+    auto stats = alloc->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+  } catch (...) {
+    return -1;
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,80 @@
+//! Safe wrappers over `csrc/shim.cpp`: libtorch functions that tch 0.24 does not bind.
+
+use std::ffi::{c_char, c_int, CStr};
+use tch::Tensor;
+
+extern "C" {
+    fn fab_fused_adamw(
+        params: *const *mut torch_sys::C_tensor,
+        grads: *const *mut torch_sys::C_tensor,
+        exp_avgs: *const *mut torch_sys::C_tensor,
+        exp_avg_sqs: *const *mut torch_sys::C_tensor,
+        steps: *const *mut torch_sys::C_tensor,
+        n: c_int,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> *mut c_char;
+    fn fab_cuda_peak_allocated_bytes(device: c_int) -> i64;
+}
+
+/// Peak bytes libtorch's CUDA caching allocator has handed out on `device` (as
+/// `torch.cuda.max_memory_allocated`); `None` where CUDA is not initialised.
+pub fn cuda_peak_allocated_bytes(device: usize) -> Option<u64> {
+    // SAFETY: plain C call; the shim catches every C++ exception.
+    let v = unsafe { fab_cuda_peak_allocated_bytes(device as c_int) };
+    (v >= 0).then_some(v as u64)
+}
+
+/// Hyper-parameters of one AdamW group update.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWArgs {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// Runs ATen's fused AdamW kernel (`_fused_adamw_`) in place over one parameter group.
+///
+/// All slices must have the same length; `steps` are float32 scalars on the parameters' device,
+/// incremented by the kernel. Returns libtorch's message if it refuses (for example a dtype or
+/// device it has no fused kernel for).
+pub fn fused_adamw(
+    params: &[Tensor],
+    grads: &[Tensor],
+    exp_avgs: &[Tensor],
+    exp_avg_sqs: &[Tensor],
+    steps: &[Tensor],
+    args: AdamWArgs,
+) -> Result<(), String> {
+    let n = params.len();
+    if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()].iter().any(|&l| l != n) {
+        return Err(format!("fused_adamw: tensor lists differ in length (params {n})"));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let ptrs = |ts: &[Tensor]| ts.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect::<Vec<_>>();
+    let (p, g, m, v, s) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(steps));
+    // SAFETY: every pointer comes from a live `tch::Tensor` borrowed for this call (tch's C_tensor
+    // is a heap `at::Tensor`), the arrays hold exactly `n` entries, and the shim copies the
+    // `at::Tensor` handles before returning, keeping no pointer past the call.
+    let err = unsafe {
+        fab_fused_adamw(
+            p.as_ptr(), g.as_ptr(), m.as_ptr(), v.as_ptr(), s.as_ptr(), n as c_int,
+            args.lr, args.beta1, args.beta2, args.weight_decay, args.eps,
+        )
+    };
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null return is a NUL-terminated string from malloc in the shim; we own it.
+    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    // SAFETY: allocated with malloc by the shim, freed exactly once here.
+    unsafe { libc::free(err as *mut libc::c_void) };
+    Err(msg.lines().next().unwrap_or("fused_adamw failed").to_string())
+}

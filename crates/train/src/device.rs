@@ -1,0 +1,115 @@
+//! Device and precision resolution, and what the cost model needs to know about the hardware.
+
+use tch::Device;
+
+use crate::error::TrainError;
+
+/// Resolves `run.device` (`auto|cpu|cuda`) to a libtorch device; `cuda_ordinal` is the local
+/// rank's GPU (0 without a launcher).
+pub fn resolve_device(name: &str, cuda_ordinal: usize) -> Result<Device, TrainError> {
+    let have_cuda = tch::Cuda::is_available();
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if !have_cuda => Err(TrainError::Device(
+            "run.device = cuda but libtorch sees no CUDA device: use run.device=auto or cpu, or check the driver (nvidia-smi)".into(),
+        )),
+        "cuda" | "auto" if have_cuda => {
+            let n = tch::Cuda::device_count() as usize;
+            if cuda_ordinal >= n {
+                return Err(TrainError::Device(format!(
+                    "this rank wants GPU {cuda_ordinal} but only {n} are visible: launch at most {n} ranks per node"
+                )));
+            }
+            Ok(Device::Cuda(cuda_ordinal))
+        }
+        _ => Ok(Device::Cpu),
+    }
+}
+
+/// Resolves `train.dtype`: bf16 autocast on CUDA, fp32 on the CPU (where tch's autocast is a
+/// no-op). Returns whether bf16 autocast is on.
+pub fn resolve_bf16(dtype: &str, device: Device) -> Result<bool, TrainError> {
+    match (dtype, device) {
+        ("bf16", Device::Cpu) => Err(TrainError::Device(
+            "train.dtype = bf16 needs a CUDA device (bf16 autocast is CUDA-only here): use train.dtype=fp32 or auto on the CPU".into(),
+        )),
+        ("bf16", _) | ("auto", Device::Cuda(_)) => Ok(true),
+        _ => Ok(false),
+    }
+}
+
+/// The GPU's marketing name through the CUDA driver API, if a driver is present.
+pub fn gpu_name(ordinal: usize) -> Option<String> {
+    // SAFETY: is_culib_present only tries to dlopen libcuda and drops the handle.
+    if !tch::Cuda::is_available() || !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return None;
+    }
+    use cudarc::driver::result;
+    result::init().ok()?;
+    let dev = result::device::get(ordinal as i32).ok()?;
+    result::device::get_name(dev).ok()
+}
+
+/// Dense bf16 tensor-core peak FLOP/s of known GPUs (vendor datasheets, without sparsity).
+/// MFU is reported against this; set `train.peak_flops` for anything else, the CPU included.
+pub fn peak_flops_for(gpu_name: &str) -> Option<f64> {
+    let n = gpu_name.to_ascii_uppercase();
+    let table: [(&str, f64); 10] = [
+        ("H200", 989e12),
+        ("H100 PCIE", 756e12),
+        ("H100", 989e12),
+        ("GH200", 989e12),
+        ("B200", 2250e12),
+        ("A100", 312e12),
+        ("L40S", 362e12),
+        ("L4", 121e12),
+        ("A10", 125e12),
+        ("4090", 165e12),
+    ];
+    table.iter().find(|(k, _)| n.contains(k)).map(|&(_, f)| f)
+}
+
+/// Peak resident memory of this process on the CPU (VmHWM), or the CUDA caching allocator's peak.
+pub fn peak_memory_bytes(device: Device) -> u64 {
+    if let Device::Cuda(i) = device {
+        if let Some(b) = fabbrica_torch_ext::cuda_peak_allocated_bytes(i) {
+            return b;
+        }
+    }
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_table_prefers_the_specific_name() {
+        assert_eq!(peak_flops_for("NVIDIA H100 PCIe"), Some(756e12));
+        assert_eq!(peak_flops_for("NVIDIA H100 80GB HBM3"), Some(989e12));
+        assert_eq!(peak_flops_for("NVIDIA A100-SXM4-80GB"), Some(312e12));
+        assert_eq!(peak_flops_for("Some CPU"), None);
+    }
+
+    #[test]
+    fn cpu_resolution_and_bf16_refusal() {
+        assert_eq!(resolve_device("cpu", 0).unwrap(), Device::Cpu);
+        assert!(!resolve_bf16("auto", Device::Cpu).unwrap());
+        let e = resolve_bf16("bf16", Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("train.dtype"), "{e}");
+        if !tch::Cuda::is_available() {
+            assert_eq!(resolve_device("auto", 0).unwrap(), Device::Cpu);
+            assert!(resolve_device("cuda", 0).unwrap_err().to_string().contains("run.device"));
+        }
+        assert!(peak_memory_bytes(Device::Cpu) > 0);
+    }
+}

@@ -1,0 +1,17 @@
+//! The single-process trainer: config, AdamW, LR schedule, checkpoints, metrics, sampling.
+//! Parallelism (data, pipeline) is applied by other crates around the same pieces.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod metrics;
+pub mod optim;
+pub mod sample;
+pub mod schedule;
+pub mod trainer;
+
+pub use config::Config;
+pub use error::{ConfigError, TrainError};
+pub use trainer::{train, TrainOptions, TrainOutcome};

@@ -1,0 +1,136 @@
+//! Training metrics: one JSON object per line in `out_dir/metrics.jsonl`, and a progress bar
+//! (rank 0 only, drawn only on a terminal; otherwise plain log lines).
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::write_atomic;
+use crate::error::{io_err, TrainError};
+
+/// One line of metrics.jsonl. Train lines carry the step metrics; eval lines carry the losses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub kind: String, // "train" | "eval"
+    pub step: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub grad_norm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tokens_per_s: Option<f64>,
+    /// Model FLOPs utilisation; null when the device's peak is unknown (set train.peak_flops).
+    #[serde(default)]
+    pub mfu: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub step_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub peak_mem_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub train_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_loss: Option<f64>,
+}
+
+pub struct MetricsLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsLog {
+    /// Opens `out_dir/metrics.jsonl`. A fresh run starts it empty; a resumed run keeps the lines
+    /// of steps before `resume_step` and drops later ones (written after that checkpoint by the
+    /// interrupted run), so the file reads as one uninterrupted run.
+    pub fn open(out_dir: &Path, resume_step: Option<u64>) -> Result<Self, TrainError> {
+        let path = out_dir.join("metrics.jsonl");
+        let kept = match resume_step {
+            Some(step) if path.exists() => read(&path)?
+                .into_iter()
+                .filter(|r| if r.kind == "eval" { r.step <= step } else { r.step < step })
+                .map(|r| serde_json::to_string(&r).expect("record serializes") + "\n")
+                .collect::<String>(),
+            _ => String::new(),
+        };
+        write_atomic(&path, kept.as_bytes())?;
+        let file = OpenOptions::new().append(true).open(&path).map_err(io_err(&path))?;
+        Ok(MetricsLog { path, file })
+    }
+
+    pub fn write(&mut self, r: &Record) -> Result<(), TrainError> {
+        let line = serde_json::to_string(r).expect("record serializes");
+        writeln!(self.file, "{line}").map_err(io_err(&self.path))?;
+        self.file.flush().map_err(io_err(&self.path))
+    }
+}
+
+/// Reads a metrics.jsonl file.
+pub fn read(path: &Path) -> Result<Vec<Record>, TrainError> {
+    let f = File::open(path).map_err(io_err(path))?;
+    BufReader::new(f)
+        .lines()
+        .filter(|l| l.as_ref().map(|s| !s.trim().is_empty()).unwrap_or(true))
+        .map(|l| {
+            let l = l.map_err(io_err(path))?;
+            serde_json::from_str(&l).map_err(|e| TrainError::Io { path: path.to_path_buf(), why: format!("bad metrics line: {e}") })
+        })
+        .collect()
+}
+
+/// Progress on rank 0: a bar on a terminal, plain lines otherwise, nothing on other ranks.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    lines: bool,
+}
+
+impl Progress {
+    pub fn new(total: u64, start: u64, rank0: bool) -> Self {
+        if !rank0 {
+            return Progress { bar: None, lines: false };
+        }
+        let target = ProgressDrawTarget::stderr();
+        if target.is_hidden() {
+            return Progress { bar: None, lines: true };
+        }
+        let bar = ProgressBar::with_draw_target(Some(total), target);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                .expect("valid template")
+                .progress_chars("█▉▊▋▌▍▎▏ "),
+        );
+        bar.set_position(start);
+        Progress { bar: Some(bar), lines: false }
+    }
+
+    pub fn step(&self, step: u64, msg: Option<String>) {
+        if let Some(b) = &self.bar {
+            b.set_position(step);
+            if let Some(m) = msg {
+                b.set_message(m);
+            }
+        } else if self.lines {
+            if let Some(m) = msg {
+                println!("step {step}: {m}");
+            }
+        }
+    }
+
+    /// A line that should stay visible (evaluations, checkpoints).
+    pub fn println(&self, s: &str) {
+        if let Some(b) = &self.bar {
+            b.println(s);
+        } else if self.lines {
+            println!("{s}");
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
