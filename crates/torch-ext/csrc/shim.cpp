@@ -25,7 +25,7 @@ std::vector<at::Tensor> gather(at::Tensor **xs, int n) {
 extern "C" {
 
 // One call of ATen's fused AdamW kernel (`torch.optim.AdamW(fused=True)`) over a parameter group.
-// `steps` are float32 scalar tensors on the parameters' device (ATen increments them).
+// `steps` are float32 scalar tensors on the parameters' device, already incremented for this step.
 char *fab_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **exp_avgs,
                       at::Tensor **exp_avg_sqs, at::Tensor **steps, int n, double lr, double beta1,
                       double beta2, double weight_decay, double eps) {

@@ -41,7 +41,7 @@ pub struct AdamWArgs {
 /// Runs ATen's fused AdamW kernel (`_fused_adamw_`) in place over one parameter group.
 ///
 /// All slices must have the same length; `steps` are float32 scalars on the parameters' device,
-/// incremented by the kernel. Returns libtorch's message if it refuses (for example a dtype or
+/// already incremented for this step (the kernel reads them; PyTorch's wrapper bumps them first). Returns libtorch's message if it refuses (for example a dtype or
 /// device it has no fused kernel for).
 pub fn fused_adamw(
     params: &[Tensor],

@@ -44,14 +44,14 @@ pub struct MetricsLog {
 
 impl MetricsLog {
     /// Opens `out_dir/metrics.jsonl`. A fresh run starts it empty; a resumed run keeps the lines
-    /// of steps before `resume_step` and drops later ones (written after that checkpoint by the
-    /// interrupted run), so the file reads as one uninterrupted run.
+    /// up to the checkpoint's step (taken after that step) and drops later ones, written by the
+    /// interrupted run after its last checkpoint, so the file reads as one uninterrupted run.
     pub fn open(out_dir: &Path, resume_step: Option<u64>) -> Result<Self, TrainError> {
         let path = out_dir.join("metrics.jsonl");
         let kept = match resume_step {
             Some(step) if path.exists() => read(&path)?
                 .into_iter()
-                .filter(|r| if r.kind == "eval" { r.step <= step } else { r.step < step })
+                .filter(|r| r.step <= step)
                 .map(|r| serde_json::to_string(&r).expect("record serializes") + "\n")
                 .collect::<String>(),
             _ => String::new(),

@@ -95,6 +95,10 @@ impl AdamW {
         let c = self.cfg;
         for decay in [true, false] {
             let group: Vec<&Slot> = self.slots.iter().filter(|s| s.decay == decay && s.param.grad().defined()).collect();
+            // As torch.optim.AdamW(fused=True) does: the kernel reads the step, the caller bumps it.
+            for s in &group {
+                let _ = s.step.shallow_clone().g_add_scalar_(1.0);
+            }
             let list = |f: fn(&Slot) -> Tensor| group.iter().map(|s| f(s)).collect::<Vec<_>>();
             let args = AdamWArgs {
                 lr,
@@ -200,7 +204,7 @@ mod tests {
         let x = Tensor::randn([3, 8], (Kind::Float, tch::Device::Cpu));
         for i in 0..5 {
             for (_, p) in &ps {
-                p.zero_grad();
+                p.shallow_clone().zero_grad();
             }
             let loss = (x.matmul(&ps[0].1) + &ps[1].1).pow_tensor_scalar(2).sum(Kind::Float);
             loss.backward();

@@ -123,7 +123,9 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
     let s = setup(cfg)?;
     let cfg = &s.cfg;
     let out = cfg.run.out_dir.clone();
-    std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+    std::fs::create_dir_all(&out).map_err(|e| {
+        TrainError::Checkpoint(format!("cannot use run.out_dir = {} ({e}): set run.out_dir to a writable directory", out.display()))
+    })?;
 
     let fused = match cfg.train.fused_adamw.as_str() {
         "on" => true,

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what is missing, and nothing else: Debian packages (OpenMPI, libclang for bindgen),
+# a project-local .venv with torch==2.11.0 (the libtorch tch 0.24 links), and the default corpus.
+# Safe to re-run: every step checks first. Sourced or run by quickstart.sh and test.sh.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+pkgs=(libopenmpi-dev openmpi-bin libclang-dev clang pkg-config)
+# A python3 that can already make venvs (Debian's with python3-venv, pyenv, conda) is enough.
+if ! { command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null; }; then
+  pkgs+=(python3 python3-venv)
+fi
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
+  echo "setup: no Rust toolchain found: install one with rustup (https://rustup.rs), then re-run" >&2
+  exit 1
+fi
+
+if ! .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.11.0") else 1)' 2>/dev/null; then
+  echo "setup: creating .venv with torch==2.11.0 (about 4.6 GB, once)"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q torch==2.11.0 numpy
+fi
+
+if [ ! -s data/pystdlib.txt ]; then
+  .venv/bin/python scripts/make_corpus.py --out data/pystdlib.txt
+fi
