@@ -6,4 +6,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
 source scripts/env.sh
-cargo test --release --workspace "$@"
+# Examples assert their own results; run them first so cargo test's summary closes the log.
+cargo run --release -q -p fabbrica-examples --example overfit_one_batch
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --release --workspace "$@" 2>&1 | tee "$log"
+# One closing line over every test binary (cargo's own last line is the last crate's doc-tests).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
+     END { printf "all tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"

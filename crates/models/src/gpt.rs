@@ -89,6 +89,11 @@ impl Gpt {
         &self.params
     }
 
+    /// Shallow handles to the parameters (same storage), for optimizers and reducers to own.
+    pub fn parameter_handles(&self) -> Vec<(String, Tensor)> {
+        self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+    }
+
     /// Number of parameters, counting the tied embedding once.
     pub fn num_params(&self) -> i64 {
         self.params.iter().map(|(_, t)| t.numel() as i64).sum()

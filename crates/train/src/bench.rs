@@ -48,12 +48,8 @@ impl BenchState {
         }
         tch::manual_seed(cfg.run.seed as i64);
         let model = Gpt::new(&mcfg, device)?;
-        let params: Vec<(String, Tensor)> = model.parameters().iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        let fused = match cfg.train.fused_adamw.as_str() {
-            "on" => true,
-            "off" => false,
-            _ => device.is_cuda(),
-        };
+        let params: Vec<(String, Tensor)> = model.parameter_handles();
+        let fused = cfg.fused_adamw();
         let t = &cfg.train;
         let opt = AdamW::new(&params, AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, fused });
         let shape = [t.batch_size as i64, mcfg.block_size as i64];

@@ -54,7 +54,7 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     /// `auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32` or `bf16`.
     pub dtype: String,
-    /// `auto` (fused kernel on CUDA), `on`, `off`.
+    /// `auto`/`on`: ATen's fused AdamW kernel (CPU and CUDA); `off`: tensor-op reference path.
     pub fused_adamw: String,
     pub log_interval: u64,
     pub eval_interval: u64,
@@ -266,6 +266,13 @@ impl Config {
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serializes")
+    }
+
+    /// Whether AdamW runs ATen's fused kernel (`train.fused_adamw`). `auto` means yes: ATen has
+    /// it for CPU and CUDA, it matches PyTorch as closely as the reference path (tests/numerics.rs),
+    /// and on the CPU it is 1.3x faster per gpt2-124m step (docs/BENCHMARKS.md).
+    pub fn fused_adamw(&self) -> bool {
+        self.train.fused_adamw != "off"
     }
 
     /// Steps of cosine decay (the `lr_decay_steps` default).

@@ -127,12 +127,8 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
         TrainError::Checkpoint(format!("cannot use run.out_dir = {} ({e}): set run.out_dir to a writable directory", out.display()))
     })?;
 
-    let fused = match cfg.train.fused_adamw.as_str() {
-        "on" => true,
-        "off" => false,
-        _ => s.device.is_cuda(),
-    };
-    let params: Vec<(String, Tensor)> = s.model.parameters().iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let fused = cfg.fused_adamw();
+    let params: Vec<(String, Tensor)> = s.model.parameter_handles();
     let mut opt = AdamW::new(
         &params,
         AdamWConfig { beta1: cfg.train.beta1, beta2: cfg.train.beta2, eps: cfg.train.eps, weight_decay: cfg.train.weight_decay, fused },

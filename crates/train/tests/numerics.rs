@@ -53,7 +53,7 @@ fn check(bias: bool, fused: bool) {
         let d = max_diff(&p.grad(), &r[&format!("grad.{n}")]);
         assert!(d < 2e-5, "gradient of {n} differs by {d}");
     }
-    let params: Vec<(String, Tensor)> = model.parameters().iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let params: Vec<(String, Tensor)> = model.parameter_handles();
     let norm = clip_grad_norm(&params, 1.0).double_value(&[]);
     assert!((norm - r["grad_norm"].double_value(&[])).abs() < 1e-5, "grad norm {norm}");
 

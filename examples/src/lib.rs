@@ -1,0 +1,1 @@
+//! Runnable examples: see `examples/` (`cargo run --release -p fabbrica-examples --example NAME`).
