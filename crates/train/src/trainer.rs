@@ -173,7 +173,6 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
 
     let stop_at = if cfg.run.stop_at > 0 { cfg.run.stop_at.min(cfg.train.max_steps) } else { cfg.train.max_steps };
     let mut window = (Instant::now(), 0u64); // (start of log window, steps in it)
-    let mut last_loss = f64::NAN;
     let mut last_val: Option<f64> = None;
     let mut step = start;
     while step < stop_at {
@@ -189,7 +188,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
         window.1 += 1;
 
         if step % cfg.train.log_interval == 0 || step == stop_at {
-            last_loss = loss.double_value(&[]); // synchronises the device: timings below are real
+            let last_loss = loss.double_value(&[]); // synchronises the device: timings below are real
             let elapsed = window.0.elapsed().as_secs_f64();
             let tps = tokens_per_step * window.1 as f64 / elapsed;
             let rec = Record {
@@ -233,7 +232,6 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
         _ => save(&s, &opt, step, Some(val_loss), &params)?,
     };
     let sample = (cfg.run.sample_tokens > 0).then(|| sample_text(&s.model, &s.data.tokenizer, "", cfg.run.sample_tokens, 0.8, Some(200), cfg.run.seed));
-    let _ = last_loss;
     Ok(TrainOutcome { steps: step, train_loss, val_loss, sample, out_dir: out, checkpoint })
 }
 
