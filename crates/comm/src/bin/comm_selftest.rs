@@ -1,0 +1,244 @@
+//! Exercises the communicator under a real launcher; the integration tests in `tests/mpirun.rs`
+//! start it with `mpirun -np N`. Scenarios:
+//! - `ops [cpu|cuda]`: every operation against a locally computed reference (dtypes, odd sizes,
+//!   in-place and out-of-place, non-contiguous, async ordering, point-to-point, sub-groups);
+//! - `watchdog`: the last rank skips a collective; the watchdog must end the job;
+//! - `mismatch-size` / `mismatch-op`: ranks disagree (run with FABBRICA_COMM_DEBUG=1).
+//! Prints `OK <scenario> rank <r>` at the end; any failure panics with the reason.
+
+use std::sync::Arc;
+
+use fabbrica_comm::{init, BackendChoice, CommError, Communicator, DType, InitOptions, ReduceOp};
+use fabbrica_topology::ParallelDims;
+use tch::{Device, Kind, Tensor};
+
+/// Values exact in every dtype: small integers depending on rank and index.
+fn data(rank: usize, n: i64, kind: Kind, dev: Device) -> Tensor {
+    let i = Tensor::arange(n, (Kind::Int64, Device::Cpu));
+    ((i.remainder(7) + 1) * (rank as i64 + 1) - 3).to_kind(kind).to_device(dev)
+}
+
+fn same(a: &Tensor, b: &Tensor, what: &str) {
+    let a = a.to_device(Device::Cpu).to_kind(Kind::Double);
+    let b = b.to_device(Device::Cpu).to_kind(Kind::Double);
+    assert_eq!(a.size(), b.size(), "{what}: shapes differ");
+    let diff = (a - &b).abs().max().double_value(&[]);
+    assert!(diff == 0.0, "{what}: max abs difference {diff}");
+}
+
+fn reduce_ref(world: usize, n: i64, kind: Kind, op: ReduceOp) -> Tensor {
+    let all: Vec<Tensor> = (0..world).map(|r| data(r, n, Kind::Double, Device::Cpu)).collect();
+    let s = Tensor::stack(&all, 0);
+    let r = match op {
+        ReduceOp::Sum | ReduceOp::Avg => s.sum_dim_intlist(&[0i64][..], false, Kind::Double),
+        ReduceOp::Max => s.amax(&[0i64][..], false),
+        ReduceOp::Min => s.amin(&[0i64][..], false),
+    };
+    // Avg: the backend sums in the dtype (exact here) and divides in the dtype.
+    let r = r.to_kind(kind);
+    if op == ReduceOp::Avg {
+        r / world as f64
+    } else {
+        r
+    }
+}
+
+fn ops(comm: &Arc<fabbrica_comm::Group>, dev: Device) {
+    let (rank, n) = (comm.rank(), comm.size());
+    let kinds = [Kind::Float, Kind::BFloat16, Kind::Half, Kind::Int64];
+    let sizes = [1i64, 7, 1000, 4099, (1 << 18) + 3];
+    for &kind in &kinds {
+        let dt = DType::from_kind(kind).unwrap();
+        for &len in &sizes {
+            for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min] {
+                if op == ReduceOp::Avg && !dt.is_float() {
+                    continue;
+                }
+                let t = data(rank, len, kind, dev);
+                comm.all_reduce(&t, op).unwrap();
+                same(&t, &reduce_ref(n, len, kind, op), &format!("all_reduce {dt} {len} {op}"));
+            }
+            // Non-contiguous: every other element of a longer tensor, the rest untouched.
+            let base = Tensor::full([2 * len], 5, (kind, dev));
+            let view = base.slice(0, 0, 2 * len, 2);
+            view.shallow_clone().copy_(&data(rank, len, kind, dev));
+            comm.all_reduce(&view, ReduceOp::Sum).unwrap();
+            same(&view, &reduce_ref(n, len, kind, ReduceOp::Sum), &format!("strided all_reduce {dt} {len}"));
+            same(&base.slice(0, 1, 2 * len, 2), &Tensor::full([len], 5, (kind, Device::Cpu)), "strided gaps untouched");
+
+            for root in 0..n {
+                let t = data(rank, len, kind, dev);
+                comm.broadcast(&t, root).unwrap();
+                same(&t, &data(root, len, kind, Device::Cpu), &format!("broadcast {dt} {len} root {root}"));
+            }
+
+            // all_gather: out of place, then in place (input is this rank's chunk of the output).
+            let expect = Tensor::cat(&(0..n).map(|r| data(r, len, kind, Device::Cpu)).collect::<Vec<_>>(), 0);
+            let out = Tensor::zeros([n as i64 * len], (kind, dev));
+            comm.all_gather(&out, &data(rank, len, kind, dev)).unwrap();
+            same(&out, &expect, &format!("all_gather {dt} {len}"));
+            let out = Tensor::zeros([n as i64 * len], (kind, dev));
+            let mine = out.narrow(0, rank as i64 * len, len);
+            mine.shallow_clone().copy_(&data(rank, len, kind, dev));
+            comm.all_gather(&out, &mine).unwrap();
+            same(&out, &expect, &format!("in-place all_gather {dt} {len}"));
+            // Output as a 2-D non-contiguous view (transposed).
+            let out2 = Tensor::zeros([len, n as i64], (kind, dev));
+            comm.all_gather(&out2.tr(), &data(rank, len, kind, dev)).unwrap();
+            same(&out2.tr().reshape([-1]), &expect, &format!("strided all_gather {dt} {len}"));
+
+            // reduce_scatter: input has n chunks of len; rank r gets chunk r of the sum.
+            let full = reduce_ref(n, n as i64 * len, kind, ReduceOp::Sum);
+            let expect_chunk = full.narrow(0, rank as i64 * len, len);
+            let input = data(rank, n as i64 * len, kind, dev);
+            let out = Tensor::zeros([len], (kind, dev));
+            comm.reduce_scatter(&out, &input, ReduceOp::Sum).unwrap();
+            same(&out, &expect_chunk, &format!("reduce_scatter {dt} {len}"));
+            let input = data(rank, n as i64 * len, kind, dev);
+            let mine = input.narrow(0, rank as i64 * len, len);
+            comm.reduce_scatter(&mine, &input, ReduceOp::Sum).unwrap();
+            same(&mine, &expect_chunk, &format!("in-place reduce_scatter {dt} {len}"));
+            if dt.is_float() {
+                let input = data(rank, n as i64 * len, kind, dev);
+                let out = Tensor::zeros([len], (kind, dev));
+                comm.reduce_scatter(&out, &input, ReduceOp::Max).unwrap();
+                same(&out, &reduce_ref(n, n as i64 * len, kind, ReduceOp::Max).narrow(0, rank as i64 * len, len), "reduce_scatter max");
+            }
+        }
+    }
+
+    // Several collectives in flight at once complete in issue order with the right results.
+    let ts: Vec<Tensor> = (0..8).map(|k| data(rank, 1000 + k, Kind::Float, dev)).collect();
+    let works: Vec<_> = ts.iter().map(|t| comm.all_reduce_async(t, ReduceOp::Sum).unwrap()).collect();
+    for (k, w) in works.into_iter().enumerate().rev() {
+        w.wait().unwrap();
+        same(&ts[k], &reduce_ref(n, 1000 + k as i64, Kind::Float, ReduceOp::Sum), "async all_reduce");
+    }
+    let mut w = comm.barrier_async().unwrap();
+    while !w.is_completed() {
+        std::thread::yield_now();
+    }
+    w.wait().unwrap();
+
+    // Point to point: a ring, both directions posted before either waits.
+    if n > 1 {
+        for &kind in &kinds {
+            let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
+            let send = data(rank, 4099, kind, dev);
+            let recv = Tensor::zeros([4099], (kind, dev));
+            let ws = comm.send_async(&send, next).unwrap();
+            let wr = comm.recv_async(&recv, prev).unwrap();
+            wr.wait().unwrap();
+            ws.wait().unwrap();
+            same(&recv, &data(prev, 4099, kind, Device::Cpu), "sendrecv ring");
+        }
+        // Size mismatch is reported by the receiver.
+        if rank == 0 {
+            comm.send(&Tensor::ones([10], (Kind::Float, dev)), 1).unwrap();
+        } else if rank == 1 {
+            let e = comm.recv(&Tensor::zeros([12], (Kind::Float, dev)), 0).unwrap_err();
+            assert!(e.to_string().contains("received 10 elements into a tensor of 12"), "{e}");
+        }
+        comm.barrier().unwrap();
+    }
+
+    // Errors name rank, op, group and backend.
+    let e = comm.all_reduce(&Tensor::ones([3], (Kind::Int, dev)), ReduceOp::Sum).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, CommError::UnsupportedDtype { .. }), "{msg}");
+    assert!(msg.contains("all_reduce") && msg.contains("group 'world'") && msg.contains(&format!("rank {rank} of {n}")) && msg.contains("use f32, bf16, f16 or i64"), "{msg}");
+    let e = comm.all_reduce(&Tensor::ones([3], (Kind::Int64, dev)), ReduceOp::Avg).unwrap_err();
+    assert!(e.to_string().contains("avg of i64"), "{e}");
+    let e = comm.all_gather(&Tensor::zeros([5], (Kind::Float, dev)), &Tensor::zeros([3], (Kind::Float, dev))).unwrap_err();
+    assert!(e.to_string().contains("output has 5 elements"), "{e}");
+    let e = comm.broadcast(&Tensor::zeros([3], (Kind::Float, dev)), n).unwrap_err();
+    assert!(e.to_string().contains(&format!("root {n} is not a rank")), "{e}");
+
+    // Sub-groups from the topology: every (dp, pp) factorisation of the world.
+    for pp in (1..=n).filter(|pp| n % pp == 0) {
+        let dims = ParallelDims::new(n / pp, pp, 1, n).unwrap();
+        for (label, groups) in [("dp", dims.dp_groups()), ("pp", dims.pp_groups())] {
+            let sub = comm.split_groups(&groups, label).unwrap().expect("every rank is in a group");
+            let mine = groups.iter().position(|g| g.contains(&rank)).unwrap();
+            assert_eq!(sub.size(), groups[mine].len());
+            assert_eq!(sub.members(), &groups[mine][..], "members in group order");
+            assert_eq!(sub.name(), format!("{label}{mine}"));
+            let t = Tensor::from_slice(&[rank as f32 + 1.0]).to_device(dev);
+            sub.all_reduce(&t, ReduceOp::Sum).unwrap();
+            let expect: f32 = groups[mine].iter().map(|&r| r as f32 + 1.0).sum();
+            assert_eq!(t.double_value(&[0]) as f32, expect, "{label} group sum");
+            let out = Tensor::zeros([sub.size() as i64], (Kind::Float, dev));
+            sub.all_gather(&out, &Tensor::from_slice(&[rank as f32]).to_device(dev)).unwrap();
+            let got: Vec<f32> = Vec::try_from(out.to_device(Device::Cpu)).unwrap();
+            assert_eq!(got, groups[mine].iter().map(|&r| r as f32).collect::<Vec<_>>(), "{label} gather order");
+        }
+    }
+    // A rank left out of a split gets None; the others get a group without it.
+    let sub = comm.split(if rank == 0 { None } else { Some(7) }, (n - rank) as u32, "rest").unwrap();
+    match sub {
+        None => assert_eq!(rank, 0),
+        Some(s) => {
+            assert_eq!(s.size(), n - 1);
+            // key = n - rank reverses the order.
+            assert_eq!(s.members(), &(1..n).rev().collect::<Vec<_>>()[..]);
+            s.barrier().unwrap();
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let scenario = args.get(1).map(String::as_str).unwrap_or("ops");
+    let dev_arg = args.get(2).map(String::as_str).unwrap_or("cpu");
+    let opts = InitOptions {
+        backend: if dev_arg == "cuda-mpi" { BackendChoice::Mpi } else { BackendChoice::Auto },
+        ..Default::default()
+    }
+    .with_env();
+    let world = opts.and_then(init).unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(2)
+    });
+    let comm = world.comm();
+    let rank = comm.rank();
+    match scenario {
+        "ops" => {
+            let dev = if dev_arg.starts_with("cuda") {
+                Device::Cuda(fabbrica_comm::cuda_device_for(world.launch().local_rank, tch::Cuda::device_count() as usize).unwrap_or(0))
+            } else {
+                Device::Cpu
+            };
+            ops(&comm, dev);
+        }
+        "watchdog" => {
+            let t = Tensor::ones([1000], (Kind::Float, Device::Cpu));
+            comm.all_reduce(&t, ReduceOp::Sum).unwrap();
+            if rank == comm.size() - 1 {
+                // Skips the second all_reduce; stays alive (as a rank stuck in a data loader would).
+                std::thread::sleep(std::time::Duration::from_secs(120));
+            } else {
+                comm.all_reduce(&t, ReduceOp::Sum).unwrap();
+            }
+            panic!("the watchdog should have ended the job");
+        }
+        "mismatch-size" | "mismatch-op" => {
+            let t = Tensor::ones([1000], (Kind::Float, Device::Cpu));
+            comm.all_reduce(&t, ReduceOp::Sum).unwrap();
+            let r = if scenario == "mismatch-size" {
+                let t = Tensor::ones([if rank == 1 { 999 } else { 1000 }], (Kind::Float, Device::Cpu));
+                comm.all_reduce(&t, ReduceOp::Sum)
+            } else if rank == 0 {
+                comm.broadcast(&t, 0)
+            } else {
+                comm.all_reduce(&t, ReduceOp::Max)
+            };
+            let e = r.expect_err("the debug check should have caught the mismatch");
+            assert!(matches!(e, CommError::Mismatch { .. }), "{e}");
+            println!("MISMATCH rank {rank}: {e}");
+            // The group is still usable afterwards.
+            comm.all_reduce(&t, ReduceOp::Sum).unwrap();
+        }
+        other => panic!("unknown scenario {other}"),
+    }
+    println!("OK {scenario} rank {rank}");
+}

@@ -1,0 +1,159 @@
+//! `Group`: the communicator the trainer holds. It routes each operation by the tensor's device
+//! and the configured backend: CUDA tensors to NCCL (created on first use, collectively), CPU
+//! tensors (and CUDA tensors when `backend = mpi`) to the host backend (MPI, or a group of one).
+
+use std::sync::{Arc, Mutex};
+
+use tch::{Device, Tensor};
+
+use crate::communicator::Communicator;
+use crate::error::{CommError, OpContext, Result};
+use crate::nccl;
+use crate::types::{Backend, OpKind, ReduceOp};
+use crate::work::Work;
+
+/// Which backend moves CUDA tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// NCCL for CUDA tensors when it loads, else MPI with host staging; MPI for CPU tensors.
+    Auto,
+    /// MPI for everything.
+    Mpi,
+    /// NCCL, and an error for CPU tensors or when NCCL is unavailable.
+    Nccl,
+}
+
+impl BackendChoice {
+    pub fn parse(s: &str) -> Option<BackendChoice> {
+        match s {
+            "auto" => Some(BackendChoice::Auto),
+            "mpi" => Some(BackendChoice::Mpi),
+            "nccl" => Some(BackendChoice::Nccl),
+            _ => None,
+        }
+    }
+}
+
+pub struct Group {
+    host: Arc<dyn Communicator>,
+    /// NCCL communicator and the CUDA device it was made for.
+    nccl: Mutex<Option<(usize, Arc<dyn Communicator>)>>,
+    choice: BackendChoice,
+    debug: bool,
+}
+
+impl Group {
+    pub(crate) fn new(host: Arc<dyn Communicator>, choice: BackendChoice, debug: bool) -> Group {
+        Group { host, nccl: Mutex::new(None), choice, debug }
+    }
+
+    /// The host (CPU) communicator.
+    pub fn host(&self) -> &Arc<dyn Communicator> {
+        &self.host
+    }
+
+    fn error(&self, op: OpKind, what: String) -> CommError {
+        CommError::InvalidArgument {
+            ctx: OpContext {
+                op,
+                seq: 0,
+                group: self.host.name().into(),
+                backend: self.backend(),
+                rank: self.host.rank(),
+                size: self.host.size(),
+                world_rank: self.host.members()[self.host.rank()],
+            },
+            what,
+        }
+    }
+
+    /// The communicator that moves `t`.
+    pub fn route(&self, t: &Tensor, op: OpKind) -> Result<Arc<dyn Communicator>> {
+        match (t.device(), self.choice) {
+            (Device::Cuda(_), BackendChoice::Mpi) => Ok(self.host.clone()),
+            (Device::Cuda(i), choice) => {
+                let mut slot = self.nccl.lock().unwrap();
+                if let Some((dev, c)) = slot.as_ref() {
+                    if *dev == i {
+                        return Ok(c.clone());
+                    }
+                    return Err(self.error(
+                        op,
+                        format!("this group's NCCL communicator is on cuda:{dev} but the tensor is on cuda:{i}; keep one device per rank"),
+                    ));
+                }
+                if choice == BackendChoice::Auto && !nccl::available() {
+                    return Ok(self.host.clone());
+                }
+                let c = nccl::create(&self.host, i, self.debug)?;
+                *slot = Some((i, c.clone()));
+                Ok(c)
+            }
+            (_, BackendChoice::Nccl) => Err(self.error(
+                op,
+                "comm.backend = nccl moves CUDA tensors only and this tensor is on the CPU; use comm.backend = auto".into(),
+            )),
+            _ => Ok(self.host.clone()),
+        }
+    }
+}
+
+impl Communicator for Group {
+    fn rank(&self) -> usize {
+        self.host.rank()
+    }
+    fn size(&self) -> usize {
+        self.host.size()
+    }
+    fn name(&self) -> &str {
+        self.host.name()
+    }
+    fn backend(&self) -> Backend {
+        self.host.backend()
+    }
+    fn members(&self) -> &[usize] {
+        self.host.members()
+    }
+    fn all_reduce_async(&self, t: &Tensor, op: ReduceOp) -> Result<Work> {
+        self.route(t, OpKind::AllReduce)?.all_reduce_async(t, op)
+    }
+    fn broadcast_async(&self, t: &Tensor, root: usize) -> Result<Work> {
+        self.route(t, OpKind::Broadcast)?.broadcast_async(t, root)
+    }
+    fn all_gather_async(&self, output: &Tensor, input: &Tensor) -> Result<Work> {
+        self.route(input, OpKind::AllGather)?.all_gather_async(output, input)
+    }
+    fn reduce_scatter_async(&self, output: &Tensor, input: &Tensor, op: ReduceOp) -> Result<Work> {
+        self.route(input, OpKind::ReduceScatter)?.reduce_scatter_async(output, input, op)
+    }
+    fn send_async(&self, t: &Tensor, dst: usize) -> Result<Work> {
+        self.route(t, OpKind::Send)?.send_async(t, dst)
+    }
+    fn recv_async(&self, t: &Tensor, src: usize) -> Result<Work> {
+        self.route(t, OpKind::Recv)?.recv_async(t, src)
+    }
+    fn barrier_async(&self) -> Result<Work> {
+        self.host.barrier_async()
+    }
+    fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
+        self.route(t, OpKind::AllReduce)?.all_reduce(t, op)
+    }
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
+        self.route(t, OpKind::Broadcast)?.broadcast(t, root)
+    }
+    fn all_gather(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+        self.route(input, OpKind::AllGather)?.all_gather(output, input)
+    }
+    fn reduce_scatter(&self, output: &Tensor, input: &Tensor, op: ReduceOp) -> Result<()> {
+        self.route(input, OpKind::ReduceScatter)?.reduce_scatter(output, input, op)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.host.barrier()
+    }
+    fn split(&self, color: Option<u32>, key: u32, name: &str) -> Result<Option<Arc<dyn Communicator>>> {
+        Ok(self
+            .host
+            .split(color, key, name)?
+            .map(|h| Arc::new(Group::new(h, self.choice, self.debug)) as Arc<dyn Communicator>))
+    }
+}

@@ -1,0 +1,820 @@
+//! The MPI backend (rsmpi's raw bindings on Open MPI or MPICH).
+//!
+//! CPU tensors are handed to MPI in place when contiguous. CUDA tensors are staged through host
+//! memory, unless the MPI library reports CUDA awareness (Open MPI's `MPIX_Query_cuda_support`),
+//! in which case device pointers go to MPI directly after the current stream is synchronised.
+//! bf16 and f16 are moved as 16-bit words and reduced by user-defined MPI operations that widen to
+//! f32 and round back to nearest-even, as PyTorch's own bf16/f16 addition does.
+
+use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use mpi::ffi;
+use tch::{Device, Tensor};
+
+use crate::communicator::Communicator;
+use crate::engine::{Engine, Job};
+use crate::error::{CommError, OpContext, Result};
+use crate::types::{Backend, DType, OpKind, ReduceOp};
+use crate::watchdog;
+use crate::work::{Work, WorkImpl};
+
+extern "C" {
+    fn fabbrica_mpi_in_place() -> *mut c_void;
+    fn fabbrica_mpi_cuda_aware() -> c_int;
+}
+
+#[derive(Clone, Copy)]
+struct RawComm(ffi::MPI_Comm);
+unsafe impl Send for RawComm {}
+unsafe impl Sync for RawComm {}
+
+impl RawComm {
+    /// A method, not `.0`, so closures capture the Send wrapper and not the raw pointer.
+    fn c(self) -> ffi::MPI_Comm {
+        self.0
+    }
+}
+
+/// Engines of every communicator, so the world can drain and stop them before MPI_Finalize.
+#[derive(Default)]
+pub(crate) struct Registry {
+    engines: Mutex<Vec<Weak<Engine>>>,
+}
+
+impl Registry {
+    fn add(&self, e: &Arc<Engine>) {
+        self.engines.lock().unwrap().push(Arc::downgrade(e));
+    }
+    pub(crate) fn shutdown_all(&self) {
+        for e in self.engines.lock().unwrap().drain(..) {
+            if let Some(e) = e.upgrade() {
+                e.shutdown();
+            }
+        }
+    }
+}
+
+pub struct MpiComm {
+    raw: RawComm,
+    /// A duplicate used only by the debug-mode mismatch check, so its traffic never matches an
+    /// operation's.
+    check: Option<RawComm>,
+    rank: usize,
+    size: usize,
+    name: String,
+    /// Unique across the job and equal on every member: how the watchdog names the group to peers.
+    id: String,
+    members: Arc<Vec<usize>>,
+    engine: Arc<Engine>,
+    seq: AtomicU64,
+    p2p_seq: AtomicU64,
+    splits: AtomicU64,
+    cuda_aware: bool,
+    registry: Arc<Registry>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Datatypes and reductions
+
+struct UserOps([ffi::MPI_Op; 6]);
+unsafe impl Send for UserOps {}
+unsafe impl Sync for UserOps {}
+static USER_OPS: OnceLock<UserOps> = OnceLock::new();
+
+macro_rules! half_op {
+    ($name:ident, $ty:ty, $f:expr) => {
+        unsafe extern "C" fn $name(
+            invec: *mut c_void,
+            inout: *mut c_void,
+            len: *mut c_int,
+            _dt: *mut ffi::MPI_Datatype,
+        ) {
+            let n = *len as usize;
+            let a = std::slice::from_raw_parts(invec as *const u16, n);
+            let b = std::slice::from_raw_parts_mut(inout as *mut u16, n);
+            let f: fn(f32, f32) -> f32 = $f;
+            for (y, &x) in b.iter_mut().zip(a) {
+                let v = f(<$ty>::from_bits(x).to_f32(), <$ty>::from_bits(*y).to_f32());
+                *y = <$ty>::from_f32(v).to_bits();
+            }
+        }
+    };
+}
+half_op!(bf16_sum, half::bf16, |a, b| a + b);
+half_op!(bf16_max, half::bf16, |a, b| if a.is_nan() || a > b { a } else { b });
+half_op!(bf16_min, half::bf16, |a, b| if a.is_nan() || a < b { a } else { b });
+half_op!(f16_sum, half::f16, |a, b| a + b);
+half_op!(f16_max, half::f16, |a, b| if a.is_nan() || a > b { a } else { b });
+half_op!(f16_min, half::f16, |a, b| if a.is_nan() || a < b { a } else { b });
+
+pub(crate) fn create_user_ops() -> std::result::Result<(), String> {
+    if USER_OPS.get().is_some() {
+        return Ok(());
+    }
+    type F = unsafe extern "C" fn(*mut c_void, *mut c_void, *mut c_int, *mut ffi::MPI_Datatype);
+    let fns: [F; 6] = [bf16_sum, bf16_max, bf16_min, f16_sum, f16_max, f16_min];
+    let mut ops: [ffi::MPI_Op; 6] = unsafe { std::mem::zeroed() };
+    for (op, f) in ops.iter_mut().zip(fns) {
+        let rc = unsafe { ffi::MPI_Op_create(Some(f), 1, op) };
+        if rc != 0 {
+            return Err(format!("MPI_Op_create failed: {}", error_string(rc)));
+        }
+    }
+    let _ = USER_OPS.set(UserOps(ops));
+    Ok(())
+}
+
+fn datatype(d: DType) -> ffi::MPI_Datatype {
+    unsafe {
+        match d {
+            DType::F32 => ffi::RSMPI_FLOAT,
+            DType::I64 => ffi::RSMPI_INT64_T,
+            DType::Bf16 | DType::F16 => ffi::RSMPI_UINT16_T,
+        }
+    }
+}
+
+fn reduction(d: DType, op: ReduceOp) -> ffi::MPI_Op {
+    let idx = match op {
+        ReduceOp::Sum | ReduceOp::Avg => 0,
+        ReduceOp::Max => 1,
+        ReduceOp::Min => 2,
+    };
+    unsafe {
+        match d {
+            DType::F32 | DType::I64 => [ffi::RSMPI_SUM, ffi::RSMPI_MAX, ffi::RSMPI_MIN][idx],
+            DType::Bf16 => USER_OPS.get().expect("user ops created at init").0[idx],
+            DType::F16 => USER_OPS.get().expect("user ops created at init").0[3 + idx],
+        }
+    }
+}
+
+pub(crate) fn error_string(code: c_int) -> String {
+    let mut buf = vec![0u8; 1024];
+    let mut len: c_int = 0;
+    unsafe {
+        if ffi::MPI_Error_string(code, buf.as_mut_ptr() as *mut _, &mut len) != 0 {
+            return format!("MPI error {code}");
+        }
+    }
+    buf.truncate(len.max(0) as usize);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn ok(rc: c_int, ctx: &OpContext, call: &str) -> Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(CommError::Backend { ctx: ctx.clone(), detail: format!("{call} failed: {}", error_string(rc)) })
+    }
+}
+
+fn in_place() -> *mut c_void {
+    unsafe { fabbrica_mpi_in_place() }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Staging
+
+/// The contiguous buffer MPI reads or writes, and the caller's tensor to copy it back into.
+struct Staged {
+    buf: Tensor,
+    back: Option<Tensor>,
+}
+
+impl Staged {
+    fn ptr(&self) -> *mut c_void {
+        self.buf.data_ptr()
+    }
+    /// Writes the result back into the caller's tensor (non-contiguous or device tensors).
+    fn finish(self, ctx: &OpContext) -> Result<()> {
+        if let Some(mut back) = self.back {
+            back.f_copy_(&self.buf).map_err(|e| CommError::Backend {
+                ctx: ctx.clone(),
+                detail: format!("copying the result back into the tensor failed: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+// SAFETY: tensors are reference-counted handles; the operation owns its buffers until it ends.
+unsafe impl Send for Staged {}
+
+fn byte_range(t: &Tensor, dt: DType) -> (usize, usize) {
+    let p = t.data_ptr() as usize;
+    (p, p + t.numel() * dt.size())
+}
+
+fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+impl MpiComm {
+    /// The world: a duplicate of MPI_COMM_WORLD (so that raw MPI calls elsewhere, e.g. the
+    /// benchmark's baseline, never match ours).
+    pub(crate) fn world(debug: bool, registry: Arc<Registry>) -> std::result::Result<MpiComm, String> {
+        create_user_ops()?;
+        let mut raw: ffi::MPI_Comm = unsafe { std::mem::zeroed() };
+        let rc = unsafe { ffi::MPI_Comm_dup(ffi::RSMPI_COMM_WORLD, &mut raw) };
+        if rc != 0 {
+            return Err(format!("MPI_Comm_dup(MPI_COMM_WORLD) failed: {}", error_string(rc)));
+        }
+        let (mut rank, mut size) = (0, 0);
+        unsafe {
+            ffi::MPI_Comm_rank(raw, &mut rank);
+            ffi::MPI_Comm_size(raw, &mut size);
+        }
+        let members = Arc::new((0..size as usize).collect());
+        Self::assemble(raw, debug, rank as usize, size as usize, "world".into(), "w".into(), members, registry)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        raw: ffi::MPI_Comm,
+        debug: bool,
+        rank: usize,
+        size: usize,
+        name: String,
+        id: String,
+        members: Arc<Vec<usize>>,
+        registry: Arc<Registry>,
+    ) -> std::result::Result<MpiComm, String> {
+        unsafe {
+            ffi::MPI_Comm_set_errhandler(raw, ffi::RSMPI_ERRORS_RETURN);
+        }
+        let check = if debug {
+            let mut c: ffi::MPI_Comm = unsafe { std::mem::zeroed() };
+            let rc = unsafe { ffi::MPI_Comm_dup(raw, &mut c) };
+            if rc != 0 {
+                return Err(format!("MPI_Comm_dup failed: {}", error_string(rc)));
+            }
+            Some(RawComm(c))
+        } else {
+            None
+        };
+        let engine = Engine::new(&name);
+        registry.add(&engine);
+        Ok(MpiComm {
+            raw: RawComm(raw),
+            check,
+            rank,
+            size,
+            name,
+            id,
+            members,
+            engine,
+            seq: AtomicU64::new(0),
+            p2p_seq: AtomicU64::new(0),
+            splits: AtomicU64::new(0),
+            cuda_aware: unsafe { fabbrica_mpi_cuda_aware() } == 1,
+            registry,
+        })
+    }
+
+    /// The raw communicator handle, for callers that want to issue MPI calls of their own.
+    pub fn raw(&self) -> ffi::MPI_Comm {
+        self.raw.c()
+    }
+
+    /// Whether the MPI library takes CUDA device pointers.
+    pub fn cuda_aware(&self) -> bool {
+        self.cuda_aware
+    }
+
+    fn ctx(&self, op: OpKind, seq: u64) -> OpContext {
+        OpContext {
+            op,
+            seq,
+            group: self.name.clone(),
+            backend: Backend::Mpi,
+            rank: self.rank,
+            size: self.size,
+            world_rank: self.members[self.rank],
+        }
+    }
+
+    fn next_ctx(&self, op: OpKind) -> OpContext {
+        let seq = match op {
+            OpKind::Send | OpKind::Recv => self.p2p_seq.fetch_add(1, Ordering::Relaxed) + 1,
+            _ => self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        self.ctx(op, seq)
+    }
+
+    fn dtype_of(&self, t: &Tensor, ctx: &OpContext) -> Result<DType> {
+        let kind = t.kind();
+        DType::from_kind(kind)
+            .ok_or_else(|| CommError::UnsupportedDtype { ctx: ctx.clone(), dtype: format!("{kind:?}") })
+    }
+
+    fn count(&self, n: usize, ctx: &OpContext) -> Result<c_int> {
+        c_int::try_from(n).map_err(|_| CommError::InvalidArgument {
+            ctx: ctx.clone(),
+            what: format!("{n} elements is more than the MPI backend moves in one call (2^31-1); split the tensor"),
+        })
+    }
+
+    /// A contiguous buffer MPI can use for `t`. `copy_in`: its current values are needed.
+    fn stage(&self, t: &Tensor, copy_in: bool) -> Staged {
+        let on_gpu = t.device() != Device::Cpu;
+        if on_gpu && self.cuda_aware && t.is_contiguous() {
+            if let Device::Cuda(i) = t.device() {
+                tch::Cuda::synchronize(i as i64);
+            }
+            return Staged { buf: t.shallow_clone(), back: None };
+        }
+        if on_gpu || !t.is_contiguous() {
+            let buf = if copy_in {
+                t.to_device(Device::Cpu).contiguous()
+            } else {
+                Tensor::empty(t.size(), (t.kind(), Device::Cpu))
+            };
+            return Staged { buf, back: Some(t.shallow_clone()) };
+        }
+        Staged { buf: t.shallow_clone(), back: None }
+    }
+
+    /// Read-only staging: the caller's tensor is never written.
+    fn stage_in(&self, t: &Tensor) -> Staged {
+        let mut s = self.stage(t, true);
+        s.back = None;
+        s
+    }
+
+    /// Queues a collective: the watchdog timer and the debug check wrap `job`.
+    fn submit(&self, ctx: OpContext, sig: Sig, job: Job, blocking: bool) -> Work {
+        let desc = ctx.to_string();
+        watchdog::called(&self.id, ctx.seq, &format!("{} #{}", sig.describe(), ctx.seq));
+        let (id, members, check, size) = (self.id.clone(), self.members.clone(), self.check, self.size);
+        let jctx = ctx.clone();
+        let wrapped: Job = Box::new(move || {
+            let _g = watchdog::begin(desc, &id, jctx.seq, &members, None);
+            if let Some(c) = check {
+                debug_check(c, size, &sig, &jctx)?;
+            }
+            job()
+        });
+        self.engine.submit(wrapped, ctx, blocking)
+    }
+
+    fn invalid(ctx: &OpContext, what: impl Into<String>) -> CommError {
+        CommError::InvalidArgument { ctx: ctx.clone(), what: what.into() }
+    }
+
+    fn check_reduce(&self, ctx: &OpContext, dt: DType, op: ReduceOp) -> Result<()> {
+        if op == ReduceOp::Avg && !dt.is_float() {
+            return Err(Self::invalid(ctx, format!("avg of {dt} tensors is not defined; use sum and divide")));
+        }
+        Ok(())
+    }
+
+    fn same_device(ctx: &OpContext, a: &Tensor, b: &Tensor) -> Result<()> {
+        if a.device() != b.device() || a.kind() != b.kind() {
+            return Err(Self::invalid(
+                ctx,
+                format!(
+                    "output is {:?} on {:?} but input is {:?} on {:?}; pass tensors of one dtype on one device",
+                    a.kind(),
+                    a.device(),
+                    b.kind(),
+                    b.device()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn all_reduce_impl(&self, t: &Tensor, op: ReduceOp, blocking: bool) -> Result<Work> {
+        let ctx = self.next_ctx(OpKind::AllReduce);
+        let dt = self.dtype_of(t, &ctx)?;
+        self.check_reduce(&ctx, dt, op)?;
+        let n = self.count(t.numel(), &ctx)?;
+        let staged = self.stage(t, true);
+        let (raw, size, jctx) = (self.raw, self.size, ctx.clone());
+        let sig = Sig::new(OpKind::AllReduce, Some(dt), n as i64, op.code());
+        let job: Job = Box::new(move || {
+            let rc = unsafe {
+                ffi::MPI_Allreduce(in_place(), staged.ptr(), n, datatype(dt), reduction(dt, op), raw.c())
+            };
+            ok(rc, &jctx, "MPI_Allreduce")?;
+            if op == ReduceOp::Avg {
+                let mut b = staged.buf.shallow_clone();
+                let _ = b.f_div_scalar_(size as f64);
+            }
+            staged.finish(&jctx)
+        });
+        Ok(self.submit(ctx, sig, job, blocking))
+    }
+
+    fn broadcast_impl(&self, t: &Tensor, root: usize, blocking: bool) -> Result<Work> {
+        let ctx = self.next_ctx(OpKind::Broadcast);
+        let dt = self.dtype_of(t, &ctx)?;
+        if root >= self.size {
+            return Err(Self::invalid(&ctx, format!("root {root} is not a rank of this group (size {})", self.size)));
+        }
+        let n = self.count(t.numel(), &ctx)?;
+        let is_root = root == self.rank;
+        let mut staged = self.stage(t, is_root);
+        if is_root {
+            staged.back = None;
+        }
+        let (raw, jctx) = (self.raw, ctx.clone());
+        let sig = Sig::new(OpKind::Broadcast, Some(dt), n as i64, root as i64);
+        let job: Job = Box::new(move || {
+            let rc = unsafe { ffi::MPI_Bcast(staged.ptr(), n, datatype(dt), root as c_int, raw.c()) };
+            ok(rc, &jctx, "MPI_Bcast")?;
+            staged.finish(&jctx)
+        });
+        Ok(self.submit(ctx, sig, job, blocking))
+    }
+
+    fn all_gather_impl(&self, output: &Tensor, input: &Tensor, blocking: bool) -> Result<Work> {
+        let ctx = self.next_ctx(OpKind::AllGather);
+        let dt = self.dtype_of(input, &ctx)?;
+        Self::same_device(&ctx, output, input)?;
+        if output.numel() != input.numel() * self.size {
+            return Err(Self::invalid(
+                &ctx,
+                format!(
+                    "output has {} elements but all_gather of {} elements over {} ranks needs {}",
+                    output.numel(),
+                    input.numel(),
+                    self.size,
+                    input.numel() * self.size
+                ),
+            ));
+        }
+        let n = self.count(input.numel(), &ctx)?;
+        let sig = Sig::new(OpKind::AllGather, Some(dt), n as i64, 0);
+        let plain = |t: &Tensor| t.device() == Device::Cpu && t.is_contiguous();
+        let (raw, jctx) = (self.raw, ctx.clone());
+        if plain(output) && plain(input) {
+            let (o, i) = (byte_range(output, dt), byte_range(input, dt));
+            let chunk = input.numel() * dt.size();
+            if i.0 == o.0 + self.rank * chunk {
+                let out = Staged { buf: output.shallow_clone(), back: None };
+                let job: Job = Box::new(move || {
+                    let rc = unsafe {
+                        ffi::MPI_Allgather(in_place(), 0, datatype(dt), out.ptr(), n, datatype(dt), raw.c())
+                    };
+                    ok(rc, &jctx, "MPI_Allgather")
+                });
+                return Ok(self.submit(ctx, sig, job, blocking));
+            }
+        }
+        // Out of place. An input that overlaps the output anywhere else is copied first.
+        let mut inp = self.stage_in(input);
+        let out = self.stage(output, false);
+        if overlaps(byte_range(&inp.buf, dt), byte_range(&out.buf, dt)) {
+            inp = Staged { buf: inp.buf.copy(), back: None };
+        }
+        let job: Job = Box::new(move || {
+            let rc = unsafe {
+                ffi::MPI_Allgather(inp.ptr(), n, datatype(dt), out.ptr(), n, datatype(dt), raw.c())
+            };
+            ok(rc, &jctx, "MPI_Allgather")?;
+            drop(inp);
+            out.finish(&jctx)
+        });
+        Ok(self.submit(ctx, sig, job, blocking))
+    }
+
+    fn reduce_scatter_impl(&self, output: &Tensor, input: &Tensor, op: ReduceOp, blocking: bool) -> Result<Work> {
+        let ctx = self.next_ctx(OpKind::ReduceScatter);
+        let dt = self.dtype_of(input, &ctx)?;
+        Self::same_device(&ctx, output, input)?;
+        self.check_reduce(&ctx, dt, op)?;
+        if input.numel() != output.numel() * self.size {
+            return Err(Self::invalid(
+                &ctx,
+                format!(
+                    "input has {} elements but reduce_scatter into {} elements over {} ranks needs {}",
+                    input.numel(),
+                    output.numel(),
+                    self.size,
+                    output.numel() * self.size
+                ),
+            ));
+        }
+        let n = self.count(output.numel(), &ctx)?;
+        let sig = Sig::new(OpKind::ReduceScatter, Some(dt), n as i64, op.code());
+        let inp = self.stage_in(input);
+        let mut out = self.stage(output, false);
+        if overlaps(byte_range(&inp.buf, dt), byte_range(&out.buf, dt)) {
+            // In place (output is a chunk of input): MPI forbids aliased buffers, so receive into
+            // a scratch tensor and copy.
+            out = Staged {
+                buf: Tensor::empty(output.size(), (output.kind(), Device::Cpu)),
+                back: Some(output.shallow_clone()),
+            };
+        }
+        let (raw, size, jctx) = (self.raw, self.size, ctx.clone());
+        let job: Job = Box::new(move || {
+            let rc = unsafe {
+                ffi::MPI_Reduce_scatter_block(inp.ptr(), out.ptr(), n, datatype(dt), reduction(dt, op), raw.c())
+            };
+            ok(rc, &jctx, "MPI_Reduce_scatter_block")?;
+            drop(inp);
+            if op == ReduceOp::Avg {
+                let mut b = out.buf.shallow_clone();
+                let _ = b.f_div_scalar_(size as f64);
+            }
+            out.finish(&jctx)
+        });
+        Ok(self.submit(ctx, sig, job, blocking))
+    }
+
+    fn barrier_impl(&self, blocking: bool) -> Result<Work> {
+        let ctx = self.next_ctx(OpKind::Barrier);
+        let (raw, jctx) = (self.raw, ctx.clone());
+        let job: Job = Box::new(move || ok(unsafe { ffi::MPI_Barrier(raw.c()) }, &jctx, "MPI_Barrier"));
+        Ok(self.submit(ctx, Sig::new(OpKind::Barrier, None, 0, 0), job, blocking))
+    }
+
+    fn p2p(&self, t: &Tensor, peer: usize, send: bool) -> Result<Work> {
+        let ctx = self.next_ctx(if send { OpKind::Send } else { OpKind::Recv });
+        let dt = self.dtype_of(t, &ctx)?;
+        if peer >= self.size || peer == self.rank {
+            return Err(Self::invalid(
+                &ctx,
+                format!("peer {peer} must be another rank of this group (ranks 0..{}, this is {})", self.size, self.rank),
+            ));
+        }
+        let n = self.count(t.numel(), &ctx)?;
+        let staged = if send { self.stage_in(t) } else { self.stage(t, false) };
+        let guard = watchdog::begin(ctx.to_string(), &self.id, ctx.seq, &self.members, Some(peer));
+        let mut req: ffi::MPI_Request = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            if send {
+                ffi::MPI_Isend(staged.ptr(), n, datatype(dt), peer as c_int, 0, self.raw.c(), &mut req)
+            } else {
+                ffi::MPI_Irecv(staged.ptr(), n, datatype(dt), peer as c_int, 0, self.raw.c(), &mut req)
+            }
+        };
+        ok(rc, &ctx, if send { "MPI_Isend" } else { "MPI_Irecv" })?;
+        Ok(Work::from_impl(P2pWork { req, staged: Some(staged), dt, n, ctx, _guard: guard, done: None }))
+    }
+
+    fn split_impl(&self, color: Option<u32>, key: u32, name: &str) -> Result<Option<Arc<dyn Communicator>>> {
+        let ctx = self.next_ctx(OpKind::Split);
+        let k = self.splits.fetch_add(1, Ordering::Relaxed);
+        let sig = Sig::new(OpKind::Split, None, 0, 0);
+        let out: Arc<Mutex<Option<MpiComm>>> = Arc::new(Mutex::new(None));
+        let (raw, jctx, slot) = (self.raw, ctx.clone(), out.clone());
+        let debug = self.check.is_some();
+        let parent_members = self.members.clone();
+        let (id, name, registry) = (self.id.clone(), name.to_string(), self.registry.clone());
+        let job: Job = Box::new(move || {
+            let mut nc: ffi::MPI_Comm = unsafe { std::mem::zeroed() };
+            let c = color.map(|c| c as c_int).unwrap_or(unsafe { ffi::RSMPI_UNDEFINED });
+            ok(unsafe { ffi::MPI_Comm_split(raw.c(), c, key as c_int, &mut nc) }, &jctx, "MPI_Comm_split")?;
+            if nc == unsafe { ffi::RSMPI_COMM_NULL } {
+                return Ok(());
+            }
+            let (mut r, mut s) = (0, 0);
+            unsafe {
+                ffi::MPI_Comm_rank(nc, &mut r);
+                ffi::MPI_Comm_size(nc, &mut s);
+            }
+            // World ranks of the members, by new rank.
+            let me = parent_members[jctx.rank] as i64;
+            let mut all = vec![0i64; s as usize];
+            let rc = unsafe {
+                ffi::MPI_Allgather(
+                    &me as *const i64 as *const c_void,
+                    1,
+                    ffi::RSMPI_INT64_T,
+                    all.as_mut_ptr() as *mut c_void,
+                    1,
+                    ffi::RSMPI_INT64_T,
+                    nc,
+                )
+            };
+            ok(rc, &jctx, "MPI_Allgather (split members)")?;
+            let members = Arc::new(all.into_iter().map(|x| x as usize).collect());
+            let cid = format!("{id}.{k}c{}", color.unwrap_or(0));
+            let comm = MpiComm::assemble(nc, debug, r as usize, s as usize, name, cid, members, registry)
+                .map_err(|detail| CommError::Backend { ctx: jctx.clone(), detail })?;
+            *slot.lock().unwrap() = Some(comm);
+            Ok(())
+        });
+        self.submit(ctx, sig, job, true).wait()?;
+        let comm = out.lock().unwrap().take();
+        Ok(comm.map(|c| Arc::new(c) as Arc<dyn Communicator>))
+    }
+}
+
+struct P2pWork {
+    req: ffi::MPI_Request,
+    staged: Option<Staged>,
+    dt: DType,
+    n: c_int,
+    ctx: OpContext,
+    _guard: watchdog::Guard,
+    done: Option<Result<()>>,
+}
+
+unsafe impl Send for P2pWork {}
+
+impl P2pWork {
+    fn complete(&mut self, status: &ffi::MPI_Status) -> Result<()> {
+        if self.ctx.op == OpKind::Recv {
+            let mut got: c_int = 0;
+            unsafe { ffi::MPI_Get_count(status, datatype(self.dt), &mut got) };
+            if got != self.n {
+                return Err(CommError::InvalidArgument {
+                    ctx: self.ctx.clone(),
+                    what: format!("received {got} elements into a tensor of {}; send and recv sizes must match", self.n),
+                });
+            }
+        }
+        match self.staged.take() {
+            Some(s) => s.finish(&self.ctx),
+            None => Ok(()),
+        }
+    }
+}
+
+impl WorkImpl for P2pWork {
+    fn wait(&mut self) -> Result<()> {
+        if let Some(r) = self.done.take() {
+            self.done = Some(Ok(()));
+            return r;
+        }
+        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        let rc = unsafe { ffi::MPI_Wait(&mut self.req, &mut status) };
+        let r = ok(rc, &self.ctx, "MPI_Wait").and_then(|_| self.complete(&status));
+        self.done = Some(Ok(()));
+        r
+    }
+    fn is_completed(&mut self) -> bool {
+        if self.done.is_some() {
+            return true;
+        }
+        let mut flag: c_int = 0;
+        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        let rc = unsafe { ffi::MPI_Test(&mut self.req, &mut flag, &mut status) };
+        if rc != 0 {
+            self.done = Some(ok(rc, &self.ctx, "MPI_Test"));
+            return true;
+        }
+        if flag != 0 {
+            let r = self.complete(&status);
+            self.done = Some(r);
+        }
+        flag != 0
+    }
+}
+
+impl Drop for P2pWork {
+    fn drop(&mut self) {
+        // The buffers must outlive the transfer.
+        if self.done.is_none() {
+            let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+            unsafe { ffi::MPI_Wait(&mut self.req, &mut status) };
+            let _ = self.complete(&status);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Debug mode: every rank checks that the group agrees on the collective before running it.
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sig {
+    op: OpKind,
+    dtype: Option<DType>,
+    numel: i64,
+    /// Reduction code, or root.
+    extra: i64,
+    seq: u64,
+}
+
+impl Sig {
+    pub(crate) fn new(op: OpKind, dtype: Option<DType>, numel: i64, extra: i64) -> Sig {
+        Sig { op, dtype, numel, extra, seq: 0 }
+    }
+    fn encode(&self) -> [i64; 5] {
+        [self.op.code(), self.dtype.map(|d| d.code()).unwrap_or(0), self.numel, self.extra, self.seq as i64]
+    }
+    fn decode(v: &[i64]) -> String {
+        let Some(op) = OpKind::from_code(v[0]) else { return format!("an unknown operation {v:?}") };
+        let s = Sig { op, dtype: DType::from_code(v[1]), numel: v[2], extra: v[3], seq: v[4] as u64 };
+        format!("{} #{}", s.describe(), s.seq)
+    }
+    pub(crate) fn describe(&self) -> String {
+        let dt = self.dtype.map(|d| d.name()).unwrap_or("?");
+        match self.op {
+            OpKind::AllReduce | OpKind::ReduceScatter => {
+                let op = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min]
+                    .into_iter()
+                    .find(|o| o.code() == self.extra)
+                    .map(|o| o.name())
+                    .unwrap_or("?");
+                format!("{}({dt}, {} elements, {op})", self.op, self.numel)
+            }
+            OpKind::Broadcast => format!("{}({dt}, {} elements, root {})", self.op, self.numel, self.extra),
+            OpKind::AllGather => format!("{}({dt}, {} elements per rank)", self.op, self.numel),
+            _ => format!("{}()", self.op),
+        }
+    }
+}
+
+fn debug_check(check: RawComm, size: usize, sig: &Sig, ctx: &OpContext) -> Result<()> {
+    let mut s = *sig;
+    s.seq = ctx.seq;
+    let mine = s.encode();
+    let mut all = vec![0i64; 5 * size];
+    let rc = unsafe {
+        ffi::MPI_Allgather(
+            mine.as_ptr() as *const c_void,
+            5,
+            ffi::RSMPI_INT64_T,
+            all.as_mut_ptr() as *mut c_void,
+            5,
+            ffi::RSMPI_INT64_T,
+            check.0,
+        )
+    };
+    ok(rc, ctx, "MPI_Allgather (debug check)")?;
+    if all.chunks(5).all(|c| c == mine) {
+        return Ok(());
+    }
+    // Group the ranks by what they called.
+    let mut groups: Vec<(Vec<usize>, &[i64])> = Vec::new();
+    for (r, c) in all.chunks(5).enumerate() {
+        match groups.iter_mut().find(|(_, g)| *g == c) {
+            Some((ranks, _)) => ranks.push(r),
+            None => groups.push((vec![r], c)),
+        }
+    }
+    let detail = groups
+        .iter()
+        .map(|(ranks, c)| {
+            let who = if ranks.len() == 1 { format!("rank {}", ranks[0]) } else { format!("ranks {ranks:?}") };
+            format!("{who} called {}", Sig::decode(c))
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(CommError::Mismatch { ctx: ctx.clone(), detail })
+}
+
+impl Communicator for MpiComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn backend(&self) -> Backend {
+        Backend::Mpi
+    }
+    fn members(&self) -> &[usize] {
+        &self.members
+    }
+    fn all_reduce_async(&self, t: &Tensor, op: ReduceOp) -> Result<Work> {
+        self.all_reduce_impl(t, op, false)
+    }
+    fn broadcast_async(&self, t: &Tensor, root: usize) -> Result<Work> {
+        self.broadcast_impl(t, root, false)
+    }
+    fn all_gather_async(&self, output: &Tensor, input: &Tensor) -> Result<Work> {
+        self.all_gather_impl(output, input, false)
+    }
+    fn reduce_scatter_async(&self, output: &Tensor, input: &Tensor, op: ReduceOp) -> Result<Work> {
+        self.reduce_scatter_impl(output, input, op, false)
+    }
+    fn send_async(&self, t: &Tensor, dst: usize) -> Result<Work> {
+        self.p2p(t, dst, true)
+    }
+    fn recv_async(&self, t: &Tensor, src: usize) -> Result<Work> {
+        self.p2p(t, src, false)
+    }
+    fn barrier_async(&self) -> Result<Work> {
+        self.barrier_impl(false)
+    }
+    fn split(&self, color: Option<u32>, key: u32, name: &str) -> Result<Option<Arc<dyn Communicator>>> {
+        self.split_impl(color, key, name)
+    }
+    fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
+        self.all_reduce_impl(t, op, true)?.wait()
+    }
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
+        self.broadcast_impl(t, root, true)?.wait()
+    }
+    fn all_gather(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+        self.all_gather_impl(output, input, true)?.wait()
+    }
+    fn reduce_scatter(&self, output: &Tensor, input: &Tensor, op: ReduceOp) -> Result<()> {
+        self.reduce_scatter_impl(output, input, op, true)?.wait()
+    }
+    fn barrier(&self) -> Result<()> {
+        self.barrier_impl(true)?.wait()
+    }
+}

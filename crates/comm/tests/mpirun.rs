@@ -1,0 +1,148 @@
+//! The communicator under a real `mpirun` (Open MPI), 2 to 4 ranks on this machine's cores
+//! (`--oversubscribe`). The scenarios live in `src/bin/comm_selftest.rs`.
+
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One mpirun at a time: the machine has 2 cores and every job oversubscribes them.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["-np", &np.to_string(), "--oversubscribe", "--tag-output"])
+        .arg(env!("CARGO_BIN_EXE_comm_selftest"))
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_plm", "isolated")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let t = Instant::now();
+    let out = cmd.output().expect("mpirun is installed (scripts/setup.sh installs openmpi-bin)");
+    (out, t.elapsed())
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Lines that rank `r` wrote (mpirun --tag-output prefixes them with `[1,r]<stream>:`).
+fn lines_of(all: &str, r: usize) -> Vec<String> {
+    let tag = format!("[1,{r}]<");
+    all.lines().filter(|l| l.contains(&tag)).map(|l| l.to_string()).collect()
+}
+
+fn ops(np: usize) {
+    let (out, _) = mpirun(np, &["ops"], &[]);
+    let all = text(&out);
+    assert!(out.status.success(), "np={np} failed:\n{all}");
+    for r in 0..np {
+        assert!(lines_of(&all, r).iter().any(|l| l.ends_with(&format!("OK ops rank {r}"))), "rank {r} did not finish:\n{all}");
+    }
+}
+
+#[test]
+fn every_op_two_ranks() {
+    ops(2);
+}
+
+#[test]
+fn every_op_three_ranks() {
+    ops(3);
+}
+
+#[test]
+fn every_op_four_ranks() {
+    ops(4);
+}
+
+#[test]
+fn every_op_without_a_launcher() {
+    let out = Command::new(env!("CARGO_BIN_EXE_comm_selftest")).arg("ops").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("OK ops rank 0"));
+}
+
+#[test]
+fn watchdog_ends_a_job_with_a_missing_rank() {
+    // Rank 2 skips all_reduce #2 and sleeps 120 s; ranks 0 and 1 wait in it.
+    let (out, took) = mpirun(3, &["watchdog"], &[("FABBRICA_COMM_TIMEOUT", "2")]);
+    let all = text(&out);
+    assert!(!out.status.success(), "the job must fail:\n{all}");
+    // Not a speed assertion: proof that the job did not wait for the sleeping rank (120 s).
+    assert!(took < Duration::from_secs(60), "the job took {took:?}:\n{all}");
+    for r in 0..3 {
+        let mine = lines_of(&all, r);
+        assert!(
+            mine.iter().any(|l| l.contains("error:")
+                && l.contains("all_reduce #2 on group 'world'")
+                && l.contains("did not complete within 2.0s")
+                && l.contains("ranks [2] did not arrive")),
+            "rank {r} did not report the hang:\n{all}"
+        );
+    }
+    assert!(!all.contains("should have ended the job"), "{all}");
+}
+
+#[test]
+fn debug_mode_reports_mismatched_sizes() {
+    let (out, _) = mpirun(3, &["mismatch-size"], &[("FABBRICA_COMM_DEBUG", "1")]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    for r in 0..3 {
+        assert!(
+            lines_of(&all, r).iter().any(|l| l.contains(&format!("MISMATCH rank {r}"))
+                && l.contains("ranks [0, 2] called all_reduce(f32, 1000 elements, sum) #2")
+                && l.contains("rank 1 called all_reduce(f32, 999 elements, sum) #2")),
+            "rank {r}:\n{all}"
+        );
+    }
+}
+
+#[test]
+fn debug_mode_reports_mismatched_operations() {
+    let (out, _) = mpirun(3, &["mismatch-op"], &[("FABBRICA_COMM_DEBUG", "1")]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    for r in 0..3 {
+        assert!(
+            lines_of(&all, r).iter().any(|l| l.contains(&format!("MISMATCH rank {r}"))
+                && l.contains("rank 0 called broadcast(f32, 1000 elements, root 0) #2")
+                && l.contains("ranks [1, 2] called all_reduce(f32, 1000 elements, max) #2")),
+            "rank {r}:\n{all}"
+        );
+    }
+}
+
+#[test]
+fn bad_environment_is_one_line() {
+    let (out, _) = mpirun(2, &["ops"], &[("FABBRICA_COMM_TIMEOUT", "soon")]);
+    let all = text(&out);
+    assert!(!out.status.success());
+    assert!(all.contains("error: FABBRICA_COMM_TIMEOUT='soon' is not a positive number of seconds"), "{all}");
+    assert!(!all.contains("panicked"), "{all}");
+}
+
+/// CUDA tensors: NCCL at world size 1, and MPI with host staging at 2 ranks on one GPU (NCCL
+/// refuses two ranks on one GPU). Skipped, and logged as skipped, without a GPU.
+#[test]
+fn cuda_tensors_when_a_gpu_is_visible() {
+    if !tch::Cuda::is_available() {
+        println!("SKIPPED: no CUDA device");
+        if let Ok(log) = std::env::var("FABBRICA_SKIP_LOG") {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+                let _ = writeln!(f, "comm::mpirun cuda_tensors_when_a_gpu_is_visible: no CUDA device");
+            }
+        }
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_comm_selftest")).args(["ops", "cuda"]).output().unwrap();
+    assert!(out.status.success(), "NCCL world of one:\n{}", text(&out));
+    let (out, _) = mpirun(2, &["ops", "cuda-mpi"], &[]);
+    assert!(out.status.success(), "MPI host staging:\n{}", text(&out));
+}
