@@ -6,6 +6,7 @@ use std::path::PathBuf;
 fn main() {
     torch_link::emit();
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/hooks.cpp");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").unwrap());
     // torch/lib -> torch/include (pip wheel layout; also the layout of an unpacked libtorch zip).
     let include = lib.parent().expect("libtorch lib dir has a parent").join("include");
@@ -19,6 +20,7 @@ fn main() {
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .file("csrc/shim.cpp")
+        .file("csrc/hooks.cpp")
         .compile("fabbrica_torch_ext");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");

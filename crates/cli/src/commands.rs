@@ -61,13 +61,39 @@ pub struct TrainArgs {
     pub dry_run: bool,
 }
 
+/// Under a launcher every rank resolves the same arguments and would print the same error: only
+/// rank 0 says it (the message is blanked elsewhere; the exit code stays).
+fn once(f: Failure) -> Failure {
+    match fabbrica_comm::launch::detect() {
+        Ok(env) if env.rank != 0 => Failure { message: String::new(), ..f },
+        _ => f,
+    }
+}
+
 pub fn train(a: TrainArgs) -> Result<()> {
-    let cfg = a.cfg.resolve()?;
+    let cfg = a.cfg.resolve().map_err(|e| once(e.into()))?;
     if a.dry_run {
         dry_run(&cfg);
         return Ok(());
     }
-    let out = fabbrica_train::train(&cfg, &TrainOptions { progress: true })?;
+    let opts = fabbrica_train::comm_options(&cfg).map_err(|e| once(e.into()))?;
+    let world = fabbrica_comm::init(opts).map_err(|e| once(Failure { message: e.to_string(), user: true }))?;
+    let (rank, size) = (world.rank(), world.size());
+    let out = match fabbrica_train::train_in(&world, &cfg, &TrainOptions { progress: true }) {
+        Ok(out) => out,
+        Err(e) if size > 1 => {
+            // Other ranks may be waiting in a collective for this one: finalising MPI would wait
+            // for them too. Leaving without it makes the launcher end the job.
+            std::mem::forget(world);
+            let f: Failure = e.into();
+            return Err(Failure { message: format!("rank {rank}: {}", f.message), ..f });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    drop(world);
+    if rank != 0 {
+        return Ok(());
+    }
     println!("finished {} steps: train loss {:.4}, val loss {:.4}", out.steps, out.train_loss, out.val_loss);
     println!("checkpoint: {}", out.checkpoint.display());
     println!("metrics: {}", out.out_dir.join("metrics.jsonl").display());
@@ -192,6 +218,8 @@ pub fn sample(a: SampleArgs) -> Result<()> {
 pub enum BenchCommand {
     /// Training-step throughput (tokens/s, step time, MFU) on synthetic tokens.
     Train(BenchTrainArgs),
+    /// Collective bandwidth (nccl-tests style) beside a raw MPI baseline; run under mpirun -np N.
+    Collectives(crate::bench_collectives::CollectivesArgs),
 }
 
 #[derive(Args)]
@@ -216,7 +244,10 @@ pub struct BenchTrainArgs {
 }
 
 pub fn bench(b: BenchCommand) -> Result<()> {
-    let BenchCommand::Train(a) = b;
+    let a = match b {
+        BenchCommand::Train(a) => a,
+        BenchCommand::Collectives(c) => return crate::bench_collectives::run(c),
+    };
     let mut sets = a.cfg.sets.clone();
     if let Some(bs) = a.batch {
         sets.push(format!("train.batch_size={bs}"));

@@ -3,6 +3,7 @@
 //! Errors caused by input (config, data, checkpoints) print one line and exit with code 2;
 //! other failures exit with code 1.
 
+mod bench_collectives;
 mod commands;
 
 use std::process::ExitCode;
@@ -40,7 +41,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", e.message);
+            if !e.message.is_empty() {
+                eprintln!("error: {}", e.message);
+            }
             ExitCode::from(if e.user { 2 } else { 1 })
         }
     }

@@ -191,7 +191,9 @@ impl Staged {
     /// Writes the result back into the caller's tensor (non-contiguous or device tensors).
     fn finish(self, ctx: &OpContext) -> Result<()> {
         if let Some(mut back) = self.back {
-            back.f_copy_(&self.buf).map_err(|e| CommError::Backend {
+            // no_grad is per thread and this may run on the worker: the destination can be a
+            // parameter (a leaf that requires grad), which refuses in-place writes under grad mode.
+            tch::no_grad(|| back.f_copy_(&self.buf)).map_err(|e| CommError::Backend {
                 ctx: ctx.clone(),
                 detail: format!("copying the result back into the tensor failed: {e}"),
             })?;
@@ -690,17 +692,17 @@ pub(crate) struct Sig {
     numel: i64,
     /// Reduction code, or root.
     extra: i64,
-    seq: u64,
+    pub(crate) seq: u64,
 }
 
 impl Sig {
     pub(crate) fn new(op: OpKind, dtype: Option<DType>, numel: i64, extra: i64) -> Sig {
         Sig { op, dtype, numel, extra, seq: 0 }
     }
-    fn encode(&self) -> [i64; 5] {
+    pub(crate) fn encode(&self) -> [i64; 5] {
         [self.op.code(), self.dtype.map(|d| d.code()).unwrap_or(0), self.numel, self.extra, self.seq as i64]
     }
-    fn decode(v: &[i64]) -> String {
+    pub(crate) fn decode(v: &[i64]) -> String {
         let Some(op) = OpKind::from_code(v[0]) else { return format!("an unknown operation {v:?}") };
         let s = Sig { op, dtype: DType::from_code(v[1]), numel: v[2], extra: v[3], seq: v[4] as u64 };
         format!("{} #{}", s.describe(), s.seq)

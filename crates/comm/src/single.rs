@@ -55,7 +55,7 @@ impl SingleComm {
         }
         if output.data_ptr() != input.data_ptr() || output.stride() != input.stride() {
             let mut o = output.shallow_clone();
-            o.f_copy_(&input.reshape(output.size()))
+            tch::no_grad(|| o.f_copy_(&input.reshape(output.size())))
                 .map_err(|e| CommError::Backend { ctx: ctx.clone(), detail: e.to_string() })?;
         }
         Ok(Work::done(Ok(())))

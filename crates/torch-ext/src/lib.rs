@@ -1,4 +1,7 @@
 //! Safe wrappers over `csrc/shim.cpp`: libtorch functions that tch 0.24 does not bind.
+//! [`hooks`] wraps `csrc/hooks.cpp`: autograd gradient-ready hooks and `.grad` as a bucket view.
+
+pub mod hooks;
 
 use std::ffi::{c_char, c_int, CStr};
 use tch::Tensor;

@@ -18,6 +18,54 @@ pub struct Config {
     pub data: DataConfig,
     pub train: TrainConfig,
     pub run: RunConfig,
+    /// Absent in checkpoints written before data parallelism existed: defaults then.
+    #[serde(default)]
+    pub parallel: ParallelConfig,
+    #[serde(default)]
+    pub comm: CommConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// Data-parallel ranks; 0 = the world size divided by `pp`.
+    pub dp: usize,
+    /// Pipeline stages (1: pipeline parallelism is not implemented yet).
+    pub pp: usize,
+    /// Gradient bucket size cap in MiB (PyTorch DDP's default is 25).
+    pub bucket_mb: f64,
+    /// Dtype gradients travel in: `fp32` (the gradients' own) or `bf16` (half the bytes).
+    pub reduce_dtype: String,
+    /// 0: every rank holds the whole optimizer state; 1: ZeRO-1, state sharded across dp ranks.
+    pub zero: u8,
+    /// All-reduce each bucket as soon as backward has produced its gradients.
+    pub overlap: bool,
+    /// Benchmarking only: `false` skips gradient communication (ranks then diverge), to measure
+    /// what communication costs at the same per-rank work.
+    pub grad_comm: bool,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig { dp: 0, pp: 1, bucket_mb: 25.0, reduce_dtype: "fp32".into(), zero: 0, overlap: true, grad_comm: true }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommConfig {
+    /// `auto` (NCCL for CUDA tensors when it loads, MPI otherwise), `mpi` or `nccl`.
+    pub backend: String,
+    /// A collective running longer than this ends the job with a report (env FABBRICA_COMM_TIMEOUT wins).
+    pub timeout_s: f64,
+    /// Check before each collective that all ranks call the same one (env FABBRICA_COMM_DEBUG wins).
+    pub debug: bool,
+}
+
+impl Default for CommConfig {
+    fn default() -> Self {
+        CommConfig { backend: "auto".into(), timeout_s: 600.0, debug: false }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,7 +188,14 @@ impl Config {
             name: name.to_string(),
             valid: PRESET_NAMES.join(", "),
         })?;
-        let mut c = Config { model, data: DataConfig::default(), train: TrainConfig::default(), run: RunConfig::default() };
+        let mut c = Config {
+            model,
+            data: DataConfig::default(),
+            train: TrainConfig::default(),
+            run: RunConfig::default(),
+            parallel: ParallelConfig::default(),
+            comm: CommConfig::default(),
+        };
         if name != "tiny" {
             // GPT-2 recipes (nanoGPT's train_gpt2 defaults): BPE tokens, 6e-4 peak, 0.95 beta2.
             c.data.tokenizer = "gpt2".into();
@@ -260,6 +315,25 @@ impl Config {
         }
         if self.run.out_dir.as_os_str().is_empty() {
             return invalid("run.out_dir", &"\"\"", "must name a directory");
+        }
+        let p = &self.parallel;
+        if p.pp != 1 {
+            return invalid("parallel.pp", &p.pp, "pipeline parallelism is not available yet: use parallel.pp=1");
+        }
+        if !(p.bucket_mb.is_finite() && p.bucket_mb > 0.0) {
+            return invalid("parallel.bucket_mb", &p.bucket_mb, "must be a positive number of MiB (PyTorch's default is 25)");
+        }
+        if !matches!(p.reduce_dtype.as_str(), "fp32" | "bf16") {
+            return invalid("parallel.reduce_dtype", &p.reduce_dtype, "use `fp32` or `bf16`");
+        }
+        if p.zero > 1 {
+            return invalid("parallel.zero", &p.zero, "use 0 (off) or 1 (ZeRO-1: optimizer state sharded)");
+        }
+        if !matches!(self.comm.backend.as_str(), "auto" | "mpi" | "nccl") {
+            return invalid("comm.backend", &self.comm.backend, "use `auto`, `mpi` or `nccl`");
+        }
+        if !(self.comm.timeout_s.is_finite() && self.comm.timeout_s > 0.0) {
+            return invalid("comm.timeout_s", &self.comm.timeout_s, "must be a positive number of seconds");
         }
         Ok(())
     }

@@ -43,12 +43,18 @@ pub enum TrainError {
     Io { path: PathBuf, why: String },
     #[error("libtorch: {0}")]
     Torch(String),
+    /// A data-parallel layout that does not fit the world (`parallel.*`).
+    #[error("{0}")]
+    Parallel(String),
+    /// Communication failed (a collective's error names rank, operation, group and backend).
+    #[error("{0}")]
+    Comm(String),
 }
 
 impl TrainError {
     /// True when the user can fix it by changing input (exit code 2).
     pub fn is_user_error(&self) -> bool {
-        !matches!(self, TrainError::Torch(_) | TrainError::Io { .. })
+        !matches!(self, TrainError::Torch(_) | TrainError::Io { .. } | TrainError::Comm(_))
             && !matches!(self, TrainError::Model(fabbrica_models::ModelError::Torch(_)))
     }
 }

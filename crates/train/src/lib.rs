@@ -14,4 +14,4 @@ pub mod trainer;
 
 pub use config::Config;
 pub use error::{ConfigError, TrainError};
-pub use trainer::{train, TrainOptions, TrainOutcome};
+pub use trainer::{comm_options, train, train_in, TrainOptions, TrainOutcome};

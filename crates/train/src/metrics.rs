@@ -35,6 +35,18 @@ pub struct Record {
     pub train_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub val_loss: Option<f64>,
+    /// Data-parallel runs: per-rank time per step over the log window.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub stragglers: Option<Stragglers>,
+}
+
+/// Straggler report: each rank's compute time and time blocked on gradient communication per
+/// step (ms), and the rank with the most compute (the one the others wait for).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stragglers {
+    pub slowest_rank: usize,
+    pub compute_ms: Vec<f64>,
+    pub comm_wait_ms: Vec<f64>,
 }
 
 pub struct MetricsLog {

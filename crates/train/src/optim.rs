@@ -28,6 +28,18 @@ struct Slot {
     /// float32 scalar on the parameter's device (the fused kernel increments it).
     step: Tensor,
     decay: bool,
+    /// A gradient given explicitly (ZeRO-1 shard pieces, which have no `.grad` of their own);
+    /// otherwise the parameter's `.grad`.
+    grad: Option<Tensor>,
+}
+
+impl Slot {
+    fn grad(&self) -> Tensor {
+        match &self.grad {
+            Some(g) => g.shallow_clone(),
+            None => self.param.grad(),
+        }
+    }
 }
 
 pub struct AdamW {
@@ -53,9 +65,38 @@ impl AdamW {
                 exp_avg_sq: p.zeros_like().detach(),
                 step: Tensor::zeros([], (Kind::Float, p.device())),
                 decay: decays(p),
+                grad: None,
             })
             .collect();
         AdamW { cfg, slots, steps_taken: 0 }
+    }
+
+    /// From what the data-parallel reducer hands out: whole parameters, or ZeRO-1 shard pieces
+    /// with explicit gradients and moments the reducer owns.
+    pub fn from_parts(parts: Vec<fabbrica_ddp::OptParam>, cfg: AdamWConfig) -> Self {
+        let slots = parts
+            .into_iter()
+            .map(|o| Slot {
+                exp_avg: o.exp_avg.unwrap_or_else(|| o.param.zeros_like().detach()),
+                exp_avg_sq: o.exp_avg_sq.unwrap_or_else(|| o.param.zeros_like().detach()),
+                step: Tensor::zeros([], (Kind::Float, o.param.device())),
+                name: o.name,
+                decay: o.decay,
+                grad: Some(o.grad),
+                param: o.param,
+            })
+            .collect();
+        AdamW { cfg, slots, steps_taken: 0 }
+    }
+
+    /// Sets the step count of every slot (ZeRO-1 resume, where the moments come from elsewhere).
+    pub fn set_steps(&mut self, steps: u64) {
+        tch::no_grad(|| {
+            for s in &self.slots {
+                let _ = s.step.shallow_clone().fill_(steps as f64);
+            }
+        });
+        self.steps_taken = steps;
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -71,7 +112,7 @@ impl AdamW {
     fn step_reference(&mut self, lr: f64) -> Result<(), String> {
         let c = self.cfg;
         for s in &mut self.slots {
-            let grad = s.param.grad();
+            let grad = s.grad();
             if !grad.defined() {
                 continue;
             }
@@ -94,7 +135,10 @@ impl AdamW {
     fn step_fused(&mut self, lr: f64) -> Result<(), String> {
         let c = self.cfg;
         for decay in [true, false] {
-            let group: Vec<&Slot> = self.slots.iter().filter(|s| s.decay == decay && s.param.grad().defined()).collect();
+            let group: Vec<&Slot> = self.slots.iter().filter(|s| s.decay == decay && s.grad().defined()).collect();
+            if group.is_empty() {
+                continue; // e.g. a ZeRO-1 shard holding no bias or LayerNorm piece
+            }
             // As torch.optim.AdamW(fused=True) does: the kernel reads the step, the caller bumps it.
             for s in &group {
                 let _ = s.step.shallow_clone().g_add_scalar_(1.0);
@@ -109,7 +153,7 @@ impl AdamW {
             };
             fused_adamw(
                 &list(|s| s.param.shallow_clone()),
-                &list(|s| s.param.grad()),
+                &list(|s| s.grad()),
                 &list(|s| s.exp_avg.shallow_clone()),
                 &list(|s| s.exp_avg_sq.shallow_clone()),
                 &list(|s| s.step.shallow_clone()),

@@ -6,7 +6,12 @@
 //! the checkpoint of step k therefore draws exactly what the uninterrupted run drew.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fabbrica_comm::{BackendChoice, Communicator, InitOptions, LaunchEnv, ReduceOp, World};
+use fabbrica_ddp::{Ddp, DdpOptions};
+use fabbrica_topology::ParallelDims;
 
 use fabbrica_data::{Dataset, Meta, Sampler, Split, TokenizerKind};
 use fabbrica_models::{flops_per_token, Gpt};
@@ -16,8 +21,8 @@ use crate::checkpoint::{self, CheckpointState, FORMAT_VERSION};
 use crate::config::Config;
 use crate::device::{gpu_name, peak_flops_for, peak_memory_bytes, resolve_bf16, resolve_device};
 use crate::error::{io_err, TrainError};
-use crate::metrics::{MetricsLog, Progress, Record};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::metrics::{MetricsLog, Progress, Record, Stragglers};
+use crate::optim::{AdamW, AdamWConfig};
 use crate::sample::sample_text;
 use crate::schedule::CosineSchedule;
 
@@ -51,9 +56,14 @@ pub struct Setup {
 
 /// Loads data and builds the model: every input error surfaces here, before any step.
 pub fn setup(cfg: &Config) -> Result<Setup, TrainError> {
+    setup_on(cfg, 0)
+}
+
+/// As [`setup`], on CUDA device `cuda_ordinal` when the run uses a GPU (each rank its local one).
+pub fn setup_on(cfg: &Config, cuda_ordinal: usize) -> Result<Setup, TrainError> {
     let mut cfg = cfg.clone();
     cfg.validate()?;
-    let device = resolve_device(&cfg.run.device, 0)?;
+    let device = resolve_device(&cfg.run.device, cuda_ordinal)?;
     let bf16 = resolve_bf16(&cfg.train.dtype, device)?;
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);
@@ -89,68 +99,139 @@ fn to_tensor(v: Vec<i64>, b: usize, t: usize, device: Device) -> Tensor {
 
 /// Mean loss over `iters` fixed batches of `split`.
 pub fn evaluate(s: &Setup, sampler: &Sampler, split: Split, iters: u64) -> f64 {
+    eval_sum(s, sampler, split, iters, 0, 1) / iters as f64
+}
+
+/// Sum of the losses of the batches `k < iters` with `k % ranks == rank`.
+fn eval_sum(s: &Setup, sampler: &Sampler, split: Split, iters: u64, rank: usize, ranks: usize) -> f64 {
     let (b, t) = (s.cfg.train.batch_size, s.cfg.model.block_size);
     let src = s.data.source(split);
     tch::no_grad(|| {
         let mut sum = 0.0;
-        for k in 0..iters {
+        for k in (rank as u64..iters).step_by(ranks) {
             let (x, y) = sampler.batch(src, split, EVAL_STEP, k * b as u64, b, t);
             let (x, y) = (to_tensor(x, b, t, s.device), to_tensor(y, b, t, s.device));
             let loss = tch::autocast(s.bf16, || Gpt::loss(&s.model.forward(&x, false), &y));
             sum += loss.double_value(&[]);
         }
-        sum / iters as f64
+        sum
     })
 }
 
-/// One optimizer step's forward/backward over `grad_accum` micro-batches (sample indices
-/// `first_sample + m·batch_size`). Leaves the mean loss's gradients in `.grad` and returns that
-/// loss as a device scalar (not synchronised).
-pub fn accumulate_grads(s: &Setup, sampler: &Sampler, step: u64, first_sample: u64, grad_accum: usize) -> Tensor {
+/// Evaluation with the batches spread over the data-parallel ranks: the same value as
+/// [`evaluate`] on one rank (up to the order of a floating-point sum).
+fn evaluate_dp(s: &Setup, sampler: &Sampler, split: Split, iters: u64, comm: &dyn Communicator) -> Result<f64, TrainError> {
+    let local = eval_sum(s, sampler, split, iters, comm.rank(), comm.size());
+    // f32 on the wire (communicators move f32, bf16, f16 and i64): about 7 significant digits.
+    let t = Tensor::from_slice(&[local as f32]);
+    comm.all_reduce(&t, ReduceOp::Sum).map_err(comm_err)?;
+    Ok(t.double_value(&[0]) / iters as f64)
+}
+
+fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
+    TrainError::Comm(e.to_string())
+}
+
+fn ddp_err(e: fabbrica_ddp::DdpError) -> TrainError {
+    TrainError::Comm(e.to_string())
+}
+
+/// One optimizer step's forward/backward over `grad_accum` micro-batches: global micro-batches
+/// `first_micro + m` (sample indices from `(first_micro + m)·batch_size`, libtorch's RNG — dropout —
+/// reseeded from (seed, step, global micro-batch)), so N data-parallel ranks with accumulation
+/// `a` compute exactly what one rank with accumulation `N·a` does. `ddp`, when given, is told which
+/// micro-step is the last (the only one that communicates). Leaves the gradients of the mean loss
+/// over this rank's micro-batches in `.grad` and returns that loss as a device scalar.
+pub fn accumulate_grads(s: &Setup, sampler: &Sampler, step: u64, first_micro: usize, grad_accum: usize, ddp: Option<&Ddp>) -> Tensor {
     let (b, t) = (s.cfg.train.batch_size, s.cfg.model.block_size);
     let mut loss_sum = Tensor::zeros([], (Kind::Float, s.device));
     for m in 0..grad_accum {
-        let (x, y) = sampler.batch(&s.data.train, Split::Train, step, first_sample + (m * b) as u64, b, t);
+        let micro = (first_micro + m) as u64;
+        tch::manual_seed(mix(mix(s.cfg.run.seed, step) as u64, micro));
+        let (x, y) = sampler.batch(&s.data.train, Split::Train, step, micro * b as u64, b, t);
         let (x, y) = (to_tensor(x, b, t, s.device), to_tensor(y, b, t, s.device));
         let loss = tch::autocast(s.bf16, || Gpt::loss(&s.model.forward(&x, true), &y));
+        if let Some(d) = ddp {
+            d.begin_micro_step(m + 1 == grad_accum);
+        }
         (&loss / grad_accum as f64).backward();
         loss_sum += loss.detach();
     }
     loss_sum / grad_accum as f64
 }
 
+/// Trains in this process alone (a world of one, no launcher).
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainError> {
-    let s = setup(cfg)?;
+    let world = fabbrica_comm::init_with(LaunchEnv::single(), comm_options(cfg)?).map_err(comm_err)?;
+    train_in(&world, cfg, opts)
+}
+
+/// The communicator settings of `cfg` (`comm.*`), with the environment's overrides.
+pub fn comm_options(cfg: &Config) -> Result<InitOptions, TrainError> {
+    let backend = BackendChoice::parse(&cfg.comm.backend).unwrap_or(BackendChoice::Auto);
+    InitOptions { timeout: Duration::from_secs_f64(cfg.comm.timeout_s), debug: cfg.comm.debug, backend }
+        .with_env()
+        .map_err(|e| TrainError::Comm(e.to_string()))
+}
+
+/// Trains on every rank of `world` with data parallelism over all of them (`parallel.dp`).
+pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainError> {
+    let comm: Arc<dyn Communicator> = world.comm();
+    let (rank, nranks) = (comm.rank(), comm.size());
+    let dims = ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, 1, nranks).map_err(|e| TrainError::Parallel(e.to_string()))?;
+    let dp = dims.dp;
+    let rank0 = rank == 0;
+    let s = setup_on(cfg, world.launch().local_rank)?;
     let cfg = &s.cfg;
     let out = cfg.run.out_dir.clone();
-    std::fs::create_dir_all(&out).map_err(|e| {
-        TrainError::Checkpoint(format!("cannot use run.out_dir = {} ({e}): set run.out_dir to a writable directory", out.display()))
-    })?;
+    if rank0 {
+        std::fs::create_dir_all(&out).map_err(|e| {
+            TrainError::Checkpoint(format!("cannot use run.out_dir = {} ({e}): set run.out_dir to a writable directory", out.display()))
+        })?;
+    }
 
-    let fused = cfg.fused_adamw();
     let params: Vec<(String, Tensor)> = s.model.parameter_handles();
-    let mut opt = AdamW::new(
-        &params,
-        AdamWConfig { beta1: cfg.train.beta1, beta2: cfg.train.beta2, eps: cfg.train.eps, weight_decay: cfg.train.weight_decay, fused },
-    );
+    let ddp_opts = DdpOptions {
+        bucket_mb: cfg.parallel.bucket_mb,
+        first_bucket_mb: cfg.parallel.bucket_mb.min(1.0),
+        reduce_bf16: cfg.parallel.reduce_dtype == "bf16",
+        overlap: cfg.parallel.overlap,
+        zero1: cfg.parallel.zero == 1,
+        grad_comm: cfg.parallel.grad_comm,
+        check_params: comm_options(cfg)?.debug,
+    };
+    let ddp = Ddp::apply(&params, comm.clone(), ddp_opts).map_err(ddp_err)?;
+    let zero1 = cfg.parallel.zero == 1;
+    let adam = AdamWConfig { beta1: cfg.train.beta1, beta2: cfg.train.beta2, eps: cfg.train.eps, weight_decay: cfg.train.weight_decay, fused: cfg.fused_adamw() };
+    let mut opt = AdamW::from_parts(ddp.optimizer_params(), adam);
 
     let mut start = 0u64;
     if cfg.run.resume {
         if let Some(dir) = checkpoint::latest(&out)? {
             let ck = checkpoint::load(&dir)?;
             s.model.load_parameters(&ck.model)?;
-            opt.load_state(&ck.optim, ck.state.step).map_err(|e| {
-                TrainError::Checkpoint(format!("{}: {e}: the checkpoint was written by a different model", dir.display()))
-            })?;
+            let bad = |e: String| TrainError::Checkpoint(format!("{}: {e}: the checkpoint was written by a different model", dir.display()));
+            if zero1 {
+                ddp.scatter_state(&ck.optim).map_err(bad)?;
+                opt.set_steps(ck.state.step);
+            } else {
+                opt.load_state(&ck.optim, ck.state.step).map_err(bad)?;
+            }
             start = ck.state.step;
         }
     }
-    let mut log = MetricsLog::open(&out, cfg.run.resume.then_some(start))?;
-    std::fs::write(out.join("config.toml"), cfg.to_toml()).map_err(io_err(out.join("config.toml")))?;
+    let mut log = if rank0 {
+        let log = MetricsLog::open(&out, cfg.run.resume.then_some(start))?;
+        std::fs::write(out.join("config.toml"), cfg.to_toml()).map_err(io_err(out.join("config.toml")))?;
+        Some(log)
+    } else {
+        None
+    };
 
     let sched = CosineSchedule { lr: cfg.train.lr, min_lr: cfg.train.min_lr, warmup_steps: cfg.train.warmup_steps, decay_steps: cfg.decay_steps() };
     let sampler = Sampler::new(cfg.run.seed);
-    let tokens_per_step = (cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size) as f64;
+    let global_batch = cfg.train.batch_size * cfg.train.grad_accum * dp;
+    let tokens_per_step = (global_batch * cfg.model.block_size) as f64;
     let flops_tok = flops_per_token(&cfg.model, cfg.model.block_size);
     let peak = if cfg.train.peak_flops > 0.0 {
         Some(cfg.train.peak_flops)
@@ -160,79 +241,114 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
             _ => None,
         }
     };
-    let progress = Progress::new(cfg.train.max_steps, start, opts.progress);
+    let progress = Progress::new(cfg.train.max_steps, start, opts.progress && rank0);
     progress.println(&format!(
-        "training {} parameters on {:?} ({}), {} tokens/step, steps {}..{}",
+        "training {} parameters on {:?} ({}), {} ranks (dp {dp}), global batch {global_batch} = micro {} x accum {} x dp {dp} ({} tokens/step), {} buckets{}, steps {}..{}",
         s.model.num_params(),
         s.device,
         if s.bf16 { "bf16 autocast" } else { "fp32" },
+        nranks,
+        cfg.train.batch_size,
+        cfg.train.grad_accum,
         tokens_per_step,
+        ddp.assignment().buckets.len(),
+        if zero1 { ", ZeRO-1" } else { "" },
         start,
         cfg.train.max_steps
     ));
 
     let stop_at = if cfg.run.stop_at > 0 { cfg.run.stop_at.min(cfg.train.max_steps) } else { cfg.train.max_steps };
     let mut window = (Instant::now(), 0u64); // (start of log window, steps in it)
+    let mut waited = Duration::ZERO; // time blocked on gradient communication in the window
     let mut last_val: Option<f64> = None;
     let mut step = start;
+    let dp_comm: &dyn Communicator = &*comm;
     while step < stop_at {
         let lr = sched.lr_at(step);
-        tch::manual_seed(mix(cfg.run.seed, step));
-        let loss = accumulate_grads(&s, &sampler, step, 0, cfg.train.grad_accum);
-        let norm = clip_grad_norm(&params, cfg.train.grad_clip);
+        let loss = accumulate_grads(&s, &sampler, step, rank * cfg.train.grad_accum, cfg.train.grad_accum, Some(&ddp));
+        waited += ddp.finish().map_err(ddp_err)?;
+        let norm = ddp.clip_grad_norm(cfg.train.grad_clip).map_err(ddp_err)?;
         opt.step(lr).map_err(TrainError::Torch)?;
-        for (_, p) in &params {
-            p.shallow_clone().zero_grad();
-        }
+        ddp.after_step().map_err(ddp_err)?;
+        ddp.zero_grad();
         step += 1;
         window.1 += 1;
 
         if step % cfg.train.log_interval == 0 || step == stop_at {
-            let last_loss = loss.double_value(&[]); // synchronises the device: timings below are real
+            // Mean over the data-parallel ranks: the loss of the global batch. Reading it
+            // synchronises the device, so the timings below are real.
+            let l = loss.to_device(Device::Cpu).to_kind(Kind::Float).reshape([1]);
+            dp_comm.all_reduce(&l, ReduceOp::Avg).map_err(comm_err)?;
+            let last_loss = l.double_value(&[0]);
             let elapsed = window.0.elapsed().as_secs_f64();
             let tps = tokens_per_step * window.1 as f64 / elapsed;
-            let rec = Record {
-                kind: "train".into(),
-                step,
-                loss: Some(last_loss),
-                lr: Some(lr),
-                grad_norm: Some(norm.double_value(&[])),
-                tokens_per_s: Some(tps),
-                mfu: peak.map(|p| flops_tok * tps / p),
-                step_ms: Some(1e3 * elapsed / window.1 as f64),
-                peak_mem_bytes: Some(peak_memory_bytes(s.device)),
-                train_loss: None,
-                val_loss: None,
-            };
-            log.write(&rec)?;
+            let (compute, wait) = (1e3 * (elapsed - waited.as_secs_f64()) / window.1 as f64, 1e3 * waited.as_secs_f64() / window.1 as f64);
+            let stragglers = if nranks > 1 { Some(straggler_report(dp_comm, compute, wait)?) } else { None };
+            if let Some(log) = log.as_mut() {
+                let rec = Record {
+                    kind: "train".into(),
+                    step,
+                    loss: Some(last_loss),
+                    lr: Some(lr),
+                    grad_norm: Some(norm.double_value(&[])),
+                    tokens_per_s: Some(tps),
+                    mfu: peak.map(|p| flops_tok * tps / (p * nranks as f64)),
+                    step_ms: Some(1e3 * elapsed / window.1 as f64),
+                    peak_mem_bytes: Some(peak_memory_bytes(s.device)),
+                    stragglers,
+                    ..empty_record()
+                };
+                log.write(&rec)?;
+            }
             progress.step(step, Some(format!("loss {last_loss:.4} lr {lr:.2e} {tps:.0} tok/s")));
             window = (Instant::now(), 0);
+            waited = Duration::ZERO;
         } else {
             progress.step(step, None);
         }
 
         let last = step == stop_at;
         if step % cfg.train.eval_interval == 0 || last {
-            let (tl, vl) = (evaluate(&s, &sampler, Split::Train, cfg.train.eval_iters), evaluate(&s, &sampler, Split::Val, cfg.train.eval_iters));
+            let tl = evaluate_dp(&s, &sampler, Split::Train, cfg.train.eval_iters, dp_comm)?;
+            let vl = evaluate_dp(&s, &sampler, Split::Val, cfg.train.eval_iters, dp_comm)?;
             last_val = Some(vl);
-            log.write(&Record { kind: "eval".into(), step, train_loss: Some(tl), val_loss: Some(vl), ..empty_record() })?;
+            if let Some(log) = log.as_mut() {
+                log.write(&Record { kind: "eval".into(), step, train_loss: Some(tl), val_loss: Some(vl), ..empty_record() })?;
+            }
             progress.println(&format!("step {step}: train loss {tl:.4}, val loss {vl:.4}"));
             window = (Instant::now(), 0); // evaluation time is not training throughput
+            waited = Duration::ZERO;
         }
         if (cfg.run.checkpoint_interval > 0 && step % cfg.run.checkpoint_interval == 0) || last {
-            save(&s, &opt, step, last_val, &params)?;
+            save(&s, &opt, &ddp, zero1, rank0, step, last_val, &params)?;
         }
     }
     progress.finish();
 
-    let train_loss = evaluate(&s, &sampler, Split::Train, cfg.train.eval_iters);
-    let val_loss = evaluate(&s, &sampler, Split::Val, cfg.train.eval_iters);
-    let checkpoint = match checkpoint::latest(&out)? {
-        Some(dir) if step > start => dir,
-        _ => save(&s, &opt, step, Some(val_loss), &params)?,
+    let train_loss = evaluate_dp(&s, &sampler, Split::Train, cfg.train.eval_iters, dp_comm)?;
+    let val_loss = evaluate_dp(&s, &sampler, Split::Val, cfg.train.eval_iters, dp_comm)?;
+    let checkpoint = if step > start {
+        checkpoint::latest(&out)?.unwrap_or_else(|| out.clone())
+    } else {
+        save(&s, &opt, &ddp, zero1, rank0, step, Some(val_loss), &params)?
     };
-    let sample = (cfg.run.sample_tokens > 0).then(|| sample_text(&s.model, &s.data.tokenizer, "", cfg.run.sample_tokens, 0.8, Some(200), cfg.run.seed));
+    let sample = (rank0 && cfg.run.sample_tokens > 0)
+        .then(|| sample_text(&s.model, &s.data.tokenizer, "", cfg.run.sample_tokens, 0.8, Some(200), cfg.run.seed));
+    // Nobody leaves (and finalises MPI) while rank 0 may still be writing.
+    dp_comm.barrier().map_err(comm_err)?;
     Ok(TrainOutcome { steps: step, train_loss, val_loss, sample, out_dir: out, checkpoint })
+}
+
+/// Every rank's compute and communication-wait time per step (ms), gathered; names the slowest.
+fn straggler_report(comm: &dyn Communicator, compute_ms: f64, wait_ms: f64) -> Result<Stragglers, TrainError> {
+    let n = comm.size();
+    let all = Tensor::zeros([2 * n as i64], (Kind::Float, Device::Cpu));
+    comm.all_gather(&all, &Tensor::from_slice(&[compute_ms as f32, wait_ms as f32])).map_err(comm_err)?;
+    let v: Vec<f32> = Vec::try_from(all).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?;
+    let compute: Vec<f64> = v.iter().step_by(2).map(|&x| x as f64).collect();
+    let wait: Vec<f64> = v.iter().skip(1).step_by(2).map(|&x| x as f64).collect();
+    let slowest = (0..n).max_by(|&a, &b| compute[a].total_cmp(&compute[b])).unwrap_or(0);
+    Ok(Stragglers { slowest_rank: slowest, compute_ms: compute, comm_wait_ms: wait })
 }
 
 fn empty_record() -> Record {
@@ -248,10 +364,26 @@ fn empty_record() -> Record {
         peak_mem_bytes: None,
         train_loss: None,
         val_loss: None,
+        stragglers: None,
     }
 }
 
-fn save(s: &Setup, opt: &AdamW, step: u64, val_loss: Option<f64>, params: &[(String, Tensor)]) -> Result<PathBuf, TrainError> {
+#[allow(clippy::too_many_arguments)]
+fn save(
+    s: &Setup,
+    opt: &AdamW,
+    ddp: &Ddp,
+    zero1: bool,
+    rank0: bool,
+    step: u64,
+    val_loss: Option<f64>,
+    params: &[(String, Tensor)],
+) -> Result<PathBuf, TrainError> {
+    // ZeRO-1: every rank takes part in gathering the whole optimizer state (collective).
+    let optim = if zero1 { ddp.gather_state(opt.steps_taken()).map_err(ddp_err)? } else { opt.state() };
+    if !rank0 {
+        return Ok(s.cfg.run.out_dir.clone());
+    }
     let state = CheckpointState {
         format_version: FORMAT_VERSION,
         step,
@@ -261,5 +393,5 @@ fn save(s: &Setup, opt: &AdamW, step: u64, val_loss: Option<f64>, params: &[(Str
         val_loss,
         sha256: Default::default(),
     };
-    checkpoint::save(&s.cfg.run.out_dir, state, params, &opt.state(), s.cfg.run.keep_checkpoints)
+    checkpoint::save(&s.cfg.run.out_dir, state, params, &optim, s.cfg.run.keep_checkpoints)
 }

@@ -1,0 +1,984 @@
+//! `NcclComm`: the [`Communicator`] over one NCCL communicator, for CUDA tensors on one device.
+//!
+//! # Ordering
+//!
+//! NCCL kernels run on a stream of their own (one per communicator, from libtorch's pool), so
+//! communication overlaps the compute that libtorch queues on its current stream. Each operation
+//! is ordered on both sides with CUDA events, never with a host synchronisation:
+//!
+//! ```text
+//! current stream:  ..compute(t).. [ready]                          ..wait(done).. later work
+//!                                    \                                 ^
+//! NCCL stream:                        wait(ready) -- ncclOp(t) -- [done]
+//! ```
+//!
+//! `ready` (one event per communicator, re-recorded under the issue lock) makes the NCCL stream
+//! wait for everything queued before the call, including the staging copies. `done` (one per
+//! operation) is what [`Work::wait`] makes the caller's current stream wait on; `is_completed`
+//! queries it. The `Work` holds the tensors and staging buffers until the current stream has been
+//! ordered after `done`, so libtorch's caching allocator (which hands memory back to the stream it
+//! was allocated on) cannot reuse them under the NCCL kernel. A `Work` dropped without `wait`
+//! does the same in `Drop`. Results staged through a contiguous buffer are copied back on the
+//! current stream, after that wait.
+//!
+//! # Hangs and failures
+//!
+//! Each operation is timed by the watchdog from issue until its `done` event completes: a poller
+//! thread per communicator holds (event, watchdog guard) pairs and drops the guards as the events
+//! complete, in issue order (one stream, so they complete in order). The same thread checks
+//! `ncclCommGetAsyncError` while operations are pending; on an error it aborts the communicator
+//! (as PyTorch's NCCL watchdog does) so that kernels blocked on a dead peer end, and every later
+//! `wait` or operation on it returns the error.
+
+use std::collections::VecDeque;
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclUniqueId};
+use tch::{Device, Kind, Tensor};
+
+use super::cuda::{DeviceGuard, Event, On, Stream};
+use super::library::{self, Nccl, RawResult, SUCCESS};
+use super::{nccl_datatype, nccl_reduce_op};
+use crate::communicator::Communicator;
+use crate::error::{CommError, OpContext, Result};
+use crate::mpi::Sig;
+use crate::types::{Backend, DType, OpKind, ReduceOp};
+use crate::watchdog;
+use crate::work::{Work, WorkImpl};
+
+/// How often the poller looks at the oldest pending operation. Only the watchdog's timing and
+/// error detection depend on it, never an operation's latency.
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Clone, Copy)]
+struct RawComm(ncclComm_t);
+// SAFETY: an opaque handle; every call on it is serialised by `Inner::issue`.
+unsafe impl Send for RawComm {}
+unsafe impl Sync for RawComm {}
+
+/// What the communicator, its poller and its pending `Work`s share.
+struct Inner {
+    lib: &'static Nccl,
+    comm: RawComm,
+    device: usize,
+    stream: Stream,
+    /// Serialises every NCCL call on `comm` (NCCL communicators must not be used from two threads
+    /// at once) and holds the `ready` event, which is re-recorded for each operation.
+    issue: Mutex<Event>,
+    /// The first asynchronous failure; every later operation and `wait` reports it.
+    failed: Mutex<Option<String>>,
+    /// Set once `ncclCommAbort` ran: the handle is freed and must not be touched again.
+    aborted: AtomicBool,
+    /// "group 'world' (rank 0 of 2, cuda:0)", for messages outside an operation.
+    label: String,
+}
+
+impl Inner {
+    /// The communicator's failure, if any, asking NCCL for asynchronous errors. The caller holds
+    /// `issue`.
+    fn async_error_locked(&self) -> Option<String> {
+        if let Some(f) = lock(&self.failed).clone() {
+            return Some(f);
+        }
+        if self.aborted.load(Ordering::SeqCst) {
+            return Some("the NCCL communicator was aborted".into());
+        }
+        let mut err: RawResult = SUCCESS;
+        // SAFETY: the handle is live (not aborted) and `issue` is held.
+        let rc = unsafe { (self.lib.comm_get_async_error)(self.comm.0, &mut err) };
+        if rc != SUCCESS {
+            return Some(self.lib.describe("ncclCommGetAsyncError", rc, self.comm.0));
+        }
+        if err != SUCCESS {
+            return Some(self.lib.describe("an asynchronous NCCL operation", err, self.comm.0));
+        }
+        None
+    }
+
+    /// Like `async_error_locked`, taking the lock; an error found aborts the communicator.
+    fn check(&self) -> Option<String> {
+        let found = {
+            let _issue = lock(&self.issue);
+            self.async_error_locked()
+        };
+        if let Some(msg) = &found {
+            self.fail(msg.clone());
+        }
+        found
+    }
+
+    /// Records the first failure and aborts the communicator: kernels blocked on a peer that will
+    /// never arrive spin forever otherwise, and so would every stream ordered after them.
+    fn fail(&self, msg: String) {
+        {
+            let mut failed = lock(&self.failed);
+            if failed.is_none() {
+                eprintln!("error: NCCL communicator of {}: {msg}; aborting it", self.label);
+                *failed = Some(msg);
+            }
+        }
+        let _issue = lock(&self.issue);
+        if !self.aborted.swap(true, Ordering::SeqCst) {
+            // SAFETY: live handle, `issue` held; it is never used again.
+            unsafe { (self.lib.comm_abort)(self.comm.0) };
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The poller has seen every operation complete (NcclComm::drop joins it), so destroying
+        // cannot free resources under a running kernel.
+        if !self.aborted.load(Ordering::SeqCst) {
+            let _device = DeviceGuard::new(self.device);
+            // SAFETY: live handle, last user.
+            unsafe { (self.lib.comm_destroy)(self.comm.0) };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The poller: releases watchdog guards as completion events complete.
+
+struct Pending {
+    event: Arc<Event>,
+    _guard: watchdog::Guard,
+}
+
+#[derive(Default)]
+struct Queue {
+    pending: VecDeque<Pending>,
+    stop: bool,
+}
+
+struct Poller {
+    shared: Arc<(Mutex<Queue>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Poller {
+    fn start(inner: Arc<Inner>, name: &str) -> std::io::Result<Poller> {
+        let shared: Arc<(Mutex<Queue>, Condvar)> = Arc::default();
+        let s = shared.clone();
+        let thread = std::thread::Builder::new().name(format!("nccl:{name}")).spawn(move || poll_loop(&inner, &s))?;
+        Ok(Poller { shared, thread: Some(thread) })
+    }
+
+    fn push(&self, p: Pending) {
+        lock(&self.shared.0).pending.push_back(p);
+        self.shared.1.notify_all();
+    }
+}
+
+impl Drop for Poller {
+    /// Waits for every pending operation to complete, so that the communicator is destroyed only
+    /// once nothing runs on it.
+    fn drop(&mut self) {
+        lock(&self.shared.0).stop = true;
+        self.shared.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn poll_loop(inner: &Inner, shared: &(Mutex<Queue>, Condvar)) {
+    // The communicator's device for the thread's whole life: its CUDA calls would otherwise set
+    // up a context on device 0, which on a shared node belongs to another rank.
+    let _device = DeviceGuard::new(inner.device);
+    let (q, cv) = shared;
+    loop {
+        let event = {
+            let mut g = lock(q);
+            loop {
+                if let Some(p) = g.pending.front() {
+                    break p.event.clone();
+                }
+                if g.stop {
+                    return;
+                }
+                g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let failure = match event.query() {
+            Ok(true) => {
+                let done = lock(q).pending.pop_front();
+                drop(done);
+                continue;
+            }
+            Ok(false) => inner.check(),
+            Err(e) => {
+                let msg = format!("querying an operation's completion event failed: {e}");
+                inner.fail(msg.clone());
+                Some(msg)
+            }
+        };
+        if failure.is_some() {
+            // The communicator is aborted and its error reported: nothing it queued can hang any
+            // more, so stop timing its operations.
+            let drained: Vec<Pending> = lock(q).pending.drain(..).collect();
+            drop(drained);
+        } else {
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Work
+
+struct NcclWork {
+    ctx: OpContext,
+    inner: Arc<Inner>,
+    done: Arc<Event>,
+    /// Every tensor NCCL reads or writes (the caller's and staging buffers): alive until the
+    /// current stream is ordered after `done`.
+    keep: Vec<Tensor>,
+    /// (caller's tensor, contiguous buffer NCCL wrote): copied on the current stream after the wait.
+    copy_back: Option<(Tensor, Tensor)>,
+    finished: bool,
+}
+
+impl NcclWork {
+    fn error(&self, detail: String) -> CommError {
+        CommError::Backend { ctx: self.ctx.clone(), detail }
+    }
+
+    /// The buffers can no longer be proven idle: keep them forever rather than free them under a
+    /// kernel.
+    fn leak(&mut self) {
+        for t in self.keep.drain(..) {
+            std::mem::forget(t);
+        }
+        if let Some(pair) = self.copy_back.take() {
+            std::mem::forget(pair);
+        }
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if self.finished {
+            return Ok(());
+        }
+        self.finished = true;
+        let device = self.inner.device;
+        let _device = match DeviceGuard::new(device) {
+            Ok(g) => g,
+            Err(e) => {
+                self.leak();
+                return Err(self.error(format!("cannot make cuda:{device} current: {e}")));
+            }
+        };
+        // First order the caller's stream after the operation: from then on, work queued there
+        // (the copy back, and whatever reuses the buffers) runs after NCCL is done with them.
+        if let Err(e) = self.done.block(On::Current(device)) {
+            self.leak();
+            return Err(self.error(format!("making the current stream wait for the operation failed: {e}")));
+        }
+        let failure = self.inner.check();
+        let copied = match (self.copy_back.take(), &failure) {
+            (Some((mut dst, src)), None) => tch::no_grad(|| dst.f_copy_(&src))
+                .map_err(|e| self.error(format!("copying the result back into the tensor failed: {e}"))),
+            _ => Ok(()),
+        };
+        self.keep.clear();
+        match failure {
+            Some(f) => Err(self.error(f)),
+            None => copied,
+        }
+    }
+}
+
+impl WorkImpl for NcclWork {
+    /// Never blocks the host: the caller's current stream waits for the operation on the GPU.
+    fn wait(&mut self) -> Result<()> {
+        self.finish()
+    }
+
+    /// Whether the operation has finished on the GPU (or failed).
+    fn is_completed(&mut self) -> bool {
+        if self.finished {
+            return true;
+        }
+        // On this communicator's device: a CUDA call on a thread that never chose one would set
+        // up a context on device 0.
+        let _device = DeviceGuard::new(self.inner.device);
+        match self.done.query() {
+            Ok(true) => true,
+            Ok(false) => self.inner.check().is_some(),
+            Err(e) => {
+                self.inner.fail(format!("querying the operation's completion event failed: {e}"));
+                true
+            }
+        }
+    }
+}
+
+impl Drop for NcclWork {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The communicator
+
+pub struct NcclComm {
+    /// Dropped first: joining the poller waits for pending operations before `inner` can go.
+    poller: Poller,
+    inner: Arc<Inner>,
+    /// The CPU communicator of the same group: carries the unique id, the debug-mode check,
+    /// barriers and splits.
+    host: Arc<dyn Communicator>,
+    rank: usize,
+    size: usize,
+    name: String,
+    /// Equal on every member, distinct per group: how the watchdog names the group to peers.
+    id: String,
+    members: Arc<Vec<usize>>,
+    seq: AtomicU64,
+    p2p_seq: AtomicU64,
+    debug: bool,
+}
+
+/// A contiguous buffer NCCL can use for a tensor, and the tensor to copy the result back into.
+struct Staged {
+    buf: Tensor,
+    back: Option<Tensor>,
+}
+
+fn byte_range(t: &Tensor, dt: DType) -> (usize, usize) {
+    let p = t.data_ptr() as usize;
+    (p, p + t.numel() * dt.size())
+}
+
+fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+/// Group-wide watchdog id: the name alone can repeat across splits, so the member list is hashed
+/// in (FNV-1a, identical on every rank).
+fn group_id(name: &str, members: &[usize]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &m in members {
+        for b in (m as u64).to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("nccl:{name}:{h:016x}")
+}
+
+/// The 128-byte unique id as 16 i64 words (the host communicators move i64 tensors), and back.
+fn id_to_words(id: &ncclUniqueId) -> [i64; 16] {
+    let mut words = [0i64; 16];
+    for (w, chunk) in words.iter_mut().zip(id.internal.chunks(8)) {
+        let mut b = [0u8; 8];
+        for (d, &s) in b.iter_mut().zip(chunk) {
+            *d = s as u8;
+        }
+        *w = i64::from_ne_bytes(b);
+    }
+    words
+}
+
+fn id_from_words(words: &[i64]) -> ncclUniqueId {
+    // SAFETY: a plain byte array.
+    let mut id: ncclUniqueId = unsafe { std::mem::zeroed() };
+    for (chunk, w) in id.internal.chunks_mut(8).zip(words) {
+        for (d, s) in chunk.iter_mut().zip(w.to_ne_bytes()) {
+            *d = s as _;
+        }
+    }
+    id
+}
+
+/// Rank 0 creates the id and the host communicator broadcasts it. A rank 0 that fails still
+/// takes part in the broadcast, with an all-zero id (a real id never is: it holds a socket
+/// address), so that the other ranks fail too instead of waiting for it forever.
+fn unique_id(lib: &Nccl, host: &Arc<dyn Communicator>) -> std::result::Result<ncclUniqueId, String> {
+    // SAFETY: a plain byte array.
+    let mut id: ncclUniqueId = unsafe { std::mem::zeroed() };
+    let mut own_error = None;
+    if host.rank() == 0 {
+        // SAFETY: writes the 128 bytes of `id`.
+        let rc = unsafe { (lib.get_unique_id)(&mut id) };
+        if rc != SUCCESS {
+            own_error = Some(lib.describe("ncclGetUniqueId", rc, std::ptr::null_mut()));
+            id = unsafe { std::mem::zeroed() };
+        }
+    }
+    if host.size() > 1 {
+        let t = Tensor::f_from_slice(&id_to_words(&id)).map_err(|e| e.to_string())?;
+        host.broadcast(&t, 0)
+            .map_err(|e| format!("broadcasting the NCCL unique id over the host communicator failed: {e}"))?;
+        let words = Vec::<i64>::try_from(&t).map_err(|e| e.to_string())?;
+        id = id_from_words(&words);
+    }
+    if let Some(e) = own_error {
+        return Err(e);
+    }
+    if id.internal.iter().all(|&b| b == 0) {
+        return Err("rank 0 could not create the NCCL unique id (its log says why)".into());
+    }
+    Ok(id)
+}
+
+/// `None` when every rank's signature (5 words each, by rank) equals `mine`; else which ranks
+/// called what.
+pub(crate) fn mismatch_detail(all: &[i64], mine: &[i64; 5]) -> Option<String> {
+    if all.chunks(5).all(|c| c == mine) {
+        return None;
+    }
+    let mut groups: Vec<(Vec<usize>, &[i64])> = Vec::new();
+    for (r, c) in all.chunks(5).enumerate() {
+        match groups.iter_mut().find(|(_, g)| *g == c) {
+            Some((ranks, _)) => ranks.push(r),
+            None => groups.push((vec![r], c)),
+        }
+    }
+    Some(
+        groups
+            .iter()
+            .map(|(ranks, c)| {
+                let who = if ranks.len() == 1 { format!("rank {}", ranks[0]) } else { format!("ranks {ranks:?}") };
+                format!("{who} called {}", Sig::decode(c))
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+    )
+}
+
+/// How an issue failed, which decides what becomes of the buffers and the communicator.
+enum Failed {
+    /// This call was refused before anything was queued; the communicator is fine.
+    Call,
+    /// The communicator had failed (now or earlier): nothing was queued.
+    Communicator,
+    /// The NCCL kernel was queued but cannot be tracked.
+    Untracked,
+}
+
+impl NcclComm {
+    /// Collective over `host`'s group: every member calls it, with its own CUDA device.
+    pub(crate) fn new(host: Arc<dyn Communicator>, device: usize, debug: bool) -> Result<NcclComm> {
+        let (rank, size) = (host.rank(), host.size());
+        let name = host.name().to_string();
+        let members: Arc<Vec<usize>> = Arc::new(host.members().to_vec());
+        let label = format!("group '{name}' (rank {rank} of {size}, cuda:{device})");
+        let init = |what: String| CommError::Init(format!("NCCL for {label}: {what}"));
+        if !tch::Cuda::is_available() {
+            return Err(init("libtorch sees no CUDA device; use comm.backend = auto or mpi".into()));
+        }
+        let count = tch::Cuda::device_count();
+        if device as i64 >= count {
+            return Err(init(format!(
+                "cuda:{device} does not exist ({count} visible); check CUDA_VISIBLE_DEVICES and the local rank"
+            )));
+        }
+        let lib = library::nccl().map_err(init)?;
+        // NCCL binds a communicator to the device current at ncclCommInitRank.
+        let _device = DeviceGuard::new(device).map_err(|e| init(format!("cannot make cuda:{device} current: {e}")))?;
+        let stream = Stream::from_pool(device).map_err(|e| init(format!("cannot get a CUDA stream: {e}")))?;
+        let ready = Event::new().map_err(|e| init(format!("cannot create a CUDA event: {e}")))?;
+        let id = unique_id(lib, &host).map_err(init)?;
+        let mut comm: ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `comm` is written on success; rank < size by the host's invariants.
+        let rc = unsafe { (lib.comm_init_rank)(&mut comm, size as c_int, id, rank as c_int) };
+        if rc != SUCCESS {
+            return Err(init(lib.describe("ncclCommInitRank", rc, comm)));
+        }
+        let inner = Arc::new(Inner {
+            lib,
+            comm: RawComm(comm),
+            device,
+            stream,
+            issue: Mutex::new(ready),
+            failed: Mutex::new(None),
+            aborted: AtomicBool::new(false),
+            label: label.clone(),
+        });
+        let poller = Poller::start(inner.clone(), &name)
+            .map_err(|e| init(format!("cannot start the completion poller thread: {e}")))?;
+        Ok(NcclComm {
+            poller,
+            inner,
+            host,
+            rank,
+            size,
+            id: group_id(&name, &members),
+            name,
+            members,
+            seq: AtomicU64::new(0),
+            p2p_seq: AtomicU64::new(0),
+            debug,
+        })
+    }
+
+    /// The CUDA device this communicator moves tensors on.
+    pub fn device(&self) -> usize {
+        self.inner.device
+    }
+
+    fn ctx(&self, op: OpKind, seq: u64) -> OpContext {
+        OpContext {
+            op,
+            seq,
+            group: self.name.clone(),
+            backend: Backend::Nccl,
+            rank: self.rank,
+            size: self.size,
+            world_rank: self.members[self.rank],
+        }
+    }
+
+    fn next_ctx(&self, op: OpKind) -> OpContext {
+        let seq = match op {
+            OpKind::Send | OpKind::Recv => self.p2p_seq.fetch_add(1, Ordering::Relaxed) + 1,
+            _ => self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        self.ctx(op, seq)
+    }
+
+    fn invalid(ctx: &OpContext, what: impl Into<String>) -> CommError {
+        CommError::InvalidArgument { ctx: ctx.clone(), what: what.into() }
+    }
+
+    fn backend_error(ctx: &OpContext, detail: impl Into<String>) -> CommError {
+        CommError::Backend { ctx: ctx.clone(), detail: detail.into() }
+    }
+
+    fn dtype_of(ctx: &OpContext, t: &Tensor) -> Result<DType> {
+        let kind = t.kind();
+        DType::from_kind(kind)
+            .ok_or_else(|| CommError::UnsupportedDtype { ctx: ctx.clone(), dtype: format!("{kind:?}") })
+    }
+
+    fn on_device(&self, ctx: &OpContext, t: &Tensor, which: &str) -> Result<()> {
+        let want = Device::Cuda(self.inner.device);
+        if t.device() != want {
+            return Err(Self::invalid(
+                ctx,
+                format!(
+                    "{which} is on {:?} but this NCCL communicator is on cuda:{}; keep one device per rank",
+                    t.device(),
+                    self.inner.device
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn same_kind(ctx: &OpContext, output: &Tensor, input: &Tensor) -> Result<()> {
+        if output.kind() != input.kind() {
+            return Err(Self::invalid(
+                ctx,
+                format!("output is {:?} but input is {:?}; pass tensors of one dtype", output.kind(), input.kind()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_reduce(ctx: &OpContext, dt: DType, op: ReduceOp) -> Result<()> {
+        if op == ReduceOp::Avg && !dt.is_float() {
+            return Err(Self::invalid(ctx, format!("avg of {dt} tensors is not defined; use sum and divide")));
+        }
+        Ok(())
+    }
+
+    /// At issue of a collective: tells the watchdog, then (debug mode) checks that the group
+    /// agrees on it before anything reaches NCCL, where a mismatch would hang or corrupt.
+    fn announce(&self, ctx: &OpContext, sig: &Sig) -> Result<()> {
+        watchdog::called(&self.id, ctx.seq, &format!("{} #{}", sig.describe(), ctx.seq));
+        if self.debug && self.size > 1 {
+            self.debug_check(ctx, sig)?;
+        }
+        Ok(())
+    }
+
+    /// Every rank all-gathers its signature (op, dtype, element count, reduction or root, sequence
+    /// number) over the host communicator, so that all of them see the same table and fail
+    /// together.
+    fn debug_check(&self, ctx: &OpContext, sig: &Sig) -> Result<()> {
+        let mut s = *sig;
+        s.seq = ctx.seq;
+        let mine = s.encode();
+        let tensors = tch::no_grad(|| -> std::result::Result<(Tensor, Tensor), tch::TchError> {
+            Ok((Tensor::f_zeros([5 * self.size as i64], (Kind::Int64, Device::Cpu))?, Tensor::f_from_slice(&mine)?))
+        });
+        let (all, me) = tensors.map_err(|e| Self::backend_error(ctx, format!("debug check: {e}")))?;
+        self.host.all_gather(&all, &me).map_err(|e| {
+            Self::backend_error(ctx, format!("the debug-mode check over the host communicator failed: {e}"))
+        })?;
+        let all = Vec::<i64>::try_from(&all).map_err(|e| Self::backend_error(ctx, format!("debug check: {e}")))?;
+        match mismatch_detail(&all, &mine) {
+            None => Ok(()),
+            Some(detail) => Err(CommError::Mismatch { ctx: ctx.clone(), detail }),
+        }
+    }
+
+    /// A contiguous buffer for `t`: `t` itself when contiguous, else a new one (holding `t`'s
+    /// values when `copy_in`) that is copied back into `t` when the operation is waited on.
+    fn stage(ctx: &OpContext, t: &Tensor, copy_in: bool) -> Result<Staged> {
+        if t.is_contiguous() {
+            return Ok(Staged { buf: t.shallow_clone(), back: None });
+        }
+        let buf =
+            tch::no_grad(|| if copy_in { t.f_contiguous() } else { Tensor::f_empty(t.size(), (t.kind(), t.device())) })
+                .map_err(|e| Self::backend_error(ctx, format!("staging a non-contiguous tensor failed: {e}")))?;
+        Ok(Staged { buf, back: Some(t.shallow_clone()) })
+    }
+
+    /// Read-only staging: the caller's tensor is never written.
+    fn stage_in(ctx: &OpContext, t: &Tensor) -> Result<Staged> {
+        let mut s = Self::stage(ctx, t, true)?;
+        s.back = None;
+        Ok(s)
+    }
+
+    /// A copy of `t` in fresh memory (an input that overlaps the output where NCCL cannot take it).
+    fn fresh_copy(ctx: &OpContext, t: &Tensor) -> Result<Tensor> {
+        tch::no_grad(|| -> std::result::Result<Tensor, tch::TchError> {
+            let mut c = Tensor::f_empty(t.size(), (t.kind(), t.device()))?;
+            c.f_copy_(t)?;
+            Ok(c)
+        })
+        .map_err(|e| Self::backend_error(ctx, format!("copying an overlapping input failed: {e}")))
+    }
+
+    fn scratch(ctx: &OpContext, t: &Tensor) -> Result<Tensor> {
+        tch::no_grad(|| Tensor::f_empty(t.size(), (t.kind(), t.device())))
+            .map_err(|e| Self::backend_error(ctx, format!("allocating a staging buffer failed: {e}")))
+    }
+
+    /// Issues one NCCL call on the communicator's stream, ordered after the current stream (see the
+    /// module docs), and returns the `Work` that owns `keep` and the copy back.
+    fn launch(
+        &self,
+        ctx: &OpContext,
+        peer: Option<usize>,
+        call: &str,
+        keep: Vec<Tensor>,
+        copy_back: Option<(Tensor, Tensor)>,
+        f: impl FnOnce(&Nccl, ncclComm_t, cudaStream_t) -> RawResult,
+    ) -> Result<Work> {
+        let inner = &self.inner;
+        let dev = inner.device;
+        let _device = DeviceGuard::new(dev)
+            .map_err(|e| Self::backend_error(ctx, format!("cannot make cuda:{dev} current: {e}")))?;
+        let done = Event::new().map_err(|e| Self::backend_error(ctx, format!("cannot create a CUDA event: {e}")))?;
+        let issued: std::result::Result<(), (String, Failed)> = {
+            let ready = lock(&inner.issue);
+            match inner.async_error_locked() {
+                Some(f) => Err((f, Failed::Communicator)),
+                None => (|| {
+                    ready.record(On::Current(dev)).and_then(|_| ready.block(On::Stream(&inner.stream))).map_err(
+                        |e| (format!("ordering the NCCL stream after the current stream failed: {e}"), Failed::Call),
+                    )?;
+                    let rc = f(inner.lib, inner.comm.0, inner.stream.raw() as cudaStream_t);
+                    if rc != SUCCESS {
+                        return Err((inner.lib.describe(call, rc, inner.comm.0), Failed::Call));
+                    }
+                    done.record(On::Stream(&inner.stream)).map_err(|e| {
+                        (format!("{call} was queued but recording its completion event failed: {e}"), Failed::Untracked)
+                    })
+                })(),
+            }
+        };
+        if let Err((detail, how)) = issued {
+            match how {
+                Failed::Call => {}
+                Failed::Communicator => inner.fail(detail.clone()),
+                Failed::Untracked => {
+                    // Nothing can tell when the queued kernel is done with its buffers: they must
+                    // never be freed, and the communicator must not be used again.
+                    std::mem::forget(keep);
+                    std::mem::forget(copy_back);
+                    inner.fail(detail.clone());
+                }
+            }
+            return Err(Self::backend_error(ctx, detail));
+        }
+        let done = Arc::new(done);
+        let guard = watchdog::begin(ctx.to_string(), &self.id, ctx.seq, &self.members, peer);
+        self.poller.push(Pending { event: done.clone(), _guard: guard });
+        Ok(Work::from_impl(NcclWork { ctx: ctx.clone(), inner: inner.clone(), done, keep, copy_back, finished: false }))
+    }
+
+    fn all_reduce_impl(&self, t: &Tensor, op: ReduceOp) -> Result<Work> {
+        let ctx = self.next_ctx(OpKind::AllReduce);
+        let dt = Self::dtype_of(&ctx, t)?;
+        self.on_device(&ctx, t, "the tensor")?;
+        Self::check_reduce(&ctx, dt, op)?;
+        let n = t.numel();
+        self.announce(&ctx, &Sig::new(OpKind::AllReduce, Some(dt), n as i64, op.code()))?;
+        if n == 0 {
+            return Ok(Work::done(Ok(())));
+        }
+        let s = Self::stage(&ctx, t, true)?;
+        let p = s.buf.data_ptr();
+        let (dtype, redop) = (nccl_datatype(dt), nccl_reduce_op(op));
+        let keep = vec![s.buf.shallow_clone()];
+        let back = s.back.map(|b| (b, s.buf));
+        // SAFETY (all launches): device pointers of live contiguous tensors of `n` elements of
+        // `dtype`, kept alive by the Work until the current stream is ordered after the kernel.
+        self.launch(&ctx, None, "ncclAllReduce", keep, back, |lib, comm, stream| unsafe {
+            (lib.all_reduce)(p as *const c_void, p, n, dtype, redop, comm, stream)
+        })
+    }
+
+    fn broadcast_impl(&self, t: &Tensor, root: usize) -> Result<Work> {
+        let ctx = self.next_ctx(OpKind::Broadcast);
+        let dt = Self::dtype_of(&ctx, t)?;
+        self.on_device(&ctx, t, "the tensor")?;
+        if root >= self.size {
+            return Err(Self::invalid(&ctx, format!("root {root} is not a rank of this group (size {})", self.size)));
+        }
+        let n = t.numel();
+        self.announce(&ctx, &Sig::new(OpKind::Broadcast, Some(dt), n as i64, root as i64))?;
+        if n == 0 {
+            return Ok(Work::done(Ok(())));
+        }
+        let is_root = root == self.rank;
+        // The root only sends: its tensor does not change, so it needs no copy back.
+        let s = if is_root { Self::stage_in(&ctx, t)? } else { Self::stage(&ctx, t, false)? };
+        let p = s.buf.data_ptr();
+        let dtype = nccl_datatype(dt);
+        let keep = vec![s.buf.shallow_clone()];
+        let back = s.back.map(|b| (b, s.buf));
+        self.launch(&ctx, None, "ncclBroadcast", keep, back, |lib, comm, stream| unsafe {
+            (lib.broadcast)(p as *const c_void, p, n, dtype, root as c_int, comm, stream)
+        })
+    }
+
+    fn all_gather_impl(&self, output: &Tensor, input: &Tensor) -> Result<Work> {
+        let ctx = self.next_ctx(OpKind::AllGather);
+        let dt = Self::dtype_of(&ctx, input)?;
+        self.on_device(&ctx, input, "input")?;
+        self.on_device(&ctx, output, "output")?;
+        Self::same_kind(&ctx, output, input)?;
+        let n = input.numel();
+        if output.numel() != n * self.size {
+            return Err(Self::invalid(
+                &ctx,
+                format!(
+                    "output has {} elements but all_gather of {n} elements over {} ranks needs {}",
+                    output.numel(),
+                    self.size,
+                    n * self.size
+                ),
+            ));
+        }
+        self.announce(&ctx, &Sig::new(OpKind::AllGather, Some(dt), n as i64, 0))?;
+        if n == 0 {
+            return Ok(Work::done(Ok(())));
+        }
+        let dtype = nccl_datatype(dt);
+        // In place (input is this rank's chunk of output): NCCL takes that layout as it is.
+        if output.is_contiguous()
+            && input.is_contiguous()
+            && input.data_ptr() as usize == output.data_ptr() as usize + self.rank * n * dt.size()
+        {
+            let (o, i) = (output.data_ptr(), input.data_ptr());
+            let keep = vec![output.shallow_clone(), input.shallow_clone()];
+            return self.launch(&ctx, None, "ncclAllGather", keep, None, |lib, comm, stream| unsafe {
+                (lib.all_gather)(i as *const c_void, o, n, dtype, comm, stream)
+            });
+        }
+        let out = Self::stage(&ctx, output, false)?;
+        let mut inp = Self::stage_in(&ctx, input)?;
+        // Any other overlap of input and output is not one NCCL allows: read from a copy.
+        if overlaps(byte_range(&inp.buf, dt), byte_range(&out.buf, dt)) {
+            inp = Staged { buf: Self::fresh_copy(&ctx, &inp.buf)?, back: None };
+        }
+        let (o, i) = (out.buf.data_ptr(), inp.buf.data_ptr());
+        let keep = vec![out.buf.shallow_clone(), inp.buf];
+        let back = out.back.map(|b| (b, out.buf));
+        self.launch(&ctx, None, "ncclAllGather", keep, back, |lib, comm, stream| unsafe {
+            (lib.all_gather)(i as *const c_void, o, n, dtype, comm, stream)
+        })
+    }
+
+    fn reduce_scatter_impl(&self, output: &Tensor, input: &Tensor, op: ReduceOp) -> Result<Work> {
+        let ctx = self.next_ctx(OpKind::ReduceScatter);
+        let dt = Self::dtype_of(&ctx, input)?;
+        self.on_device(&ctx, input, "input")?;
+        self.on_device(&ctx, output, "output")?;
+        Self::same_kind(&ctx, output, input)?;
+        Self::check_reduce(&ctx, dt, op)?;
+        let n = output.numel();
+        if input.numel() != n * self.size {
+            return Err(Self::invalid(
+                &ctx,
+                format!(
+                    "input has {} elements but reduce_scatter into {n} elements over {} ranks needs {}",
+                    input.numel(),
+                    self.size,
+                    n * self.size
+                ),
+            ));
+        }
+        self.announce(&ctx, &Sig::new(OpKind::ReduceScatter, Some(dt), n as i64, op.code()))?;
+        if n == 0 {
+            return Ok(Work::done(Ok(())));
+        }
+        let (dtype, redop) = (nccl_datatype(dt), nccl_reduce_op(op));
+        // In place (output is this rank's chunk of input): NCCL takes that layout as it is.
+        if output.is_contiguous()
+            && input.is_contiguous()
+            && output.data_ptr() as usize == input.data_ptr() as usize + self.rank * n * dt.size()
+        {
+            let (o, i) = (output.data_ptr(), input.data_ptr());
+            let keep = vec![output.shallow_clone(), input.shallow_clone()];
+            return self.launch(&ctx, None, "ncclReduceScatter", keep, None, |lib, comm, stream| unsafe {
+                (lib.reduce_scatter)(i as *const c_void, o, n, dtype, redop, comm, stream)
+            });
+        }
+        let inp = Self::stage_in(&ctx, input)?;
+        let mut out = Self::stage(&ctx, output, false)?;
+        // Any other overlap is not one NCCL allows: receive into scratch and copy back.
+        if overlaps(byte_range(&inp.buf, dt), byte_range(&out.buf, dt)) {
+            out = Staged { buf: Self::scratch(&ctx, output)?, back: Some(output.shallow_clone()) };
+        }
+        let (o, i) = (out.buf.data_ptr(), inp.buf.data_ptr());
+        let keep = vec![out.buf.shallow_clone(), inp.buf];
+        let back = out.back.map(|b| (b, out.buf));
+        self.launch(&ctx, None, "ncclReduceScatter", keep, back, |lib, comm, stream| unsafe {
+            (lib.reduce_scatter)(i as *const c_void, o, n, dtype, redop, comm, stream)
+        })
+    }
+
+    fn p2p(&self, t: &Tensor, peer: usize, send: bool) -> Result<Work> {
+        let ctx = self.next_ctx(if send { OpKind::Send } else { OpKind::Recv });
+        let dt = Self::dtype_of(&ctx, t)?;
+        self.on_device(&ctx, t, "the tensor")?;
+        if peer >= self.size || peer == self.rank {
+            return Err(Self::invalid(
+                &ctx,
+                format!(
+                    "peer {peer} must be another rank of this group (ranks 0..{}, this is {})",
+                    self.size, self.rank
+                ),
+            ));
+        }
+        let n = t.numel();
+        if n == 0 {
+            return Ok(Work::done(Ok(())));
+        }
+        let dtype = nccl_datatype(dt);
+        if send {
+            let s = Self::stage_in(&ctx, t)?;
+            let p = s.buf.data_ptr();
+            return self.launch(&ctx, Some(peer), "ncclSend", vec![s.buf], None, |lib, comm, stream| unsafe {
+                (lib.send)(p as *const c_void, n, dtype, peer as c_int, comm, stream)
+            });
+        }
+        let s = Self::stage(&ctx, t, false)?;
+        let p = s.buf.data_ptr();
+        let keep = vec![s.buf.shallow_clone()];
+        let back = s.back.map(|b| (b, s.buf));
+        self.launch(&ctx, Some(peer), "ncclRecv", keep, back, |lib, comm, stream| unsafe {
+            (lib.recv)(p, n, dtype, peer as c_int, comm, stream)
+        })
+    }
+}
+
+impl Communicator for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn backend(&self) -> Backend {
+        Backend::Nccl
+    }
+    fn members(&self) -> &[usize] {
+        &self.members
+    }
+    fn all_reduce_async(&self, t: &Tensor, op: ReduceOp) -> Result<Work> {
+        self.all_reduce_impl(t, op)
+    }
+    fn broadcast_async(&self, t: &Tensor, root: usize) -> Result<Work> {
+        self.broadcast_impl(t, root)
+    }
+    fn all_gather_async(&self, output: &Tensor, input: &Tensor) -> Result<Work> {
+        self.all_gather_impl(output, input)
+    }
+    fn reduce_scatter_async(&self, output: &Tensor, input: &Tensor, op: ReduceOp) -> Result<Work> {
+        self.reduce_scatter_impl(output, input, op)
+    }
+    fn send_async(&self, t: &Tensor, dst: usize) -> Result<Work> {
+        self.p2p(t, dst, true)
+    }
+    fn recv_async(&self, t: &Tensor, src: usize) -> Result<Work> {
+        self.p2p(t, src, false)
+    }
+    /// On the host communicator: a barrier orders processes, and GPU work is already ordered by
+    /// streams (it does not wait for NCCL operations still running on the GPU).
+    fn barrier_async(&self) -> Result<Work> {
+        self.host.barrier_async()
+    }
+    fn barrier(&self) -> Result<()> {
+        self.host.barrier()
+    }
+    /// The host communicator splits, then each new group creates its own NCCL communicator (a
+    /// fresh unique id broadcast over the new host group), on this communicator's device.
+    fn split(&self, color: Option<u32>, key: u32, name: &str) -> Result<Option<Arc<dyn Communicator>>> {
+        let ctx = self.next_ctx(OpKind::Split);
+        let Some(host) = self.host.split(color, key, name)? else { return Ok(None) };
+        let comm = NcclComm::new(host, self.inner.device, self.debug).map_err(|e| match e {
+            CommError::Init(detail) => CommError::Backend { ctx, detail },
+            other => other,
+        })?;
+        Ok(Some(Arc::new(comm)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_id_survives_the_i64_round_trip() {
+        let mut id: ncclUniqueId = unsafe { std::mem::zeroed() };
+        for (i, b) in id.internal.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(37).wrapping_add(5) as _;
+        }
+        let back = id_from_words(&id_to_words(&id));
+        assert_eq!(id.internal, back.internal);
+    }
+
+    #[test]
+    fn mismatch_names_ranks_and_calls() {
+        let mut a = Sig::new(OpKind::AllReduce, Some(DType::F32), 10, ReduceOp::Sum.code());
+        a.seq = 3;
+        let mut b = Sig::new(OpKind::AllGather, Some(DType::Bf16), 4, 0);
+        b.seq = 3;
+        let (ea, eb) = (a.encode(), b.encode());
+        let same: Vec<i64> = ea.iter().chain(ea.iter()).copied().collect();
+        assert_eq!(mismatch_detail(&same, &ea), None);
+        let all: Vec<i64> = ea.iter().chain(eb.iter()).chain(ea.iter()).copied().collect();
+        let d = mismatch_detail(&all, &ea).expect("a mismatch");
+        assert_eq!(
+            d,
+            "ranks [0, 2] called all_reduce(f32, 10 elements, sum) #3; rank 1 called all_gather(bf16, 4 elements per rank) #3"
+        );
+    }
+
+    #[test]
+    fn group_ids_differ_by_members() {
+        assert_eq!(group_id("dp0", &[0, 2]), group_id("dp0", &[0, 2]));
+        assert_ne!(group_id("dp0", &[0, 2]), group_id("dp0", &[1, 3]));
+    }
+}

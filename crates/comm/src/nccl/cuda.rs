@@ -1,0 +1,139 @@
+//! Streams, events and the current device, through csrc/cuda_shim.cpp (libtorch's c10 layer).
+//!
+//! Going through libtorch rather than the CUDA driver keeps one notion of "current stream" and
+//! "current device": the ones libtorch's kernels run on. Every call here is only made after
+//! `tch::Cuda::is_available()` said yes (the shim itself fails cleanly otherwise, with c10's
+//! message).
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+
+extern "C" {
+    fn fab_cuda_free_message(msg: *mut c_char);
+    fn fab_cuda_exchange_device(device: c_int, previous: *mut c_int) -> *mut c_char;
+    fn fab_cuda_restore_device(device: c_int) -> *mut c_char;
+    fn fab_cuda_pool_stream(device: c_int, high_priority: c_int, id: *mut i64, raw: *mut *mut c_void) -> *mut c_char;
+    fn fab_cuda_event_new(event: *mut *mut c_void) -> *mut c_char;
+    fn fab_cuda_event_free(event: *mut c_void);
+    fn fab_cuda_event_record(event: *mut c_void, device: c_int, current: c_int, stream_id: i64) -> *mut c_char;
+    fn fab_cuda_event_block(event: *mut c_void, device: c_int, current: c_int, stream_id: i64) -> *mut c_char;
+    fn fab_cuda_event_query(event: *mut c_void, done: *mut c_int) -> *mut c_char;
+}
+
+/// The shim's convention: NULL, or a malloc'd message that we own.
+fn check(msg: *mut c_char) -> Result<(), String> {
+    if msg.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a NUL-terminated string from malloc, freed once, here.
+    let text = unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned();
+    unsafe { fab_cuda_free_message(msg) };
+    Err(text)
+}
+
+/// Makes a device current on this thread for its lifetime and restores the previous one after:
+/// NCCL initialises and launches on the current device, and the caller's thread must not come
+/// back on another device than it left.
+pub(crate) struct DeviceGuard {
+    previous: c_int,
+    device: c_int,
+}
+
+impl DeviceGuard {
+    pub(crate) fn new(device: usize) -> Result<DeviceGuard, String> {
+        let device = device as c_int;
+        let mut previous: c_int = -1;
+        check(unsafe { fab_cuda_exchange_device(device, &mut previous) })?;
+        Ok(DeviceGuard { previous, device })
+    }
+}
+
+impl Drop for DeviceGuard {
+    fn drop(&mut self) {
+        if self.previous >= 0 && self.previous != self.device {
+            let _ = check(unsafe { fab_cuda_restore_device(self.previous) });
+        }
+    }
+}
+
+/// A CUDA stream as c10 names it (packed id + device), with its native `cudaStream_t` for NCCL.
+pub(crate) struct Stream {
+    id: i64,
+    device: c_int,
+    raw: *mut c_void,
+}
+
+// SAFETY: a stream handle is a plain identifier; CUDA stream operations are thread-safe.
+unsafe impl Send for Stream {}
+unsafe impl Sync for Stream {}
+
+impl Stream {
+    /// A high-priority stream of libtorch's pool on `device`: communication should not queue
+    /// behind compute kernels that were launched on other pool streams.
+    pub(crate) fn from_pool(device: usize) -> Result<Stream, String> {
+        let (mut id, mut raw) = (0i64, std::ptr::null_mut());
+        check(unsafe { fab_cuda_pool_stream(device as c_int, 1, &mut id, &mut raw) })?;
+        Ok(Stream { id, device: device as c_int, raw })
+    }
+
+    pub(crate) fn raw(&self) -> *mut c_void {
+        self.raw
+    }
+}
+
+/// Which stream an event operation targets.
+pub(crate) enum On<'a> {
+    /// libtorch's current stream on the device, for the calling thread.
+    Current(usize),
+    Stream(&'a Stream),
+}
+
+impl On<'_> {
+    fn args(&self) -> (c_int, c_int, i64) {
+        match self {
+            On::Current(device) => (*device as c_int, 1, 0),
+            On::Stream(s) => (s.device, 0, s.id),
+        }
+    }
+}
+
+/// A CUDA event (timing disabled), owned; destroyed on drop (CUDA defers the release until a
+/// pending record has completed, so dropping early is safe).
+pub(crate) struct Event(*mut c_void);
+
+// SAFETY: records happen before the event is shared (or under the communicator's issue lock);
+// afterwards it is only queried and waited on, which CUDA allows from any thread.
+unsafe impl Send for Event {}
+unsafe impl Sync for Event {}
+
+impl Event {
+    pub(crate) fn new() -> Result<Event, String> {
+        let mut ev = std::ptr::null_mut();
+        check(unsafe { fab_cuda_event_new(&mut ev) })?;
+        Ok(Event(ev))
+    }
+
+    /// Captures the work queued on `on` so far.
+    pub(crate) fn record(&self, on: On<'_>) -> Result<(), String> {
+        let (device, current, id) = on.args();
+        check(unsafe { fab_cuda_event_record(self.0, device, current, id) })
+    }
+
+    /// Makes the stream `on` wait (on the GPU, not the host) for the last record.
+    pub(crate) fn block(&self, on: On<'_>) -> Result<(), String> {
+        let (device, current, id) = on.args();
+        check(unsafe { fab_cuda_event_block(self.0, device, current, id) })
+    }
+
+    /// Whether the work captured by the last record has finished.
+    pub(crate) fn query(&self) -> Result<bool, String> {
+        let mut done: c_int = 0;
+        check(unsafe { fab_cuda_event_query(self.0, &mut done) })?;
+        Ok(done != 0)
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        unsafe { fab_cuda_event_free(self.0) }
+    }
+}
