@@ -71,6 +71,11 @@ pub struct CollectivesArgs {
     /// Untimed operations per size first (per implementation).
     #[arg(long, default_value_t = 5)]
     pub warmup: usize,
+    /// Timed rounds per size: each round times `--iters` fabbrica operations and `--iters` raw
+    /// ones, in alternating order; the reported time is the median round's. More rounds cancel
+    /// noise on a shared machine.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Also write the results as JSON to this file (rank 0).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -143,6 +148,7 @@ struct Plan {
     sizes: Vec<u64>,
     iters: usize,
     warmup: usize,
+    rounds: usize,
     json: Option<PathBuf>,
     plot: Option<PathBuf>,
 }
@@ -229,6 +235,9 @@ fn validate(a: &CollectivesArgs, launch: &LaunchEnv) -> Result<Plan> {
     if a.iters == 0 {
         return Err(user("--iters must be at least 1".into()));
     }
+    if a.rounds == 0 {
+        return Err(user("--rounds must be at least 1".into()));
+    }
     if let Some(p) = &a.plot {
         let ext = p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
         if !matches!(ext.as_deref(), Some("svg" | "png")) {
@@ -310,7 +319,7 @@ fn validate(a: &CollectivesArgs, launch: &LaunchEnv) -> Result<Plan> {
         fabbrica_comm::cuda_device_for(launch.local_rank, visible)
             .map_err(|e| user(format!("--backend nccl: {e}")))?;
     }
-    Ok(Plan { op, nccl, dtype, sizes, iters: a.iters, warmup: a.warmup, json: a.json.clone(), plot: a.plot.clone() })
+    Ok(Plan { op, nccl, dtype, sizes, iters: a.iters, warmup: a.warmup, rounds: a.rounds, json: a.json.clone(), plot: a.plot.clone() })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -393,14 +402,15 @@ fn bench(plan: &Plan) -> Result<()> {
             .and_then(|_| mpi::environment::library_version().ok())
             .map(|v| v.replace('\0', "").lines().next().unwrap_or("").trim().trim_end_matches(',').to_string());
         println!(
-            "# fabbrica bench collectives: {}, {}, {} ranks, {} backend ({} tensors), {} iters after {} warm-up",
+            "# fabbrica bench collectives: {}, {}, {} ranks, {} backend ({} tensors), {} iters after {} warm-up{}",
             plan.op.name(),
             plan.dtype,
             n,
             if plan.nccl { "nccl" } else { "mpi" },
             if plan.nccl { "CUDA" } else { "CPU" },
             plan.iters,
-            plan.warmup
+            plan.warmup,
+            if plan.rounds > 1 { format!(", median of {} rounds", plan.rounds) } else { String::new() }
         );
         if let Some(v) = mpi_version {
             println!("# MPI: {v}");
@@ -437,7 +447,7 @@ fn bench(plan: &Plan) -> Result<()> {
             count: bytes / plan.dtype.size() as u64,
             corrupt,
         };
-        let m = ctx.measure(plan.iters, plan.warmup, k % 2 == 1).map_err(comm_failure)?;
+        let m = ctx.measure(plan.iters, plan.warmup, plan.rounds, k % 2 == 1).map_err(comm_failure)?;
         let secs = m.time.as_secs_f64();
         let algbw = bytes as f64 / secs / 1e9;
         let factor = plan.op.bus_factor(n);
@@ -471,6 +481,7 @@ fn bench(plan: &Plan) -> Result<()> {
                 "dtype": plan.dtype.name(),
                 "iters": plan.iters,
                 "warmup": plan.warmup,
+                "rounds": plan.rounds,
                 "bus_factor": plan.op.bus_factor(n),
                 "raw_baseline": raw_note,
                 "ok": all_ok,
@@ -495,6 +506,9 @@ fn bench(plan: &Plan) -> Result<()> {
             plot(p, &rows, plan, n).map_err(|e| Failure { user: false, message: format!("--plot {}: {e}", p.display()) })?;
         }
     }
+    // MPI objects before MPI_Finalize (which dropping the world calls).
+    drop(raw_world);
+    drop(bf16_sum);
     drop(comm);
     drop(world);
     if !all_ok {
@@ -795,7 +809,7 @@ impl SizeCtx<'_> {
         t
     }
 
-    fn measure(&self, iters: usize, warmup: usize, raw_first: bool) -> fabbrica_comm::Result<Measured> {
+    fn measure(&self, iters: usize, warmup: usize, rounds: usize, raw_first: bool) -> fabbrica_comm::Result<Measured> {
         let bufs = self.alloc();
         // Correctness, on fresh inputs.
         self.fill(&bufs);
@@ -821,34 +835,47 @@ impl SizeCtx<'_> {
                 self.raw(w, &bufs);
             }
         }
-        let (time, raw_time) = match self.raw {
-            Some(w) if raw_first => {
-                let r = self.time_raw(w, &bufs, iters);
-                (self.time_fab(&bufs, iters)?, Some(r))
-            }
-            Some(w) => {
-                let f = self.time_fab(&bufs, iters)?;
-                (f, Some(self.time_raw(w, &bufs, iters)))
-            }
-            None => (self.time_fab(&bufs, iters)?, None),
-        };
-        // The slowest rank's times, and whether any rank saw a wrong result.
-        let mut v = [
-            time.as_nanos() as i64,
-            raw_time.map(|t| t.as_nanos() as i64).unwrap_or(0),
-            (!fab_ok) as i64,
-            (!raw_ok) as i64,
-        ];
-        let t = Tensor::from_slice(&v);
+        // Timed rounds: fabbrica and raw blocks alternate (and which goes first alternates too),
+        // so that drift on a shared machine hits both. Each round's time is the slowest rank's.
+        let mut fab_times = Vec::with_capacity(rounds);
+        let mut raw_times = Vec::with_capacity(rounds);
+        for round in 0..rounds {
+            let (f, r) = match self.raw {
+                Some(w) if (round % 2 == 1) != raw_first => {
+                    let r = self.time_raw(w, &bufs, iters);
+                    (self.time_fab(&bufs, iters)?, Some(r))
+                }
+                Some(w) => {
+                    let f = self.time_fab(&bufs, iters)?;
+                    (f, Some(self.time_raw(w, &bufs, iters)))
+                }
+                None => (self.time_fab(&bufs, iters)?, None),
+            };
+            let mut v = [f.as_nanos() as i64, r.map(|t| t.as_nanos() as i64).unwrap_or(0)];
+            let t = Tensor::from_slice(&v);
+            self.comm.all_reduce(&t, ReduceOp::Max)?;
+            t.copy_data(&mut v, 2);
+            fab_times.push(v[0]);
+            raw_times.push(v[1]);
+        }
+        // Whether any rank saw a wrong result.
+        let mut bad = [(!fab_ok) as i64, (!raw_ok) as i64];
+        let t = Tensor::from_slice(&bad);
         self.comm.all_reduce(&t, ReduceOp::Max)?;
-        t.copy_data(&mut v, 4);
+        t.copy_data(&mut bad, 2);
         let per_op = |ns: i64| Duration::from_nanos((ns as u64).div_ceil(iters as u64));
         Ok(Measured {
-            time: per_op(v[0]),
-            raw_time: raw_time.map(|_| per_op(v[1])),
-            ok: v[2] == 0 && v[3] == 0,
+            time: per_op(median(&mut fab_times)),
+            raw_time: self.raw.map(|_| per_op(median(&mut raw_times))),
+            ok: bad == [0, 0],
         })
     }
+}
+
+/// The median (the lower middle one for an even count).
+fn median(v: &mut [i64]) -> i64 {
+    v.sort_unstable();
+    v[(v.len() - 1) / 2]
 }
 
 /// # Safety

@@ -85,8 +85,15 @@ pub fn train(a: TrainArgs) -> Result<()> {
             // Other ranks may be waiting in a collective for this one: finalising MPI would wait
             // for them too. Leaving without it makes the launcher end the job.
             std::mem::forget(world);
+            // Input errors are the same on every rank: rank 0 says it once.
+            let same_everywhere = matches!(e, TrainError::Config(_) | TrainError::Data(_) | TrainError::Parallel(_));
             let f: Failure = e.into();
-            return Err(Failure { message: format!("rank {rank}: {}", f.message), ..f });
+            let message = match (same_everywhere, rank) {
+                (true, 0) => f.message,
+                (true, _) => String::new(),
+                (false, _) => format!("rank {rank}: {}", f.message),
+            };
+            return Err(Failure { message, ..f });
         }
         Err(e) => return Err(e.into()),
     };

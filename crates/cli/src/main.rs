@@ -42,7 +42,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if !e.message.is_empty() {
-                eprintln!("error: {}", e.message);
+                // One write: launchers that tag output per write (mpirun --tag-output) keep it whole.
+                use std::io::Write;
+                let _ = std::io::stderr().write_all(format!("error: {}\n", e.message).as_bytes());
             }
             ExitCode::from(if e.user { 2 } else { 1 })
         }

@@ -152,7 +152,7 @@ fn mpi_case(op: &str, np: usize, extra: &[&str], dtype: &str, min: u64) -> (Temp
     let sizes = std::iter::successors(Some(min), |s| Some(s * 2)).take_while(|&s| s <= 64 << 10).count();
     assert_eq!(rows.len(), sizes, "one table row per size, from rank 0 only\n{}", r.describe());
     assert!(rows.iter().all(|l| l.trim_end().ends_with("ok")), "{}", r.describe());
-    assert!(r.stdout.contains("fabbrica/raw"), "{}", r.describe());
+    assert!(r.stdout.contains("fab/raw"), "{}", r.describe());
     (dir, r)
 }
 

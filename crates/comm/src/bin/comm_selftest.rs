@@ -196,7 +196,9 @@ fn main() {
     }
     .with_env();
     let world = opts.and_then(init).unwrap_or_else(|e| {
-        eprintln!("error: {e}");
+        use std::io::Write;
+        // One write: launchers that tag output per write keep the line whole.
+        let _ = std::io::stderr().write_all(format!("error: {e}\n").as_bytes());
         std::process::exit(2)
     });
     let comm = world.comm();

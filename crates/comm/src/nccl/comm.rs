@@ -330,6 +330,9 @@ impl Drop for NcclWork {
 // ---------------------------------------------------------------------------------------------
 // The communicator
 
+/// One NCCL communicator over a host group, on one CUDA device: what a [`Group`](crate::Group)
+/// hands CUDA tensors to. Made by the group on first use (or by [`Communicator::split`] here);
+/// dropping it waits for its pending operations on the GPU, then destroys the NCCL communicator.
 pub struct NcclComm {
     /// Dropped first: joining the poller waits for pending operations before `inner` can go.
     poller: Poller,

@@ -137,3 +137,28 @@ impl Drop for Event {
         unsafe { fab_cuda_event_free(self.0) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shim's error path, exercised where it can be: without a GPU every CUDA call must come
+    /// back as an error message (a C++ exception caught in the shim), never a crash.
+    #[test]
+    fn without_a_gpu_calls_fail_cleanly() {
+        if tch::Cuda::is_available() {
+            return;
+        }
+        let e = Event::new().expect("an event that was never recorded needs no device");
+        assert!(e.query().expect("an unrecorded event is complete"));
+        drop(e);
+        let err = DeviceGuard::new(0).err().expect("no device to make current");
+        assert!(!err.is_empty());
+        let err = Stream::from_pool(0).err().expect("no device to take a stream from");
+        assert!(!err.is_empty());
+        let e = Event::new().expect("event");
+        let err = e.record(On::Current(0)).err().expect("no stream to record on");
+        println!("record without a GPU: {err}");
+        assert!(e.block(On::Current(0)).is_err());
+    }
+}
