@@ -575,17 +575,19 @@ fn summary(rows: &[Row], op: Op) {
         .filter_map(|r| r.raw_time_us.map(|t| (r.bytes, t / r.time_us)))
         .collect();
     if !ratios.is_empty() {
-        let mean = ratios.iter().map(|x| x.1).sum::<f64>() / ratios.len() as f64;
+        let geomean = (ratios.iter().map(|x| x.1.ln()).sum::<f64>() / ratios.len() as f64).exp();
+        let mut sorted: Vec<f64> = ratios.iter().map(|x| x.1).collect();
+        sorted.sort_by(f64::total_cmp);
+        let median = if sorted.len() % 2 == 1 {
+            sorted[sorted.len() / 2]
+        } else {
+            (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
+        };
         let (at, min) = ratios.iter().copied().fold((0, f64::INFINITY), |a, x| if x.1 < a.1 { x } else { a });
-        let (tf, tr) = rows
-            .iter()
-            .filter(|r| r.bytes >= 1 << 20)
-            .fold((0.0, 0.0), |(f, r0), r| (f + r.time_us, r0 + r.raw_time_us.unwrap_or(0.0)));
         println!(
-            "# fabbrica/raw busbw for messages >= 1 MiB ({} sizes): mean {mean:.3}, min {min:.3} at {}, total time ratio {:.3}",
+            "# fabbrica/raw busbw for messages >= 1 MiB ({} sizes): geomean {geomean:.3}, median {median:.3}, min {min:.3} at {}",
             ratios.len(),
             human(at),
-            tr / tf
         );
     }
     let bad = rows.iter().filter(|r| !r.ok).count();

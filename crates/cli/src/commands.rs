@@ -227,6 +227,11 @@ pub enum BenchCommand {
     Train(BenchTrainArgs),
     /// Collective bandwidth (nccl-tests style) beside a raw MPI baseline; run under mpirun -np N.
     Collectives(crate::bench_collectives::CollectivesArgs),
+    /// Data-parallel step: overhead vs the plain step (1 process) and communication efficiency
+    /// (under mpirun -np N), overlap on and off.
+    Ddp(crate::bench_ddp::DdpArgs),
+    /// Weak-scaling table and plot from `bench ddp --json` results (see scripts/scaling.sh).
+    Scaling(crate::bench_ddp::ScalingArgs),
 }
 
 #[derive(Args)]
@@ -254,6 +259,8 @@ pub fn bench(b: BenchCommand) -> Result<()> {
     let a = match b {
         BenchCommand::Train(a) => a,
         BenchCommand::Collectives(c) => return crate::bench_collectives::run(c),
+        BenchCommand::Ddp(d) => return crate::bench_ddp::run(d),
+        BenchCommand::Scaling(s) => return crate::bench_ddp::scaling(s),
     };
     let mut sets = a.cfg.sets.clone();
     if let Some(bs) = a.batch {

@@ -4,6 +4,7 @@
 //! other failures exit with code 1.
 
 mod bench_collectives;
+mod bench_ddp;
 mod commands;
 
 use std::process::ExitCode;

@@ -93,6 +93,9 @@ struct State {
     next: usize,
     works: Vec<(usize, Work)>,
     error: Option<CommError>,
+    /// Runtime switches (benchmarks flip them between steps): start from `DdpOptions`.
+    overlap: bool,
+    grad_comm: bool,
 }
 
 struct Shared {
@@ -233,10 +236,14 @@ impl Ddp {
                 next: 0,
                 works: Vec::new(),
                 error: None,
+                overlap: opts.overlap,
+                grad_comm: opts.grad_comm,
             }),
         });
+        // Registered even when overlap is off: `set_mode` may turn it on later, and a disarmed
+        // hook costs one uncontended lock per parameter per backward.
         let mut hooks = Vec::new();
-        if opts.overlap && opts.grad_comm {
+        {
             for (i, (_, p)) in params.iter().enumerate() {
                 let s = shared.clone();
                 hooks.push(
@@ -255,10 +262,18 @@ impl Ddp {
         &self.shared.comm
     }
 
+    /// Switches overlap and gradient communication between steps (benchmarks compare them in
+    /// one run). Every rank must make the same switch at the same step.
+    pub fn set_mode(&self, overlap: bool, grad_comm: bool) {
+        let mut st = self.shared.state.lock().unwrap();
+        st.overlap = overlap;
+        st.grad_comm = grad_comm;
+    }
+
     /// Call before each micro-step's backward; `last` arms communication for the final one.
     pub fn begin_micro_step(&self, last: bool) {
         let mut st = self.shared.state.lock().unwrap();
-        st.armed = last && self.shared.opts.grad_comm;
+        st.armed = last && st.grad_comm && st.overlap;
         st.pending = self.shared.counts.clone();
         st.ready.iter_mut().for_each(|r| *r = false);
         st.next = 0;
@@ -269,7 +284,7 @@ impl Ddp {
     pub fn finish(&self) -> Result<Duration> {
         let t = Instant::now();
         let mut st = self.shared.state.lock().unwrap();
-        if !self.shared.opts.grad_comm {
+        if !st.grad_comm {
             st.armed = false;
             return Ok(Duration::ZERO);
         }
@@ -370,6 +385,7 @@ impl Ddp {
     pub fn clip_grad_norm(&self, max_norm: f64) -> Result<Tensor> {
         let st = self.shared.state.lock().unwrap();
         let zero1 = self.shared.opts.zero1 && self.shared.comm.size() > 1;
+        let sum_across = zero1 && st.grad_comm;
         let r = self.shared.comm.rank() as i64;
         tch::no_grad(|| {
             let grads: Vec<Tensor> = if zero1 {
@@ -379,7 +395,7 @@ impl Ddp {
             };
             let sq: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
             let mut total_sq = Tensor::stack(&sq, 0).sum(Kind::Float);
-            if zero1 {
+            if sum_across {
                 total_sq = total_sq.reshape([1]);
                 self.shared.comm.all_reduce(&total_sq, ReduceOp::Sum).map_err(comm_err)?;
                 total_sq = total_sq.reshape([]);
@@ -401,6 +417,9 @@ impl Ddp {
             return Ok(());
         }
         let st = self.shared.state.lock().unwrap();
+        if !st.grad_comm {
+            return Ok(());
+        }
         let r = self.shared.comm.rank() as i64;
         let works = st
             .bufs

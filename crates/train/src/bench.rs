@@ -116,3 +116,174 @@ pub fn run(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchResult, Tra
         peak_mem_bytes: peak_memory_bytes(device),
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Data-parallel overhead and communication efficiency (`fabbrica bench ddp`).
+
+/// One measured mode of [`run_ddp`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DdpModeResult {
+    /// `plain` (no DDP; world of one only), `overlap`, `no-overlap`, `no-comm`.
+    pub mode: String,
+    /// Median over rounds of the mean step time, each the maximum over ranks (a data-parallel
+    /// step is as slow as its slowest rank).
+    pub step_ms: f64,
+    /// Tokens per second over all ranks.
+    pub tokens_per_s: f64,
+    /// Every round's step time (ms), for the spread.
+    pub rounds_ms: Vec<f64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DdpBenchResult {
+    pub world_size: usize,
+    pub device: String,
+    pub params: i64,
+    pub batch: usize,
+    pub block: usize,
+    pub buckets: usize,
+    pub steps: usize,
+    pub rounds: usize,
+    pub modes: Vec<DdpModeResult>,
+}
+
+impl DdpBenchResult {
+    pub fn mode(&self, m: &str) -> Option<&DdpModeResult> {
+        self.modes.iter().find(|r| r.mode == m)
+    }
+}
+
+/// A model with DDP applied over `comm`, and its optimizer, stepping on a fixed random batch
+/// (different on every rank).
+struct DdpBenchState {
+    model: Gpt,
+    ddp: fabbrica_ddp::Ddp,
+    opt: AdamW,
+    x: Tensor,
+    y: Tensor,
+    bf16: bool,
+    clip: f64,
+}
+
+impl DdpBenchState {
+    fn step(&mut self) -> Result<Tensor, TrainError> {
+        let loss = tch::autocast(self.bf16, || Gpt::loss(&self.model.forward(&self.x, true), &self.y));
+        self.ddp.begin_micro_step(true);
+        loss.backward();
+        let err = |e: fabbrica_ddp::DdpError| TrainError::Comm(e.to_string());
+        self.ddp.finish().map_err(err)?;
+        let _ = self.ddp.clip_grad_norm(self.clip).map_err(err)?;
+        self.opt.step(1e-4).map_err(TrainError::Torch)?;
+        self.ddp.after_step().map_err(err)?;
+        self.ddp.zero_grad();
+        Ok(loss.detach())
+    }
+}
+
+/// Times data-parallel training steps in several modes, interleaved round by round so that
+/// drifting machine load affects every mode alike: `overlap` (the default), `no-overlap`,
+/// `no-comm` (same per-rank work, gradient communication off) and, in a world of one, `plain`
+/// (the trainer's step without DDP: the overhead baseline).
+pub fn run_ddp(
+    cfg: &Config,
+    comm: std::sync::Arc<dyn fabbrica_comm::Communicator>,
+    local_rank: usize,
+    steps: usize,
+    warmup: usize,
+    rounds: usize,
+) -> Result<DdpBenchResult, TrainError> {
+    use fabbrica_comm::ReduceOp;
+    let (rank, n) = (comm.rank(), comm.size());
+    let device = resolve_device(&cfg.run.device, local_rank)?;
+    let bf16 = resolve_bf16(&cfg.train.dtype, device)?;
+    if cfg.run.threads > 0 {
+        tch::set_num_threads(cfg.run.threads as i32);
+    }
+    let mut mcfg = cfg.model.clone();
+    if mcfg.vocab_size == 0 {
+        mcfg.vocab_size = 256;
+    }
+    tch::manual_seed(cfg.run.seed as i64);
+    let model = Gpt::new(&mcfg, device)?;
+    let params = model.parameter_handles();
+    let p = &cfg.parallel;
+    let ddp = fabbrica_ddp::Ddp::apply(
+        &params,
+        comm.clone(),
+        fabbrica_ddp::DdpOptions {
+            bucket_mb: p.bucket_mb,
+            first_bucket_mb: p.bucket_mb.min(1.0),
+            reduce_bf16: p.reduce_dtype == "bf16",
+            overlap: true,
+            zero1: p.zero == 1,
+            grad_comm: true,
+            check_params: false,
+        },
+    )
+    .map_err(|e| TrainError::Comm(e.to_string()))?;
+    let t = &cfg.train;
+    let adam = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, fused: cfg.fused_adamw() };
+    let opt = AdamW::from_parts(ddp.optimizer_params(), adam);
+    tch::manual_seed(cfg.run.seed as i64 + 1 + rank as i64);
+    let shape = [t.batch_size as i64, mcfg.block_size as i64];
+    let x = Tensor::randint(mcfg.vocab_size as i64, shape, (Kind::Int64, device));
+    let y = Tensor::randint(mcfg.vocab_size as i64, shape, (Kind::Int64, device));
+    let buckets = ddp.assignment().buckets.len();
+    let mut st = DdpBenchState { model, ddp, opt, x, y, bf16, clip: t.grad_clip };
+    let mut plain = if n == 1 { Some(BenchState::new(cfg)?.0) } else { None };
+
+    let mut modes: Vec<&str> = vec!["overlap", "no-overlap", "no-comm"];
+    if plain.is_some() {
+        modes.insert(0, "plain");
+    }
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds {
+        for (mi, &mode) in modes.iter().enumerate() {
+            let timed = |st: &mut DdpBenchState, plain: &mut Option<BenchState>, k: usize| -> Result<f64, TrainError> {
+                let t0 = Instant::now();
+                let mut last = Tensor::zeros([], (Kind::Float, device));
+                for _ in 0..k {
+                    last = match (mode, plain.as_mut()) {
+                        ("plain", Some(pl)) => pl.step(),
+                        _ => st.step()?,
+                    };
+                }
+                last.double_value(&[]);
+                Ok(t0.elapsed().as_secs_f64())
+            };
+            st.ddp.set_mode(mode != "no-overlap", mode != "no-comm");
+            // Warm-up in every round: the first steps after a switch re-fill caches.
+            timed(&mut st, &mut plain, if round == 0 { warmup.max(1) } else { 1 })?;
+            let secs = timed(&mut st, &mut plain, steps)?;
+            let m = Tensor::from_slice(&[(1e3 * secs / steps as f64) as f32]);
+            comm.all_reduce(&m, ReduceOp::Max).map_err(|e| TrainError::Comm(e.to_string()))?;
+            times[mi].push(m.double_value(&[0]));
+        }
+    }
+    st.ddp.set_mode(true, true);
+    let tokens_per_step = (t.batch_size * mcfg.block_size * n) as f64;
+    let results = modes
+        .iter()
+        .zip(times)
+        .map(|(m, ts)| {
+            let mut s = ts.clone();
+            s.sort_by(f64::total_cmp);
+            let med = s[s.len() / 2];
+            DdpModeResult { mode: m.to_string(), step_ms: med, tokens_per_s: tokens_per_step / (med / 1e3), rounds_ms: ts }
+        })
+        .collect();
+    Ok(DdpBenchResult {
+        world_size: n,
+        device: match device {
+            Device::Cuda(i) => gpu_name(i).unwrap_or_else(|| format!("cuda:{i}")),
+            _ => format!("cpu ({} threads per rank)", tch::get_num_threads()),
+        },
+        params: st.model.num_params(),
+        batch: t.batch_size,
+        block: mcfg.block_size,
+        buckets,
+        steps,
+        rounds,
+        modes: results,
+    })
+}
