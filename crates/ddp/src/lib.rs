@@ -1,9 +1,10 @@
 //! Data parallelism, applied to a model from outside (the model knows nothing of communicators).
 //!
-//! So far: [`buckets`], the pure assignment of gradients to buckets. Next: gradient buffers
-//! (parameters' `.grad` as views into bucket storage, through `fabbrica_torch_ext::hooks::set_grad`),
-//! the reducer (one all-reduce per bucket, started from the gradient-ready hooks of
-//! `fabbrica_torch_ext::hooks` while backward is still running) and ZeRO-1.
+//! [`buckets`] assigns gradients to buckets (a pure function); [`reducer`] applies data
+//! parallelism to a parameter list: parameters' `.grad` become views into bucket storage
+//! (`fabbrica_torch_ext::hooks::set_grad`), each bucket is all-reduced from the gradient-ready
+//! hooks (`fabbrica_torch_ext::hooks`) while backward is still running, and ZeRO-1 shards the
+//! optimizer state.
 //!
 //! # Bucketing rule, and why
 //!

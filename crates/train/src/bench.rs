@@ -194,7 +194,8 @@ pub fn run_ddp(
 ) -> Result<DdpBenchResult, TrainError> {
     use fabbrica_comm::ReduceOp;
     let (rank, n) = (comm.rank(), comm.size());
-    let device = resolve_device(&cfg.run.device, local_rank)?;
+    let ordinal = if tch::Cuda::device_count() == 1 { 0 } else { local_rank };
+    let device = resolve_device(&cfg.run.device, ordinal)?;
     let bf16 = resolve_bf16(&cfg.train.dtype, device)?;
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);

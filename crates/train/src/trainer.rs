@@ -181,7 +181,10 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let dims = ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, 1, nranks).map_err(|e| TrainError::Parallel(e.to_string()))?;
     let dp = dims.dp;
     let rank0 = rank == 0;
-    let s = setup_on(cfg, world.launch().local_rank)?;
+    // Local rank i takes cuda:i; a rank that sees a single GPU (srun --gpus-per-task=1, or
+    // CUDA_VISIBLE_DEVICES set per rank) takes that one.
+    let ordinal = if tch::Cuda::device_count() == 1 { 0 } else { world.launch().local_rank };
+    let s = setup_on(cfg, ordinal)?;
     let cfg = &s.cfg;
     let out = cfg.run.out_dir.clone();
     if rank0 {
