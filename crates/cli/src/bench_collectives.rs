@@ -379,7 +379,7 @@ fn bench(plan: &Plan) -> Result<()> {
     let raw_world = if plan.nccl { None } else { world.universe().map(|u| u.world()) };
     let bf16_sum = if plan.dtype == DType::Bf16 && raw_world.is_some() {
         // SAFETY: the function reads and writes exactly `len` 16-bit words of each buffer.
-        Some(unsafe { UnsafeUserOperation::commutative(bf16_sum) })
+        Some(unsafe { UnsafeUserOperation::commutative(fabbrica_comm::mpi::bf16_sum) })
     } else {
         None
     };
@@ -402,10 +402,10 @@ fn bench(plan: &Plan) -> Result<()> {
             .and_then(|_| mpi::environment::library_version().ok())
             .map(|v| v.replace('\0', "").lines().next().unwrap_or("").trim().trim_end_matches(',').to_string());
         println!(
-            "# fabbrica bench collectives: {}, {}, {} ranks, {} backend ({} tensors), {} iters after {} warm-up{}",
+            "# fabbrica bench collectives: {}, {}, {}, {} backend ({} tensors), {} iters after {} warm-up{}",
             plan.op.name(),
             plan.dtype,
-            n,
+            ranks(n),
             if plan.nccl { "nccl" } else { "mpi" },
             if plan.nccl { "CUDA" } else { "CPU" },
             plan.iters,
@@ -528,6 +528,14 @@ fn bench(plan: &Plan) -> Result<()> {
         return Err(Failure { user: false, message });
     }
     Ok(())
+}
+
+fn ranks(n: usize) -> String {
+    if n == 1 {
+        "1 rank".into()
+    } else {
+        format!("{n} ranks")
+    }
 }
 
 fn comm_failure(e: fabbrica_comm::CommError) -> Failure {
@@ -753,7 +761,7 @@ impl SizeCtx<'_> {
             Op::AllReduce => {
                 let rc = unsafe {
                     mpi::ffi::MPI_Allreduce(
-                        fabbrica_cli_mpi_in_place(),
+                        fabbrica_comm::mpi::in_place(),
                         a.as_mut_ptr() as *mut c_void,
                         a.len() as c_int,
                         T::equivalent_datatype().as_raw(),
@@ -889,11 +897,6 @@ unsafe fn view<'t, T>(t: &'t Tensor) -> &'t mut [T] {
     std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel())
 }
 
-extern "C" {
-    /// MPI_IN_PLACE (csrc/mpi_in_place.c).
-    fn fabbrica_cli_mpi_in_place() -> *mut c_void;
-}
-
 /// An MPI reduction handle (built-in or user), usable with rsmpi's safe collectives.
 struct RawOp(mpi::ffi::MPI_Op);
 
@@ -905,18 +908,6 @@ unsafe impl AsRaw for RawOp {
 }
 
 impl Operation for RawOp {}
-
-/// bf16 sum over u16 words: widen to f32, add, round to nearest-even (fabbrica's MPI backend and
-/// PyTorch do the same).
-unsafe extern "C" fn bf16_sum(invec: *mut c_void, inout: *mut c_void, len: *mut c_int, _dt: *mut mpi::ffi::MPI_Datatype) {
-    let n = *len as usize;
-    let a = std::slice::from_raw_parts(invec as *const u16, n);
-    let b = std::slice::from_raw_parts_mut(inout as *mut u16, n);
-    for (y, &x) in b.iter_mut().zip(a) {
-        let v = half::bf16::from_bits(x).to_f32() + half::bf16::from_bits(*y).to_f32();
-        *y = half::bf16::from_f32(v).to_bits();
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Progress (rank 0, on a terminal only)
@@ -989,20 +980,25 @@ fn write_atomic(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::R
     r
 }
 
+/// What the chart shows, whatever the backend.
+struct Chart<'a> {
+    title: String,
+    x: (f64, f64),
+    ymax: f64,
+    n_labels: usize,
+    fab: Vec<(f64, f64)>,
+    raw: Vec<(f64, f64)>,
+    label: &'a dyn Fn(&f64) -> String,
+}
+
 /// Bus bandwidth (fabbrica, and the raw baseline when there is one) against message size, on a
-/// log2 x axis.
+/// log2 x axis. Text needs a system font (through fontconfig); without one the chart is drawn
+/// without text rather than not at all, and says so on stdout.
 fn plot(path: &Path, rows: &[Row], plan: &Plan, n: usize) -> std::result::Result<(), String> {
     use plotters::prelude::*;
 
     let png = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
     let size = (960u32, 600u32);
-    let title = format!(
-        "{} {}, {} ranks, {} backend: bus bandwidth",
-        plan.op.name(),
-        plan.dtype,
-        n,
-        if plan.nccl { "nccl" } else { "mpi" }
-    );
     let fab: Vec<(f64, f64)> = rows.iter().map(|r| ((r.bytes as f64).log2(), r.busbw)).collect();
     let raw: Vec<(f64, f64)> =
         rows.iter().filter_map(|r| r.raw_busbw.map(|b| ((r.bytes as f64).log2(), b))).collect();
@@ -1012,7 +1008,6 @@ fn plot(path: &Path, rows: &[Row], plan: &Plan, n: usize) -> std::result::Result
         x1 += 0.5;
     }
     let ymax = fab.iter().chain(raw.iter()).map(|p| p.1).fold(0.0, f64::max);
-    let ymax = if ymax > 0.0 { ymax * 1.1 } else { 1.0 };
     let label = |x: &f64| {
         let r = x.round();
         if (x - r).abs() < 1e-6 && r >= 0.0 {
@@ -1021,75 +1016,110 @@ fn plot(path: &Path, rows: &[Row], plan: &Plan, n: usize) -> std::result::Result
             String::new()
         }
     };
-    let n_labels = ((x1 - x0).round() as usize + 1).min(30);
+    let chart = Chart {
+        title: format!(
+            "{} {}, {}, {} backend: bus bandwidth",
+            plan.op.name(),
+            plan.dtype,
+            ranks(n),
+            if plan.nccl { "nccl" } else { "mpi" }
+        ),
+        x: (x0, x1),
+        ymax: if ymax > 0.0 { ymax * 1.1 } else { 1.0 },
+        n_labels: ((x1 - x0).round() as usize + 1).min(30),
+        fab,
+        raw,
+        label: &label,
+    };
 
-    fn draw<DB: DrawingBackend>(
-        root: DrawingArea<DB, plotters::coord::Shift>,
-        title: &str,
-        x: (f64, f64),
-        ymax: f64,
-        n_labels: usize,
-        label: &dyn Fn(&f64) -> String,
-        fab: &[(f64, f64)],
-        raw: &[(f64, f64)],
-    ) -> std::result::Result<(), String>
+    fn draw<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, c: &Chart, text: bool) -> std::result::Result<(), String>
     where
         DB::ErrorType: 'static,
     {
         let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
         root.fill(&WHITE).map_err(e)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(16)
-            .x_label_area_size(48)
-            .y_label_area_size(64)
-            .build_cartesian_2d(x.0..x.1, 0.0..ymax)
-            .map_err(e)?;
-        chart
-            .configure_mesh()
-            .x_labels(n_labels)
-            .x_label_formatter(label)
-            .x_desc("message size (bytes, log2 scale)")
-            .y_desc("bus bandwidth (GB/s)")
-            .draw()
-            .map_err(e)?;
+        let mut builder = ChartBuilder::on(&root);
+        builder.margin(16);
+        if text {
+            builder.caption(&c.title, ("sans-serif", 22)).x_label_area_size(48).y_label_area_size(64);
+        }
+        let mut chart = builder.build_cartesian_2d(c.x.0..c.x.1, 0.0..c.ymax).map_err(e)?;
+        if text {
+            chart
+                .configure_mesh()
+                .x_labels(c.n_labels)
+                .x_label_formatter(c.label)
+                .x_desc("message size (bytes, log2 scale)")
+                .y_desc("bus bandwidth (GB/s)")
+                .draw()
+                .map_err(e)?;
+        } else {
+            // The mesh looks its label font up even with no labels: a plain frame instead.
+            let frame = [(c.x.0, 0.0), (c.x.1, 0.0), (c.x.1, c.ymax), (c.x.0, c.ymax), (c.x.0, 0.0)];
+            chart.draw_series(std::iter::once(PathElement::new(frame.to_vec(), BLACK))).map_err(e)?;
+        }
         let blue = RGBColor(31, 119, 180);
         let orange = RGBColor(255, 127, 14);
-        chart
-            .draw_series(LineSeries::new(fab.iter().copied(), blue.stroke_width(2)))
-            .map_err(e)?
-            .label("fabbrica")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2)));
-        chart.draw_series(fab.iter().map(|&p| Circle::new(p, 3, blue.filled()))).map_err(e)?;
-        if !raw.is_empty() {
+        for (points, color, name) in [(&c.fab, blue, "fabbrica"), (&c.raw, orange, "raw MPI (rsmpi)")] {
+            if points.is_empty() {
+                continue;
+            }
             chart
-                .draw_series(LineSeries::new(raw.iter().copied(), orange.stroke_width(2)))
+                .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
                 .map_err(e)?
-                .label("raw MPI (rsmpi)")
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], orange.stroke_width(2)));
-            chart.draw_series(raw.iter().map(|&p| Circle::new(p, 3, orange.filled()))).map_err(e)?;
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(e)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(e)?;
+        if text {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(e)?;
+        }
         root.present().map_err(e)
     }
 
-    if png {
-        let tmp = temp_path(path);
-        let r = draw(BitMapBackend::new(&tmp, size).into_drawing_area(), &title, (x0, x1), ymax, n_labels, &label, &fab, &raw)
-            .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| format!("cannot write: {e}")));
-        if r.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+    // One attempt: draw, then put the file in place atomically.
+    let attempt = |text: bool| -> std::result::Result<(), String> {
+        if png {
+            let tmp = temp_path(path);
+            let r = draw(BitMapBackend::new(&tmp, size).into_drawing_area(), &chart, text)
+                .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| format!("cannot write: {e}")));
+            if r.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            r
+        } else {
+            let mut svg = String::new();
+            draw(SVGBackend::with_string(&mut svg, size).into_drawing_area(), &chart, text)?;
+            write_atomic(path, |f| f.write_all(svg.as_bytes())).map_err(|e| format!("cannot write: {e}"))
         }
-        r
-    } else {
-        let mut svg = String::new();
-        draw(SVGBackend::with_string(&mut svg, size).into_drawing_area(), &title, (x0, x1), ymax, n_labels, &label, &fab, &raw)?;
-        write_atomic(path, |f| f.write_all(svg.as_bytes())).map_err(|e| format!("cannot write: {e}"))
+    };
+    // Font lookup fails with an error, or (fontconfig missing, loaded at run time) with a panic:
+    // both mean "no text", silently.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let with_text = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(true)));
+    std::panic::set_hook(hook);
+    match with_text {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.starts_with("cannot write") => Err(e),
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e,
+                _ => "fontconfig is not available".into(),
+            };
+            let hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(|_| {}));
+            let plain = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(false)));
+            std::panic::set_hook(hook);
+            plain.unwrap_or_else(|_| Err(format!("cannot draw the chart ({why})")))?;
+            println!("# plot {}: drawn without text (no usable font: {why})", path.display());
+            Ok(())
+        }
     }
 }

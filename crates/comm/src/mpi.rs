@@ -85,7 +85,8 @@ static USER_OPS: OnceLock<UserOps> = OnceLock::new();
 
 macro_rules! half_op {
     ($name:ident, $ty:ty, $f:expr) => {
-        unsafe extern "C" fn $name(
+        /// An `MPI_User_function` over 16-bit words (public for raw-MPI baselines).
+        pub unsafe extern "C" fn $name(
             invec: *mut c_void,
             inout: *mut c_void,
             len: *mut c_int,
@@ -171,7 +172,8 @@ fn ok(rc: c_int, ctx: &OpContext, call: &str) -> Result<()> {
     }
 }
 
-fn in_place() -> *mut c_void {
+/// `MPI_IN_PLACE` (a macro in mpi.h, so rsmpi's bindings do not have it).
+pub fn in_place() -> *mut c_void {
     unsafe { fabbrica_mpi_in_place() }
 }
 
