@@ -134,6 +134,10 @@ fn zero1_overlap_and_bf16_reduction() {
     let zero = losses(&run(2, &dir("zero"), &["parallel.zero=1"]));
     assert_close(&plain, &zero, 1e-5, "ZeRO-1 vs plain data parallelism");
     assert_weights_close(&dir("plain"), &dir("zero"), 1e-5);
+    // Debug mode: parameter checksums after the broadcast and a signature check before every
+    // collective; same results.
+    let debug = losses(&run(2, &dir("debug"), &["comm.debug=true"]));
+    assert_eq!(plain, debug, "debug mode must not change results");
     let no_overlap = losses(&run(2, &dir("seq"), &["parallel.overlap=false"]));
     assert_eq!(plain, no_overlap, "overlap on and off must give identical losses");
     // bf16 carries 8 significant bits: each reduced gradient is off by up to 2^-9 relative, and

@@ -93,6 +93,8 @@ struct State {
     next: usize,
     works: Vec<(usize, Work)>,
     error: Option<CommError>,
+    /// Buckets launched since `apply` (what the tests count).
+    launched: u64,
     /// Runtime switches (benchmarks flip them between steps): start from `DdpOptions`.
     overlap: bool,
     grad_comm: bool,
@@ -143,6 +145,7 @@ impl Shared {
         } else {
             self.comm.all_reduce_async(&src, ReduceOp::Avg)
         };
+        st.launched += 1;
         match res {
             Ok(w) => st.works.push((b, w)),
             Err(e) => {
@@ -236,6 +239,7 @@ impl Ddp {
                 next: 0,
                 works: Vec::new(),
                 error: None,
+                launched: 0,
                 overlap: opts.overlap,
                 grad_comm: opts.grad_comm,
             }),
@@ -252,6 +256,11 @@ impl Ddp {
             }
         }
         Ok(Ddp { shared, params, assignment, _hooks: hooks })
+    }
+
+    /// Bucket collectives launched so far (one per bucket per optimizer step when communicating).
+    pub fn launched(&self) -> u64 {
+        self.shared.state.lock().unwrap().launched
     }
 
     pub fn assignment(&self) -> &BucketAssignment {
