@@ -37,25 +37,10 @@ pub struct BenchState {
 
 impl BenchState {
     pub fn new(cfg: &Config) -> Result<(Self, Device), TrainError> {
-        let device = resolve_device(&cfg.run.device, 0)?;
-        let bf16 = resolve_bf16(&cfg.train.dtype, device)?;
-        if cfg.run.threads > 0 {
-            tch::set_num_threads(cfg.run.threads as i32);
-        }
-        let mut mcfg = cfg.model.clone();
-        if mcfg.vocab_size == 0 {
-            mcfg.vocab_size = 256;
-        }
-        tch::manual_seed(cfg.run.seed as i64);
-        let model = Gpt::new(&mcfg, device)?;
+        let BenchModel { model, device, bf16, x, y } = bench_model(cfg, 0)?;
         let params: Vec<(String, Tensor)> = model.parameter_handles();
-        let fused = cfg.fused_adamw();
-        let t = &cfg.train;
-        let opt = AdamW::new(&params, AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, fused });
-        let shape = [t.batch_size as i64, mcfg.block_size as i64];
-        let x = Tensor::randint(mcfg.vocab_size as i64, shape, (Kind::Int64, device));
-        let y = Tensor::randint(mcfg.vocab_size as i64, shape, (Kind::Int64, device));
-        Ok((BenchState { model, params, opt, x, y, bf16, clip: t.grad_clip }, device))
+        let opt = AdamW::new(&params, adamw_config(cfg));
+        Ok((BenchState { model, params, opt, x, y, bf16, clip: cfg.train.grad_clip }, device))
     }
 
     /// One full training step (forward, backward, clip, AdamW, zero grads); not synchronised.
@@ -73,6 +58,45 @@ impl BenchState {
     pub fn model(&self) -> &Gpt {
         &self.model
     }
+}
+
+/// A model built as the trainer builds it, and a fixed random batch (seeded by `batch_seed`).
+struct BenchModel {
+    model: Gpt,
+    device: Device,
+    bf16: bool,
+    x: Tensor,
+    y: Tensor,
+}
+
+fn bench_model(cfg: &Config, batch_seed: i64) -> Result<BenchModel, TrainError> {
+    bench_model_on(cfg, 0, batch_seed)
+}
+
+fn bench_model_on(cfg: &Config, cuda_ordinal: usize, batch_seed: i64) -> Result<BenchModel, TrainError> {
+    let device = resolve_device(&cfg.run.device, cuda_ordinal)?;
+    let bf16 = resolve_bf16(&cfg.train.dtype, device)?;
+    if cfg.run.threads > 0 {
+        tch::set_num_threads(cfg.run.threads as i32);
+    }
+    let mut mcfg = cfg.model.clone();
+    if mcfg.vocab_size == 0 {
+        mcfg.vocab_size = 256;
+    }
+    tch::manual_seed(cfg.run.seed as i64);
+    let model = Gpt::new(&mcfg, device)?;
+    if batch_seed != 0 {
+        tch::manual_seed(cfg.run.seed as i64 + batch_seed);
+    }
+    let shape = [cfg.train.batch_size as i64, mcfg.block_size as i64];
+    let x = Tensor::randint(mcfg.vocab_size as i64, shape, (Kind::Int64, device));
+    let y = Tensor::randint(mcfg.vocab_size as i64, shape, (Kind::Int64, device));
+    Ok(BenchModel { model, device, bf16, x, y })
+}
+
+fn adamw_config(cfg: &Config) -> AdamWConfig {
+    let t = &cfg.train;
+    AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, fused: cfg.fused_adamw() }
 }
 
 /// Times `steps` training steps after `warmup` untimed ones.
@@ -195,17 +219,9 @@ pub fn run_ddp(
     use fabbrica_comm::ReduceOp;
     let (rank, n) = (comm.rank(), comm.size());
     let ordinal = if tch::Cuda::device_count() == 1 { 0 } else { local_rank };
-    let device = resolve_device(&cfg.run.device, ordinal)?;
-    let bf16 = resolve_bf16(&cfg.train.dtype, device)?;
-    if cfg.run.threads > 0 {
-        tch::set_num_threads(cfg.run.threads as i32);
-    }
-    let mut mcfg = cfg.model.clone();
-    if mcfg.vocab_size == 0 {
-        mcfg.vocab_size = 256;
-    }
-    tch::manual_seed(cfg.run.seed as i64);
-    let model = Gpt::new(&mcfg, device)?;
+    // Same weights on every rank (rank 0's are broadcast anyway), a different batch on each.
+    let BenchModel { model, device, bf16, x, y } = bench_model_on(cfg, ordinal, 1 + rank as i64)?;
+    let mcfg = model.config().clone();
     let params = model.parameter_handles();
     let p = &cfg.parallel;
     let ddp = fabbrica_ddp::Ddp::apply(
@@ -223,12 +239,7 @@ pub fn run_ddp(
     )
     .map_err(|e| TrainError::Comm(e.to_string()))?;
     let t = &cfg.train;
-    let adam = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, fused: cfg.fused_adamw() };
-    let opt = AdamW::from_parts(ddp.optimizer_params(), adam);
-    tch::manual_seed(cfg.run.seed as i64 + 1 + rank as i64);
-    let shape = [t.batch_size as i64, mcfg.block_size as i64];
-    let x = Tensor::randint(mcfg.vocab_size as i64, shape, (Kind::Int64, device));
-    let y = Tensor::randint(mcfg.vocab_size as i64, shape, (Kind::Int64, device));
+    let opt = AdamW::from_parts(ddp.optimizer_params(), adamw_config(cfg));
     let buckets = ddp.assignment().buckets.len();
     let mut st = DdpBenchState { model, ddp, opt, x, y, bf16, clip: t.grad_clip };
     let mut plain = if n == 1 { Some(BenchState::new(cfg)?.0) } else { None };
