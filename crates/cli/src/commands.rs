@@ -61,6 +61,12 @@ pub struct TrainArgs {
     pub dry_run: bool,
 }
 
+/// Errors every rank meets alike (a layout that does not fit, or inputs that failed on every
+/// rank): said once, by rank 0.
+fn is_setup_error(e: &TrainError) -> bool {
+    matches!(e, TrainError::Config(_) | TrainError::Data(_) | TrainError::Parallel(_) | TrainError::Checkpoint(_) | TrainError::Device(_) | TrainError::Model(_))
+}
+
 /// Under a launcher every rank resolves the same arguments and would print the same error: only
 /// rank 0 says it (the message is blanked elsewhere; the exit code stays).
 fn once(f: Failure) -> Failure {
@@ -85,14 +91,16 @@ pub fn train(a: TrainArgs) -> Result<()> {
             // Other ranks may be waiting in a collective for this one: finalising MPI would wait
             // for them too. Leaving without it makes the launcher end the job.
             std::mem::forget(world);
-            // Input errors are the same on every rank: rank 0 says it once.
-            let same_everywhere = matches!(e, TrainError::Config(_) | TrainError::Data(_) | TrainError::Parallel(_));
-            let f: Failure = e.into();
-            let message = match (same_everywhere, rank) {
-                (true, 0) => f.message,
-                (true, _) => String::new(),
-                (false, _) => format!("rank {rank}: {}", f.message),
+            // Setup errors come out of train_in already agreed (said once, by the rank that had
+            // it); anything later happened on this rank.
+            let message = match &e {
+                TrainError::Elsewhere { .. } => String::new(),
+                TrainError::OnRank { .. } => e.to_string(),
+                _ if rank == 0 && is_setup_error(&e) => e.to_string(),
+                _ if is_setup_error(&e) => String::new(),
+                _ => format!("rank {rank}: {e}"),
             };
+            let f: Failure = e.into();
             return Err(Failure { message, ..f });
         }
         Err(e) => return Err(e.into()),

@@ -182,3 +182,27 @@ fn a_layout_that_does_not_fit_the_world_is_one_line() {
     assert!(lines[0].contains("parallel.dp") || lines[0].contains("dp"), "{}", lines[0]);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn an_input_error_on_one_rank_is_said_once_by_that_rank_and_ends_the_job() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let t = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_fabbrica");
+    let out = format!("run.out_dir={}", t.path().display());
+    let good = format!("data.path={}/../../data/pystdlib.txt", env!("CARGO_MANIFEST_DIR"));
+    // MPMD: rank 0 has the data, rank 1 is pointed at a file that does not exist (as when a
+    // file is missing on one node).
+    let o = Command::new("mpirun")
+        .args(["--oversubscribe", "-np", "1", bin, "train", "--set", &out, "--set", &good, ":", "-np", "1", bin, "train", "--set", &out, "--set", "data.path=/nonexistent/corpus.txt"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_plm", "isolated")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("error: rank 1: data path /nonexistent/corpus.txt does not exist"), "{}", lines[0]);
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -49,11 +49,27 @@ pub enum TrainError {
     /// Communication failed (a collective's error names rank, operation, group and backend).
     #[error("{0}")]
     Comm(String),
+    /// Another rank failed and reported it; this rank stops with it.
+    #[error("rank {rank} failed (its error is printed by that rank)")]
+    Elsewhere { rank: usize },
+    /// An error that happened on one rank only, named so.
+    #[error("rank {rank}: {inner}")]
+    OnRank { rank: usize, inner: Box<TrainError> },
 }
 
 impl TrainError {
+    /// The same error, saying which rank it happened on.
+    pub fn on_rank(self, rank: usize) -> TrainError {
+        TrainError::OnRank { rank, inner: Box::new(self) }
+    }
+
     /// True when the user can fix it by changing input (exit code 2).
     pub fn is_user_error(&self) -> bool {
+        match self {
+            TrainError::OnRank { inner, .. } => return inner.is_user_error(),
+            TrainError::Elsewhere { .. } => return true,
+            _ => {}
+        }
         !matches!(self, TrainError::Torch(_) | TrainError::Io { .. } | TrainError::Comm(_))
             && !matches!(self, TrainError::Model(fabbrica_models::ModelError::Torch(_)))
     }

@@ -184,14 +184,25 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     // Local rank i takes cuda:i; a rank that sees a single GPU (srun --gpus-per-task=1, or
     // CUDA_VISIBLE_DEVICES set per rank) takes that one.
     let ordinal = if tch::Cuda::device_count() == 1 { 0 } else { world.launch().local_rank };
-    let s = setup_on(cfg, ordinal)?;
+    // Everything that can fail on bad input, on every rank, before the first collective that
+    // would wait for a failed rank: data, model, device, output directory, checkpoint.
+    let preflight = (|| -> Result<(Setup, Option<(PathBuf, checkpoint::Loaded)>), TrainError> {
+        let s = setup_on(cfg, ordinal)?;
+        let out = &s.cfg.run.out_dir;
+        if rank0 {
+            std::fs::create_dir_all(out).map_err(|e| {
+                TrainError::Checkpoint(format!("cannot use run.out_dir = {} ({e}): set run.out_dir to a writable directory", out.display()))
+            })?;
+        }
+        let ck = match (s.cfg.run.resume, checkpoint::latest(out)?) {
+            (true, Some(dir)) => Some((dir.clone(), checkpoint::load(&dir)?)),
+            _ => None,
+        };
+        Ok((s, ck))
+    })();
+    let (s, resume_from) = agree(&*comm, preflight)?;
     let cfg = &s.cfg;
     let out = cfg.run.out_dir.clone();
-    if rank0 {
-        std::fs::create_dir_all(&out).map_err(|e| {
-            TrainError::Checkpoint(format!("cannot use run.out_dir = {} ({e}): set run.out_dir to a writable directory", out.display()))
-        })?;
-    }
 
     let params: Vec<(String, Tensor)> = s.model.parameter_handles();
     let ddp_opts = DdpOptions {
@@ -209,19 +220,16 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let mut opt = AdamW::from_parts(ddp.optimizer_params(), adam);
 
     let mut start = 0u64;
-    if cfg.run.resume {
-        if let Some(dir) = checkpoint::latest(&out)? {
-            let ck = checkpoint::load(&dir)?;
-            s.model.load_parameters(&ck.model)?;
-            let bad = |e: String| TrainError::Checkpoint(format!("{}: {e}: the checkpoint was written by a different model", dir.display()));
-            if zero1 {
-                ddp.scatter_state(&ck.optim).map_err(bad)?;
-                opt.set_steps(ck.state.step);
-            } else {
-                opt.load_state(&ck.optim, ck.state.step).map_err(bad)?;
-            }
-            start = ck.state.step;
+    if let Some((dir, ck)) = resume_from {
+        s.model.load_parameters(&ck.model)?;
+        let bad = |e: String| TrainError::Checkpoint(format!("{}: {e}: the checkpoint was written by a different model", dir.display()));
+        if zero1 {
+            ddp.scatter_state(&ck.optim).map_err(bad)?;
+            opt.set_steps(ck.state.step);
+        } else {
+            opt.load_state(&ck.optim, ck.state.step).map_err(bad)?;
         }
+        start = ck.state.step;
     }
     let mut log = if rank0 {
         let log = MetricsLog::open(&out, cfg.run.resume.then_some(start))?;
@@ -340,6 +348,26 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     // Nobody leaves (and finalises MPI) while rank 0 may still be writing.
     dp_comm.barrier().map_err(comm_err)?;
     Ok(TrainOutcome { steps: step, train_loss, val_loss, sample, out_dir: out, checkpoint })
+}
+
+/// Makes every rank agree on a result that may have failed on some ranks only (a file missing on
+/// one node): if any failed, the lowest failing rank returns its error (prefixed with its rank in
+/// a multi-rank world) and every other rank returns `TrainError::Elsewhere`, so that all of them
+/// stop here instead of waiting in a collective for the failed one, and the error is said once.
+fn agree<T>(comm: &dyn Communicator, r: Result<T, TrainError>) -> Result<T, TrainError> {
+    let n = comm.size();
+    if n == 1 {
+        return r;
+    }
+    let flags = Tensor::zeros([n as i64], (Kind::Int64, Device::Cpu));
+    comm.all_gather(&flags, &Tensor::from_slice(&[r.is_err() as i64])).map_err(comm_err)?;
+    let flags: Vec<i64> = Vec::try_from(flags).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?;
+    let Some(first) = flags.iter().position(|&f| f != 0) else { return r };
+    let everyone = flags.iter().all(|&f| f != 0);
+    match r {
+        Err(e) if comm.rank() == first => Err(if everyone { e } else { e.on_rank(first) }),
+        _ => Err(TrainError::Elsewhere { rank: first }),
+    }
 }
 
 /// Every rank's compute and communication-wait time per step (ms), gathered; names the slowest.
