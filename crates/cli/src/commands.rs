@@ -79,8 +79,7 @@ fn once(f: Failure) -> Failure {
 pub fn train(a: TrainArgs) -> Result<()> {
     let cfg = a.cfg.resolve().map_err(|e| once(e.into()))?;
     if a.dry_run {
-        dry_run(&cfg);
-        return Ok(());
+        return dry_run(&cfg);
     }
     let opts = fabbrica_train::comm_options(&cfg).map_err(|e| once(e.into()))?;
     let world = fabbrica_comm::init(opts).map_err(|e| once(Failure { message: e.to_string(), user: true }))?;
@@ -118,7 +117,16 @@ pub fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn dry_run(cfg: &Config) {
+/// What a run would be, without data or devices: the resolved config, the data-parallel layout
+/// for the world the launcher describes, the cost model and a memory estimate. Under a launcher
+/// only rank 0 prints.
+fn dry_run(cfg: &Config) -> Result<()> {
+    let launch = fabbrica_comm::launch::detect().map_err(|e| Failure { user: true, message: e.to_string() })?;
+    let dims = fabbrica_topology::ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, 1, launch.world_size)
+        .map_err(|e| once(Failure { user: true, message: e.to_string() }))?;
+    if launch.rank != 0 {
+        return Ok(());
+    }
     println!("# resolved config\n{}", cfg.to_toml());
     let mut m = cfg.model.clone();
     let auto_vocab = m.vocab_size == 0;
@@ -129,15 +137,26 @@ fn dry_run(cfg: &Config) {
     let n = fabbrica_models::flops::total_params(&m);
     let fpt = flops_per_token(&m, m.block_size);
     let bf16 = t.dtype == "bf16" || (t.dtype == "auto" && cfg.run.device == "cuda");
-    let mem = memory_estimate(&m, t.batch_size, m.block_size, bf16);
+    let mut mem = memory_estimate(&m, t.batch_size, m.block_size, bf16);
+    if cfg.parallel.zero == 1 {
+        mem.optimizer /= dims.dp as u64; // ZeRO-1: each rank keeps its shard of the moments
+    }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     if auto_vocab {
         println!("# model.vocab_size = 0 is taken from the tokenizer at start; figures below assume 256");
     }
+    let seqs = t.batch_size * t.grad_accum * dims.dp;
     println!("parameters:        {n} ({:.1}M)", n as f64 / 1e6);
     println!("flops per token:   {fpt:.4e} (6N + 12·L·H·Q·T, T = {})", m.block_size);
-    println!("tokens per step:   {} (batch {} × accum {} × block {})", t.batch_size * t.grad_accum * m.block_size, t.batch_size, t.grad_accum, m.block_size);
-    println!("flops per step:    {:.4e}", fpt * (t.batch_size * t.grad_accum * m.block_size) as f64);
+    println!("ranks:             {} ({}), data parallel {}{}", launch.world_size, launch.launcher, dims.dp, if cfg.parallel.zero == 1 { ", ZeRO-1" } else { "" });
+    println!(
+        "global batch:      {seqs} sequences = micro {} × accum {} × dp {}, {} tokens per step",
+        t.batch_size,
+        t.grad_accum,
+        dims.dp,
+        seqs * m.block_size
+    );
+    println!("flops per step:    {:.4e}", fpt * (seqs * m.block_size) as f64);
     println!(
         "memory per device: {:.2} GiB (params {:.2}, grads {:.2}, AdamW {:.2}, activations {:.2} at micro-batch {}, {})",
         gib(mem.total()),
@@ -148,6 +167,7 @@ fn dry_run(cfg: &Config) {
         t.batch_size,
         if bf16 { "bf16" } else { "fp32" }
     );
+    Ok(())
 }
 
 #[derive(Args)]
