@@ -206,3 +206,20 @@ fn an_input_error_on_one_rank_is_said_once_by_that_rank_and_ends_the_job() {
     assert!(lines[0].starts_with("error: rank 1: data path /nonexistent/corpus.txt does not exist"), "{}", lines[0]);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn dry_run_under_mpirun_prints_the_layout_once() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let o = Command::new("mpirun")
+        .args(["-np", "2", "--oversubscribe", env!("CARGO_BIN_EXE_fabbrica"), "train", "--dry-run", "--set", "parallel.zero=1", "--set", "train.grad_accum=3"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_plm", "isolated")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(out.matches("global batch:").count(), 1, "{out}");
+    assert!(out.contains("data parallel 2, ZeRO-1"), "{out}");
+    assert!(out.contains("global batch:      192 sequences = micro 32 × accum 3 × dp 2"), "{out}");
+}
