@@ -29,6 +29,21 @@
 //! `ncclCommGetAsyncError` while operations are pending; on an error it aborts the communicator
 //! (as PyTorch's NCCL watchdog does) so that kernels blocked on a dead peer end, and every later
 //! `wait` or operation on it returns the error.
+//!
+//! # Point-to-point
+//!
+//! NCCL runs one communicator's kernels one after the other, and a send or receive kernel does
+//! not finish before its peer's matching kernel runs. Issued one by one, the sends and receives of
+//! an exchange (both directions between two ranks, or a ring: every rank sends to its successor
+//! and receives from its predecessor) would each queue a send first and wait forever for receives
+//! queued behind it; NCCL requires such calls to be fused in one `ncclGroupStart`/`ncclGroupEnd`
+//! (its "Point-to-point communication" guide). So `send_async` and `recv_async` only queue the
+//! operation (ordered after the caller's current stream by an event of its own); the queue is
+//! handed to NCCL as one group, in issue order, as soon as one of its `Work`s is waited on,
+//! queried or dropped, or any other operation (collective, barrier, split) is issued on this
+//! communicator, or it is dropped. A rank must therefore not block on a peer (a host
+//! synchronisation on a tensor the peer's receive fills, say) while its own matching send is still
+//! queued: wait on the send's `Work` first.
 
 use std::collections::VecDeque;
 use std::ffi::{c_int, c_void};
@@ -37,7 +52,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclUniqueId};
+use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclUniqueId};
 use tch::{Device, Kind, Tensor};
 
 use super::cuda::{DeviceGuard, Event, On, Stream};
@@ -79,6 +94,11 @@ struct Inner {
     aborted: AtomicBool,
     /// "group 'world' (rank 0 of 2, cuda:0)", for messages outside an operation.
     label: String,
+    /// Point-to-point operations issued but not yet handed to NCCL (see the module docs). Taken
+    /// before `issue` whenever both are held.
+    p2p: Mutex<Vec<QueuedP2p>>,
+    /// The poller's queue of completion events.
+    pending: Arc<(Mutex<Queue>, Condvar)>,
 }
 
 impl Inner {
@@ -131,6 +151,95 @@ impl Inner {
             unsafe { (self.lib.comm_abort)(self.comm.0) };
         }
     }
+
+    /// Hands the completion event (and watchdog guard) of an operation queued on the NCCL stream
+    /// to the poller.
+    fn push_pending(&self, p: Pending) {
+        lock(&self.pending.0).pending.push_back(p);
+        self.pending.1.notify_all();
+    }
+
+    /// Issues every queued point-to-point operation, in issue order, as one NCCL group (see the
+    /// module docs), and settles each one's state. The queue lock is held throughout, so that
+    /// concurrent flushes cannot reorder operations.
+    fn flush_p2p(&self) {
+        let mut queue = lock(&self.p2p);
+        if queue.is_empty() {
+            return;
+        }
+        let ops: Vec<QueuedP2p> = queue.drain(..).collect();
+        // NCCL launches on the current device. A failure here shows up in the event calls below.
+        let _device = DeviceGuard::new(self.device);
+        let outcome = {
+            let _issue = lock(&self.issue);
+            match self.async_error_locked() {
+                Some(f) => Err((f, Failed::Communicator)),
+                None => self.issue_p2p_group_locked(&ops),
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                for op in ops {
+                    *lock(&op.state) = P2pState::Issued;
+                    self.push_pending(Pending { event: op.done, _guard: op.guard });
+                }
+            }
+            Err((detail, how)) => {
+                if !matches!(how, Failed::Call) {
+                    self.fail(detail.clone());
+                }
+                for op in ops {
+                    *lock(&op.state) = P2pState::Failed(detail.clone(), how);
+                }
+            }
+        }
+    }
+
+    /// The NCCL calls of `flush_p2p`; the caller holds `issue`.
+    fn issue_p2p_group_locked(&self, ops: &[QueuedP2p]) -> std::result::Result<(), (String, Failed)> {
+        for op in ops {
+            op.ready.block(On::Stream(&self.stream)).map_err(|e| {
+                (format!("ordering the NCCL stream after the issuing stream failed: {e}"), Failed::Call)
+            })?;
+        }
+        let stream = self.stream.raw() as cudaStream_t;
+        // SAFETY: no arguments; `issue` is held.
+        let rc = unsafe { (self.lib.group_start)() };
+        if rc != SUCCESS {
+            return Err((self.lib.describe("ncclGroupStart", rc, self.comm.0), Failed::Call));
+        }
+        let mut first_error = None;
+        for op in ops {
+            // SAFETY: device pointers of live contiguous tensors of `count` elements of `dtype`,
+            // kept alive by the operation's Work until the current stream is ordered after `done`.
+            let (call, rc) = unsafe {
+                if op.send {
+                    ("ncclSend", (self.lib.send)(op.ptr as *const c_void, op.count, op.dtype, op.peer, self.comm.0, stream))
+                } else {
+                    ("ncclRecv", (self.lib.recv)(op.ptr as *mut c_void, op.count, op.dtype, op.peer, self.comm.0, stream))
+                }
+            };
+            if rc != SUCCESS && first_error.is_none() {
+                first_error = Some(self.lib.describe(call, rc, self.comm.0));
+            }
+        }
+        // Always closed, even after a failed call: an open group would swallow every later call.
+        // SAFETY: as for ncclGroupStart.
+        let rc = unsafe { (self.lib.group_end)() };
+        // Whether part of a failed group was launched is not knowable: treat it as running.
+        if let Some(detail) = first_error {
+            return Err((detail, Failed::Untracked));
+        }
+        if rc != SUCCESS {
+            return Err((self.lib.describe("ncclGroupEnd", rc, self.comm.0), Failed::Untracked));
+        }
+        for op in ops {
+            op.done.record(On::Stream(&self.stream)).map_err(|e| {
+                (format!("the point-to-point group was queued but recording its completion event failed: {e}"), Failed::Untracked)
+            })?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Inner {
@@ -153,6 +262,29 @@ struct Pending {
     _guard: watchdog::Guard,
 }
 
+/// A send or receive waiting in `Inner::p2p` for the next flush.
+struct QueuedP2p {
+    send: bool,
+    /// The device pointer NCCL reads (send) or writes (recv).
+    ptr: usize,
+    count: usize,
+    dtype: ncclDataType_t,
+    peer: c_int,
+    /// Recorded on the caller's current stream when the operation was issued.
+    ready: Event,
+    done: Arc<Event>,
+    /// Times the operation from issue, as for collectives.
+    guard: watchdog::Guard,
+    state: Arc<Mutex<P2pState>>,
+}
+
+/// What became of a queued point-to-point operation.
+enum P2pState {
+    Queued,
+    Issued,
+    Failed(String, Failed),
+}
+
 #[derive(Default)]
 struct Queue {
     pending: VecDeque<Pending>,
@@ -166,15 +298,10 @@ struct Poller {
 
 impl Poller {
     fn start(inner: Arc<Inner>, name: &str) -> std::io::Result<Poller> {
-        let shared: Arc<(Mutex<Queue>, Condvar)> = Arc::default();
+        let shared = inner.pending.clone();
         let s = shared.clone();
         let thread = std::thread::Builder::new().name(format!("nccl:{name}")).spawn(move || poll_loop(&inner, &s))?;
         Ok(Poller { shared, thread: Some(thread) })
-    }
-
-    fn push(&self, p: Pending) {
-        lock(&self.shared.0).pending.push_back(p);
-        self.shared.1.notify_all();
     }
 }
 
@@ -245,6 +372,8 @@ struct NcclWork {
     /// (caller's tensor, contiguous buffer NCCL wrote): copied on the current stream after the wait.
     copy_back: Option<(Tensor, Tensor)>,
     finished: bool,
+    /// A point-to-point operation's state, which may still be queued (see the module docs).
+    p2p: Option<Arc<Mutex<P2pState>>>,
 }
 
 impl NcclWork {
@@ -263,11 +392,34 @@ impl NcclWork {
         }
     }
 
+    /// For a point-to-point operation: hands it to NCCL if still queued, and says why it could not
+    /// be issued, if it could not.
+    fn p2p_failure(&self) -> Option<(String, Failed)> {
+        let state = self.p2p.as_ref()?;
+        self.inner.flush_p2p();
+        match &*lock(state) {
+            P2pState::Failed(detail, how) => Some((detail.clone(), *how)),
+            P2pState::Queued | P2pState::Issued => None,
+        }
+    }
+
     fn finish(&mut self) -> Result<()> {
         if self.finished {
             return Ok(());
         }
         self.finished = true;
+        if let Some(how) = self.p2p_failure() {
+            let (detail, how) = how;
+            match how {
+                // Part of its group may be running: the buffers can never be proven idle.
+                Failed::Untracked => self.leak(),
+                Failed::Call | Failed::Communicator => {
+                    self.keep.clear();
+                    self.copy_back = None;
+                }
+            }
+            return Err(self.error(detail));
+        }
         let device = self.inner.device;
         let _device = match DeviceGuard::new(device) {
             Ok(g) => g,
@@ -307,6 +459,9 @@ impl WorkImpl for NcclWork {
         if self.finished {
             return true;
         }
+        if self.p2p_failure().is_some() {
+            return true;
+        }
         // On this communicator's device: a CUDA call on a thread that never chose one would set
         // up a context on device 0.
         let _device = DeviceGuard::new(self.inner.device);
@@ -335,6 +490,8 @@ impl Drop for NcclWork {
 /// dropping it waits for its pending operations on the GPU, then destroys the NCCL communicator.
 pub struct NcclComm {
     /// Dropped first: joining the poller waits for pending operations before `inner` can go.
+    /// Only held for that (operations reach its queue through `Inner::pending`).
+    #[allow(dead_code)]
     poller: Poller,
     inner: Arc<Inner>,
     /// The CPU communicator of the same group: carries the unique id, the debug-mode check,
@@ -460,6 +617,7 @@ pub(crate) fn mismatch_detail(all: &[i64], mine: &[i64; 5]) -> Option<String> {
 }
 
 /// How an issue failed, which decides what becomes of the buffers and the communicator.
+#[derive(Clone, Copy)]
 enum Failed {
     /// This call was refused before anything was queued; the communicator is fine.
     Call,
@@ -507,6 +665,8 @@ impl NcclComm {
             failed: Mutex::new(None),
             aborted: AtomicBool::new(false),
             label: label.clone(),
+            p2p: Mutex::new(Vec::new()),
+            pending: Arc::default(),
         });
         let poller = Poller::start(inner.clone(), &name)
             .map_err(|e| init(format!("cannot start the completion poller thread: {e}")))?;
@@ -676,6 +836,8 @@ impl NcclComm {
         let dev = inner.device;
         let _device = DeviceGuard::new(dev)
             .map_err(|e| Self::backend_error(ctx, format!("cannot make cuda:{dev} current: {e}")))?;
+        // Point-to-point operations issued before this one reach NCCL before it.
+        inner.flush_p2p();
         let done = Event::new().map_err(|e| Self::backend_error(ctx, format!("cannot create a CUDA event: {e}")))?;
         let issued: std::result::Result<(), (String, Failed)> = {
             let ready = lock(&inner.issue);
@@ -711,8 +873,64 @@ impl NcclComm {
         }
         let done = Arc::new(done);
         let guard = watchdog::begin(ctx.to_string(), &self.id, ctx.seq, &self.members, peer);
-        self.poller.push(Pending { event: done.clone(), _guard: guard });
-        Ok(Work::from_impl(NcclWork { ctx: ctx.clone(), inner: inner.clone(), done, keep, copy_back, finished: false }))
+        inner.push_pending(Pending { event: done.clone(), _guard: guard });
+        Ok(Work::from_impl(NcclWork {
+            ctx: ctx.clone(),
+            inner: inner.clone(),
+            done,
+            keep,
+            copy_back,
+            finished: false,
+            p2p: None,
+        }))
+    }
+
+    /// Queues a send or receive for the next flush (see the module docs), ordered after the work
+    /// queued so far on the caller's current stream, and returns the `Work` that owns `keep` and the
+    /// copy back.
+    #[allow(clippy::too_many_arguments)]
+    fn queue_p2p(
+        &self,
+        ctx: &OpContext,
+        peer: usize,
+        send: bool,
+        ptr: *mut c_void,
+        count: usize,
+        dtype: ncclDataType_t,
+        keep: Vec<Tensor>,
+        copy_back: Option<(Tensor, Tensor)>,
+    ) -> Result<Work> {
+        let inner = &self.inner;
+        let dev = inner.device;
+        let _device = DeviceGuard::new(dev)
+            .map_err(|e| Self::backend_error(ctx, format!("cannot make cuda:{dev} current: {e}")))?;
+        let event = || Event::new().map_err(|e| Self::backend_error(ctx, format!("cannot create a CUDA event: {e}")));
+        let (ready, done) = (event()?, Arc::new(event()?));
+        ready
+            .record(On::Current(dev))
+            .map_err(|e| Self::backend_error(ctx, format!("recording the current stream failed: {e}")))?;
+        let state = Arc::new(Mutex::new(P2pState::Queued));
+        let guard = watchdog::begin(ctx.to_string(), &self.id, ctx.seq, &self.members, Some(peer));
+        lock(&inner.p2p).push(QueuedP2p {
+            send,
+            ptr: ptr as usize,
+            count,
+            dtype,
+            peer: peer as c_int,
+            ready,
+            done: done.clone(),
+            guard,
+            state: state.clone(),
+        });
+        Ok(Work::from_impl(NcclWork {
+            ctx: ctx.clone(),
+            inner: inner.clone(),
+            done,
+            keep,
+            copy_back,
+            finished: false,
+            p2p: Some(state),
+        }))
     }
 
     fn all_reduce_impl(&self, t: &Tensor, op: ReduceOp) -> Result<Work> {
@@ -879,17 +1097,20 @@ impl NcclComm {
         if send {
             let s = Self::stage_in(&ctx, t)?;
             let p = s.buf.data_ptr();
-            return self.launch(&ctx, Some(peer), "ncclSend", vec![s.buf], None, |lib, comm, stream| unsafe {
-                (lib.send)(p as *const c_void, n, dtype, peer as c_int, comm, stream)
-            });
+            return self.queue_p2p(&ctx, peer, true, p, n, dtype, vec![s.buf], None);
         }
         let s = Self::stage(&ctx, t, false)?;
         let p = s.buf.data_ptr();
         let keep = vec![s.buf.shallow_clone()];
         let back = s.back.map(|b| (b, s.buf));
-        self.launch(&ctx, Some(peer), "ncclRecv", keep, back, |lib, comm, stream| unsafe {
-            (lib.recv)(p, n, dtype, peer as c_int, comm, stream)
-        })
+        self.queue_p2p(&ctx, peer, false, p, n, dtype, keep, back)
+    }
+}
+
+impl Drop for NcclComm {
+    /// Queued point-to-point operations reach NCCL (and the poller) before the poller is stopped.
+    fn drop(&mut self) {
+        self.inner.flush_p2p();
     }
 }
 
@@ -930,15 +1151,18 @@ impl Communicator for NcclComm {
     /// On the host communicator: a barrier orders processes, and GPU work is already ordered by
     /// streams (it does not wait for NCCL operations still running on the GPU).
     fn barrier_async(&self) -> Result<Work> {
+        self.inner.flush_p2p();
         self.host.barrier_async()
     }
     fn barrier(&self) -> Result<()> {
+        self.inner.flush_p2p();
         self.host.barrier()
     }
     /// The host communicator splits, then each new group creates its own NCCL communicator (a
     /// fresh unique id broadcast over the new host group), on this communicator's device.
     fn split(&self, color: Option<u32>, key: u32, name: &str) -> Result<Option<Arc<dyn Communicator>>> {
         let ctx = self.next_ctx(OpKind::Split);
+        self.inner.flush_p2p();
         let Some(host) = self.host.split(color, key, name)? else { return Ok(None) };
         let comm = NcclComm::new(host, self.inner.device, self.debug).map_err(|e| match e {
             CommError::Init(detail) => CommError::Backend { ctx, detail },

@@ -80,6 +80,10 @@ pub(crate) struct Nccl {
     pub(crate) reduce_scatter: ReduceFn,
     pub(crate) send: SendFn,
     pub(crate) recv: RecvFn,
+    /// `ncclGroupStart()` / `ncclGroupEnd()`: point-to-point calls that must progress together
+    /// (both directions of an exchange, a ring) have to be issued inside one group.
+    pub(crate) group_start: unsafe extern "C" fn() -> RawResult,
+    pub(crate) group_end: unsafe extern "C" fn() -> RawResult,
 }
 
 /// Where the wheel's NCCL sits relative to `torch/lib`, as libtorch_cuda's rpath says
@@ -166,6 +170,8 @@ impl Nccl {
                 reduce_scatter: sym(&lib, "ncclReduceScatter")?,
                 send: sym(&lib, "ncclSend")?,
                 recv: sym(&lib, "ncclRecv")?,
+                group_start: sym(&lib, "ncclGroupStart")?,
+                group_end: sym(&lib, "ncclGroupEnd")?,
                 _lib: lib,
             })
         }
