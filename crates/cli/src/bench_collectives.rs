@@ -891,6 +891,9 @@ fn median(v: &mut [i64]) -> i64 {
 /// # Safety
 /// `t` is a contiguous CPU tensor whose element width is `size_of::<T>()`, alive and not
 /// otherwise accessed while the slice is used.
+// A tch `Tensor` is a shared handle to memory that libtorch itself mutates through `&Tensor`
+// (every in-place op takes `&self` in spirit); the caller guarantees no other view is alive.
+#[allow(clippy::mut_from_ref)]
 unsafe fn view<'t, T>(t: &'t Tensor) -> &'t mut [T] {
     debug_assert!(t.device() == Device::Cpu && t.is_contiguous());
     debug_assert_eq!(t.kind().elt_size_in_bytes(), std::mem::size_of::<T>());

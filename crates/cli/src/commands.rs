@@ -77,7 +77,7 @@ fn once(f: Failure) -> Failure {
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
-    let cfg = a.cfg.resolve().map_err(|e| once(e.into()))?;
+    let cfg = a.cfg.resolve().map_err(once)?;
     if a.dry_run {
         return dry_run(&cfg);
     }

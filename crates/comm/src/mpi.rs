@@ -86,6 +86,10 @@ static USER_OPS: OnceLock<UserOps> = OnceLock::new();
 macro_rules! half_op {
     ($name:ident, $ty:ty, $f:expr) => {
         /// An `MPI_User_function` over 16-bit words (public for raw-MPI baselines).
+        ///
+        /// # Safety
+        /// MPI's contract for user operations: `invec` and `inout` point to `*len` 16-bit
+        /// elements each, `len` is valid.
         pub unsafe extern "C" fn $name(
             invec: *mut c_void,
             inout: *mut c_void,
