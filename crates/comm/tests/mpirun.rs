@@ -89,6 +89,23 @@ fn watchdog_ends_a_job_with_a_missing_rank() {
 }
 
 #[test]
+fn watchdog_ends_a_job_stuck_in_a_receive() {
+    let (out, took) = mpirun(2, &["watchdog-p2p"], &[("FABBRICA_COMM_TIMEOUT", "2")]);
+    let all = text(&out);
+    assert!(!out.status.success(), "the job must fail:\n{all}");
+    assert!(took < Duration::from_secs(60), "the job took {took:?}:\n{all}");
+    for r in 0..2 {
+        assert!(
+            lines_of(&all, r).iter().any(|l| l.contains("error:")
+                && l.contains("recv #1 on group 'world'")
+                && l.contains("did not complete within 2.0s")
+                && l.contains("peer rank 1 (world rank 1) is no operation in flight")),
+            "rank {r} did not report the hang:\n{all}"
+        );
+    }
+}
+
+#[test]
 fn debug_mode_reports_mismatched_sizes() {
     let (out, _) = mpirun(3, &["mismatch-size"], &[("FABBRICA_COMM_DEBUG", "1")]);
     let all = text(&out);

@@ -3,6 +3,7 @@
 //! - `ops [cpu|cuda]`: every operation against a locally computed reference (dtypes, odd sizes,
 //!   in-place and out-of-place, non-contiguous, async ordering, point-to-point, sub-groups);
 //! - `watchdog`: the last rank skips a collective; the watchdog must end the job;
+//! - `watchdog-p2p`: rank 0 waits for a message that rank 1 never sends;
 //! - `mismatch-size` / `mismatch-op`: ranks disagree (run with FABBRICA_COMM_DEBUG=1).
 //! Prints `OK <scenario> rank <r>` at the end; any failure panics with the reason.
 
@@ -224,6 +225,16 @@ fn main() {
                 std::thread::sleep(std::time::Duration::from_secs(120));
             } else {
                 comm.all_reduce(&t, ReduceOp::Sum).unwrap();
+            }
+            panic!("the watchdog should have ended the job");
+        }
+        "watchdog-p2p" => {
+            // Rank 0 waits for a message rank 1 never sends.
+            let t = Tensor::zeros([10], (Kind::Float, Device::Cpu));
+            if rank == 0 {
+                comm.recv(&t, 1).unwrap();
+            } else {
+                std::thread::sleep(std::time::Duration::from_secs(120));
             }
             panic!("the watchdog should have ended the job");
         }
