@@ -3,6 +3,7 @@
 //! that turns hangs into errors, and a debug mode that catches mismatched collectives.
 
 pub mod communicator;
+mod debug;
 mod engine;
 pub mod error;
 pub mod group;

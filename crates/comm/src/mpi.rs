@@ -14,6 +14,7 @@ use mpi::ffi;
 use tch::{Device, Tensor};
 
 use crate::communicator::Communicator;
+use crate::debug::{mismatch_detail, Sig};
 use crate::engine::{Engine, Job};
 use crate::error::{CommError, OpContext, Result};
 use crate::types::{Backend, DType, OpKind, ReduceOp};
@@ -688,49 +689,6 @@ impl Drop for P2pWork {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Debug mode: every rank checks that the group agrees on the collective before running it.
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Sig {
-    op: OpKind,
-    dtype: Option<DType>,
-    numel: i64,
-    /// Reduction code, or root.
-    extra: i64,
-    pub(crate) seq: u64,
-}
-
-impl Sig {
-    pub(crate) fn new(op: OpKind, dtype: Option<DType>, numel: i64, extra: i64) -> Sig {
-        Sig { op, dtype, numel, extra, seq: 0 }
-    }
-    pub(crate) fn encode(&self) -> [i64; 5] {
-        [self.op.code(), self.dtype.map(|d| d.code()).unwrap_or(0), self.numel, self.extra, self.seq as i64]
-    }
-    pub(crate) fn decode(v: &[i64]) -> String {
-        let Some(op) = OpKind::from_code(v[0]) else { return format!("an unknown operation {v:?}") };
-        let s = Sig { op, dtype: DType::from_code(v[1]), numel: v[2], extra: v[3], seq: v[4] as u64 };
-        format!("{} #{}", s.describe(), s.seq)
-    }
-    pub(crate) fn describe(&self) -> String {
-        let dt = self.dtype.map(|d| d.name()).unwrap_or("?");
-        match self.op {
-            OpKind::AllReduce | OpKind::ReduceScatter => {
-                let op = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min]
-                    .into_iter()
-                    .find(|o| o.code() == self.extra)
-                    .map(|o| o.name())
-                    .unwrap_or("?");
-                format!("{}({dt}, {} elements, {op})", self.op, self.numel)
-            }
-            OpKind::Broadcast => format!("{}({dt}, {} elements, root {})", self.op, self.numel, self.extra),
-            OpKind::AllGather => format!("{}({dt}, {} elements per rank)", self.op, self.numel),
-            _ => format!("{}()", self.op),
-        }
-    }
-}
-
 fn debug_check(check: RawComm, size: usize, sig: &Sig, ctx: &OpContext) -> Result<()> {
     let mut s = *sig;
     s.seq = ctx.seq;
@@ -748,26 +706,10 @@ fn debug_check(check: RawComm, size: usize, sig: &Sig, ctx: &OpContext) -> Resul
         )
     };
     ok(rc, ctx, "MPI_Allgather (debug check)")?;
-    if all.chunks(5).all(|c| c == mine) {
-        return Ok(());
+    match mismatch_detail(&all, &mine) {
+        None => Ok(()),
+        Some(detail) => Err(CommError::Mismatch { ctx: ctx.clone(), detail }),
     }
-    // Group the ranks by what they called.
-    let mut groups: Vec<(Vec<usize>, &[i64])> = Vec::new();
-    for (r, c) in all.chunks(5).enumerate() {
-        match groups.iter_mut().find(|(_, g)| *g == c) {
-            Some((ranks, _)) => ranks.push(r),
-            None => groups.push((vec![r], c)),
-        }
-    }
-    let detail = groups
-        .iter()
-        .map(|(ranks, c)| {
-            let who = if ranks.len() == 1 { format!("rank {}", ranks[0]) } else { format!("ranks {ranks:?}") };
-            format!("{who} called {}", Sig::decode(c))
-        })
-        .collect::<Vec<_>>()
-        .join("; ");
-    Err(CommError::Mismatch { ctx: ctx.clone(), detail })
 }
 
 impl Communicator for MpiComm {

@@ -60,7 +60,7 @@ use super::library::{self, Nccl, RawResult, SUCCESS};
 use super::{nccl_datatype, nccl_reduce_op};
 use crate::communicator::Communicator;
 use crate::error::{CommError, OpContext, Result};
-use crate::mpi::Sig;
+use crate::debug::{mismatch_detail, Sig};
 use crate::types::{Backend, DType, OpKind, ReduceOp};
 use crate::watchdog;
 use crate::work::{Work, WorkImpl};
@@ -589,31 +589,6 @@ fn unique_id(lib: &Nccl, host: &Arc<dyn Communicator>) -> std::result::Result<nc
         return Err("rank 0 could not create the NCCL unique id (its log says why)".into());
     }
     Ok(id)
-}
-
-/// `None` when every rank's signature (5 words each, by rank) equals `mine`; else which ranks
-/// called what.
-pub(crate) fn mismatch_detail(all: &[i64], mine: &[i64; 5]) -> Option<String> {
-    if all.chunks(5).all(|c| c == mine) {
-        return None;
-    }
-    let mut groups: Vec<(Vec<usize>, &[i64])> = Vec::new();
-    for (r, c) in all.chunks(5).enumerate() {
-        match groups.iter_mut().find(|(_, g)| *g == c) {
-            Some((ranks, _)) => ranks.push(r),
-            None => groups.push((vec![r], c)),
-        }
-    }
-    Some(
-        groups
-            .iter()
-            .map(|(ranks, c)| {
-                let who = if ranks.len() == 1 { format!("rank {}", ranks[0]) } else { format!("ranks {ranks:?}") };
-                format!("{who} called {}", Sig::decode(c))
-            })
-            .collect::<Vec<_>>()
-            .join("; "),
-    )
 }
 
 /// How an issue failed, which decides what becomes of the buffers and the communicator.
