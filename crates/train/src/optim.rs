@@ -233,6 +233,14 @@ pub fn clip_grad_norm(params: &[(String, Tensor)], max_norm: f64) -> Tensor {
 mod tests {
     use super::*;
 
+    /// libtorch's RNG is process-wide and tests run on parallel threads: a test that seeds and
+    /// then draws holds this for its whole body, or another test's seed lands between the two.
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn rng() -> std::sync::MutexGuard<'static, ()> {
+        RNG.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn params(seed: i64) -> Vec<(String, Tensor)> {
         tch::manual_seed(seed);
         vec![
@@ -259,6 +267,7 @@ mod tests {
 
     #[test]
     fn fused_kernel_matches_reference_path() {
+        let _g = rng();
         // ATen has a CPU implementation of _fused_adamw_, so both paths run here.
         let (a, b) = (run(false), run(true));
         for (x, y) in a.iter().zip(&b) {
@@ -272,6 +281,7 @@ mod tests {
 
     #[test]
     fn clip_scales_to_max_norm_and_reports_the_original() {
+        let _g = rng();
         let ps = params(3);
         let loss = ps[0].1.sum(Kind::Float) * 10.0 + ps[1].1.sum(Kind::Float);
         loss.backward();
@@ -285,6 +295,7 @@ mod tests {
 
     #[test]
     fn state_round_trips() {
+        let _g = rng();
         let ps = params(1);
         let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, fused: false };
         let mut opt = AdamW::new(&ps, cfg);
