@@ -1,7 +1,8 @@
 #[path = "../../build/torch_link.rs"]
 mod torch_link;
+#[path = "../../build/torch_cxx.rs"]
+mod torch_cxx;
 
-use std::path::PathBuf;
 
 fn main() {
     torch_link::emit();
@@ -25,22 +26,8 @@ fn main() {
 /// because the NCCL loader falls back to the wheel's libnccl.so.2 beside it.
 fn cuda_shim() {
     println!("cargo:rerun-if-changed=csrc/cuda_shim.cpp");
-    let lib = PathBuf::from(
-        std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB"),
-    );
+    let lib = torch_cxx::torch_lib();
     println!("cargo:rustc-env=FABBRICA_TORCH_LIB={}", lib.display());
-    // torch/lib -> torch/include (pip wheel layout; also the layout of an unpacked libtorch zip).
-    let include = lib.parent().expect("libtorch lib dir has a parent").join("include");
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .std("c++17")
-        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
-        .flag_if_supported("-Wno-unused-parameter")
-        .flag_if_supported("-Wno-deprecated-declarations")
-        .include(&include)
-        .file("csrc/cuda_shim.cpp")
-        .compile("fabbrica_cuda_shim");
-    println!("cargo:rustc-link-search=native={}", lib.display());
+    torch_cxx::cxx_build().file("csrc/cuda_shim.cpp").compile("fabbrica_cuda_shim");
     println!("cargo:rustc-link-lib=dylib=c10");
 }
