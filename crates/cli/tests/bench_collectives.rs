@@ -99,6 +99,7 @@ fn close(a: f64, b: f64) -> bool {
 
 /// Checks the JSON of a successful run: sizes doubling from `min` up to at most `max`, every row
 /// ok, algbw = bytes / time, busbw = algbw × the op's factor, a raw baseline iff `raw`.
+#[allow(clippy::too_many_arguments)] // one call per expectation reads better than a struct here
 fn check_json(path: &Path, op: &str, np: usize, dtype: &str, min: u64, max: u64, raw: bool, run: &Run) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("no JSON at {}: {e}\n{}", path.display(), run.describe()));
     let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON: {e}\n{text}"));

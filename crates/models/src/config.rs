@@ -84,7 +84,7 @@ impl GptConfig {
         if self.n_head == 0 {
             return bad("model.n_head", 0, "must be at least 1");
         }
-        if self.n_embd == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_embd == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(ModelError::InvalidConfig {
                 key: "model.n_embd",
                 value: self.n_embd.to_string(),

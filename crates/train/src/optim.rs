@@ -5,6 +5,7 @@
 //!   fused=False`), so CPU fp32 training matches PyTorch step for step;
 //! - `fused`: ATen's `_fused_adamw_` kernel through the torch-ext shim (what
 //!   `torch.optim.AdamW(fused=True)` runs): one kernel per group instead of ~6 per parameter.
+//!
 //! The optimizer state (moments, step) is plain tensors, so checkpoints and ZeRO-1 sharding own it.
 
 use fabbrica_torch_ext::{fused_adamw, AdamWArgs};

@@ -289,7 +289,7 @@ pub(super) fn median(v: &mut [i64]) -> i64 {
 // A tch `Tensor` is a shared handle to memory that libtorch itself mutates through `&Tensor`
 // (every in-place op takes `&self` in spirit); the caller guarantees no other view is alive.
 #[allow(clippy::mut_from_ref)]
-pub(super) unsafe fn view<'t, T>(t: &'t Tensor) -> &'t mut [T] {
+pub(super) unsafe fn view<T>(t: &Tensor) -> &mut [T] {
     debug_assert!(t.device() == Device::Cpu && t.is_contiguous());
     debug_assert_eq!(t.kind().elt_size_in_bytes(), std::mem::size_of::<T>());
     std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel())

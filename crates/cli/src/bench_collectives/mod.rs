@@ -192,7 +192,7 @@ fn human(b: u64) -> String {
     const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
     for (u, name) in UNITS {
         if b >= u {
-            return if b % u == 0 { format!("{}{name}", b / u) } else { format!("{:.1}{name}", b as f64 / u as f64) };
+            return if b.is_multiple_of(u) { format!("{}{name}", b / u) } else { format!("{:.1}{name}", b as f64 / u as f64) };
         }
     }
     format!("{b}B")
@@ -201,7 +201,7 @@ fn human(b: u64) -> String {
 /// `K`/`M`/`G` form of a byte count for suggestions on the command line.
 fn flag_size(b: u64) -> String {
     for (shift, s) in [(30, "G"), (20, "M"), (10, "K")] {
-        if b >= 1 << shift && b % (1 << shift) == 0 {
+        if b >= 1 << shift && b.is_multiple_of(1 << shift) {
             return format!("{}{s}", b >> shift);
         }
     }

@@ -5,6 +5,7 @@
 //! - `watchdog`: the last rank skips a collective; the watchdog must end the job;
 //! - `watchdog-p2p`: rank 0 waits for a message that rank 1 never sends;
 //! - `mismatch-size` / `mismatch-op`: ranks disagree (run with FABBRICA_COMM_DEBUG=1).
+//!
 //! Prints `OK <scenario> rank <r>` at the end; any failure panics with the reason.
 
 use std::sync::Arc;
