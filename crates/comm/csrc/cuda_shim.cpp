@@ -7,8 +7,9 @@
 // everything goes through the CUDA DeviceGuardImpl that libc10_cuda registers with c10 when it
 // is loaded (it is: libtorch_cuda needs it, and build/torch_link.rs keeps libtorch_cuda linked):
 // current stream, pool stream, native handle, device exchange, and c10::Event, whose
-// record/block/query dispatch to the same implementation. This file needs only libc10, and only
-// the headers in torch/include.
+// record/block/query dispatch to the same implementation, and recordDataPtrOnStream, which is the
+// caching allocator's recordStream. This file needs only libc10 (TensorBase's storage accessors
+// are inline), and only the headers in torch/include.
 //
 // Streams cross the boundary as c10's packed form (stream id + device index), so no C++ object
 // has to live on the Rust side. Events are heap-allocated c10::Event objects (timing disabled:
@@ -19,6 +20,7 @@
 // implementation every call fails with c10's "PyTorch is not linked with support for cuda
 // devices".
 
+#include <ATen/core/TensorBase.h>
 #include <c10/core/Device.h>
 #include <c10/core/Event.h>
 #include <c10/core/Stream.h>
@@ -150,6 +152,17 @@ char *fab_cuda_event_block(void *event, int device, int current, int64_t stream_
 char *fab_cuda_event_query(void *event, int *done) {
   FAB_TRY
   *done = static_cast<const c10::Event *>(event)->query() ? 1 : 0;
+  FAB_CATCH
+}
+
+// Tells libtorch's caching allocator that the tensor's memory is used by the stream with packed id
+// `stream_id` (Tensor.record_stream): when the tensor is freed, its block is not handed out
+// again before the work queued on that stream up to the free has finished, whichever stream
+// allocated it and whichever stream frees it.
+char *fab_cuda_record_stream(void *tensor, int device, int64_t stream_id) {
+  FAB_TRY
+  const auto *t = static_cast<const at::TensorBase *>(tensor);
+  cuda()->recordDataPtrOnStream(t->storage().data_ptr(), stream_of(device, 0, stream_id));
   FAB_CATCH
 }
 

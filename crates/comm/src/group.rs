@@ -71,30 +71,52 @@ impl Group {
     pub fn route(&self, t: &Tensor, op: OpKind) -> Result<Arc<dyn Communicator>> {
         match (t.device(), self.choice) {
             (Device::Cuda(_), BackendChoice::Mpi) => Ok(self.host.clone()),
-            (Device::Cuda(i), choice) => {
-                let mut slot = self.nccl.lock().unwrap();
-                if let Some((dev, c)) = slot.as_ref() {
-                    if *dev == i {
-                        return Ok(c.clone());
-                    }
-                    return Err(self.error(
-                        op,
-                        format!("this group's NCCL communicator is on cuda:{dev} but the tensor is on cuda:{i}; keep one device per rank"),
-                    ));
-                }
-                if choice == BackendChoice::Auto && !nccl::available() {
-                    return Ok(self.host.clone());
-                }
-                let c = nccl::create(&self.host, i, self.debug)?;
-                *slot = Some((i, c.clone()));
-                Ok(c)
-            }
+            (Device::Cuda(i), _) => Ok(self.nccl_for(i, op)?.unwrap_or_else(|| self.host.clone())),
             (_, BackendChoice::Nccl) => Err(self.error(
                 op,
                 "comm.backend = nccl moves CUDA tensors only and this tensor is on the CPU; use comm.backend = auto".into(),
             )),
             _ => Ok(self.host.clone()),
         }
+    }
+
+    /// Creates now, collectively, the NCCL communicator that CUDA tensors on `cuda:device` will
+    /// use, instead of at the group's first CUDA operation. Every member calls it, each with its
+    /// own device. Returns whether CUDA tensors go through NCCL (false: `backend = mpi`, or `auto`
+    /// without a usable NCCL, where they are staged through the host communicator).
+    ///
+    /// What this buys: setup failures (a wrong device, an NCCL that will not initialise) surface
+    /// before training starts rather than inside the first backward, and the first step is not
+    /// slowed by NCCL's bootstrap. Pipeline stages that only exchange point-to-point messages on a
+    /// larger group need it, because lazy creation needs every member to reach a CUDA operation.
+    pub fn connect_cuda(&self, device: usize) -> Result<bool> {
+        if self.choice == BackendChoice::Mpi {
+            return Ok(false);
+        }
+        Ok(self.nccl_for(device, OpKind::Connect)?.is_some())
+    }
+
+    /// The NCCL communicator for `cuda:device`, created on first call; `None` when `auto` found no
+    /// usable NCCL.
+    fn nccl_for(&self, device: usize, op: OpKind) -> Result<Option<Arc<dyn Communicator>>> {
+        let mut slot = self.nccl.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((dev, c)) = slot.as_ref() {
+            if *dev == device {
+                return Ok(Some(c.clone()));
+            }
+            return Err(self.error(
+                op,
+                format!(
+                    "this group's NCCL communicator is on cuda:{dev} but the tensor is on cuda:{device}; keep one device per rank"
+                ),
+            ));
+        }
+        if self.choice == BackendChoice::Auto && !nccl::available() {
+            return Ok(None);
+        }
+        let c = nccl::create(&self.host, device, self.debug)?;
+        *slot = Some((device, c.clone()));
+        Ok(Some(c))
     }
 }
 

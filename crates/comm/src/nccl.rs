@@ -15,7 +15,11 @@
 
 mod comm;
 mod cuda;
+mod inner;
 mod library;
+mod p2p;
+mod poller;
+mod work;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};

@@ -68,6 +68,8 @@ pub enum OpKind {
     Recv,
     Barrier,
     Split,
+    /// Creating a group's NCCL communicator ahead of its first CUDA operation.
+    Connect,
 }
 
 impl OpKind {
@@ -81,6 +83,7 @@ impl OpKind {
             OpKind::Recv => "recv",
             OpKind::Barrier => "barrier",
             OpKind::Split => "split",
+            OpKind::Connect => "connect",
         }
     }
     pub(crate) fn code(self) -> i64 {
@@ -88,7 +91,7 @@ impl OpKind {
     }
     pub(crate) fn from_code(c: i64) -> Option<OpKind> {
         use OpKind::*;
-        [AllReduce, Broadcast, AllGather, ReduceScatter, Send, Recv, Barrier, Split]
+        [AllReduce, Broadcast, AllGather, ReduceScatter, Send, Recv, Barrier, Split, Connect]
             .into_iter()
             .find(|k| k.code() == c)
     }

@@ -334,3 +334,31 @@ fn gpu_world_of_one_every_op() {
     assert_same(&t, &reduced(DType::I64, n, 1, ReduceOp::Min), "debug all_reduce");
     tch::Cuda::synchronize(0);
 }
+
+/// Eager creation (`Group::connect_cuda`) answers without touching CUDA where it must not, and
+/// names the problem where NCCL is required but cannot run. On a GPU it creates the communicator
+/// that the group's CUDA operations then use, and refuses a second device.
+#[test]
+fn connect_cuda_creates_nccl_eagerly_or_says_why_not() {
+    let world = |backend| init_with(LaunchEnv::single(), InitOptions { backend, ..Default::default() }).expect("world of one");
+    // backend = mpi: CUDA tensors are staged through host memory; nothing is created.
+    assert!(!world(BackendChoice::Mpi).comm().connect_cuda(0).expect("mpi needs no NCCL"));
+    let gpu = tch::Cuda::is_available();
+    // auto: NCCL exactly when a GPU is visible.
+    assert_eq!(world(BackendChoice::Auto).comm().connect_cuda(0).expect("auto never fails on a CPU machine"), gpu);
+    let w = world(BackendChoice::Nccl);
+    let g = w.comm();
+    if !gpu {
+        let e = g.connect_cuda(0).expect_err("nccl without a GPU").to_string();
+        assert!(e.contains("no CUDA device") && e.contains("comm.backend"), "{e}");
+        return;
+    }
+    assert!(g.connect_cuda(0).expect("NCCL at world size 1"));
+    let t = Tensor::ones([8], (Kind::Float, Device::Cuda(0)));
+    assert_eq!(g.route(&t, OpKind::AllReduce).expect("route").backend(), Backend::Nccl);
+    g.all_reduce(&t, ReduceOp::Sum).expect("all_reduce on the eagerly created communicator");
+    assert_same(&t, &Tensor::ones([8], (Kind::Float, Device::Cuda(0))), "all_reduce at world size 1");
+    // One device per rank: a second device is refused, naming both.
+    let e = g.connect_cuda(1).expect_err("a second device").to_string();
+    assert!(e.contains("cuda:0") && e.contains("cuda:1") && e.contains("connect"), "{e}");
+}

@@ -204,6 +204,19 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let cfg = &s.cfg;
     let out = cfg.run.out_dir.clone();
 
+    // The gradients' NCCL communicator is created now, collectively, so that an NCCL that cannot
+    // start fails here with its reason rather than inside the first backward.
+    let grads_over = match s.device {
+        Device::Cuda(i) => {
+            if world.comm().connect_cuda(i).map_err(comm_err)? {
+                "nccl".to_string()
+            } else {
+                format!("{}, staged through host memory", comm.backend())
+            }
+        }
+        _ => comm.backend().to_string(),
+    };
+
     let params: Vec<(String, Tensor)> = s.model.parameter_handles();
     let ddp_opts = DdpOptions {
         bucket_mb: cfg.parallel.bucket_mb,
@@ -254,7 +267,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     };
     let progress = Progress::new(cfg.train.max_steps, start, opts.progress && rank0);
     progress.println(&format!(
-        "training {} parameters on {:?} ({}), {} ranks (dp {dp}), global batch {global_batch} = micro {} x accum {} x dp {dp} ({} tokens/step), {} buckets{}, steps {}..{}",
+        "training {} parameters on {:?} ({}), {} ranks (dp {dp}), global batch {global_batch} = micro {} x accum {} x dp {dp} ({} tokens/step), {} buckets over {grads_over}{}, steps {}..{}",
         s.model.num_params(),
         s.device,
         if s.bf16 { "bf16 autocast" } else { "fp32" },
@@ -285,7 +298,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         step += 1;
         window.1 += 1;
 
-        if step % cfg.train.log_interval == 0 || step == stop_at {
+        if step.is_multiple_of(cfg.train.log_interval) || step == stop_at {
             // Mean over the data-parallel ranks: the loss of the global batch. Reading it
             // synchronises the device, so the timings below are real.
             let l = loss.to_device(Device::Cpu).to_kind(Kind::Float).reshape([1]);
@@ -319,7 +332,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         }
 
         let last = step == stop_at;
-        if step % cfg.train.eval_interval == 0 || last {
+        if step.is_multiple_of(cfg.train.eval_interval) || last {
             let tl = evaluate_dp(&s, &sampler, Split::Train, cfg.train.eval_iters, dp_comm)?;
             let vl = evaluate_dp(&s, &sampler, Split::Val, cfg.train.eval_iters, dp_comm)?;
             last_val = Some(vl);
@@ -330,7 +343,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
             window = (Instant::now(), 0); // evaluation time is not training throughput
             waited = Duration::ZERO;
         }
-        if (cfg.run.checkpoint_interval > 0 && step % cfg.run.checkpoint_interval == 0) || last {
+        if (cfg.run.checkpoint_interval > 0 && step.is_multiple_of(cfg.run.checkpoint_interval)) || last {
             save(&s, &opt, &ddp, zero1, rank0, step, last_val, &params)?;
         }
     }

@@ -15,11 +15,16 @@
 //! `ready` (one event per communicator, re-recorded under the issue lock) makes the NCCL stream
 //! wait for everything queued before the call, including the staging copies. `done` (one per
 //! operation) is what [`Work::wait`] makes the caller's current stream wait on; `is_completed`
-//! queries it. The `Work` holds the tensors and staging buffers until the current stream has been
-//! ordered after `done`, so libtorch's caching allocator (which hands memory back to the stream it
-//! was allocated on) cannot reuse them under the NCCL kernel. A `Work` dropped without `wait`
-//! does the same in `Drop`. Results staged through a contiguous buffer are copied back on the
-//! current stream, after that wait.
+//! queries it. Results staged through a contiguous buffer are copied back on the current stream,
+//! after that wait.
+//!
+//! Memory: libtorch's caching allocator hands a freed block back to the stream that allocated it,
+//! which knows nothing of the NCCL stream. So every buffer an operation reads or writes is
+//! recorded as used by the NCCL stream when it is issued (`Tensor.record_stream`, as
+//! ProcessGroupNCCL does), and the `Work` also holds the buffers until the current stream is
+//! ordered after `done` (in `wait`, or in `Drop` for a `Work` never waited on). Either alone keeps
+//! a block from being reused under the kernel in the common case; the record also covers a
+//! caller that waits on one stream and frees the tensor on another.
 //!
 //! # Hangs and failures
 //!
@@ -45,445 +50,26 @@
 //! synchronisation on a tensor the peer's receive fills, say) while its own matching send is still
 //! queued: wait on the send's `Work` first.
 
-use std::collections::VecDeque;
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclUniqueId};
 use tch::{Device, Kind, Tensor};
 
 use super::cuda::{DeviceGuard, Event, On, Stream};
+use super::inner::{lock, Failed, Inner, RawComm};
 use super::library::{self, Nccl, RawResult, SUCCESS};
+use super::p2p::{P2pState, QueuedP2p};
+use super::poller::{Pending, Poller};
+use super::work::NcclWork;
 use super::{nccl_datatype, nccl_reduce_op};
 use crate::communicator::Communicator;
-use crate::error::{CommError, OpContext, Result};
 use crate::debug::{mismatch_detail, Sig};
+use crate::error::{CommError, OpContext, Result};
 use crate::types::{Backend, DType, OpKind, ReduceOp};
 use crate::watchdog;
-use crate::work::{Work, WorkImpl};
-
-/// How often the poller looks at the oldest pending operation. Only the watchdog's timing and
-/// error detection depend on it, never an operation's latency.
-const POLL_INTERVAL: Duration = Duration::from_millis(5);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-#[derive(Clone, Copy)]
-struct RawComm(ncclComm_t);
-// SAFETY: an opaque handle; every call on it is serialised by `Inner::issue`.
-unsafe impl Send for RawComm {}
-unsafe impl Sync for RawComm {}
-
-/// What the communicator, its poller and its pending `Work`s share.
-struct Inner {
-    lib: &'static Nccl,
-    comm: RawComm,
-    device: usize,
-    stream: Stream,
-    /// Serialises every NCCL call on `comm` (NCCL communicators must not be used from two threads
-    /// at once) and holds the `ready` event, which is re-recorded for each operation.
-    issue: Mutex<Event>,
-    /// The first asynchronous failure; every later operation and `wait` reports it.
-    failed: Mutex<Option<String>>,
-    /// Set once `ncclCommAbort` ran: the handle is freed and must not be touched again.
-    aborted: AtomicBool,
-    /// "group 'world' (rank 0 of 2, cuda:0)", for messages outside an operation.
-    label: String,
-    /// Point-to-point operations issued but not yet handed to NCCL (see the module docs). Taken
-    /// before `issue` whenever both are held.
-    p2p: Mutex<Vec<QueuedP2p>>,
-    /// The poller's queue of completion events.
-    pending: Arc<(Mutex<Queue>, Condvar)>,
-}
-
-impl Inner {
-    /// The communicator's failure, if any, asking NCCL for asynchronous errors. The caller holds
-    /// `issue`.
-    fn async_error_locked(&self) -> Option<String> {
-        if let Some(f) = lock(&self.failed).clone() {
-            return Some(f);
-        }
-        if self.aborted.load(Ordering::SeqCst) {
-            return Some("the NCCL communicator was aborted".into());
-        }
-        let mut err: RawResult = SUCCESS;
-        // SAFETY: the handle is live (not aborted) and `issue` is held.
-        let rc = unsafe { (self.lib.comm_get_async_error)(self.comm.0, &mut err) };
-        if rc != SUCCESS {
-            return Some(self.lib.describe("ncclCommGetAsyncError", rc, self.comm.0));
-        }
-        if err != SUCCESS {
-            return Some(self.lib.describe("an asynchronous NCCL operation", err, self.comm.0));
-        }
-        None
-    }
-
-    /// Like `async_error_locked`, taking the lock; an error found aborts the communicator.
-    fn check(&self) -> Option<String> {
-        let found = {
-            let _issue = lock(&self.issue);
-            self.async_error_locked()
-        };
-        if let Some(msg) = &found {
-            self.fail(msg.clone());
-        }
-        found
-    }
-
-    /// Records the first failure and aborts the communicator: kernels blocked on a peer that will
-    /// never arrive spin forever otherwise, and so would every stream ordered after them.
-    fn fail(&self, msg: String) {
-        {
-            let mut failed = lock(&self.failed);
-            if failed.is_none() {
-                eprintln!("error: NCCL communicator of {}: {msg}; aborting it", self.label);
-                *failed = Some(msg);
-            }
-        }
-        let _issue = lock(&self.issue);
-        if !self.aborted.swap(true, Ordering::SeqCst) {
-            // SAFETY: live handle, `issue` held; it is never used again.
-            unsafe { (self.lib.comm_abort)(self.comm.0) };
-        }
-    }
-
-    /// Hands the completion event (and watchdog guard) of an operation queued on the NCCL stream
-    /// to the poller.
-    fn push_pending(&self, p: Pending) {
-        lock(&self.pending.0).pending.push_back(p);
-        self.pending.1.notify_all();
-    }
-
-    /// Issues every queued point-to-point operation, in issue order, as one NCCL group (see the
-    /// module docs), and settles each one's state. The queue lock is held throughout, so that
-    /// concurrent flushes cannot reorder operations.
-    fn flush_p2p(&self) {
-        let mut queue = lock(&self.p2p);
-        if queue.is_empty() {
-            return;
-        }
-        let ops: Vec<QueuedP2p> = queue.drain(..).collect();
-        // NCCL launches on the current device. A failure here shows up in the event calls below.
-        let _device = DeviceGuard::new(self.device);
-        let outcome = {
-            let _issue = lock(&self.issue);
-            match self.async_error_locked() {
-                Some(f) => Err((f, Failed::Communicator)),
-                None => self.issue_p2p_group_locked(&ops),
-            }
-        };
-        match outcome {
-            Ok(()) => {
-                for op in ops {
-                    *lock(&op.state) = P2pState::Issued;
-                    self.push_pending(Pending { event: op.done, _guard: op.guard });
-                }
-            }
-            Err((detail, how)) => {
-                if !matches!(how, Failed::Call) {
-                    self.fail(detail.clone());
-                }
-                for op in ops {
-                    *lock(&op.state) = P2pState::Failed(detail.clone(), how);
-                }
-            }
-        }
-    }
-
-    /// The NCCL calls of `flush_p2p`; the caller holds `issue`.
-    fn issue_p2p_group_locked(&self, ops: &[QueuedP2p]) -> std::result::Result<(), (String, Failed)> {
-        for op in ops {
-            op.ready.block(On::Stream(&self.stream)).map_err(|e| {
-                (format!("ordering the NCCL stream after the issuing stream failed: {e}"), Failed::Call)
-            })?;
-        }
-        let stream = self.stream.raw() as cudaStream_t;
-        // SAFETY: no arguments; `issue` is held.
-        let rc = unsafe { (self.lib.group_start)() };
-        if rc != SUCCESS {
-            return Err((self.lib.describe("ncclGroupStart", rc, self.comm.0), Failed::Call));
-        }
-        let mut first_error = None;
-        for op in ops {
-            // SAFETY: device pointers of live contiguous tensors of `count` elements of `dtype`,
-            // kept alive by the operation's Work until the current stream is ordered after `done`.
-            let (call, rc) = unsafe {
-                if op.send {
-                    ("ncclSend", (self.lib.send)(op.ptr as *const c_void, op.count, op.dtype, op.peer, self.comm.0, stream))
-                } else {
-                    ("ncclRecv", (self.lib.recv)(op.ptr as *mut c_void, op.count, op.dtype, op.peer, self.comm.0, stream))
-                }
-            };
-            if rc != SUCCESS && first_error.is_none() {
-                first_error = Some(self.lib.describe(call, rc, self.comm.0));
-            }
-        }
-        // Always closed, even after a failed call: an open group would swallow every later call.
-        // SAFETY: as for ncclGroupStart.
-        let rc = unsafe { (self.lib.group_end)() };
-        // Whether part of a failed group was launched is not knowable: treat it as running.
-        if let Some(detail) = first_error {
-            return Err((detail, Failed::Untracked));
-        }
-        if rc != SUCCESS {
-            return Err((self.lib.describe("ncclGroupEnd", rc, self.comm.0), Failed::Untracked));
-        }
-        for op in ops {
-            op.done.record(On::Stream(&self.stream)).map_err(|e| {
-                (format!("the point-to-point group was queued but recording its completion event failed: {e}"), Failed::Untracked)
-            })?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // The poller has seen every operation complete (NcclComm::drop joins it), so destroying
-        // cannot free resources under a running kernel.
-        if !self.aborted.load(Ordering::SeqCst) {
-            let _device = DeviceGuard::new(self.device);
-            // SAFETY: live handle, last user.
-            unsafe { (self.lib.comm_destroy)(self.comm.0) };
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The poller: releases watchdog guards as completion events complete.
-
-struct Pending {
-    event: Arc<Event>,
-    _guard: watchdog::Guard,
-}
-
-/// A send or receive waiting in `Inner::p2p` for the next flush.
-struct QueuedP2p {
-    send: bool,
-    /// The device pointer NCCL reads (send) or writes (recv).
-    ptr: usize,
-    count: usize,
-    dtype: ncclDataType_t,
-    peer: c_int,
-    /// Recorded on the caller's current stream when the operation was issued.
-    ready: Event,
-    done: Arc<Event>,
-    /// Times the operation from issue, as for collectives.
-    guard: watchdog::Guard,
-    state: Arc<Mutex<P2pState>>,
-}
-
-/// What became of a queued point-to-point operation.
-enum P2pState {
-    Queued,
-    Issued,
-    Failed(String, Failed),
-}
-
-#[derive(Default)]
-struct Queue {
-    pending: VecDeque<Pending>,
-    stop: bool,
-}
-
-struct Poller {
-    shared: Arc<(Mutex<Queue>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Poller {
-    fn start(inner: Arc<Inner>, name: &str) -> std::io::Result<Poller> {
-        let shared = inner.pending.clone();
-        let s = shared.clone();
-        let thread = std::thread::Builder::new().name(format!("nccl:{name}")).spawn(move || poll_loop(&inner, &s))?;
-        Ok(Poller { shared, thread: Some(thread) })
-    }
-}
-
-impl Drop for Poller {
-    /// Waits for every pending operation to complete, so that the communicator is destroyed only
-    /// once nothing runs on it.
-    fn drop(&mut self) {
-        lock(&self.shared.0).stop = true;
-        self.shared.1.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn poll_loop(inner: &Inner, shared: &(Mutex<Queue>, Condvar)) {
-    // The communicator's device for the thread's whole life: its CUDA calls would otherwise set
-    // up a context on device 0, which on a shared node belongs to another rank.
-    let _device = DeviceGuard::new(inner.device);
-    let (q, cv) = shared;
-    loop {
-        let event = {
-            let mut g = lock(q);
-            loop {
-                if let Some(p) = g.pending.front() {
-                    break p.event.clone();
-                }
-                if g.stop {
-                    return;
-                }
-                g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
-            }
-        };
-        let failure = match event.query() {
-            Ok(true) => {
-                let done = lock(q).pending.pop_front();
-                drop(done);
-                continue;
-            }
-            Ok(false) => inner.check(),
-            Err(e) => {
-                let msg = format!("querying an operation's completion event failed: {e}");
-                inner.fail(msg.clone());
-                Some(msg)
-            }
-        };
-        if failure.is_some() {
-            // The communicator is aborted and its error reported: nothing it queued can hang any
-            // more, so stop timing its operations.
-            let drained: Vec<Pending> = lock(q).pending.drain(..).collect();
-            drop(drained);
-        } else {
-            std::thread::sleep(POLL_INTERVAL);
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Work
-
-struct NcclWork {
-    ctx: OpContext,
-    inner: Arc<Inner>,
-    done: Arc<Event>,
-    /// Every tensor NCCL reads or writes (the caller's and staging buffers): alive until the
-    /// current stream is ordered after `done`.
-    keep: Vec<Tensor>,
-    /// (caller's tensor, contiguous buffer NCCL wrote): copied on the current stream after the wait.
-    copy_back: Option<(Tensor, Tensor)>,
-    finished: bool,
-    /// A point-to-point operation's state, which may still be queued (see the module docs).
-    p2p: Option<Arc<Mutex<P2pState>>>,
-}
-
-impl NcclWork {
-    fn error(&self, detail: String) -> CommError {
-        CommError::Backend { ctx: self.ctx.clone(), detail }
-    }
-
-    /// The buffers can no longer be proven idle: keep them forever rather than free them under a
-    /// kernel.
-    fn leak(&mut self) {
-        for t in self.keep.drain(..) {
-            std::mem::forget(t);
-        }
-        if let Some(pair) = self.copy_back.take() {
-            std::mem::forget(pair);
-        }
-    }
-
-    /// For a point-to-point operation: hands it to NCCL if still queued, and says why it could not
-    /// be issued, if it could not.
-    fn p2p_failure(&self) -> Option<(String, Failed)> {
-        let state = self.p2p.as_ref()?;
-        self.inner.flush_p2p();
-        match &*lock(state) {
-            P2pState::Failed(detail, how) => Some((detail.clone(), *how)),
-            P2pState::Queued | P2pState::Issued => None,
-        }
-    }
-
-    fn finish(&mut self) -> Result<()> {
-        if self.finished {
-            return Ok(());
-        }
-        self.finished = true;
-        if let Some(how) = self.p2p_failure() {
-            let (detail, how) = how;
-            match how {
-                // Part of its group may be running: the buffers can never be proven idle.
-                Failed::Untracked => self.leak(),
-                Failed::Call | Failed::Communicator => {
-                    self.keep.clear();
-                    self.copy_back = None;
-                }
-            }
-            return Err(self.error(detail));
-        }
-        let device = self.inner.device;
-        let _device = match DeviceGuard::new(device) {
-            Ok(g) => g,
-            Err(e) => {
-                self.leak();
-                return Err(self.error(format!("cannot make cuda:{device} current: {e}")));
-            }
-        };
-        // First order the caller's stream after the operation: from then on, work queued there
-        // (the copy back, and whatever reuses the buffers) runs after NCCL is done with them.
-        if let Err(e) = self.done.block(On::Current(device)) {
-            self.leak();
-            return Err(self.error(format!("making the current stream wait for the operation failed: {e}")));
-        }
-        let failure = self.inner.check();
-        let copied = match (self.copy_back.take(), &failure) {
-            (Some((mut dst, src)), None) => tch::no_grad(|| dst.f_copy_(&src))
-                .map_err(|e| self.error(format!("copying the result back into the tensor failed: {e}"))),
-            _ => Ok(()),
-        };
-        self.keep.clear();
-        match failure {
-            Some(f) => Err(self.error(f)),
-            None => copied,
-        }
-    }
-}
-
-impl WorkImpl for NcclWork {
-    /// Never blocks the host: the caller's current stream waits for the operation on the GPU.
-    fn wait(&mut self) -> Result<()> {
-        self.finish()
-    }
-
-    /// Whether the operation has finished on the GPU (or failed).
-    fn is_completed(&mut self) -> bool {
-        if self.finished {
-            return true;
-        }
-        if self.p2p_failure().is_some() {
-            return true;
-        }
-        // On this communicator's device: a CUDA call on a thread that never chose one would set
-        // up a context on device 0.
-        let _device = DeviceGuard::new(self.inner.device);
-        match self.done.query() {
-            Ok(true) => true,
-            Ok(false) => self.inner.check().is_some(),
-            Err(e) => {
-                self.inner.fail(format!("querying the operation's completion event failed: {e}"));
-                true
-            }
-        }
-    }
-}
-
-impl Drop for NcclWork {
-    fn drop(&mut self) {
-        let _ = self.finish();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The communicator
+use crate::work::Work;
 
 /// One NCCL communicator over a host group, on one CUDA device: what a [`Group`](crate::Group)
 /// hands CUDA tensors to. Made by the group on first use (or by [`Communicator::split`] here);
@@ -590,18 +176,6 @@ fn unique_id(lib: &Nccl, host: &Arc<dyn Communicator>) -> std::result::Result<nc
     }
     Ok(id)
 }
-
-/// How an issue failed, which decides what becomes of the buffers and the communicator.
-#[derive(Clone, Copy)]
-enum Failed {
-    /// This call was refused before anything was queued; the communicator is fine.
-    Call,
-    /// The communicator had failed (now or earlier): nothing was queued.
-    Communicator,
-    /// The NCCL kernel was queued but cannot be tracked.
-    Untracked,
-}
-
 impl NcclComm {
     /// Collective over `host`'s group: every member calls it, with its own CUDA device.
     pub(crate) fn new(host: Arc<dyn Communicator>, device: usize, debug: bool) -> Result<NcclComm> {
@@ -796,6 +370,17 @@ impl NcclComm {
             .map_err(|e| Self::backend_error(ctx, format!("allocating a staging buffer failed: {e}")))
     }
 
+    /// Marks every buffer of an operation as used by the NCCL stream (see "Memory" in the module
+    /// docs). Before anything is queued, so a failure here leaves nothing running.
+    fn record_uses(&self, ctx: &OpContext, keep: &[Tensor]) -> Result<()> {
+        for t in keep {
+            self.inner.stream.record_use(t).map_err(|e| {
+                Self::backend_error(ctx, format!("recording a buffer's use by the NCCL stream failed: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+
     /// Issues one NCCL call on the communicator's stream, ordered after the current stream (see the
     /// module docs), and returns the `Work` that owns `keep` and the copy back.
     fn launch(
@@ -813,6 +398,7 @@ impl NcclComm {
             .map_err(|e| Self::backend_error(ctx, format!("cannot make cuda:{dev} current: {e}")))?;
         // Point-to-point operations issued before this one reach NCCL before it.
         inner.flush_p2p();
+        self.record_uses(ctx, &keep)?;
         let done = Event::new().map_err(|e| Self::backend_error(ctx, format!("cannot create a CUDA event: {e}")))?;
         let issued: std::result::Result<(), (String, Failed)> = {
             let ready = lock(&inner.issue);
@@ -879,6 +465,7 @@ impl NcclComm {
         let dev = inner.device;
         let _device = DeviceGuard::new(dev)
             .map_err(|e| Self::backend_error(ctx, format!("cannot make cuda:{dev} current: {e}")))?;
+        self.record_uses(ctx, &keep)?;
         let event = || Event::new().map_err(|e| Self::backend_error(ctx, format!("cannot create a CUDA event: {e}")));
         let (ready, done) = (event()?, Arc::new(event()?));
         ready

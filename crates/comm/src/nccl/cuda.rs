@@ -17,6 +17,7 @@ extern "C" {
     fn fab_cuda_event_record(event: *mut c_void, device: c_int, current: c_int, stream_id: i64) -> *mut c_char;
     fn fab_cuda_event_block(event: *mut c_void, device: c_int, current: c_int, stream_id: i64) -> *mut c_char;
     fn fab_cuda_event_query(event: *mut c_void, done: *mut c_int) -> *mut c_char;
+    fn fab_cuda_record_stream(tensor: *mut c_void, device: c_int, stream_id: i64) -> *mut c_char;
 }
 
 /// The shim's convention: NULL, or a malloc'd message that we own.
@@ -77,6 +78,15 @@ impl Stream {
 
     pub(crate) fn raw(&self) -> *mut c_void {
         self.raw
+    }
+
+    /// Marks `t`'s memory as used by this stream (PyTorch's `Tensor.record_stream`): libtorch's
+    /// caching allocator will not reuse it, once freed, before this stream's work queued up to the
+    /// free has finished. What lets a `Work` be dropped, or waited on from another stream than
+    /// the one that allocated its buffers, without a kernel reading freed memory.
+    pub(crate) fn record_use(&self, t: &tch::Tensor) -> Result<(), String> {
+        // SAFETY: `as_ptr` is tch's `at::Tensor*`, alive for the call; the shim only reads it.
+        check(unsafe { fab_cuda_record_stream(t.as_ptr() as *mut c_void, self.device, self.id) })
     }
 }
 
@@ -157,7 +167,7 @@ mod tests {
         let err = Stream::from_pool(0).err().expect("no device to take a stream from");
         assert!(!err.is_empty());
         let e = Event::new().expect("event");
-        let err = e.record(On::Current(0)).err().expect("no stream to record on");
+        let err = e.record(On::Current(0)).expect_err("no stream to record on");
         println!("record without a GPU: {err}");
         assert!(e.block(On::Current(0)).is_err());
     }
