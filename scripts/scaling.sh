@@ -8,6 +8,7 @@
 #
 # Ranks beyond the core count are oversubscribed (and efficiency then measures the machine, not
 # the communication). Each rank uses run.threads libtorch threads (default here: 1).
+# FABBRICA_BIN names another fabbrica binary (scripts/device/check.sh runs the carried one).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -16,7 +17,8 @@ shift $(( $# < 2 ? $# : 2 )) || true
 [ "${1:-}" = "--" ] && shift
 case "$N" in ''|*[!0-9]*|0) echo "error: N must be a positive integer, got '$N'" >&2; exit 2;; esac
 source scripts/env.sh
-if [ ! -x target/release/fabbrica ]; then cargo build --release -q -p fabbrica-cli; fi
+FAB="${FABBRICA_BIN:-target/release/fabbrica}"
+if [ -z "${FABBRICA_BIN:-}" ] && [ ! -x "$FAB" ]; then cargo build --release -q -p fabbrica-cli; fi
 mkdir -p "$OUT"
 extra=("$@")
 [ ${#extra[@]} -gt 0 ] || extra=(--set run.threads=1 --steps 10 --rounds 3)
@@ -25,12 +27,12 @@ np=1
 while [ "$np" -le "$N" ]; do
   echo "== np=$np" >&2
   if [ "$np" -eq 1 ]; then
-    target/release/fabbrica bench ddp "${extra[@]}" --json "$OUT/np$np.json" >&2
+    "$FAB" bench ddp "${extra[@]}" --json "$OUT/np$np.json" >&2
   else
-    mpirun -np "$np" --oversubscribe target/release/fabbrica bench ddp "${extra[@]}" --json "$OUT/np$np.json" >&2
+    mpirun -np "$np" --oversubscribe "$FAB" bench ddp "${extra[@]}" --json "$OUT/np$np.json" >&2
   fi
   inputs+=("$OUT/np$np.json")
   np=$(( np * 2 ))
 done
-target/release/fabbrica bench scaling --inputs "${inputs[@]}" --table "$OUT/scaling.md" --plot "$OUT/scaling.svg"
+"$FAB" bench scaling --inputs "${inputs[@]}" --table "$OUT/scaling.md" --plot "$OUT/scaling.svg"
 echo "table: $OUT/scaling.md  plot: $OUT/scaling.svg" >&2

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Packs what the lent GPU machine needs into .device/ (git-ignored), for the device tool's `carry`:
+# stripped release binaries (fabbrica, comm_selftest, the NCCL test binary), shared/device/env.sh,
+# the PyTorch throughput anchor and this folder's check script. The GPU machine has no Rust: build
+# here, carry .device, run scripts/device/check.sh there. About 10 MB.
+#
+#   scripts/device/pack.sh            then, on the device:  bash scripts/device/check.sh PART
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+source scripts/env.sh
+SHARED="${FABBRICA_SHARED:-$ROOT/../shared}"
+for f in "$SHARED/device/env.sh" "$SHARED/anchors/torch_gpt_bench.py"; do
+  [ -f "$f" ] || { echo "error: $f is missing; set FABBRICA_SHARED to the shared/ folder" >&2; exit 2; }
+done
+cargo build --release -q -p fabbrica-cli -p fabbrica-comm --bins
+# The NCCL test binary's path, from cargo's own report (its name carries a hash).
+nccl_test=$(cargo test --release -q -p fabbrica-comm --test nccl --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "nccl":
+        print(m["executable"])' | tail -n 1)
+[ -x "$nccl_test" ] || { echo "error: could not find the NCCL test binary" >&2; exit 1; }
+rm -rf .device && mkdir -p .device/bin
+strip -o .device/bin/fabbrica target/release/fabbrica
+strip -o .device/bin/comm_selftest target/release/comm_selftest
+strip -o .device/bin/nccl_test "$nccl_test"
+cp "$SHARED/device/env.sh" "$SHARED/anchors/torch_gpt_bench.py" .device/
+# The default corpus (git-ignored data/, made by setup from the venv's stdlib) for the CUDA runs.
+[ -f data/pystdlib.txt ] || .venv/bin/python scripts/make_corpus.py --out data/pystdlib.txt
+cp data/pystdlib.txt .device/
+git rev-parse --short HEAD > .device/commit
+du -sh .device | sed 's/^/packed: /'
