@@ -200,8 +200,16 @@ impl NcclComm {
         let ready = Event::new().map_err(|e| init(format!("cannot create a CUDA event: {e}")))?;
         let id = unique_id(lib, &host).map_err(init)?;
         let mut comm: ncclComm_t = std::ptr::null_mut();
+        // ncclCommInitRank blocks until every rank has joined: timed by the watchdog like an
+        // operation, under an id of its own (sequence 1 there), so that a rank that never gets
+        // here is named instead of the job hanging in NCCL's bootstrap.
+        let init_id = format!("{}:init", group_id(&name, &members));
+        let what = format!("NCCL communicator creation (ncclCommInitRank) for {label}");
+        watchdog::called(&init_id, 1, &what);
+        let guard = watchdog::begin(what, &init_id, 1, &members, None);
         // SAFETY: `comm` is written on success; rank < size by the host's invariants.
         let rc = unsafe { (lib.comm_init_rank)(&mut comm, size as c_int, id, rank as c_int) };
+        drop(guard);
         if rc != SUCCESS {
             return Err(init(lib.describe("ncclCommInitRank", rc, comm)));
         }
