@@ -33,10 +33,14 @@
 #include <exception>
 
 namespace {
+// Returned when even the message cannot be allocated (NULL would read as success); never freed.
+char kNoMemory[] = "out of host memory while reporting a CUDA error";
+
 char *dup_message(const char *what) {
   size_t n = std::strlen(what);
   char *out = static_cast<char *>(std::malloc(n + 1));
-  if (out) std::memcpy(out, what, n + 1);
+  if (!out) return kNoMemory;
+  std::memcpy(out, what, n + 1);
   return out;
 }
 
@@ -77,7 +81,9 @@ void export_stream(const c10::Stream &s, int64_t *id, void **raw) {
 
 extern "C" {
 
-void fab_cuda_free_message(char *msg) { std::free(msg); }
+void fab_cuda_free_message(char *msg) {
+  if (msg != kNoMemory) std::free(msg);
+}
 
 // Makes `device` current on this thread; `*previous` gets the device that was current.
 char *fab_cuda_exchange_device(int device, int *previous) {
@@ -155,14 +161,14 @@ char *fab_cuda_event_query(void *event, int *done) {
   FAB_CATCH
 }
 
-// Tells libtorch's caching allocator that the tensor's memory is used by the stream with packed id
-// `stream_id` (Tensor.record_stream): when the tensor is freed, its block is not handed out
-// again before the work queued on that stream up to the free has finished, whichever stream
-// allocated it and whichever stream frees it.
-char *fab_cuda_record_stream(void *tensor, int device, int64_t stream_id) {
+// Tells libtorch's caching allocator that the tensor's memory is used by a stream of `device` (chosen
+// as in fab_cuda_event_record), as Tensor.record_stream does: when the tensor is freed, its block is
+// not handed out again before the work queued on that stream up to the free has finished,
+// whichever stream allocated it and whichever stream frees it.
+char *fab_cuda_record_stream(void *tensor, int device, int current, int64_t stream_id) {
   FAB_TRY
   const auto *t = static_cast<const at::TensorBase *>(tensor);
-  cuda()->recordDataPtrOnStream(t->storage().data_ptr(), stream_of(device, 0, stream_id));
+  cuda()->recordDataPtrOnStream(t->storage().data_ptr(), stream_of(device, current, stream_id));
   FAB_CATCH
 }
 

@@ -8,7 +8,8 @@ use tch::{Device, Tensor};
 
 use crate::communicator::Communicator;
 use crate::error::{CommError, OpContext, Result};
-use crate::nccl;
+use crate::agree;
+use crate::nccl::{self, NcclComm};
 use crate::types::{Backend, OpKind, ReduceOp};
 use crate::work::Work;
 
@@ -34,17 +35,25 @@ impl BackendChoice {
     }
 }
 
+/// What the group decided for CUDA tensors, at their first use (or `connect_cuda`).
+enum CudaPath {
+    Undecided,
+    /// `auto` found NCCL unusable on some rank: host staging, on every rank alike.
+    Host,
+    /// The NCCL communicator and the CUDA device it was made for.
+    Nccl(usize, Arc<NcclComm>),
+}
+
 pub struct Group {
     host: Arc<dyn Communicator>,
-    /// NCCL communicator and the CUDA device it was made for.
-    nccl: Mutex<Option<(usize, Arc<dyn Communicator>)>>,
+    cuda: Mutex<CudaPath>,
     choice: BackendChoice,
     debug: bool,
 }
 
 impl Group {
     pub(crate) fn new(host: Arc<dyn Communicator>, choice: BackendChoice, debug: bool) -> Group {
-        Group { host, nccl: Mutex::new(None), choice, debug }
+        Group { host, cuda: Mutex::new(CudaPath::Undecided), choice, debug }
     }
 
     /// The host (CPU) communicator.
@@ -96,27 +105,42 @@ impl Group {
         Ok(self.nccl_for(device, OpKind::Connect)?.is_some())
     }
 
-    /// The NCCL communicator for `cuda:device`, created on first call; `None` when `auto` found no
-    /// usable NCCL.
+    /// The NCCL communicator for `cuda:device`, created on first call; `None` when `auto` found
+    /// NCCL unusable. Collective the first time: with `auto` the group votes, so that every rank
+    /// takes the same path even where only some of them can load NCCL.
     fn nccl_for(&self, device: usize, op: OpKind) -> Result<Option<Arc<dyn Communicator>>> {
-        let mut slot = self.nccl.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((dev, c)) = slot.as_ref() {
-            if *dev == device {
-                return Ok(Some(c.clone()));
+        let mut path = self.cuda.lock().unwrap_or_else(|p| p.into_inner());
+        match &*path {
+            CudaPath::Nccl(dev, c) if *dev == device => return Ok(Some(c.clone())),
+            CudaPath::Nccl(dev, _) => {
+                return Err(self.error(
+                    op,
+                    format!(
+                        "this group's NCCL communicator is on cuda:{dev} but the tensor is on cuda:{device}; keep one device per rank"
+                    ),
+                ))
             }
-            return Err(self.error(
-                op,
-                format!(
-                    "this group's NCCL communicator is on cuda:{dev} but the tensor is on cuda:{device}; keep one device per rank"
-                ),
-            ));
+            CudaPath::Host => return Ok(None),
+            CudaPath::Undecided => {}
         }
-        if self.choice == BackendChoice::Auto && !nccl::available() {
-            return Ok(None);
+        if self.choice == BackendChoice::Auto {
+            let without = agree::ranks_voting_no(&*self.host, nccl::available()).map_err(|e| self.error(op, e))?;
+            if !without.is_empty() {
+                *path = CudaPath::Host;
+                return Ok(None);
+            }
         }
         let c = nccl::create(&self.host, device, self.debug)?;
-        *slot = Some((device, c.clone()));
+        *path = CudaPath::Nccl(device, c.clone());
         Ok(Some(c))
+    }
+
+    /// Hands queued NCCL sends and receives to NCCL: before an operation that goes to the host
+    /// communicator (barrier, split), which a peer may be waiting in only after receiving them.
+    fn flush_nccl(&self) {
+        if let CudaPath::Nccl(_, c) = &*self.cuda.lock().unwrap_or_else(|p| p.into_inner()) {
+            c.flush();
+        }
     }
 }
 
@@ -155,6 +179,7 @@ impl Communicator for Group {
         self.route(t, OpKind::Recv)?.recv_async(t, src)
     }
     fn barrier_async(&self) -> Result<Work> {
+        self.flush_nccl();
         self.host.barrier_async()
     }
     fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
@@ -170,9 +195,11 @@ impl Communicator for Group {
         self.route(input, OpKind::ReduceScatter)?.reduce_scatter(output, input, op)
     }
     fn barrier(&self) -> Result<()> {
+        self.flush_nccl();
         self.host.barrier()
     }
     fn split(&self, color: Option<u32>, key: u32, name: &str) -> Result<Option<Arc<dyn Communicator>>> {
+        self.flush_nccl();
         Ok(self
             .host
             .split(color, key, name)?

@@ -2,6 +2,7 @@
 //! single-process backends, non-blocking [`Work`] handles, the launch environment, a watchdog
 //! that turns hangs into errors, and a debug mode that catches mismatched collectives.
 
+mod agree;
 pub mod communicator;
 mod debug;
 mod engine;

@@ -73,6 +73,6 @@ pub fn nccl_reduce_op(op: ReduceOp) -> ncclRedOp_t {
 }
 
 /// Collective over `host`'s group: the NCCL communicator for CUDA device `device`.
-pub(crate) fn create(host: &Arc<dyn Communicator>, device: usize, debug: bool) -> Result<Arc<dyn Communicator>> {
+pub(crate) fn create(host: &Arc<dyn Communicator>, device: usize, debug: bool) -> Result<Arc<NcclComm>> {
     Ok(Arc::new(NcclComm::new(host.clone(), device, debug)?))
 }

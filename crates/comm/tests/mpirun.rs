@@ -163,3 +163,26 @@ fn cuda_tensors_when_a_gpu_is_visible() {
     let (out, _) = mpirun(2, &["ops", "cuda-mpi"], &[]);
     assert!(out.status.success(), "MPI host staging:\n{}", text(&out));
 }
+
+/// Creating NCCL up front (`Group::connect_cuda`) is collective: on a machine without a GPU, `auto`
+/// falls back on every rank alike and `nccl` fails on every rank alike, each rank saying why, and
+/// the world's host collectives stay matched afterwards (every rank joined the unique-id
+/// broadcast and the vote).
+#[test]
+fn connect_cuda_agrees_on_every_rank() {
+    if tch::Cuda::is_available() {
+        return; // covered by tests/nccl.rs there; NCCL refuses two ranks on one GPU anyway
+    }
+    for backend in ["auto", "nccl"] {
+        let (out, _) = mpirun(3, &["connect", backend], &[]);
+        let all = text(&out);
+        assert!(out.status.success(), "connect {backend} failed:\n{all}");
+        for r in 0..3 {
+            let lines = lines_of(&all, r);
+            assert!(lines.iter().any(|l| l.ends_with(&format!("OK connect rank {r}"))), "rank {r}:\n{all}");
+            if backend == "nccl" {
+                assert!(lines.iter().any(|l| l.contains("CONNECT") && l.contains("no CUDA device")), "rank {r}:\n{all}");
+            }
+        }
+    }
+}

@@ -4,7 +4,10 @@
 //!   in-place and out-of-place, non-contiguous, async ordering, point-to-point, sub-groups);
 //! - `watchdog`: the last rank skips a collective; the watchdog must end the job;
 //! - `watchdog-p2p`: rank 0 waits for a message that rank 1 never sends;
-//! - `mismatch-size` / `mismatch-op`: ranks disagree (run with FABBRICA_COMM_DEBUG=1).
+//! - `mismatch-size` / `mismatch-op`: ranks disagree (run with FABBRICA_COMM_DEBUG=1);
+//! - `connect [auto|nccl]` (machines without a GPU): creating the NCCL communicator up front
+//!   either falls back on every rank alike (`auto`) or fails on every rank alike (`nccl`), and
+//!   the group's host collectives stay matched afterwards.
 //!
 //! Prints `OK <scenario> rank <r>` at the end; any failure panics with the reason.
 
@@ -197,7 +200,11 @@ fn main() {
     let scenario = args.get(1).map(String::as_str).unwrap_or("ops");
     let dev_arg = args.get(2).map(String::as_str).unwrap_or("cpu");
     let opts = InitOptions {
-        backend: if dev_arg == "cuda-mpi" { BackendChoice::Mpi } else { BackendChoice::Auto },
+        backend: match dev_arg {
+            "cuda-mpi" => BackendChoice::Mpi,
+            "nccl" => BackendChoice::Nccl,
+            _ => BackendChoice::Auto,
+        },
         ..Default::default()
     }
     .with_env();
@@ -255,6 +262,25 @@ fn main() {
             println!("MISMATCH rank {rank}: {e}");
             // The group is still usable afterwards.
             comm.all_reduce(&t, ReduceOp::Sum).unwrap();
+        }
+        "connect" => {
+            assert!(!tch::Cuda::is_available(), "the connect scenario is for machines without a GPU");
+            let size = comm.size();
+            // Even where a rank names a device of its own, every rank reaches the same outcome.
+            let r = comm.connect_cuda(rank % 2);
+            if dev_arg == "nccl" {
+                let e = r.expect_err("comm.backend = nccl without a GPU").to_string();
+                assert!(e.contains("no CUDA device"), "{e}");
+                println!("CONNECT rank {rank}: {e}");
+            } else {
+                assert!(!r.expect("auto falls back to host staging"), "NCCL cannot be in use without a GPU");
+            }
+            // The unique-id broadcast and the vote were joined by every rank: the next host
+            // collective is matched, not paired with a leftover. (On the host communicator: a
+            // group with comm.backend = nccl refuses CPU tensors.)
+            let t = Tensor::full([5], rank as f64 + 1.0, (Kind::Float, Device::Cpu));
+            comm.host().all_reduce(&t, ReduceOp::Sum).unwrap();
+            same(&t, &Tensor::full([5], (size * (size + 1) / 2) as f64, (Kind::Float, Device::Cpu)), "all_reduce after connect");
         }
         other => panic!("unknown scenario {other}"),
     }

@@ -57,13 +57,14 @@ use std::sync::{Arc, Mutex};
 use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclUniqueId};
 use tch::{Device, Kind, Tensor};
 
-use super::cuda::{DeviceGuard, Event, On, Stream};
+use super::cuda::{record_use, DeviceGuard, Event, On, Stream};
 use super::inner::{lock, Failed, Inner, RawComm};
 use super::library::{self, Nccl, RawResult, SUCCESS};
 use super::p2p::{P2pState, QueuedP2p};
 use super::poller::{Pending, Poller};
 use super::work::NcclWork;
 use super::{nccl_datatype, nccl_reduce_op};
+use crate::agree;
 use crate::communicator::Communicator;
 use crate::debug::{mismatch_detail, Sig};
 use crate::error::{CommError, OpContext, Result};
@@ -146,19 +147,24 @@ fn id_from_words(words: &[i64]) -> ncclUniqueId {
     id
 }
 
-/// Rank 0 creates the id and the host communicator broadcasts it. A rank 0 that fails still
-/// takes part in the broadcast, with an all-zero id (a real id never is: it holds a socket
-/// address), so that the other ranks fail too instead of waiting for it forever.
-fn unique_id(lib: &Nccl, host: &Arc<dyn Communicator>) -> std::result::Result<ncclUniqueId, String> {
+/// Rank 0 creates the id and the host communicator broadcasts it. Every rank takes part, also one
+/// whose own setup failed (`lib` is `None` then): a rank 0 without an id broadcasts all zeros (a
+/// real id never is: it holds a socket address), and the vote that follows tells everyone.
+fn unique_id(lib: Option<&Nccl>, host: &Arc<dyn Communicator>) -> std::result::Result<ncclUniqueId, String> {
     // SAFETY: a plain byte array.
     let mut id: ncclUniqueId = unsafe { std::mem::zeroed() };
     let mut own_error = None;
     if host.rank() == 0 {
-        // SAFETY: writes the 128 bytes of `id`.
-        let rc = unsafe { (lib.get_unique_id)(&mut id) };
-        if rc != SUCCESS {
-            own_error = Some(lib.describe("ncclGetUniqueId", rc, std::ptr::null_mut()));
-            id = unsafe { std::mem::zeroed() };
+        match lib {
+            // SAFETY: writes the 128 bytes of `id`.
+            Some(lib) => {
+                let rc = unsafe { (lib.get_unique_id)(&mut id) };
+                if rc != SUCCESS {
+                    own_error = Some(lib.describe("ncclGetUniqueId", rc, std::ptr::null_mut()));
+                    id = unsafe { std::mem::zeroed() };
+                }
+            }
+            None => own_error = Some("no NCCL set up on this rank".to_string()),
         }
     }
     if host.size() > 1 {
@@ -176,29 +182,51 @@ fn unique_id(lib: &Nccl, host: &Arc<dyn Communicator>) -> std::result::Result<nc
     }
     Ok(id)
 }
+
+/// What a rank sets up on its own before the group creates the communicator together.
+struct Local {
+    lib: &'static Nccl,
+    /// NCCL binds a communicator to the device current at ncclCommInitRank.
+    _device: DeviceGuard,
+    stream: Stream,
+    ready: Event,
+}
+
+fn local_setup(device: usize) -> std::result::Result<Local, String> {
+    if !tch::Cuda::is_available() {
+        return Err("libtorch sees no CUDA device; use comm.backend = auto or mpi".into());
+    }
+    let count = tch::Cuda::device_count();
+    if device as i64 >= count {
+        return Err(format!(
+            "cuda:{device} does not exist ({count} visible); check CUDA_VISIBLE_DEVICES and the local rank"
+        ));
+    }
+    let lib = library::nccl()?;
+    let _device = DeviceGuard::new(device).map_err(|e| format!("cannot make cuda:{device} current: {e}"))?;
+    let stream = Stream::from_pool(device).map_err(|e| format!("cannot get a CUDA stream: {e}"))?;
+    let ready = Event::new().map_err(|e| format!("cannot create a CUDA event: {e}"))?;
+    Ok(Local { lib, _device, stream, ready })
+}
+
 impl NcclComm {
-    /// Collective over `host`'s group: every member calls it, with its own CUDA device.
+    /// Collective over `host`'s group: every member calls it, with its own CUDA device. Each rank
+    /// sets up locally, then all of them join the unique-id broadcast and a vote whatever
+    /// happened, so that a failure on one rank fails every rank at once, each naming it.
     pub(crate) fn new(host: Arc<dyn Communicator>, device: usize, debug: bool) -> Result<NcclComm> {
         let (rank, size) = (host.rank(), host.size());
         let name = host.name().to_string();
         let members: Arc<Vec<usize>> = Arc::new(host.members().to_vec());
         let label = format!("group '{name}' (rank {rank} of {size}, cuda:{device})");
         let init = |what: String| CommError::Init(format!("NCCL for {label}: {what}"));
-        if !tch::Cuda::is_available() {
-            return Err(init("libtorch sees no CUDA device; use comm.backend = auto or mpi".into()));
+        let local = local_setup(device);
+        let id = unique_id(local.as_ref().ok().map(|l| l.lib), &host);
+        let failing = agree::ranks_voting_no(&*host, local.is_ok() && id.is_ok()).map_err(init)?;
+        let Local { lib, _device, stream, ready } = local.map_err(init)?;
+        let id = id.map_err(init)?;
+        if !failing.is_empty() {
+            return Err(init(format!("ranks {failing:?} of the group could not set up NCCL (their logs say why)")));
         }
-        let count = tch::Cuda::device_count();
-        if device as i64 >= count {
-            return Err(init(format!(
-                "cuda:{device} does not exist ({count} visible); check CUDA_VISIBLE_DEVICES and the local rank"
-            )));
-        }
-        let lib = library::nccl().map_err(init)?;
-        // NCCL binds a communicator to the device current at ncclCommInitRank.
-        let _device = DeviceGuard::new(device).map_err(|e| init(format!("cannot make cuda:{device} current: {e}")))?;
-        let stream = Stream::from_pool(device).map_err(|e| init(format!("cannot get a CUDA stream: {e}")))?;
-        let ready = Event::new().map_err(|e| init(format!("cannot create a CUDA event: {e}")))?;
-        let id = unique_id(lib, &host).map_err(init)?;
         let mut comm: ncclComm_t = std::ptr::null_mut();
         // ncclCommInitRank blocks until every rank has joined: timed by the watchdog like an
         // operation, under an id of its own (sequence 1 there), so that a rank that never gets
@@ -211,7 +239,13 @@ impl NcclComm {
         let rc = unsafe { (lib.comm_init_rank)(&mut comm, size as c_int, id, rank as c_int) };
         drop(guard);
         if rc != SUCCESS {
-            return Err(init(lib.describe("ncclCommInitRank", rc, comm)));
+            let detail = lib.describe("ncclCommInitRank", rc, comm);
+            if !comm.is_null() {
+                // A failed init can leave a half-made communicator (proxy thread, sockets).
+                // SAFETY: the handle NCCL returned, never used again.
+                unsafe { (lib.comm_abort)(comm) };
+            }
+            return Err(init(detail));
         }
         let inner = Arc::new(Inner {
             lib,
@@ -240,6 +274,11 @@ impl NcclComm {
             p2p_seq: AtomicU64::new(0),
             debug,
         })
+    }
+
+    /// Hands queued sends and receives to NCCL now (see "Point-to-point" in the module docs).
+    pub(crate) fn flush(&self) {
+        self.inner.flush_p2p();
     }
 
     /// The CUDA device this communicator moves tensors on.
@@ -378,23 +417,30 @@ impl NcclComm {
             .map_err(|e| Self::backend_error(ctx, format!("allocating a staging buffer failed: {e}")))
     }
 
-    /// Marks every buffer of an operation as used by the NCCL stream (see "Memory" in the module
-    /// docs). Before anything is queued, so a failure here leaves nothing running.
-    fn record_uses(&self, ctx: &OpContext, keep: &[Tensor]) -> Result<()> {
+    /// Makes cuda:`dev` current, marks every buffer of an operation as used by the NCCL stream (see
+    /// "Memory" in the module docs) and creates the events it needs.
+    fn prepare(&self, keep: &[Tensor], events: usize) -> std::result::Result<(DeviceGuard, Vec<Event>), String> {
+        let dev = self.inner.device;
+        let device = DeviceGuard::new(dev).map_err(|e| format!("cannot make cuda:{dev} current: {e}"))?;
         for t in keep {
-            self.inner.stream.record_use(t).map_err(|e| {
-                Self::backend_error(ctx, format!("recording a buffer's use by the NCCL stream failed: {e}"))
-            })?;
+            record_use(t, On::Stream(&self.inner.stream))
+                .map_err(|e| format!("recording a buffer's use by the NCCL stream failed: {e}"))?;
         }
-        Ok(())
+        let events = (0..events)
+            .map(|_| Event::new().map_err(|e| format!("cannot create a CUDA event: {e}")))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok((device, events))
     }
 
     /// Issues one NCCL call on the communicator's stream, ordered after the current stream (see the
     /// module docs), and returns the `Work` that owns `keep` and the copy back.
+    ///
+    /// Called after the operation was announced: the peers have called, or will call, the
+    /// matching operation, so any failure from here on fails the communicator (a rank that skipped
+    /// it would be paired with the peers' next operation).
     fn launch(
         &self,
         ctx: &OpContext,
-        peer: Option<usize>,
         call: &str,
         keep: Vec<Tensor>,
         copy_back: Option<(Tensor, Tensor)>,
@@ -402,51 +448,49 @@ impl NcclComm {
     ) -> Result<Work> {
         let inner = &self.inner;
         let dev = inner.device;
-        let _device = DeviceGuard::new(dev)
-            .map_err(|e| Self::backend_error(ctx, format!("cannot make cuda:{dev} current: {e}")))?;
+        // Timed from here, not from the kernel's queueing: the NCCL call itself can block the host
+        // (NCCL connects to peers at a communicator's first use of an algorithm), waiting for a
+        // peer that never comes.
+        let guard = watchdog::begin(ctx.to_string(), &self.id, ctx.seq, &self.members, None);
         // Point-to-point operations issued before this one reach NCCL before it.
         inner.flush_p2p();
-        self.record_uses(ctx, &keep)?;
-        let done = Event::new().map_err(|e| Self::backend_error(ctx, format!("cannot create a CUDA event: {e}")))?;
-        let issued: std::result::Result<(), (String, Failed)> = {
-            let ready = lock(&inner.issue);
-            match inner.async_error_locked() {
-                Some(f) => Err((f, Failed::Communicator)),
-                None => (|| {
-                    ready.record(On::Current(dev)).and_then(|_| ready.block(On::Stream(&inner.stream))).map_err(
-                        |e| (format!("ordering the NCCL stream after the current stream failed: {e}"), Failed::Call),
-                    )?;
-                    let rc = f(inner.lib, inner.comm.0, inner.stream.raw() as cudaStream_t);
-                    if rc != SUCCESS {
-                        return Err((inner.lib.describe(call, rc, inner.comm.0), Failed::Call));
-                    }
-                    done.record(On::Stream(&inner.stream)).map_err(|e| {
-                        (format!("{call} was queued but recording its completion event failed: {e}"), Failed::Untracked)
-                    })
-                })(),
+        let issued = (|| -> std::result::Result<Event, (String, Failed)> {
+            let (_device, mut events) = self.prepare(&keep, 1).map_err(|e| (e, Failed::Communicator))?;
+            let mut done = events.pop().expect("one event");
+            let mut ready = lock(&inner.issue);
+            if let Some(f) = inner.async_error_locked() {
+                return Err((f, Failed::Communicator));
             }
-        };
-        if let Err((detail, how)) = issued {
-            match how {
-                Failed::Call => {}
-                Failed::Communicator => inner.fail(detail.clone()),
-                Failed::Untracked => {
+            ready.record(On::Current(dev)).and_then(|_| ready.block(On::Stream(&inner.stream))).map_err(|e| {
+                (format!("ordering the NCCL stream after the current stream failed: {e}"), Failed::Communicator)
+            })?;
+            let rc = f(inner.lib, inner.comm.0, inner.stream.raw() as cudaStream_t);
+            if rc != SUCCESS {
+                return Err((inner.lib.describe(call, rc, inner.comm.0), Failed::Communicator));
+            }
+            done.record(On::Stream(&inner.stream)).map_err(|e| {
+                (format!("{call} was queued but recording its completion event failed: {e}"), Failed::Untracked)
+            })?;
+            Ok(done)
+        })();
+        let done = match issued {
+            Ok(done) => Arc::new(done),
+            Err((detail, how)) => {
+                if let Failed::Untracked = how {
                     // Nothing can tell when the queued kernel is done with its buffers: they must
-                    // never be freed, and the communicator must not be used again.
+                    // never be freed.
                     std::mem::forget(keep);
                     std::mem::forget(copy_back);
-                    inner.fail(detail.clone());
                 }
+                inner.fail(detail.clone());
+                return Err(Self::backend_error(ctx, detail));
             }
-            return Err(Self::backend_error(ctx, detail));
-        }
-        let done = Arc::new(done);
-        let guard = watchdog::begin(ctx.to_string(), &self.id, ctx.seq, &self.members, peer);
+        };
         inner.push_pending(Pending { event: done.clone(), _guard: guard });
         Ok(Work::from_impl(NcclWork {
             ctx: ctx.clone(),
             inner: inner.clone(),
-            done,
+            done: Some(done),
             keep,
             copy_back,
             finished: false,
@@ -456,7 +500,7 @@ impl NcclComm {
 
     /// Queues a send or receive for the next flush (see the module docs), ordered after the work
     /// queued so far on the caller's current stream, and returns the `Work` that owns `keep` and the
-    /// copy back.
+    /// copy back. A failure fails the communicator, as in `launch`: the peer posts its side anyway.
     #[allow(clippy::too_many_arguments)]
     fn queue_p2p(
         &self,
@@ -471,16 +515,20 @@ impl NcclComm {
     ) -> Result<Work> {
         let inner = &self.inner;
         let dev = inner.device;
-        let _device = DeviceGuard::new(dev)
-            .map_err(|e| Self::backend_error(ctx, format!("cannot make cuda:{dev} current: {e}")))?;
-        self.record_uses(ctx, &keep)?;
-        let event = || Event::new().map_err(|e| Self::backend_error(ctx, format!("cannot create a CUDA event: {e}")));
-        let (ready, done) = (event()?, Arc::new(event()?));
-        ready
-            .record(On::Current(dev))
-            .map_err(|e| Self::backend_error(ctx, format!("recording the current stream failed: {e}")))?;
-        let state = Arc::new(Mutex::new(P2pState::Queued));
         let guard = watchdog::begin(ctx.to_string(), &self.id, ctx.seq, &self.members, Some(peer));
+        let prepared = self.prepare(&keep, 2).and_then(|(device, mut events)| {
+            let (done, mut ready) = (events.pop().expect("two events"), events.pop().expect("two events"));
+            ready.record(On::Current(dev)).map_err(|e| format!("recording the current stream failed: {e}"))?;
+            Ok((device, ready, done))
+        });
+        let (_device, ready, done) = match prepared {
+            Ok(p) => p,
+            Err(detail) => {
+                inner.fail(detail.clone());
+                return Err(Self::backend_error(ctx, detail));
+            }
+        };
+        let state = Arc::new(Mutex::new(P2pState::Queued));
         lock(&inner.p2p).push(QueuedP2p {
             send,
             ptr: ptr as usize,
@@ -488,14 +536,14 @@ impl NcclComm {
             dtype,
             peer: peer as c_int,
             ready,
-            done: done.clone(),
+            done,
             guard,
             state: state.clone(),
         });
         Ok(Work::from_impl(NcclWork {
             ctx: ctx.clone(),
             inner: inner.clone(),
-            done,
+            done: None,
             keep,
             copy_back,
             finished: false,
@@ -520,7 +568,7 @@ impl NcclComm {
         let back = s.back.map(|b| (b, s.buf));
         // SAFETY (all launches): device pointers of live contiguous tensors of `n` elements of
         // `dtype`, kept alive by the Work until the current stream is ordered after the kernel.
-        self.launch(&ctx, None, "ncclAllReduce", keep, back, |lib, comm, stream| unsafe {
+        self.launch(&ctx, "ncclAllReduce", keep, back, |lib, comm, stream| unsafe {
             (lib.all_reduce)(p as *const c_void, p, n, dtype, redop, comm, stream)
         })
     }
@@ -544,7 +592,7 @@ impl NcclComm {
         let dtype = nccl_datatype(dt);
         let keep = vec![s.buf.shallow_clone()];
         let back = s.back.map(|b| (b, s.buf));
-        self.launch(&ctx, None, "ncclBroadcast", keep, back, |lib, comm, stream| unsafe {
+        self.launch(&ctx, "ncclBroadcast", keep, back, |lib, comm, stream| unsafe {
             (lib.broadcast)(p as *const c_void, p, n, dtype, root as c_int, comm, stream)
         })
     }
@@ -579,7 +627,7 @@ impl NcclComm {
         {
             let (o, i) = (output.data_ptr(), input.data_ptr());
             let keep = vec![output.shallow_clone(), input.shallow_clone()];
-            return self.launch(&ctx, None, "ncclAllGather", keep, None, |lib, comm, stream| unsafe {
+            return self.launch(&ctx, "ncclAllGather", keep, None, |lib, comm, stream| unsafe {
                 (lib.all_gather)(i as *const c_void, o, n, dtype, comm, stream)
             });
         }
@@ -592,7 +640,7 @@ impl NcclComm {
         let (o, i) = (out.buf.data_ptr(), inp.buf.data_ptr());
         let keep = vec![out.buf.shallow_clone(), inp.buf];
         let back = out.back.map(|b| (b, out.buf));
-        self.launch(&ctx, None, "ncclAllGather", keep, back, |lib, comm, stream| unsafe {
+        self.launch(&ctx, "ncclAllGather", keep, back, |lib, comm, stream| unsafe {
             (lib.all_gather)(i as *const c_void, o, n, dtype, comm, stream)
         })
     }
@@ -628,7 +676,7 @@ impl NcclComm {
         {
             let (o, i) = (output.data_ptr(), input.data_ptr());
             let keep = vec![output.shallow_clone(), input.shallow_clone()];
-            return self.launch(&ctx, None, "ncclReduceScatter", keep, None, |lib, comm, stream| unsafe {
+            return self.launch(&ctx, "ncclReduceScatter", keep, None, |lib, comm, stream| unsafe {
                 (lib.reduce_scatter)(i as *const c_void, o, n, dtype, redop, comm, stream)
             });
         }
@@ -641,7 +689,7 @@ impl NcclComm {
         let (o, i) = (out.buf.data_ptr(), inp.buf.data_ptr());
         let keep = vec![out.buf.shallow_clone(), inp.buf];
         let back = out.back.map(|b| (b, out.buf));
-        self.launch(&ctx, None, "ncclReduceScatter", keep, back, |lib, comm, stream| unsafe {
+        self.launch(&ctx, "ncclReduceScatter", keep, back, |lib, comm, stream| unsafe {
             (lib.reduce_scatter)(i as *const c_void, o, n, dtype, redop, comm, stream)
         })
     }

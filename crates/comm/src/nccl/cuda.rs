@@ -17,7 +17,7 @@ extern "C" {
     fn fab_cuda_event_record(event: *mut c_void, device: c_int, current: c_int, stream_id: i64) -> *mut c_char;
     fn fab_cuda_event_block(event: *mut c_void, device: c_int, current: c_int, stream_id: i64) -> *mut c_char;
     fn fab_cuda_event_query(event: *mut c_void, done: *mut c_int) -> *mut c_char;
-    fn fab_cuda_record_stream(tensor: *mut c_void, device: c_int, stream_id: i64) -> *mut c_char;
+    fn fab_cuda_record_stream(tensor: *mut c_void, device: c_int, current: c_int, stream_id: i64) -> *mut c_char;
 }
 
 /// The shim's convention: NULL, or a malloc'd message that we own.
@@ -80,14 +80,6 @@ impl Stream {
         self.raw
     }
 
-    /// Marks `t`'s memory as used by this stream (PyTorch's `Tensor.record_stream`): libtorch's
-    /// caching allocator will not reuse it, once freed, before this stream's work queued up to the
-    /// free has finished. What lets a `Work` be dropped, or waited on from another stream than
-    /// the one that allocated its buffers, without a kernel reading freed memory.
-    pub(crate) fn record_use(&self, t: &tch::Tensor) -> Result<(), String> {
-        // SAFETY: `as_ptr` is tch's `at::Tensor*`, alive for the call; the shim only reads it.
-        check(unsafe { fab_cuda_record_stream(t.as_ptr() as *mut c_void, self.device, self.id) })
-    }
 }
 
 /// Which stream an event operation targets.
@@ -110,10 +102,20 @@ impl On<'_> {
 /// pending record has completed, so dropping early is safe).
 pub(crate) struct Event(*mut c_void);
 
-// SAFETY: records happen before the event is shared (or under the communicator's issue lock);
-// afterwards it is only queried and waited on, which CUDA allows from any thread.
+// SAFETY: the only mutation, `record`, takes `&mut self`, so a shared event is only queried and
+// waited on (const in c10), which CUDA allows from any thread.
 unsafe impl Send for Event {}
 unsafe impl Sync for Event {}
+
+/// Marks `t`'s memory as used by the stream `on` (PyTorch's `Tensor.record_stream`): libtorch's
+/// caching allocator will not reuse it, once freed, before that stream's work queued up to the
+/// free has finished. What lets a `Work` be dropped, or waited on from another stream than the one
+/// that allocated its buffers, without a kernel reading freed or reused memory.
+pub(crate) fn record_use(t: &tch::Tensor, on: On<'_>) -> Result<(), String> {
+    let (device, current, id) = on.args();
+    // SAFETY: `as_ptr` is tch's `at::Tensor*`, alive for the call; the shim only reads it.
+    check(unsafe { fab_cuda_record_stream(t.as_ptr() as *mut c_void, device, current, id) })
+}
 
 impl Event {
     pub(crate) fn new() -> Result<Event, String> {
@@ -122,8 +124,9 @@ impl Event {
         Ok(Event(ev))
     }
 
-    /// Captures the work queued on `on` so far.
-    pub(crate) fn record(&self, on: On<'_>) -> Result<(), String> {
+    /// Captures the work queued on `on` so far. `&mut`: recording changes the C++ object (it
+    /// creates the CUDA event on first use), so it must not race with a query or block.
+    pub(crate) fn record(&mut self, on: On<'_>) -> Result<(), String> {
         let (device, current, id) = on.args();
         check(unsafe { fab_cuda_event_record(self.0, device, current, id) })
     }
@@ -166,9 +169,12 @@ mod tests {
         assert!(!err.is_empty());
         let err = Stream::from_pool(0).err().expect("no device to take a stream from");
         assert!(!err.is_empty());
-        let e = Event::new().expect("event");
+        let mut e = Event::new().expect("event");
         let err = e.record(On::Current(0)).expect_err("no stream to record on");
         println!("record without a GPU: {err}");
         assert!(e.block(On::Current(0)).is_err());
+        let t = tch::Tensor::zeros([4], (tch::Kind::Float, tch::Device::Cpu));
+        let err = record_use(&t, On::Current(0)).expect_err("no stream to record a use on");
+        println!("record_use without a GPU: {err}");
     }
 }

@@ -103,25 +103,27 @@ impl Inner {
 }
 
 impl Drop for Inner {
+    /// Ends the communicator with `ncclCommAbort`, not `ncclCommDestroy`: destroy synchronises with
+    /// the communicator's other ranks on this node, which may drop theirs much later or never (a
+    /// rank that failed), and nothing would time that wait. Abort frees the same resources without
+    /// it, and nothing is lost: the poller (joined in `NcclComm::drop`) has seen every operation
+    /// complete, and the last `Work` holds the last reference.
     fn drop(&mut self) {
-        // The poller has seen every operation complete (NcclComm::drop joins it), so destroying
-        // cannot free resources under a running kernel.
-        if !self.aborted.load(Ordering::SeqCst) {
+        if !self.aborted.swap(true, Ordering::SeqCst) {
             let _device = DeviceGuard::new(self.device);
             // SAFETY: live handle, last user.
-            unsafe { (self.lib.comm_destroy)(self.comm.0) };
+            unsafe { (self.lib.comm_abort)(self.comm.0) };
         }
     }
 }
 
-
-/// How an issue failed, which decides what becomes of the buffers and the communicator.
+/// How an issue failed, which decides what becomes of the buffers. Either way the communicator
+/// has failed: by the time an operation reaches NCCL its peers have called (or will call) the
+/// matching one, so a rank that skips it is out of step with them for good.
 #[derive(Clone, Copy)]
 pub(super) enum Failed {
-    /// This call was refused before anything was queued; the communicator is fine.
-    Call,
-    /// The communicator had failed (now or earlier): nothing was queued.
+    /// Nothing was queued: the buffers may be freed.
     Communicator,
-    /// The NCCL kernel was queued but cannot be tracked.
+    /// The NCCL kernel was queued but cannot be tracked: the buffers must never be freed.
     Untracked,
 }

@@ -56,7 +56,6 @@ pub(crate) struct Nccl {
     pub(crate) get_unique_id: unsafe extern "C" fn(*mut ncclUniqueId) -> RawResult,
     /// `ncclCommInitRank(comm*, nranks, commId, rank)`: the id is passed by value (128 bytes).
     pub(crate) comm_init_rank: unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> RawResult,
-    pub(crate) comm_destroy: unsafe extern "C" fn(ncclComm_t) -> RawResult,
     pub(crate) comm_abort: unsafe extern "C" fn(ncclComm_t) -> RawResult,
     pub(crate) comm_get_async_error: unsafe extern "C" fn(ncclComm_t, *mut RawResult) -> RawResult,
     pub(crate) get_error_string: unsafe extern "C" fn(RawResult) -> *const c_char,
@@ -159,7 +158,6 @@ impl Nccl {
                 version,
                 get_unique_id: sym(&lib, "ncclGetUniqueId")?,
                 comm_init_rank: sym(&lib, "ncclCommInitRank")?,
-                comm_destroy: sym(&lib, "ncclCommDestroy")?,
                 comm_abort: sym(&lib, "ncclCommAbort")?,
                 comm_get_async_error: sym(&lib, "ncclCommGetAsyncError")?,
                 get_error_string: sym(&lib, "ncclGetErrorString")?,

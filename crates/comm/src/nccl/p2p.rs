@@ -22,7 +22,9 @@ pub(super) struct QueuedP2p {
     pub(super) peer: c_int,
     /// Recorded on the caller's current stream when the operation was issued.
     pub(super) ready: Event,
-    pub(super) done: Arc<Event>,
+    /// Recorded on the NCCL stream after the group is queued; handed to the `Work` through
+    /// `state` only then, so it is never shared before it is recorded.
+    pub(super) done: Event,
     /// Times the operation from issue, as for collectives.
     pub(super) guard: watchdog::Guard,
     pub(super) state: Arc<Mutex<P2pState>>,
@@ -31,7 +33,8 @@ pub(super) struct QueuedP2p {
 /// What became of a queued point-to-point operation.
 pub(super) enum P2pState {
     Queued,
-    Issued,
+    /// Handed to NCCL; the event completes when it has finished.
+    Issued(Arc<Event>),
     Failed(String, Failed),
 }
 
@@ -44,27 +47,28 @@ impl Inner {
         if queue.is_empty() {
             return;
         }
-        let ops: Vec<QueuedP2p> = queue.drain(..).collect();
+        let mut ops: Vec<QueuedP2p> = queue.drain(..).collect();
         // NCCL launches on the current device. A failure here shows up in the event calls below.
         let _device = DeviceGuard::new(self.device);
         let outcome = {
             let _issue = lock(&self.issue);
             match self.async_error_locked() {
                 Some(f) => Err((f, Failed::Communicator)),
-                None => self.issue_p2p_group_locked(&ops),
+                None => self.issue_p2p_group_locked(&mut ops),
             }
         };
         match outcome {
             Ok(()) => {
                 for op in ops {
-                    *lock(&op.state) = P2pState::Issued;
-                    self.push_pending(Pending { event: op.done, _guard: op.guard });
+                    let done = Arc::new(op.done);
+                    *lock(&op.state) = P2pState::Issued(done.clone());
+                    self.push_pending(Pending { event: done, _guard: op.guard });
                 }
             }
             Err((detail, how)) => {
-                if !matches!(how, Failed::Call) {
-                    self.fail(detail.clone());
-                }
+                // The peers have queued (or will queue) the matching operations: whatever failed
+                // here, this communicator is out of step with them for good.
+                self.fail(detail.clone());
                 for op in ops {
                     *lock(&op.state) = P2pState::Failed(detail.clone(), how);
                 }
@@ -73,20 +77,20 @@ impl Inner {
     }
 
     /// The NCCL calls of `flush_p2p`; the caller holds `issue`.
-    fn issue_p2p_group_locked(&self, ops: &[QueuedP2p]) -> std::result::Result<(), (String, Failed)> {
-        for op in ops {
+    fn issue_p2p_group_locked(&self, ops: &mut [QueuedP2p]) -> std::result::Result<(), (String, Failed)> {
+        for op in ops.iter() {
             op.ready.block(On::Stream(&self.stream)).map_err(|e| {
-                (format!("ordering the NCCL stream after the issuing stream failed: {e}"), Failed::Call)
+                (format!("ordering the NCCL stream after the issuing stream failed: {e}"), Failed::Communicator)
             })?;
         }
         let stream = self.stream.raw() as cudaStream_t;
         // SAFETY: no arguments; `issue` is held.
         let rc = unsafe { (self.lib.group_start)() };
         if rc != SUCCESS {
-            return Err((self.lib.describe("ncclGroupStart", rc, self.comm.0), Failed::Call));
+            return Err((self.lib.describe("ncclGroupStart", rc, self.comm.0), Failed::Communicator));
         }
         let mut first_error = None;
-        for op in ops {
+        for op in ops.iter() {
             // SAFETY: device pointers of live contiguous tensors of `count` elements of `dtype`,
             // kept alive by the operation's Work until the current stream is ordered after `done`.
             let (call, rc) = unsafe {
@@ -110,7 +114,7 @@ impl Inner {
         if rc != SUCCESS {
             return Err((self.lib.describe("ncclGroupEnd", rc, self.comm.0), Failed::Untracked));
         }
-        for op in ops {
+        for op in ops.iter_mut() {
             op.done.record(On::Stream(&self.stream)).map_err(|e| {
                 (format!("the point-to-point group was queued but recording its completion event failed: {e}"), Failed::Untracked)
             })?;

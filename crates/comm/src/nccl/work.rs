@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use tch::Tensor;
 
-use super::cuda::{DeviceGuard, Event, On};
+use super::cuda::{record_use, DeviceGuard, Event, On};
 use super::inner::{lock, Failed, Inner};
 use super::p2p::P2pState;
 use crate::error::{CommError, OpContext, Result};
@@ -14,7 +14,9 @@ use crate::work::WorkImpl;
 pub(super) struct NcclWork {
     pub(super) ctx: OpContext,
     pub(super) inner: Arc<Inner>,
-    pub(super) done: Arc<Event>,
+    /// Completes when NCCL has finished the operation; for a send or receive, known only once its
+    /// group has been handed to NCCL (taken from `p2p` then).
+    pub(super) done: Option<Arc<Event>>,
     /// Every tensor NCCL reads or writes (the caller's and staging buffers): alive until the
     /// current stream is ordered after `done`.
     pub(super) keep: Vec<Tensor>,
@@ -41,14 +43,19 @@ impl NcclWork {
         }
     }
 
-    /// For a point-to-point operation: hands it to NCCL if still queued, and says why it could not
-    /// be issued, if it could not.
-    fn p2p_failure(&self) -> Option<(String, Failed)> {
-        let state = self.p2p.as_ref()?;
+    /// Hands a still-queued point-to-point operation to NCCL, and says why it could not be issued,
+    /// if it could not. Afterwards `done` is known.
+    fn settle(&mut self) -> std::result::Result<(), (String, Failed)> {
+        let Some(state) = &self.p2p else { return Ok(()) };
         self.inner.flush_p2p();
         match &*lock(state) {
-            P2pState::Failed(detail, how) => Some((detail.clone(), *how)),
-            P2pState::Queued | P2pState::Issued => None,
+            P2pState::Failed(detail, how) => Err((detail.clone(), *how)),
+            P2pState::Issued(done) => {
+                self.done = Some(done.clone());
+                Ok(())
+            }
+            // A flush settles every queued operation.
+            P2pState::Queued => Err(("the operation was never handed to NCCL".into(), Failed::Untracked)),
         }
     }
 
@@ -57,18 +64,18 @@ impl NcclWork {
             return Ok(());
         }
         self.finished = true;
-        if let Some(how) = self.p2p_failure() {
-            let (detail, how) = how;
+        if let Err((detail, how)) = self.settle() {
             match how {
                 // Part of its group may be running: the buffers can never be proven idle.
                 Failed::Untracked => self.leak(),
-                Failed::Call | Failed::Communicator => {
+                Failed::Communicator => {
                     self.keep.clear();
                     self.copy_back = None;
                 }
             }
             return Err(self.error(detail));
         }
+        let done = self.done.clone().expect("a settled operation has its completion event");
         let device = self.inner.device;
         let _device = match DeviceGuard::new(device) {
             Ok(g) => g,
@@ -79,7 +86,13 @@ impl NcclWork {
         };
         // First order the caller's stream after the operation: from then on, work queued there
         // (the copy back, and whatever reuses the buffers) runs after NCCL is done with them.
-        if let Err(e) = self.done.block(On::Current(device)) {
+        // Then mark the buffers as used by that stream too: if it is not the stream that
+        // allocated them, the allocator would otherwise hand them out again before the copy back
+        // queued here has read them.
+        let ordered = done.block(On::Current(device)).and_then(|_| {
+            self.keep.iter().try_for_each(|t| record_use(t, On::Current(device)))
+        });
+        if let Err(e) = ordered {
             self.leak();
             return Err(self.error(format!("making the current stream wait for the operation failed: {e}")));
         }
@@ -108,13 +121,14 @@ impl WorkImpl for NcclWork {
         if self.finished {
             return true;
         }
-        if self.p2p_failure().is_some() {
+        if self.settle().is_err() {
             return true;
         }
+        let Some(done) = self.done.clone() else { return true };
         // On this communicator's device: a CUDA call on a thread that never chose one would set
         // up a context on device 0.
         let _device = DeviceGuard::new(self.inner.device);
-        match self.done.query() {
+        match done.query() {
             Ok(true) => true,
             Ok(false) => self.inner.check().is_some(),
             Err(e) => {
