@@ -42,9 +42,7 @@ pub fn run(a: DdpArgs) -> Result<(), Failure> {
         print(&r, &cfg);
         if let Some(path) = &a.json {
             let text = serde_json::to_string_pretty(&r).expect("serializes");
-            let tmp = path.with_extension("json.tmp");
-            std::fs::write(&tmp, text)
-                .and_then(|_| std::fs::rename(&tmp, path))
+            crate::files::write_bytes(path, text.as_bytes())
                 .map_err(|e| user(format!("cannot write --json {}: {e}", path.display())))?;
         }
     }
@@ -144,19 +142,20 @@ pub fn scaling(a: ScalingArgs) -> Result<(), Failure> {
     }
     print!("{table}");
     if let Some(t) = &a.table {
-        std::fs::write(t, &table).map_err(|e| user(format!("cannot write --table {}: {e}", t.display())))?;
+        crate::files::write_bytes(t, table.as_bytes())
+            .map_err(|e| user(format!("cannot write --table {}: {e}", t.display())))?;
     }
     if let Some(p) = &a.plot {
         use plotters::prelude::IntoDrawingArea;
         let png = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
-        let tmp = p.with_extension(if png { "tmp.png" } else { "tmp.svg" });
-        let r = if png {
-            draw_scaling(plotters::prelude::BitMapBackend::new(&tmp, (900, 700)).into_drawing_area(), &points, x1)
-        } else {
-            draw_scaling(plotters::prelude::SVGBackend::new(&tmp, (900, 700)).into_drawing_area(), &points, x1)
-        };
-        r.and_then(|_| std::fs::rename(&tmp, p).map_err(|e| e.to_string()))
-            .map_err(|e| Failure { user: false, message: format!("cannot draw --plot {}: {e}", p.display()) })?;
+        crate::files::write_via(p, |tmp| {
+            if png {
+                draw_scaling(plotters::prelude::BitMapBackend::new(tmp, (900, 700)).into_drawing_area(), &points, x1)
+            } else {
+                draw_scaling(plotters::prelude::SVGBackend::new(tmp, (900, 700)).into_drawing_area(), &points, x1)
+            }
+        })
+        .map_err(|e| Failure { user: false, message: format!("cannot draw --plot {}: {e}", p.display()) })?;
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! `fabbrica`: train, prepare, sample, bench.
+//! `fabbrica`: train, prepare, sample, bench, schedule.
 //!
 //! Errors caused by input (config, data, checkpoints) print one line and exit with code 2;
 //! other failures exit with code 1.
@@ -6,6 +6,8 @@
 mod bench_collectives;
 mod bench_ddp;
 mod commands;
+mod files;
+mod schedule;
 
 use std::process::ExitCode;
 
@@ -29,6 +31,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(commands::BenchCommand),
+    /// Print and dry-run a pipeline schedule (GPipe, 1F1B, interleaved): per-rank actions,
+    /// timeline, bubble, activations in flight.
+    Schedule(schedule::ScheduleArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +43,7 @@ fn main() -> ExitCode {
         Command::Prepare(a) => commands::prepare(a),
         Command::Sample(a) => commands::sample(a),
         Command::Bench(b) => commands::bench(b),
+        Command::Schedule(a) => schedule::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

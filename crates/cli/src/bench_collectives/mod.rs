@@ -504,7 +504,7 @@ fn bench(plan: &Plan) -> Result<()> {
                 })).collect::<Vec<_>>(),
             });
             let text = serde_json::to_string_pretty(&v).unwrap() + "\n";
-            write_atomic(p, |f| f.write_all(text.as_bytes()))
+            crate::files::write_atomic(p, |f| f.write_all(text.as_bytes()))
                 .map_err(|e| user(format!("--json {}: cannot write: {e}", p.display())))?;
         }
         if let Some(p) = &plan.plot {

@@ -1,6 +1,7 @@
 //! What rank 0 shows and writes: progress, atomic files, the bandwidth plot.
 
 use super::*;
+use crate::files::{write_atomic, write_via};
 // ---------------------------------------------------------------------------------------------
 // Progress (rank 0, on a terminal only)
 
@@ -48,29 +49,6 @@ impl Progress {
 
 // ---------------------------------------------------------------------------------------------
 // Output files
-
-/// `dir/.name.tmp-<pid>.ext`: same directory (so the rename is atomic), same extension (the PNG
-/// encoder picks the format by it).
-pub(super) fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}{ext}", std::process::id()))
-}
-
-pub(super) fn write_atomic(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> std::io::Result<()> {
-    let tmp = temp_path(path);
-    let r = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        fill(&mut f)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
-}
 
 /// What the chart shows, whatever the backend.
 pub(super) struct Chart<'a> {
@@ -178,13 +156,7 @@ pub(super) fn plot(path: &Path, rows: &[Row], plan: &Plan, n: usize) -> std::res
     // One attempt: draw, then put the file in place atomically.
     let attempt = |text: bool| -> std::result::Result<(), String> {
         if png {
-            let tmp = temp_path(path);
-            let r = draw(BitMapBackend::new(&tmp, size).into_drawing_area(), &chart, text)
-                .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| format!("cannot write: {e}")));
-            if r.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            r
+            write_via(path, |tmp| draw(BitMapBackend::new(tmp, size).into_drawing_area(), &chart, text))
         } else {
             let mut svg = String::new();
             draw(SVGBackend::with_string(&mut svg, size).into_drawing_area(), &chart, text)?;
