@@ -142,15 +142,7 @@ mod tests {
     use super::*;
 
     fn text(s: &Schedule) -> Vec<String> {
-        s.ranks
-            .iter()
-            .map(|r| {
-                r.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .collect()
+        s.rank_lines()
     }
 
     #[test]

@@ -82,15 +82,7 @@ mod tests {
     use crate::schedule::Kind;
 
     fn text(s: &Schedule) -> Vec<String> {
-        s.ranks
-            .iter()
-            .map(|r| {
-                r.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .collect()
+        s.rank_lines()
     }
 
     #[test]

@@ -222,6 +222,15 @@ impl Schedule {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Each rank's actions as one line of text (`"0F0 0F1 0B0 0B1"`), without the `rank r:`
+    /// prefix of the `Display` form.
+    pub fn rank_lines(&self) -> Vec<String> {
+        self.ranks
+            .iter()
+            .map(|r| r.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "))
+            .collect()
+    }
 }
 
 impl fmt::Display for Schedule {
