@@ -71,3 +71,25 @@ pub(crate) fn mismatch_detail(all: &[i64], mine: &[i64; 5]) -> Option<String> {
     )
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{DType, OpKind, ReduceOp};
+
+    #[test]
+    fn mismatch_names_ranks_and_calls() {
+        let mut a = Sig::new(OpKind::AllReduce, Some(DType::F32), 10, ReduceOp::Sum.code());
+        a.seq = 3;
+        let mut b = Sig::new(OpKind::AllGather, Some(DType::Bf16), 4, 0);
+        b.seq = 3;
+        let (ea, eb) = (a.encode(), b.encode());
+        let same: Vec<i64> = ea.iter().chain(ea.iter()).copied().collect();
+        assert_eq!(mismatch_detail(&same, &ea), None);
+        let all: Vec<i64> = ea.iter().chain(eb.iter()).chain(ea.iter()).copied().collect();
+        let d = mismatch_detail(&all, &ea).expect("a mismatch");
+        assert_eq!(
+            d,
+            "ranks [0, 2] called all_reduce(f32, 10 elements, sum) #3; rank 1 called all_gather(bf16, 4 elements per rank) #3"
+        );
+    }
+}

@@ -19,6 +19,7 @@ mod inner;
 mod library;
 mod p2p;
 mod poller;
+mod setup;
 mod work;
 
 use std::path::PathBuf;
