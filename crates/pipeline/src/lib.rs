@@ -18,9 +18,9 @@
 //!    (per-rank intervals, makespan, bubble fraction, peak activations in flight), or a
 //!    [`Deadlock`] that names each stuck rank, the action it is stuck at and what it waits
 //!    for. [`to_text`] and [`to_svg`] draw the timeline.
-//! 4. **execute** (not in this crate yet): an executor that walks one rank's lowered list
-//!    over a `Stage` trait (forward, backward, send, recv), so what runs is exactly what was
-//!    simulated.
+//! 4. **execute** ([`execute()`]): walks one rank's lowered list through a [`Runner`] (forward,
+//!    backward, send, recv over real tensors and a communicator), so what runs is exactly what
+//!    was simulated, and returns the measured [`Trace`].
 //!
 //! ```
 //! use fabbrica_pipeline::{lower, simulate, Costs, Kind, Schedule};
@@ -40,6 +40,7 @@
 
 pub mod action;
 pub mod deadlock;
+pub mod execute;
 pub mod generate;
 pub mod lower;
 pub mod render;
@@ -49,8 +50,9 @@ pub mod timeline;
 
 pub use action::{Action, ActionParseError, Op};
 pub use deadlock::{Blocked, Cause, Deadlock, Invalid};
+pub use execute::{execute, ExecError, Runner, Trace};
 pub use generate::{gpipe, interleaved_1f1b, interleaved_warmup, one_f_one_b};
-pub use lower::{lower, peer};
+pub use lower::{check_transfer_order, lower, peer};
 pub use render::{summary, to_svg, to_text};
 pub use schedule::{
     Kind, Schedule, ScheduleError, KEY_MICROBATCHES, KEY_PP, KEY_SCHEDULE, KEY_VIRTUAL_STAGES,

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use fabbrica_pipeline::{
     gpipe, interleaved_1f1b, interleaved_warmup, lower, one_f_one_b, peak_in_flight, peer,
-    simulate, Action, Cause, Costs, Kind, Op, Schedule, Timeline,
+    check_transfer_order, simulate, Action, Cause, Costs, Kind, Op, Schedule, Timeline,
 };
 
 /// Costs per virtual stage used by the exact makespan checks.
@@ -116,6 +116,9 @@ fn backwards_follow_forwards_and_each_stage_runs_in_micro_order() {
 fn lowering_pairs_every_send_with_one_recv_on_the_peer_rank() {
     for s in all_schedules() {
         let low = lower(&s);
+        // Matchable by order alone (NCCL, MPI with one tag): between any two ranks, sends and
+        // receives are posted in the same order.
+        check_transfer_order(&low).unwrap_or_else(|e| panic!("{}: {e}", name(&s)));
         let at = positions(&low);
         // The compute order is unchanged.
         for (r, list) in low.ranks.iter().enumerate() {
