@@ -305,12 +305,25 @@ impl MpiComm {
         }
     }
 
+    /// The context of the next operation of kind `op`, for the messages of its argument checks:
+    /// its sequence number is not taken until [`Self::commit`].
     fn next_ctx(&self, op: OpKind) -> OpContext {
         let seq = match op {
+            OpKind::Send | OpKind::Recv => self.p2p_seq.load(Ordering::Relaxed) + 1,
+            _ => self.seq.load(Ordering::Relaxed) + 1,
+        };
+        self.ctx(op, seq)
+    }
+
+    /// Takes the operation's sequence number, once its arguments passed the local checks: a call
+    /// refused on one rank is not counted there, so the sequence numbers the watchdog and the
+    /// debug check compare stay those of the calls that reached the group.
+    fn commit(&self, mut ctx: OpContext) -> OpContext {
+        ctx.seq = match ctx.op {
             OpKind::Send | OpKind::Recv => self.p2p_seq.fetch_add(1, Ordering::Relaxed) + 1,
             _ => self.seq.fetch_add(1, Ordering::Relaxed) + 1,
         };
-        self.ctx(op, seq)
+        ctx
     }
 
     fn dtype_of(&self, t: &Tensor, ctx: &OpContext) -> Result<DType> {
@@ -401,6 +414,7 @@ impl MpiComm {
         let dt = self.dtype_of(t, &ctx)?;
         self.check_reduce(&ctx, dt, op)?;
         let n = self.count(t.numel(), &ctx)?;
+        let ctx = self.commit(ctx);
         let staged = self.stage(t, true);
         let (raw, size, jctx) = (self.raw, self.size, ctx.clone());
         let sig = Sig::new(OpKind::AllReduce, Some(dt), n as i64, op.code());
@@ -425,6 +439,7 @@ impl MpiComm {
             return Err(Self::invalid(&ctx, format!("root {root} is not a rank of this group (size {})", self.size)));
         }
         let n = self.count(t.numel(), &ctx)?;
+        let ctx = self.commit(ctx);
         let is_root = root == self.rank;
         let mut staged = self.stage(t, is_root);
         if is_root {
@@ -457,6 +472,7 @@ impl MpiComm {
             ));
         }
         let n = self.count(input.numel(), &ctx)?;
+        let ctx = self.commit(ctx);
         let sig = Sig::new(OpKind::AllGather, Some(dt), n as i64, 0);
         let plain = |t: &Tensor| t.device() == Device::Cpu && t.is_contiguous();
         let (raw, jctx) = (self.raw, ctx.clone());
@@ -509,6 +525,7 @@ impl MpiComm {
             ));
         }
         let n = self.count(output.numel(), &ctx)?;
+        let ctx = self.commit(ctx);
         let sig = Sig::new(OpKind::ReduceScatter, Some(dt), n as i64, op.code());
         let inp = self.stage_in(input);
         let mut out = self.stage(output, false);
@@ -537,7 +554,7 @@ impl MpiComm {
     }
 
     fn barrier_impl(&self, blocking: bool) -> Result<Work> {
-        let ctx = self.next_ctx(OpKind::Barrier);
+        let ctx = self.commit(self.next_ctx(OpKind::Barrier));
         let (raw, jctx) = (self.raw, ctx.clone());
         let job: Job = Box::new(move || ok(unsafe { ffi::MPI_Barrier(raw.c()) }, &jctx, "MPI_Barrier"));
         Ok(self.submit(ctx, Sig::new(OpKind::Barrier, None, 0, 0), job, blocking))
@@ -553,6 +570,7 @@ impl MpiComm {
             ));
         }
         let n = self.count(t.numel(), &ctx)?;
+        let ctx = self.commit(ctx);
         let staged = if send { self.stage_in(t) } else { self.stage(t, false) };
         let guard = watchdog::begin(ctx.to_string(), &self.id, ctx.seq, &self.members, Some(peer));
         let mut req: ffi::MPI_Request = unsafe { std::mem::zeroed() };
@@ -568,7 +586,7 @@ impl MpiComm {
     }
 
     fn split_impl(&self, color: Option<u32>, key: u32, name: &str) -> Result<Option<Arc<dyn Communicator>>> {
-        let ctx = self.next_ctx(OpKind::Split);
+        let ctx = self.commit(self.next_ctx(OpKind::Split));
         let k = self.splits.fetch_add(1, Ordering::Relaxed);
         let sig = Sig::new(OpKind::Split, None, 0, 0);
         let out: Arc<Mutex<Option<MpiComm>>> = Arc::new(Mutex::new(None));

@@ -186,3 +186,17 @@ fn connect_cuda_agrees_on_every_rank() {
         }
     }
 }
+
+/// A call refused by one rank's own checks never reached the group, so it takes no sequence
+/// number there: with the debug check on (which compares sequence numbers), the group's next
+/// collective still agrees. Counting it would make every later collective a "mismatch", and
+/// the watchdog would take the rank for one that arrived.
+#[test]
+fn a_call_refused_on_one_rank_is_not_counted() {
+    let (out, _) = mpirun(3, &["refused"], &[("FABBRICA_COMM_DEBUG", "1")]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    for r in 0..3 {
+        assert!(lines_of(&all, r).iter().any(|l| l.ends_with(&format!("OK refused rank {r}"))), "rank {r}:\n{all}");
+    }
+}

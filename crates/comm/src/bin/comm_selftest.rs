@@ -5,6 +5,8 @@
 //! - `watchdog`: the last rank skips a collective; the watchdog must end the job;
 //! - `watchdog-p2p`: rank 0 waits for a message that rank 1 never sends;
 //! - `mismatch-size` / `mismatch-op`: ranks disagree (run with FABBRICA_COMM_DEBUG=1);
+//! - `refused` (with FABBRICA_COMM_DEBUG=1): a call refused on one rank only (an unsupported dtype)
+//!   is not counted there, so the group's next collective still agrees on its sequence number;
 //! - `connect [auto|nccl]` (machines without a GPU): creating the NCCL communicator up front
 //!   either falls back on every rank alike (`auto`) or fails on every rank alike (`nccl`), and
 //!   the group's host collectives stay matched afterwards.
@@ -262,6 +264,18 @@ fn main() {
             println!("MISMATCH rank {rank}: {e}");
             // The group is still usable afterwards.
             comm.all_reduce(&t, ReduceOp::Sum).unwrap();
+        }
+        "refused" => {
+            if rank == 1 {
+                let bad = Tensor::ones([4], (Kind::Double, Device::Cpu));
+                let e = comm.all_reduce(&bad, ReduceOp::Sum).expect_err("f64 is not a supported dtype");
+                assert!(matches!(e, CommError::UnsupportedDtype { .. }), "{e}");
+            }
+            // The debug check compares sequence numbers: it passes only if rank 1 did not count
+            // the refused call.
+            let t = Tensor::ones([7], (Kind::Float, Device::Cpu));
+            comm.all_reduce(&t, ReduceOp::Sum).expect("the group still agrees");
+            same(&t, &Tensor::full([7], comm.size() as f64, (Kind::Float, Device::Cpu)), "all_reduce after a refused call");
         }
         "connect" => {
             assert!(!tch::Cuda::is_available(), "the connect scenario is for machines without a GPU");

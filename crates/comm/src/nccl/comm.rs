@@ -200,12 +200,25 @@ impl NcclComm {
         }
     }
 
+    /// The context of the next operation of kind `op`, for the messages of its argument checks:
+    /// its sequence number is not taken until [`Self::commit`].
     fn next_ctx(&self, op: OpKind) -> OpContext {
         let seq = match op {
+            OpKind::Send | OpKind::Recv => self.p2p_seq.load(Ordering::Relaxed) + 1,
+            _ => self.seq.load(Ordering::Relaxed) + 1,
+        };
+        self.ctx(op, seq)
+    }
+
+    /// Takes the operation's sequence number, once its arguments passed the local checks: a call
+    /// refused on one rank is not counted there, so the sequence numbers the watchdog and the
+    /// debug check compare stay those of the calls that reached the group.
+    fn commit(&self, mut ctx: OpContext) -> OpContext {
+        ctx.seq = match ctx.op {
             OpKind::Send | OpKind::Recv => self.p2p_seq.fetch_add(1, Ordering::Relaxed) + 1,
             _ => self.seq.fetch_add(1, Ordering::Relaxed) + 1,
         };
-        self.ctx(op, seq)
+        ctx
     }
 
     fn invalid(ctx: &OpContext, what: impl Into<String>) -> CommError {
@@ -254,14 +267,16 @@ impl NcclComm {
         Ok(())
     }
 
-    /// At issue of a collective: tells the watchdog, then (debug mode) checks that the group
-    /// agrees on it before anything reaches NCCL, where a mismatch would hang or corrupt.
-    fn announce(&self, ctx: &OpContext, sig: &Sig) -> Result<()> {
+    /// At issue of a collective whose arguments passed the local checks: takes its sequence
+    /// number, tells the watchdog, then (debug mode) checks that the group agrees on it before
+    /// anything reaches NCCL, where a mismatch would hang or corrupt.
+    fn announce(&self, ctx: OpContext, sig: &Sig) -> Result<OpContext> {
+        let ctx = self.commit(ctx);
         watchdog::called(&self.id, ctx.seq, &format!("{} #{}", sig.describe(), ctx.seq));
         if self.debug && self.size > 1 {
-            self.debug_check(ctx, sig)?;
+            self.debug_check(&ctx, sig)?;
         }
-        Ok(())
+        Ok(ctx)
     }
 
     /// Every rank all-gathers its signature (op, dtype, element count, reduction or root, sequence
@@ -459,7 +474,7 @@ impl NcclComm {
         self.on_device(&ctx, t, "the tensor")?;
         Self::check_reduce(&ctx, dt, op)?;
         let n = t.numel();
-        self.announce(&ctx, &Sig::new(OpKind::AllReduce, Some(dt), n as i64, op.code()))?;
+        let ctx = self.announce(ctx, &Sig::new(OpKind::AllReduce, Some(dt), n as i64, op.code()))?;
         if n == 0 {
             return Ok(Work::done(Ok(())));
         }
@@ -483,7 +498,7 @@ impl NcclComm {
             return Err(Self::invalid(&ctx, format!("root {root} is not a rank of this group (size {})", self.size)));
         }
         let n = t.numel();
-        self.announce(&ctx, &Sig::new(OpKind::Broadcast, Some(dt), n as i64, root as i64))?;
+        let ctx = self.announce(ctx, &Sig::new(OpKind::Broadcast, Some(dt), n as i64, root as i64))?;
         if n == 0 {
             return Ok(Work::done(Ok(())));
         }
@@ -517,7 +532,7 @@ impl NcclComm {
                 ),
             ));
         }
-        self.announce(&ctx, &Sig::new(OpKind::AllGather, Some(dt), n as i64, 0))?;
+        let ctx = self.announce(ctx, &Sig::new(OpKind::AllGather, Some(dt), n as i64, 0))?;
         if n == 0 {
             return Ok(Work::done(Ok(())));
         }
@@ -566,7 +581,7 @@ impl NcclComm {
                 ),
             ));
         }
-        self.announce(&ctx, &Sig::new(OpKind::ReduceScatter, Some(dt), n as i64, op.code()))?;
+        let ctx = self.announce(ctx, &Sig::new(OpKind::ReduceScatter, Some(dt), n as i64, op.code()))?;
         if n == 0 {
             return Ok(Work::done(Ok(())));
         }
@@ -610,6 +625,7 @@ impl NcclComm {
             ));
         }
         let n = t.numel();
+        let ctx = self.commit(ctx);
         if n == 0 {
             return Ok(Work::done(Ok(())));
         }
@@ -681,7 +697,7 @@ impl Communicator for NcclComm {
     /// The host communicator splits, then each new group creates its own NCCL communicator (a
     /// fresh unique id broadcast over the new host group), on this communicator's device.
     fn split(&self, color: Option<u32>, key: u32, name: &str) -> Result<Option<Arc<dyn Communicator>>> {
-        let ctx = self.next_ctx(OpKind::Split);
+        let ctx = self.commit(self.next_ctx(OpKind::Split));
         self.inner.flush_p2p();
         let Some(host) = self.host.split(color, key, name)? else { return Ok(None) };
         let comm = NcclComm::new(host, self.inner.device, self.debug).map_err(|e| match e {
