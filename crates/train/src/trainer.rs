@@ -209,12 +209,13 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let grads_over = match s.device {
         Device::Cuda(i) => {
             if world.comm().connect_cuda(i).map_err(comm_err)? {
-                "nccl".to_string()
+                " over nccl".to_string()
             } else {
-                format!("{}, staged through host memory", comm.backend())
+                format!(" over {}, staged through host memory", comm.backend())
             }
         }
-        _ => comm.backend().to_string(),
+        _ if nranks > 1 => format!(" over {}", comm.backend()),
+        _ => String::new(),
     };
 
     let params: Vec<(String, Tensor)> = s.model.parameter_handles();
@@ -267,7 +268,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     };
     let progress = Progress::new(cfg.train.max_steps, start, opts.progress && rank0);
     progress.println(&format!(
-        "training {} parameters on {:?} ({}), {} ranks (dp {dp}), global batch {global_batch} = micro {} x accum {} x dp {dp} ({} tokens/step), {} buckets over {grads_over}{}, steps {}..{}",
+        "training {} parameters on {:?} ({}), {} ranks (dp {dp}), global batch {global_batch} = micro {} x accum {} x dp {dp} ({} tokens/step), {} buckets{grads_over}{}, steps {}..{}",
         s.model.num_params(),
         s.device,
         if s.bf16 { "bf16 autocast" } else { "fp32" },
