@@ -17,7 +17,7 @@ use crate::communicator::Communicator;
 use crate::debug::{mismatch_detail, Sig};
 use crate::engine::{Engine, Job};
 use crate::error::{CommError, OpContext, Result};
-use crate::types::{Backend, DType, OpKind, ReduceOp};
+use crate::types::{Backend, DType, OpCounter, OpKind, ReduceOp};
 use crate::watchdog;
 use crate::work::{Work, WorkImpl};
 
@@ -69,8 +69,7 @@ pub struct MpiComm {
     id: String,
     members: Arc<Vec<usize>>,
     engine: Arc<Engine>,
-    seq: AtomicU64,
-    p2p_seq: AtomicU64,
+    ops: OpCounter,
     splits: AtomicU64,
     cuda_aware: bool,
     registry: Arc<Registry>,
@@ -275,8 +274,7 @@ impl MpiComm {
             id,
             members,
             engine,
-            seq: AtomicU64::new(0),
-            p2p_seq: AtomicU64::new(0),
+            ops: OpCounter::default(),
             splits: AtomicU64::new(0),
             cuda_aware: unsafe { fabbrica_mpi_cuda_aware() } == 1,
             registry,
@@ -305,24 +303,14 @@ impl MpiComm {
         }
     }
 
-    /// The context of the next operation of kind `op`, for the messages of its argument checks:
-    /// its sequence number is not taken until [`Self::commit`].
+    /// The context of the next operation of kind `op`; its number is taken by `commit` (see
+    /// [`OpCounter`]).
     fn next_ctx(&self, op: OpKind) -> OpContext {
-        let seq = match op {
-            OpKind::Send | OpKind::Recv => self.p2p_seq.load(Ordering::Relaxed) + 1,
-            _ => self.seq.load(Ordering::Relaxed) + 1,
-        };
-        self.ctx(op, seq)
+        self.ctx(op, self.ops.peek(op))
     }
 
-    /// Takes the operation's sequence number, once its arguments passed the local checks: a call
-    /// refused on one rank is not counted there, so the sequence numbers the watchdog and the
-    /// debug check compare stay those of the calls that reached the group.
     fn commit(&self, mut ctx: OpContext) -> OpContext {
-        ctx.seq = match ctx.op {
-            OpKind::Send | OpKind::Recv => self.p2p_seq.fetch_add(1, Ordering::Relaxed) + 1,
-            _ => self.seq.fetch_add(1, Ordering::Relaxed) + 1,
-        };
+        ctx.seq = self.ops.take(ctx.op);
         ctx
     }
 

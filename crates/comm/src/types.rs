@@ -1,6 +1,7 @@
 //! Small value types shared by every backend.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tch::Kind;
 
 /// How values from the ranks are combined.
@@ -169,5 +170,36 @@ impl DType {
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// A group's operation counters, collectives and point-to-point apart (p2p involves two ranks, a
+/// collective all of them, so each stream is numbered alike on the ranks that take part). A
+/// number is read ([`peek`](Self::peek)) for the messages of an operation's argument checks and
+/// taken ([`take`](Self::take)) only once they pass: a call refused on one rank is not counted
+/// there, so the numbers the watchdog and the debug check compare are those of the calls that
+/// reached the group.
+#[derive(Default)]
+pub(crate) struct OpCounter {
+    collective: AtomicU64,
+    p2p: AtomicU64,
+}
+
+impl OpCounter {
+    fn of(&self, op: OpKind) -> &AtomicU64 {
+        match op {
+            OpKind::Send | OpKind::Recv => &self.p2p,
+            _ => &self.collective,
+        }
+    }
+
+    /// The number the next operation of kind `op` will take.
+    pub(crate) fn peek(&self, op: OpKind) -> u64 {
+        self.of(op).load(Ordering::Relaxed) + 1
+    }
+
+    /// Takes the next number for an operation of kind `op`.
+    pub(crate) fn take(&self, op: OpKind) -> u64 {
+        self.of(op).fetch_add(1, Ordering::Relaxed) + 1
     }
 }

@@ -51,7 +51,7 @@
 //! queued: wait on the send's `Work` first.
 
 use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclDataType_t};
@@ -69,7 +69,7 @@ use crate::agree;
 use crate::communicator::Communicator;
 use crate::debug::{mismatch_detail, Sig};
 use crate::error::{CommError, OpContext, Result};
-use crate::types::{Backend, DType, OpKind, ReduceOp};
+use crate::types::{Backend, DType, OpCounter, OpKind, ReduceOp};
 use crate::watchdog;
 use crate::work::Work;
 
@@ -91,8 +91,7 @@ pub struct NcclComm {
     /// Equal on every member, distinct per group: how the watchdog names the group to peers.
     id: String,
     members: Arc<Vec<usize>>,
-    seq: AtomicU64,
-    p2p_seq: AtomicU64,
+    ops: OpCounter,
     debug: bool,
 }
 
@@ -172,8 +171,7 @@ impl NcclComm {
             id: group_id(&name, &members),
             name,
             members,
-            seq: AtomicU64::new(0),
-            p2p_seq: AtomicU64::new(0),
+            ops: OpCounter::default(),
             debug,
         })
     }
@@ -200,24 +198,14 @@ impl NcclComm {
         }
     }
 
-    /// The context of the next operation of kind `op`, for the messages of its argument checks:
-    /// its sequence number is not taken until [`Self::commit`].
+    /// The context of the next operation of kind `op`; its number is taken by `commit` (see
+    /// [`OpCounter`]).
     fn next_ctx(&self, op: OpKind) -> OpContext {
-        let seq = match op {
-            OpKind::Send | OpKind::Recv => self.p2p_seq.load(Ordering::Relaxed) + 1,
-            _ => self.seq.load(Ordering::Relaxed) + 1,
-        };
-        self.ctx(op, seq)
+        self.ctx(op, self.ops.peek(op))
     }
 
-    /// Takes the operation's sequence number, once its arguments passed the local checks: a call
-    /// refused on one rank is not counted there, so the sequence numbers the watchdog and the
-    /// debug check compare stay those of the calls that reached the group.
     fn commit(&self, mut ctx: OpContext) -> OpContext {
-        ctx.seq = match ctx.op {
-            OpKind::Send | OpKind::Recv => self.p2p_seq.fetch_add(1, Ordering::Relaxed) + 1,
-            _ => self.seq.fetch_add(1, Ordering::Relaxed) + 1,
-        };
+        ctx.seq = self.ops.take(ctx.op);
         ctx
     }
 
