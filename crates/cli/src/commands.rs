@@ -94,7 +94,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
             // it); anything later happened on this rank.
             let message = match &e {
                 TrainError::Elsewhere { .. } => String::new(),
-                TrainError::OnRank { .. } => e.to_string(),
+                // Seen by every rank alike and said by rank 0 only: already names its ranks.
+                TrainError::OnRank { .. } | TrainError::NonFinite(_) => e.to_string(),
                 _ if rank == 0 && is_setup_error(&e) => e.to_string(),
                 _ if is_setup_error(&e) => String::new(),
                 _ => format!("rank {rank}: {e}"),

@@ -37,6 +37,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // An allocation failure inside fabbrica_train::memory::guard_alloc becomes a one-line error;
+    // printing the panic (and a backtrace) first would break that. Other panics print as before.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !fabbrica_train::memory::panic_is_handled(info.payload()) {
+            default_hook(info)
+        }
+    }));
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => commands::train(a),

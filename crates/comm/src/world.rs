@@ -33,26 +33,65 @@ impl Default for InitOptions {
 impl InitOptions {
     /// Applies `FABBRICA_COMM_TIMEOUT` and `FABBRICA_COMM_DEBUG`, which override config values.
     pub fn with_env(mut self) -> Result<Self> {
-        if let Ok(v) = std::env::var("FABBRICA_COMM_TIMEOUT") {
-            let secs: f64 = v.trim().parse().ok().filter(|s: &f64| *s > 0.0).ok_or_else(|| {
-                CommError::Init(format!(
-                    "FABBRICA_COMM_TIMEOUT='{v}' is not a positive number of seconds; set e.g. FABBRICA_COMM_TIMEOUT=600"
-                ))
-            })?;
-            self.timeout = Duration::from_secs_f64(secs);
+        // var_os: a value that is not UTF-8 is a mistake to report, not an unset variable.
+        if let Some(v) = std::env::var_os("FABBRICA_COMM_TIMEOUT") {
+            self.timeout = parse_timeout(&v.to_string_lossy())?;
         }
-        if let Ok(v) = std::env::var("FABBRICA_COMM_DEBUG") {
-            self.debug = match v.trim() {
-                "1" | "true" | "on" | "yes" => true,
-                "0" | "false" | "off" | "no" | "" => false,
-                _ => {
-                    return Err(CommError::Init(format!(
-                        "FABBRICA_COMM_DEBUG='{v}' is not a boolean; use 1 or 0"
-                    )))
-                }
-            };
+        if let Some(v) = std::env::var_os("FABBRICA_COMM_DEBUG") {
+            self.debug = parse_debug(&v.to_string_lossy())?;
         }
         Ok(self)
+    }
+}
+
+/// Shortest watchdog timeout, in seconds (`FABBRICA_COMM_TIMEOUT`, `comm.timeout_s`).
+pub const MIN_TIMEOUT_S: f64 = 0.001;
+/// Longest watchdog timeout, in seconds: one week.
+pub const MAX_TIMEOUT_S: f64 = 604_800.0;
+
+/// A variable's value for a message: in single quotes, on one line (control characters escaped),
+/// long text cut.
+fn quoted(v: &str) -> String {
+    let mut out = String::from("'");
+    for c in v.chars().take(64) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if v.chars().nth(64).is_some() {
+        out.push_str("...");
+    }
+    out.push('\'');
+    out
+}
+
+/// Parses a `FABBRICA_COMM_TIMEOUT` value: seconds in [`MIN_TIMEOUT_S`, `MAX_TIMEOUT_S`].
+pub fn parse_timeout(v: &str) -> Result<Duration> {
+    let range = MIN_TIMEOUT_S..=MAX_TIMEOUT_S;
+    match v.trim().parse::<f64>() {
+        Ok(secs) if range.contains(&secs) => Ok(Duration::from_secs_f64(secs)),
+        Ok(_) => Err(CommError::Init(format!(
+            "FABBRICA_COMM_TIMEOUT={} is out of range: set seconds between {MIN_TIMEOUT_S} and {MAX_TIMEOUT_S} (one week), e.g. FABBRICA_COMM_TIMEOUT=600",
+            quoted(v)
+        ))),
+        Err(_) => Err(CommError::Init(format!(
+            "FABBRICA_COMM_TIMEOUT={} is not a positive number of seconds: set e.g. FABBRICA_COMM_TIMEOUT=600 (between {MIN_TIMEOUT_S} and {MAX_TIMEOUT_S}, one week)",
+            quoted(v)
+        ))),
+    }
+}
+
+/// Parses a `FABBRICA_COMM_DEBUG` value: `1`/`true`/`on`/`yes` or `0`/`false`/`off`/`no`/empty.
+pub fn parse_debug(v: &str) -> Result<bool> {
+    match v.trim() {
+        "1" | "true" | "on" | "yes" => Ok(true),
+        "0" | "false" | "off" | "no" | "" => Ok(false),
+        _ => Err(CommError::Init(format!(
+            "FABBRICA_COMM_DEBUG={} is not a boolean: set FABBRICA_COMM_DEBUG=1 or FABBRICA_COMM_DEBUG=0",
+            quoted(v)
+        ))),
     }
 }
 
@@ -149,4 +188,50 @@ fn start_watchdog(universe: &::mpi::environment::Universe, rank: usize, timeout:
         .map(|c| String::from_utf8_lossy(&c[..c.iter().position(|&b| b == 0).unwrap_or(LEN)]).into_owned())
         .collect();
     watchdog::start(listener, rank, peers, timeout).map_err(CommError::Init)
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+
+    #[test]
+    fn timeout_values_in_range_parse() {
+        assert_eq!(parse_timeout("600").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_timeout(" 0.5 ").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_timeout("0.001").unwrap(), Duration::from_millis(1));
+        assert_eq!(parse_timeout("604800").unwrap(), Duration::from_secs(604_800));
+    }
+
+    #[test]
+    fn bad_timeouts_are_one_line_errors_naming_the_variable() {
+        for (v, why) in [
+            ("inf", "out of range"),
+            ("1e30", "out of range"),
+            ("NaN", "out of range"),
+            ("0", "out of range"),
+            ("-5", "out of range"),
+            ("0.0001", "out of range"),
+            ("604801", "out of range"),
+            ("abc", "not a positive number"),
+            ("", "not a positive number"),
+            ("10s\n", "not a positive number"),
+            ("1\n2", "not a positive number"),
+        ] {
+            let msg = parse_timeout(v).unwrap_err().to_string();
+            assert!(msg.starts_with("FABBRICA_COMM_TIMEOUT='") && msg.contains(why), "{v:?}: {msg}");
+            assert!(msg.contains("FABBRICA_COMM_TIMEOUT=600") && msg.contains("604800"), "{msg}");
+            assert!(!msg.contains('\n') && !msg.contains('\r'), "{msg}");
+        }
+        let long = "9".repeat(500);
+        let msg = parse_timeout(&long).unwrap_err().to_string();
+        assert!(msg.len() < 300 && msg.contains("..."), "{msg}");
+    }
+
+    #[test]
+    fn debug_values() {
+        assert!(parse_debug("1").unwrap() && parse_debug(" yes ").unwrap());
+        assert!(!parse_debug("0").unwrap() && !parse_debug("").unwrap());
+        let msg = parse_debug("maybe\n").unwrap_err().to_string();
+        assert!(msg.contains("FABBRICA_COMM_DEBUG='maybe\\n'") && msg.contains("=1") && !msg.contains('\n'), "{msg}");
+    }
 }

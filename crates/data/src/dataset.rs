@@ -56,7 +56,8 @@ pub fn load(
     } else {
         load_text(path, text_tokenizer, val_fraction)?
     };
-    let needed = block_size + 1;
+    // Saturating: block_size = usize::MAX must be refused, not wrap to 0 and pass.
+    let needed = block_size.saturating_add(1);
     for split in [Split::Train, Split::Val] {
         let source = dataset.source(split);
         if source.len() < needed {
@@ -177,6 +178,10 @@ mod tests {
                 input.display()
             )
         );
+        // A block size with no room for +1 is too long for any text (found by fuzzing: it
+        // wrapped to "needs 0 tokens" and loaded).
+        let err = load(&input, TokenizerKind::Char, usize::MAX, 0.5).unwrap_err();
+        assert!(matches!(err, DataError::SplitTooShort { split: Split::Train, tokens: 10, .. }), "{err}");
         // block_size 9 needs exactly 10: fits.
         assert!(load(&input, TokenizerKind::Char, 9, 0.5).is_ok());
         // Val too short (train is long enough).

@@ -67,7 +67,8 @@ impl Meta {
         };
         let mut meta: Meta = serde_json::from_str(&text).map_err(|e| DataError::MetaInvalid {
             path: path.to_owned(),
-            reason: e.to_string(),
+            // serde quotes unknown names raw: a "\n" in one would break the message's line.
+            reason: escape_control(&e.to_string()),
         })?;
         meta.source = Some(path.to_owned());
         // Validate eagerly so a broken file is reported at load time.
@@ -140,6 +141,20 @@ impl Meta {
     }
 }
 
+/// `s` with control characters escaped (`\n` as the two characters `\` `n`), so an error
+/// quoting text from the file stays on one line.
+fn escape_control(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +204,9 @@ mod tests {
             (r#"{"tokenizer":"char","vocab_size":4,"chars":"abc"}"#, "vocab_size is 4"),
             (r#"{"tokenizer":"char","vocab_size":3,"chars":"bac"}"#, "sorted"),
             (r#"{"tokenizer":"gpt2","vocab_size":5}"#, "50257"),
+            // Found by fuzzing: serde quoted the unknown name raw, line break included.
+            (r#"{"tokenizer":"a\nb","vocab_size":3}"#, r"unknown variant `a\nb`"),
+            (r#"{"tokenizer":"char","vocab_size":1,"chars":"a","x\ry":1}"#, r"unknown field `x\ry`"),
         ];
         for (json, needle) in cases {
             let err = parse(json).unwrap_err();

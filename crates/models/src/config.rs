@@ -64,27 +64,36 @@ impl GptConfig {
         self.n_embd / self.n_head.max(1)
     }
 
-    /// Checks every field; `vocab_size` must already be resolved (non-zero).
+    /// Checks every field; `vocab_size` must already be resolved (non-zero). Each field is
+    /// bounded so that shapes and parameter counts cannot overflow.
     pub fn validate(&self) -> Result<()> {
-        let bad = |key, value: usize, why: &str| {
-            Err(ModelError::InvalidConfig { key, value: value.to_string(), why: why.to_string() })
+        let range = |key, value: usize, lo: usize, hi: usize, example: &str| {
+            if (lo..=hi).contains(&value) {
+                return Ok(());
+            }
+            Err(ModelError::InvalidConfig { key, value: value.to_string(), why: format!("must be in [{lo}, {hi}]; set e.g. {key}={example}") })
         };
         if self.vocab_size == 0 {
-            return bad("model.vocab_size", 0, "must be resolved from the tokenizer before building");
+            return Err(ModelError::InvalidConfig {
+                key: "model.vocab_size",
+                value: "0".into(),
+                why: "must be resolved from the tokenizer before building".into(),
+            });
         }
-        if self.vocab_size > 1 << 20 {
-            return bad("model.vocab_size", self.vocab_size, "is larger than any tokenizer here (max 1048576)");
+        if self.vocab_size > MAX_VOCAB_SIZE {
+            return Err(ModelError::InvalidConfig {
+                key: "model.vocab_size",
+                value: self.vocab_size.to_string(),
+                why: format!(
+                    "token ids are uint16, so at most {MAX_VOCAB_SIZE} rows are usable: set model.vocab_size=0 (the tokenizer's size) or e.g. 50304"
+                ),
+            });
         }
-        if self.block_size == 0 {
-            return bad("model.block_size", 0, "must be at least 1");
-        }
-        if self.n_layer == 0 {
-            return bad("model.n_layer", 0, "must be at least 1");
-        }
-        if self.n_head == 0 {
-            return bad("model.n_head", 0, "must be at least 1");
-        }
-        if self.n_embd == 0 || !self.n_embd.is_multiple_of(self.n_head) {
+        range("model.block_size", self.block_size, 1, MAX_BLOCK_SIZE, "1024")?;
+        range("model.n_layer", self.n_layer, 1, MAX_LAYERS, "12")?;
+        range("model.n_head", self.n_head, 1, MAX_HEADS, "12")?;
+        range("model.n_embd", self.n_embd, 1, MAX_EMBD, "768")?;
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(ModelError::InvalidConfig {
                 key: "model.n_embd",
                 value: self.n_embd.to_string(),
@@ -95,12 +104,23 @@ impl GptConfig {
             return Err(ModelError::InvalidConfig {
                 key: "model.dropout",
                 value: self.dropout.to_string(),
-                why: "must be in [0, 1)".into(),
+                why: "must be in [0, 1); set e.g. model.dropout=0.0".into(),
             });
         }
         Ok(())
     }
 }
+
+/// Largest `vocab_size`: token files hold uint16 ids.
+pub const MAX_VOCAB_SIZE: usize = 1 << 16;
+/// Largest `block_size` (context length).
+pub const MAX_BLOCK_SIZE: usize = 1 << 20;
+/// Largest `n_layer`.
+pub const MAX_LAYERS: usize = 1024;
+/// Largest `n_head`.
+pub const MAX_HEADS: usize = 1024;
+/// Largest `n_embd`.
+pub const MAX_EMBD: usize = 1 << 16;
 
 #[cfg(test)]
 mod tests {
@@ -128,5 +148,27 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("model.dropout"));
         let c = GptConfig::default();
         assert!(c.validate().unwrap_err().to_string().contains("model.vocab_size"));
+    }
+
+    #[test]
+    fn every_size_is_bounded() {
+        let ok = GptConfig { vocab_size: 65, ..GptConfig::default() };
+        let cases: [(&str, GptConfig); 6] = [
+            ("model.vocab_size", GptConfig { vocab_size: MAX_VOCAB_SIZE + 1, ..ok.clone() }),
+            ("model.block_size", GptConfig { block_size: MAX_BLOCK_SIZE + 1, ..ok.clone() }),
+            ("model.block_size", GptConfig { block_size: 0, ..ok.clone() }),
+            ("model.n_layer", GptConfig { n_layer: usize::MAX, ..ok.clone() }),
+            ("model.n_head", GptConfig { n_head: MAX_HEADS + 1, n_embd: 2 * (MAX_HEADS + 1), ..ok.clone() }),
+            ("model.n_embd", GptConfig { n_head: 1, n_embd: MAX_EMBD + 1, ..ok.clone() }),
+        ];
+        for (key, c) in cases {
+            let msg = c.validate().unwrap_err().to_string();
+            assert!(msg.starts_with(key) && msg.contains("set"), "{key}: {msg}");
+        }
+        // The limits themselves are valid.
+        let max = GptConfig { vocab_size: MAX_VOCAB_SIZE, block_size: MAX_BLOCK_SIZE, n_layer: MAX_LAYERS, n_head: MAX_HEADS, n_embd: MAX_EMBD, ..ok.clone() };
+        max.validate().unwrap();
+        let nan = GptConfig { dropout: f64::NAN, ..ok };
+        assert!(nan.validate().unwrap_err().to_string().contains("model.dropout"));
     }
 }

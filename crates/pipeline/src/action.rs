@@ -138,9 +138,12 @@ impl FromStr for Action {
         if op_start == 0 {
             return Err(ActionParseError::MissingStage { text: owned() });
         }
+        // End of the last non-digit character (which may take several bytes, e.g. 'é').
         let op_end = text
-            .rfind(|c: char| !c.is_ascii_digit())
-            .map_or(op_start, |i| i + 1);
+            .char_indices()
+            .rev()
+            .find(|(_, c)| !c.is_ascii_digit())
+            .map_or(op_start, |(i, c)| i + c.len_utf8());
         if op_end == text.len() {
             return Err(ActionParseError::MissingMicro { text: owned() });
         }
@@ -244,6 +247,16 @@ mod tests {
                 op: "F2F".into()
             })
         );
+        // A multi-byte character right before the micro-batch number (found by fuzzing: it
+        // used to slice inside the character and panic).
+        assert_eq!(
+            "2F1\u{fffd}0".parse::<Action>(),
+            Err(ActionParseError::UnknownOp {
+                text: "2F1\u{fffd}0".into(),
+                op: "F1\u{fffd}".into()
+            })
+        );
+        assert!(matches!("0B\u{e9}".parse::<Action>(), Err(ActionParseError::MissingMicro { .. })));
         let huge = format!("{}F0", "9".repeat(40));
         assert!(matches!(
             huge.parse::<Action>(),

@@ -39,7 +39,8 @@ pub fn lower(schedule: &Schedule) -> Schedule {
             for &a in list.iter().filter(|a| a.op.is_compute()) {
                 let (s, m) = (a.stage, a.micro);
                 let has_prev = s > 0 && remote(r, s - 1);
-                let has_next = s + 1 < stages && remote(r, s + 1);
+                // `s < stages - 1`, not `s + 1 < stages`: a stage parsed from text may be usize::MAX.
+                let has_next = s < stages.saturating_sub(1) && remote(r, s + 1);
                 let (before, after) = match a.op {
                     Op::F => (has_prev.then_some(Op::RecvF), has_next.then_some(Op::SendF)),
                     _ => (has_next.then_some(Op::RecvB), has_prev.then_some(Op::SendB)),
@@ -59,18 +60,22 @@ pub fn lower(schedule: &Schedule) -> Schedule {
 
 /// The action on the other side of a communication action: `sSEND_F m` ↔ `(s+1)RECV_F m`,
 /// `sSEND_B m` ↔ `(s-1)RECV_B m`. `None` for compute actions and for the ends of the pipeline
-/// (`0RECV_F`, `0SEND_B` have no peer).
+/// (`0RECV_F`, `0SEND_B` have no peer; nor has stage `usize::MAX`, parsed from text, a next one).
 pub fn peer(action: Action) -> Option<Action> {
     let Action { stage, micro, op } = action;
     match op {
-        Op::SendF => Some(Action::new(stage + 1, Op::RecvF, micro)),
+        Op::SendF => stage
+            .checked_add(1)
+            .map(|s| Action::new(s, Op::RecvF, micro)),
         Op::RecvF => stage
             .checked_sub(1)
             .map(|s| Action::new(s, Op::SendF, micro)),
         Op::SendB => stage
             .checked_sub(1)
             .map(|s| Action::new(s, Op::RecvB, micro)),
-        Op::RecvB => Some(Action::new(stage + 1, Op::SendB, micro)),
+        Op::RecvB => stage
+            .checked_add(1)
+            .map(|s| Action::new(s, Op::SendB, micro)),
         Op::F | Op::B => None,
     }
 }
@@ -190,6 +195,9 @@ mod tests {
         assert_eq!(peer("0RECV_F0".parse().unwrap()), None);
         assert_eq!(peer("0SEND_B0".parse().unwrap()), None);
         assert_eq!(peer(Action::f(1, 1)), None);
+        // The last representable stage has no next one (found by fuzzing: stage + 1 overflowed).
+        assert_eq!(peer(Action::new(usize::MAX, Op::SendF, 0)), None);
+        assert_eq!(peer(Action::new(usize::MAX, Op::RecvB, 0)), None);
     }
 }
 

@@ -110,6 +110,11 @@ pub struct TrainConfig {
     pub eval_iters: u64,
     /// Peak FLOP/s of one device for MFU; 0 = detect (known GPUs), else MFU is not reported.
     pub peak_flops: f64,
+    /// A NaN/Inf loss or gradient norm on any rank: `stop` (no checkpoint is written; the job
+    /// exits naming step and rank) or `skip` (that update is dropped, optimizer state untouched).
+    pub nonfinite: String,
+    /// With `nonfinite = "skip"`: more skipped steps than this in one run stop it as `stop` would.
+    pub max_skipped_steps: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,8 +124,19 @@ pub struct RunConfig {
     pub seed: u64,
     /// `auto`, `cpu`, `cuda`.
     pub device: String,
-    /// Continue from the latest checkpoint in `out_dir`.
+    /// Continue from the newest valid checkpoint in `out_dir/checkpoints` (`latest` is a hint;
+    /// a corrupt newest checkpoint falls back to the one before). Nothing to resume is an error.
     pub resume: bool,
+    /// Resume from this checkpoint directory (a `checkpoints/step_*` directory); implies `resume`.
+    /// Empty: choose automatically.
+    pub resume_from: PathBuf,
+    /// A fresh run (`resume = false`) into an `out_dir` that holds an earlier run's checkpoints:
+    /// `refuse` (say so and stop before training) or `archive` (move that run's checkpoints,
+    /// metrics and config into `out_dir/archive/<time>/` first).
+    pub if_exists: String,
+    /// A checkpoint that cannot be written (disk full, I/O error): `stop` the job, or `continue`
+    /// training and try again at the next checkpoint interval (the previous checkpoint is kept).
+    pub checkpoint_failure: String,
     /// Steps between checkpoints (0 = only at the end).
     pub checkpoint_interval: u64,
     /// Checkpoints kept in `out_dir/checkpoints` (older ones are deleted).
@@ -161,6 +177,8 @@ impl Default for TrainConfig {
             eval_interval: 200,
             eval_iters: 20,
             peak_flops: 0.0,
+            nonfinite: "stop".into(),
+            max_skipped_steps: 10,
         }
     }
 }
@@ -172,6 +190,9 @@ impl Default for RunConfig {
             seed: 1337,
             device: "auto".into(),
             resume: false,
+            resume_from: PathBuf::new(),
+            if_exists: "refuse".into(),
+            checkpoint_failure: "stop".into(),
             checkpoint_interval: 0,
             keep_checkpoints: 2,
             threads: 0,
@@ -185,7 +206,7 @@ impl Config {
     /// The named preset: model shape plus batch and schedule settings that suit it.
     pub fn preset(name: &str) -> Result<Config> {
         let model = GptConfig::preset(name).ok_or_else(|| ConfigError::UnknownPreset {
-            name: name.to_string(),
+            name: printable(name),
             valid: PRESET_NAMES.join(", "),
         })?;
         let mut c = Config {
@@ -231,7 +252,11 @@ impl Config {
             merge_checked(&schema, &mut merged, &table, "")?;
         }
         for set in sets {
-            let (key, value) = parse_set(set)?;
+            let (key, mut value, raw) = parse_set(set)?;
+            // A string key takes the text as written: `run.out_dir=2024` is the directory "2024".
+            if matches!(lookup(&schema, &key), Some(toml::Value::String(_))) && !value.is_str() {
+                value = toml::Value::String(raw);
+            }
             let mut overlay = toml::value::Table::new();
             insert_dotted(&mut overlay, &key, value);
             merge_checked(&schema, &mut merged, &toml::Value::Table(overlay), "")?;
@@ -243,10 +268,15 @@ impl Config {
         Ok(config)
     }
 
-    /// Value checks that need no data or device; each error names its key.
+    /// Value checks that need no data or device; each error names its key, the allowed range
+    /// and a value to set. Every number is bounded, so nothing downstream overflows or panics
+    /// (durations, thread counts, products such as batch_size·grad_accum·dp·block_size).
     pub fn validate(&self) -> Result<()> {
         let invalid = |key: &str, value: &dyn std::fmt::Display, why: &str| {
-            Err(ConfigError::Invalid { key: key.to_string(), value: value.to_string(), why: why.to_string() })
+            Err(ConfigError::Invalid { key: key.to_string(), value: printable(&value.to_string()), why: why.to_string() })
+        };
+        let invalid_str = |key: &str, value: &str, why: &str| {
+            Err(ConfigError::Invalid { key: key.to_string(), value: printable(&format!("{value:?}")), why: why.to_string() })
         };
         let mut model = self.model.clone();
         if model.vocab_size == 0 {
@@ -254,88 +284,95 @@ impl Config {
         }
         model.validate().map_err(|e| ConfigError::Model(e.to_string()))?;
         let t = &self.train;
+        let r = &self.run;
+        let p = &self.parallel;
         if !matches!(self.data.tokenizer.as_str(), "char" | "gpt2") {
-            return invalid("data.tokenizer", &self.data.tokenizer, "use `char` or `gpt2`");
+            return invalid_str("data.tokenizer", &self.data.tokenizer, "use `char` or `gpt2`");
         }
         if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
-            return invalid("data.val_fraction", &self.data.val_fraction, "must be between 0 and 1 (exclusive)");
+            return invalid("data.val_fraction", &self.data.val_fraction, "must be between 0 and 1 (exclusive), e.g. data.val_fraction=0.1");
         }
-        if t.max_steps == 0 {
-            return invalid("train.max_steps", &0, "must be at least 1");
-        }
-        if t.batch_size == 0 {
-            return invalid("train.batch_size", &0, "must be at least 1");
-        }
-        if t.grad_accum == 0 {
-            return invalid("train.grad_accum", &0, "must be at least 1");
+        check_int("train.max_steps", t.max_steps, 1, MAX_STEPS, "train.max_steps=5000")?;
+        check_int("train.batch_size", t.batch_size as u64, 1, MAX_BATCH, "train.batch_size=32")?;
+        check_int("train.grad_accum", t.grad_accum as u64, 1, MAX_BATCH, "train.grad_accum=1")?;
+        check_int("parallel.dp", p.dp as u64, 0, MAX_RANKS, "parallel.dp=0 (all ranks)")?;
+        let per_rank = t.batch_size as u128 * t.grad_accum as u128 * self.model.block_size as u128;
+        if per_rank > MAX_TOKENS_PER_RANK_STEP as u128 {
+            return invalid(
+                "train.batch_size",
+                &t.batch_size,
+                &format!(
+                    "train.batch_size x train.grad_accum x model.block_size = {per_rank} tokens per rank per step, more than {MAX_TOKENS_PER_RANK_STEP}: lower one of them"
+                ),
+            );
         }
         if !(t.lr.is_finite() && t.lr > 0.0) {
-            return invalid("train.lr", &t.lr, "must be a positive number");
+            return invalid("train.lr", &t.lr, "must be a positive (finite) number, e.g. train.lr=3e-4");
         }
         if !(t.min_lr.is_finite() && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
-            return invalid("train.min_lr", &t.min_lr, "must be between 0 and train.lr");
+            return invalid("train.min_lr", &t.min_lr, &format!("must be between 0 and train.lr ({}), e.g. train.min_lr=0", t.lr));
         }
-        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
-            return invalid("train.weight_decay", &t.weight_decay, "must be >= 0");
-        }
-        for (key, b) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+        check_float("train.weight_decay", t.weight_decay, 0.0, true, MAX_WEIGHT_DECAY, "train.weight_decay=0.1")?;
+        for (key, b, example) in [("train.beta1", t.beta1, "train.beta1=0.9"), ("train.beta2", t.beta2, "train.beta2=0.95")] {
             if !(0.0..1.0).contains(&b) {
-                return invalid(key, &b, "must be in [0, 1)");
+                return invalid(key, &b, &format!("must be in [0, 1), e.g. {example}"));
             }
         }
-        if !(t.eps.is_finite() && t.eps > 0.0) {
-            return invalid("train.eps", &t.eps, "must be a positive number");
-        }
-        if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
-            return invalid("train.grad_clip", &t.grad_clip, "must be >= 0 (0 turns clipping off)");
-        }
+        check_float("train.eps", t.eps, 0.0, false, 1.0, "train.eps=1e-8")?;
+        check_float("train.grad_clip", t.grad_clip, 0.0, true, MAX_GRAD_CLIP, "train.grad_clip=1.0 (0 turns clipping off)")?;
         if !matches!(t.dtype.as_str(), "auto" | "fp32" | "bf16") {
-            return invalid("train.dtype", &t.dtype, "use `auto`, `fp32` or `bf16`");
+            return invalid_str("train.dtype", &t.dtype, "use `auto`, `fp32` or `bf16`");
         }
         if !matches!(t.fused_adamw.as_str(), "auto" | "on" | "off") {
-            return invalid("train.fused_adamw", &t.fused_adamw, "use `auto`, `on` or `off`");
+            return invalid_str("train.fused_adamw", &t.fused_adamw, "use `auto`, `on` or `off`");
         }
-        if t.log_interval == 0 {
-            return invalid("train.log_interval", &0, "must be at least 1");
+        check_int("train.warmup_steps", t.warmup_steps, 0, MAX_STEPS, "train.warmup_steps=100")?;
+        check_int("train.lr_decay_steps", t.lr_decay_steps, 0, MAX_STEPS, "train.lr_decay_steps=0 (= train.max_steps)")?;
+        check_int("train.log_interval", t.log_interval, 1, MAX_STEPS, "train.log_interval=10")?;
+        check_int("train.eval_interval", t.eval_interval, 1, MAX_STEPS, "train.eval_interval=500")?;
+        check_int("train.eval_iters", t.eval_iters, 1, MAX_EVAL_ITERS, "train.eval_iters=20")?;
+        check_float("train.peak_flops", t.peak_flops, 0.0, true, MAX_PEAK_FLOPS, "train.peak_flops=0 (detect)")?;
+        check_int("train.max_skipped_steps", t.max_skipped_steps, 0, MAX_STEPS, "train.max_skipped_steps=10")?;
+        if !matches!(r.device.as_str(), "auto" | "cpu" | "cuda") {
+            return invalid_str("run.device", &r.device, "use `auto`, `cpu` or `cuda`");
         }
-        if t.eval_interval == 0 {
-            return invalid("train.eval_interval", &0, "must be at least 1");
+        if !matches!(t.nonfinite.as_str(), "stop" | "skip") {
+            return invalid_str("train.nonfinite", &t.nonfinite, "use `stop` (end the job at a NaN/Inf loss or gradient) or `skip` (drop that update)");
         }
-        if t.eval_iters == 0 {
-            return invalid("train.eval_iters", &0, "must be at least 1");
+        if !matches!(r.if_exists.as_str(), "refuse" | "archive") {
+            return invalid_str("run.if_exists", &r.if_exists, "use `refuse` or `archive` (move the earlier run into out_dir/archive/)");
         }
-        if !(t.peak_flops.is_finite() && t.peak_flops >= 0.0) {
-            return invalid("train.peak_flops", &t.peak_flops, "must be >= 0 (0 = detect)");
+        if !matches!(r.checkpoint_failure.as_str(), "stop" | "continue") {
+            return invalid_str("run.checkpoint_failure", &r.checkpoint_failure, "use `stop` or `continue` (retry at the next checkpoint interval)");
         }
-        if !matches!(self.run.device.as_str(), "auto" | "cpu" | "cuda") {
-            return invalid("run.device", &self.run.device, "use `auto`, `cpu` or `cuda`");
-        }
-        if self.run.keep_checkpoints == 0 {
-            return invalid("run.keep_checkpoints", &0, "must be at least 1");
-        }
-        if self.run.out_dir.as_os_str().is_empty() {
+        check_int("run.checkpoint_interval", r.checkpoint_interval, 0, MAX_STEPS, "run.checkpoint_interval=1000 (0 = only at the end)")?;
+        check_int("run.keep_checkpoints", r.keep_checkpoints as u64, 1, MAX_KEEP_CHECKPOINTS, "run.keep_checkpoints=2")?;
+        check_int("run.threads", r.threads as u64, 0, MAX_THREADS, "run.threads=0 (libtorch's default)")?;
+        check_int("run.sample_tokens", r.sample_tokens as u64, 0, MAX_SAMPLE_TOKENS, "run.sample_tokens=300 (0 = none)")?;
+        check_int("run.stop_at", r.stop_at, 0, MAX_STEPS, "run.stop_at=0 (off)")?;
+        if r.out_dir.as_os_str().is_empty() {
             return invalid("run.out_dir", &"\"\"", "must name a directory");
         }
-        let p = &self.parallel;
         if p.pp != 1 {
             return invalid("parallel.pp", &p.pp, "pipeline parallelism is not available yet: use parallel.pp=1");
         }
-        if !(p.bucket_mb.is_finite() && p.bucket_mb > 0.0) {
-            return invalid("parallel.bucket_mb", &p.bucket_mb, "must be a positive number of MiB (PyTorch's default is 25)");
-        }
+        check_float("parallel.bucket_mb", p.bucket_mb, MIN_BUCKET_MB, true, MAX_BUCKET_MB, "parallel.bucket_mb=25 (PyTorch's default)")?;
         if !matches!(p.reduce_dtype.as_str(), "fp32" | "bf16") {
-            return invalid("parallel.reduce_dtype", &p.reduce_dtype, "use `fp32` or `bf16`");
+            return invalid_str("parallel.reduce_dtype", &p.reduce_dtype, "use `fp32` or `bf16`");
         }
         if p.zero > 1 {
             return invalid("parallel.zero", &p.zero, "use 0 (off) or 1 (ZeRO-1: optimizer state sharded)");
         }
         if !matches!(self.comm.backend.as_str(), "auto" | "mpi" | "nccl") {
-            return invalid("comm.backend", &self.comm.backend, "use `auto`, `mpi` or `nccl`");
+            return invalid_str("comm.backend", &self.comm.backend, "use `auto`, `mpi` or `nccl`");
         }
-        if !(self.comm.timeout_s.is_finite() && self.comm.timeout_s > 0.0) {
-            return invalid("comm.timeout_s", &self.comm.timeout_s, "must be a positive number of seconds");
-        }
+        check_timeout_s(self.comm.timeout_s)?;
         Ok(())
+    }
+
+    /// Whether this run continues an earlier one (`run.resume` or `run.resume_from`).
+    pub fn resuming(&self) -> bool {
+        self.run.resume || !self.run.resume_from.as_os_str().is_empty()
     }
 
     pub fn to_toml(&self) -> String {
@@ -359,19 +396,98 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+// Bounds of the numeric keys (see `Config::validate`). Generous for any real run, tight enough
+// that nothing downstream overflows: e.g. batch·accum·block ≤ 2^40 and dp ≤ 2^20 keep every
+// token count below 2^60.
+/// Steps and step counts (`train.max_steps`, intervals, `run.stop_at`, ...).
+pub const MAX_STEPS: u64 = 1_000_000_000_000;
+/// `train.batch_size` and `train.grad_accum`.
+pub const MAX_BATCH: u64 = 1 << 20;
+/// `train.batch_size · train.grad_accum · model.block_size`.
+pub const MAX_TOKENS_PER_RANK_STEP: u64 = 1 << 40;
+/// `parallel.dp`.
+pub const MAX_RANKS: u64 = 1 << 20;
+/// `train.eval_iters`.
+pub const MAX_EVAL_ITERS: u64 = 1_000_000;
+/// `run.keep_checkpoints`.
+pub const MAX_KEEP_CHECKPOINTS: u64 = 1_000_000;
+/// `run.threads`.
+pub const MAX_THREADS: u64 = 4096;
+/// `run.sample_tokens`.
+pub const MAX_SAMPLE_TOKENS: u64 = 1_000_000;
+/// `train.weight_decay`.
+pub const MAX_WEIGHT_DECAY: f64 = 100.0;
+/// `train.grad_clip`.
+pub const MAX_GRAD_CLIP: f64 = 1e6;
+/// `train.peak_flops` (FLOP/s of one device).
+pub const MAX_PEAK_FLOPS: f64 = 1e20;
+/// `parallel.bucket_mb` (1 KiB to 100 GB).
+pub const MIN_BUCKET_MB: f64 = 0.001;
+pub const MAX_BUCKET_MB: f64 = 1e5;
+
+/// `value` in `[lo, hi]`, else an error naming the key, the range and `example` (`key=value`).
+fn check_int(key: &str, value: u64, lo: u64, hi: u64, example: &str) -> Result<()> {
+    if (lo..=hi).contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid { key: key.into(), value: value.to_string(), why: format!("must be in [{lo}, {hi}]; set e.g. {example}") })
+}
+
+/// `value` finite and in `[lo, hi]` (`(lo, hi]` when `lo_inclusive` is false).
+fn check_float(key: &str, value: f64, lo: f64, lo_inclusive: bool, hi: f64, example: &str) -> Result<()> {
+    let above = if lo_inclusive { value >= lo } else { value > lo };
+    if value.is_finite() && above && value <= hi {
+        return Ok(());
+    }
+    let open = if lo_inclusive { '[' } else { '(' };
+    Err(ConfigError::Invalid { key: key.into(), value: value.to_string(), why: format!("must be in {open}{lo}, {hi}]; set e.g. {example}") })
+}
+
+/// `comm.timeout_s`: the bounds of `FABBRICA_COMM_TIMEOUT`.
+pub(crate) fn check_timeout_s(value: f64) -> Result<()> {
+    use fabbrica_comm::world::{MAX_TIMEOUT_S, MIN_TIMEOUT_S};
+    check_float("comm.timeout_s", value, MIN_TIMEOUT_S, true, MAX_TIMEOUT_S, "comm.timeout_s=600 (seconds; at most one week)")
+}
+
+/// Text from the user for a one-line message: control characters escaped, long text cut.
+fn printable(s: &str) -> String {
+    const MAX: usize = 80;
+    let mut out = String::new();
+    for c in s.chars().take(MAX) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if s.chars().nth(MAX).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
 /// `key=value`: the value is read as TOML (`3`, `1e-3`, `true`, `"x"`), else as a bare string.
-fn parse_set(set: &str) -> Result<(String, toml::Value)> {
-    let (key, raw) = set.split_once('=').ok_or_else(|| ConfigError::BadSet { set: set.to_string() })?;
+/// Returns the key, the value and the raw value text.
+fn parse_set(set: &str) -> Result<(String, toml::Value, String)> {
+    let bad = || ConfigError::BadSet { set: printable(set) };
+    let (key, raw) = set.split_once('=').ok_or_else(bad)?;
     let key = key.trim().to_string();
     if key.is_empty() || key.split('.').any(str::is_empty) {
-        return Err(ConfigError::BadSet { set: set.to_string() });
+        return Err(bad());
     }
     let raw = raw.trim();
+    // Exactly one key: `1\nmax_steps = 5` is not the value 1.
     let value = toml::from_str::<toml::value::Table>(&format!("v = {raw}"))
         .ok()
+        .filter(|t| t.len() == 1)
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    Ok((key, value))
+    Ok((key, value, raw.to_string()))
+}
+
+/// The schema value at dotted `key`, if there is one.
+fn lookup<'a>(schema: &'a toml::Value, key: &str) -> Option<&'a toml::Value> {
+    key.split('.').try_fold(schema, |v, k| v.as_table()?.get(k))
 }
 
 fn insert_dotted(table: &mut toml::value::Table, key: &str, value: toml::Value) {
@@ -388,7 +504,8 @@ fn insert_dotted(table: &mut toml::value::Table, key: &str, value: toml::Value) 
     }
 }
 
-/// Overlays `src` on `dst`, refusing keys absent from `schema` (which has every key).
+/// Overlays `src` on `dst`, refusing keys absent from `schema` (which has every key) and values
+/// whose TOML type differs from the schema's (a float key also takes an integer).
 fn merge_checked(schema: &toml::Value, dst: &mut toml::Value, src: &toml::Value, prefix: &str) -> Result<()> {
     let (toml::Value::Table(schema_t), toml::Value::Table(dst_t), toml::Value::Table(src_t)) = (schema, dst, src) else {
         unreachable!("merge_checked is called on tables")
@@ -398,20 +515,51 @@ fn merge_checked(schema: &toml::Value, dst: &mut toml::Value, src: &toml::Value,
         let Some(schema_v) = schema_t.get(k) else {
             let mut valid: Vec<String> = schema_t.keys().map(|s| if prefix.is_empty() { s.clone() } else { format!("{prefix}.{s}") }).collect();
             valid.sort();
-            return Err(ConfigError::UnknownKey { key: path, valid: valid.join(", ") });
+            return Err(ConfigError::UnknownKey { key: printable(&path), valid: valid.join(", ") });
         };
         match (schema_v, v) {
             (toml::Value::Table(_), toml::Value::Table(_)) => {
                 merge_checked(schema_v, dst_t.get_mut(k).expect("dst mirrors schema"), v, &path)?
             }
-            (toml::Value::Table(_), _) => return Err(ConfigError::NotATable { key: path }),
-            (_, toml::Value::Table(_)) => return Err(ConfigError::Type { why: format!("`{path}` is a value, not a section") }),
+            (toml::Value::Table(_), _) => return Err(ConfigError::NotATable { key: printable(&path) }),
+            (_, toml::Value::Table(_)) => {
+                return Err(ConfigError::Type { why: format!("`{}` is a value, not a section", printable(&path)) })
+            }
             _ => {
-                dst_t.insert(k.clone(), v.clone());
+                let value = checked_type(&path, schema_v, v)?;
+                dst_t.insert(k.clone(), value);
             }
         }
     }
     Ok(())
+}
+
+/// `value` if it has the type of `schema` (the key's default), an integer widened for a float
+/// key; else an error naming the key, the type expected and an example.
+fn checked_type(key: &str, schema: &toml::Value, value: &toml::Value) -> Result<toml::Value> {
+    use toml::Value as V;
+    let expected = match (schema, value) {
+        (V::Integer(_), V::Integer(i)) if *i < 0 => "a non-negative integer",
+        (V::Integer(_), V::Integer(_)) | (V::Float(_), V::Float(_)) | (V::Boolean(_), V::Boolean(_)) | (V::String(_), V::String(_)) => {
+            return Ok(value.clone())
+        }
+        (V::Float(_), V::Integer(i)) => return Ok(V::Float(*i as f64)),
+        (V::Integer(_), _) => "an integer",
+        (V::Float(_), _) => "a number",
+        (V::Boolean(_), _) => "true or false",
+        (V::String(_), _) => "a string",
+        _ => "a value like the default",
+    };
+    let example = match schema {
+        V::String(s) if s.is_empty() => format!("{key}=\"...\""),
+        other => format!("{key}={other}"),
+    };
+    Err(ConfigError::WrongType {
+        key: printable(key),
+        value: printable(&value.to_string()),
+        expected: expected.into(),
+        example: printable(&example),
+    })
 }
 
 #[cfg(test)]
@@ -465,6 +613,114 @@ mod tests {
         std::fs::write(&f, "[train\nlr = ").unwrap();
         let e = Config::resolve(None, Some(&f), &[]).unwrap_err().to_string();
         assert!(e.contains("bad.toml") && !e.contains('\n'), "{e}");
+    }
+
+    /// The one-line contract: non-empty, no line break.
+    fn err_line(sets_: &[&str]) -> String {
+        let e = Config::resolve(None, None, &sets(sets_)).unwrap_err().to_string();
+        assert!(!e.is_empty() && !e.contains('\n') && !e.contains('\r'), "{sets_:?}: {e:?}");
+        e
+    }
+
+    #[test]
+    fn every_numeric_key_is_bounded() {
+        // (set, key, a word of the range the message must show)
+        let cases = [
+            ("comm.timeout_s=1e30", "comm.timeout_s", "604800"),
+            ("comm.timeout_s=inf", "comm.timeout_s", "604800"),
+            ("comm.timeout_s=0.0001", "comm.timeout_s", "0.001"),
+            ("comm.timeout_s=nan", "comm.timeout_s", "604800"),
+            ("train.max_steps=1000000000001", "train.max_steps", "1000000000000"),
+            ("train.max_steps=0", "train.max_steps", "[1, "),
+            ("train.batch_size=1048577", "train.batch_size", "1048576"),
+            ("train.grad_accum=9223372036854775807", "train.grad_accum", "1048576"),
+            ("train.warmup_steps=9223372036854775807", "train.warmup_steps", "1000000000000"),
+            ("train.lr_decay_steps=9223372036854775807", "train.lr_decay_steps", "1000000000000"),
+            ("train.log_interval=0", "train.log_interval", "[1, "),
+            ("train.eval_interval=9223372036854775807", "train.eval_interval", "1000000000000"),
+            ("train.eval_iters=10000000", "train.eval_iters", "1000000"),
+            ("train.max_skipped_steps=9223372036854775807", "train.max_skipped_steps", "1000000000000"),
+            ("train.weight_decay=1e9", "train.weight_decay", "100"),
+            ("train.eps=0", "train.eps", "(0, 1]"),
+            ("train.grad_clip=inf", "train.grad_clip", "1000000"),
+            ("train.peak_flops=1e30", "train.peak_flops", "100000000000000000000"),
+            ("train.lr=inf", "train.lr", "finite"),
+            ("run.threads=4097", "run.threads", "4096"),
+            ("run.keep_checkpoints=0", "run.keep_checkpoints", "[1, "),
+            ("run.keep_checkpoints=10000000", "run.keep_checkpoints", "1000000"),
+            ("run.sample_tokens=9223372036854775807", "run.sample_tokens", "1000000"),
+            ("run.stop_at=9223372036854775807", "run.stop_at", "1000000000000"),
+            ("run.checkpoint_interval=9223372036854775807", "run.checkpoint_interval", "1000000000000"),
+            ("parallel.bucket_mb=1e6", "parallel.bucket_mb", "100000"),
+            ("parallel.bucket_mb=0", "parallel.bucket_mb", "0.001"),
+            ("parallel.dp=9223372036854775807", "parallel.dp", "1048576"),
+            ("model.n_layer=100000", "model.n_layer", "1024"),
+            ("model.block_size=9223372036854775807", "model.block_size", "1048576"),
+            ("model.vocab_size=70000", "model.vocab_size", "uint16"),
+            ("model.dropout=1", "model.dropout", "[0, 1)"),
+        ];
+        for (set, key, range) in cases {
+            let e = err_line(&[set]);
+            assert!(e.contains(key) && e.contains(range), "{set}: {e}");
+            assert!(e.contains("set e.g.") || e.contains("set model.vocab_size") || e.contains("e.g. train.lr"), "{set}: no fix in {e}");
+        }
+        // No single key is over its bound here, but the product is.
+        let e = err_line(&["train.batch_size=1048576", "train.grad_accum=1048576"]);
+        assert!(e.contains("tokens per rank per step"), "{e}");
+        // The bounds themselves are accepted, and lr has no upper bound (NaN tests use 1e6).
+        let c = Config::resolve(
+            None,
+            None,
+            &sets(&["comm.timeout_s=604800", "train.lr=1e6", "train.min_lr=0", "run.threads=4096", "train.max_steps=1000000000000", "parallel.bucket_mb=0.001"]),
+        )
+        .unwrap();
+        assert_eq!((c.comm.timeout_s, c.train.lr, c.run.threads), (604800.0, 1e6, 4096));
+        assert!(Config::resolve(None, None, &sets(&["comm.timeout_s=0.001"])).is_ok());
+    }
+
+    #[test]
+    fn wrong_types_name_the_key_and_an_example() {
+        let e = err_line(&["train.max_steps=abc"]);
+        assert_eq!(e, "`train.max_steps = \"abc\"` has the wrong type: expected an integer, e.g. train.max_steps=600");
+        let e = err_line(&["train.max_steps=-5"]);
+        assert!(e.contains("train.max_steps") && e.contains("non-negative integer"), "{e}");
+        let e = err_line(&["train.max_steps=5e3"]);
+        assert!(e.contains("expected an integer"), "{e}");
+        let e = err_line(&["train.lr=fast"]);
+        assert!(e.contains("`train.lr = \"fast\"`") && e.contains("expected a number, e.g. train.lr=0.002"), "{e}");
+        let e = err_line(&["run.resume=yes"]);
+        assert!(e.contains("run.resume") && e.contains("true or false"), "{e}");
+        let e = err_line(&["train.batch_size=[1, 2]"]);
+        assert!(e.contains("train.batch_size") && e.contains("an integer"), "{e}");
+        // An integer where a float goes is fine; a number where a string goes is that text.
+        let c = Config::resolve(None, None, &sets(&["train.lr=1", "run.out_dir=2024", "run.device=cpu"])).unwrap();
+        assert_eq!((c.train.lr, c.run.out_dir.as_path()), (1.0, Path::new("2024")));
+        // The same checks apply to a file, where a string key needs a string.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[run]\nout_dir = 5\n").unwrap();
+        let e = Config::resolve(None, Some(&f), &[]).unwrap_err().to_string();
+        assert!(e.contains("run.out_dir") && e.contains("a string") && e.contains("run.out_dir=\"runs/tiny\""), "{e}");
+        std::fs::write(&f, "[parallel]\nzero = 300\n").unwrap();
+        let e = Config::resolve(None, Some(&f), &[]).unwrap_err().to_string();
+        assert!(e.contains("zero") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn control_characters_stay_on_one_line() {
+        let e = err_line(&["run.device=tp\nu"]);
+        assert!(e.contains("run.device") && e.contains("\\n"), "{e}");
+        let e = err_line(&["train.lr=1\nmax_steps = 5"]);
+        assert!(e.contains("train.lr") && e.contains("a number"), "{e}");
+        let e = err_line(&["train.l\nr=1"]);
+        assert!(e.contains("train.l\\nr"), "{e}");
+        let e = err_line(&["no\nequals"]);
+        assert!(e.contains("key=value"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[train]\n\"a\\nb\" = 1\n").unwrap();
+        let e = Config::resolve(None, Some(&f), &[]).unwrap_err().to_string();
+        assert!(e.contains("train.a\\nb") && !e.contains('\n'), "{e}");
     }
 
     #[test]

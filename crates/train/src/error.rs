@@ -13,6 +13,12 @@ pub enum ConfigError {
     Type { why: String },
     #[error("`{key} = {value}` is invalid: {why}")]
     Invalid { key: String, value: String, why: String },
+    /// A value of the wrong TOML type; `expected` is e.g. "an integer", `example` a valid `key=value`.
+    #[error("`{key} = {value}` has the wrong type: expected {expected}, e.g. {example}")]
+    WrongType { key: String, value: String, expected: String, example: String },
+    /// An environment variable that overrides a config key holds a bad value (the message names it).
+    #[error("{0}")]
+    Env(String),
     #[error("{0}")]
     Model(String),
     #[error("--set expects key=value with a dotted key such as train.lr=3e-4, got '{set}'")]
@@ -49,12 +55,42 @@ pub enum TrainError {
     /// Communication failed (a collective's error names rank, operation, group and backend).
     #[error("{0}")]
     Comm(String),
+    /// A checkpoint would hold a NaN/Inf: it is not written.
+    #[error("step {step}: `{tensor}` holds NaN or Inf values, so no checkpoint was written (the previous one is kept): lower train.lr or set train.nonfinite=skip, then resume with run.resume=true")]
+    NonFiniteCheckpoint { step: u64, tensor: String },
+    /// A checkpoint could not be written (disk full, I/O error); its temporary is removed.
+    #[error("{}", checkpoint_write_message(*step, dir, *disk_full, *needed, *free, why, previous.as_deref()))]
+    CheckpointWrite { step: u64, dir: PathBuf, disk_full: bool, needed: u64, free: Option<u64>, why: String, previous: Option<PathBuf> },
+    /// A NaN/Inf loss or gradient norm under `train.nonfinite = "stop"` (or too many skipped).
+    #[error("{0}")]
+    NonFinite(String),
     /// Another rank failed and reported it; this rank stops with it.
     #[error("rank {rank} failed (its error is printed by that rank)")]
     Elsewhere { rank: usize },
     /// An error that happened on one rank only, named so.
     #[error("rank {rank}: {inner}")]
     OnRank { rank: usize, inner: Box<TrainError> },
+    /// Ranks were launched with different configurations or data (`agreement.rs`): names the
+    /// first differing key and which ranks have which value.
+    #[error("{0}")]
+    Disagreement(String),
+    /// The memory estimate of the run exceeds what this node or device has free (`memory.rs`),
+    /// found before the first step: gives the numbers and what to lower.
+    #[error("{0}")]
+    NotEnoughMemory(String),
+    /// libtorch could not allocate a tensor during training (`memory::guard_alloc`).
+    #[error("{}", oom_message(*.step, *.bytes, .device))]
+    OutOfMemory { step: u64, bytes: Option<u64>, device: String },
+}
+
+fn oom_message(step: u64, bytes: Option<u64>, device: &str) -> String {
+    let size = match bytes {
+        Some(b) => format!("a tensor of {}", crate::memory::human_bytes(b)),
+        None => "a tensor".to_string(),
+    };
+    format!(
+        "out of memory at step {step}: {device} could not allocate {size}: lower train.batch_size (and raise train.grad_accum to keep the global batch), model.block_size or the model size, or set parallel.zero=1 to shard the optimizer state"
+    )
 }
 
 impl TrainError {
@@ -70,7 +106,7 @@ impl TrainError {
             TrainError::Elsewhere { .. } => return true,
             _ => {}
         }
-        !matches!(self, TrainError::Torch(_) | TrainError::Io { .. } | TrainError::Comm(_))
+        !matches!(self, TrainError::Torch(_) | TrainError::Io { .. } | TrainError::Comm(_) | TrainError::CheckpointWrite { .. })
             && !matches!(self, TrainError::Model(fabbrica_models::ModelError::Torch(_)))
     }
 }
@@ -84,4 +120,22 @@ impl From<tch::TchError> for TrainError {
 pub fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
     let path = path.into();
     move |e| TrainError::Io { path, why: e.to_string() }
+}
+
+fn checkpoint_write_message(step: u64, dir: &std::path::Path, disk_full: bool, needed: u64, free: Option<u64>, why: &str, previous: Option<&std::path::Path>) -> String {
+    let gib = crate::checkpoint::human;
+    let kept = match previous {
+        Some(p) => format!("the previous checkpoint {} is kept", p.display()),
+        None => "no earlier checkpoint exists".to_string(),
+    };
+    if disk_full {
+        let free = free.map(|f| format!(", {} free", gib(f))).unwrap_or_default();
+        format!(
+            "cannot write the checkpoint of step {step} to {}: the disk is full (it needs about {}{free}): free space there or set run.out_dir to a larger disk, then resume with run.resume=true; {kept}",
+            dir.display(),
+            gib(needed)
+        )
+    } else {
+        format!("cannot write the checkpoint of step {step} to {}: {why}: fix the directory (permissions, mount) and resume with run.resume=true; {kept}", dir.display())
+    }
 }

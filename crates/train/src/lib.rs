@@ -1,11 +1,13 @@
 //! The single-process trainer: config, AdamW, LR schedule, checkpoints, metrics, sampling.
 //! Parallelism (data, pipeline) is applied by other crates around the same pieces.
 
+pub mod agreement;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod sample;

@@ -38,6 +38,10 @@ pub struct Record {
     /// Data-parallel runs: per-rank time per step over the log window.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub stragglers: Option<Stragglers>,
+    /// `skipped` lines (a NaN/Inf step under `train.nonfinite = skip`) and `checkpoint_failed`
+    /// lines: what happened, naming step and ranks.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub note: Option<String>,
 }
 
 /// Straggler report: each rank's compute time and time blocked on gradient communication per

@@ -43,6 +43,11 @@ pub struct TrainOutcome {
     pub sample: Option<String>,
     pub out_dir: PathBuf,
     pub checkpoint: PathBuf,
+    /// What the run did besides training, said at its start (fallbacks, archived files, removed
+    /// temporaries); rank 0 only.
+    pub notes: Vec<String>,
+    /// Updates dropped for a NaN/Inf (`train.nonfinite = skip`), over the whole run.
+    pub skipped_steps: u64,
 }
 
 /// Everything resolved before the first step.
@@ -142,7 +147,8 @@ fn ddp_err(e: fabbrica_ddp::DdpError) -> TrainError {
 /// `a` compute exactly what one rank with accumulation `N·a` does. `ddp`, when given, is told which
 /// micro-step is the last (the only one that communicates). Leaves the gradients of the mean loss
 /// over this rank's micro-batches in `.grad` and returns that loss as a device scalar.
-pub fn accumulate_grads(s: &Setup, sampler: &Sampler, step: u64, first_micro: usize, grad_accum: usize, ddp: Option<&Ddp>) -> Tensor {
+/// `inject_nan` poisons this rank's first micro-batch loss (fault injection for tests).
+pub fn accumulate_grads(s: &Setup, sampler: &Sampler, step: u64, first_micro: usize, grad_accum: usize, ddp: Option<&Ddp>, inject_nan: bool) -> Tensor {
     let (b, t) = (s.cfg.train.batch_size, s.cfg.model.block_size);
     let mut loss_sum = Tensor::zeros([], (Kind::Float, s.device));
     for m in 0..grad_accum {
@@ -150,7 +156,10 @@ pub fn accumulate_grads(s: &Setup, sampler: &Sampler, step: u64, first_micro: us
         tch::manual_seed(mix(mix(s.cfg.run.seed, step) as u64, micro));
         let (x, y) = sampler.batch(&s.data.train, Split::Train, step, micro * b as u64, b, t);
         let (x, y) = (to_tensor(x, b, t, s.device), to_tensor(y, b, t, s.device));
-        let loss = tch::autocast(s.bf16, || Gpt::loss(&s.model.forward(&x, true), &y));
+        let mut loss = tch::autocast(s.bf16, || Gpt::loss(&s.model.forward(&x, true), &y));
+        if inject_nan && m == 0 {
+            loss = loss * f64::NAN;
+        }
         if let Some(d) = ddp {
             d.begin_micro_step(m + 1 == grad_accum);
         }
@@ -169,9 +178,12 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
 /// The communicator settings of `cfg` (`comm.*`), with the environment's overrides.
 pub fn comm_options(cfg: &Config) -> Result<InitOptions, TrainError> {
     let backend = BackendChoice::parse(&cfg.comm.backend).unwrap_or(BackendChoice::Auto);
+    // Config::validate bounds it too; a Config built in code may not have been validated.
+    crate::config::check_timeout_s(cfg.comm.timeout_s)?;
     InitOptions { timeout: Duration::from_secs_f64(cfg.comm.timeout_s), debug: cfg.comm.debug, backend }
         .with_env()
-        .map_err(|e| TrainError::Comm(e.to_string()))
+        // with_env only reads FABBRICA_COMM_TIMEOUT and FABBRICA_COMM_DEBUG: a bad value the user set.
+        .map_err(|e| TrainError::Config(crate::ConfigError::Env(e.to_string())))
 }
 
 /// Trains on every rank of `world` with data parallelism over all of them (`parallel.dp`).
@@ -186,23 +198,61 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let ordinal = if tch::Cuda::device_count() == 1 { 0 } else { world.launch().local_rank };
     // Everything that can fail on bad input, on every rank, before the first collective that
     // would wait for a failed rank: data, model, device, output directory, checkpoint.
-    let preflight = (|| -> Result<(Setup, Option<(PathBuf, checkpoint::Loaded)>), TrainError> {
+    let preflight = (|| -> Result<(Setup, Option<checkpoint::Resume>), TrainError> {
         let s = setup_on(cfg, ordinal)?;
+        crate::memory::check_fits(&s, world.launch().local_world_size, dp)?;
         let out = &s.cfg.run.out_dir;
         if rank0 {
             std::fs::create_dir_all(out).map_err(|e| {
                 TrainError::Checkpoint(format!("cannot use run.out_dir = {} ({e}): set run.out_dir to a writable directory", out.display()))
             })?;
         }
-        let ck = match (s.cfg.run.resume, checkpoint::latest(out)?) {
-            (true, Some(dir)) => Some((dir.clone(), checkpoint::load(&dir)?)),
-            _ => None,
+        let resume = if s.cfg.resuming() {
+            let explicit = Some(s.cfg.run.resume_from.as_path()).filter(|p| !p.as_os_str().is_empty());
+            Some(checkpoint::find_resume(out, explicit)?)
+        } else {
+            None
         };
-        Ok((s, ck))
+        // A fresh run (or one starting from another run's checkpoint) never mixes its checkpoints
+        // with an earlier run's in the same directory: refuse, or archive that run first.
+        if resume.as_ref().is_none_or(|r| !r.in_run) {
+            let earlier = checkpoint::earlier_run(out)?;
+            if let Some(newest) = earlier.last() {
+                if s.cfg.run.if_exists != "archive" {
+                    return Err(TrainError::Checkpoint(format!(
+                        "run.out_dir = {} already holds checkpoints of an earlier run (newest: {}): continue it with run.resume=true, keep it and start anew with run.if_exists=archive (moves it to {}/archive/), or choose another run.out_dir",
+                        out.display(),
+                        newest.file_name().unwrap_or_default().to_string_lossy(),
+                        out.display()
+                    )));
+                }
+            }
+        }
+        Ok((s, resume))
     })();
     let (s, resume_from) = agree(&*comm, preflight)?;
+    crate::agreement::check_setup(&*comm, &s, &[("resume.step", resume_from.as_ref().map_or_else(|| "none".to_string(), |r| r.loaded.state.step.to_string()))])?;
     let cfg = &s.cfg;
     let out = cfg.run.out_dir.clone();
+    // Rank 0 (the writer) tidies the run directory before anything is written; every rank then
+    // knows whether that worked.
+    let tidied = if rank0 { tidy(&out, cfg, resume_from.as_ref()) } else { Ok(Vec::new()) };
+    let notes = agree(&*comm, tidied)?;
+    if opts.progress && rank0 {
+        for n in &notes {
+            eprintln!("note: {n}");
+        }
+    }
+    // A run keeps its identity across resumes; a fresh one (or one started from another run's
+    // checkpoint) gets a new one. Retention only ever removes checkpoints of this identity.
+    let mut run = RunState { id: checkpoint::new_run_id(), skipped_steps: 0, last_saved: None };
+    if let Some(r) = resume_from.as_ref().filter(|r| r.in_run) {
+        if !r.loaded.state.run_id.is_empty() {
+            run.id = r.loaded.state.run_id.clone();
+        }
+        run.skipped_steps = r.loaded.state.skipped_steps;
+        run.last_saved = Some(r.loaded.dir.clone());
+    }
 
     // The gradients' NCCL communicator is created now, collectively, so that an NCCL that cannot
     // start fails here with its reason rather than inside the first backward.
@@ -234,7 +284,8 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let mut opt = AdamW::from_parts(ddp.optimizer_params(), adam);
 
     let mut start = 0u64;
-    if let Some((dir, ck)) = resume_from {
+    if let Some(resume) = resume_from {
+        let (dir, ck) = (resume.loaded.dir.clone(), resume.loaded);
         s.model.load_parameters(&ck.model)?;
         let bad = |e: String| TrainError::Checkpoint(format!("{}: {e}: the checkpoint was written by a different model", dir.display()));
         if zero1 {
@@ -246,7 +297,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         start = ck.state.step;
     }
     let mut log = if rank0 {
-        let log = MetricsLog::open(&out, cfg.run.resume.then_some(start))?;
+        let log = MetricsLog::open(&out, cfg.resuming().then_some(start))?;
         std::fs::write(out.join("config.toml"), cfg.to_toml()).map_err(io_err(out.join("config.toml")))?;
         Some(log)
     } else {
@@ -283,6 +334,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     ));
 
     let stop_at = if cfg.run.stop_at > 0 { cfg.run.stop_at.min(cfg.train.max_steps) } else { cfg.train.max_steps };
+    let inject = nan_injection()?;
     let mut window = (Instant::now(), 0u64); // (start of log window, steps in it)
     let mut waited = Duration::ZERO; // time blocked on gradient communication in the window
     let mut last_val: Option<f64> = None;
@@ -290,12 +342,40 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let dp_comm: &dyn Communicator = &*comm;
     while step < stop_at {
         let lr = sched.lr_at(step);
-        let loss = accumulate_grads(&s, &sampler, step, rank * cfg.train.grad_accum, cfg.train.grad_accum, Some(&ddp));
+        // Steps are numbered from 1 in logs, metrics and messages (`step` updates done after it).
+        let poison = inject == Some((step + 1, rank));
+        let loss = crate::memory::guard_alloc(step + 1, || {
+            accumulate_grads(&s, &sampler, step, rank * cfg.train.grad_accum, cfg.train.grad_accum, Some(&ddp), poison)
+        })?;
         waited += ddp.finish().map_err(ddp_err)?;
         let norm = ddp.clip_grad_norm(cfg.train.grad_clip).map_err(ddp_err)?;
-        opt.step(lr).map_err(TrainError::Torch)?;
-        ddp.after_step().map_err(ddp_err)?;
-        ddp.zero_grad();
+        // Every rank sees every rank's loss and the norm, so all take the same branch.
+        if let Some(bad) = nonfinite(dp_comm, &loss, &norm, step + 1)? {
+            run.skipped_steps += 1;
+            let last = run.last_saved.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none was written yet".into());
+            if cfg.train.nonfinite == "stop" || run.skipped_steps > cfg.train.max_skipped_steps {
+                let why = if cfg.train.nonfinite == "stop" {
+                    "train.nonfinite = stop".to_string()
+                } else {
+                    format!("{} steps skipped, more than train.max_skipped_steps = {}", run.skipped_steps, cfg.train.max_skipped_steps)
+                };
+                let msg = format!(
+                    "{bad} ({why}): stopped without writing a checkpoint (the last one is {last}): lower train.lr or set train.nonfinite=skip, then resume with run.resume=true"
+                );
+                progress.finish();
+                // Every rank knows; one says it.
+                return Err(if rank0 { TrainError::NonFinite(msg) } else { TrainError::Elsewhere { rank: 0 } });
+            }
+            progress.println(&format!("{bad}: update skipped (train.nonfinite = skip, {} of at most {} skipped)", run.skipped_steps, cfg.train.max_skipped_steps));
+            if let Some(log) = log.as_mut() {
+                log.write(&Record { kind: "skipped".into(), step: step + 1, note: Some(bad), ..empty_record() })?;
+            }
+            ddp.zero_grad();
+        } else {
+            opt.step(lr).map_err(TrainError::Torch)?;
+            ddp.after_step().map_err(ddp_err)?;
+            ddp.zero_grad();
+        }
         step += 1;
         window.1 += 1;
 
@@ -345,23 +425,135 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
             waited = Duration::ZERO;
         }
         if (cfg.run.checkpoint_interval > 0 && step.is_multiple_of(cfg.run.checkpoint_interval)) || last {
-            save(&s, &opt, &ddp, zero1, rank0, step, last_val, &params)?;
+            match save(&s, &opt, &ddp, zero1, rank0, step, last_val, &params, &run) {
+                Ok(Some(dir)) => run.last_saved = Some(dir),
+                Ok(None) => {}
+                // Training on (run.checkpoint_failure = continue): the next interval tries again;
+                // the run's last checkpoint must succeed.
+                Err(e @ TrainError::CheckpointWrite { .. }) if cfg.run.checkpoint_failure == "continue" && !last => {
+                    progress.println(&format!("warning: {e} (run.checkpoint_failure = continue: training on, trying again at the next interval)"));
+                    if let Some(log) = log.as_mut() {
+                        log.write(&Record { kind: "checkpoint_failed".into(), step, note: Some(e.to_string()), ..empty_record() })?;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
     progress.finish();
 
     let train_loss = evaluate_dp(&s, &sampler, Split::Train, cfg.train.eval_iters, dp_comm)?;
     let val_loss = evaluate_dp(&s, &sampler, Split::Val, cfg.train.eval_iters, dp_comm)?;
-    let checkpoint = if step > start {
-        checkpoint::latest(&out)?.unwrap_or_else(|| out.clone())
-    } else {
-        save(&s, &opt, &ddp, zero1, rank0, step, Some(val_loss), &params)?
+    let checkpoint = match (&run.last_saved, step > start) {
+        (Some(dir), true) => dir.clone(),
+        // Nothing trained (already at max_steps): write the checkpoint of where it stands.
+        _ => save(&s, &opt, &ddp, zero1, rank0, step, Some(val_loss), &params, &run)?.unwrap_or_else(|| out.clone()),
     };
     let sample = (rank0 && cfg.run.sample_tokens > 0)
         .then(|| sample_text(&s.model, &s.data.tokenizer, "", cfg.run.sample_tokens, 0.8, Some(200), cfg.run.seed));
     // Nobody leaves (and finalises MPI) while rank 0 may still be writing.
     dp_comm.barrier().map_err(comm_err)?;
-    Ok(TrainOutcome { steps: step, train_loss, val_loss, sample, out_dir: out, checkpoint })
+    Ok(TrainOutcome { steps: step, train_loss, val_loss, sample, out_dir: out, checkpoint, notes, skipped_steps: run.skipped_steps })
+}
+
+/// What a run carries between checkpoints besides the model and optimizer.
+struct RunState {
+    /// The run's identity (`CheckpointState::run_id`).
+    id: String,
+    /// Updates dropped for a NaN/Inf so far (`train.nonfinite = skip`).
+    skipped_steps: u64,
+    /// The newest checkpoint of this run.
+    last_saved: Option<PathBuf>,
+}
+
+/// `FABBRICA_INJECT_NAN=STEP:RANK`: fault injection for tests and drills. Rank RANK's loss at
+/// step STEP (numbered from 1) becomes NaN before backward, so its gradients are NaN too.
+fn nan_injection() -> Result<Option<(u64, usize)>, TrainError> {
+    let Ok(v) = std::env::var("FABBRICA_INJECT_NAN") else { return Ok(None) };
+    let parsed = v.split_once(':').and_then(|(a, b)| Some((a.trim().parse::<u64>().ok()?, b.trim().parse::<usize>().ok()?)));
+    match parsed {
+        Some((step, rank)) if step > 0 => Ok(Some((step, rank))),
+        _ => Err(TrainError::Config(crate::ConfigError::Env(format!(
+            "FABBRICA_INJECT_NAN = {v:?} is invalid: use STEP:RANK with STEP counted from 1, e.g. FABBRICA_INJECT_NAN=5:1, or unset it"
+        )))),
+    }
+}
+
+/// Whether this step's loss or gradient norm is NaN/Inf on any rank: every rank's loss and the
+/// (global) gradient norm are gathered, so every rank reaches the same verdict in the same step.
+/// Returns a description naming the step and the ranks.
+fn nonfinite(comm: &dyn Communicator, loss: &Tensor, norm: &Tensor, step: u64) -> Result<Option<String>, TrainError> {
+    let n = comm.size();
+    let mine = Tensor::from_slice(&[loss.double_value(&[]) as f32, norm.double_value(&[]) as f32]);
+    let all: Vec<f32> = if n == 1 {
+        Vec::try_from(mine).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?
+    } else {
+        let all = Tensor::zeros([2 * n as i64], (Kind::Float, Device::Cpu));
+        comm.all_gather(&all, &mine).map_err(comm_err)?;
+        Vec::try_from(all).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?
+    };
+    let bad_loss: Vec<(usize, f32)> = all.chunks(2).enumerate().filter(|(_, v)| !v[0].is_finite()).map(|(r, v)| (r, v[0])).collect();
+    let bad_norm: Vec<(usize, f32)> = all.chunks(2).enumerate().filter(|(_, v)| !v[1].is_finite()).map(|(r, v)| (r, v[1])).collect();
+    if bad_loss.is_empty() && bad_norm.is_empty() {
+        return Ok(None);
+    }
+    let fmt = |v: &[(usize, f32)]| v.iter().map(|(r, x)| format!("{x} on rank {r}")).collect::<Vec<_>>().join(", ");
+    let what = match (bad_loss.is_empty(), bad_norm.is_empty()) {
+        (false, false) => format!("the loss is {} and the gradient norm is {}", fmt(&bad_loss), bad_norm[0].1),
+        (false, true) => format!("the loss is {}", fmt(&bad_loss)),
+        _ => format!("the gradient norm is {} (the loss is finite on every rank)", bad_norm[0].1),
+    };
+    Ok(Some(format!("step {step}: {what}")))
+}
+
+/// Rank 0 tidies the run directory before this run writes anything: removes the temporaries of
+/// writers that died mid-write, and moves aside what this run must not mix with: an earlier run
+/// (a fresh run with `run.if_exists = archive`) or checkpoints ahead of the one resumed from.
+/// Returns what it did, for the user.
+fn tidy(out: &std::path::Path, cfg: &Config, resume: Option<&checkpoint::Resume>) -> Result<Vec<String>, TrainError> {
+    let mut notes = Vec::new();
+    for dir in [out.to_path_buf(), checkpoint::checkpoints_dir(out)] {
+        let sweep = checkpoint::remove_stale_temporaries(&dir)?;
+        if !sweep.removed.is_empty() {
+            notes.push(format!(
+                "removed {} temporaries left in {} by writers that died mid-write ({} freed)",
+                sweep.removed.len(),
+                dir.display(),
+                checkpoint::human(sweep.bytes_freed())
+            ));
+        }
+    }
+    match resume {
+        Some(r) if r.in_run => {
+            for (d, why) in &r.skipped {
+                notes.push(format!("passed over {}: {why}", d.display()));
+            }
+            if !r.skipped.is_empty() {
+                notes.push(format!("resuming from {}, the newest checkpoint that verifies", r.loaded.dir.display()));
+            }
+            if !r.ahead.is_empty() {
+                let a = checkpoint::archive_run(out, &r.ahead, false)?;
+                notes.push(format!(
+                    "moved {} checkpoint(s) ahead of step {} to {}: this run continues from step {} and will not return to them",
+                    a.moved.len(),
+                    r.loaded.state.step,
+                    a.dest.display(),
+                    r.loaded.state.step
+                ));
+            }
+        }
+        _ => {
+            let earlier = checkpoint::earlier_run(out)?;
+            let metrics = out.join("metrics.jsonl");
+            let logged = std::fs::metadata(&metrics).map(|m| m.len() > 0).unwrap_or(false);
+            // With run.if_exists = refuse, preflight has already refused a directory with checkpoints.
+            if cfg.run.if_exists == "archive" && (!earlier.is_empty() || logged) {
+                let a = checkpoint::archive_run(out, &earlier, true)?;
+                notes.push(format!("run.if_exists = archive: moved the earlier run ({} checkpoints, its metrics and config) to {}", earlier.len(), a.dest.display()));
+            }
+        }
+    }
+    Ok(notes)
 }
 
 /// Makes every rank agree on a result that may have failed on some ranks only (a file missing on
@@ -410,9 +602,11 @@ fn empty_record() -> Record {
         train_loss: None,
         val_loss: None,
         stragglers: None,
+        note: None,
     }
 }
 
+/// Writes the checkpoint of `step` (collective under ZeRO-1); rank 0's directory, `None` elsewhere.
 #[allow(clippy::too_many_arguments)]
 fn save(
     s: &Setup,
@@ -423,11 +617,12 @@ fn save(
     step: u64,
     val_loss: Option<f64>,
     params: &[(String, Tensor)],
-) -> Result<PathBuf, TrainError> {
+    run: &RunState,
+) -> Result<Option<PathBuf>, TrainError> {
     // ZeRO-1: every rank takes part in gathering the whole optimizer state (collective).
     let optim = if zero1 { ddp.gather_state(opt.steps_taken()).map_err(ddp_err)? } else { opt.state() };
     if !rank0 {
-        return Ok(s.cfg.run.out_dir.clone());
+        return Ok(None);
     }
     let state = CheckpointState {
         format_version: FORMAT_VERSION,
@@ -437,6 +632,9 @@ fn save(
         tokenizer: Meta::for_tokenizer(&s.data.tokenizer),
         val_loss,
         sha256: Default::default(),
+        run_id: run.id.clone(),
+        skipped_steps: run.skipped_steps,
+        state_sha256: String::new(),
     };
-    checkpoint::save(&s.cfg.run.out_dir, state, params, &optim, s.cfg.run.keep_checkpoints)
+    checkpoint::save(&s.cfg.run.out_dir, state, params, &optim, s.cfg.run.keep_checkpoints).map(Some)
 }

@@ -1,0 +1,250 @@
+//! File-system pieces of checkpointing: checksums, fsync, atomic replacement, the names of
+//! in-progress temporaries (and removing those whose writer is dead), free space.
+//!
+//! A temporary is named `.<final name>.tmp-<pid>@<host>`: the writer's process id and host, so a
+//! later run can tell a crashed writer's leftovers (pid not alive on this host) from a live
+//! writer's (another rank's, another job's) and never touches the latter. Names written before
+//! the host was added (`.tmp-<pid>`) are taken as this host's.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{io_err, TrainError};
+
+pub(crate) fn sha256_file(path: &Path) -> Result<String, TrainError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+pub(crate) fn sha256_bytes(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn fsync_path(path: &Path) -> Result<(), TrainError> {
+    File::open(path).and_then(|f| f.sync_all()).map_err(io_err(path))
+}
+
+/// This host's name (for temporaries' names); `localhost` if it cannot be read.
+pub(crate) fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into the buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = if rc == 0 { String::from_utf8_lossy(&buf[..end]).into_owned() } else { String::new() };
+    // Only characters that are safe in a file name and cannot be confused with the separators.
+    let clean: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
+    if clean.is_empty() { "localhost".into() } else { clean }
+}
+
+/// `dir/.<name>.tmp-<pid>@<host>`: the temporary this process writes `dir/<name>` through.
+pub(crate) fn temp_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}.tmp-{}@{}", std::process::id(), host_name()))
+}
+
+/// Writes `bytes` to `path` atomically (temp file in the same directory, fsync, rename, fsync dir).
+/// On failure the temp file is removed and `path` is untouched.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let tmp = temp_path(dir, &name);
+    let written = (|| -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err(path)(e));
+    }
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err(path)(e));
+    }
+    fsync_path(dir)
+}
+
+/// Bytes available to this user on the file system holding `path` (None if it cannot be asked).
+pub(crate) fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a statvfs we own.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Total size of the files under `path` (a file or a directory tree; links are not followed).
+pub(crate) fn disk_usage(path: &Path) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(path) else { return 0 };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    fs::read_dir(path).map(|rd| rd.filter_map(|e| e.ok()).map(|e| disk_usage(&e.path())).sum()).unwrap_or(0)
+}
+
+/// Who wrote a temporary, from its name: `(pid, host)`; `None` for names that are not ours.
+fn writer_of(name: &str) -> Option<(i32, Option<&str>)> {
+    if !name.starts_with('.') {
+        return None;
+    }
+    let (_, tail) = name.rsplit_once(".tmp-")?;
+    let (pid, host) = match tail.split_once('@') {
+        Some((p, h)) => (p, Some(h)),
+        None => (tail, None),
+    };
+    let pid: i32 = pid.parse().ok().filter(|&p| p > 0)?;
+    Some((pid, host))
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// What [`remove_stale_temporaries`] did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Sweep {
+    /// Temporaries of dead writers, removed, with their sizes.
+    pub removed: Vec<(PathBuf, u64)>,
+    /// Temporaries of live writers or of other hosts, left alone.
+    pub kept: Vec<PathBuf>,
+}
+
+impl Sweep {
+    pub fn bytes_freed(&self) -> u64 {
+        self.removed.iter().map(|(_, b)| b).sum()
+    }
+}
+
+/// Removes the temporaries in `dir` left by writers that died mid-write (a killed run leaves
+/// `.step_N.tmp-…/`, up to a checkpoint's size each). Called before this process writes
+/// anything there, so its own pid's leftovers (a crashed earlier run that had the same pid, as
+/// happens in containers) are stale too. A live process's, or another host's, are kept.
+pub fn remove_stale_temporaries(dir: &Path) -> Result<Sweep, TrainError> {
+    let mut sweep = Sweep::default();
+    let entries = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(sweep),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    let me = (std::process::id() as i32, host_name());
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((pid, host)) = writer_of(&name) else { continue };
+        let path = entry.path();
+        let this_host = host.is_none_or(|h| h == me.1);
+        if !this_host || (pid != me.0 && alive(pid)) {
+            sweep.kept.push(path);
+            continue;
+        }
+        let size = disk_usage(&path);
+        let removed = if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        match removed {
+            Ok(()) => sweep.removed.push((path, size)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(TrainError::Checkpoint(format!(
+                    "cannot remove {}, left by a writer that died ({e}): remove it by hand or fix its permissions",
+                    path.display()
+                )))
+            }
+        }
+    }
+    Ok(sweep)
+}
+
+/// `bytes` for people: GiB with two decimals, MiB or KiB with one below that.
+pub fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writer_names_parse() {
+        assert_eq!(writer_of(".step_00000010.tmp-123@node7"), Some((123, Some("node7"))));
+        assert_eq!(writer_of(".step_00000010.tmp-123"), Some((123, None)));
+        assert_eq!(writer_of(".latest.tmp-9@a-b"), Some((9, Some("a-b"))));
+        assert_eq!(writer_of("step_00000010"), None);
+        assert_eq!(writer_of(".step_1.tmp-x"), None);
+        assert_eq!(writer_of(".step_1.tmp-0"), None);
+        assert_eq!(writer_of(".step_1.tmp--5"), None);
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_writers_go_live_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = host_name();
+        // A dead writer: a child that has exited (its pid is not alive any more).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let live = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let dead_dir = dir.path().join(format!(".step_00000005.tmp-{dead}@{host}"));
+        fs::create_dir(&dead_dir).unwrap();
+        fs::write(dead_dir.join("model.safetensors"), vec![0u8; 4096]).unwrap();
+        let old_style = dir.path().join(format!(".step_00000006.tmp-{dead}"));
+        fs::create_dir(&old_style).unwrap();
+        let mine = dir.path().join(format!(".latest.tmp-{}@{host}", std::process::id()));
+        fs::write(&mine, "x").unwrap();
+        let live_dir = dir.path().join(format!(".step_00000007.tmp-{}@{host}", live.id()));
+        fs::create_dir(&live_dir).unwrap();
+        let other_host = dir.path().join(format!(".step_00000008.tmp-{dead}@{host}x"));
+        fs::create_dir(&other_host).unwrap();
+        let real = dir.path().join("step_00000004");
+        fs::create_dir(&real).unwrap();
+
+        let sweep = remove_stale_temporaries(dir.path()).unwrap();
+        let mut live = live;
+        let _ = live.kill();
+        let _ = live.wait();
+        assert!(!dead_dir.exists() && !old_style.exists() && !mine.exists());
+        assert!(live_dir.exists(), "a live writer's temporary was removed");
+        assert!(other_host.exists(), "another host's temporary was removed");
+        assert!(real.exists());
+        assert_eq!(sweep.removed.len(), 3);
+        assert_eq!(sweep.kept.len(), 2);
+        assert!(sweep.bytes_freed() >= 4096);
+    }
+
+    #[test]
+    fn write_atomic_failure_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("sub");
+        fs::create_dir(&target).unwrap();
+        // Renaming a file over a non-empty directory fails: the temp file must not stay behind.
+        fs::write(target.join("x"), "x").unwrap();
+        assert!(write_atomic(&target, b"data").is_err());
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("sub")]);
+    }
+}

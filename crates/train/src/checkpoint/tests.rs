@@ -1,0 +1,243 @@
+//! Checkpoint format, retention and resume selection, on real files and real tensors.
+
+use std::fs;
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use super::*;
+use crate::config::Config;
+
+fn state(step: u64, run_id: &str) -> CheckpointState {
+    let tok = fabbrica_data::Tokenizer::char_from_text("abc\n").unwrap();
+    CheckpointState {
+        format_version: FORMAT_VERSION,
+        step,
+        seed: 7,
+        config: Config::preset("tiny").unwrap(),
+        tokenizer: fabbrica_data::Meta::for_tokenizer(&tok),
+        val_loss: Some(1.5),
+        sha256: Default::default(),
+        run_id: run_id.into(),
+        skipped_steps: 0,
+        state_sha256: String::new(),
+    }
+}
+
+fn tensors(v: f32) -> Vec<(String, Tensor)> {
+    vec![("w".into(), Tensor::full([3, 4], v as f64, (Kind::Float, Device::Cpu))), ("b".into(), Tensor::from_slice(&[v, 2.0 * v]))]
+}
+
+fn save_step(out: &Path, step: u64, run_id: &str, keep: usize) -> PathBuf {
+    save(out, state(step, run_id), &tensors(step as f32), &tensors(0.5), keep).unwrap()
+}
+
+fn steps(out: &Path) -> Vec<u64> {
+    list(&checkpoints_dir(out)).unwrap().into_iter().map(|(s, _)| s).collect()
+}
+
+#[test]
+fn round_trip_verifies_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = save_step(dir.path(), 5, "r1", 2);
+    let l = load(&d).unwrap();
+    assert_eq!(l.state.step, 5);
+    assert_eq!(l.state.run_id, "r1");
+    assert_eq!(l.state.format_version, FORMAT_VERSION);
+    assert!(!l.state.state_sha256.is_empty());
+    let w = &l.model.iter().find(|(n, _)| n == "w").unwrap().1;
+    assert_eq!(f64::try_from(w.sum(Kind::Float)).unwrap(), 60.0);
+    assert_eq!(fs::read_to_string(checkpoints_dir(dir.path()).join("latest")).unwrap(), "step_00000005\n");
+}
+
+/// Issue 9.1: a shorter re-run must never have its new checkpoint removed by retention.
+#[test]
+fn retention_never_removes_the_checkpoint_just_written_nor_another_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    for s in [20, 30] {
+        save_step(dir.path(), s, "old", 2);
+    }
+    // Another run writes lower step numbers into the same directory (the trainer refuses or
+    // archives before this; retention must hold on its own all the same).
+    let d = save_step(dir.path(), 15, "new", 2);
+    assert!(d.is_dir(), "the checkpoint just written was removed");
+    assert_eq!(steps(dir.path()), vec![15, 20, 30]);
+    save_step(dir.path(), 16, "new", 2);
+    save_step(dir.path(), 17, "new", 2);
+    // keep = 2 of run "new": 16 and 17; the other run's 20 and 30 untouched.
+    assert_eq!(steps(dir.path()), vec![16, 17, 20, 30]);
+}
+
+#[test]
+fn retention_keeps_the_newest_of_this_run() {
+    let dir = tempfile::tempdir().unwrap();
+    for s in 1..=5 {
+        save_step(dir.path(), s * 10, "r", 3);
+    }
+    assert_eq!(steps(dir.path()), vec![30, 40, 50]);
+    save_step(dir.path(), 60, "r", 1);
+    assert_eq!(steps(dir.path()), vec![60]);
+}
+
+/// Issue 9.2: resume takes the newest valid checkpoint by itself; `latest` is a hint.
+#[test]
+fn resume_finds_the_newest_checkpoint_without_latest() {
+    let dir = tempfile::tempdir().unwrap();
+    for s in [10, 20] {
+        save_step(dir.path(), s, "r", 5);
+    }
+    fs::remove_file(checkpoints_dir(dir.path()).join("latest")).unwrap();
+    let r = find_resume(dir.path(), None).unwrap();
+    assert_eq!(r.loaded.state.step, 20);
+    assert!(r.skipped.is_empty() && r.ahead.is_empty() && r.in_run);
+    // A pointer that tries to leave the directory is ignored, not followed.
+    fs::write(checkpoints_dir(dir.path()).join("latest"), "../../etc\n").unwrap();
+    assert_eq!(find_resume(dir.path(), None).unwrap().loaded.state.step, 20);
+    assert_eq!(latest(dir.path()).unwrap().unwrap(), checkpoints_dir(dir.path()).join("step_00000020"));
+}
+
+#[test]
+fn resume_with_nothing_to_resume_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = find_resume(dir.path(), None).err().unwrap().to_string();
+    assert!(e.contains("no checkpoint") && e.contains("run.resume=false"), "{e}");
+    assert!(!e.contains('\n'));
+}
+
+/// Issue 9.3: a corrupt newest checkpoint falls back to the one before, saying which and why.
+#[test]
+fn a_corrupt_newest_checkpoint_falls_back_to_the_newest_valid_one() {
+    let dir = tempfile::tempdir().unwrap();
+    for s in [10, 20, 30] {
+        save_step(dir.path(), s, "r", 5);
+    }
+    let root = checkpoints_dir(dir.path());
+    // Truncate the newest model file.
+    let f = root.join("step_00000030/model.safetensors");
+    let len = fs::metadata(&f).unwrap().len();
+    fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+    let r = find_resume(dir.path(), None).unwrap();
+    assert_eq!(r.loaded.state.step, 20);
+    assert_eq!(r.skipped.len(), 1);
+    assert!(r.skipped[0].0.ends_with("step_00000030") && r.skipped[0].1.contains("corrupt"), "{:?}", r.skipped);
+    assert_eq!(r.ahead, vec![root.join("step_00000030")]);
+    // run.resume_from picks an older one; the newer ones are "ahead".
+    let r = find_resume(dir.path(), Some(&root.join("step_00000010"))).unwrap();
+    assert_eq!(r.loaded.state.step, 10);
+    assert!(r.in_run);
+    assert_eq!(r.ahead.len(), 2);
+    // run.resume_from a corrupt one is refused (no silent substitute for an explicit choice).
+    let e = find_resume(dir.path(), Some(&root.join("step_00000030"))).err().unwrap().to_string();
+    assert!(e.contains("run.resume_from") && e.contains("corrupt"), "{e}");
+    let e = find_resume(dir.path(), Some(dir.path())).err().unwrap().to_string();
+    assert!(e.contains("not a checkpoint directory"), "{e}");
+}
+
+/// Issue 9.3: state.json carries its own checksum; editing its step is refused.
+#[test]
+fn an_edited_state_json_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = save_step(dir.path(), 10, "r", 5);
+    let p = d.join("state.json");
+    let text = fs::read_to_string(&p).unwrap();
+    assert!(text.contains("\"step\": 10"));
+    fs::write(&p, text.replace("\"step\": 10", "\"step\": 99")).unwrap();
+    let e = read_state(&d).err().unwrap().to_string();
+    assert!(e.contains("edited or damaged"), "{e}");
+    // Reformatting alone (whitespace) is not an edit of content.
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+    assert_eq!(read_state(&d).unwrap().step, 10);
+}
+
+#[test]
+fn version_1_checkpoints_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = save_step(dir.path(), 10, "r", 5);
+    let p = d.join("state.json");
+    let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    let o = v.as_object_mut().unwrap();
+    o.insert("format_version".into(), 1.into());
+    for k in ["run_id", "skipped_steps", "state_sha256"] {
+        o.remove(k);
+    }
+    fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let l = load(&d).unwrap();
+    assert_eq!((l.state.step, l.state.run_id.as_str()), (10, ""));
+    o_version_too_new(&d);
+}
+
+fn o_version_too_new(d: &Path) {
+    let p = d.join("state.json");
+    let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    v.as_object_mut().unwrap().insert("format_version".into(), 9.into());
+    fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+    let e = read_state(d).err().unwrap().to_string();
+    assert!(e.contains("format version 9"), "{e}");
+}
+
+/// Issue 9.6: a checkpoint holding a non-finite tensor is never written.
+#[test]
+fn non_finite_tensors_are_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    save_step(dir.path(), 10, "r", 1);
+    let mut bad = tensors(1.0);
+    bad[1].1 = Tensor::from_slice(&[1.0f32, f32::NAN]);
+    let e = save(dir.path(), state(20, "r"), &bad, &tensors(0.5), 1).err().unwrap();
+    assert!(matches!(e, TrainError::NonFiniteCheckpoint { step: 20, .. }), "{e}");
+    assert!(e.to_string().contains("`b`"), "{e}");
+    let inf = vec![("m".to_string(), Tensor::from_slice(&[f32::INFINITY]))];
+    assert!(save(dir.path(), state(20, "r"), &tensors(1.0), &inf, 1).is_err());
+    // The previous checkpoint is intact and still the only one.
+    assert_eq!(steps(dir.path()), vec![10]);
+    load(&checkpoints_dir(dir.path()).join("step_00000010")).unwrap();
+}
+
+#[test]
+fn archive_moves_an_earlier_run_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    for s in [10, 20] {
+        save_step(dir.path(), s, "old", 5);
+    }
+    fs::write(dir.path().join("metrics.jsonl"), "{}\n").unwrap();
+    fs::write(dir.path().join("config.toml"), "x").unwrap();
+    let dirs = earlier_run(dir.path()).unwrap();
+    assert_eq!(dirs.len(), 2);
+    let a = archive_run(dir.path(), &dirs, true).unwrap();
+    assert!(earlier_run(dir.path()).unwrap().is_empty());
+    assert!(!dir.path().join("metrics.jsonl").exists());
+    assert!(a.dest.starts_with(dir.path().join("archive")));
+    assert!(a.dest.join("metrics.jsonl").is_file() && a.dest.join("config.toml").is_file());
+    load(&a.dest.join("checkpoints/step_00000020")).unwrap();
+    // A second archive in the same second gets its own directory.
+    save_step(dir.path(), 5, "new", 5);
+    let b = archive_run(dir.path(), &earlier_run(dir.path()).unwrap(), true).unwrap();
+    assert_ne!(a.dest, b.dest);
+}
+
+#[test]
+fn dir_names_parse_strictly() {
+    assert_eq!(parse_dir_name("step_00000015"), Some(15));
+    assert_eq!(parse_dir_name("step_15"), Some(15));
+    for bad in ["step_", "step_1a", "step_-1", "Step_1", "step_99999999999999999999999", ".step_1.tmp-3"] {
+        assert_eq!(parse_dir_name(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn new_run_ids_differ() {
+    let (a, b) = (new_run_id(), new_run_id());
+    assert_eq!(a.len(), 16);
+    assert_ne!(a, b);
+}
+
+/// The disk-full path mid-write (past the free-space check): libtorch's own error for ENOSPC is
+/// recognised as a full disk. /dev/full answers every write with ENOSPC.
+#[test]
+fn a_write_error_of_enospc_reads_as_a_full_disk() {
+    let e = Tensor::write_safetensors(&[("w", Tensor::zeros([1024], (Kind::Float, Device::Cpu)))], "/dev/full").unwrap_err();
+    let why = one_line(&e.to_string());
+    assert!(is_disk_full(&why), "{why}");
+    let e = std::fs::write("/dev/full", [0u8; 10]).unwrap_err();
+    assert!(is_disk_full(&e.to_string()), "{e}");
+}

@@ -1,0 +1,295 @@
+//! Memory: a run that cannot fit is refused before the first step, with the numbers and what to
+//! lower ([`check_fits`]), and an allocation that fails anyway during training becomes an error
+//! that names the step and the tensor's size instead of a panic in libtorch's allocator
+//! ([`guard_alloc`]).
+//!
+//! The check compares the cost model's estimate ([`fabbrica_models::memory_estimate`]: weights,
+//! gradients, AdamW moments, activations at `train.batch_size`) with what is free: on the CPU,
+//! `MemAvailable` (or the cgroup's limit, when lower) shared among the ranks on this node; on a
+//! GPU, the device's free memory from the CUDA driver (`cuMemGetInfo`). The model's weights,
+//! already built when the check runs, are counted as available to the run. Only a run whose
+//! estimate exceeds what is available is refused: the estimate is a little above what runs
+//! really use, so a run that is refused would not have fitted.
+
+use std::cell::Cell;
+use std::panic::{self, AssertUnwindSafe};
+
+use fabbrica_models::{memory_estimate, MemoryEstimate};
+use tch::Device;
+
+use crate::error::TrainError;
+use crate::trainer::Setup;
+
+/// `1.5 GiB`, `320.0 MiB`, `12 bytes`.
+pub fn human_bytes(b: u64) -> String {
+    const KIB: f64 = 1024.0;
+    let x = b as f64;
+    if x >= KIB * KIB * KIB {
+        format!("{:.1} GiB", x / (KIB * KIB * KIB))
+    } else if x >= KIB * KIB {
+        format!("{:.1} MiB", x / (KIB * KIB))
+    } else if x >= KIB {
+        format!("{:.1} KiB", x / KIB)
+    } else {
+        format!("{b} bytes")
+    }
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.1}", b as f64 / (1u64 << 30) as f64)
+}
+
+/// The estimate for the run `s` describes, per rank: ZeRO-1 (`parallel.zero = 1`) divides the
+/// AdamW moments among the `dp` data-parallel ranks.
+pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
+    let cfg = &s.cfg;
+    let mut e = memory_estimate(&cfg.model, cfg.train.batch_size, cfg.model.block_size, s.bf16);
+    if cfg.parallel.zero == 1 && dp > 1 {
+        e.optimizer = e.optimizer.div_ceil(dp as u64);
+    }
+    e
+}
+
+/// Where the memory comes from, for the message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Available {
+    /// Bytes this rank may use, the weights it already holds included.
+    pub bytes: u64,
+    /// e.g. `on this node for 2 ranks`, `free on cuda:0`.
+    pub place: String,
+}
+
+/// Refuses (one line, the numbers and what to lower) when `need` exceeds `avail`.
+pub fn refusal(need: &MemoryEstimate, avail: &Available, batch_size: usize, zero1: bool) -> Option<String> {
+    if need.total() <= avail.bytes {
+        return None;
+    }
+    let zero_hint = if zero1 { "" } else { ", set parallel.zero=1 to shard the AdamW state over the data-parallel ranks" };
+    Some(format!(
+        "this run needs about {} GiB per rank (params {}, grads {}, AdamW {}, activations {} at train.batch_size={batch_size}), but {} GiB are available {}: lower train.batch_size (and raise train.grad_accum to keep the global batch) or model.block_size, or use a smaller model{zero_hint}",
+        gib(need.total()),
+        gib(need.params),
+        gib(need.grads),
+        gib(need.optimizer),
+        gib(need.activations),
+        gib(avail.bytes),
+        avail.place,
+    ))
+}
+
+/// Before the first step: refuses the run `s` when its estimate exceeds the memory available to
+/// this rank. `local_ranks` is the number of ranks on this node (they share its RAM), `dp` the
+/// data-parallel degree. Nothing is refused when the free memory cannot be read.
+pub fn check_fits(s: &Setup, local_ranks: usize, dp: usize) -> Result<(), TrainError> {
+    let need = estimate(s, dp);
+    let avail = match s.device {
+        Device::Cuda(i) => cuda_free_bytes(i).map(|free| Available { bytes: free.saturating_add(need.params), place: format!("on cuda:{i}") }),
+        _ => host_available_bytes().map(|free| {
+            let n = local_ranks.max(1);
+            let place = if n == 1 { "on this node for 1 rank".to_string() } else { format!("per rank on this node for {n} ranks") };
+            Available { bytes: (free / n as u64).saturating_add(need.params), place }
+        }),
+    };
+    match avail.and_then(|a| refusal(&need, &a, s.cfg.train.batch_size, s.cfg.parallel.zero == 1)) {
+        Some(msg) => Err(TrainError::NotEnoughMemory(msg)),
+        None => Ok(()),
+    }
+}
+
+/// Host memory free for new allocations: `MemAvailable`, or less when this process's cgroup
+/// (a container, a Slurm job) is limited.
+pub fn host_available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let avail = meminfo_available(&meminfo)?;
+    Some(match cgroup_headroom() {
+        Some(h) => avail.min(h),
+        None => avail,
+    })
+}
+
+/// `MemAvailable` of a /proc/meminfo text, in bytes.
+pub fn meminfo_available(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Limit minus usage of this process's memory cgroup (v2, else v1), when it has a limit.
+fn cgroup_headroom() -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    // v2: a line `0::/path`.
+    if let Some(path) = cg.lines().find_map(|l| l.strip_prefix("0::")) {
+        let dir = format!("/sys/fs/cgroup{}", path.trim_end_matches('/'));
+        if let (Some(max), Some(cur)) = (read(&format!("{dir}/memory.max")), read(&format!("{dir}/memory.current"))) {
+            return Some(max.saturating_sub(cur));
+        }
+    }
+    // v1: the limit is a huge number when unset.
+    let (max, cur) = (read("/sys/fs/cgroup/memory/memory.limit_in_bytes")?, read("/sys/fs/cgroup/memory/memory.usage_in_bytes")?);
+    (max < (1u64 << 60)).then(|| max.saturating_sub(cur))
+}
+
+/// Free memory of CUDA device `ordinal` from the driver (`cuMemGetInfo` in the device's primary
+/// context, the one libtorch uses). Memory libtorch's caching allocator holds counts as used.
+pub fn cuda_free_bytes(ordinal: usize) -> Option<u64> {
+    // SAFETY: is_culib_present only tries to dlopen libcuda and drops the handle.
+    if !tch::Cuda::is_available() || !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return None;
+    }
+    use cudarc::driver::result;
+    result::init().ok()?;
+    let dev = result::device::get(ordinal as i32).ok()?;
+    // SAFETY: the primary context is retained for the query and released after; making it
+    // current on this thread is what the CUDA runtime (libtorch) does for this device anyway.
+    unsafe {
+        let ctx = result::primary_ctx::retain(dev).ok()?;
+        let prev = result::ctx::get_current().ok().flatten();
+        let free = result::ctx::set_current(ctx).ok().and_then(|_| result::mem_get_info().ok()).map(|(free, _total)| free as u64);
+        if let Some(p) = prev {
+            let _ = result::ctx::set_current(p);
+        }
+        let _ = result::primary_ctx::release(dev);
+        free
+    }
+}
+
+thread_local! {
+    static GUARDED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is inside [`guard_alloc`] (the panic hook stays silent for allocation
+/// failures there: they become an error instead).
+pub fn is_guarded() -> bool {
+    GUARDED.with(Cell::get)
+}
+
+/// For a panic hook: true when this panic is an allocation failure that [`guard_alloc`] turns
+/// into an error, so printing it (and a backtrace) would only add noise.
+pub fn panic_is_handled(payload: &(dyn std::any::Any + Send)) -> bool {
+    is_guarded() && panic_text(payload).and_then(alloc_failure).is_some()
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&'static str>().copied())
+}
+
+/// A libtorch allocation failure in a panic or error message: the tensor's size in bytes when
+/// the message gives it, and the device. CPU: `DefaultCPUAllocator: can't allocate memory: you
+/// tried to allocate 4096 bytes`; CUDA: `CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0
+/// has a total capacity of ...`.
+pub fn alloc_failure(msg: &str) -> Option<(Option<u64>, String)> {
+    if let Some(i) = msg.find("can't allocate memory") {
+        let rest = &msg[i..];
+        let bytes = rest
+            .find("tried to allocate ")
+            .and_then(|j| rest[j + "tried to allocate ".len()..].split_whitespace().next())
+            .and_then(|n| n.trim_end_matches(|c: char| !c.is_ascii_digit()).parse::<u64>().ok());
+        return Some((bytes, "the CPU".to_string()));
+    }
+    if let Some(i) = msg.find("CUDA out of memory") {
+        let rest = &msg[i..];
+        let bytes = rest.find("Tried to allocate ").and_then(|j| {
+            let mut it = rest[j + "Tried to allocate ".len()..].split_whitespace();
+            let n: f64 = it.next()?.parse().ok()?;
+            let unit = it.next()?.trim_end_matches(['.', ',', ';']);
+            let scale = match unit {
+                "B" | "bytes" => 1.0,
+                "KiB" => 1024.0,
+                "MiB" => 1024.0 * 1024.0,
+                "GiB" => 1024.0 * 1024.0 * 1024.0,
+                "TiB" => 1024.0f64.powi(4),
+                _ => return None,
+            };
+            Some((n * scale).round() as u64)
+        });
+        let gpu = rest.find("GPU ").and_then(|j| rest[j + 4..].split_whitespace().next()).and_then(|g| g.parse::<u32>().ok());
+        return Some((bytes, gpu.map(|g| format!("cuda:{g}")).unwrap_or_else(|| "the GPU".to_string())));
+    }
+    None
+}
+
+/// Runs `f` (a training step at `step`); a libtorch allocation failure inside it (a panic in
+/// tch) becomes [`TrainError::OutOfMemory`], any other panic continues unwinding. While `f` runs
+/// the panic hook (installed by the binary, see [`panic_is_handled`]) does not print
+/// allocation failures.
+pub fn guard_alloc<T>(step: u64, f: impl FnOnce() -> T) -> Result<T, TrainError> {
+    let before = GUARDED.with(|g| g.replace(true));
+    let r = panic::catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(before));
+    match r {
+        Ok(v) => Ok(v),
+        Err(payload) => match panic_text(&*payload).and_then(alloc_failure) {
+            Some((bytes, device)) => Err(TrainError::OutOfMemory { step, bytes, device }),
+            None => panic::resume_unwind(payload),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Kind, Tensor};
+
+    #[test]
+    fn allocation_failures_are_recognised_with_their_size() {
+        let cpu = "called `Result::unwrap()` on an `Err` value: Torch(\"DefaultCPUAllocator: can't allocate memory: you tried to allocate 1125899906842624 bytes. Error code 12 (Cannot allocate memory)\\nException raised from ...\")";
+        assert_eq!(alloc_failure(cpu), Some((Some(1 << 50), "the CPU".to_string())));
+        let cuda = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 3 has a total capacity of 79.19 GiB of which 1.06 GiB is free.";
+        assert_eq!(alloc_failure(cuda), Some((Some(2 << 30), "cuda:3".to_string())));
+        let cuda = "CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 15.78 GiB total capacity)";
+        assert_eq!(alloc_failure(cuda), Some((Some(20 << 20), "cuda:0".to_string())));
+        assert_eq!(alloc_failure("index out of range in self"), None);
+    }
+
+    #[test]
+    fn a_real_cpu_allocation_failure_becomes_an_error_naming_step_and_size() {
+        // 1 PiB: above any machine's RAM and above the 128 TiB of user address space, so it fails
+        // whatever the overcommit policy (no lazy success).
+        let r = guard_alloc(7, || Tensor::empty([1i64 << 50], (Kind::Uint8, Device::Cpu)).numel());
+        let e = r.unwrap_err();
+        assert!(matches!(e, TrainError::OutOfMemory { step: 7, bytes: Some(b), .. } if b == 1 << 50), "{e:?}");
+        let line = e.to_string();
+        assert!(line.contains("step 7") && line.contains("1048576.0 GiB") && line.contains("train.batch_size") && !line.contains('\n'), "{line}");
+        assert!(e.is_user_error());
+        assert!(!is_guarded(), "the flag is reset after a failure");
+        // And a step that allocates what it can proceeds.
+        assert_eq!(guard_alloc(8, || Tensor::zeros([4], (Kind::Float, Device::Cpu)).numel()).unwrap(), 4);
+    }
+
+    #[test]
+    fn other_panics_are_raised_again() {
+        let r = panic::catch_unwind(|| guard_alloc(1, || -> u32 { panic!("index 9 is out of bounds") }));
+        let payload = r.unwrap_err();
+        assert_eq!(panic_text(&*payload), Some("index 9 is out of bounds"));
+        assert!(!is_guarded());
+        // A libtorch error that is not about memory is not an allocation failure either.
+        let r = panic::catch_unwind(|| guard_alloc(1, || Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)).matmul(&Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)))));
+        assert!(r.is_err());
+    }
+
+    fn est(params: u64, act: u64) -> MemoryEstimate {
+        MemoryEstimate { params, grads: params, optimizer: 2 * params, activations: act }
+    }
+
+    #[test]
+    fn refuses_only_what_does_not_fit_and_says_what_to_lower() {
+        let g = 1u64 << 30;
+        let avail = Available { bytes: 20 * g, place: "on this node for 1 rank".into() };
+        assert_eq!(refusal(&est(g / 2, 10 * g), &avail, 64, false), None);
+        let m = refusal(&est(g / 2, 40 * g), &avail, 512, false).unwrap();
+        assert!(m.starts_with("this run needs about 42.0 GiB per rank (params 0.5, grads 0.5, AdamW 1.0, activations 40.0 at train.batch_size=512), but 20.0 GiB are available on this node for 1 rank: lower train.batch_size"), "{m}");
+        assert!(m.contains("parallel.zero=1") && !m.contains('\n'), "{m}");
+        assert!(!refusal(&est(g / 2, 40 * g), &avail, 512, true).unwrap().contains("parallel.zero"));
+    }
+
+    #[test]
+    fn meminfo_and_sizes_read() {
+        assert_eq!(meminfo_available("MemTotal: 100 kB\nMemAvailable:   2048 kB\n"), Some(2048 * 1024));
+        assert_eq!(meminfo_available("MemTotal: 100 kB\n"), None);
+        assert!(host_available_bytes().unwrap() > 0);
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(12), "12 bytes");
+    }
+}
