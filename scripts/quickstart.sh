@@ -9,4 +9,6 @@ cd "$ROOT"
 bash scripts/setup.sh
 source scripts/env.sh
 cargo build --release -p fabbrica-cli
-exec ./target/release/fabbrica train --preset tiny "$@"
+# Re-runnable: an earlier quickstart's run in runs/tiny is moved to runs/tiny/archive/ (the
+# trainer refuses to mix two runs in one directory otherwise). Later --set arguments win.
+exec ./target/release/fabbrica train --preset tiny --set run.if_exists=archive "$@"

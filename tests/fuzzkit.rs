@@ -171,6 +171,8 @@ pub struct Fuzz {
     deadline: Option<Instant>,
     failures: Vec<(String, PathBuf)>,
     out: PathBuf,
+    /// The regression case being replayed, if any (names failures instead of the iteration).
+    case: Option<String>,
 }
 
 fn env_num(name: &str) -> Option<u64> {
@@ -201,7 +203,7 @@ impl Fuzz {
         };
         // Seed mixed with the target name: the targets of one run draw different streams.
         let salt = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-        Fuzz { name: name.into(), seed, rng: Rng::new(seed ^ salt), iters: 0, replayed: 0, max_iters, deadline, failures: Vec::new(), out }
+        Fuzz { name: name.into(), seed, rng: Rng::new(seed ^ salt), iters: 0, replayed: 0, max_iters, deadline, failures: Vec::new(), out, case: None }
     }
 
     /// Whether to run another mutation.
@@ -233,19 +235,25 @@ impl Fuzz {
                 format!("panic: {msg}")
             }
         };
-        let dir = self.out.join(&self.name).join(format!("{:x}-{}", self.seed, self.iters));
+        let (label, id) = match &self.case {
+            Some(case) => (format!("regression case {case}"), format!("regression-{case}")),
+            None => (format!("iteration {}", self.iters), format!("{:x}-{}", self.seed, self.iters)),
+        };
+        let dir = self.out.join(&self.name).join(id);
         let saved = std::fs::create_dir_all(&dir).and_then(|()| parts.iter().try_for_each(|(name, bytes)| std::fs::write(dir.join(name), bytes)));
         if let Err(e) = saved {
             eprintln!("fuzz {}: cannot save the failing input to {}: {e}", self.name, dir.display());
         }
-        eprintln!("fuzz {}: FAILURE at iteration {}: {why}\n  input saved in {}", self.name, self.iters, dir.display());
+        eprintln!("fuzz {}: FAILURE at {label}: {why}\n  input saved in {}", self.name, dir.display());
         self.failures.push((why, dir));
     }
 
     /// Checks one regression case (counted as replayed, not as a mutation).
     pub fn regression(&mut self, parts: &[Part], f: impl FnOnce() -> Result<(), String>) {
         self.replayed += 1;
+        self.case = Some(format!("#{}", self.replayed));
         self.check(parts, f);
+        self.case = None;
     }
 
     /// Replays every case directory under `dir` (each a set of files named as `parts`) with `run`.
@@ -262,7 +270,9 @@ impl Fuzz {
                 .collect();
             parts.sort();
             self.replayed += 1;
+            self.case = Some(case.file_name().unwrap_or_default().to_string_lossy().into_owned());
             run(self, parts);
+            self.case = None;
         }
     }
 

@@ -350,3 +350,32 @@ fn a_full_disk_keeps_the_previous_checkpoint_and_says_what_to_do() {
     assert_eq!(recs.iter().filter(|r| r.kind == "train").map(|r| r.step).max(), Some(6));
     assert_eq!(steps(&copy), vec![2]);
 }
+
+/// 9.6: `sample` from a checkpoint with NaN weights (written by an older version, which did not
+/// check) says so in one line instead of panicking in the multinomial draw.
+#[test]
+fn sampling_a_nan_checkpoint_of_an_older_version_is_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    ok(&train(0, &out, &["train.max_steps=2"]));
+    let ck = checkpoint::latest(&out).unwrap().unwrap();
+    let model = ck.join("model.safetensors");
+    let tensors = tch::Tensor::read_safetensors(&model).unwrap();
+    let poisoned: Vec<(String, tch::Tensor)> = tensors.into_iter().map(|(n, t)| if n.ends_with("wte.weight") { (n, t * f64::NAN) } else { (n, t) }).collect();
+    tch::Tensor::write_safetensors(&poisoned, &model).unwrap();
+    let sum = String::from_utf8(Command::new("sha256sum").arg(&model).output().unwrap().stdout).unwrap();
+    // A version-1 state.json: no checksum of its own, the model file's checksum updated.
+    let p = ck.join("state.json");
+    let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    let o = v.as_object_mut().unwrap();
+    o.insert("format_version".into(), 1.into());
+    o.remove("state_sha256");
+    o["sha256"]["model.safetensors"] = sum.split_whitespace().next().unwrap().into();
+    fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let o = go({
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fabbrica"));
+        c.args(["sample", "--checkpoint"]).arg(&ck).args(["--tokens", "5", "--device", "cpu"]).env("RUST_BACKTRACE", "1");
+        c
+    });
+    one_line_error(&o, 2, &["wte.weight", "NaN or Inf", "earlier checkpoint"]);
+}

@@ -344,7 +344,7 @@ mod tests {
         let a = config_entries(&cfg(&[]));
         let b = config_entries(&cfg(&["run.threads=3", "run.out_dir=/elsewhere", "data.path=/other/copy.txt", "comm.debug=true"]));
         assert_eq!(a, b);
-        let c = config_entries(&cfg(&["train.lr=0.002"]));
+        let c = config_entries(&cfg(&["train.lr=0.003"]));
         let i = a.iter().zip(&c).position(|(x, y)| x != y).unwrap();
         assert_eq!(a[i].0, "train.lr");
     }

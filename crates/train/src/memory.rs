@@ -203,7 +203,7 @@ pub fn alloc_failure(msg: &str) -> Option<(Option<u64>, String)> {
             };
             Some((n * scale).round() as u64)
         });
-        let gpu = rest.find("GPU ").and_then(|j| rest[j + 4..].split_whitespace().next()).and_then(|g| g.parse::<u32>().ok());
+        let gpu = rest.find("GPU ").and_then(|j| rest[j + 4..].split_whitespace().next()).and_then(|g| g.trim_end_matches(|c: char| !c.is_ascii_digit()).parse::<u32>().ok());
         return Some((bytes, gpu.map(|g| format!("cuda:{g}")).unwrap_or_else(|| "the GPU".to_string())));
     }
     None

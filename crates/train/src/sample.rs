@@ -47,6 +47,14 @@ pub fn sample_from_checkpoint(a: &SampleArgs) -> Result<String, TrainError> {
         tok.encode(a.prompt)?; // a prompt the tokenizer cannot encode is the user's to fix
     }
     let device = resolve_device(a.device, 0)?;
+    // Checkpoints are never written with NaN/Inf weights any more; older ones may hold them, and
+    // sampling from those would fail inside the multinomial draw.
+    if let Some((name, _)) = ck.model.iter().find(|(_, t)| t.is_floating_point() && !bool::try_from(t.isfinite().all()).unwrap_or(false)) {
+        return Err(TrainError::Checkpoint(format!(
+            "{}: `{name}` holds NaN or Inf values (the run had diverged when it was written): sample from an earlier checkpoint",
+            dir.display()
+        )));
+    }
     let model = Gpt::new(&ck.state.config.model, device)?;
     model.load_parameters(&ck.model)?;
     Ok(sample_text(&model, &tok, a.prompt, a.tokens, a.temperature, a.top_k, a.seed))
