@@ -17,6 +17,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// SplitMix64: tiny, seedable, good enough to drive mutations.
@@ -276,13 +277,14 @@ impl Fuzz {
         }
     }
 
-    /// Prints `fuzz <name>: N iterations, R regression cases, F failures` and fails the test if
+    /// Prints `fuzz <name>: N iterations (A inputs accepted), R regression cases, F failures` and fails the test if
     /// anything failed.
     pub fn finish(self) {
         eprintln!(
-            "fuzz {}: {} iterations, {} regression cases, {} failures (seed {:#x})",
+            "fuzz {}: {} iterations ({} inputs accepted), {} regression cases, {} failures (seed {:#x})",
             self.name,
             self.iters,
+            ACCEPTED.load(Ordering::Relaxed),
             self.replayed,
             self.failures.len(),
             self.seed
@@ -292,6 +294,14 @@ impl Fuzz {
             panic!("fuzz {}: {} failing inputs:\n{}", self.name, self.failures.len(), list.join("\n"));
         }
     }
+}
+
+static ACCEPTED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts an input the code under test accepted (reported by [`Fuzz::finish`], to show how much
+/// of the fuzzing got past the first check).
+pub fn note_accepted() {
+    ACCEPTED.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The one-line error contract: non-empty, no line break, no Debug dump of a struct.

@@ -86,6 +86,15 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let (rank, size) = (world.rank(), world.size());
     let out = match fabbrica_train::train_in(&world, &cfg, &TrainOptions { progress: true }) {
         Ok(out) => out,
+        Err(e @ TrainError::Preempted { .. }) => {
+            // Every rank stopped at the same step boundary after the checkpoint: a clean exit.
+            drop(world);
+            if rank == 0 {
+                use std::io::Write;
+                let _ = std::io::stderr().write_all(format!("note: {e}\n").as_bytes());
+            }
+            std::process::exit(fabbrica_train::signals::EXIT_PREEMPTED as i32);
+        }
         Err(e) if size > 1 => {
             // Other ranks may be waiting in a collective for this one: finalising MPI would wait
             // for them too. Leaving without it makes the launcher end the job.

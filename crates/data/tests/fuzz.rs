@@ -61,6 +61,7 @@ fn check_load(path: &Path, kind: TokenizerKind, block_size: usize, val_fraction:
         Err(e) => return one_line_error(&e.to_string()),
         Ok(d) => d,
     };
+    fuzzkit::note_accepted();
     let vocab = data.tokenizer.vocab_size();
     let sampler = Sampler::new(7);
     for split in [Split::Train, Split::Val] {

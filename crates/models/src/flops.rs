@@ -43,18 +43,52 @@ impl MemoryEstimate {
     }
 }
 
-/// Estimate for fp32 master weights and grads, two fp32 AdamW moments, and activations saved
-/// for backward at micro-batch `batch` × `seq_len`. Activations follow Korthikanti et al. (2022),
-/// per layer `s·b·h·34` bytes in 16-bit precision (doubled for fp32), with no `5·a·s²·b` attention
-/// term because scaled_dot_product_attention does not keep the T×T score matrix; plus the
-/// logits (B·T·V in fp32, twice: value and gradient).
+/// Estimate for fp32 master weights and grads, two fp32 AdamW moments, and the activations of a
+/// training micro-step at `batch` × `seq_len`, with the attention kernel libtorch picks for
+/// `half_precision_activations` (see [`memory_estimate_with`]: CPU training with dropout keeps the
+/// T×T attention matrix). Excludes the process's own footprint (libtorch, data; about 0.4 GiB on
+/// the CPU).
 pub fn memory_estimate(cfg: &GptConfig, batch: usize, seq_len: usize, half_precision_activations: bool) -> MemoryEstimate {
+    let materialised = !half_precision_activations && cfg.dropout > 0.0;
+    memory_estimate_with(cfg, batch, seq_len, half_precision_activations, materialised)
+}
+
+/// As [`memory_estimate`], saying whether attention runs through libtorch's math path, which
+/// keeps the B·H·T×T scores, softmax and dropout for backward (`materialised_attention`: on the
+/// CPU when dropout is on, since its fused kernel has no dropout; fused kernels keep only the
+/// output and a log-sum-exp).
+///
+/// Activations, per layer, `s·b·h` bytes × 82 in fp32 (41 for 16-bit autocast): measured peak
+/// RSS of fp32 CPU training (tiny and gpt2-124m shapes, libtorch 2.11) gives 20.5 fp32 values
+/// per token and channel — the 17 tensors of Korthikanti et al. (2022) (input, LayerNorm outputs,
+/// q/k/v, attention output and its contiguous copy, MLP 4h input and GELU output) plus about
+/// 3.5 of kernel workspace and the backward pass's transient gradients. Dropout adds the two
+/// residual dropouts' masks (fp32 on the CPU). Once per model: the embedding sum and the final
+/// LayerNorm, and the logits, whose peak is in backward where the saved log-softmax, the NLL
+/// gradient and the log-softmax gradient (three B·T·V fp32 tensors, the loss is computed in fp32
+/// even under autocast) coexist, or later the logits' gradient and the tied embedding's V×C
+/// gradient, whichever is larger. Under autocast, the bf16 copies of the weights.
+pub fn memory_estimate_with(cfg: &GptConfig, batch: usize, seq_len: usize, half_precision_activations: bool, materialised_attention: bool) -> MemoryEstimate {
     let n = total_params(cfg);
-    let sbh = (batch * seq_len * cfg.n_embd) as u64;
-    let act_scale = if half_precision_activations { 1 } else { 2 };
-    let per_layer = sbh * 34 * act_scale;
-    let logits = (batch * seq_len * cfg.vocab_size) as u64 * 4 * 2;
-    MemoryEstimate { params: 4 * n, grads: 4 * n, optimizer: 8 * n, activations: cfg.n_layer as u64 * per_layer + logits }
+    let (b, t, c, v, l) = (batch as u64, seq_len as u64, cfg.n_embd as u64, cfg.vocab_size as u64, cfg.n_layer as u64);
+    let sbh = b * t * c;
+    let dropout = cfg.dropout > 0.0;
+    let mut per_layer = if half_precision_activations { 41 * sbh } else { 82 * sbh };
+    if dropout {
+        // Two residual dropouts: fp32 noise on the CPU's path, bool masks in the fused kernel.
+        per_layer += if half_precision_activations { 2 * sbh } else { 8 * sbh };
+    }
+    if materialised_attention {
+        // Scores, softmax, dropout noise and its product, and a backward temporary: 5 fp32 copies.
+        per_layer += 20 * b * cfg.n_head as u64 * t * t;
+    }
+    // Embedding sum and final LayerNorm input/output (the residual stream is fp32), plus the
+    // embedding dropout's noise.
+    let once = sbh * 4 * (2 + dropout as u64);
+    let btv = b * t * v;
+    let logits = (3 * btv).max(btv + v * c) * 4;
+    let weight_copies = if half_precision_activations { 2 * matmul_params(cfg) } else { 0 };
+    MemoryEstimate { params: 4 * n, grads: 4 * n, optimizer: 8 * n, activations: l * per_layer + once + logits + weight_copies }
 }
 
 #[cfg(test)]
@@ -90,5 +124,34 @@ mod tests {
         assert_eq!(a.params, b.params);
         assert_eq!(2 * a.activations, b.activations);
         assert_eq!(a.optimizer, 2 * a.params);
+    }
+
+    /// Measured peak RSS of `fabbrica train` on the CPU (fp32, libtorch 2.11, 2 steps, VmHWM
+    /// before evaluation and checkpoint), less about 0.4 GiB of process footprint: the estimate
+    /// must be within 15% of it, so the memory check neither refuses runs that fit nor waves
+    /// through runs that are far over.
+    #[test]
+    fn memory_estimate_matches_measured_cpu_training() {
+        let gib = |x: f64| x * (1u64 << 30) as f64;
+        let tiny = GptConfig { vocab_size: 101, ..GptConfig::preset("tiny").unwrap() };
+        let g124 = GptConfig { block_size: 256, ..GptConfig::preset("gpt2-124m").unwrap() };
+        let g124_1 = GptConfig { n_layer: 1, ..g124.clone() };
+        let g124_char = GptConfig { vocab_size: 101, ..g124.clone() };
+        let tiny_dropout = GptConfig { dropout: 0.1, ..tiny.clone() };
+        // (model, micro-batch, measured peak RSS in MiB)
+        let runs: [(&GptConfig, usize, f64); 6] = [
+            (&tiny, 256, 1769.0),
+            (&tiny, 128, 1064.0),
+            (&tiny_dropout, 128, 1791.0),
+            (&g124, 4, 3594.0),
+            (&g124_char, 4, 2470.0),
+            (&g124_1, 8, 2532.0),
+        ];
+        for (cfg, b, rss_mib) in runs {
+            let measured = rss_mib * (1u64 << 20) as f64 - gib(0.4);
+            let est = memory_estimate(cfg, b, cfg.block_size, false).total() as f64;
+            let err = (est - measured) / measured;
+            assert!(err.abs() < 0.15, "{cfg:?} at batch {b}: estimate {:.2} GiB, measured {:.2} GiB ({:+.0}%)", est / gib(1.0), measured / gib(1.0), 100.0 * err);
+        }
     }
 }

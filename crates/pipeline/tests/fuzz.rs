@@ -75,6 +75,7 @@ fn check_program(text: &str, costs: Costs) -> Result<(), String> {
     if let Err(e) = check_transfer_order(&schedule) {
         one_line_error(&e)?;
     }
+    fuzzkit::note_accepted();
     let lowered = lower(&schedule);
     for s in [&schedule, &lowered] {
         match simulate(s, costs) {

@@ -64,6 +64,10 @@ pub enum TrainError {
     /// A NaN/Inf loss or gradient norm under `train.nonfinite = "stop"` (or too many skipped).
     #[error("{0}")]
     NonFinite(String),
+    /// Stopped by a signal at a step boundary, after writing the checkpoint (not a failure: the
+    /// binary exits with `signals::EXIT_PREEMPTED`).
+    #[error("stopped by {signal} (received by rank {rank}) after step {step}; {}: resume with run.resume=true or run.resume=auto", match checkpoint { Some(c) => format!("its checkpoint is {}", c.display()), None => "the checkpoint was written by rank 0".to_string() })]
+    Preempted { step: u64, rank: usize, signal: String, checkpoint: Option<PathBuf> },
     /// Another rank failed and reported it; this rank stops with it.
     #[error("rank {rank} failed (its error is printed by that rank)")]
     Elsewhere { rank: usize },

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod optim;
 pub mod sample;
 pub mod schedule;
+pub mod signals;
 pub mod trainer;
 
 pub use config::Config;

@@ -14,7 +14,8 @@
 use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
 
-use fabbrica_models::{memory_estimate, MemoryEstimate};
+use fabbrica_models::flops::memory_estimate_with;
+use fabbrica_models::MemoryEstimate;
 use tch::Device;
 
 use crate::error::TrainError;
@@ -43,7 +44,9 @@ fn gib(b: u64) -> String {
 /// AdamW moments among the `dp` data-parallel ranks.
 pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
     let cfg = &s.cfg;
-    let mut e = memory_estimate(&cfg.model, cfg.train.batch_size, cfg.model.block_size, s.bf16);
+    // libtorch's CPU attention kernel has no dropout: with dropout it takes the math path.
+    let materialised = s.device == Device::Cpu && cfg.model.dropout > 0.0;
+    let mut e = memory_estimate_with(&cfg.model, cfg.train.batch_size, cfg.model.block_size, s.bf16, materialised);
     if cfg.parallel.zero == 1 && dp > 1 {
         e.optimizer = e.optimizer.div_ceil(dp as u64);
     }
@@ -59,14 +62,32 @@ pub struct Available {
     pub place: String,
 }
 
-/// Refuses (one line, the numbers and what to lower) when `need` exceeds `avail`.
-pub fn refusal(need: &MemoryEstimate, avail: &Available, batch_size: usize, zero1: bool) -> Option<String> {
+/// Refuses (one line, the numbers and what to lower) when `need` exceeds `avail`. Activations
+/// grow linearly with the micro-batch, so the message can say which `train.batch_size` would
+/// fit; `dp` and `zero1` decide whether sharding the AdamW state (ZeRO-1) is worth suggesting.
+pub fn refusal(need: &MemoryEstimate, avail: &Available, batch_size: usize, dp: usize, zero1: bool) -> Option<String> {
     if need.total() <= avail.bytes {
         return None;
     }
-    let zero_hint = if zero1 { "" } else { ", set parallel.zero=1 to shard the AdamW state over the data-parallel ranks" };
+    let fixed = need.params + need.grads + need.optimizer;
+    let per_seq = need.activations / batch_size.max(1) as u64;
+    let fits = |fixed: u64| if fixed >= avail.bytes { 0 } else { (avail.bytes - fixed) / per_seq.max(1) };
+    // ZeRO-1 would keep 1/dp of the moments here.
+    let sharded = fixed - need.optimizer + need.optimizer.div_ceil(dp.max(1) as u64);
+    let zero_hint = if !zero1 && dp > 1 && fits(sharded) > fits(fixed) {
+        format!(", or set parallel.zero=1 to shard the AdamW state over the {dp} data-parallel ranks")
+    } else {
+        String::new()
+    };
+    let what = match fits(fixed) {
+        0 => format!("the model alone (weights, gradients and AdamW state: {} GiB) does not fit: use a smaller model{zero_hint}", gib(fixed)),
+        b => format!(
+            "lower train.batch_size to {} or less (and raise train.grad_accum to keep the global batch), lower model.block_size or use a smaller model{zero_hint}",
+            b.min(batch_size as u64 - 1)
+        ),
+    };
     Some(format!(
-        "this run needs about {} GiB per rank (params {}, grads {}, AdamW {}, activations {} at train.batch_size={batch_size}), but {} GiB are available {}: lower train.batch_size (and raise train.grad_accum to keep the global batch) or model.block_size, or use a smaller model{zero_hint}",
+        "this run needs about {} GiB per rank (params {}, grads {}, AdamW {}, activations {} at train.batch_size={batch_size}), but {} GiB are available {}: {what}",
         gib(need.total()),
         gib(need.params),
         gib(need.grads),
@@ -90,7 +111,7 @@ pub fn check_fits(s: &Setup, local_ranks: usize, dp: usize) -> Result<(), TrainE
             Available { bytes: (free / n as u64).saturating_add(need.params), place }
         }),
     };
-    match avail.and_then(|a| refusal(&need, &a, s.cfg.train.batch_size, s.cfg.parallel.zero == 1)) {
+    match avail.and_then(|a| refusal(&need, &a, s.cfg.train.batch_size, dp, s.cfg.parallel.zero == 1)) {
         Some(msg) => Err(TrainError::NotEnoughMemory(msg)),
         None => Ok(()),
     }
@@ -276,11 +297,22 @@ mod tests {
     fn refuses_only_what_does_not_fit_and_says_what_to_lower() {
         let g = 1u64 << 30;
         let avail = Available { bytes: 20 * g, place: "on this node for 1 rank".into() };
-        assert_eq!(refusal(&est(g / 2, 10 * g), &avail, 64, false), None);
-        let m = refusal(&est(g / 2, 40 * g), &avail, 512, false).unwrap();
-        assert!(m.starts_with("this run needs about 42.0 GiB per rank (params 0.5, grads 0.5, AdamW 1.0, activations 40.0 at train.batch_size=512), but 20.0 GiB are available on this node for 1 rank: lower train.batch_size"), "{m}");
-        assert!(m.contains("parallel.zero=1") && !m.contains('\n'), "{m}");
-        assert!(!refusal(&est(g / 2, 40 * g), &avail, 512, true).unwrap().contains("parallel.zero"));
+        assert_eq!(refusal(&est(g / 2, 10 * g), &avail, 64, 1, false), None);
+        assert_eq!(refusal(&est(g / 2, 18 * g), &avail, 64, 1, false), None, "exactly at the limit fits");
+        // 512 sequences of 80 MiB each; 18 GiB are left after the 2 GiB of state: 230 fit.
+        let m = refusal(&est(g / 2, 40 * g), &avail, 512, 1, false).unwrap();
+        assert_eq!(
+            m,
+            "this run needs about 42.0 GiB per rank (params 0.5, grads 0.5, AdamW 1.0, activations 40.0 at train.batch_size=512), but 20.0 GiB are available on this node for 1 rank: lower train.batch_size to 230 or less (and raise train.grad_accum to keep the global batch), lower model.block_size or use a smaller model"
+        );
+        // ZeRO-1 is suggested only where there are data-parallel ranks to shard over.
+        let m = refusal(&est(g / 2, 40 * g), &avail, 512, 4, false).unwrap();
+        assert!(m.contains("parallel.zero=1 to shard the AdamW state over the 4 data-parallel ranks"), "{m}");
+        assert!(!refusal(&est(g / 2, 40 * g), &avail, 512, 4, true).unwrap().contains("parallel.zero"));
+        // A model whose state alone is too large.
+        let m = refusal(&est(8 * g, g), &avail, 1, 1, false).unwrap();
+        assert!(m.contains("the model alone (weights, gradients and AdamW state: 32.0 GiB) does not fit: use a smaller model"), "{m}");
+        assert!(!m.contains('\n'));
     }
 
     #[test]

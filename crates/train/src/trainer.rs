@@ -245,13 +245,14 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     }
     // A run keeps its identity across resumes; a fresh one (or one started from another run's
     // checkpoint) gets a new one. Retention only ever removes checkpoints of this identity.
-    let mut run = RunState { id: checkpoint::new_run_id(), skipped_steps: 0, last_saved: None };
+    let mut run = RunState { id: checkpoint::new_run_id(), skipped_steps: 0, last_saved: None, last_saved_step: None };
     if let Some(r) = resume_from.as_ref().filter(|r| r.in_run) {
         if !r.loaded.state.run_id.is_empty() {
             run.id = r.loaded.state.run_id.clone();
         }
         run.skipped_steps = r.loaded.state.skipped_steps;
         run.last_saved = Some(r.loaded.dir.clone());
+        run.last_saved_step = Some(r.loaded.state.step);
     }
 
     // The gradients' NCCL communicator is created now, collectively, so that an NCCL that cannot
@@ -335,6 +336,8 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
 
     let stop_at = if cfg.run.stop_at > 0 { cfg.run.stop_at.min(cfg.train.max_steps) } else { cfg.train.max_steps };
     let inject = nan_injection()?;
+    // Until this function returns, SIGTERM/SIGINT/SIGUSR1 only ask the loop to stop at a step boundary.
+    let _signals = crate::signals::install();
     let mut window = (Instant::now(), 0u64); // (start of log window, steps in it)
     let mut waited = Duration::ZERO; // time blocked on gradient communication in the window
     let mut last_val: Option<f64> = None;
@@ -349,8 +352,9 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         })?;
         waited += ddp.finish().map_err(ddp_err)?;
         let norm = ddp.clip_grad_norm(cfg.train.grad_clip).map_err(ddp_err)?;
-        // Every rank sees every rank's loss and the norm, so all take the same branch.
-        if let Some(bad) = nonfinite(dp_comm, &loss, &norm, step + 1)? {
+        // Every rank sees every rank's loss, the norm and any stop signal: all take the same branch.
+        let check = check_step(dp_comm, &loss, &norm, step + 1)?;
+        if let Some(bad) = check.nonfinite {
             run.skipped_steps += 1;
             let last = run.last_saved.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none was written yet".into());
             if cfg.train.nonfinite == "stop" || run.skipped_steps > cfg.train.max_skipped_steps {
@@ -426,8 +430,10 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         }
         if (cfg.run.checkpoint_interval > 0 && step.is_multiple_of(cfg.run.checkpoint_interval)) || last {
             match save(&s, &opt, &ddp, zero1, rank0, step, last_val, &params, &run) {
-                Ok(Some(dir)) => run.last_saved = Some(dir),
-                Ok(None) => {}
+                Ok(dir) => {
+                    run.last_saved = dir.or(run.last_saved.take());
+                    run.last_saved_step = Some(step);
+                }
                 // Training on (run.checkpoint_failure = continue): the next interval tries again;
                 // the run's last checkpoint must succeed.
                 Err(e @ TrainError::CheckpointWrite { .. }) if cfg.run.checkpoint_failure == "continue" && !last => {
@@ -439,15 +445,29 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
                 Err(e) => return Err(e),
             }
         }
+        if let Some((by, sig)) = check.signal {
+            // Preempted: this step is done; write its checkpoint (unless just written) and stop.
+            if run.last_saved_step != Some(step) {
+                if let Some(dir) = save(&s, &opt, &ddp, zero1, rank0, step, last_val, &params, &run)? {
+                    run.last_saved = Some(dir);
+                }
+            }
+            progress.finish();
+            // Nobody leaves while rank 0 may still be writing.
+            dp_comm.barrier().map_err(comm_err)?;
+            return Err(TrainError::Preempted { step, rank: by, signal: crate::signals::name(sig), checkpoint: run.last_saved.clone() });
+        }
     }
     progress.finish();
 
     let train_loss = evaluate_dp(&s, &sampler, Split::Train, cfg.train.eval_iters, dp_comm)?;
     let val_loss = evaluate_dp(&s, &sampler, Split::Val, cfg.train.eval_iters, dp_comm)?;
-    let checkpoint = match (&run.last_saved, step > start) {
-        (Some(dir), true) => dir.clone(),
+    // Every rank decides alike (saving is collective under ZeRO-1): by step, which all know.
+    let checkpoint = if run.last_saved_step == Some(step) {
+        run.last_saved.clone().unwrap_or_else(|| out.clone())
+    } else {
         // Nothing trained (already at max_steps): write the checkpoint of where it stands.
-        _ => save(&s, &opt, &ddp, zero1, rank0, step, Some(val_loss), &params, &run)?.unwrap_or_else(|| out.clone()),
+        save(&s, &opt, &ddp, zero1, rank0, step, Some(val_loss), &params, &run)?.unwrap_or_else(|| out.clone())
     };
     let sample = (rank0 && cfg.run.sample_tokens > 0)
         .then(|| sample_text(&s.model, &s.data.tokenizer, "", cfg.run.sample_tokens, 0.8, Some(200), cfg.run.seed));
@@ -462,8 +482,9 @@ struct RunState {
     id: String,
     /// Updates dropped for a NaN/Inf so far (`train.nonfinite = skip`).
     skipped_steps: u64,
-    /// The newest checkpoint of this run.
+    /// The newest checkpoint of this run (rank 0 knows its directory), and its step (every rank).
     last_saved: Option<PathBuf>,
+    last_saved_step: Option<u64>,
 }
 
 /// `FABBRICA_INJECT_NAN=STEP:RANK`: fault injection for tests and drills. Rank RANK's loss at
@@ -479,23 +500,33 @@ fn nan_injection() -> Result<Option<(u64, usize)>, TrainError> {
     }
 }
 
-/// Whether this step's loss or gradient norm is NaN/Inf on any rank: every rank's loss and the
-/// (global) gradient norm are gathered, so every rank reaches the same verdict in the same step.
-/// Returns a description naming the step and the ranks.
-fn nonfinite(comm: &dyn Communicator, loss: &Tensor, norm: &Tensor, step: u64) -> Result<Option<String>, TrainError> {
+/// What every rank learned about this step from every other: a NaN/Inf and where, and a stop
+/// signal that reached some rank.
+struct StepCheck {
+    nonfinite: Option<String>,
+    /// (lowest rank that got one, signal number).
+    signal: Option<(usize, i32)>,
+}
+
+/// Gathers every rank's loss, the (global) gradient norm and the pending stop signal (3 floats a
+/// rank), so every rank reaches the same verdict in the same step. The NaN/Inf description names
+/// the step and the ranks.
+fn check_step(comm: &dyn Communicator, loss: &Tensor, norm: &Tensor, step: u64) -> Result<StepCheck, TrainError> {
     let n = comm.size();
-    let mine = Tensor::from_slice(&[loss.double_value(&[]) as f32, norm.double_value(&[]) as f32]);
+    let sig = crate::signals::pending().unwrap_or(0);
+    let mine = Tensor::from_slice(&[loss.double_value(&[]) as f32, norm.double_value(&[]) as f32, sig as f32]);
     let all: Vec<f32> = if n == 1 {
         Vec::try_from(mine).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?
     } else {
-        let all = Tensor::zeros([2 * n as i64], (Kind::Float, Device::Cpu));
+        let all = Tensor::zeros([3 * n as i64], (Kind::Float, Device::Cpu));
         comm.all_gather(&all, &mine).map_err(comm_err)?;
         Vec::try_from(all).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?
     };
-    let bad_loss: Vec<(usize, f32)> = all.chunks(2).enumerate().filter(|(_, v)| !v[0].is_finite()).map(|(r, v)| (r, v[0])).collect();
-    let bad_norm: Vec<(usize, f32)> = all.chunks(2).enumerate().filter(|(_, v)| !v[1].is_finite()).map(|(r, v)| (r, v[1])).collect();
+    let signal = all.chunks(3).enumerate().find(|(_, v)| v[2] != 0.0).map(|(r, v)| (r, v[2] as i32));
+    let bad_loss: Vec<(usize, f32)> = all.chunks(3).enumerate().filter(|(_, v)| !v[0].is_finite()).map(|(r, v)| (r, v[0])).collect();
+    let bad_norm: Vec<(usize, f32)> = all.chunks(3).enumerate().filter(|(_, v)| !v[1].is_finite()).map(|(r, v)| (r, v[1])).collect();
     if bad_loss.is_empty() && bad_norm.is_empty() {
-        return Ok(None);
+        return Ok(StepCheck { nonfinite: None, signal });
     }
     let fmt = |v: &[(usize, f32)]| v.iter().map(|(r, x)| format!("{x} on rank {r}")).collect::<Vec<_>>().join(", ");
     let what = match (bad_loss.is_empty(), bad_norm.is_empty()) {
@@ -503,7 +534,7 @@ fn nonfinite(comm: &dyn Communicator, loss: &Tensor, norm: &Tensor, step: u64) -
         (false, true) => format!("the loss is {}", fmt(&bad_loss)),
         _ => format!("the gradient norm is {} (the loss is finite on every rank)", bad_norm[0].1),
     };
-    Ok(Some(format!("step {step}: {what}")))
+    Ok(StepCheck { nonfinite: Some(format!("step {step}: {what}")), signal })
 }
 
 /// Rank 0 tidies the run directory before this run writes anything: removes the temporaries of

@@ -113,6 +113,7 @@ fn check_one(dir: &Path, preset: Option<&str>, file: Option<&[u8]>, sets: &[Stri
         Err(e) => return one_line_error(&e.to_string()),
         Ok(cfg) => cfg,
     };
+    fuzzkit::note_accepted();
     cfg.validate().map_err(|e| format!("resolved but does not validate: {e}"))?;
     // What it resolved to reads back as itself.
     let back_path = dir.join("back.toml");
@@ -157,6 +158,13 @@ fn config_parser_never_panics_and_errors_are_one_line() {
         fuzz.check(&parts, || check_one(dir.path(), preset.as_deref(), file.as_deref(), &sets));
     });
 
+    for (preset, file, sets) in REGRESSIONS {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let file = file.map(str::as_bytes);
+        let parts = parts_of(*preset, file, &sets);
+        fuzz.regression(&parts, || check_one(dir.path(), *preset, file, &sets));
+    }
+
     // Seeds for file mutation: every preset's full config, and small documents.
     let mut seeds: Vec<Vec<u8>> = PRESET_NAMES.iter().map(|p| Config::preset(p).unwrap().to_toml().into_bytes()).collect();
     seeds.push(b"[train]\nlr = 1e-3\nmax_steps = 7\n[model]\nn_layer = 2\n".to_vec());
@@ -193,3 +201,25 @@ fn config_parser_never_panics_and_errors_are_one_line() {
     }
     fuzz.finish();
 }
+
+/// Inputs that once failed, replayed on every run: (preset, config file, --set strings).
+const REGRESSIONS: &[(Option<&str>, Option<&str>, &[&str])] = &[
+    // Validated, then panicked converting to a Duration in comm_options.
+    (Some("tiny"), None, &["comm.timeout_s=1e30"]),
+    (Some("tiny"), Some("[comm]\ntimeout_s = 1e300\n"), &[]),
+    // Values, keys and sets with line breaks made multi-line errors.
+    (Some("tiny"), None, &["run.device=tp\nu"]),
+    (Some("tiny"), None, &["train.l\nr=1"]),
+    (Some("tiny"), None, &["no\nequals"]),
+    (Some("tiny\n"), None, &[]),
+    (Some("tiny"), Some("[train]\n\"a\\nb\" = 1\n"), &[]),
+    (Some("tiny"), Some("[run]\ndevice = \"a\\nb\"\n"), &[]),
+    // A value with a second TOML line silently dropped the rest.
+    (Some("tiny"), None, &["train.lr=1\nmax_steps = 5"]),
+    // Unbounded numbers that overflow downstream (thread counts, products, u64 + 1).
+    (Some("tiny"), None, &["run.threads=9223372036854775807"]),
+    (Some("tiny"), None, &["train.batch_size=1048576", "train.grad_accum=1048576", "model.block_size=1048576"]),
+    (Some("tiny"), None, &["train.warmup_steps=9223372036854775807"]),
+    (Some("gpt2-124m"), None, &["parallel.bucket_mb=1e300"]),
+    (Some("tiny"), Some("[parallel]\nzero = 300\n"), &[]),
+];

@@ -1,0 +1,141 @@
+//! Preemption (issue 13): SIGTERM/SIGINT/SIGUSR1 on any rank stop every rank at the same step
+//! boundary with a checkpoint and exit code 75; resuming continues with bitwise-identical losses.
+//! Real signals to real processes, one process and under mpirun.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use fabbrica_train::checkpoint;
+use fabbrica_train::metrics::read;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const STEPS: u64 = 400;
+
+fn base(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=16",
+        "model.block_size=16",
+        "model.dropout=0.1",
+        "train.batch_size=2",
+        &format!("train.max_steps={STEPS}"),
+        "train.warmup_steps=5",
+        "train.log_interval=1",
+        "train.eval_interval=100000",
+        "train.eval_iters=2",
+        "run.sample_tokens=0",
+        "run.threads=1",
+        &format!("run.out_dir={}", out.display()),
+        &format!("data.path={}/../../data/pystdlib.txt", env!("CARGO_MANIFEST_DIR")),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v.into_iter().flat_map(|s| ["--set".to_string(), s]).collect()
+}
+
+fn cmd(np: usize, out: &Path, extra: &[&str]) -> Command {
+    let bin = env!("CARGO_BIN_EXE_fabbrica");
+    let mut c = if np == 0 {
+        Command::new(bin)
+    } else {
+        let mut c = Command::new("mpirun");
+        c.args(["-np", &np.to_string(), "--oversubscribe", bin]);
+        c
+    };
+    c.arg("train")
+        .args(base(out, extra))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_plm", "isolated")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn losses(out: &Path) -> Vec<(u64, u64)> {
+    read(&out.join("metrics.jsonl")).unwrap().into_iter().filter(|r| r.kind == "train").map(|r| (r.step, r.loss.unwrap().to_bits())).collect()
+}
+
+/// Waits until the run has logged `step` (or panics after a minute), so the signal lands mid-run.
+fn wait_for_step(out: &Path, step: u64, child: &mut Child) {
+    let t = Instant::now();
+    loop {
+        let logged = fs::read_to_string(out.join("metrics.jsonl")).map(|s| s.lines().count() as u64).unwrap_or(0);
+        if logged >= step {
+            return;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before step {step}");
+        assert!(t.elapsed() < Duration::from_secs(60), "no step {step} within a minute");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap().success());
+}
+
+fn finish(child: Child) -> (Option<i32>, String) {
+    let o = child.wait_with_output().unwrap();
+    (o.status.code(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+}
+
+/// Runs uninterrupted, then interrupted by `sig` (sent by `send` once step 20 is logged) and
+/// resumed; the losses must be bitwise the same. Returns the step the interrupted run stopped at.
+fn interrupted_run_matches(np: usize, sig: &str, send: impl Fn(&Child)) -> u64 {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, part) = (dir.path().join("whole"), dir.path().join("part"));
+    let (code, text) = finish(cmd(np, &whole, &[]).spawn().unwrap());
+    assert_eq!(code, Some(0), "{text}");
+
+    let mut child = cmd(np, &part, &[]).spawn().unwrap();
+    wait_for_step(&part, 20, &mut child);
+    send(&child);
+    let (code, text) = finish(child);
+    assert_eq!(code, Some(75), "{sig}: expected the preempted exit code\n{text}");
+    assert!(text.contains(&format!("stopped by {sig}")) && text.contains("resume with run.resume=true"), "{text}");
+    let stopped = checkpoint::read_state(&checkpoint::latest(&part).unwrap().unwrap()).unwrap().step;
+    assert!(stopped >= 20 && stopped < STEPS, "stopped at {stopped}");
+    let logged = losses(&part);
+    assert_eq!(logged.last().unwrap().0, stopped, "metrics and checkpoint disagree on where it stopped");
+
+    let (code, text) = finish(cmd(np, &part, &["run.resume=true"]).spawn().unwrap());
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(losses(&whole), losses(&part), "{sig}: the resumed losses differ from the uninterrupted run");
+    stopped
+}
+
+#[test]
+fn sigterm_stops_one_process_at_a_step_boundary_with_a_checkpoint() {
+    interrupted_run_matches(0, "SIGTERM", |c| signal(c.id(), "TERM"));
+}
+
+#[test]
+fn sigint_stops_one_process_too() {
+    interrupted_run_matches(0, "SIGINT", |c| signal(c.id(), "INT"));
+}
+
+/// SIGUSR1 to one rank (as Slurm's `--signal` or a node's preemption notice would deliver it):
+/// every rank stops at the same step and the job exits 75.
+#[test]
+fn sigusr1_on_one_rank_stops_every_rank_at_the_same_step() {
+    interrupted_run_matches(2, "SIGUSR1", |c| {
+        // mpirun's children are the ranks; signal the last one only.
+        let kids = String::from_utf8(Command::new("pgrep").args(["-P", &c.id().to_string()]).output().unwrap().stdout).unwrap();
+        let pid: u32 = kids.lines().last().expect("mpirun has ranks").trim().parse().unwrap();
+        signal(pid, "USR1");
+    });
+}
+
+/// mpirun forwards SIGUSR1 to every rank without ending the job.
+#[test]
+fn sigusr1_to_mpirun_stops_the_job_gracefully() {
+    interrupted_run_matches(2, "SIGUSR1", |c| signal(c.id(), "USR1"));
+}
