@@ -193,7 +193,7 @@ impl Fuzz {
             if seconds.is_some() {
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
             } else {
-                0x00fa_bb1c_a5eed
+                0x0fab_b1ca_5eed
             }
         });
         let out = std::env::var_os("FABBRICA_FUZZ_OUT").map(PathBuf::from).unwrap_or_else(|| workspace.join("target/fuzz-failures"));

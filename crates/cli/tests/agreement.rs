@@ -188,3 +188,27 @@ fn rank_local_settings_may_differ_and_the_job_trains() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("finished 3 steps"), "{all}");
     assert!(out.join("metrics.jsonl").exists(), "{all}");
 }
+
+/// One process (no launcher) with `base` + `sets`; must succeed.
+fn single(out: &Path, data: &Path, sets: &[&str]) {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fabbrica"));
+    cmd.arg("train");
+    for s in base(out, data).iter().map(String::as_str).chain(sets.iter().copied()) {
+        cmd.args(["--set", s]);
+    }
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", describe(&o));
+}
+
+#[test]
+fn ranks_never_resume_from_different_steps() {
+    let t = tempfile::tempdir().unwrap();
+    let data = corpus(t.path(), "a.txt", "abcdefghij ");
+    // Two run directories (node-local, as run.out_dir may be) holding checkpoints of steps 2 and 3.
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    single(&a, &data, &["run.stop_at=2"]);
+    single(&b, &data, &[]);
+    let (o, took) = mpmd(&a, [&data, &data], [&["run.resume=true"], &["run.resume=true", &format!("run.out_dir={}", b.display())]]);
+    assert_disagreement(&o, took, &["resume.step", "rank 0 has 2", "rank 1 has 3"]);
+}

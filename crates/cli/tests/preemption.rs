@@ -139,3 +139,19 @@ fn sigusr1_on_one_rank_stops_every_rank_at_the_same_step() {
 fn sigusr1_to_mpirun_stops_the_job_gracefully() {
     interrupted_run_matches(2, "SIGUSR1", |c| signal(c.id(), "USR1"));
 }
+
+/// `run.resume=auto`: a fresh directory starts from step 0, a directory with checkpoints resumes,
+/// so one job script can be requeued blindly.
+#[test]
+fn resume_auto_starts_fresh_then_resumes() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let (code, text) = finish(cmd(0, &out, &["run.resume=auto", "run.stop_at=30"]).spawn().unwrap());
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(losses(&out).first().unwrap().0, 1);
+    let (code, text) = finish(cmd(0, &out, &["run.resume=auto", "run.stop_at=60"]).spawn().unwrap());
+    assert_eq!(code, Some(0), "{text}");
+    let steps: Vec<u64> = losses(&out).iter().map(|x| x.0).collect();
+    assert_eq!(steps, (1..=60).collect::<Vec<u64>>(), "auto did not resume from step 30");
+}

@@ -12,13 +12,30 @@
 //!
 //! The blocked thread is inside MPI or NCCL and cannot be unwound, so ending the process is the
 //! only way out (PyTorch's NCCL watchdog does the same).
+//!
+//! The port obeys only its own job: rank 0 draws a 32-byte secret at start-up and broadcasts it
+//! over MPI with the address exchange, and every request must carry an HMAC-SHA256 of itself, the
+//! target rank and a nonce the listener sent on that very connection (so a captured request cannot
+//! be replayed); answers are tagged the same way. Anything else is dropped without an answer or a
+//! message, and counted ([`port_stats`]). The protocol and the limits that keep strangers from
+//! holding the port are described in `watchdog/port.rs`, the tags in `watchdog/auth.rs`.
+//!
+//! Where it listens: on `FABBRICA_WATCHDOG_HOST` when set (an address of this host; the one the
+//! other ranks are given), else on 127.0.0.1 when every rank has the same host name (one node),
+//! else on the address this host's name resolves to (non-loopback IPv4 first). Never on every
+//! interface.
+
+mod auth;
+mod port;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use auth::Secret;
+use port::{Failure, Limits, Port};
 
 /// Exit status of a rank that the watchdog ends.
 pub const EXIT_CODE: i32 = 3;
@@ -42,10 +59,47 @@ pub(crate) struct Watchdog {
     world_rank: usize,
     /// Listener address of every world rank.
     peers: Vec<SocketAddr>,
+    /// The job's secret (see `auth`): kept here only, never printed or written.
+    secret: Secret,
+    port: Port,
+    /// Set by whichever of the checker or a peer's abort request ends the process first.
+    aborting: AtomicBool,
     inflight: Mutex<BTreeMap<u64, Inflight>>,
     next: AtomicU64,
     /// Group id -> (last collective sequence number called, its description).
     called: Mutex<HashMap<String, (u64, String)>>,
+}
+
+impl Watchdog {
+    fn new(world_rank: usize, peers: Vec<SocketAddr>, secret: Secret, timeout: Duration, limits: Limits) -> Watchdog {
+        Watchdog {
+            timeout,
+            world_rank,
+            peers,
+            secret,
+            port: Port::new(limits),
+            aborting: AtomicBool::new(false),
+            inflight: Mutex::new(BTreeMap::new()),
+            next: AtomicU64::new(0),
+            called: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The answer to `Q <group>`: `<seq>\t<last collective>\t<what this rank is doing>`.
+    fn answer(&self, group: &str) -> String {
+        let (seq, last) = self.called.lock().unwrap().get(group).cloned().unwrap_or((0, String::new()));
+        format!("{seq}\t{last}\t{}", self.activity())
+    }
+
+    /// An authenticated `A <message>` from a peer: print it and end the process, unless this rank
+    /// is already ending it.
+    fn aborted_by_peer(&self, msg: &str) {
+        if self.aborting.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        print_line(&format!("error: {msg}"));
+        exit_now();
+    }
 }
 
 static WATCHDOG: OnceLock<Arc<Watchdog>> = OnceLock::new();
@@ -98,98 +152,163 @@ pub fn timeout() -> Option<Duration> {
     WATCHDOG.get().map(|w| w.timeout)
 }
 
-/// Binds the listener; returns it with the address peers should use.
-pub(crate) fn bind() -> std::io::Result<(TcpListener, String)> {
-    let listener = TcpListener::bind("0.0.0.0:0")?;
-    let port = listener.local_addr()?.port();
-    let host = std::env::var("FABBRICA_WATCHDOG_HOST").ok().filter(|s| !s.is_empty());
-    let host = host.unwrap_or_else(reachable_host);
-    Ok((listener, format!("{host}:{port}")))
+/// The listener addresses of every world rank, once the watchdog runs (for tools and tests that
+/// probe the port).
+pub fn addresses() -> Option<Vec<SocketAddr>> {
+    WATCHDOG.get().map(|w| w.peers.clone())
 }
 
-/// An address of this host that other hosts can reach: the first non-loopback IPv4 address the
-/// host name resolves to, else the loopback address (enough when every rank is on this host).
-fn reachable_host() -> String {
-    let mut buf = [0u8; 256];
-    let name = unsafe {
-        if libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) != 0 {
-            return "127.0.0.1".into();
-        }
-        std::ffi::CStr::from_ptr(buf.as_ptr() as *const libc::c_char).to_string_lossy().into_owned()
-    };
-    if let Ok(addrs) = (name.as_str(), 0).to_socket_addrs() {
-        for a in addrs {
-            if let SocketAddr::V4(v4) = a {
-                if !v4.ip().is_loopback() {
-                    return v4.ip().to_string();
-                }
-            }
+/// What the watchdog port turned away since start-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortStats {
+    /// Request lines without a valid tag (strangers, the old protocol, garbage, replays).
+    pub rejected: u64,
+    /// Connections closed without a complete request line: too long, too slow, closed by the
+    /// client, or pushed out at the connection cap.
+    pub dropped: u64,
+}
+
+/// The port's counters, once the watchdog runs.
+pub fn port_stats() -> Option<PortStats> {
+    WATCHDOG.get().map(|w| PortStats {
+        rejected: w.port.rejected.load(Ordering::Relaxed),
+        dropped: w.port.dropped.load(Ordering::Relaxed),
+    })
+}
+
+/// Brings the watchdog up on every rank of `world` (collective): rank 0 draws the job's secret and
+/// broadcasts it, the ranks compare host names to choose where to listen, bind, exchange the
+/// addresses, and start the listener and checker threads. Every rank joins every collective even
+/// when its own part fails, so that a failure is an error on every rank rather than a hang.
+pub(crate) fn start_mpi(world: &::mpi::topology::SimpleCommunicator, timeout: Duration) -> Result<(), String> {
+    use ::mpi::traits::*;
+    let (rank, size) = (world.rank() as usize, world.size() as usize);
+
+    let mut secret = [0u8; auth::SECRET_LEN + 1];
+    if rank == 0 {
+        if let Ok(s) = auth::random_secret() {
+            secret[..auth::SECRET_LEN].copy_from_slice(&s);
+            secret[auth::SECRET_LEN] = 1;
         }
     }
-    "127.0.0.1".into()
+    world.process_at_rank(0).broadcast_into(&mut secret[..]);
+
+    const NAME: usize = 256;
+    let mut name = [0u8; NAME];
+    if let Some(h) = host_name() {
+        let n = h.len().min(NAME);
+        name[..n].copy_from_slice(&h.as_bytes()[..n]);
+    }
+    let mut names = vec![0u8; NAME * size];
+    world.all_gather_into(&name[..], &mut names[..]);
+    let one_node = name != [0u8; NAME] && names.chunks(NAME).all(|c| c == name);
+
+    const LEN: usize = 128;
+    let bound = bind(one_node);
+    let mut mine = [0u8; LEN];
+    if let Ok((_, addr)) = &bound {
+        let addr = addr.to_string();
+        mine[..addr.len().min(LEN)].copy_from_slice(&addr.as_bytes()[..addr.len().min(LEN)]);
+    }
+    let mut all = vec![0u8; LEN * size];
+    world.all_gather_into(&mine[..], &mut all[..]);
+
+    if secret[auth::SECRET_LEN] != 1 {
+        return Err("watchdog: rank 0 could not draw the job's secret (getrandom and /dev/urandom both failed)".into());
+    }
+    let (listener, _) = bound?;
+    let peers = all
+        .chunks(LEN)
+        .enumerate()
+        .map(|(r, c)| {
+            let a = String::from_utf8_lossy(&c[..c.iter().position(|&b| b == 0).unwrap_or(LEN)]).into_owned();
+            a.parse::<SocketAddr>()
+                .map_err(|_| format!("watchdog: rank {r} could not open its port (it says why); its address is '{a}'"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut key = [0u8; auth::SECRET_LEN];
+    key.copy_from_slice(&secret[..auth::SECRET_LEN]);
+    start(listener, rank, key, peers, timeout)
+}
+
+/// Binds the listener (see the module docs for where); returns it with the address peers use.
+fn bind(one_node: bool) -> Result<(TcpListener, SocketAddr), String> {
+    let listener = match std::env::var("FABBRICA_WATCHDOG_HOST").ok().filter(|s| !s.trim().is_empty()) {
+        Some(host) => {
+            let host = host.trim();
+            let addrs: Vec<SocketAddr> = (host, 0)
+                .to_socket_addrs()
+                .map_err(|e| format!("watchdog: FABBRICA_WATCHDOG_HOST='{host}' does not resolve: {e}"))?
+                .collect();
+            if addrs.iter().any(|a| a.ip().is_unspecified()) {
+                return Err(format!(
+                    "watchdog: FABBRICA_WATCHDOG_HOST='{host}' is every interface; set the one address of this host that the other hosts reach"
+                ));
+            }
+            let mut last = None;
+            let bound = addrs.iter().find_map(|a| TcpListener::bind(a).map_err(|e| last = Some(e)).ok());
+            bound.ok_or_else(|| {
+                let why = last.map(|e| e.to_string()).unwrap_or_else(|| "no address".into());
+                format!("watchdog: cannot listen on FABBRICA_WATCHDOG_HOST='{host}': {why}")
+            })?
+        }
+        None if one_node => TcpListener::bind(("127.0.0.1", 0)).map_err(|e| format!("watchdog: cannot open a TCP port on 127.0.0.1: {e}"))?,
+        None => {
+            let ip = reachable_ip().ok_or_else(|| {
+                format!(
+                    "watchdog: this host's name ('{}') does not resolve to an address other hosts can reach; set FABBRICA_WATCHDOG_HOST to one",
+                    host_name().unwrap_or_default()
+                )
+            })?;
+            TcpListener::bind((ip, 0)).map_err(|e| format!("watchdog: cannot open a TCP port on {ip}: {e}"))?
+        }
+    };
+    let addr = listener.local_addr().map_err(|e| format!("watchdog: {e}"))?;
+    Ok((listener, addr))
+}
+
+fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len() - 1` bytes into `buf`; the last byte stays 0, so
+    // the string is terminated even when the name was cut.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned()).filter(|s| !s.is_empty())
+}
+
+/// An address of this host that other hosts can reach: what the host name resolves to, the first
+/// non-loopback IPv4 address, else the first non-loopback IPv6 one.
+fn reachable_ip() -> Option<IpAddr> {
+    let addrs: Vec<IpAddr> = (host_name()?.as_str(), 0).to_socket_addrs().ok()?.map(|a| a.ip()).collect();
+    let usable = |a: &&IpAddr| !a.is_loopback() && !a.is_unspecified();
+    addrs.iter().filter(usable).find(|a| a.is_ipv4()).or_else(|| addrs.iter().find(usable)).copied()
 }
 
 /// Starts the listener and checker threads. `peers[r]` is world rank r's listener address.
-pub(crate) fn start(
+fn start(
     listener: TcpListener,
     world_rank: usize,
-    peers: Vec<String>,
+    secret: Secret,
+    peers: Vec<SocketAddr>,
     timeout: Duration,
 ) -> Result<(), String> {
-    let peers = peers
-        .iter()
-        .enumerate()
-        .map(|(r, a)| {
-            a.to_socket_addrs()
-                .ok()
-                .and_then(|mut it| it.next())
-                .ok_or_else(|| format!("watchdog: cannot resolve rank {r}'s address '{a}'; set FABBRICA_WATCHDOG_HOST to an address the other hosts can reach"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let w = Arc::new(Watchdog {
-        timeout,
-        world_rank,
-        peers,
-        inflight: Mutex::new(BTreeMap::new()),
-        next: AtomicU64::new(0),
-        called: Mutex::new(HashMap::new()),
-    });
+    let w = Arc::new(Watchdog::new(world_rank, peers, secret, timeout, port::LIMITS));
     if WATCHDOG.set(w.clone()).is_err() {
         return Err("watchdog started twice".into());
     }
     let lw = w.clone();
     std::thread::Builder::new()
         .name("watchdog-listen".into())
-        .spawn(move || listen(&lw, listener))
+        .spawn(move || port::serve(lw, listener))
         .map_err(|e| e.to_string())?;
     std::thread::Builder::new()
         .name("watchdog".into())
         .spawn(move || check(&w))
         .map_err(|e| e.to_string())?;
     Ok(())
-}
-
-fn listen(w: &Watchdog, listener: TcpListener) {
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut line = String::new();
-        let mut reader = BufReader::new(&stream);
-        if reader.read_line(&mut line).is_err() {
-            continue;
-        }
-        let line = line.trim_end();
-        if let Some(group) = line.strip_prefix("Q ") {
-            let (seq, last) =
-                w.called.lock().unwrap().get(group).cloned().unwrap_or((0, String::new()));
-            let now = w.activity();
-            let mut s = &stream;
-            let _ = writeln!(s, "{seq}\t{last}\t{now}");
-        } else if let Some(msg) = line.strip_prefix("A ") {
-            print_line(&format!("error: {msg}"));
-            exit_now();
-        }
-    }
 }
 
 impl Watchdog {
@@ -233,17 +352,25 @@ fn check(w: &Watchdog) {
                 "watchdog: {desc} did not complete within {:.1}s; {report}",
                 w.timeout.as_secs_f64()
             );
-            print_line(&format!("error: {msg}"));
-            // Tell every rank, so that the ones not blocked in this operation stop too, with the
-            // reason.
-            let note = format!("rank {} aborted the job: {msg}", w.world_rank);
-            for (r, addr) in w.peers.iter().enumerate() {
-                if r != w.world_rank {
-                    if let Ok(mut s) = TcpStream::connect_timeout(addr, Duration::from_millis(500)) {
-                        let _ = writeln!(s, "A {note}");
-                    }
+            if w.aborting.swap(true, Ordering::SeqCst) {
+                // A peer's abort request got here first; its handler is ending the process.
+                loop {
+                    std::thread::park();
                 }
             }
+            let stats = port_stats().unwrap_or_default();
+            let turned_away = if stats.rejected + stats.dropped > 0 {
+                format!(
+                    " (the watchdog port turned away {} requests without a valid tag and {} incomplete connections)",
+                    stats.rejected, stats.dropped
+                )
+            } else {
+                String::new()
+            };
+            print_line(&format!("error: {msg}{turned_away}"));
+            // Tell every rank, so that the ones not blocked in this operation stop too, with the
+            // reason.
+            w.broadcast_abort(&format!("A rank {} aborted the job: {msg}", w.world_rank));
             // Give the peers a moment to print before the launcher tears the job down.
             std::thread::sleep(Duration::from_millis(300));
             exit_now();
@@ -252,16 +379,46 @@ fn check(w: &Watchdog) {
 }
 
 impl Watchdog {
+    /// Sends `request` to every other rank, a few dozen at a time, each within about a second.
+    fn broadcast_abort(&self, request: &str) {
+        let others: Vec<(usize, SocketAddr)> =
+            self.peers.iter().copied().enumerate().filter(|&(r, _)| r != self.world_rank).collect();
+        for chunk in others.chunks(64) {
+            std::thread::scope(|s| {
+                for &(r, addr) in chunk {
+                    let send = move || {
+                        let deadline = Instant::now() + Duration::from_secs(1);
+                        let _ = port::exchange(&addr, r, &self.secret, request, false, &self.port.limits, deadline);
+                    };
+                    if std::thread::Builder::new().spawn_scoped(s, send).is_err() {
+                        send();
+                    }
+                }
+            });
+        }
+    }
+}
+
+impl Watchdog {
     fn query(&self, world_rank: usize, group_id: &str) -> Result<(u64, String, String), String> {
-        let addr = self.peers[world_rank];
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .map_err(|e| format!("unreachable ({e}; has it exited?)"))?;
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut w = &s;
-        writeln!(w, "Q {group_id}").map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line).map_err(|e| format!("no answer ({e})"))?;
-        let mut parts = line.trim_end().splitn(3, '\t');
+        let deadline = Instant::now() + Duration::from_secs(4);
+        let line = match port::exchange(
+            &self.peers[world_rank],
+            world_rank,
+            &self.secret,
+            &format!("Q {group_id}"),
+            true,
+            &self.port.limits,
+            deadline,
+        ) {
+            Ok(line) => line.unwrap_or_default(),
+            Err(Failure::Refused(e)) => return Err(format!("unreachable ({e}; has it exited?)")),
+            Err(Failure::Lost(e)) => return Err(format!("no answer ({e})")),
+            Err(Failure::Foreign) => {
+                return Err("answered without the job's secret (another process on its port?)".into())
+            }
+        };
+        let mut parts = line.splitn(3, '\t');
         let seq = parts.next().and_then(|x| x.parse().ok()).ok_or("garbled answer")?;
         Ok((seq, parts.next().unwrap_or("").into(), parts.next().unwrap_or("").into()))
     }
@@ -313,13 +470,16 @@ impl Watchdog {
 
 /// One write per line, so that launchers tagging output per write keep it whole.
 fn print_line(line: &str) {
+    use std::io::Write;
     let mut s = std::io::stderr().lock();
     let _ = s.write_all(format!("{line}\n").as_bytes());
 }
 
 fn exit_now() -> ! {
+    use std::io::Write;
     let _ = std::io::stderr().flush();
     let _ = std::io::stdout().flush();
     // Not `exit`: atexit handlers would run MPI/NCCL teardown that blocks on the stuck operation.
+    // SAFETY: _exit only ends the process; nothing of ours is used after it.
     unsafe { libc::_exit(EXIT_CODE) }
 }

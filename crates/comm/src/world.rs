@@ -166,28 +166,15 @@ pub fn init_with(launch: LaunchEnv, opts: InitOptions) -> Result<World> {
         )));
     }
     if mpi_world.size() > 1 {
-        start_watchdog(&universe, mpi_world.rank(), opts.timeout)?;
+        start_watchdog(&universe, opts.timeout)?;
     }
     let host: Arc<dyn Communicator> = Arc::new(mpi_world);
     Ok(World { group: Arc::new(Group::new(host, opts.backend, opts.debug)), launch, registry, universe: Some(universe) })
 }
 
-/// Binds the watchdog's listener and exchanges the addresses.
-fn start_watchdog(universe: &::mpi::environment::Universe, rank: usize, timeout: Duration) -> Result<()> {
-    use ::mpi::traits::*;
-    const LEN: usize = 128;
-    let (listener, addr) =
-        watchdog::bind().map_err(|e| CommError::Init(format!("watchdog: cannot open a TCP port: {e}")))?;
-    let world = universe.world();
-    let mut mine = [0u8; LEN];
-    mine[..addr.len().min(LEN)].copy_from_slice(&addr.as_bytes()[..addr.len().min(LEN)]);
-    let mut all = vec![0u8; LEN * world.size() as usize];
-    world.all_gather_into(&mine[..], &mut all[..]);
-    let peers = all
-        .chunks(LEN)
-        .map(|c| String::from_utf8_lossy(&c[..c.iter().position(|&b| b == 0).unwrap_or(LEN)]).into_owned())
-        .collect();
-    watchdog::start(listener, rank, peers, timeout).map_err(CommError::Init)
+/// Starts the watchdog: the job's secret, where to listen and the addresses are settled over MPI.
+fn start_watchdog(universe: &::mpi::environment::Universe, timeout: Duration) -> Result<()> {
+    watchdog::start_mpi(&universe.world(), timeout).map_err(CommError::Init)
 }
 
 #[cfg(test)]

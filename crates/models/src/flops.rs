@@ -134,15 +134,17 @@ mod tests {
     fn memory_estimate_matches_measured_cpu_training() {
         let gib = |x: f64| x * (1u64 << 30) as f64;
         let tiny = GptConfig { vocab_size: 101, ..GptConfig::preset("tiny").unwrap() };
-        let g124 = GptConfig { block_size: 256, ..GptConfig::preset("gpt2-124m").unwrap() };
+        let g124_full = GptConfig::preset("gpt2-124m").unwrap();
+        let g124 = GptConfig { block_size: 256, ..g124_full.clone() };
         let g124_1 = GptConfig { n_layer: 1, ..g124.clone() };
         let g124_char = GptConfig { vocab_size: 101, ..g124.clone() };
         let tiny_dropout = GptConfig { dropout: 0.1, ..tiny.clone() };
         // (model, micro-batch, measured peak RSS in MiB)
-        let runs: [(&GptConfig, usize, f64); 6] = [
+        let runs: [(&GptConfig, usize, f64); 7] = [
             (&tiny, 256, 1769.0),
             (&tiny, 128, 1064.0),
             (&tiny_dropout, 128, 1791.0),
+            (&g124_full, 2, 4987.0),
             (&g124, 4, 3594.0),
             (&g124_char, 4, 2470.0),
             (&g124_1, 8, 2532.0),

@@ -29,8 +29,11 @@ use crate::trainer::Setup;
 ///   scratch directory, a local copy of the data set). What the paths lead to is compared
 ///   instead: the data's content through the `data.*` facts of [`data_entries`], and the
 ///   checkpoint a rank resumes from through the step passed in `extra` (see [`fingerprint`]).
-/// * `comm.debug`: a diagnostic switch (the environment variable `FABBRICA_COMM_DEBUG` overrides
-///   it per process anyway).
+/// * `comm.debug`: a diagnostic switch that the environment variable `FABBRICA_COMM_DEBUG`
+///   overrides per process, so the config value is not what runs. The effective switch must be
+///   the same on every rank (debug mode adds a check collective before each collective), and
+///   that has to be settled by the communication layer when the world is created: a rank with
+///   debug on and one without meet in different collectives before this check can run.
 /// * `comm.timeout_s`: each rank's own watchdog limit (also overridden per process by
 ///   `FABBRICA_COMM_TIMEOUT`); a shorter limit on one rank only makes that rank report first.
 /// * `run.sample_tokens`: only rank 0 samples text at the end.

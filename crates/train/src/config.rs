@@ -124,9 +124,11 @@ pub struct RunConfig {
     pub seed: u64,
     /// `auto`, `cpu`, `cuda`.
     pub device: String,
-    /// Continue from the newest valid checkpoint in `out_dir/checkpoints` (`latest` is a hint;
-    /// a corrupt newest checkpoint falls back to the one before). Nothing to resume is an error.
-    pub resume: bool,
+    /// `true`: continue from the newest valid checkpoint in `out_dir/checkpoints` (`latest` is a
+    /// hint; a corrupt newest checkpoint falls back to the one before); nothing to resume is an
+    /// error. `"auto"`: resume when `out_dir` holds checkpoints, start fresh otherwise (one job
+    /// script, requeued blindly). `false`: a fresh run.
+    pub resume: Resume,
     /// Resume from this checkpoint directory (a `checkpoints/step_*` directory); implies `resume`.
     /// Empty: choose automatically.
     pub resume_from: PathBuf,
@@ -148,6 +150,41 @@ pub struct RunConfig {
     /// Stop once this step is done, with a checkpoint, as an interrupted job would (the LR
     /// schedule still follows train.max_steps); resume later with run.resume=true. 0 = off.
     pub stop_at: u64,
+}
+
+/// `run.resume`: written `false`, `true` or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resume {
+    #[default]
+    No,
+    Yes,
+    Auto,
+}
+
+impl Serialize for Resume {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Resume::No => s.serialize_bool(false),
+            Resume::Yes => s.serialize_bool(true),
+            Resume::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Resume {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(b) => Ok(if b { Resume::Yes } else { Resume::No }),
+            Raw::Text(t) if t == "auto" => Ok(Resume::Auto),
+            Raw::Text(t) => Err(serde::de::Error::custom(format!("run.resume = {t:?}: use true, false or \"auto\""))),
+        }
+    }
 }
 
 impl Default for DataConfig {
@@ -189,7 +226,7 @@ impl Default for RunConfig {
             out_dir: PathBuf::from("runs/tiny"),
             seed: 1337,
             device: "auto".into(),
-            resume: false,
+            resume: Resume::No,
             resume_from: PathBuf::new(),
             if_exists: "refuse".into(),
             checkpoint_failure: "stop".into(),
@@ -370,9 +407,9 @@ impl Config {
         Ok(())
     }
 
-    /// Whether this run continues an earlier one (`run.resume` or `run.resume_from`).
+    /// Whether this run may continue an earlier one (`run.resume` true or auto, or `run.resume_from`).
     pub fn resuming(&self) -> bool {
-        self.run.resume || !self.run.resume_from.as_os_str().is_empty()
+        self.run.resume != Resume::No || !self.run.resume_from.as_os_str().is_empty()
     }
 
     pub fn to_toml(&self) -> String {
@@ -538,6 +575,10 @@ fn merge_checked(schema: &toml::Value, dst: &mut toml::Value, src: &toml::Value,
 /// key; else an error naming the key, the type expected and an example.
 fn checked_type(key: &str, schema: &toml::Value, value: &toml::Value) -> Result<toml::Value> {
     use toml::Value as V;
+    // The one key that takes a boolean or a word.
+    if key == "run.resume" && matches!(value, V::String(s) if s == "auto") {
+        return Ok(value.clone());
+    }
     let expected = match (schema, value) {
         (V::Integer(_), V::Integer(i)) if *i < 0 => "a non-negative integer",
         (V::Integer(_), V::Integer(_)) | (V::Float(_), V::Float(_)) | (V::Boolean(_), V::Boolean(_)) | (V::String(_), V::String(_)) => {
@@ -690,6 +731,11 @@ mod tests {
         assert!(e.contains("`train.lr = \"fast\"`") && e.contains("expected a number, e.g. train.lr=0.002"), "{e}");
         let e = err_line(&["run.resume=yes"]);
         assert!(e.contains("run.resume") && e.contains("true or false"), "{e}");
+        let c = Config::resolve(None, None, &sets(&["run.resume=auto"])).unwrap();
+        assert_eq!(c.run.resume, Resume::Auto);
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back.run.resume, Resume::Auto);
+        assert_eq!(Config::resolve(None, None, &sets(&["run.resume=true"])).unwrap().run.resume, Resume::Yes);
         let e = err_line(&["train.batch_size=[1, 2]"]);
         assert!(e.contains("train.batch_size") && e.contains("an integer"), "{e}");
         // An integer where a float goes is fine; a number where a string goes is that text.

@@ -18,7 +18,7 @@ use fabbrica_models::{flops_per_token, Gpt};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, CheckpointState, FORMAT_VERSION};
-use crate::config::Config;
+use crate::config::{Config, Resume};
 use crate::device::{gpu_name, peak_flops_for, peak_memory_bytes, resolve_bf16, resolve_device};
 use crate::error::{io_err, TrainError};
 use crate::metrics::{MetricsLog, Progress, Record, Stragglers};
@@ -207,12 +207,16 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
                 TrainError::Checkpoint(format!("cannot use run.out_dir = {} ({e}): set run.out_dir to a writable directory", out.display()))
             })?;
         }
-        let resume = if s.cfg.resuming() {
-            let explicit = Some(s.cfg.run.resume_from.as_path()).filter(|p| !p.as_os_str().is_empty());
-            Some(checkpoint::find_resume(out, explicit)?)
-        } else {
-            None
-        };
+        let explicit = Some(s.cfg.run.resume_from.as_path()).filter(|p| !p.as_os_str().is_empty());
+        let wanted = explicit.is_some()
+            || match s.cfg.run.resume {
+                Resume::Yes => true,
+                // Requeued jobs: resume when there is something to resume (a corrupt-only set is
+                // still an error from find_resume, never a silent start from step 0).
+                Resume::Auto => !checkpoint::earlier_run(out)?.is_empty(),
+                Resume::No => false,
+            };
+        let resume = if wanted { Some(checkpoint::find_resume(out, explicit)?) } else { None };
         // A fresh run (or one starting from another run's checkpoint) never mixes its checkpoints
         // with an earlier run's in the same directory: refuse, or archive that run first.
         if resume.as_ref().is_none_or(|r| !r.in_run) {
@@ -285,6 +289,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let mut opt = AdamW::from_parts(ddp.optimizer_params(), adam);
 
     let mut start = 0u64;
+    let resumed = resume_from.is_some();
     if let Some(resume) = resume_from {
         let (dir, ck) = (resume.loaded.dir.clone(), resume.loaded);
         s.model.load_parameters(&ck.model)?;
@@ -298,7 +303,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         start = ck.state.step;
     }
     let mut log = if rank0 {
-        let log = MetricsLog::open(&out, cfg.resuming().then_some(start))?;
+        let log = MetricsLog::open(&out, resumed.then_some(start))?;
         std::fs::write(out.join("config.toml"), cfg.to_toml()).map_err(io_err(out.join("config.toml")))?;
         Some(log)
     } else {

@@ -11,6 +11,14 @@
 //!   either falls back on every rank alike (`auto`) or fails on every rank alike (`nccl`), and
 //!   the group's host collectives stay matched afterwards.
 //!
+//! - `stranger` (with FABBRICA_SELFTEST_DIR): runs checked collectives until the test writes
+//!   `go`, then prints what the watchdog port turned away (`PORT rank <r> rejected <n> dropped <m>`),
+//!   while the test talks to the ports without the job's secret.
+//!
+//! With `FABBRICA_SELFTEST_DIR=<dir>` set, every rank writes `<dir>/addr.<rank>` (its watchdog
+//! address and process id, `<addr> <pid>`) after start-up, so that a test can find the ports, and
+//! the `watchdog*` scenarios wait for `<dir>/go` before they start.
+//!
 //! Prints `OK <scenario> rank <r>` at the end; any failure panics with the reason.
 
 use std::sync::Arc;
@@ -218,6 +226,16 @@ fn main() {
     });
     let comm = world.comm();
     let rank = comm.rank();
+    let dir = std::env::var_os("FABBRICA_SELFTEST_DIR").map(std::path::PathBuf::from);
+    if let Some(dir) = &dir {
+        let addr = fabbrica_comm::watchdog::addresses().expect("the watchdog runs with more than one rank")[rank];
+        let tmp = dir.join(format!(".addr.{rank}"));
+        std::fs::write(&tmp, format!("{addr} {}\n", std::process::id())).unwrap();
+        std::fs::rename(&tmp, dir.join(format!("addr.{rank}"))).unwrap();
+        if scenario.starts_with("watchdog") {
+            wait_for_go(dir);
+        }
+    }
     match scenario {
         "ops" => {
             let dev = if dev_arg.starts_with("cuda") {
@@ -296,7 +314,42 @@ fn main() {
             comm.host().all_reduce(&t, ReduceOp::Sum).unwrap();
             same(&t, &Tensor::full([5], (size * (size + 1) / 2) as f64, (Kind::Float, Device::Cpu)), "all_reduce after connect");
         }
+        "stranger" => {
+            let dir = dir.expect("the stranger scenario needs FABBRICA_SELFTEST_DIR");
+            let n = comm.size();
+            let started = std::time::Instant::now();
+            let mut rounds = 0u64;
+            loop {
+                // Rank 0 decides when to stop, so that every rank runs the same collectives.
+                let go = Tensor::from_slice(&[(rank == 0 && dir.join("go").exists()) as i64]);
+                comm.broadcast(&go, 0).unwrap();
+                let t = data(rank, 1000, Kind::Float, Device::Cpu);
+                comm.all_reduce(&t, ReduceOp::Sum).unwrap();
+                same(&t, &reduce_ref(n, 1000, Kind::Float, ReduceOp::Sum), "all_reduce among strangers");
+                let out = Tensor::zeros([n as i64 * 10], (Kind::Int64, Device::Cpu));
+                comm.all_gather(&out, &data(rank, 10, Kind::Int64, Device::Cpu)).unwrap();
+                let expect = Tensor::cat(&(0..n).map(|r| data(r, 10, Kind::Int64, Device::Cpu)).collect::<Vec<_>>(), 0);
+                same(&out, &expect, "all_gather among strangers");
+                rounds += 1;
+                if go.int64_value(&[0]) == 1 {
+                    break;
+                }
+                assert!(started.elapsed() < std::time::Duration::from_secs(300), "the test never wrote go");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let s = fabbrica_comm::watchdog::port_stats().expect("the watchdog runs");
+            println!("PORT rank {rank} rejected {} dropped {} rounds {rounds}", s.rejected, s.dropped);
+        }
         other => panic!("unknown scenario {other}"),
     }
     println!("OK {scenario} rank {rank}");
+}
+
+/// Waits for the test's `go` file (bounded: a test that never writes it fails instead of hanging).
+fn wait_for_go(dir: &std::path::Path) {
+    let started = std::time::Instant::now();
+    while !dir.join("go").exists() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(300), "the test never wrote go");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

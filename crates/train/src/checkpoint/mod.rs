@@ -183,6 +183,9 @@ pub fn read_state(dir: &Path) -> Result<CheckpointState, TrainError> {
     if state.format_version >= 2 && state.digest() != state.state_sha256 {
         return Err(corrupt("its content does not match its own SHA-256: it was edited or damaged".into()));
     }
+    // Its config builds the model for `sample`: out-of-range values (a version-1 file carries no
+    // checksum of its own) are refused here rather than met as an allocation failure later.
+    state.config.validate().map_err(|e| corrupt(format!("its config is invalid: {e}")))?;
     Ok(state)
 }
 

@@ -241,3 +241,17 @@ fn a_write_error_of_enospc_reads_as_a_full_disk() {
     let e = std::fs::write("/dev/full", [0u8; 10]).unwrap_err();
     assert!(is_disk_full(&e.to_string()), "{e}");
 }
+
+/// Floats survive the state checksum (serde_json must read them back exactly).
+#[test]
+fn awkward_floats_round_trip_through_the_state_checksum() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, v) in [3.3154070377349854f64, 0.1 + 0.2, 1e-300, 2.0f64.sqrt()].into_iter().enumerate() {
+        let mut st = state(i as u64 + 1, "r");
+        st.val_loss = Some(v);
+        st.config.train.lr = v.abs().max(1e-12);
+        st.config.train.min_lr = 0.0;
+        let d = save(dir.path(), st, &tensors(1.0), &tensors(0.5), 10).unwrap();
+        assert_eq!(read_state(&d).unwrap().val_loss, Some(v));
+    }
+}
