@@ -155,3 +155,41 @@ fn resume_auto_starts_fresh_then_resumes() {
     let steps: Vec<u64> = losses(&out).iter().map(|x| x.0).collect();
     assert_eq!(steps, (1..=60).collect::<Vec<u64>>(), "auto did not resume from step 30");
 }
+
+/// kill -9 while a checkpoint is being written (sync and background): the previous checkpoint
+/// loads, and the next run removes the dead writer's temporary and resumes from it.
+#[test]
+fn kill_9_during_a_checkpoint_write_loses_nothing_written_before() {
+    for mode in ["run.async_checkpoint=false", "run.async_checkpoint=true"] {
+        let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        // About 60 MB a checkpoint: its write takes long enough to be caught in the act.
+        let big = ["model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=32", "train.max_steps=4", "run.checkpoint_interval=2", mode];
+        let mut child = cmd(0, &out, &big).spawn().unwrap();
+        let root = checkpoint::checkpoints_dir(&out);
+        let t = Instant::now();
+        let caught = loop {
+            let writing = fs::read_dir(&root).map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with(".step_00000004.tmp-"))).unwrap_or(false);
+            if writing {
+                signal(child.id(), "KILL");
+                break true;
+            }
+            if child.try_wait().unwrap().is_some() || t.elapsed() > Duration::from_secs(120) {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let (code, text) = finish(child);
+        assert!(caught, "{mode}: never saw the write of step 4 in progress\n{text}");
+        assert_eq!(code, None, "{mode}: killed by a signal expected\n{text}");
+        assert_eq!(checkpoint::list(&root).unwrap().iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2], "{mode}");
+        checkpoint::load(&root.join("step_00000002")).unwrap();
+        let (code, text) = finish(cmd(0, &out, &[&big[..6], &["run.resume=true"]].concat()).spawn().unwrap());
+        assert_eq!(code, Some(0), "{mode}: {text}");
+        assert!(text.contains("writers that died mid-write"), "{mode}: {text}");
+        let leftovers = fs::read_dir(&root).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".tmp-")).count();
+        assert_eq!(leftovers, 0, "{mode}");
+        assert_eq!(checkpoint::read_state(&checkpoint::latest(&out).unwrap().unwrap()).unwrap().step, 4);
+    }
+}

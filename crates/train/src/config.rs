@@ -136,6 +136,10 @@ pub struct RunConfig {
     /// `refuse` (say so and stop before training) or `archive` (move that run's checkpoints,
     /// metrics and config into `out_dir/archive/<time>/` first).
     pub if_exists: String,
+    /// Write checkpoints from a background thread while training goes on (the step only copies
+    /// the state to host memory; at most one write in flight). Falls back to writing at once
+    /// when a host copy would not fit in half the available memory.
+    pub async_checkpoint: bool,
     /// A checkpoint that cannot be written (disk full, I/O error): `stop` the job, or `continue`
     /// training and try again at the next checkpoint interval (the previous checkpoint is kept).
     pub checkpoint_failure: String,
@@ -229,6 +233,7 @@ impl Default for RunConfig {
             resume: Resume::No,
             resume_from: PathBuf::new(),
             if_exists: "refuse".into(),
+            async_checkpoint: true,
             checkpoint_failure: "stop".into(),
             checkpoint_interval: 0,
             keep_checkpoints: 2,

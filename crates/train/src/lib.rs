@@ -11,6 +11,7 @@ pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod sample;
+pub(crate) mod saver;
 pub mod schedule;
 pub mod signals;
 pub mod trainer;

@@ -289,6 +289,15 @@ mod tests {
         assert!(r.is_err());
     }
 
+    #[test]
+    fn the_panic_hook_is_silent_only_for_allocation_failures_inside_the_guard() {
+        let oom: Box<dyn std::any::Any + Send> = Box::new(String::from("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes."));
+        let other: Box<dyn std::any::Any + Send> = Box::new("attempt to divide by zero");
+        assert!(!panic_is_handled(&*oom), "outside guard_alloc every panic is printed");
+        assert_eq!(guard_alloc(1, || (panic_is_handled(&*oom), panic_is_handled(&*other))).unwrap(), (true, false));
+        assert!(!panic_is_handled(&*oom));
+    }
+
     fn est(params: u64, act: u64) -> MemoryEstimate {
         MemoryEstimate { params, grads: params, optimizer: 2 * params, activations: act }
     }

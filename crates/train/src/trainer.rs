@@ -13,17 +13,18 @@ use fabbrica_comm::{BackendChoice, Communicator, InitOptions, LaunchEnv, ReduceO
 use fabbrica_ddp::{Ddp, DdpOptions};
 use fabbrica_topology::ParallelDims;
 
-use fabbrica_data::{Dataset, Meta, Sampler, Split, TokenizerKind};
+use fabbrica_data::{Dataset, Sampler, Split, TokenizerKind};
 use fabbrica_models::{flops_per_token, Gpt};
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{self, CheckpointState, FORMAT_VERSION};
+use crate::checkpoint;
 use crate::config::{Config, Resume};
 use crate::device::{gpu_name, peak_flops_for, peak_memory_bytes, resolve_bf16, resolve_device};
 use crate::error::{io_err, TrainError};
 use crate::metrics::{MetricsLog, Progress, Record, Stragglers};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::sample::sample_text;
+use crate::saver::{Completed, RunState, Saver};
 use crate::schedule::CosineSchedule;
 
 /// Evaluation batches use this step index, so every evaluation sees the same windows.
@@ -249,14 +250,14 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     }
     // A run keeps its identity across resumes; a fresh one (or one started from another run's
     // checkpoint) gets a new one. Retention only ever removes checkpoints of this identity.
-    let mut run = RunState { id: checkpoint::new_run_id(), skipped_steps: 0, last_saved: None, last_saved_step: None };
+    let mut run = RunState { id: checkpoint::new_run_id(), skipped_steps: 0, last_saved: None, last_snapshot_step: None };
     if let Some(r) = resume_from.as_ref().filter(|r| r.in_run) {
         if !r.loaded.state.run_id.is_empty() {
             run.id = r.loaded.state.run_id.clone();
         }
         run.skipped_steps = r.loaded.state.skipped_steps;
         run.last_saved = Some(r.loaded.dir.clone());
-        run.last_saved_step = Some(r.loaded.state.step);
+        run.last_snapshot_step = Some(r.loaded.state.step);
     }
 
     // The gradients' NCCL communicator is created now, collectively, so that an NCCL that cannot
@@ -343,6 +344,13 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let inject = nan_injection()?;
     // Until this function returns, SIGTERM/SIGINT/SIGUSR1 only ask the loop to stop at a step boundary.
     let _signals = crate::signals::install();
+    // Background writes need a host copy of the state; where memory is short, write at once.
+    let copy = crate::saver::snapshot_bytes(&params);
+    let room = crate::memory::host_available_bytes().is_none_or(|avail| avail / 2 > copy);
+    let mut saver = Saver::new(run, cfg.run.async_checkpoint && room);
+    if rank0 && opts.progress && cfg.run.async_checkpoint && !room {
+        eprintln!("note: checkpoints are written synchronously: a host copy ({}) does not fit in half the available memory", checkpoint::human(copy));
+    }
     let mut window = (Instant::now(), 0u64); // (start of log window, steps in it)
     let mut waited = Duration::ZERO; // time blocked on gradient communication in the window
     let mut last_val: Option<f64> = None;
@@ -360,22 +368,29 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         // Every rank sees every rank's loss, the norm and any stop signal: all take the same branch.
         let check = check_step(dp_comm, &loss, &norm, step + 1)?;
         if let Some(bad) = check.nonfinite {
-            run.skipped_steps += 1;
-            let last = run.last_saved.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none was written yet".into());
-            if cfg.train.nonfinite == "stop" || run.skipped_steps > cfg.train.max_skipped_steps {
+            saver.run.skipped_steps += 1;
+            if cfg.train.nonfinite == "stop" || saver.run.skipped_steps > cfg.train.max_skipped_steps {
+                // A background write of an earlier step finishes first, so the message can name it.
+                if let Some(done) = saver.settle() {
+                    settled(done, true, cfg, &progress, &mut log)?;
+                }
+                let last = match &saver.run.last_saved {
+                    Some(p) => format!("the last one is {}", p.display()),
+                    None => "none was written before".into(),
+                };
                 let why = if cfg.train.nonfinite == "stop" {
                     "train.nonfinite = stop".to_string()
                 } else {
-                    format!("{} steps skipped, more than train.max_skipped_steps = {}", run.skipped_steps, cfg.train.max_skipped_steps)
+                    format!("{} steps skipped, more than train.max_skipped_steps = {}", saver.run.skipped_steps, cfg.train.max_skipped_steps)
                 };
                 let msg = format!(
-                    "{bad} ({why}): stopped without writing a checkpoint (the last one is {last}): lower train.lr or set train.nonfinite=skip, then resume with run.resume=true"
+                    "{bad} ({why}): stopped without writing a checkpoint ({last}): lower train.lr or set train.nonfinite=skip, then resume with run.resume=true"
                 );
                 progress.finish();
                 // Every rank knows; one says it.
                 return Err(if rank0 { TrainError::NonFinite(msg) } else { TrainError::Elsewhere { rank: 0 } });
             }
-            progress.println(&format!("{bad}: update skipped (train.nonfinite = skip, {} of at most {} skipped)", run.skipped_steps, cfg.train.max_skipped_steps));
+            progress.println(&format!("{bad}: update skipped (train.nonfinite = skip, {} of at most {} skipped)", saver.run.skipped_steps, cfg.train.max_skipped_steps));
             if let Some(log) = log.as_mut() {
                 log.write(&Record { kind: "skipped".into(), step: step + 1, note: Some(bad), ..empty_record() })?;
             }
@@ -434,33 +449,25 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
             waited = Duration::ZERO;
         }
         if (cfg.run.checkpoint_interval > 0 && step.is_multiple_of(cfg.run.checkpoint_interval)) || last {
-            match save(&s, &opt, &ddp, zero1, rank0, step, last_val, &params, &run) {
-                Ok(dir) => {
-                    run.last_saved = dir.or(run.last_saved.take());
-                    run.last_saved_step = Some(step);
-                }
-                // Training on (run.checkpoint_failure = continue): the next interval tries again;
-                // the run's last checkpoint must succeed.
-                Err(e @ TrainError::CheckpointWrite { .. }) if cfg.run.checkpoint_failure == "continue" && !last => {
-                    progress.println(&format!("warning: {e} (run.checkpoint_failure = continue: training on, trying again at the next interval)"));
-                    if let Some(log) = log.as_mut() {
-                        log.write(&Record { kind: "checkpoint_failed".into(), step, note: Some(e.to_string()), ..empty_record() })?;
-                    }
-                }
-                Err(e) => return Err(e),
+            for done in saver.save(&s, &opt, &ddp, zero1, rank0, step, last_val, &params)? {
+                settled(done, false, cfg, &progress, &mut log)?;
             }
         }
         if let Some((by, sig)) = check.signal {
-            // Preempted: this step is done; write its checkpoint (unless just written) and stop.
-            if run.last_saved_step != Some(step) {
-                if let Some(dir) = save(&s, &opt, &ddp, zero1, rank0, step, last_val, &params, &run)? {
-                    run.last_saved = Some(dir);
+            // Preempted: this step is done; its checkpoint is written (unless it just was) before
+            // anyone leaves.
+            if saver.run.last_snapshot_step != Some(step) {
+                for done in saver.save(&s, &opt, &ddp, zero1, rank0, step, last_val, &params)? {
+                    settled(done, false, cfg, &progress, &mut log)?;
                 }
+            }
+            if let Some(done) = saver.settle() {
+                settled(done, true, cfg, &progress, &mut log)?;
             }
             progress.finish();
             // Nobody leaves while rank 0 may still be writing.
             dp_comm.barrier().map_err(comm_err)?;
-            return Err(TrainError::Preempted { step, rank: by, signal: crate::signals::name(sig), checkpoint: run.last_saved.clone() });
+            return Err(TrainError::Preempted { step, rank: by, signal: crate::signals::name(sig), checkpoint: saver.run.last_saved.clone() });
         }
     }
     progress.finish();
@@ -468,29 +475,24 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let train_loss = evaluate_dp(&s, &sampler, Split::Train, cfg.train.eval_iters, dp_comm)?;
     let val_loss = evaluate_dp(&s, &sampler, Split::Val, cfg.train.eval_iters, dp_comm)?;
     // Every rank decides alike (saving is collective under ZeRO-1): by step, which all know.
-    let checkpoint = if run.last_saved_step == Some(step) {
-        run.last_saved.clone().unwrap_or_else(|| out.clone())
-    } else {
+    if saver.run.last_snapshot_step != Some(step) {
         // Nothing trained (already at max_steps): write the checkpoint of where it stands.
-        save(&s, &opt, &ddp, zero1, rank0, step, Some(val_loss), &params, &run)?.unwrap_or_else(|| out.clone())
-    };
+        for done in saver.save(&s, &opt, &ddp, zero1, rank0, step, Some(val_loss), &params)? {
+            settled(done, false, cfg, &progress, &mut log)?;
+        }
+    }
+    // The run's last checkpoint must be written, whatever run.checkpoint_failure says.
+    if let Some(done) = saver.settle() {
+        settled(done, true, cfg, &progress, &mut log)?;
+    }
+    let checkpoint = saver.run.last_saved.clone().unwrap_or_else(|| out.clone());
     let sample = (rank0 && cfg.run.sample_tokens > 0)
         .then(|| sample_text(&s.model, &s.data.tokenizer, "", cfg.run.sample_tokens, 0.8, Some(200), cfg.run.seed));
     // Nobody leaves (and finalises MPI) while rank 0 may still be writing.
     dp_comm.barrier().map_err(comm_err)?;
-    Ok(TrainOutcome { steps: step, train_loss, val_loss, sample, out_dir: out, checkpoint, notes, skipped_steps: run.skipped_steps })
+    Ok(TrainOutcome { steps: step, train_loss, val_loss, sample, out_dir: out, checkpoint, notes, skipped_steps: saver.run.skipped_steps })
 }
 
-/// What a run carries between checkpoints besides the model and optimizer.
-struct RunState {
-    /// The run's identity (`CheckpointState::run_id`).
-    id: String,
-    /// Updates dropped for a NaN/Inf so far (`train.nonfinite = skip`).
-    skipped_steps: u64,
-    /// The newest checkpoint of this run (rank 0 knows its directory), and its step (every rank).
-    last_saved: Option<PathBuf>,
-    last_saved_step: Option<u64>,
-}
 
 /// `FABBRICA_INJECT_NAN=STEP:RANK`: fault injection for tests and drills. Rank RANK's loss at
 /// step STEP (numbered from 1) becomes NaN before backward, so its gradients are NaN too.
@@ -642,35 +644,18 @@ fn empty_record() -> Record {
     }
 }
 
-/// Writes the checkpoint of `step` (collective under ZeRO-1); rank 0's directory, `None` elsewhere.
-#[allow(clippy::too_many_arguments)]
-fn save(
-    s: &Setup,
-    opt: &AdamW,
-    ddp: &Ddp,
-    zero1: bool,
-    rank0: bool,
-    step: u64,
-    val_loss: Option<f64>,
-    params: &[(String, Tensor)],
-    run: &RunState,
-) -> Result<Option<PathBuf>, TrainError> {
-    // ZeRO-1: every rank takes part in gathering the whole optimizer state (collective).
-    let optim = if zero1 { ddp.gather_state(opt.steps_taken()).map_err(ddp_err)? } else { opt.state() };
-    if !rank0 {
-        return Ok(None);
+/// Applies `run.checkpoint_failure` to a finished write: a failed write is a warning (logged as
+/// `checkpoint_failed`) under `continue` unless it is the run's `last`; an error otherwise.
+fn settled(done: Completed, last: bool, cfg: &Config, progress: &Progress, log: &mut Option<MetricsLog>) -> Result<(), TrainError> {
+    match done.result {
+        Ok(_) => Ok(()),
+        Err(e @ TrainError::CheckpointWrite { .. }) if cfg.run.checkpoint_failure == "continue" && !last => {
+            progress.println(&format!("warning: {e} (run.checkpoint_failure = continue: training on, trying again at the next interval)"));
+            if let Some(log) = log.as_mut() {
+                log.write(&Record { kind: "checkpoint_failed".into(), step: done.step, note: Some(e.to_string()), ..empty_record() })?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
-    let state = CheckpointState {
-        format_version: FORMAT_VERSION,
-        step,
-        seed: s.cfg.run.seed,
-        config: s.cfg.clone(),
-        tokenizer: Meta::for_tokenizer(&s.data.tokenizer),
-        val_loss,
-        sha256: Default::default(),
-        run_id: run.id.clone(),
-        skipped_steps: run.skipped_steps,
-        state_sha256: String::new(),
-    };
-    checkpoint::save(&s.cfg.run.out_dir, state, params, &optim, s.cfg.run.keep_checkpoints).map(Some)
 }
