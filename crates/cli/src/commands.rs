@@ -64,7 +64,17 @@ pub struct TrainArgs {
 /// Errors every rank meets alike (a layout that does not fit, or inputs that failed on every
 /// rank): said once, by rank 0.
 fn is_setup_error(e: &TrainError) -> bool {
-    matches!(e, TrainError::Config(_) | TrainError::Data(_) | TrainError::Parallel(_) | TrainError::Checkpoint(_) | TrainError::Device(_) | TrainError::Model(_))
+    matches!(
+        e,
+        TrainError::Config(_)
+            | TrainError::Data(_)
+            | TrainError::Parallel(_)
+            | TrainError::Checkpoint(_)
+            | TrainError::Device(_)
+            | TrainError::Model(_)
+            | TrainError::Disagreement(_)
+            | TrainError::NotEnoughMemory(_)
+    )
 }
 
 /// Under a launcher every rank resolves the same arguments and would print the same error: only

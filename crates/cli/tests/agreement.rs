@@ -180,7 +180,9 @@ fn rank_local_settings_may_differ_and_the_job_trains() {
     let b = copy_dir.join("a.txt");
     std::fs::copy(&a, &b).unwrap();
     let out = t.path().join("out");
-    let (o, took) = mpmd(&out, [&a, &b], [&["run.threads=1"], &["run.threads=2", "comm.timeout_s=300"]]);
+    // comm.debug on one rank only: the communicator turns it on for every rank (it changes which
+    // calls a rank makes, so a split would hang at the first collective).
+    let (o, took) = mpmd(&out, [&a, &b], [&["run.threads=1"], &["run.threads=2", "comm.timeout_s=300", "comm.debug=true"]]);
     let all = describe(&o);
     assert!(took < LIMIT, "the job hung\n{all}");
     assert_eq!(o.status.code(), Some(0), "{all}");

@@ -7,6 +7,7 @@ pub mod communicator;
 mod debug;
 mod engine;
 pub mod error;
+pub mod flight;
 pub mod group;
 pub mod launch;
 pub mod mpi;

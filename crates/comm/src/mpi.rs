@@ -17,6 +17,7 @@ use crate::communicator::Communicator;
 use crate::debug::{mismatch_detail, Sig};
 use crate::engine::{Engine, Job};
 use crate::error::{CommError, OpContext, Result};
+use crate::flight::{OpDesc, Rec, Recorder};
 use crate::types::{Backend, DType, OpCounter, OpKind, ReduceOp};
 use crate::watchdog;
 use crate::work::{Work, WorkImpl};
@@ -70,6 +71,7 @@ pub struct MpiComm {
     members: Arc<Vec<usize>>,
     engine: Arc<Engine>,
     ops: OpCounter,
+    flight: Recorder,
     splits: AtomicU64,
     cuda_aware: bool,
     registry: Arc<Registry>,
@@ -236,6 +238,7 @@ impl MpiComm {
             ffi::MPI_Comm_size(raw, &mut size);
         }
         let members = Arc::new((0..size as usize).collect());
+        crate::flight::init(rank as usize, size as usize)?;
         Self::assemble(raw, debug, rank as usize, size as usize, "world".into(), "w".into(), members, registry)
     }
 
@@ -265,6 +268,7 @@ impl MpiComm {
         };
         let engine = Engine::new(&name);
         registry.add(&engine);
+        let flight = Recorder::new(&name, &id, Backend::Mpi, rank, size, &members);
         Ok(MpiComm {
             raw: RawComm(raw),
             check,
@@ -275,6 +279,7 @@ impl MpiComm {
             members,
             engine,
             ops: OpCounter::default(),
+            flight,
             splits: AtomicU64::new(0),
             cuda_aware: unsafe { fabbrica_mpi_cuda_aware() } == 1,
             registry,
@@ -358,14 +363,18 @@ impl MpiComm {
     fn submit(&self, ctx: OpContext, sig: Sig, job: Job, blocking: bool) -> Work {
         let desc = ctx.to_string();
         watchdog::called(&self.id, ctx.seq, &format!("{} #{}", sig.describe(), ctx.seq));
+        let rec = self.flight.enqueue(ctx.seq, OpDesc::of(&sig));
         let (id, members, check, size) = (self.id.clone(), self.members.clone(), self.check, self.size);
         let jctx = ctx.clone();
         let wrapped: Job = Box::new(move || {
+            rec.start();
             let _g = watchdog::begin(desc, &id, jctx.seq, &members, None);
-            if let Some(c) = check {
-                debug_check(c, size, &sig, &jctx)?;
-            }
-            job()
+            let r = match check {
+                Some(c) => debug_check(c, size, &sig, &jctx).and_then(|_| job()),
+                None => job(),
+            };
+            rec.finish(&r);
+            r
         });
         self.engine.submit(wrapped, ctx, blocking)
     }
@@ -560,6 +569,8 @@ impl MpiComm {
         let n = self.count(t.numel(), &ctx)?;
         let ctx = self.commit(ctx);
         let staged = if send { self.stage_in(t) } else { self.stage(t, false) };
+        let rec = self.flight.enqueue(ctx.seq, OpDesc::p2p(ctx.op, dt, t.numel(), peer));
+        rec.start();
         let guard = watchdog::begin(ctx.to_string(), &self.id, ctx.seq, &self.members, Some(peer));
         let mut req: ffi::MPI_Request = unsafe { std::mem::zeroed() };
         let rc = unsafe {
@@ -569,8 +580,8 @@ impl MpiComm {
                 ffi::MPI_Irecv(staged.ptr(), n, datatype(dt), peer as c_int, 0, self.raw.c(), &mut req)
             }
         };
-        ok(rc, &ctx, if send { "MPI_Isend" } else { "MPI_Irecv" })?;
-        Ok(Work::from_impl(P2pWork { req, staged: Some(staged), dt, n, ctx, _guard: guard, done: None }))
+        ok(rc, &ctx, if send { "MPI_Isend" } else { "MPI_Irecv" }).inspect_err(|e| rec.fail(&e.to_string()))?;
+        Ok(Work::from_impl(P2pWork { req, staged: Some(staged), dt, n, ctx, _guard: guard, rec, done: None }))
     }
 
     fn split_impl(&self, color: Option<u32>, key: u32, name: &str) -> Result<Option<Arc<dyn Communicator>>> {
@@ -629,6 +640,7 @@ struct P2pWork {
     n: c_int,
     ctx: OpContext,
     _guard: watchdog::Guard,
+    rec: Rec,
     done: Option<Result<()>>,
 }
 
@@ -662,6 +674,7 @@ impl WorkImpl for P2pWork {
         let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
         let rc = unsafe { ffi::MPI_Wait(&mut self.req, &mut status) };
         let r = ok(rc, &self.ctx, "MPI_Wait").and_then(|_| self.complete(&status));
+        self.rec.finish(&r);
         self.done = Some(Ok(()));
         r
     }
@@ -673,11 +686,14 @@ impl WorkImpl for P2pWork {
         let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
         let rc = unsafe { ffi::MPI_Test(&mut self.req, &mut flag, &mut status) };
         if rc != 0 {
-            self.done = Some(ok(rc, &self.ctx, "MPI_Test"));
+            let r = ok(rc, &self.ctx, "MPI_Test");
+            self.rec.finish(&r);
+            self.done = Some(r);
             return true;
         }
         if flag != 0 {
             let r = self.complete(&status);
+            self.rec.finish(&r);
             self.done = Some(r);
         }
         flag != 0
@@ -689,8 +705,9 @@ impl Drop for P2pWork {
         // The buffers must outlive the transfer.
         if self.done.is_none() {
             let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
-            unsafe { ffi::MPI_Wait(&mut self.req, &mut status) };
-            let _ = self.complete(&status);
+            let rc = unsafe { ffi::MPI_Wait(&mut self.req, &mut status) };
+            let r = ok(rc, &self.ctx, "MPI_Wait").and_then(|_| self.complete(&status));
+            self.rec.finish(&r);
         }
     }
 }

@@ -101,6 +101,7 @@ pub struct World {
     launch: LaunchEnv,
     registry: Arc<Registry>,
     universe: Option<::mpi::environment::Universe>,
+    debug: bool,
 }
 
 impl World {
@@ -114,6 +115,11 @@ impl World {
     pub fn size(&self) -> usize {
         self.group.size()
     }
+    /// Debug mode as every rank of the world runs it (on everywhere if any rank asked for it).
+    pub fn debug(&self) -> bool {
+        self.debug
+    }
+
     pub fn launch(&self) -> &LaunchEnv {
         &self.launch
     }
@@ -145,6 +151,7 @@ pub fn init_with(launch: LaunchEnv, opts: InitOptions) -> Result<World> {
             launch,
             registry,
             universe: None,
+            debug: opts.debug,
         });
     }
     let (universe, threading) = ::mpi::initialize_with_threading(::mpi::Threading::Multiple)
@@ -154,6 +161,16 @@ pub fn init_with(launch: LaunchEnv, opts: InitOptions) -> Result<World> {
             "the MPI library provides thread level {threading:?}, and fabbrica needs Multiple (communication runs on its own threads); use an MPI built with thread-multiple support (Open MPI >= 3, MPICH)"
         )));
     }
+    // Debug mode changes which calls each rank makes (the mismatch check is a collective of its
+    // own): ranks that disagree on it would hang at the first collective. Any rank's asking
+    // (config or FABBRICA_COMM_DEBUG) turns it on everywhere.
+    let debug = {
+        use ::mpi::collective::{CommunicatorCollectives, SystemOperation};
+        let mut any = 0i32;
+        universe.world().all_reduce_into(&(opts.debug as i32), &mut any, SystemOperation::max());
+        any != 0
+    };
+    let opts = InitOptions { debug, ..opts };
     let mpi_world = MpiComm::world(opts.debug, registry.clone()).map_err(CommError::Init)?;
     if mpi_world.size() != launch.world_size || mpi_world.rank() != launch.rank {
         return Err(CommError::Init(format!(
@@ -169,7 +186,7 @@ pub fn init_with(launch: LaunchEnv, opts: InitOptions) -> Result<World> {
         start_watchdog(&universe, opts.timeout)?;
     }
     let host: Arc<dyn Communicator> = Arc::new(mpi_world);
-    Ok(World { group: Arc::new(Group::new(host, opts.backend, opts.debug)), launch, registry, universe: Some(universe) })
+    Ok(World { group: Arc::new(Group::new(host, opts.backend, opts.debug)), launch, registry, universe: Some(universe), debug: opts.debug })
 }
 
 /// Starts the watchdog: the job's secret, where to listen and the addresses are settled over MPI.

@@ -282,7 +282,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         overlap: cfg.parallel.overlap,
         zero1: cfg.parallel.zero == 1,
         grad_comm: cfg.parallel.grad_comm,
-        check_params: comm_options(cfg)?.debug,
+        check_params: world.debug(),
     };
     let ddp = Ddp::apply(&params, comm.clone(), ddp_opts).map_err(ddp_err)?;
     let zero1 = cfg.parallel.zero == 1;
