@@ -80,7 +80,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire: also how long a requeued job waits before it may start again (default 120 s).
-AuthInfo=socket=$dir/munge/munge.socket,cred_expire=2
+AuthInfo=socket=$dir/munge/munge.socket,cred_expire=5
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
@@ -104,6 +104,9 @@ KillWait=30
 # Job records stay visible to scontrol for 10 minutes after the job ends.
 MinJobAge=600
 SchedulerType=sched/backfill
+# Look at pending jobs every 2 s (default 60 s; 30 s for backfill): a requeued job restarts promptly.
+SchedulerParameters=sched_interval=2,bf_interval=2
+MailProg=/bin/true
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF

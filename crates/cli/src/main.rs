@@ -6,6 +6,7 @@
 mod bench_collectives;
 mod bench_ddp;
 mod commands;
+mod doctor;
 mod files;
 mod schedule;
 
@@ -34,6 +35,9 @@ enum Command {
     /// Print and dry-run a pipeline schedule (GPipe, 1F1B, interleaved): per-rank actions,
     /// timeline, bubble, activations in flight.
     Schedule(schedule::ScheduleArgs),
+    /// Read the flight recorder dumps of a failed or hung job (DIR/flight/rank_<N>.json) and say
+    /// which rank to look at: who is behind, where the ranks diverged, who left no dump.
+    Doctor(doctor::DoctorArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Sample(a) => commands::sample(a),
         Command::Bench(b) => commands::bench(b),
         Command::Schedule(a) => schedule::run(a),
+        Command::Doctor(a) => doctor::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

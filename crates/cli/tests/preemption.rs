@@ -193,3 +193,40 @@ fn kill_9_during_a_checkpoint_write_loses_nothing_written_before() {
         assert_eq!(checkpoint::read_state(&checkpoint::latest(&out).unwrap().unwrap()).unwrap().step, 4);
     }
 }
+
+/// kill -9 of one rank of 4 at some step: every rank is gone soon after (well within the comm
+/// timeout plus a little), the killed rank is named, the last checkpoint loads, and a restart
+/// from it runs to the end.
+#[test]
+fn kill_9_of_one_rank_of_four_ends_the_job_and_a_restart_continues() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let sets = ["comm.timeout_s=20", "run.checkpoint_interval=10"];
+    let mut child = cmd(4, &out, &sets).spawn().unwrap();
+    wait_for_step(&out, 25, &mut child);
+    let kids = String::from_utf8(Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap().stdout).unwrap();
+    let ranks: Vec<u32> = kids.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(ranks.len(), 4, "{kids}");
+    let t = Instant::now();
+    signal(ranks[2], "KILL");
+    let (code, text) = finish(child);
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(20 + 15), "the job took {took:?} to end after a rank died\n{text}");
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("signal 9") || text.contains("Killed") || text.contains("rank 2"), "the dead rank is not named\n{text}");
+    // Every rank is gone (or a zombie about to be reaped) within a few seconds of mpirun's exit.
+    let running = |pid: &u32| fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false);
+    let t = Instant::now();
+    while ranks.iter().any(running) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<String> = ranks.iter().filter(|p| running(p)).map(|p| fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default()).collect();
+    assert!(left.is_empty(), "ranks still running after the job ended: {left:?}\n{text}");
+    let last = checkpoint::latest(&out).unwrap().expect("a checkpoint before the kill");
+    let ck = checkpoint::load(&last).unwrap();
+    assert!(ck.state.step >= 20, "{}", ck.state.step);
+    let (code, text) = finish(cmd(4, &out, &[&sets[..], &["run.resume=auto"]].concat()).spawn().unwrap());
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(losses(&out).last().unwrap().0, STEPS);
+}

@@ -177,6 +177,11 @@ impl OpDesc {
         OpDesc { op, dtype: DType::from_code(dtype), count: numel.max(0) as u64, peer, reduce }
     }
 
+    /// A data collective of no elements (nothing to hand to the backend).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.dtype.is_some() && self.count == 0
+    }
+
     /// A send or receive of `count` elements with group rank `peer`.
     pub(crate) fn p2p(op: OpKind, dtype: DType, count: usize, peer: usize) -> OpDesc {
         OpDesc { op, dtype: Some(dtype), count: count as u64, peer: Some(peer as u32), reduce: None }

@@ -706,8 +706,8 @@ impl Drop for P2pWork {
         if self.done.is_none() {
             let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
             let rc = unsafe { ffi::MPI_Wait(&mut self.req, &mut status) };
-            let r = ok(rc, &self.ctx, "MPI_Wait").and_then(|_| self.complete(&status));
-            self.rec.finish(&r);
+            let r = self.complete(&status);
+            self.rec.finish(&ok(rc, &self.ctx, "MPI_Wait").and(r));
         }
     }
 }

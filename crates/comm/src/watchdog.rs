@@ -98,6 +98,7 @@ impl Watchdog {
             return;
         }
         print_line(&format!("error: {msg}"));
+        crate::flight::dump_and_report(msg);
         exit_now();
     }
 }
@@ -368,6 +369,7 @@ fn check(w: &Watchdog) {
                 String::new()
             };
             print_line(&format!("error: {msg}{turned_away}"));
+            crate::flight::dump_and_report(&msg);
             // Tell every rank, so that the ones not blocked in this operation stop too, with the
             // reason.
             w.broadcast_abort(&format!("A rank {} aborted the job: {msg}", w.world_rank));

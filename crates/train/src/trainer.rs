@@ -191,6 +191,8 @@ pub fn comm_options(cfg: &Config) -> Result<InitOptions, TrainError> {
 pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     let comm: Arc<dyn Communicator> = world.comm();
     let (rank, nranks) = (comm.rank(), comm.size());
+    // Flight recorder dumps (a hang, a communication error, SIGUSR2) go to run.out_dir/flight/.
+    fabbrica_comm::flight::set_dump_dir(&cfg.run.out_dir);
     let dims = ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, 1, nranks).map_err(|e| TrainError::Parallel(e.to_string()))?;
     let dp = dims.dp;
     let rank0 = rank == 0;

@@ -19,6 +19,12 @@
 //! address and process id, `<addr> <pid>`) after start-up, so that a test can find the ports, and
 //! the `watchdog*` scenarios wait for `<dir>/go` before they start.
 //!
+//! - `flight-usr2` (with FABBRICA_SELFTEST_DIR): runs collectives and a send/receive ring until the
+//!   test writes `go` (meanwhile the test sends SIGUSR2 to a rank, whose flight recorder dumps);
+//!   prints `FLIGHT rank <r> rounds <n>`;
+//! - `flight-kill` (with FABBRICA_SELFTEST_DIR): five all_reduces, then the last rank writes
+//!   `<dir>/asleep` and sleeps (the test kills it with SIGKILL) while the others wait in the sixth.
+//!
 //! Prints `OK <scenario> rank <r>` at the end; any failure panics with the reason.
 
 use std::sync::Arc;
@@ -339,6 +345,46 @@ fn main() {
             }
             let s = fabbrica_comm::watchdog::port_stats().expect("the watchdog runs");
             println!("PORT rank {rank} rejected {} dropped {} rounds {rounds}", s.rejected, s.dropped);
+        }
+        "flight-usr2" => {
+            let dir = dir.expect("the flight-usr2 scenario needs FABBRICA_SELFTEST_DIR");
+            let n = comm.size();
+            let started = std::time::Instant::now();
+            let mut rounds = 0u64;
+            loop {
+                let go = Tensor::from_slice(&[(rank == 0 && dir.join("go").exists()) as i64]);
+                comm.broadcast(&go, 0).unwrap();
+                let t = data(rank, 100, Kind::Float, Device::Cpu);
+                comm.all_reduce(&t, ReduceOp::Sum).unwrap();
+                same(&t, &reduce_ref(n, 100, Kind::Float, ReduceOp::Sum), "all_reduce while dumping");
+                let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
+                let recv = Tensor::zeros([10], (Kind::Float, Device::Cpu));
+                let ws = comm.send_async(&data(rank, 10, Kind::Float, Device::Cpu), next).unwrap();
+                comm.recv(&recv, prev).unwrap();
+                ws.wait().unwrap();
+                same(&recv, &data(prev, 10, Kind::Float, Device::Cpu), "ring while dumping");
+                rounds += 1;
+                if go.int64_value(&[0]) == 1 {
+                    break;
+                }
+                assert!(started.elapsed() < std::time::Duration::from_secs(300), "the test never wrote go");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            println!("FLIGHT rank {rank} rounds {rounds}");
+        }
+        "flight-kill" => {
+            let dir = dir.expect("the flight-kill scenario needs FABBRICA_SELFTEST_DIR");
+            let t = Tensor::ones([1000], (Kind::Float, Device::Cpu));
+            for _ in 0..5 {
+                comm.all_reduce(&t, ReduceOp::Sum).unwrap();
+            }
+            if rank == comm.size() - 1 {
+                std::fs::write(dir.join("asleep"), "").unwrap();
+                std::thread::sleep(std::time::Duration::from_secs(120));
+            } else {
+                let _ = comm.all_reduce(&t, ReduceOp::Sum);
+            }
+            panic!("the killed rank's peers should have been ended by the watchdog");
         }
         other => panic!("unknown scenario {other}"),
     }

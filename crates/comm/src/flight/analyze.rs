@@ -28,6 +28,9 @@ use super::json::{self, Value};
 pub const MAX_DUMP_BYTES: u64 = 64 << 20;
 /// Most `rank_<N>.json` files read from one directory.
 pub const MAX_DUMPS: usize = 65_536;
+/// An operation in flight this long at the dump is one its rank waits in (shorter: the job was
+/// running), as is any operation in flight in a dump the watchdog wrote.
+pub const WAITING_NS: u64 = 1_000_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -600,9 +603,12 @@ pub fn analyze(dir: &str, dumps: &[Dump], unreadable: &[(String, String)]) -> Re
             look_at.push(Suspect { rank, why });
         }
     };
-    // The ranks waiting in a collective: "ranks 0-1 were waiting in all_reduce(..) #6 on group 'world'".
+    // Dumps the watchdog wrote (on the rank that fired it, or told by it).
+    let by_watchdog: BTreeSet<usize> = dumps.iter().filter(|d| d.reason.contains("watchdog: ")).map(|d| d.rank).collect();
+    let waits = |p: &Progress| p.in_flight.as_ref().is_some_and(|f| f.for_ns >= WAITING_NS || by_watchdog.contains(&p.rank));
+    // The ranks waiting in an operation: "ranks 0-1 were waiting in all_reduce(..) #6 on group 'world'".
     let waiting = |g: &GroupReport| -> Option<String> {
-        let stuck: Vec<&Progress> = g.progress.iter().filter(|p| p.in_flight.is_some()).collect();
+        let stuck: Vec<&Progress> = g.progress.iter().filter(|p| waits(p)).collect();
         let first = stuck.first()?;
         let ranks: Vec<usize> = stuck.iter().map(|p| p.rank).collect();
         Some(format!("{} {} waiting in {} on group '{}'", ranks_phrase(&ranks), if ranks.len() == 1 { "was" } else { "were" }, first.in_flight.as_ref().unwrap().what, g.name))
@@ -656,6 +662,8 @@ pub fn analyze(dir: &str, dumps: &[Dump], unreadable: &[(String, String)]) -> Re
         format!("{w} and no rank is behind: suspect the backend or the network, not a rank")
     } else if let Some(p) = groups.iter().flat_map(|g| &g.progress).find(|p| p.failed.is_some()) {
         format!("rank {} reports a failed {}; see the reasons above", p.rank, p.failed.as_deref().unwrap_or(""))
+    } else if groups.iter().flat_map(|g| &g.progress).any(|p| p.in_flight.is_some()) {
+        format!("no hang, divergence or failure in the records: the job was running (operations in flight for under {})", secs(WAITING_NS))
     } else {
         "no hang, divergence or failure in the records".into()
     };

@@ -69,6 +69,7 @@ use crate::agree;
 use crate::communicator::Communicator;
 use crate::debug::{mismatch_detail, Sig};
 use crate::error::{CommError, OpContext, Result};
+use crate::flight::{OpDesc, Recorder};
 use crate::types::{Backend, DType, OpCounter, OpKind, ReduceOp};
 use crate::watchdog;
 use crate::work::Work;
@@ -92,6 +93,7 @@ pub struct NcclComm {
     id: String,
     members: Arc<Vec<usize>>,
     ops: OpCounter,
+    flight: Recorder,
     debug: bool,
 }
 
@@ -162,12 +164,14 @@ impl NcclComm {
         });
         let poller = Poller::start(inner.clone(), &name)
             .map_err(|e| init(format!("cannot start the completion poller thread: {e}")))?;
+        let flight = Recorder::new(&name, &group_id(&name, &members), Backend::Nccl, rank, size, &members);
         Ok(NcclComm {
             poller,
             inner,
             host,
             rank,
             size,
+            flight,
             id: group_id(&name, &members),
             name,
             members,
@@ -261,8 +265,14 @@ impl NcclComm {
     fn announce(&self, ctx: OpContext, sig: &Sig) -> Result<OpContext> {
         let ctx = self.commit(ctx);
         watchdog::called(&self.id, ctx.seq, &format!("{} #{}", sig.describe(), ctx.seq));
+        let desc = OpDesc::of(sig);
+        let rec = self.flight.enqueue(ctx.seq, desc);
         if self.debug && self.size > 1 {
-            self.debug_check(&ctx, sig)?;
+            self.debug_check(&ctx, sig).inspect_err(|e| rec.fail(&e.to_string()))?;
+        }
+        if desc.is_empty() {
+            // Nothing reaches NCCL: done as soon as announced.
+            rec.complete();
         }
         Ok(ctx)
     }
@@ -357,6 +367,7 @@ impl NcclComm {
         // (NCCL connects to peers at a communicator's first use of an algorithm), waiting for a
         // peer that never comes.
         let guard = watchdog::begin(ctx.to_string(), &self.id, ctx.seq, &self.members, None);
+        let rec = self.flight.find(ctx.op, ctx.seq);
         // Point-to-point operations issued before this one reach NCCL before it.
         inner.flush_p2p();
         let issued = (|| -> std::result::Result<Event, (String, Failed)> {
@@ -388,10 +399,12 @@ impl NcclComm {
                     std::mem::forget(copy_back);
                 }
                 inner.fail(detail.clone());
+                rec.fail(&detail);
                 return Err(Self::backend_error(ctx, detail));
             }
         };
-        inner.push_pending(Pending { event: done.clone(), _guard: guard });
+        rec.start();
+        inner.push_pending(Pending { event: done.clone(), _guard: guard, rec });
         Ok(Work::from_impl(NcclWork {
             ctx: ctx.clone(),
             inner: inner.clone(),
@@ -421,6 +434,7 @@ impl NcclComm {
         let inner = &self.inner;
         let dev = inner.device;
         let guard = watchdog::begin(ctx.to_string(), &self.id, ctx.seq, &self.members, Some(peer));
+        let rec = self.flight.find(ctx.op, ctx.seq);
         let prepared = self.prepare(&keep, 2).and_then(|(device, mut events)| {
             let (done, mut ready) = (events.pop().expect("two events"), events.pop().expect("two events"));
             ready.record(On::Current(dev)).map_err(|e| format!("recording the current stream failed: {e}"))?;
@@ -430,6 +444,7 @@ impl NcclComm {
             Ok(p) => p,
             Err(detail) => {
                 inner.fail(detail.clone());
+                rec.fail(&detail);
                 return Err(Self::backend_error(ctx, detail));
             }
         };
@@ -443,6 +458,7 @@ impl NcclComm {
             ready,
             done,
             guard,
+            rec,
             state: state.clone(),
         });
         Ok(Work::from_impl(NcclWork {
@@ -614,7 +630,9 @@ impl NcclComm {
         }
         let n = t.numel();
         let ctx = self.commit(ctx);
+        let rec = self.flight.enqueue(ctx.seq, OpDesc::p2p(ctx.op, dt, n, peer));
         if n == 0 {
+            rec.complete();
             return Ok(Work::done(Ok(())));
         }
         let dtype = nccl_datatype(dt);

@@ -10,6 +10,7 @@ use super::cuda::{DeviceGuard, Event, On};
 use super::inner::{lock, Failed, Inner};
 use super::library::SUCCESS;
 use super::poller::Pending;
+use crate::flight::Rec;
 use crate::watchdog;
 
 /// A send or receive waiting in `Inner::p2p` for the next flush.
@@ -27,6 +28,8 @@ pub(super) struct QueuedP2p {
     pub(super) done: Event,
     /// Times the operation from issue, as for collectives.
     pub(super) guard: watchdog::Guard,
+    /// Its flight recorder entry: started when handed to NCCL.
+    pub(super) rec: Rec,
     pub(super) state: Arc<Mutex<P2pState>>,
 }
 
@@ -62,7 +65,8 @@ impl Inner {
                 for op in ops {
                     let done = Arc::new(op.done);
                     *lock(&op.state) = P2pState::Issued(done.clone());
-                    self.push_pending(Pending { event: done, _guard: op.guard });
+                    op.rec.start();
+                    self.push_pending(Pending { event: done, _guard: op.guard, rec: op.rec });
                 }
             }
             Err((detail, how)) => {
@@ -71,6 +75,7 @@ impl Inner {
                 self.fail(detail.clone());
                 for op in ops {
                     *lock(&op.state) = P2pState::Failed(detail.clone(), how);
+                    op.rec.fail(&detail);
                 }
             }
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::cuda::{DeviceGuard, Event};
 use super::inner::{lock, Inner};
+use crate::flight::Rec;
 use crate::watchdog;
 
 /// How often the poller looks at the oldest pending operation. Only the watchdog's timing and
@@ -18,6 +19,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(5);
 pub(super) struct Pending {
     pub(super) event: Arc<Event>,
     pub(super) _guard: watchdog::Guard,
+    /// Its flight recorder entry: completed when the event is.
+    pub(super) rec: Rec,
 }
 
 #[derive(Default)]
@@ -73,7 +76,9 @@ fn poll_loop(inner: &Inner, shared: &(Mutex<Queue>, Condvar)) {
         let failure = match event.query() {
             Ok(true) => {
                 let done = lock(q).pending.pop_front();
-                drop(done);
+                if let Some(p) = done {
+                    p.rec.complete();
+                }
                 continue;
             }
             Ok(false) => inner.check(),
@@ -87,7 +92,9 @@ fn poll_loop(inner: &Inner, shared: &(Mutex<Queue>, Condvar)) {
             // The communicator is aborted and its error reported: nothing it queued can hang any
             // more, so stop timing its operations.
             let drained: Vec<Pending> = lock(q).pending.drain(..).collect();
-            drop(drained);
+            for p in drained {
+                p.rec.fail(failure.as_deref().unwrap_or("the NCCL communicator failed"));
+            }
         } else {
             std::thread::sleep(POLL_INTERVAL);
         }

@@ -80,6 +80,7 @@ fn the_rank_behind_is_shown_doing_something_else() {
     let w = [0, 1];
     let mut other = done(3);
     other[2].state = State::Started;
+    other[2].started_ns = Some(8_000_000_000);
     other[2].ended_ns = None;
     let dumps = vec![
         dump(0, 2, "watchdog", vec![group("world", &w, 0, stuck(4)), group("pp", &w, 0, done(3))]),
@@ -388,4 +389,27 @@ fn malformed_dumps_are_errors() {
         let e = parse_dump(&bad).unwrap_err();
         assert!(e.contains(why), "{from}: {e}");
     }
+}
+
+#[test]
+fn operations_in_flight_briefly_are_a_running_job_unless_the_watchdog_fired() {
+    let w = [0, 1];
+    let brief = |n| {
+        let mut v = stuck(n);
+        v.last_mut().unwrap().started_ns = Some(9_990_000_000); // 10 ms before the dump
+        v
+    };
+    // SIGUSR2 on a healthy job: rank 1 is one collective ahead, both are mid-operation.
+    let dumps = vec![dump(0, 2, "SIGUSR2", vec![group("world", &w, 0, brief(6))]), dump(1, 2, "SIGUSR2", vec![group("world", &w, 1, brief(7))])];
+    let r = analyze("d", &dumps, &[]);
+    assert_eq!(r.groups[0].behind, vec![0], "behind is a fact");
+    assert!(r.look_at.is_empty(), "but nobody waits: {:?}", r.look_at);
+    assert_eq!(r.verdict, "no hang, divergence or failure in the records: the job was running (operations in flight for under 1.0s)");
+    // The same records in dumps the watchdog wrote (a short timeout): rank 0 is the one behind.
+    let dumps = vec![
+        dump(0, 2, "rank 1 aborted the job: watchdog: ...", vec![group("world", &w, 0, done(6))]),
+        dump(1, 2, "watchdog: all_reduce #7 ...", vec![group("world", &w, 1, brief(6))]),
+    ];
+    let r = analyze("d", &dumps, &[]);
+    assert_eq!(r.look_at.iter().map(|s| s.rank).collect::<Vec<_>>(), vec![0]);
 }
