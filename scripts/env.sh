@@ -3,6 +3,10 @@ FABBRICA_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export VIRTUAL_ENV="$FABBRICA_ROOT/.venv"
 export PATH="$VIRTUAL_ENV/bin:$HOME/.cargo/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1
-# OpenMPI refuses root without these; `isolated` launches locally where no ssh/rsh exists.
+# OpenMPI refuses root without these.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-export OMPI_MCA_plm="${OMPI_MCA_plm:-isolated}"
+# Without ssh or rsh mpirun cannot start at all unless told to launch on this node only
+# (`isolated`); with one, leave it alone: `isolated` would stop a hostfile naming other nodes.
+if [ -z "${OMPI_MCA_plm:-}" ] && ! command -v ssh >/dev/null 2>&1 && ! command -v rsh >/dev/null 2>&1; then
+  export OMPI_MCA_plm=isolated
+fi

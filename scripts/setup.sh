@@ -24,6 +24,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# A single-node Slurm for crates/cli/tests/slurm.rs (scripts/slurm/cluster.sh starts it): munge,
+# the daemons, srun/sbatch, and libpmix.so for Slurm's pmix plugin. No recommends: they would pull
+# in every Slurm plugin and its -dev package.
+slurm_missing=()
+for p in munge slurmctld slurmd slurm-client libpmix-dev; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || slurm_missing+=("$p")
+done
+if [ "${#slurm_missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${slurm_missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${slurm_missing[@]}" >/dev/null
+fi
+
 if ! command -v cargo >/dev/null && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
   echo "setup: no Rust toolchain found: install one with rustup (https://rustup.rs), then re-run" >&2
   exit 1

@@ -20,7 +20,8 @@ pub struct DoctorArgs {
 }
 
 pub fn run(a: DoctorArgs) -> Result<(), Failure> {
-    let loaded = analyze::load_dir(&a.dir).map_err(|message| Failure { message, user: true })?;
+    // One line, whatever the path holds.
+    let loaded = analyze::load_dir(&a.dir).map_err(|e| Failure { message: e.replace(['\n', '\r'], " "), user: true })?;
     let report = analyze::analyze(&loaded.dir.display().to_string(), &loaded.dumps, &loaded.unreadable);
     let out = if a.json { report.to_json() } else { report.to_text() };
     use std::io::Write;

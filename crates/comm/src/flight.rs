@@ -71,6 +71,8 @@ struct Global {
     epoch: Instant,
     rank: usize,
     world_size: usize,
+    /// The launcher's id of this job (see [`job_id`]).
+    job: String,
     rings: Mutex<Vec<Weak<Ring>>>,
     /// Set once a communication error wrote a dump.
     error_dumped: AtomicBool,
@@ -79,6 +81,8 @@ struct Global {
 }
 
 static GLOBAL: OnceLock<Global> = OnceLock::new();
+/// Cleared by [`set_recording`]`(false)`.
+static RECORDING: AtomicBool = AtomicBool::new(true);
 static DUMP_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 /// Starts the recorder for world rank `rank` of `world_size` (at world start-up, before the first
@@ -96,6 +100,7 @@ pub(crate) fn init(rank: usize, world_size: usize) -> std::result::Result<(), St
         epoch: Instant::now(),
         rank,
         world_size,
+        job: job_id(),
         rings: Mutex::new(Vec::new()),
         error_dumped: AtomicBool::new(false),
         dumping: Mutex::new(()),
@@ -106,6 +111,24 @@ pub(crate) fn init(rank: usize, world_size: usize) -> std::result::Result<(), St
         }
     }
     Ok(())
+}
+
+/// Pauses (`false`) or resumes recording, keeping the rings and what they hold: for benchmarks
+/// that compare the cost with the recorder on and off in one process. Every rank of a job should
+/// call it at the same point of its sequence of operations (the dumps then still compare).
+pub fn set_recording(on: bool) {
+    RECORDING.store(on, Ordering::Relaxed);
+}
+
+/// The launcher's id of this job, equal on every rank (PMIx namespace, Open MPI job id, or Slurm
+/// job and step), so that `fabbrica doctor` can tell a dump left by an earlier job in the same
+/// directory; empty when none is set.
+fn job_id() -> String {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    var("PMIX_NAMESPACE")
+        .or_else(|| var("OMPI_MCA_ess_base_jobid"))
+        .or_else(|| var("SLURM_JOB_ID").map(|j| format!("{j}.{}", var("SLURM_STEP_ID").unwrap_or_default())))
+        .unwrap_or_default()
 }
 
 /// Operations kept per group (0: the recorder is off or not started).
@@ -262,7 +285,9 @@ impl Recorder {
 
     /// Records an accepted call (state `enqueued`); the handle marks its start and end.
     pub(crate) fn enqueue(&self, seq: u64, desc: OpDesc) -> Rec {
-        let Some(ring) = &self.0 else { return Rec { ring: None, id: 0 } };
+        let Some(ring) = self.0.as_ref().filter(|_| RECORDING.load(Ordering::Relaxed)) else {
+            return Rec { ring: None, id: 0 };
+        };
         let t = ring.now();
         let mut b = lock(&ring.buf);
         let id = b.next;
@@ -355,6 +380,30 @@ impl Rec {
     }
 }
 
+/// What recording one operation costs on this thread, alone: nanoseconds per enqueue + start +
+/// complete on a ring of [`DEFAULT_CAPACITY`] entries, over `iters` operations (for benchmarks).
+pub fn record_cost_ns(iters: u32) -> f64 {
+    let ring = Recorder(Some(Arc::new(Ring {
+        group: "bench".into(),
+        id: "bench".into(),
+        backend: Backend::Mpi,
+        rank: 0,
+        size: 1,
+        members: Arc::new(vec![0]),
+        capacity: DEFAULT_CAPACITY,
+        epoch: Instant::now(),
+        buf: Mutex::new(Buf { entries: Vec::with_capacity(DEFAULT_CAPACITY), next: 0 }),
+    })));
+    let desc = OpDesc { op: OpKind::AllReduce, dtype: Some(DType::F32), count: 2, peer: None, reduce: Some(ReduceOp::Sum) };
+    let t = Instant::now();
+    for seq in 1..=iters as u64 {
+        let rec = ring.enqueue(std::hint::black_box(seq), desc);
+        rec.start();
+        rec.complete();
+    }
+    t.elapsed().as_nanos() as f64 / iters.max(1) as f64
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dumps
 
@@ -377,6 +426,8 @@ fn render(g: &Global, reason: &str) -> String {
     let mut s = String::with_capacity(4096);
     s.push_str(&format!("{{\"format\":\"{FORMAT}\",\"rank\":{},\"world_size\":{},\"host\":", g.rank, g.world_size));
     json::push_str(&mut s, &host_name());
+    s.push_str(",\"job\":");
+    json::push_str(&mut s, &g.job);
     s.push_str(&format!(",\"pid\":{},\"reason\":", std::process::id()));
     json::push_str(&mut s, reason);
     s.push_str(&format!(",\"capacity\":{},\"clock\":{{\"mono_ns\":{mono},\"unix_ns\":{unix}}},\"groups\":[", g.capacity));

@@ -26,6 +26,15 @@
 //! running; only an `srun` job step sets `SLURM_STEP_ID`, so without one the
 //! process is treated as single (otherwise rank 0 would wait forever for
 //! `SLURM_NTASKS - 1` peers that were never started).
+//!
+//! # `srun` without PMIx
+//!
+//! A rank started by `srun` finds its peers through the process-management
+//! interface Slurm's MPI plugin provides: PMIx with `srun --mpi=pmix`, PMI-2
+//! with `--mpi=pmi2`, none with `--mpi=none` (Slurm's default `MpiDefault`).
+//! Open MPI as Debian builds it only starts under PMIx; anything else dies
+//! inside `MPI_Init` with a page of text. [`check_srun_pmi`] (called before
+//! MPI is initialised) turns that into one line saying what to add.
 
 use std::fmt;
 
@@ -160,6 +169,19 @@ pub enum LaunchError {
         nodes: usize,
     },
 
+    /// An `srun` task without the PMI its MPI library needs (see [`check_srun_pmi`]).
+    #[error(
+        "srun started this rank {got}, but {mpi}: launch with \
+         `srun --mpi=pmix`, or set MpiDefault=pmix in slurm.conf or SLURM_MPI_TYPE=pmix in the \
+         environment of srun"
+    )]
+    SrunWithoutPmix {
+        /// How the task was started, e.g. `without a PMI (srun --mpi=none, Slurm's default)`.
+        got: &'static str,
+        /// The MPI library and what it needs, e.g. `Open MPI starts only with PMIx`.
+        mpi: &'static str,
+    },
+
     /// No GPU is visible at all.
     #[error(
         "no CUDA devices are visible to local rank {local_rank}: check CUDA_VISIBLE_DEVICES \
@@ -187,6 +209,10 @@ const MPI_LOCALRANKID: &str = "MPI_LOCALRANKID";
 const MPI_LOCALNRANKS: &str = "MPI_LOCALNRANKS";
 const PMI_LOCAL_RANK: &str = "PMI_LOCAL_RANK";
 const PMI_LOCAL_SIZE: &str = "PMI_LOCAL_SIZE";
+// PMI-2 (Slurm's `--mpi=pmi2` plugin) and PMIx (`--mpi=pmix`, also Open MPI's own launcher).
+const PMI_FD: &str = "PMI_FD";
+const PMIX_RANK: &str = "PMIX_RANK";
+const PMIX_NAMESPACE: &str = "PMIX_NAMESPACE";
 // Slurm.
 const SLURM_PROCID: &str = "SLURM_PROCID";
 const SLURM_STEP_ID: &str = "SLURM_STEP_ID";
@@ -204,6 +230,82 @@ pub fn detect() -> Result<LaunchEnv, LaunchError> {
     // Non-UTF-8 values are kept (lossily) so they fail as "not a number"
     // instead of silently looking unset.
     from_vars(|name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned()))
+}
+
+/// Which MPI library this program is linked with, as far as starting under
+/// `srun` is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MpiLibrary {
+    /// Open MPI: under `srun` it needs PMIx (Debian's is built without
+    /// Slurm's PMI-1/PMI-2 support).
+    OpenMpi,
+    /// MPICH, Intel MPI, MVAPICH...: PMI-2 or PMIx.
+    Other,
+}
+
+impl MpiLibrary {
+    /// Asks the linked MPI library (`MPI_Get_library_version`, allowed before
+    /// `MPI_Init`).
+    pub fn linked() -> Self {
+        match ::mpi::environment::library_version() {
+            Ok(v) if v.contains("Open MPI") => MpiLibrary::OpenMpi,
+            _ => MpiLibrary::Other,
+        }
+    }
+
+    /// The library and the PMI it needs under `srun`, for messages.
+    fn needs(self) -> &'static str {
+        match self {
+            MpiLibrary::OpenMpi => "Open MPI starts only with PMIx",
+            MpiLibrary::Other => "MPI needs PMIx or PMI-2",
+        }
+    }
+}
+
+/// Refuses, before `MPI_Init`, an `srun` task that its MPI library cannot
+/// start from (see [`pmi_problem`]), reading the process environment.
+pub fn check_srun_pmi() -> Result<(), LaunchError> {
+    let get = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
+    // Only an srun task pays for asking the library.
+    if !(Vars { get: &get }).is_srun_step() {
+        return Ok(());
+    }
+    match pmi_problem(get, MpiLibrary::linked()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Why an `srun` task cannot start MPI, or `None` when it can (or when this
+/// is no `srun` task at all).
+///
+/// * Not an `srun` step (no `SLURM_STEP_ID`/`SLURM_STEPID` with
+///   `SLURM_PROCID`: a batch script, an `salloc` shell), or started by
+///   `mpirun` (`OMPI_COMM_WORLD_*`, also inside an allocation): fine.
+/// * PMIx (`PMIX_RANK` or `PMIX_NAMESPACE`): fine.
+/// * PMI-2 (`PMI_FD` or `PMI_RANK`): fine except for Open MPI.
+/// * No PMI at all (`--mpi=none`, Slurm's default): every MPI would start as
+///   a singleton, so this is refused whatever the library.
+pub fn pmi_problem(get: impl Fn(&str) -> Option<String>, mpi: MpiLibrary) -> Option<LaunchError> {
+    let vars = Vars { get: &get };
+    if !vars.is_srun_step() {
+        return None;
+    }
+    if vars
+        .first_set(&[OMPI_RANK, OMPI_SIZE, OMPI_LOCAL_RANK, OMPI_LOCAL_SIZE, PMIX_RANK, PMIX_NAMESPACE])
+        .is_some()
+    {
+        return None;
+    }
+    let got = if vars.first_set(&[PMI_FD, PMI_RANK]).is_some() {
+        if mpi != MpiLibrary::OpenMpi {
+            return None;
+        }
+        "with PMI-2 (srun --mpi=pmi2)"
+    } else {
+        "without a PMI (srun --mpi=none, Slurm's default)"
+    };
+    Some(LaunchError::SrunWithoutPmix { got, mpi: mpi.needs() })
 }
 
 /// Works out the launch environment from a variable lookup (`get(name)` is

@@ -139,6 +139,8 @@ impl Drop for World {
 /// Starts the world from the launch environment.
 pub fn init(opts: InitOptions) -> Result<World> {
     let launch = launch::detect().map_err(|e| CommError::Init(e.to_string()))?;
+    // Before MPI_Init, which under `srun` without PMIx aborts with a page of text.
+    launch::check_srun_pmi().map_err(|e| CommError::Init(e.to_string()))?;
     init_with(launch, opts)
 }
 

@@ -598,7 +598,7 @@ fn flight_recorder_hung_job_every_rank_dumps_and_the_missing_rank_is_named() {
         assert!(lines_of(&all, r).iter().any(|l| l.ends_with(&wrote)), "rank {r} did not dump:\n{all}");
     }
     let rep = flight_report(&dir, &all);
-    assert!(rep.missing.is_empty(), "{rep:?}");
+    assert!(rep.missing.is_empty() && rep.set_aside.is_empty(), "{rep:?}");
     assert!(rep.dumps.iter().any(|d| d.reason.starts_with("watchdog: all_reduce #2 on group 'world'")), "{rep:?}");
     assert!(rep.dumps.iter().any(|d| d.rank == 2 && d.reason.contains("aborted the job: watchdog")), "{rep:?}");
     let g = rep.groups.iter().find(|g| g.name == "world" && g.backend == "mpi").expect("the world group");
@@ -714,6 +714,7 @@ fn flight_recorder_sigusr2_dumps_a_running_rank_and_the_job_goes_on() {
     let text_ = std::fs::read_to_string(dump_of(&dir, 1)).unwrap();
     let dump = analyze::parse_dump(&text_).unwrap();
     assert_eq!((dump.rank, dump.world_size, dump.reason.as_str(), dump.pid), (1, 2, "SIGUSR2", ranks[1].1 as u64));
+    assert!(!dump.job.is_empty(), "mpirun gives every rank its job id");
     let world = dump.groups.iter().find(|g| g.name == "world" && g.backend == "mpi").expect("the world group");
     assert_eq!((world.rank, world.size, world.members.clone()), (1, 2, vec![0, 1]));
     for op in ["broadcast", "all_reduce", "send", "recv"] {

@@ -24,6 +24,9 @@
 //!   prints `FLIGHT rank <r> rounds <n>`;
 //! - `flight-kill` (with FABBRICA_SELFTEST_DIR): five all_reduces, then the last rank writes
 //!   `<dir>/asleep` and sleeps (the test kills it with SIGKILL) while the others wait in the sixth.
+//! - `flight-bench cpu [ITERS] [ROUNDS]`: the flight recorder's cost: blocking all_reduce latency
+//!   (f32, 8 B to 64 KiB) with recording on and off, alternating round by round in this one job;
+//!   rank 0 prints the median of the rounds for each and their ratio.
 //!
 //! Prints `OK <scenario> rank <r>` at the end; any failure panics with the reason.
 
@@ -386,9 +389,68 @@ fn main() {
             }
             panic!("the killed rank's peers should have been ended by the watchdog");
         }
+        "flight-bench" => {
+            let iters: u32 = args.get(3).map(|a| a.parse().expect("ITERS")).unwrap_or(2000);
+            let rounds: usize = args.get(4).map(|a| a.parse().expect("ROUNDS")).unwrap_or(11);
+            assert!(fabbrica_comm::flight::capacity() > 0, "run with the flight recorder on (FABBRICA_FLIGHT_RECORDER unset or > 0)");
+            if rank == 0 {
+                println!(
+                    "flight recorder cost: blocking all_reduce, f32, {} ranks, mpi backend (CPU), {iters} ops per round after {} warm-up, median of {rounds} rounds; on and off alternate round by round (order flipped each round)",
+                    comm.size(),
+                    iters / 10
+                );
+                println!("{:>8} {:>12} {:>12} {:>8} {:>14}", "bytes", "off (us/op)", "on (us/op)", "on/off", "paired on/off");
+            }
+            let mut paired_all = Vec::new();
+            let mut bytes = 8usize;
+            while bytes <= 64 << 10 {
+                let t = Tensor::ones([(bytes / 4) as i64], (Kind::Float, Device::Cpu));
+                let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+                let mut paired = Vec::new();
+                for round in 0..rounds {
+                    for k in 0..2 {
+                        let on = (k + round) % 2 == 1;
+                        fabbrica_comm::flight::set_recording(on);
+                        for _ in 0..iters / 10 {
+                            comm.all_reduce(&t, ReduceOp::Max).unwrap();
+                        }
+                        comm.barrier().unwrap();
+                        let start = std::time::Instant::now();
+                        for _ in 0..iters {
+                            comm.all_reduce(&t, ReduceOp::Max).unwrap();
+                        }
+                        let mine = Tensor::from_slice(&[(start.elapsed().as_secs_f64() * 1e6 / iters as f64) as f32]);
+                        // The slowest rank's time per operation.
+                        comm.all_reduce(&mine, ReduceOp::Max).unwrap();
+                        times[on as usize].push(mine.double_value(&[0]));
+                    }
+                    // This round's on/off ratio: both halves ran back to back, under the same load.
+                    paired.push(times[1][round] / times[0][round]);
+                }
+                fabbrica_comm::flight::set_recording(true);
+                let (off, on) = (median(&mut times[0]), median(&mut times[1]));
+                paired_all.extend_from_slice(&paired);
+                let p = median(&mut paired);
+                if rank == 0 {
+                    println!("{bytes:>8} {off:>12.2} {on:>12.2} {:>8.3} {p:>14.3}", on / off);
+                }
+                bytes *= 2;
+            }
+            if rank == 0 {
+                println!("all sizes: median paired on/off ratio {:.3} over {} rounds", median(&mut paired_all), paired_all.len());
+                let mut alone: Vec<f64> = (0..5).map(|_| fabbrica_comm::flight::record_cost_ns(1_000_000)).collect();
+                println!("recording alone (enqueue + start + complete, one thread): {:.0} ns per operation (median of 5 x 1e6)", median(&mut alone));
+            }
+        }
         other => panic!("unknown scenario {other}"),
     }
     println!("OK {scenario} rank {rank}");
+}
+
+/// The middle value (flight-bench).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Waits for the test's `go` file (bounded: a test that never writes it fails instead of hanging).

@@ -2,7 +2,8 @@
 //!
 //! A dump (`rank_<N>.json`, written by [`super::dump`]):
 //! ```text
-//! { "format": "fabbrica-flight/1", "rank": 0, "world_size": 3, "host": "node1", "pid": 4242,
+//! { "format": "fabbrica-flight/1", "rank": 0, "world_size": 3, "host": "node1", "job": "3052470273",
+//!   "pid": 4242,
 //!   "reason": "watchdog: ...", "capacity": 2000,
 //!   "clock": { "mono_ns": <recorder clock at the dump>, "unix_ns": <wall clock at the dump> },
 //!   "groups": [ { "name": "world", "id": "w", "backend": "mpi", "rank": 0, "size": 3,
@@ -13,7 +14,9 @@
 //! ```
 //! `ops` is oldest first; `root` (broadcast) and `peer` (send, recv) are group ranks; `members`
 //! maps group ranks to world ranks; `recorded` counts every operation the ring saw (more than
-//! `ops` once it wrapped). A time `t` happened at wall-clock `unix_ns - (mono_ns - t)`.
+//! `ops` once it wrapped). A time `t` happened at wall-clock `unix_ns - (mono_ns - t)`. `job` is
+//! the launcher's job id (empty when unknown): dumps of another job than the newest dump's, left
+//! in the same directory by an earlier run, are set aside.
 //!
 //! The analysis is pure: [`analyze`] takes parsed dumps and returns a [`Report`], which renders as
 //! text ([`Report::to_text`]) or JSON ([`Report::to_json`]).
@@ -155,6 +158,8 @@ pub struct Dump {
     pub rank: usize,
     pub world_size: usize,
     pub host: String,
+    /// The launcher's job id ("" when unknown).
+    pub job: String,
     pub pid: u64,
     pub reason: String,
     pub capacity: u64,
@@ -251,6 +256,7 @@ pub fn parse_dump(text_: &str) -> Result<Dump, String> {
         rank: small(num(&v, "rank", "the dump")?, "rank", "the dump")?,
         world_size: small(num(&v, "world_size", "the dump")?, "world_size", "the dump")?,
         host: text(&v, "host", "the dump")?,
+        job: opt_text(&v, "job", "the dump")?.unwrap_or_default(),
         pid: num(&v, "pid", "the dump")?,
         reason: text(&v, "reason", "the dump")?,
         capacity: num(&v, "capacity", "the dump")?,
@@ -286,7 +292,7 @@ fn rank_of_file(name: &str) -> Option<usize> {
 /// Reads every `rank_<N>.json` in `dir/flight` (or in `dir` itself when it has no `flight/`).
 /// Only regular files named so are read (no links: nothing outside the directory), each at most
 /// [`MAX_DUMP_BYTES`]; one that cannot be used is listed in `unreadable`, not fatal. Errors: the
-/// directory cannot be listed, holds no dump, or holds more than [`MAX_DUMPS`].
+/// directory cannot be listed, holds no readable dump, or holds more than [`MAX_DUMPS`].
 pub fn load_dir(dir: &Path) -> Result<Loaded, String> {
     if !dir.is_dir() {
         return Err(format!("{} is not a directory (give the run's out_dir or its flight/ directory)", dir.display()));
@@ -338,6 +344,11 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, String> {
     }
     if dumps.is_empty() && unreadable.is_empty() {
         return Err(format!("no flight recorder dumps (rank_<N>.json) in {}", dir.display()));
+    }
+    if dumps.is_empty() {
+        let (f, why) = &unreadable[0];
+        let more = if unreadable.len() > 1 { format!(" (and {} more)", unreadable.len() - 1) } else { String::new() };
+        return Err(format!("no readable flight recorder dump in {}: {f}: {why}{more}", dir.display()).replace(['\n', '\r'], " "));
     }
     Ok(Loaded { dir, dumps, unreadable })
 }
@@ -435,6 +446,8 @@ pub struct Report {
     /// World ranks without a dump.
     pub missing: Vec<usize>,
     pub unreadable: Vec<(String, String)>,
+    /// Dumps set aside: (rank, why), e.g. written by an earlier job into the same directory.
+    pub set_aside: Vec<(usize, String)>,
     pub groups: Vec<GroupReport>,
     /// The ranks to look at first, most likely first.
     pub look_at: Vec<Suspect>,
@@ -513,14 +526,26 @@ type GroupKey = (String, String, usize);
 
 /// What the dumps say: progress per group, who is behind, where ranks diverged, whom to look at.
 pub fn analyze(dir: &str, dumps: &[Dump], unreadable: &[(String, String)]) -> Report {
+    // The job of the newest dump is the one analysed; others' dumps are leftovers.
+    let newest = dumps.iter().max_by_key(|d| d.unix_ns);
+    let job = newest.map(|d| d.job.clone()).unwrap_or_default();
+    let newest_ns = newest.map(|d| d.unix_ns).unwrap_or(0);
+    let (dumps, aside): (Vec<&Dump>, Vec<&Dump>) = dumps.iter().partition(|d| job.is_empty() || d.job == job);
+    let set_aside: Vec<(usize, String)> = aside
+        .iter()
+        .map(|d| {
+            let age = newest_ns.saturating_sub(d.unix_ns) / 1_000_000_000;
+            (d.rank, format!("of job {}, not {job}, written {age}s before the newest dump (an earlier run?)", d.job))
+        })
+        .collect();
     let world_size = dumps.iter().map(|d| d.world_size).max().unwrap_or(0);
-    let by_rank: BTreeMap<usize, &Dump> = dumps.iter().map(|d| (d.rank, d)).collect();
+    let by_rank: BTreeMap<usize, &Dump> = dumps.iter().map(|d| (d.rank, *d)).collect();
     let missing: Vec<usize> = (0..world_size).filter(|r| !by_rank.contains_key(r)).collect();
 
     // Each dump's groups, keyed.
     let mut keyed: BTreeMap<usize, BTreeMap<GroupKey, &GroupDump>> = BTreeMap::new();
     let mut order: Vec<GroupKey> = Vec::new();
-    for d in dumps {
+    for d in &dumps {
         let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
         let mine = keyed.entry(d.rank).or_default();
         for g in &d.groups {
@@ -674,6 +699,7 @@ pub fn analyze(dir: &str, dumps: &[Dump], unreadable: &[(String, String)]) -> Re
         dumps: dumps.iter().map(|d| RankLine { rank: d.rank, host: d.host.clone(), pid: d.pid, reason: d.reason.clone() }).collect(),
         missing,
         unreadable: unreadable.to_vec(),
+        set_aside,
         groups,
         look_at,
         verdict,
@@ -725,6 +751,12 @@ impl Report {
         }
         if !self.missing.is_empty() {
             o.push_str(&format!("  no dump: {}\n", ranks_phrase(&self.missing)));
+        }
+        for (r, why) in self.set_aside.iter().take(5) {
+            o.push_str(&format!("  set aside: rank_{r}.json: {}\n", cut(why, TEXT_WIDTH)));
+        }
+        if self.set_aside.len() > 5 {
+            o.push_str(&format!("  ... and {} more set aside\n", self.set_aside.len() - 5));
         }
         for (f, why) in self.unreadable.iter().take(5) {
             o.push_str(&format!("  unreadable: {f}: {}\n", cut(why, TEXT_WIDTH)));
@@ -848,7 +880,11 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(","),
         );
-        o.push_str(&format!("],\"missing\":{},\"unreadable\":[", list(&self.missing)));
+        o.push_str(&format!("],\"missing\":{},\"set_aside\":[", list(&self.missing)));
+        o.push_str(
+            &self.set_aside.iter().map(|(r, w)| format!("{{\"rank\":{r},\"why\":{}}}", q(w))).collect::<Vec<_>>().join(","),
+        );
+        o.push_str("],\"unreadable\":[");
         o.push_str(
             &self.unreadable.iter().map(|(f, w)| format!("{{\"file\":{},\"error\":{}}}", q(f), q(w))).collect::<Vec<_>>().join(","),
         );

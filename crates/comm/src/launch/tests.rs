@@ -596,3 +596,49 @@ fn display() {
     assert_eq!(Launcher::Mpich.to_string(), "MPICH/Hydra (mpiexec)");
     assert_eq!(Launcher::Single.to_string(), "single process");
 }
+
+fn pmi(pairs: &[(&str, &str)], mpi: MpiLibrary) -> Option<LaunchError> {
+    let map: HashMap<String, String> = pairs.iter().map(|&(k, v)| (k.to_owned(), v.to_owned())).collect();
+    pmi_problem(|name| map.get(name).cloned(), mpi)
+}
+
+/// `srun` without `--mpi=pmix` is refused before MPI_Init with one line naming the fix; PMIx,
+/// mpirun (also inside an allocation) and non-srun processes pass.
+#[test]
+fn srun_without_pmix_is_refused_before_mpi_init() {
+    let task = srun_task(3, "4(x2)", 0, 3);
+    let task: Vec<(&str, &str)> = owned(&task);
+    for mpi in [MpiLibrary::OpenMpi, MpiLibrary::Other] {
+        // --mpi=none (Slurm's default): refused whatever the library.
+        let e = pmi(&task, mpi).expect("no PMI must be refused");
+        let msg = e.to_string();
+        assert!(!msg.contains('\n'), "{msg}");
+        for needle in ["srun --mpi=pmix", "MpiDefault=pmix", "SLURM_MPI_TYPE=pmix", "--mpi=none"] {
+            assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
+        }
+        // --mpi=pmix.
+        let mut with_pmix = task.clone();
+        with_pmix.extend([(PMIX_RANK, "3"), (PMIX_NAMESPACE, "slurm.pmix.12345.0")]);
+        assert!(pmi(&with_pmix, mpi).is_none());
+        // A batch script or salloc shell: no step, nothing to check.
+        assert!(pmi(SBATCH, mpi).is_none());
+        assert!(pmi(&[], mpi).is_none());
+        // mpirun inside an allocation: its ranks may carry the SLURM_* of the daemons' step.
+        let mut under_mpirun = task.clone();
+        let o = ompi("3", "8", "3", "4");
+        under_mpirun.extend(owned(&o));
+        assert!(pmi(&under_mpirun, mpi).is_none());
+    }
+    // --mpi=pmi2: enough for MPICH, not for Open MPI.
+    let mut with_pmi2 = task.clone();
+    with_pmi2.extend([(PMI_FD, "11"), (PMI_RANK, "3"), (PMI_SIZE, "8")]);
+    assert!(pmi(&with_pmi2, MpiLibrary::Other).is_none());
+    let msg = pmi(&with_pmi2, MpiLibrary::OpenMpi).expect("Open MPI under pmi2").to_string();
+    assert!(msg.contains("PMI-2") && msg.contains("Open MPI") && msg.contains("srun --mpi=pmix"), "{msg}");
+}
+
+#[test]
+fn the_linked_mpi_is_open_mpi() {
+    // The workspace builds against Debian's Open MPI (scripts/setup.sh).
+    assert_eq!(MpiLibrary::linked(), MpiLibrary::OpenMpi);
+}

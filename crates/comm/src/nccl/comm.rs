@@ -704,12 +704,19 @@ impl Communicator for NcclComm {
     /// fresh unique id broadcast over the new host group), on this communicator's device.
     fn split(&self, color: Option<u32>, key: u32, name: &str) -> Result<Option<Arc<dyn Communicator>>> {
         let ctx = self.commit(self.next_ctx(OpKind::Split));
+        let rec = self.flight.enqueue(ctx.seq, OpDesc::of(&Sig::new(OpKind::Split, None, 0, 0)));
+        rec.start();
         self.inner.flush_p2p();
-        let Some(host) = self.host.split(color, key, name)? else { return Ok(None) };
-        let comm = NcclComm::new(host, self.inner.device, self.debug).map_err(|e| match e {
-            CommError::Init(detail) => CommError::Backend { ctx, detail },
-            other => other,
-        })?;
-        Ok(Some(Arc::new(comm)))
+        let made = self.host.split(color, key, name).and_then(|host| match host {
+            None => Ok(None),
+            Some(host) => NcclComm::new(host, self.inner.device, self.debug)
+                .map(|c| Some(Arc::new(c) as Arc<dyn Communicator>))
+                .map_err(|e| match e {
+                    CommError::Init(detail) => CommError::Backend { ctx, detail },
+                    other => other,
+                }),
+        });
+        rec.finish(&made.as_ref().map(|_| ()).map_err(Clone::clone));
+        made
     }
 }

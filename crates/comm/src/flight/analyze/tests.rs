@@ -20,6 +20,7 @@ fn dump(rank: usize, world: usize, reason: &str, groups: Vec<GroupDump>) -> Dump
         rank,
         world_size: world,
         host: "node".into(),
+        job: "j1".into(),
         pid: 100 + rank as u64,
         reason: reason.into(),
         capacity: 2000,
@@ -295,12 +296,14 @@ fn what_the_recorder_writes_the_reader_reads() {
         epoch,
         rank: 5,
         world_size: 8,
+        job: "ns\"1".into(),
         rings: Mutex::new(vec![Arc::downgrade(&ring)]),
         error_dumped: AtomicBool::new(true),
         dumping: Mutex::new(()),
     };
     let d = parse_dump(&crate::flight::render(&g, "why \"not\"")).expect("the reader reads the writer");
     assert_eq!((d.rank, d.world_size, d.pid, d.reason.as_str(), d.capacity), (5, 8, std::process::id() as u64, "why \"not\"", 4));
+    assert_eq!(d.job, "ns\"1");
     assert!(d.unix_ns > 1_600_000_000_000_000_000 && d.mono_ns > 0);
     assert_eq!(d.groups.len(), 1);
     let gd = &d.groups[0];
@@ -335,6 +338,12 @@ fn loading_a_directory_is_bounded_and_stays_inside_it() {
     let d = scratch("load");
     assert!(load_dir(&d.join("nope")).unwrap_err().contains("is not a directory"));
     assert!(load_dir(&d).unwrap_err().contains("no flight recorder dumps"));
+    std::fs::write(d.join("rank_0.json"), "{\"format\":\n").unwrap();
+    std::fs::write(d.join("rank_1.json"), "").unwrap();
+    let e = load_dir(&d).unwrap_err();
+    assert!(e.contains("no readable flight recorder dump in") && e.contains("rank_0.json: invalid JSON") && e.ends_with("(and 1 more)"), "{e}");
+    std::fs::remove_file(d.join("rank_0.json")).unwrap();
+    std::fs::remove_file(d.join("rank_1.json")).unwrap();
     // DIR/flight is preferred when it exists.
     let f = d.join("flight");
     std::fs::create_dir(&f).unwrap();
@@ -412,4 +421,28 @@ fn operations_in_flight_briefly_are_a_running_job_unless_the_watchdog_fired() {
     ];
     let r = analyze("d", &dumps, &[]);
     assert_eq!(r.look_at.iter().map(|s| s.rank).collect::<Vec<_>>(), vec![0]);
+}
+
+#[test]
+fn dumps_of_an_earlier_job_are_set_aside() {
+    let w = [0, 1, 2];
+    let mut old = dump(2, 3, "watchdog", vec![group("world", &w, 2, done(40))]);
+    old.job = "j0".into();
+    old.unix_ns -= 3_600_000_000_000;
+    let dumps = vec![
+        dump(0, 3, "watchdog", vec![group("world", &w, 0, stuck(5))]),
+        dump(1, 3, "abort", vec![group("world", &w, 1, stuck(5))]),
+        old,
+    ];
+    let r = analyze("d", &dumps, &[]);
+    assert_eq!(r.set_aside, vec![(2, "of job j0, not j1, written 3600s before the newest dump (an earlier run?)".to_string())]);
+    assert_eq!(r.missing, vec![2], "this job's rank 2 left no dump");
+    assert_eq!(r.look_at[0].rank, 2);
+    assert!(r.to_text().contains("  set aside: rank_2.json: of job j0, not j1"), "{}", r.to_text());
+    // Without job ids (no launcher variable), nothing is set aside.
+    let mut dumps = dumps;
+    for d in &mut dumps {
+        d.job.clear();
+    }
+    assert!(analyze("d", &dumps, &[]).set_aside.is_empty());
 }
