@@ -3,21 +3,16 @@
 //! allocator (exit 101), an abort (134) or the kernel's OOM killer; runs that fit still train.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+mod common;
 
 /// One job at a time: 2 cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn describe(o: &Output) -> String {
-    format!(
-        "exit status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::describe;
 
 /// A small English-like text (the GPT-2 tokenizer is quick on it).
 fn text(dir: &Path) -> PathBuf {
@@ -29,25 +24,8 @@ fn text(dir: &Path) -> PathBuf {
 
 fn fabbrica(np: usize, sets: &[String]) -> (Output, Duration) {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let bin = env!("CARGO_BIN_EXE_fabbrica");
-    let mut cmd = if np == 0 {
-        Command::new(bin)
-    } else {
-        let mut c = Command::new("mpirun");
-        c.args(["-np", &np.to_string(), "--oversubscribe", bin]);
-        c
-    };
-    cmd.arg("train");
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_plm", "isolated")
-        .env("RUST_BACKTRACE", "1")
-        .env_remove("CUDA_VISIBLE_DEVICES");
     let start = Instant::now();
-    let o = cmd.output().expect("cannot run fabbrica");
+    let o = common::train_command(np, &[], sets).output().expect("cannot run fabbrica");
     (o, start.elapsed())
 }
 

@@ -11,6 +11,8 @@ use std::sync::Mutex;
 use fabbrica_train::checkpoint;
 use fabbrica_train::metrics::{read, Record};
 
+mod common;
+
 /// One job at a time: 2 cores, and the mpirun jobs oversubscribe them.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -29,7 +31,7 @@ fn base(out: &Path) -> Vec<String> {
         "run.sample_tokens=0",
         "run.threads=1",
         &format!("run.out_dir={}", out.display()),
-        &format!("data.path={}/../../data/pystdlib.txt", env!("CARGO_MANIFEST_DIR")),
+        &common::corpus_set(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -37,35 +39,13 @@ fn base(out: &Path) -> Vec<String> {
 }
 
 fn command(np: usize, out: &Path, sets: &[&str]) -> Command {
-    let bin = env!("CARGO_BIN_EXE_fabbrica");
-    let mut cmd = if np == 0 {
-        Command::new(bin)
-    } else {
-        let mut c = Command::new("mpirun");
-        c.args(["-np", &np.to_string(), "--oversubscribe", bin]);
-        c
-    };
-    cmd.arg("train");
-    for s in base(out).iter().map(String::as_str).chain(sets.iter().copied()) {
-        cmd.args(["--set", s]);
-    }
-    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_plm", "isolated")
-        .env("RUST_BACKTRACE", "1")
-        .env_remove("FABBRICA_INJECT_NAN");
-    cmd
+    common::train_command(np, &[], base(out).iter().map(String::as_str).chain(sets.iter().copied()))
 }
 
 /// As [`command`] under mpirun with `FABBRICA_INJECT_NAN=spec` passed to every rank.
 fn command_injecting(np: usize, spec: &str, out: &Path, sets: &[&str]) -> Command {
-    let mut c = Command::new("mpirun");
-    c.args(["-np", &np.to_string(), "--oversubscribe", "-x", &format!("FABBRICA_INJECT_NAN={spec}"), env!("CARGO_BIN_EXE_fabbrica"), "train"]);
-    for s in base(out).iter().map(String::as_str).chain(sets.iter().copied()) {
-        c.args(["--set", s]);
-    }
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("OMPI_MCA_plm", "isolated");
-    c
+    let x = format!("FABBRICA_INJECT_NAN={spec}");
+    common::train_command(np, &["-x", &x], base(out).iter().map(String::as_str).chain(sets.iter().copied()))
 }
 
 fn go(mut cmd: Command) -> Output {
@@ -78,7 +58,7 @@ fn train(np: usize, out: &Path, sets: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("exit {:?}\n--- stdout\n{}--- stderr\n{}", o.status.code(), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    common::describe(o)
 }
 
 fn ok(o: &Output) {

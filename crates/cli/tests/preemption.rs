@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use fabbrica_train::checkpoint;
 use fabbrica_train::metrics::read;
 
+mod common;
+
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const STEPS: u64 = 400;
@@ -31,31 +33,18 @@ fn base(out: &Path, extra: &[&str]) -> Vec<String> {
         "run.sample_tokens=0",
         "run.threads=1",
         &format!("run.out_dir={}", out.display()),
-        &format!("data.path={}/../../data/pystdlib.txt", env!("CARGO_MANIFEST_DIR")),
+        &common::corpus_set(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     v.extend(extra.iter().map(|s| s.to_string()));
-    v.into_iter().flat_map(|s| ["--set".to_string(), s]).collect()
+    v
 }
 
 fn cmd(np: usize, out: &Path, extra: &[&str]) -> Command {
-    let bin = env!("CARGO_BIN_EXE_fabbrica");
-    let mut c = if np == 0 {
-        Command::new(bin)
-    } else {
-        let mut c = Command::new("mpirun");
-        c.args(["-np", &np.to_string(), "--oversubscribe", bin]);
-        c
-    };
-    c.arg("train")
-        .args(base(out, extra))
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_plm", "isolated")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut c = common::train_command(np, &[], base(out, extra));
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
     c
 }
 
