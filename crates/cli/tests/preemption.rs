@@ -91,7 +91,7 @@ fn interrupted_run_matches(np: usize, sig: &str, send: impl Fn(&Child)) -> u64 {
     assert_eq!(code, Some(75), "{sig}: expected the preempted exit code\n{text}");
     assert!(text.contains(&format!("stopped by {sig}")) && text.contains("resume with run.resume=true"), "{text}");
     let stopped = checkpoint::read_state(&checkpoint::latest(&part).unwrap().unwrap()).unwrap().step;
-    assert!(stopped >= 20 && stopped < STEPS, "stopped at {stopped}");
+    assert!((20..STEPS).contains(&stopped), "stopped at {stopped}");
     let logged = losses(&part);
     assert_eq!(logged.last().unwrap().0, stopped, "metrics and checkpoint disagree on where it stopped");
 

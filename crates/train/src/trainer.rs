@@ -159,7 +159,7 @@ pub fn accumulate_grads(s: &Setup, sampler: &Sampler, step: u64, first_micro: us
         let (x, y) = (to_tensor(x, b, t, s.device), to_tensor(y, b, t, s.device));
         let mut loss = tch::autocast(s.bf16, || Gpt::loss(&s.model.forward(&x, true), &y));
         if inject_nan && m == 0 {
-            loss = loss * f64::NAN;
+            loss *= f64::NAN;
         }
         if let Some(d) = ddp {
             d.begin_micro_step(m + 1 == grad_accum);

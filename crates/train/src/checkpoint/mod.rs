@@ -218,7 +218,7 @@ pub fn load(dir: &Path) -> Result<Loaded, TrainError> {
 }
 
 /// The first tensor holding a NaN or an infinity, by name.
-fn first_nonfinite<'a>(tensors: &'a [(String, Tensor)]) -> Option<&'a str> {
+fn first_nonfinite(tensors: &[(String, Tensor)]) -> Option<&str> {
     tensors
         .iter()
         .find(|(_, t)| t.is_floating_point() && t.numel() > 0 && !bool::try_from(t.isfinite().all()).unwrap_or(false))
