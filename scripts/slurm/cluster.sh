@@ -9,7 +9,7 @@
 # Runs as root, without systemd or cgroups: everything (config, keys, sockets, logs, state, PID
 # files) lives under DIR, the daemons listen on their own ports (not Slurm's defaults) and their own
 # munge socket, so a real Slurm or munge on the machine is neither used nor disturbed.
-# The node is this machine (`hostname -s`, all its CPUs), one partition `debug`, no accounting.
+# The node is this machine (as `slurmd -C` describes it), one partition `debug`, no accounting.
 # MpiDefault=none, as Debian ships it: jobs must ask `srun --mpi=pmix` themselves.
 # KillWait=30: scancel and time limits send SIGTERM, then SIGKILL 30 s later, long enough for a
 # checkpoint. Env CLUSTER_PORT (default 16817; slurmd listens on the next port) moves the ports.
@@ -17,6 +17,8 @@ set -euo pipefail
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 usage() { die "usage: cluster.sh start|stop DIR, or cluster.sh install"; }
+# A failed start stops what it had started.
+fail() { stop "$1"; die "$2"; }
 
 PKGS=(munge slurmctld slurmd slurm-client libpmix-dev)
 
@@ -54,9 +56,12 @@ start() {
   fi
   mkdir -p "$dir/state" "$dir/spool" "$dir/munge"
   chmod 700 "$dir/munge"
-  local host cpus port
-  host="$(hostname -s)"
-  cpus="$(nproc --all)"
+  local node host port
+  # This machine as slurmd sees it (name, CPUs, sockets, cores, threads), so that it registers
+  # without a mismatch; memory is left out (CR_CPU does not allocate it).
+  node="$(slurmd -C | head -n1 | sed 's/ RealMemory=[0-9]*//')"
+  host="${node#NodeName=}"
+  host="${host%% *}"
   port="${CLUSTER_PORT:-16817}"
 
   # munge: its own key and socket; munged runs as root here (--force: it would rather not).
@@ -65,9 +70,10 @@ start() {
   fi
   chmod 400 "$dir/munge/munge.key"
   munged --force --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
-    --pid-file="$dir/munged.pid" --log-file="$dir/munged.log" --seed-file="$dir/munge/munged.seed"
-  wait_for "munge -n -S '$dir/munge/munge.socket' | unmunge -S '$dir/munge/munge.socket'" 10 ||
+    --pid-file="$dir/munged.pid" --log-file="$dir/munged.log" --seed-file="$dir/munge/munged.seed" ||
     die "munged did not start: see $dir/munged.log"
+  wait_for "munge -n -S '$dir/munge/munge.socket' | unmunge -S '$dir/munge/munge.socket'" 10 ||
+    fail "$dir" "munged did not start: see $dir/munged.log"
 
   cat > "$dir/slurm.conf" <<EOF
 # Written by scripts/slurm/cluster.sh: a single-node test cluster, everything under $dir.
@@ -107,16 +113,16 @@ SchedulerType=sched/backfill
 # Look at pending jobs every 2 s (default 60 s; 30 s for backfill): a requeued job restarts promptly.
 SchedulerParameters=sched_interval=2,bf_interval=2
 MailProg=/bin/true
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
+$node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
   export SLURM_CONF="$dir/slurm.conf"
   # -i: ignore state saved by an earlier cluster in this DIR.
-  slurmctld -i -f "$SLURM_CONF"
-  wait_for "scontrol ping | grep -q UP" 20 || die "slurmctld did not start: see $dir/slurmctld.log"
-  slurmd -f "$SLURM_CONF"
+  slurmctld -i -f "$SLURM_CONF" || fail "$dir" "slurmctld did not start: see $dir/slurmctld.log"
+  wait_for "scontrol ping | grep -q UP" 20 || fail "$dir" "slurmctld did not start: see $dir/slurmctld.log"
+  slurmd -f "$SLURM_CONF" || fail "$dir" "slurmd did not start: see $dir/slurmd.log"
   wait_for "sinfo -h -N -o %T | grep -Eq '^(idle|mixed|allocated)'" 30 ||
-    die "slurmd did not register: see $dir/slurmd.log and $dir/slurmctld.log"
+    fail "$dir" "slurmd did not register: see $dir/slurmd.log and $dir/slurmctld.log"
   echo "cluster.sh: Slurm is up in $dir (export SLURM_CONF=$SLURM_CONF)"
 }
 
@@ -137,9 +143,22 @@ stop_one() {
 }
 
 stop() {
-  local dir="$1"
+  local dir="$1" jobs i
   [ -d "$dir" ] || return 0
-  # slurmd first: it ends the job steps it still runs.
+  # Jobs still there (a failed test): kill their processes, then let slurmd clean up their steps.
+  if [ -s "$dir/slurmctld.pid" ] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
+    jobs="$(SLURM_CONF="$dir/slurm.conf" squeue -h -o %i 2>/dev/null || true)"
+    if [ -n "$jobs" ]; then
+      # shellcheck disable=SC2086
+      SLURM_CONF="$dir/slurm.conf" scancel --full --signal=KILL $jobs 2>/dev/null || true
+      # shellcheck disable=SC2086
+      SLURM_CONF="$dir/slurm.conf" scancel $jobs 2>/dev/null || true
+      for ((i = 0; i < 100; i++)); do
+        [ -z "$(SLURM_CONF="$dir/slurm.conf" squeue -h -o %i 2>/dev/null)" ] && break
+        sleep 0.1
+      done
+    fi
+  fi
   stop_one "$dir/slurmd.pid"
   stop_one "$dir/slurmctld.pid"
   stop_one "$dir/munged.pid"

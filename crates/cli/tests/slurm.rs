@@ -68,11 +68,16 @@ fn losses(out: &Path) -> Vec<(u64, u64)> {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn mpi_env(c: &mut Command) -> &mut Command {
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
 }
 
 /// The losses of an uninterrupted `mpirun -np 2` run of `STEPS` steps, computed once.
@@ -107,7 +112,9 @@ impl Cluster {
     /// A Slurm command against this cluster.
     fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new(program);
-        mpi_env(&mut c).env("SLURM_CONF", self.conf()).env("FABBRICA", BIN);
+        mpi_env(&mut c)
+            .env("SLURM_CONF", self.conf())
+            .env("FABBRICA", BIN);
         c
     }
 
@@ -116,7 +123,10 @@ impl Cluster {
         for f in ["slurmctld.log", "slurmd.log"] {
             let t = fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
             let lines: Vec<&str> = t.lines().collect();
-            s += &format!("--- {f} (tail)\n{}\n", lines[lines.len().saturating_sub(15)..].join("\n"));
+            s += &format!(
+                "--- {f} (tail)\n{}\n",
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            );
         }
         s
     }
@@ -124,19 +134,30 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = Command::new("bash").arg(script("scripts/slurm/cluster.sh")).arg("stop").arg(self.dir.path()).status();
+        let _ = Command::new("bash")
+            .arg(script("scripts/slurm/cluster.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 /// Two consecutive free TCP ports (slurmctld's and slurmd's).
 fn free_ports() -> u16 {
     let start = 20000 + (std::process::id() % 20000) as u16;
     (start..start + 2000)
-        .find(|&p| TcpListener::bind(("0.0.0.0", p)).is_ok() && TcpListener::bind(("0.0.0.0", p + 1)).is_ok())
+        .find(|&p| {
+            TcpListener::bind(("0.0.0.0", p)).is_ok()
+                && TcpListener::bind(("0.0.0.0", p + 1)).is_ok()
+        })
         .expect("no free ports")
 }
 
@@ -158,7 +179,9 @@ fn cluster(test: &str) -> Option<Arc<Cluster>> {
         }
         return None;
     }
-    let c = Arc::new(Cluster { dir: tempfile::tempdir().unwrap() });
+    let c = Arc::new(Cluster {
+        dir: tempfile::tempdir().unwrap(),
+    });
     let o = Command::new("bash")
         .arg(script("scripts/slurm/cluster.sh"))
         .arg("start")
@@ -166,7 +189,12 @@ fn cluster(test: &str) -> Option<Arc<Cluster>> {
         .env("CLUSTER_PORT", free_ports().to_string())
         .output()
         .unwrap();
-    assert!(o.status.success(), "cluster.sh start failed\n{}{}", text(&o), c.log_tail());
+    assert!(
+        o.status.success(),
+        "cluster.sh start failed\n{}{}",
+        text(&o),
+        c.log_tail()
+    );
     *shared = Arc::downgrade(&c);
     Some(c)
 }
@@ -179,15 +207,36 @@ struct JobInfo {
 }
 
 fn job_info(c: &Cluster, id: &str) -> JobInfo {
-    let o = c.cmd("scontrol").args(["show", "job", "-o", id]).output().unwrap();
+    let o = c
+        .cmd("scontrol")
+        .args(["show", "job", "-o", id])
+        .output()
+        .unwrap();
     let t = String::from_utf8_lossy(&o.stdout).into_owned();
     let field = |name: &str| {
-        t.split_whitespace().find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('='))).unwrap_or("").to_string()
+        t.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            .unwrap_or("")
+            .to_string()
     };
-    JobInfo { state: field("JobState"), exit_code: field("ExitCode"), restarts: field("Restarts").parse().unwrap_or(0) }
+    JobInfo {
+        state: field("JobState"),
+        exit_code: field("ExitCode"),
+        restarts: field("Restarts").parse().unwrap_or(0),
+    }
 }
 
-const FINAL: &[&str] = &["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"];
+const FINAL: &[&str] = &[
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+];
 
 /// Submits scripts/slurm/train.sbatch for 2 ranks; output to `dir/job.out`.
 fn sbatch(c: &Cluster, dir: &Path, opts: &[&str], env: &[(&str, &str)], args: &[String]) -> String {
@@ -199,8 +248,18 @@ fn sbatch(c: &Cluster, dir: &Path, opts: &[&str], env: &[(&str, &str)], args: &[
         .args(args)
         .envs(env.iter().copied());
     let o = cmd.output().unwrap();
-    assert!(o.status.success(), "sbatch failed\n{}{}", text(&o), c.log_tail());
-    String::from_utf8_lossy(&o.stdout).trim().split(';').next().unwrap().to_string()
+    assert!(
+        o.status.success(),
+        "sbatch failed\n{}{}",
+        text(&o),
+        c.log_tail()
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 fn job_out(dir: &Path) -> String {
@@ -215,7 +274,13 @@ fn wait_final(c: &Cluster, id: &str, dir: &Path, limit: Duration) -> JobInfo {
         if FINAL.contains(&info.state.as_str()) {
             return info;
         }
-        assert!(t.elapsed() < limit, "job {id} still {} after {limit:?}\n{}{}", info.state, job_out(dir), c.log_tail());
+        assert!(
+            t.elapsed() < limit,
+            "job {id} still {} after {limit:?}\n{}{}",
+            info.state,
+            job_out(dir),
+            c.log_tail()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -224,13 +289,25 @@ fn wait_final(c: &Cluster, id: &str, dir: &Path, limit: Duration) -> JobInfo {
 fn wait_for_step(c: &Cluster, id: &str, dir: &Path, out: &Path, step: usize) {
     let t = Instant::now();
     loop {
-        let logged = fs::read_to_string(out.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
+        let logged = fs::read_to_string(out.join("metrics.jsonl"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
         if logged >= step {
             return;
         }
         let info = job_info(c, id);
-        assert!(!FINAL.contains(&info.state.as_str()), "job {id} ended ({}) before step {step}\n{}", info.state, job_out(dir));
-        assert!(t.elapsed() < Duration::from_secs(90), "no step {step} within 90 s\n{}{}", job_out(dir), c.log_tail());
+        assert!(
+            !FINAL.contains(&info.state.as_str()),
+            "job {id} ended ({}) before step {step}\n{}",
+            info.state,
+            job_out(dir)
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "no step {step} within 90 s\n{}{}",
+            job_out(dir),
+            c.log_tail()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -262,13 +339,19 @@ fn assert_no_process_left(out: &Path) {
         if left.is_empty() {
             return;
         }
-        assert!(t.elapsed() < Duration::from_secs(15), "processes left behind:\n{}", left.join("\n"));
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "processes left behind:\n{}",
+            left.join("\n")
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 fn checkpoint_step(out: &Path) -> u64 {
-    let latest = checkpoint::latest(out).unwrap().expect("a checkpoint was written");
+    let latest = checkpoint::latest(out)
+        .unwrap()
+        .expect("a checkpoint was written");
     checkpoint::read_state(&latest).unwrap().step
 }
 
@@ -278,12 +361,19 @@ fn checkpoint_step(out: &Path) -> u64 {
 /// `srun --mpi=pmix -n 2` and `mpirun -np 2` of one config: the same losses, bit for bit.
 #[test]
 fn srun_with_pmix_matches_mpirun_bit_for_bit() {
-    let Some(c) = cluster("srun_with_pmix_matches_mpirun_bit_for_bit") else { return };
+    let Some(c) = cluster("srun_with_pmix_matches_mpirun_bit_for_bit") else {
+        return;
+    };
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let want = reference();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("srun");
-    let o = c.cmd("srun").args(["--mpi=pmix", "-n", "2", BIN, "train"]).args(train_args(&out, STEPS)).output().unwrap();
+    let o = c
+        .cmd("srun")
+        .args(["--mpi=pmix", "-n", "2", BIN, "train"])
+        .args(train_args(&out, STEPS))
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}{}", text(&o), c.log_tail());
     assert!(text(&o).contains("2 ranks"), "{}", text(&o));
     assert_eq!(losses(&out), want, "srun's losses differ from mpirun's");
@@ -294,22 +384,47 @@ fn srun_with_pmix_matches_mpirun_bit_for_bit() {
 /// requeues the job, the job resumes with run.resume=auto and ends with the uninterrupted losses.
 #[test]
 fn sbatch_signal_checkpoints_requeues_and_resumes_to_the_same_losses() {
-    let Some(c) = cluster("sbatch_signal_checkpoints_requeues_and_resumes_to_the_same_losses") else { return };
+    let Some(c) = cluster("sbatch_signal_checkpoints_requeues_and_resumes_to_the_same_losses")
+    else {
+        return;
+    };
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let want = reference();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let id = sbatch(&c, dir.path(), &["--time=10"], &[], &train_args(&out, STEPS));
+    let id = sbatch(
+        &c,
+        dir.path(),
+        &["--time=10"],
+        &[],
+        &train_args(&out, STEPS),
+    );
     wait_for_step(&c, &id, dir.path(), &out, 20);
-    let o = c.cmd("scancel").args(["--batch", "--signal=USR1", &id]).output().unwrap();
+    let o = c
+        .cmd("scancel")
+        .args(["--batch", "--signal=USR1", &id])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let info = wait_final(&c, &id, dir.path(), Duration::from_secs(180));
     let log = job_out(dir.path());
     assert_eq!(info.state, "COMPLETED", "{log}{}", c.log_tail());
     assert_eq!(info.restarts, 1, "{log}");
-    assert!(log.contains("stopped by SIGUSR1") && log.contains("exit code 75") && log.contains("requeueing job"), "{log}");
-    assert!(log.contains("attempt 1") && log.contains("training finished"), "{log}");
-    assert_eq!(losses(&out), want, "the requeued job's losses differ from an uninterrupted run\n{log}");
+    assert!(
+        log.contains("stopped by SIGUSR1")
+            && log.contains("exit code 75")
+            && log.contains("requeueing job"),
+        "{log}"
+    );
+    assert!(
+        log.contains("attempt 1") && log.contains("training finished"),
+        "{log}"
+    );
+    assert_eq!(
+        losses(&out),
+        want,
+        "the requeued job's losses differ from an uninterrupted run\n{log}"
+    );
     assert_no_process_left(&out);
 }
 
@@ -317,12 +432,20 @@ fn sbatch_signal_checkpoints_requeues_and_resumes_to_the_same_losses() {
 /// SIGTERM, the ranks write their checkpoint within KillWait, the job restarts and resumes.
 #[test]
 fn scontrol_requeue_mid_run_resumes_to_the_same_losses() {
-    let Some(c) = cluster("scontrol_requeue_mid_run_resumes_to_the_same_losses") else { return };
+    let Some(c) = cluster("scontrol_requeue_mid_run_resumes_to_the_same_losses") else {
+        return;
+    };
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let want = reference();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let id = sbatch(&c, dir.path(), &["--time=10"], &[], &train_args(&out, STEPS));
+    let id = sbatch(
+        &c,
+        dir.path(),
+        &["--time=10"],
+        &[],
+        &train_args(&out, STEPS),
+    );
     wait_for_step(&c, &id, dir.path(), &out, 20);
     let o = c.cmd("scontrol").args(["requeue", &id]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -330,11 +453,21 @@ fn scontrol_requeue_mid_run_resumes_to_the_same_losses() {
     let log = job_out(dir.path());
     assert_eq!(info.state, "COMPLETED", "{log}{}", c.log_tail());
     assert_eq!(info.restarts, 1, "{log}");
-    assert!(log.contains("stopped by SIGTERM") && log.contains("steps 0.."), "{log}");
+    assert!(
+        log.contains("stopped by SIGTERM") && log.contains("steps 0.."),
+        "{log}"
+    );
     // The second attempt started from the checkpoint of the first, not from step 0.
     let resumed = log.split("attempt 1").nth(1).expect("a second attempt");
-    assert!(!resumed.contains("steps 0.."), "the requeued job did not resume\n{log}");
-    assert_eq!(losses(&out), want, "the requeued job's losses differ from an uninterrupted run\n{log}");
+    assert!(
+        !resumed.contains("steps 0.."),
+        "the requeued job did not resume\n{log}"
+    );
+    assert_eq!(
+        losses(&out),
+        want,
+        "the requeued job's losses differ from an uninterrupted run\n{log}"
+    );
     assert_no_process_left(&out);
 }
 
@@ -343,12 +476,21 @@ fn scontrol_requeue_mid_run_resumes_to_the_same_losses() {
 /// the losses so far are the uninterrupted run's.
 #[test]
 fn scancel_stops_every_rank_with_a_checkpoint_and_leaves_no_process() {
-    let Some(c) = cluster("scancel_stops_every_rank_with_a_checkpoint_and_leaves_no_process") else { return };
+    let Some(c) = cluster("scancel_stops_every_rank_with_a_checkpoint_and_leaves_no_process")
+    else {
+        return;
+    };
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let want = reference();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let id = sbatch(&c, dir.path(), &["--time=10"], &[], &train_args(&out, STEPS));
+    let id = sbatch(
+        &c,
+        dir.path(),
+        &["--time=10"],
+        &[],
+        &train_args(&out, STEPS),
+    );
     wait_for_step(&c, &id, dir.path(), &out, 20);
     let o = c.cmd("scancel").arg(&id).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -357,11 +499,18 @@ fn scancel_stops_every_rank_with_a_checkpoint_and_leaves_no_process() {
     assert_eq!(info.restarts, 0, "scancel must not requeue");
     assert_no_process_left(&out);
     let log = job_out(dir.path());
-    assert!(log.contains("stopped by SIGTERM") && log.contains("exit code 75"), "no checkpoint on scancel\n{log}");
+    assert!(
+        log.contains("stopped by SIGTERM") && log.contains("exit code 75"),
+        "no checkpoint on scancel\n{log}"
+    );
     let stopped = checkpoint_step(&out);
     assert!((20..STEPS).contains(&stopped), "stopped at {stopped}");
     let logged = losses(&out);
-    assert_eq!(logged.last().unwrap().0, stopped, "metrics and checkpoint disagree on where it stopped");
+    assert_eq!(
+        logged.last().unwrap().0,
+        stopped,
+        "metrics and checkpoint disagree on where it stopped"
+    );
     assert_eq!(logged[..], want[..logged.len()]);
 }
 
@@ -370,16 +519,27 @@ fn scancel_stops_every_rank_with_a_checkpoint_and_leaves_no_process() {
 /// Requeueing is turned off (FABBRICA_MAX_REQUEUES=0), so the job ends there.
 #[test]
 fn time_limit_warning_signal_stops_the_job_with_a_checkpoint() {
-    let Some(c) = cluster("time_limit_warning_signal_stops_the_job_with_a_checkpoint") else { return };
+    let Some(c) = cluster("time_limit_warning_signal_stops_the_job_with_a_checkpoint") else {
+        return;
+    };
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let id = sbatch(&c, dir.path(), &["--time=1", "--signal=USR1@20"], &[("FABBRICA_MAX_REQUEUES", "0")], &train_args(&out, 1_000_000));
+    let id = sbatch(
+        &c,
+        dir.path(),
+        &["--time=1", "--signal=USR1@20"],
+        &[("FABBRICA_MAX_REQUEUES", "0")],
+        &train_args(&out, 1_000_000),
+    );
     let info = wait_final(&c, &id, dir.path(), Duration::from_secs(100));
     let log = job_out(dir.path());
     assert_eq!(info.state, "FAILED", "{log}");
     assert_eq!(info.exit_code, "75:0", "{log}");
-    assert!(log.contains("stopped by SIGUSR1") && log.contains("not requeueing"), "{log}");
+    assert!(
+        log.contains("stopped by SIGUSR1") && log.contains("not requeueing"),
+        "{log}"
+    );
     let stopped = checkpoint_step(&out);
     assert!(stopped > 0, "{log}");
     assert_eq!(losses(&out).last().unwrap().0, stopped);
@@ -393,20 +553,35 @@ fn time_limit_warning_signal_stops_the_job_with_a_checkpoint() {
 /// saying what to add, exit code 2, before Open MPI's MPI_Init would abort with a page of text.
 #[test]
 fn srun_without_pmix_is_refused_in_one_line() {
-    let Some(c) = cluster("srun_without_pmix_is_refused_in_one_line") else { return };
+    let Some(c) = cluster("srun_without_pmix_is_refused_in_one_line") else {
+        return;
+    };
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     for (mpi, n) in [(None, "1"), (None, "2"), (Some("--mpi=pmi2"), "2")] {
         let out = dir.path().join(format!("{n}{}", mpi.unwrap_or("")));
         let mut cmd = c.cmd("srun");
-        cmd.args(mpi).args(["-n", n, BIN, "train"]).args(train_args(&out, 5)).env_remove("SLURM_MPI_TYPE");
+        cmd.args(mpi)
+            .args(["-n", n, BIN, "train"])
+            .args(train_args(&out, 5))
+            .env_remove("SLURM_MPI_TYPE");
         let o = cmd.output().unwrap();
         let t = text(&o);
         assert_eq!(o.status.code(), Some(2), "{mpi:?} -n {n}\n{t}");
         let lines: Vec<&str> = t.lines().filter(|l| l.starts_with("error: ")).collect();
-        assert_eq!(lines.len(), 1, "{mpi:?} -n {n}: expected one error line\n{t}");
-        assert!(lines[0].contains("srun --mpi=pmix") && lines[0].contains("MpiDefault=pmix"), "{t}");
-        assert!(!t.contains("MPI_Init") && !t.contains("PMI support"), "reached MPI_Init:\n{t}");
+        assert_eq!(
+            lines.len(),
+            1,
+            "{mpi:?} -n {n}: expected one error line\n{t}"
+        );
+        assert!(
+            lines[0].contains("srun --mpi=pmix") && lines[0].contains("MpiDefault=pmix"),
+            "{t}"
+        );
+        assert!(
+            !t.contains("MPI_Init") && !t.contains("PMI support"),
+            "reached MPI_Init:\n{t}"
+        );
         assert!(!out.join("metrics.jsonl").exists());
     }
 }
@@ -415,12 +590,19 @@ fn srun_without_pmix_is_refused_in_one_line() {
 /// srun check must not fire, and the run matches plain mpirun.
 #[test]
 fn mpirun_inside_an_allocation_is_not_mistaken_for_srun() {
-    let Some(c) = cluster("mpirun_inside_an_allocation_is_not_mistaken_for_srun") else { return };
+    let Some(c) = cluster("mpirun_inside_an_allocation_is_not_mistaken_for_srun") else {
+        return;
+    };
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let want = reference();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let o = c.cmd("salloc").args(["-n", "2", "mpirun", "-np", "2", BIN, "train"]).args(train_args(&out, STEPS)).output().unwrap();
+    let o = c
+        .cmd("salloc")
+        .args(["-n", "2", "mpirun", "-np", "2", BIN, "train"])
+        .args(train_args(&out, STEPS))
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}{}", text(&o), c.log_tail());
     assert_eq!(losses(&out), want);
 }
@@ -433,48 +615,81 @@ fn mpirun_inside_an_allocation_is_not_mistaken_for_srun() {
 #[test]
 fn env_sh_leaves_mpirun_free_to_use_a_hostfile() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let has_agent = Command::new("bash").args(["-c", "command -v ssh || command -v rsh"]).output().unwrap().status.success();
+    let has_agent = Command::new("bash")
+        .args(["-c", "command -v ssh || command -v rsh"])
+        .output()
+        .unwrap()
+        .status
+        .success();
     let plm = Command::new("bash")
-        .args(["-c", &format!("source {ROOT}/scripts/env.sh && echo \"${{OMPI_MCA_plm-unset}}\"")])
+        .args([
+            "-c",
+            &format!("source {ROOT}/scripts/env.sh && echo \"${{OMPI_MCA_plm-unset}}\""),
+        ])
         .env_remove("OMPI_MCA_plm")
         .output()
         .unwrap();
     let plm = String::from_utf8_lossy(&plm.stdout).trim().to_string();
-    assert_eq!(plm, if has_agent { "unset" } else { "isolated" }, "ssh/rsh present: {has_agent}");
+    assert_eq!(
+        plm,
+        if has_agent { "unset" } else { "isolated" },
+        "ssh/rsh present: {has_agent}"
+    );
     if !has_agent {
         return;
     }
     let want = reference();
     let dir = tempfile::tempdir().unwrap();
-    for (name, hosts) in [("slots", "localhost slots=2\n"), ("lines", "localhost\nlocalhost\n")] {
+    for (name, hosts) in [
+        ("slots", "localhost slots=2\n"),
+        ("lines", "localhost\nlocalhost\n"),
+    ] {
         let hostfile = dir.path().join(format!("hosts-{name}"));
         fs::write(&hostfile, hosts).unwrap();
         let out = dir.path().join(name);
-        let o = mpi_env(Command::new("bash").args(["-c", &format!("source {ROOT}/scripts/env.sh && exec \"$@\""), "bash"]))
-            .args(["mpirun", "--hostfile"])
-            .arg(&hostfile)
-            .args(["-np", "2", BIN, "train"])
-            .args(train_args(&out, STEPS))
-            .env_remove("OMPI_MCA_plm")
-            .output()
-            .unwrap();
+        let o = mpi_env(Command::new("bash").args([
+            "-c",
+            &format!("source {ROOT}/scripts/env.sh && exec \"$@\""),
+            "bash",
+        ]))
+        .args(["mpirun", "--hostfile"])
+        .arg(&hostfile)
+        .args(["-np", "2", BIN, "train"])
+        .args(train_args(&out, STEPS))
+        .env_remove("OMPI_MCA_plm")
+        .output()
+        .unwrap();
         assert!(o.status.success(), "hostfile {hosts:?}\n{}", text(&o));
         assert_eq!(losses(&out), want, "hostfile {hosts:?}");
     }
     // A node that does not exist: mpirun must try to start a daemon there (and fail), not run
     // both ranks here or complain about slots as `isolated` does.
     let hostfile = dir.path().join("hosts-other");
-    fs::write(&hostfile, "fabbrica-no-such-node slots=1\nlocalhost slots=1\n").unwrap();
-    let o = mpi_env(Command::new("bash").args(["-c", &format!("source {ROOT}/scripts/env.sh && exec timeout 60 \"$@\""), "bash"]))
-        .args(["mpirun", "--hostfile"])
-        .arg(&hostfile)
-        .args(["-np", "2", "true"])
-        .env_remove("OMPI_MCA_plm")
-        .env("OMPI_MCA_plm_rsh_args", "-o BatchMode=yes -o ConnectTimeout=5")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    fs::write(
+        &hostfile,
+        "fabbrica-no-such-node slots=1\nlocalhost slots=1\n",
+    )
+    .unwrap();
+    let o = mpi_env(Command::new("bash").args([
+        "-c",
+        &format!("source {ROOT}/scripts/env.sh && exec timeout 60 \"$@\""),
+        "bash",
+    ]))
+    .args(["mpirun", "--hostfile"])
+    .arg(&hostfile)
+    .args(["-np", "2", "true"])
+    .env_remove("OMPI_MCA_plm")
+    .env(
+        "OMPI_MCA_plm_rsh_args",
+        "-o BatchMode=yes -o ConnectTimeout=5",
+    )
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
-    assert!(t.contains("fabbrica-no-such-node") && !t.contains("not enough slots"), "{t}");
+    assert!(
+        t.contains("fabbrica-no-such-node") && !t.contains("not enough slots"),
+        "{t}"
+    );
 }

@@ -292,7 +292,14 @@ pub fn pmi_problem(get: impl Fn(&str) -> Option<String>, mpi: MpiLibrary) -> Opt
         return None;
     }
     if vars
-        .first_set(&[OMPI_RANK, OMPI_SIZE, OMPI_LOCAL_RANK, OMPI_LOCAL_SIZE, PMIX_RANK, PMIX_NAMESPACE])
+        .first_set(&[
+            OMPI_RANK,
+            OMPI_SIZE,
+            OMPI_LOCAL_RANK,
+            OMPI_LOCAL_SIZE,
+            PMIX_RANK,
+            PMIX_NAMESPACE,
+        ])
         .is_some()
     {
         return None;
@@ -305,7 +312,10 @@ pub fn pmi_problem(get: impl Fn(&str) -> Option<String>, mpi: MpiLibrary) -> Opt
     } else {
         "without a PMI (srun --mpi=none, Slurm's default)"
     };
-    Some(LaunchError::SrunWithoutPmix { got, mpi: mpi.needs() })
+    Some(LaunchError::SrunWithoutPmix {
+        got,
+        mpi: mpi.needs(),
+    })
 }
 
 /// Works out the launch environment from a variable lookup (`get(name)` is

@@ -272,8 +272,7 @@ fn tasks_per_node_parsing() {
 #[test]
 fn open_mpi_beats_slurm_batch_env() {
     // mpirun started from an sbatch script: the ranks see both.
-    let mut vars: Vec<(&str, String)> =
-        SBATCH.iter().map(|&(k, v)| (k, v.to_owned())).collect();
+    let mut vars: Vec<(&str, String)> = SBATCH.iter().map(|&(k, v)| (k, v.to_owned())).collect();
     vars.push(("SLURM_STEP_ID", "0".into())); // mpirun's daemons run in an srun step
     vars.extend(ompi("5", "8", "1", "4"));
     assert_eq!(
@@ -598,7 +597,10 @@ fn display() {
 }
 
 fn pmi(pairs: &[(&str, &str)], mpi: MpiLibrary) -> Option<LaunchError> {
-    let map: HashMap<String, String> = pairs.iter().map(|&(k, v)| (k.to_owned(), v.to_owned())).collect();
+    let map: HashMap<String, String> = pairs
+        .iter()
+        .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
     pmi_problem(|name| map.get(name).cloned(), mpi)
 }
 
@@ -613,7 +615,12 @@ fn srun_without_pmix_is_refused_before_mpi_init() {
         let e = pmi(&task, mpi).expect("no PMI must be refused");
         let msg = e.to_string();
         assert!(!msg.contains('\n'), "{msg}");
-        for needle in ["srun --mpi=pmix", "MpiDefault=pmix", "SLURM_MPI_TYPE=pmix", "--mpi=none"] {
+        for needle in [
+            "srun --mpi=pmix",
+            "MpiDefault=pmix",
+            "SLURM_MPI_TYPE=pmix",
+            "--mpi=none",
+        ] {
             assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
         }
         // --mpi=pmix.
@@ -633,8 +640,13 @@ fn srun_without_pmix_is_refused_before_mpi_init() {
     let mut with_pmi2 = task.clone();
     with_pmi2.extend([(PMI_FD, "11"), (PMI_RANK, "3"), (PMI_SIZE, "8")]);
     assert!(pmi(&with_pmi2, MpiLibrary::Other).is_none());
-    let msg = pmi(&with_pmi2, MpiLibrary::OpenMpi).expect("Open MPI under pmi2").to_string();
-    assert!(msg.contains("PMI-2") && msg.contains("Open MPI") && msg.contains("srun --mpi=pmix"), "{msg}");
+    let msg = pmi(&with_pmi2, MpiLibrary::OpenMpi)
+        .expect("Open MPI under pmi2")
+        .to_string();
+    assert!(
+        msg.contains("PMI-2") && msg.contains("Open MPI") && msg.contains("srun --mpi=pmix"),
+        "{msg}"
+    );
 }
 
 #[test]
