@@ -69,7 +69,7 @@ fn restart_sh(opts: &[&str], command: &[String]) -> Command {
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         // After a rank exits non-zero (75 included) mpirun sends SIGCONT, sleeps this long, sends
         // SIGTERM, sleeps again, then SIGKILL, even when every rank is already gone: restart.sh's
-        // default of 60 would add two minutes to every test here.
+        // default of 5 would add ten seconds to every test here.
         .env("OMPI_MCA_odls_base_sigkill_timeout", "2")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -278,9 +278,9 @@ fn a_user_error_is_not_restarted() {
     );
 }
 
-/// restart.sh gives mpirun's ranks 60 s between SIGTERM and SIGKILL unless told otherwise.
+/// restart.sh sets mpirun's teardown pace (odls_base_sigkill_timeout) to 5 s unless told otherwise.
 #[test]
-fn the_sigkill_timeout_defaults_to_60_seconds() {
+fn the_sigkill_timeout_defaults_to_5_seconds() {
     let echo = |preset: Option<&str>| {
         let mut c = restart_sh(
             &[],
@@ -299,7 +299,7 @@ fn the_sigkill_timeout_defaults_to_60_seconds() {
         assert!(o.status.success(), "{}", text(&o));
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
-    assert_eq!(echo(None), "t=60");
+    assert_eq!(echo(None), "t=5");
     assert_eq!(echo(Some("7")), "t=7");
 }
 
