@@ -193,3 +193,50 @@ fn bad_input_is_one_line_exit_2() {
     let o = Command::new(env!("CARGO_BIN_EXE_fabbrica")).args(["doctor"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "no DIR: {}", text(&o));
 }
+
+/// kill -9 of one rank of a training job under plain mpirun (no recovery settings): mpirun sends
+/// the survivors SIGTERM shortly before SIGKILL, their stop handler asks for a flight dump, and
+/// `doctor` names the killed rank as the one without a dump.
+#[test]
+fn a_rank_killed_under_plain_mpirun_is_named_from_the_survivors_dumps() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut c = Command::new("mpirun");
+    c.args(["-np", "3", "--oversubscribe", env!("CARGO_BIN_EXE_fabbrica"), "train"]);
+    for s in [
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=16",
+        "model.block_size=16",
+        "train.batch_size=2",
+        "train.max_steps=1000000",
+        "train.log_interval=1",
+        "run.sample_tokens=0",
+        "run.threads=1",
+        &format!("run.out_dir={}", out.display()),
+        &format!("data.path={}/../../data/pystdlib.txt", env!("CARGO_MANIFEST_DIR")),
+    ] {
+        c.args(["--set", s]);
+    }
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("OMPI_MCA_plm", "isolated");
+    c.env_remove("FABBRICA_FLIGHT_DIR").env_remove("OMPI_MCA_orte_enable_recovery");
+    let mut child = c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let t = Instant::now();
+    while logged(&out) < 20 {
+        assert!(child.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(60), "training did not get going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kids = String::from_utf8(Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap().stdout).unwrap();
+    let last: u32 = kids.lines().last().unwrap().trim().parse().unwrap();
+    assert!(Command::new("kill").args(["-9", &last.to_string()]).status().unwrap().success());
+    let o = child.wait_with_output().unwrap();
+    assert_ne!(o.status.code(), Some(0));
+    // Which world rank that pid was: the one whose dump is missing.
+    let dumps: Vec<String> = fs::read_dir(out.join("flight")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(dumps.len(), 2, "{dumps:?}\n{}", String::from_utf8_lossy(&o.stderr));
+    let missing = (0..3).find(|r| !dumps.contains(&format!("rank_{r}.json"))).unwrap();
+    let o = doctor(&[out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(report.contains(&format!("verdict: rank {missing} left no dump: start there")), "{report}");
+}

@@ -526,16 +526,32 @@ pub(crate) fn dump_and_report(reason: &str) {
 static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_sigusr2(_: libc::c_int) {
-    // Async-signal-safe only: one write(2) to a non-blocking pipe, errno preserved.
+    request_dump_from_signal_handler(libc::SIGUSR2);
+}
+
+/// Asks the dump thread for a dump naming signal `sig`; async-signal-safe (one write(2) to a
+/// non-blocking pipe, errno preserved), for other handlers of this process too: the trainer's
+/// stop handler calls it, so that the surviving ranks of a job whose rank died (mpirun then sends
+/// them SIGTERM shortly before SIGKILL) leave their dumps for `fabbrica doctor`.
+pub fn request_dump_from_signal_handler(sig: libc::c_int) {
     // SAFETY: __errno_location is the calling thread's errno; write on a valid fd or -1.
     unsafe {
         let saved = *libc::__errno_location();
         let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
         if fd >= 0 {
-            let b = 1u8;
+            let b = sig.clamp(1, 255) as u8;
             let _ = libc::write(fd, (&b as *const u8).cast(), 1);
         }
         *libc::__errno_location() = saved;
+    }
+}
+
+fn signal_name(sig: u8) -> &'static str {
+    match sig as libc::c_int {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGUSR1 => "SIGUSR1",
+        _ => "SIGUSR2",
     }
 }
 
@@ -561,7 +577,7 @@ fn install_sigusr2() -> std::result::Result<(), String> {
                 // SAFETY: reads into a buffer we own from the pipe's read end.
                 let n = unsafe { libc::read(rd, buf.as_mut_ptr().cast(), buf.len()) };
                 if n > 0 {
-                    dump_and_report("SIGUSR2");
+                    dump_and_report(signal_name(buf[n as usize - 1]));
                 } else if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 } else {

@@ -6,17 +6,23 @@
 //! A second SIGINT or SIGTERM while the first is being handled ends the process at once (the
 //! default action), as a second Ctrl-C should.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// Exit code of a run stopped by a signal after writing its checkpoint (BSD's EX_TEMPFAIL:
 /// "try again later"), for requeue scripts: resume it.
 pub const EXIT_PREEMPTED: u8 = 75;
 
 static PENDING: AtomicI32 = AtomicI32::new(0);
+static DUMP_ON_STOP: AtomicBool = AtomicBool::new(false);
 
 const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1];
 
 extern "C" fn on_signal(sig: libc::c_int) {
+    // A stop may be the launcher tearing down a job whose rank died: leave a flight-recorder
+    // dump (written by a thread, not here) while there is time.
+    if sig != libc::SIGUSR1 && DUMP_ON_STOP.load(Ordering::Relaxed) {
+        fabbrica_comm::flight::request_dump_from_signal_handler(sig);
+    }
     if PENDING.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst).is_err() && sig != libc::SIGUSR1 {
         // SAFETY: signal() and raise() are async-signal-safe; this restores the default action
         // (terminate) and delivers the signal again.
@@ -33,8 +39,10 @@ pub struct Handlers {
 }
 
 /// Installs the handlers and clears any flag left from an earlier run in this process.
-pub fn install() -> Handlers {
+/// `dump_on_stop` (jobs of several ranks): SIGTERM/SIGINT also ask for a flight-recorder dump.
+pub fn install(dump_on_stop: bool) -> Handlers {
     PENDING.store(0, Ordering::SeqCst);
+    DUMP_ON_STOP.store(dump_on_stop, Ordering::SeqCst);
     let mut previous = Vec::new();
     for sig in SIGNALS {
         // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid; `old`
@@ -84,7 +92,7 @@ mod tests {
 
     #[test]
     fn a_signal_sets_the_flag_and_the_handlers_are_restored() {
-        let h = install();
+        let h = install(false);
         assert_eq!(pending(), None);
         // SAFETY: raising SIGUSR1 at ourselves with our handler installed.
         unsafe { libc::raise(libc::SIGUSR1) };

@@ -345,7 +345,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let stop_at = if cfg.run.stop_at > 0 { cfg.run.stop_at.min(cfg.train.max_steps) } else { cfg.train.max_steps };
     let inject = nan_injection()?;
     // Until this function returns, SIGTERM/SIGINT/SIGUSR1 only ask the loop to stop at a step boundary.
-    let _signals = crate::signals::install();
+    let _signals = crate::signals::install(nranks > 1);
     // Background writes need a host copy of the state; where memory is short, write at once.
     let copy = crate::saver::snapshot_bytes(&params);
     let room = crate::memory::host_available_bytes().is_none_or(|avail| avail / 2 > copy);
