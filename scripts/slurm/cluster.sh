@@ -104,7 +104,9 @@ MpiDefault=none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-ReturnToService=2
+# 1: a node that stopped responding comes back by itself when slurmd registers again; one set DOWN
+# by `scontrol update state=down` (a simulated node failure) stays down until `state=resume`.
+ReturnToService=1
 # SIGTERM, then SIGKILL this many seconds later (scancel, time limits): time for a checkpoint.
 KillWait=30
 # Job records stay visible to scontrol for 10 minutes after the job ends.

@@ -4,6 +4,8 @@
 //! * `srun --mpi=pmix` gives the same losses, bit for bit, as `mpirun` of the same config;
 //! * scripts/slurm/train.sbatch, stopped mid-run by a signal or by `scontrol requeue`, writes its
 //!   checkpoint, is requeued, resumes with run.resume=auto and ends with the uninterrupted losses;
+//! * a node failure (`scontrol update state=down`) makes Slurm requeue the job; once the node is
+//!   back it resumes from its checkpoint and ends with the uninterrupted losses;
 //! * `scancel` stops every rank with a checkpoint and leaves no process behind;
 //! * a time limit's `--signal` warning stops the job with a checkpoint;
 //! * launch pitfalls: `srun` without `--mpi=pmix` is refused in one line (exit 2) before MPI_Init,
@@ -462,6 +464,136 @@ fn scontrol_requeue_mid_run_resumes_to_the_same_losses() {
     assert!(
         !resumed.contains("steps 0.."),
         "the requeued job did not resume\n{log}"
+    );
+    assert_eq!(
+        losses(&out),
+        want,
+        "the requeued job's losses differ from an uninterrupted run\n{log}"
+    );
+    assert_no_process_left(&out);
+}
+
+/// Sets the cluster's node back to service when dropped, also when a test fails while it is down
+/// (the cluster is shared).
+struct ResumeNode<'a> {
+    c: &'a Cluster,
+    node: String,
+}
+
+impl ResumeNode<'_> {
+    fn resume(&self) -> Output {
+        let state = format!("nodename={}", self.node);
+        self.c
+            .cmd("scontrol")
+            .args(["update", &state, "state=resume"])
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for ResumeNode<'_> {
+    fn drop(&mut self) {
+        let _ = self.resume();
+    }
+}
+
+fn node_state(c: &Cluster, node: &str) -> String {
+    let o = c
+        .cmd("sinfo")
+        .args(["-h", "-N", "-n", node, "-o", "%T"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// A node failure mid-run, simulated with `scontrol update state=down`. What Slurm 22.05 does
+/// (measured): slurmctld requeues the job itself at once ("requeue job ... due to failure of node"),
+/// because of `#SBATCH --requeue` (JobRequeue=1 is also Slurm's default); with `--no-requeue` it
+/// ends as NODE_FAIL instead. srun prints "Node failure on <node>" and exits 0, so train.sbatch's
+/// own node-down branch (for a crash) is not what requeues here. slurmd is still alive on this
+/// "failed" node and stops the step with SIGTERM, so the ranks usually write a checkpoint at the
+/// step they reached; a node that really dies leaves the periodic one (run.checkpoint_interval).
+/// The requeued job stays pending while the node is down (cluster.sh's ReturnToService=1; with 2
+/// the node would come back by itself at once), starts again after `state=resume`, resumes with
+/// run.resume=auto and ends with the uninterrupted losses.
+#[test]
+fn node_failure_requeues_and_resumes_to_the_same_losses() {
+    let Some(c) = cluster("node_failure_requeues_and_resumes_to_the_same_losses") else {
+        return;
+    };
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let want = reference();
+    let o = c
+        .cmd("sinfo")
+        .args(["-h", "-N", "-o", "%N"])
+        .output()
+        .unwrap();
+    let node = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(!node.is_empty() && !node.contains('\n'), "nodes: {node:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut args = train_args(&out, STEPS);
+    args.extend(["--set".to_string(), "run.checkpoint_interval=10".into()]);
+    let id = sbatch(&c, dir.path(), &["--time=10"], &[], &args);
+    wait_for_step(&c, &id, dir.path(), &out, 25);
+
+    let back = ResumeNode { c: &c, node };
+    let o = c
+        .cmd("scontrol")
+        .args([
+            "update",
+            &format!("nodename={}", back.node),
+            "state=down",
+            "reason=test",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    // Requeued by Slurm, and kept pending while the node is down: longer than cred_expire (5 s)
+    // plus sched_interval (2 s), after which it would have started on a node in service.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(8) {
+        let info = job_info(&c, &id);
+        assert!(
+            info.state == "PENDING" && info.restarts == 1,
+            "job {id} is {} (restarts {}) with its node down\n{}{}",
+            info.state,
+            info.restarts,
+            job_out(dir.path()),
+            c.log_tail()
+        );
+        assert!(node_state(&c, &back.node).starts_with("down"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = back.resume();
+    assert!(o.status.success(), "{}", text(&o));
+
+    let info = wait_final(&c, &id, dir.path(), Duration::from_secs(120));
+    let log = job_out(dir.path());
+    assert_eq!(info.state, "COMPLETED", "{log}{}", c.log_tail());
+    assert_eq!(info.restarts, 1, "{log}");
+    assert!(log.contains("Node failure on"), "{log}");
+    let (first, resumed) = log.split_once("attempt 1").expect("a second attempt");
+    // srun exits 0 after the node failure: the script must not take that for the end of training
+    // (it says "srun exited 0 but the job is PENDING", when the shell lives long enough to say it).
+    assert!(
+        !first.contains("training finished"),
+        "the first attempt claims to have finished\n{log}"
+    );
+    assert!(
+        resumed.contains("training finished"),
+        "the requeued job did not finish\n{log}"
+    );
+    // From a checkpoint at step 20 (the periodic one before step 25) or later.
+    let from: u64 = resumed
+        .split("steps ")
+        .nth(1)
+        .and_then(|s| s.split("..").next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no `steps N..` line in the second attempt\n{log}"));
+    assert!(
+        (20..STEPS).contains(&from),
+        "the requeued job resumed from step {from}\n{log}"
     );
     assert_eq!(
         losses(&out),
