@@ -4,8 +4,14 @@
 //! otherwise).
 
 use std::process::Command;
+use std::sync::Mutex;
+
+/// One mpirun at a time: concurrent launches race on Open MPI's session directory
+/// (/tmp/ompi.<host>.<uid>: "mkdir … File exists") and oversubscribe the 2 cores.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 fn run(np: usize, args: &[&str]) {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let out = Command::new("mpirun")
         .args(["-np", &np.to_string(), "--oversubscribe"])
         .arg(env!("CARGO_BIN_EXE_pipeline_chain"))

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 const STEPS: u64 = 150;
 
+/// One mpirun job at a time (2 cores; concurrent launches also race on Open MPI's session dir).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn doctor(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fabbrica"))
         .arg("doctor")
@@ -63,6 +66,7 @@ fn logged(out: &Path) -> u64 {
 /// out_dir/flight/rank_<N>.json and training runs on to the end; doctor reads both dumps.
 #[test]
 fn sigusr2_mid_training_dumps_every_rank_and_doctor_reads_them() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let mut child = train(&out).spawn().unwrap();
@@ -199,6 +203,7 @@ fn bad_input_is_one_line_exit_2() {
 /// `doctor` names the killed rank as the one without a dump.
 #[test]
 fn a_rank_killed_under_plain_mpirun_is_named_from_the_survivors_dumps() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let mut c = Command::new("mpirun");
