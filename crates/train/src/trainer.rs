@@ -589,7 +589,8 @@ fn tidy(out: &std::path::Path, cfg: &Config, resume: Option<&checkpoint::Resume>
             // With run.if_exists = refuse, preflight has already refused a directory with checkpoints.
             if cfg.run.if_exists == "archive" && (!earlier.is_empty() || logged) {
                 let a = checkpoint::archive_run(out, &earlier, true)?;
-                notes.push(format!("run.if_exists = archive: moved the earlier run ({} checkpoints, its metrics and config) to {}", earlier.len(), a.dest.display()));
+                let n = earlier.len();
+                notes.push(format!("run.if_exists = archive: moved the earlier run ({n} checkpoint{}, its metrics and config) to {}", if n == 1 { "" } else { "s" }, a.dest.display()));
             }
         }
     }
