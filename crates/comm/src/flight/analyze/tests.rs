@@ -1,6 +1,7 @@
 //! The analysis on constructed dumps.
 
 use super::*;
+use crate::flight::json::{self, Value};
 
 fn group(name: &str, members: &[usize], me: usize, ops: Vec<OpRecord>) -> GroupDump {
     GroupDump {
