@@ -127,7 +127,7 @@ pub fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainE
 }
 
 fn checkpoint_write_message(step: u64, dir: &std::path::Path, disk_full: bool, needed: u64, free: Option<u64>, why: &str, previous: Option<&std::path::Path>) -> String {
-    let gib = crate::checkpoint::human;
+    let gib = crate::memory::human_bytes;
     let kept = match previous {
         Some(p) => format!("the previous checkpoint {} is kept", p.display()),
         None => "no earlier checkpoint exists".to_string(),

@@ -40,8 +40,8 @@ pub struct SampleArgs<'a> {
 
 /// Loads a checkpoint (or a run directory's latest) and samples from it.
 pub fn sample_from_checkpoint(a: &SampleArgs) -> Result<String, TrainError> {
-    let dir = checkpoint::resolve(a.checkpoint)?;
-    let ck = checkpoint::load(&dir)?;
+    let ck = checkpoint::resolve(a.checkpoint)?;
+    let dir = ck.dir.clone();
     let tok = ck.state.tokenizer.tokenizer()?;
     if !a.prompt.is_empty() {
         tok.encode(a.prompt)?; // a prompt the tokenizer cannot encode is the user's to fix

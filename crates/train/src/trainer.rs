@@ -351,7 +351,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let room = crate::memory::host_available_bytes().is_none_or(|avail| avail / 2 > copy);
     let mut saver = Saver::new(run, cfg.run.async_checkpoint && room);
     if rank0 && opts.progress && cfg.run.async_checkpoint && !room {
-        eprintln!("note: checkpoints are written synchronously: a host copy ({}) does not fit in half the available memory", checkpoint::human(copy));
+        eprintln!("note: checkpoints are written synchronously: a host copy ({}) does not fit in half the available memory", crate::memory::human_bytes(copy));
     }
     let mut window = (Instant::now(), 0u64); // (start of log window, steps in it)
     let mut waited = Duration::ZERO; // time blocked on gradient communication in the window
@@ -559,7 +559,7 @@ fn tidy(out: &std::path::Path, cfg: &Config, resume: Option<&checkpoint::Resume>
                 "removed {} temporaries left in {} by writers that died mid-write ({} freed)",
                 sweep.removed.len(),
                 dir.display(),
-                checkpoint::human(sweep.bytes_freed())
+                crate::memory::human_bytes(sweep.bytes_freed())
             ));
         }
     }

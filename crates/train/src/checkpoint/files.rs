@@ -173,18 +173,6 @@ pub fn remove_stale_temporaries(dir: &Path) -> Result<Sweep, TrainError> {
     Ok(sweep)
 }
 
-/// `bytes` for people: GiB with two decimals, MiB or KiB with one below that.
-pub fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= (1u64 << 30) as f64 {
-        format!("{:.2} GiB", b / (1u64 << 30) as f64)
-    } else if b >= (1u64 << 20) as f64 {
-        format!("{:.1} MiB", b / (1u64 << 20) as f64)
-    } else {
-        format!("{:.1} KiB", b / 1024.0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

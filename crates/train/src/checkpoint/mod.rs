@@ -28,7 +28,7 @@ use tch::Tensor;
 use crate::config::Config;
 use crate::error::{io_err, TrainError};
 
-pub use files::{human, remove_stale_temporaries, write_atomic, Sweep};
+pub use files::{remove_stale_temporaries, write_atomic, Sweep};
 pub use select::{archive_run, earlier_run, find_resume, new_run_id, Archived, Resume};
 
 /// 2: `run_id`, `skipped_steps` and `state_sha256` were added. Version 1 still loads (its
@@ -141,11 +141,11 @@ pub fn latest(out_dir: &Path) -> Result<Option<PathBuf>, TrainError> {
     Ok(newest.or_else(|| latest_hint(&root)))
 }
 
-/// Resolves what the user passed to `sample --checkpoint`: a checkpoint directory, or a run
-/// directory whose newest valid checkpoint is used.
-pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
+/// Loads what the user passed to `sample --checkpoint`: a checkpoint directory, or a run
+/// directory's newest checkpoint that verifies.
+pub fn resolve(path: &Path) -> Result<Loaded, TrainError> {
     if path.join(STATE_FILE).is_file() {
-        return Ok(path.to_path_buf());
+        return load(path);
     }
     if !checkpoints_dir(path).is_dir() {
         return Err(TrainError::Checkpoint(format!(
@@ -153,7 +153,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
             path.display()
         )));
     }
-    Ok(find_resume(path, None)?.loaded.dir)
+    Ok(find_resume(path, None)?.loaded)
 }
 
 pub fn read_state(dir: &Path) -> Result<CheckpointState, TrainError> {
