@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <cstdlib>
@@ -25,9 +26,12 @@ namespace {
 using torch::autograd::Node;
 using torch::autograd::variable_list;
 
+extern "C" char *fab_oom_message();  // shim.cpp
+
 char *dup_message(const std::string &what) {
   char *out = static_cast<char *>(std::malloc(what.size() + 1));
-  if (out) std::memcpy(out, what.c_str(), what.size() + 1);
+  if (!out) return fab_oom_message();  // never NULL: that reads as success
+  std::memcpy(out, what.c_str(), what.size() + 1);
   return out;
 }
 
@@ -161,6 +165,21 @@ char *fab_set_grad(at::Tensor *param, at::Tensor *grad) {
                          p.device().str());
     if (g.layout() != at::kStrided) return dup_message("gradient must be a dense (strided) tensor");
     p.mutable_grad() = g.detach();
+    return nullptr;
+  } catch (const c10::Error &e) {
+    return dup_message(e.what_without_backtrace());
+  } catch (const std::exception &e) {
+    return dup_message(e.what());
+  }
+}
+
+// `torch.autograd.backward([out], [grad])`: backward from `out` seeded with `grad` (a pipeline
+// stage's output and the gradient its next stage sent back), accumulating into the leaves' `.grad`
+// and firing their grad-ready hooks as `loss.backward()` does.
+char *fab_backward_with_grad(at::Tensor *out, at::Tensor *grad) {
+  try {
+    if (!out || !grad || !out->defined() || !grad->defined()) return dup_message("backward_with_grad: undefined tensor");
+    torch::autograd::backward({*out}, {*grad});
     return nullptr;
   } catch (const c10::Error &e) {
     return dup_message(e.what_without_backtrace());

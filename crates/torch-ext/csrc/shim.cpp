@@ -6,11 +6,16 @@
 #include <cstring>
 #include <vector>
 
+extern "C" char *fab_oom_message();
+
 namespace {
+// A malloc'd copy of `what`. If malloc fails, the static message of `fab_oom_message` (never
+// NULL, which callers read as success; the Rust side knows not to free it).
 char *dup_message(const char *what) {
   size_t n = std::strlen(what);
   char *out = static_cast<char *>(std::malloc(n + 1));
-  if (out) std::memcpy(out, what, n + 1);
+  if (!out) return fab_oom_message();
+  std::memcpy(out, what, n + 1);
   return out;
 }
 
@@ -23,6 +28,13 @@ std::vector<at::Tensor> gather(at::Tensor **xs, int n) {
 }  // namespace
 
 extern "C" {
+
+// The one error message that is not malloc'd: what an entry point returns when it cannot
+// allocate its message. Rust compares the pointer and does not free it.
+char *fab_oom_message() {
+  static char message[] = "out of memory (while reporting a libtorch error)";
+  return message;
+}
 
 // One call of ATen's fused AdamW kernel (`torch.optim.AdamW(fused=True)`) over a parameter group.
 // `steps` are float32 scalar tensors on the parameters' device, already incremented for this step.

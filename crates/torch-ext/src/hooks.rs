@@ -39,6 +39,8 @@ use std::ptr::{self, NonNull};
 
 use tch::Tensor;
 
+use crate::take_message;
+
 /// Why a hook or a `.grad` could not be set.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum HookError {
@@ -219,14 +221,3 @@ fn malloc_message(s: &str) -> *mut c_char {
     }
 }
 
-/// Takes ownership of a message returned by the shim (NULL: none).
-fn take_message(err: *mut c_char) -> Option<String> {
-    if err.is_null() {
-        return None;
-    }
-    // SAFETY: a non-null return is a NUL-terminated string from malloc in the shim; we own it.
-    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
-    // SAFETY: allocated with malloc by the shim, freed exactly once here.
-    unsafe { libc::free(err as *mut c_void) };
-    Some(msg.lines().next().unwrap_or("libtorch error").to_string())
-}

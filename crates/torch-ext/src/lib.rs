@@ -21,6 +21,40 @@ extern "C" {
         eps: f64,
     ) -> *mut c_char;
     fn fab_cuda_peak_allocated_bytes(device: c_int) -> i64;
+    fn fab_oom_message() -> *mut c_char;
+    fn fab_backward_with_grad(out: *mut torch_sys::C_tensor, grad: *mut torch_sys::C_tensor) -> *mut c_char;
+}
+
+/// Takes ownership of a message returned by the shim (NULL: success, none). The one message that
+/// is not malloc'd, the shim's out-of-memory notice, is recognised by address and not freed.
+pub(crate) fn take_message(err: *mut c_char) -> Option<String> {
+    if err.is_null() {
+        return None;
+    }
+    // SAFETY: plain C call returning the address of a static buffer.
+    let oom = unsafe { fab_oom_message() };
+    // SAFETY: a non-null return is a NUL-terminated string (malloc'd, or the static one).
+    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    if err != oom {
+        // SAFETY: allocated with malloc by the shim, freed exactly once here.
+        unsafe { libc::free(err as *mut libc::c_void) };
+    }
+    Some(msg.lines().next().unwrap_or("libtorch error").to_string())
+}
+
+/// `torch.autograd.backward([out], [grad])`: runs backward from `out` seeded with `grad` (same
+/// shape), accumulating into the leaves' `.grad` and firing grad-ready hooks, as
+/// `loss.backward()` does for a scalar. A pipeline stage runs it on its output with the gradient
+/// the next stage sent back. Returns libtorch's message if it refuses (shapes differ, `out` does
+/// not require grad, a hook failed).
+pub fn backward_with_grad(out: &Tensor, grad: &Tensor) -> Result<(), String> {
+    // SAFETY: both pointers come from live `tch::Tensor`s borrowed for the call; the shim copies
+    // the handles and keeps no pointer past it, and catches every C++ exception.
+    let err = unsafe { fab_backward_with_grad(out.as_ptr() as *mut torch_sys::C_tensor, grad.as_ptr() as *mut torch_sys::C_tensor) };
+    match take_message(err) {
+        None => Ok(()),
+        Some(m) => Err(m),
+    }
 }
 
 /// Peak bytes libtorch's CUDA caching allocator has handed out on `device` (as
@@ -72,12 +106,8 @@ pub fn fused_adamw(
             args.lr, args.beta1, args.beta2, args.weight_decay, args.eps,
         )
     };
-    if err.is_null() {
-        return Ok(());
+    match take_message(err) {
+        None => Ok(()),
+        Some(m) => Err(m),
     }
-    // SAFETY: a non-null return is a NUL-terminated string from malloc in the shim; we own it.
-    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
-    // SAFETY: allocated with malloc by the shim, freed exactly once here.
-    unsafe { libc::free(err as *mut libc::c_void) };
-    Err(msg.lines().next().unwrap_or("fused_adamw failed").to_string())
 }
