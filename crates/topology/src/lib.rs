@@ -9,33 +9,60 @@
 //!
 //! # Rank layout
 //!
-//! Ranks are laid out Megatron-style: **tp varies fastest, then pp, then dp**:
+//! By default ([`RankOrder::TpDpPp`], Megatron-LM's `tp-cp-ep-dp-pp` order
+//! without the cp/ep axes, also torchtitan's) **tp varies fastest, then dp,
+//! then pp**, so the pipeline dimension is outermost:
 //!
 //! ```text
-//! rank = dp_idx * (pp * tp) + pp_idx * tp + tp_idx
+//! rank = pp_idx * (dp * tp) + dp_idx * tp + tp_idx
 //! ```
 //!
-//! Tensor-parallel peers (which talk every layer) are therefore adjacent ranks,
-//! which `mpirun`/`srun` place on the same node, and pipeline stages come next.
+//! Launchers (`mpirun`, `srun`) fill nodes with consecutive ranks, so the
+//! order decides which traffic stays inside a node:
+//!
+//! * **tp innermost**: tensor-parallel peers talk in every layer, so they are
+//!   adjacent ranks and share a node (NVLink) whenever `tp` ≤ GPUs per node.
+//! * **dp next**: each gradient all-reduce group (`dp_groups`) lies inside one
+//!   block of `dp × tp` consecutive ranks, the most compact the layout allows
+//!   (a contiguous block when `tp = 1`), so it spans as few nodes as possible.
+//! * **pp outermost**: pipeline stages exchange only one activation (and one
+//!   gradient) per micro-batch with their neighbour, the least traffic of the
+//!   three, so they are the ones that cross node boundaries.
+//!
 //! For `dp = 2, pp = 2, tp = 1` (4 ranks):
 //!
 //! | rank | dp | pp | tp | pipeline (`pp_groups`) | gradient all-reduce (`dp_groups`) |
 //! |-----:|---:|---:|---:|------------------------|-----------------------------------|
-//! |    0 |  0 |  0 |  0 | `[0, 1]`, first stage  | `[0, 2]`                          |
-//! |    1 |  0 |  1 |  0 | `[0, 1]`, last stage   | `[1, 3]`                          |
-//! |    2 |  1 |  0 |  0 | `[2, 3]`, first stage  | `[0, 2]`                          |
-//! |    3 |  1 |  1 |  0 | `[2, 3]`, last stage   | `[1, 3]`                          |
+//! |    0 |  0 |  0 |  0 | `[0, 2]`, first stage  | `[0, 1]`                          |
+//! |    1 |  1 |  0 |  0 | `[1, 3]`, first stage  | `[0, 1]`                          |
+//! |    2 |  0 |  1 |  0 | `[0, 2]`, last stage   | `[2, 3]`                          |
+//! |    3 |  1 |  1 |  0 | `[1, 3]`, last stage   | `[2, 3]`                          |
 //!
 //! ```
-//! use fabbrica_topology::{Coords, Dim, ParallelDims};
+//! use fabbrica_topology::{Coords, Dim, ParallelDims, RankOrder};
 //!
 //! let dims = ParallelDims::new(2, 2, 1, 4).unwrap();
-//! assert_eq!(dims.coords(1).unwrap(), Coords { dp: 0, pp: 1, tp: 0 });
+//! assert_eq!(dims.order, RankOrder::TpDpPp);
+//! assert_eq!(dims.coords(1).unwrap(), Coords { dp: 1, pp: 0, tp: 0 });
+//! assert_eq!(dims.coords(2).unwrap(), Coords { dp: 0, pp: 1, tp: 0 });
+//! assert_eq!(dims.pp_groups(), vec![vec![0, 2], vec![1, 3]]);
+//! assert_eq!(dims.dp_groups(), vec![vec![0, 1], vec![2, 3]]);
+//! assert_eq!(dims.group_of(3, Dim::Dp).unwrap(), vec![2, 3]);
+//! assert_eq!(dims.pp_next(0).unwrap(), Some(2));
+//! assert_eq!(dims.pp_next(2).unwrap(), None);
+//! ```
+//!
+//! The previous layout, **tp fastest, then pp, then dp** (`rank = dp_idx *
+//! (pp * tp) + pp_idx * tp + tp_idx`), remains available as
+//! [`RankOrder::TpPpDp`] (config value `parallel.order = "tp-pp-dp"`):
+//!
+//! ```
+//! use fabbrica_topology::{ParallelDims, RankOrder};
+//!
+//! let order: RankOrder = "tp-pp-dp".parse().unwrap();
+//! let dims = ParallelDims::new(2, 2, 1, 4).unwrap().with_order(order);
 //! assert_eq!(dims.pp_groups(), vec![vec![0, 1], vec![2, 3]]);
 //! assert_eq!(dims.dp_groups(), vec![vec![0, 2], vec![1, 3]]);
-//! assert_eq!(dims.group_of(3, Dim::Dp).unwrap(), vec![1, 3]);
-//! assert_eq!(dims.pp_next(0).unwrap(), Some(1));
-//! assert_eq!(dims.pp_next(1).unwrap(), None);
 //! ```
 
 use std::fmt;
@@ -46,6 +73,9 @@ pub const KEY_DP: &str = "parallel.dp";
 pub const KEY_PP: &str = "parallel.pp";
 /// Config key of the tensor-parallel degree.
 pub const KEY_TP: &str = "parallel.tp";
+/// Config key of the rank order ([`RankOrder`]): `"tp-dp-pp"` (default) or
+/// `"tp-pp-dp"`.
+pub const KEY_ORDER: &str = "parallel.order";
 
 /// Why a parallel layout or a rank/coordinate query is invalid.
 ///
@@ -111,6 +141,13 @@ pub enum TopologyError {
         pp: usize,
         tp: usize,
     },
+
+    /// `parallel.order` names no known rank order.
+    #[error(
+        "parallel.order = {value:?} is not a known rank order: \
+         use \"tp-dp-pp\" (default: tp fastest, pipeline outermost) or \"tp-pp-dp\" (data parallel outermost)"
+    )]
+    UnknownOrder { value: String },
 }
 
 /// One axis of the parallel grid.
@@ -125,7 +162,8 @@ pub enum Dim {
 }
 
 impl Dim {
-    /// All dimensions, outermost (slowest-varying in the rank order) first.
+    /// All dimensions, in declaration order. This says nothing about the
+    /// rank layout: see [`RankOrder::outermost_first`] for that.
     pub const ALL: [Dim; 3] = [Dim::Dp, Dim::Pp, Dim::Tp];
 
     /// The config key that sets this dimension's size (e.g. `parallel.pp`).
@@ -145,6 +183,69 @@ impl fmt::Display for Dim {
             Dim::Pp => "pp",
             Dim::Tp => "tp",
         })
+    }
+}
+
+/// How the `dp × pp × tp` grid is numbered: which dimension varies fastest
+/// from one rank to the next.
+///
+/// Variant names list the dimensions **fastest-varying first**, like
+/// Megatron-LM's order strings (`tp-cp-ep-dp-pp`). Set with the config key
+/// [`KEY_ORDER`] (`parallel.order`); parse with [`str::parse`], print with
+/// `Display`. See the [crate docs](crate) for why the default is what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RankOrder {
+    /// `"tp-dp-pp"` (default, Megatron-LM's and torchtitan's):
+    /// `rank = pp_idx * (dp * tp) + dp_idx * tp + tp_idx`. Tensor-parallel
+    /// peers are adjacent, each data-parallel group is compact, pipeline
+    /// stages are farthest apart.
+    #[default]
+    TpDpPp,
+    /// `"tp-pp-dp"` (the layout before [`RankOrder::TpDpPp`] became the default):
+    /// `rank = dp_idx * (pp * tp) + pp_idx * tp + tp_idx`. Each pipeline
+    /// (model replica) is a block of consecutive ranks.
+    TpPpDp,
+}
+
+impl RankOrder {
+    /// Every order, default first.
+    pub const ALL: [RankOrder; 2] = [RankOrder::TpDpPp, RankOrder::TpPpDp];
+
+    /// The dimensions from outermost (slowest-varying, largest stride) to
+    /// innermost (fastest-varying, stride 1).
+    pub fn outermost_first(self) -> [Dim; 3] {
+        match self {
+            RankOrder::TpDpPp => [Dim::Pp, Dim::Dp, Dim::Tp],
+            RankOrder::TpPpDp => [Dim::Dp, Dim::Pp, Dim::Tp],
+        }
+    }
+
+    /// The config value naming this order (`"tp-dp-pp"` or `"tp-pp-dp"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RankOrder::TpDpPp => "tp-dp-pp",
+            RankOrder::TpPpDp => "tp-pp-dp",
+        }
+    }
+}
+
+impl fmt::Display for RankOrder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RankOrder {
+    type Err = TopologyError;
+
+    /// Accepts exactly `"tp-dp-pp"` or `"tp-pp-dp"`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RankOrder::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| TopologyError::UnknownOrder {
+                value: s.to_string(),
+            })
     }
 }
 
@@ -179,9 +280,11 @@ impl fmt::Display for Coords {
 /// The sizes of the parallel dimensions of a job.
 ///
 /// Build it with [`ParallelDims::new`] (or [`ParallelDims::from_config`]),
-/// which validates that `dp × pp × tp == world_size`; every method assumes
-/// that invariant. The fields are public for reading; a value assembled by
-/// hand that breaks the invariant gives meaningless answers.
+/// which validates that `dp × pp × tp == world_size` and uses the default
+/// [`RankOrder`]; choose another with [`ParallelDims::with_order`]. Every
+/// method assumes that invariant and numbers ranks by `order`. The fields are
+/// public for reading; a value assembled by hand that breaks the invariant
+/// gives meaningless answers.
 ///
 /// See the [crate docs](crate) for the rank layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -194,11 +297,14 @@ pub struct ParallelDims {
     pub tp: usize,
     /// Number of ranks in the job; equals `dp * pp * tp`.
     pub world_size: usize,
+    /// How ranks are numbered across the grid.
+    pub order: RankOrder,
 }
 
 impl ParallelDims {
     /// Validates a layout. `dp = 0` means "infer": `dp = world_size / (pp * tp)`,
-    /// which must divide exactly. `pp` and `tp` must be at least 1.
+    /// which must divide exactly. `pp` and `tp` must be at least 1. Ranks are
+    /// numbered in the default order ([`RankOrder::TpDpPp`]).
     pub fn new(dp: usize, pp: usize, tp: usize, world_size: usize) -> Result<Self, TopologyError> {
         if world_size == 0 {
             return Err(TopologyError::ZeroWorldSize);
@@ -245,7 +351,14 @@ impl ParallelDims {
             pp,
             tp,
             world_size,
+            order: RankOrder::default(),
         })
+    }
+
+    /// The same layout with ranks numbered in `order`.
+    #[must_use]
+    pub fn with_order(self, order: RankOrder) -> Self {
+        Self { order, ..self }
     }
 
     /// Like [`ParallelDims::new`], for sizes read from a config as signed
@@ -288,6 +401,7 @@ impl ParallelDims {
             pp: 1,
             tp: 1,
             world_size: 1,
+            order: RankOrder::default(),
         }
     }
 
@@ -300,13 +414,16 @@ impl ParallelDims {
         }
     }
 
-    /// Distance in rank numbers between neighbours along `dim`.
+    /// Distance in rank numbers between neighbours along `dim`: the product
+    /// of the sizes of the dimensions inside it in `self.order`.
     fn stride(&self, dim: Dim) -> usize {
-        match dim {
-            Dim::Tp => 1,
-            Dim::Pp => self.tp,
-            Dim::Dp => self.pp * self.tp,
-        }
+        self.order
+            .outermost_first()
+            .into_iter()
+            .rev()
+            .take_while(|&d| d != dim)
+            .map(|d| self.size(d))
+            .product()
     }
 
     /// Whether gradients are replicated across more than one rank.
@@ -338,10 +455,11 @@ impl ParallelDims {
     /// The grid position of `rank`.
     pub fn coords(&self, rank: usize) -> Result<Coords, TopologyError> {
         self.check_rank(rank)?;
+        let coord = |dim| (rank / self.stride(dim)) % self.size(dim);
         Ok(Coords {
-            dp: rank / self.stride(Dim::Dp),
-            pp: (rank / self.stride(Dim::Pp)) % self.pp,
-            tp: rank % self.tp,
+            dp: coord(Dim::Dp),
+            pp: coord(Dim::Pp),
+            tp: coord(Dim::Tp),
         })
     }
 
@@ -355,7 +473,10 @@ impl ParallelDims {
                 tp: self.tp,
             });
         }
-        Ok(coords.dp * self.stride(Dim::Dp) + coords.pp * self.stride(Dim::Pp) + coords.tp)
+        Ok(Dim::ALL
+            .into_iter()
+            .map(|dim| coords.get(dim) * self.stride(dim))
+            .sum())
     }
 
     /// All groups along `dim`: each group holds the ranks whose coordinates
@@ -436,10 +557,13 @@ impl fmt::Display for ParallelDims {
 mod tests {
     use super::*;
 
-    /// Every valid `(dp, pp, tp)` for every world size in `1..=32`.
+    const MAX_WORLD: usize = 64;
+
+    /// Every valid `(dp, pp, tp)` for every world size in `1..=MAX_WORLD`,
+    /// in the default order.
     fn all_layouts() -> Vec<ParallelDims> {
         let mut out = Vec::new();
-        for world in 1..=32usize {
+        for world in 1..=MAX_WORLD {
             for dp in 1..=world {
                 for pp in 1..=world {
                     if world % (dp * pp) != 0 {
@@ -453,11 +577,30 @@ mod tests {
         out
     }
 
+    /// [`all_layouts`] in every rank order.
+    fn all_layouts_all_orders() -> Vec<ParallelDims> {
+        let mut out = Vec::new();
+        for d in all_layouts() {
+            for order in RankOrder::ALL {
+                out.push(d.with_order(order));
+            }
+        }
+        out
+    }
+
+    /// The rank of `(dp, pp, tp)` by each order's documented formula.
+    fn formula(d: &ParallelDims, c: Coords) -> usize {
+        match d.order {
+            RankOrder::TpDpPp => c.pp * d.dp * d.tp + c.dp * d.tp + c.tp,
+            RankOrder::TpPpDp => c.dp * d.pp * d.tp + c.pp * d.tp + c.tp,
+        }
+    }
+
     #[test]
     fn enumerates_all_factorisations() {
         let layouts = all_layouts();
-        // Number of ordered triples with product n, summed over n = 1..=32.
-        let expected: usize = (1..=32usize)
+        // Number of ordered triples with product n, summed over n = 1..=MAX_WORLD.
+        let expected: usize = (1..=MAX_WORLD)
             .map(|n| {
                 (1..=n)
                     .filter(|d| n % d == 0)
@@ -467,15 +610,106 @@ mod tests {
             .sum();
         assert_eq!(layouts.len(), expected);
         assert!(layouts.iter().any(|d| d.dp == 2 && d.pp == 2 && d.tp == 8));
+        assert!(layouts.iter().any(|d| d.dp == 4 && d.pp == 4 && d.tp == 4));
+        assert!(layouts.iter().all(|d| d.order == RankOrder::TpDpPp));
+        assert_eq!(all_layouts_all_orders().len(), 2 * expected);
+    }
+
+    #[test]
+    fn default_order_is_megatron() {
+        assert_eq!(RankOrder::default(), RankOrder::TpDpPp);
+        assert_eq!(ParallelDims::single().order, RankOrder::TpDpPp);
+        assert_eq!(
+            ParallelDims::new(2, 2, 1, 4).unwrap().order,
+            RankOrder::TpDpPp
+        );
+        assert_eq!(
+            ParallelDims::from_config(0, 2, 1, 4).unwrap().order,
+            RankOrder::TpDpPp
+        );
+        let d = ParallelDims::new(2, 2, 1, 4)
+            .unwrap()
+            .with_order(RankOrder::TpPpDp);
+        assert_eq!(d.order, RankOrder::TpPpDp);
+        assert_eq!((d.dp, d.pp, d.tp, d.world_size), (2, 2, 1, 4));
+        assert_eq!(
+            d.with_order(RankOrder::TpDpPp),
+            ParallelDims::new(2, 2, 1, 4).unwrap()
+        );
+    }
+
+    #[test]
+    fn order_parse_display_and_key() {
+        assert_eq!(KEY_ORDER, "parallel.order");
+        for (text, order) in [
+            ("tp-dp-pp", RankOrder::TpDpPp),
+            ("tp-pp-dp", RankOrder::TpPpDp),
+        ] {
+            assert_eq!(text.parse::<RankOrder>().unwrap(), order);
+            assert_eq!(order.to_string(), text);
+            assert_eq!(order.as_str(), text);
+        }
+        for bad in [
+            "",
+            "dp-pp-tp",
+            "TP-DP-PP",
+            " tp-dp-pp",
+            "tp-dp-pp\nx",
+            "tp-dp",
+        ] {
+            let e = bad.parse::<RankOrder>().unwrap_err();
+            assert_eq!(
+                e,
+                TopologyError::UnknownOrder {
+                    value: bad.to_string()
+                }
+            );
+            let msg = e.to_string();
+            assert!(!msg.contains('\n'), "{msg}");
+            for needle in ["parallel.order", "\"tp-dp-pp\"", "\"tp-pp-dp\""] {
+                assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
+            }
+        }
+        assert_eq!(
+            "pp-tp".parse::<RankOrder>().unwrap_err().to_string(),
+            "parallel.order = \"pp-tp\" is not a known rank order: use \"tp-dp-pp\" \
+             (default: tp fastest, pipeline outermost) or \"tp-pp-dp\" (data parallel outermost)"
+        );
+    }
+
+    #[test]
+    fn outermost_first_matches_strides() {
+        assert_eq!(
+            RankOrder::TpDpPp.outermost_first(),
+            [Dim::Pp, Dim::Dp, Dim::Tp]
+        );
+        assert_eq!(
+            RankOrder::TpPpDp.outermost_first(),
+            [Dim::Dp, Dim::Pp, Dim::Tp]
+        );
+        for d in all_layouts_all_orders() {
+            let dims = d.order.outermost_first();
+            let mut sorted = dims;
+            sorted.sort_by_key(|&x| Dim::ALL.iter().position(|&y| y == x));
+            assert_eq!(sorted, Dim::ALL, "each dimension once");
+            // The innermost dimension has stride 1; each outer one the product
+            // of the sizes inside it.
+            let mut expected = 1;
+            for &dim in dims.iter().rev() {
+                assert_eq!(d.stride(dim), expected, "{d} {}: {dim}", d.order);
+                expected *= d.size(dim);
+            }
+            assert_eq!(expected, d.world_size);
+        }
     }
 
     #[test]
     fn rank_coords_round_trip_and_layout_formula() {
-        for d in all_layouts() {
+        for d in all_layouts_all_orders() {
             for rank in 0..d.world_size {
                 let c = d.coords(rank).unwrap();
                 assert!(c.dp < d.dp && c.pp < d.pp && c.tp < d.tp, "{d}: {c}");
-                assert_eq!(rank, c.dp * d.pp * d.tp + c.pp * d.tp + c.tp, "{d}: {c}");
+                assert_eq!(rank, formula(&d, c), "{d} {}: {c}", d.order);
                 assert_eq!(d.rank_of(c).unwrap(), rank, "{d}: {c}");
             }
             // Every coordinate maps to a distinct rank.
@@ -485,6 +719,7 @@ mod tests {
                     for tp in 0..d.tp {
                         let c = Coords { dp, pp, tp };
                         let r = d.rank_of(c).unwrap();
+                        assert_eq!(r, formula(&d, c), "{d} {}: {c}", d.order);
                         assert_eq!(d.coords(r).unwrap(), c);
                         ranks.push(r);
                     }
@@ -496,8 +731,40 @@ mod tests {
     }
 
     #[test]
+    fn old_order_reproduces_old_formula() {
+        // Written out independently of `formula` and `stride`.
+        for base in all_layouts() {
+            let d = base.with_order(RankOrder::TpPpDp);
+            for rank in 0..d.world_size {
+                let c = d.coords(rank).unwrap();
+                assert_eq!(
+                    (c.dp, c.pp, c.tp),
+                    (rank / (d.pp * d.tp), (rank / d.tp) % d.pp, rank % d.tp),
+                    "{d} rank {rank}"
+                );
+            }
+            let new = base.with_order(RankOrder::TpDpPp);
+            for rank in 0..new.world_size {
+                let c = new.coords(rank).unwrap();
+                assert_eq!(
+                    (c.dp, c.pp, c.tp),
+                    (
+                        (rank / new.tp) % new.dp,
+                        rank / (new.dp * new.tp),
+                        rank % new.tp
+                    ),
+                    "{new} rank {rank}"
+                );
+            }
+            // The two orders coincide exactly when dp or pp is 1.
+            let same = (0..d.world_size).all(|r| d.coords(r) == new.coords(r));
+            assert_eq!(same, d.dp == 1 || d.pp == 1, "{d}");
+        }
+    }
+
+    #[test]
     fn groups_partition_world_and_vary_only_their_dim() {
-        for d in all_layouts() {
+        for d in all_layouts_all_orders() {
             for dim in Dim::ALL {
                 let groups = d.groups(dim);
                 let expected_named = match dim {
@@ -507,6 +774,10 @@ mod tests {
                 };
                 assert_eq!(groups, expected_named);
                 assert_eq!(groups.len(), d.world_size / d.size(dim), "{d} {dim}");
+                assert!(
+                    groups.windows(2).all(|w| w[0][0] < w[1][0]),
+                    "{d} {dim}: groups not ordered by smallest rank"
+                );
 
                 let mut all: Vec<usize> = groups.iter().flatten().copied().collect();
                 all.sort_unstable();
@@ -539,8 +810,99 @@ mod tests {
     }
 
     #[test]
+    fn tp_groups_are_runs_of_consecutive_ranks() {
+        for d in all_layouts_all_orders() {
+            for (i, group) in d.tp_groups().into_iter().enumerate() {
+                let run: Vec<usize> = (i * d.tp..(i + 1) * d.tp).collect();
+                assert_eq!(group, run, "{d} {}", d.order);
+            }
+        }
+    }
+
+    #[test]
+    fn default_order_keeps_dp_groups_compact() {
+        for base in all_layouts() {
+            let d = base.with_order(RankOrder::TpDpPp);
+            let block = d.dp * d.tp;
+            for (i, group) in d.dp_groups().into_iter().enumerate() {
+                let (lo, hi) = (group[0], *group.last().unwrap());
+                // Inside one aligned block of dp × tp consecutive ranks (one
+                // pipeline stage's ranks), spread only by the tp stride.
+                assert_eq!(lo / block, hi / block, "{d}: {group:?}");
+                assert_eq!(lo / block, i / d.tp, "{d}: {group:?}");
+                assert_eq!(hi - lo, (d.dp - 1) * d.tp, "{d}: {group:?}");
+                if d.tp == 1 {
+                    let contiguous: Vec<usize> = (lo..=hi).collect();
+                    assert_eq!(group, contiguous, "{d}");
+                }
+            }
+            // Together with their tp peers, the dp groups of one stage fill
+            // exactly one block of dp × tp consecutive ranks.
+            for stage in 0..d.pp {
+                let mut ranks: Vec<usize> = d
+                    .dp_groups()
+                    .into_iter()
+                    .flatten()
+                    .filter(|&r| d.coords(r).unwrap().pp == stage)
+                    .collect();
+                ranks.sort_unstable();
+                assert_eq!(
+                    ranks,
+                    (stage * block..(stage + 1) * block).collect::<Vec<_>>()
+                );
+            }
+            // The old order spreads them further whenever pipelining is on.
+            let old = base.with_order(RankOrder::TpPpDp);
+            let span = |g: &Vec<usize>| g.last().unwrap() - g[0];
+            let new_span = d.dp_groups().iter().map(span).max().unwrap();
+            let old_span = old.dp_groups().iter().map(span).max().unwrap();
+            if d.dp > 1 && d.pp > 1 {
+                assert!(new_span < old_span, "{d}: {new_span} vs {old_span}");
+            } else {
+                assert_eq!(new_span, old_span, "{d}");
+            }
+        }
+    }
+
+    #[test]
+    fn pipeline_neighbours_consistent_with_coords() {
+        for d in all_layouts_all_orders() {
+            for rank in 0..d.world_size {
+                let c = d.coords(rank).unwrap();
+                let prev = d.pp_prev(rank).unwrap();
+                let next = d.pp_next(rank).unwrap();
+                let at = |pp| d.rank_of(Coords { pp, ..c }).unwrap();
+                assert_eq!(
+                    prev,
+                    (c.pp > 0).then(|| at(c.pp - 1)),
+                    "{d} {} rank {rank}",
+                    d.order
+                );
+                assert_eq!(
+                    next,
+                    (c.pp + 1 < d.pp).then(|| at(c.pp + 1)),
+                    "{d} {} rank {rank}",
+                    d.order
+                );
+                assert_eq!(d.is_first_stage(rank).unwrap(), c.pp == 0);
+                assert_eq!(d.is_last_stage(rank).unwrap(), c.pp + 1 == d.pp);
+                if let Some(p) = prev {
+                    let pc = d.coords(p).unwrap();
+                    assert_eq!((pc.dp, pc.pp + 1, pc.tp), (c.dp, c.pp, c.tp));
+                    assert_eq!(d.pp_next(p).unwrap(), Some(rank));
+                }
+                if let Some(n) = next {
+                    let nc = d.coords(n).unwrap();
+                    assert_eq!((nc.dp, nc.pp, nc.tp), (c.dp, c.pp + 1, c.tp));
+                    assert_eq!(d.pp_prev(n).unwrap(), Some(rank));
+                }
+            }
+        }
+    }
+
+    #[test]
     fn pipeline_neighbours_walk_each_pipeline_in_order() {
-        for d in all_layouts() {
+        for d in all_layouts_all_orders() {
             for pipeline in d.pp_groups() {
                 // Walk forward from the first stage.
                 let mut walk = vec![pipeline[0]];
@@ -575,19 +937,77 @@ mod tests {
     #[test]
     fn documented_dp2_pp2_table() {
         let d = ParallelDims::new(2, 2, 1, 4).unwrap();
+        // (rank, dp, pp), as in the crate docs.
+        let table = [(0, 0, 0), (1, 1, 0), (2, 0, 1), (3, 1, 1)];
+        for (rank, dp, pp) in table {
+            assert_eq!(d.coords(rank).unwrap(), Coords { dp, pp, tp: 0 });
+        }
+        assert_eq!(d.pp_groups(), vec![vec![0, 2], vec![1, 3]]);
+        assert_eq!(d.dp_groups(), vec![vec![0, 1], vec![2, 3]]);
+        assert_eq!(d.tp_groups(), vec![vec![0], vec![1], vec![2], vec![3]]);
+        assert_eq!(d.pp_next(1).unwrap(), Some(3));
+        assert_eq!(d.pp_prev(2).unwrap(), Some(0));
+        assert!(d.is_first_stage(1).unwrap() && d.is_last_stage(2).unwrap());
+    }
+
+    #[test]
+    fn old_order_dp2_pp2_table() {
+        let d = ParallelDims::new(2, 2, 1, 4)
+            .unwrap()
+            .with_order(RankOrder::TpPpDp);
         let table = [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)];
         for (rank, dp, pp) in table {
             assert_eq!(d.coords(rank).unwrap(), Coords { dp, pp, tp: 0 });
         }
         assert_eq!(d.pp_groups(), vec![vec![0, 1], vec![2, 3]]);
         assert_eq!(d.dp_groups(), vec![vec![0, 2], vec![1, 3]]);
-        assert_eq!(d.tp_groups(), vec![vec![0], vec![1], vec![2], vec![3]]);
+        assert_eq!(d.group_of(3, Dim::Dp).unwrap(), vec![1, 3]);
+        assert_eq!(d.pp_next(0).unwrap(), Some(1));
+        assert_eq!(d.pp_next(1).unwrap(), None);
     }
 
     #[test]
     fn megatron_order_with_tp() {
-        // dp 2 × pp 2 × tp 2: tp peers adjacent, pipeline stride tp.
+        // dp 2 × pp 2 × tp 2: tp peers adjacent, dp stride tp, pp stride dp × tp.
         let d = ParallelDims::new(2, 2, 2, 8).unwrap();
+        assert_eq!(
+            d.tp_groups(),
+            vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]]
+        );
+        assert_eq!(
+            d.dp_groups(),
+            vec![vec![0, 2], vec![1, 3], vec![4, 6], vec![5, 7]]
+        );
+        assert_eq!(
+            d.pp_groups(),
+            vec![vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]]
+        );
+        assert_eq!(
+            d.coords(6).unwrap(),
+            Coords {
+                dp: 1,
+                pp: 1,
+                tp: 0
+            }
+        );
+        assert_eq!(
+            d.coords(5).unwrap(),
+            Coords {
+                dp: 0,
+                pp: 1,
+                tp: 1
+            }
+        );
+        assert_eq!(d.pp_next(1).unwrap(), Some(5));
+        assert_eq!(d.pp_prev(7).unwrap(), Some(3));
+    }
+
+    #[test]
+    fn old_order_with_tp() {
+        // dp 2 × pp 2 × tp 2 in the old order: pipeline stride tp, dp stride pp × tp.
+        let d = ParallelDims::new(2, 2, 2, 8)
+            .unwrap()
+            .with_order(RankOrder::TpPpDp);
         assert_eq!(
             d.tp_groups(),
             vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]]
