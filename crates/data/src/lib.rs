@@ -24,6 +24,6 @@ pub use dataset::{load, Dataset};
 pub use error::{DataError, Result};
 pub use meta::{Meta, META_FILE};
 pub use prepare::{prepare, split_point, PrepareSummary, TRAIN_FILE, VAL_FILE};
-pub use sampler::{Sampler, Split};
+pub use sampler::{splitmix64, Sampler, Split};
 pub use tokenizer::{Gpt2Bpe, Tokenizer, TokenizerKind, GPT2_EOT, GPT2_VOCAB_SIZE, MAX_VOCAB};
 pub use tokens::{TokenFile, TokenSource};

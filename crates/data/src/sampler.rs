@@ -48,8 +48,9 @@ impl fmt::Display for Split {
 }
 
 /// SplitMix64 finalizer (Steele et al.): a bijection on u64 with good
-/// avalanche, so distinct inputs give distinct, well-spread outputs.
-fn splitmix64(mut z: u64) -> u64 {
+/// avalanche, so distinct inputs give distinct, well-spread outputs. The one implementation:
+/// batches, per-step seeds and per-parameter init seeds all derive from it.
+pub fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -4,6 +4,8 @@
 
 use tch::{nn, nn::Init, Device, Kind, Tensor};
 
+use fabbrica_data::splitmix64;
+
 use crate::config::GptConfig;
 use crate::error::{ModelError, Result};
 use crate::layers::{LayerNorm, Linear, Params};
@@ -25,23 +27,92 @@ struct Block {
     mlp: Mlp,
 }
 
+/// Which part of the model a [`Gpt`] holds: the embeddings (token and position), blocks
+/// `blocks` (global layer indices), and the final LayerNorm with the output projection. The
+/// whole model holds all three; a pipeline stage holds a contiguous range of blocks, with the
+/// embeddings on the first stage and the head on the last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageSpec {
+    pub embed: bool,
+    pub blocks: std::ops::Range<usize>,
+    pub head: bool,
+}
+
+impl StageSpec {
+    /// The whole model of `n_layer` blocks.
+    pub fn whole(n_layer: usize) -> StageSpec {
+        StageSpec { embed: true, blocks: 0..n_layer, head: true }
+    }
+
+    /// Stages holding `layers[i]` consecutive blocks each, in order: the embeddings on the first,
+    /// the head on the last.
+    pub fn split(layers: &[usize]) -> Vec<StageSpec> {
+        let mut at = 0;
+        let n = layers.len();
+        layers
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| {
+                let s = StageSpec { embed: i == 0, blocks: at..at + k, head: i + 1 == n };
+                at += k;
+                s
+            })
+            .collect()
+    }
+
+    pub fn is_whole(&self, n_layer: usize) -> bool {
+        self.embed && self.head && self.blocks == (0..n_layer)
+    }
+}
+
+/// A GPT-2 model, or the part of it one pipeline stage holds ([`StageSpec`]): only the
+/// parameters of that part are ever allocated.
 pub struct Gpt {
     cfg: GptConfig,
+    spec: StageSpec,
     vs: nn::VarStore,
     params: Vec<(String, Tensor)>,
-    wte: Tensor, // [V, C], also the output projection
-    wpe: Tensor, // [block_size, C]
+    /// [V, C] token embedding: on the first stage, and on the last as the tied output projection
+    /// (a copy there when the two are different stages, initialised equal).
+    wte: Option<Tensor>,
+    wpe: Option<Tensor>, // [block_size, C], first stage only
     blocks: Vec<Block>,
-    ln_f: LayerNorm,
+    ln_f: Option<LayerNorm>,
+}
+
+/// FNV-1a over a parameter's name: with the run's seed, the seed of that parameter's init.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 impl Gpt {
-    /// Builds the model with GPT-2 initialisation: N(0, 0.02) for weights and embeddings, zero
-    /// biases, and N(0, 0.02/sqrt(2·n_layer)) for the residual projections (`c_proj`), which keeps
-    /// the residual stream's variance independent of depth. Uses libtorch's global RNG: seed it
-    /// with `tch::manual_seed` first for a reproducible init.
+    /// The whole model with GPT-2 initialisation (see [`Gpt::build`]), its seed drawn from
+    /// libtorch's global RNG: seed that with `tch::manual_seed` first for a reproducible init.
     pub fn new(cfg: &GptConfig, device: Device) -> Result<Self> {
+        let seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64;
+        Self::build(cfg, device, &StageSpec::whole(cfg.n_layer), seed)
+    }
+
+    /// Builds the part `spec` of the model with GPT-2 initialisation: N(0, 0.02) for weights and
+    /// embeddings, zero biases, and N(0, 0.02/sqrt(2·n_layer)) for the residual projections
+    /// (`c_proj`), which keeps the residual stream's variance independent of depth.
+    ///
+    /// Each parameter is drawn from its own generator, seeded by (`seed`, its name): a parameter
+    /// has the same initial value whichever stages a rank holds, so every pipeline layout starts
+    /// from the weights of the one-process run, and the last stage's copy of the tied embedding
+    /// equals the first stage's. The draws use libtorch's global RNG, which this reseeds (and
+    /// leaves reseeded); builds in one process are serialised so that they do not interleave.
+    pub fn build(cfg: &GptConfig, device: Device, spec: &StageSpec, seed: u64) -> Result<Self> {
+        static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
         cfg.validate()?;
+        if spec.blocks.end > cfg.n_layer || spec.blocks.start > spec.blocks.end {
+            return Err(ModelError::InvalidConfig {
+                key: "parallel.stage_layers",
+                value: format!("{:?}", spec.blocks),
+                why: format!("blocks must lie in 0..{} (model.n_layer)", cfg.n_layer),
+            });
+        }
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let tr = root.sub("transformer");
@@ -49,11 +120,14 @@ impl Gpt {
         let std = 0.02;
         let proj_std = 0.02 / ((2 * l) as f64).sqrt();
         let mut ps = Params::default();
+        ps.seeded(move |name| tch::manual_seed((splitmix64(seed ^ name_hash(name)) >> 1) as i64));
         let normal = Init::Randn { mean: 0.0, stdev: std };
-        let wte = ps.var(&tr.sub("wte"), "weight", &[cfg.vocab_size as i64, c], normal);
-        let wpe = ps.var(&tr.sub("wpe"), "weight", &[cfg.block_size as i64, c], normal);
+        let wte = (spec.embed || spec.head).then(|| ps.var(&tr.sub("wte"), "weight", &[cfg.vocab_size as i64, c], normal));
+        let wpe = spec.embed.then(|| ps.var(&tr.sub("wpe"), "weight", &[cfg.block_size as i64, c], normal));
         let h = tr.sub("h");
-        let blocks = (0..l)
+        let blocks = spec
+            .blocks
+            .clone()
             .map(|i| {
                 let p = h.sub(i);
                 let (a, m) = (p.sub("attn"), p.sub("mlp"));
@@ -71,8 +145,19 @@ impl Gpt {
                 }
             })
             .collect();
-        let ln_f = LayerNorm::new(&mut ps, &tr.sub("ln_f"), c, cfg.bias);
-        Ok(Gpt { cfg: cfg.clone(), vs, params: ps.list, wte, wpe, blocks, ln_f })
+        let ln_f = spec.head.then(|| LayerNorm::new(&mut ps, &tr.sub("ln_f"), c, cfg.bias));
+        Ok(Gpt { cfg: cfg.clone(), spec: spec.clone(), vs, params: ps.list, wte, wpe, blocks, ln_f })
+    }
+
+    /// The part of the model this holds.
+    pub fn stage(&self) -> &StageSpec {
+        &self.spec
+    }
+
+    /// Whether this holds the tied embedding's second copy (the head of a last stage that is not
+    /// also the first): its gradient must be summed with the first stage's every step.
+    pub fn holds_tied_copy(&self) -> bool {
+        self.spec.head && !self.spec.embed
     }
 
     pub fn config(&self) -> &GptConfig {
@@ -99,21 +184,35 @@ impl Gpt {
         self.params.iter().map(|(_, t)| t.numel() as i64).sum()
     }
 
-    /// Forward pass. `idx` is (B, T) int64 token ids with T <= block_size; returns logits
-    /// (B, T, vocab_size) in the compute dtype (bf16 under autocast, else fp32).
+    /// Forward pass of the whole model. `idx` is (B, T) int64 token ids with T <= block_size;
+    /// returns logits (B, T, vocab_size) in the compute dtype (bf16 under autocast, else fp32).
     pub fn forward(&self, idx: &Tensor, train: bool) -> Tensor {
-        let (_b, t) = idx.size2().expect("idx is (B, T)");
-        assert!(t as usize <= self.cfg.block_size, "sequence length {t} exceeds block_size");
-        let pos = Tensor::arange(t, (Kind::Int64, idx.device()));
-        let tok_emb = Tensor::embedding(&self.wte, idx, -1, false, false); // (B, T, C)
-        let pos_emb = Tensor::embedding(&self.wpe, &pos, -1, false, false); // (T, C)
-        let mut x = (tok_emb + pos_emb).dropout(self.cfg.dropout, train);
+        assert!(self.spec.embed && self.spec.head, "forward needs the whole model; a stage runs forward_stage");
+        self.forward_stage(idx, train)
+    }
+
+    /// This part's forward: from token ids (B, T) on a stage with the embeddings, else from the
+    /// previous stage's hidden states (B, T, C); to logits (B, T, V) on a stage with the head,
+    /// else to hidden states (B, T, C).
+    pub fn forward_stage(&self, input: &Tensor, train: bool) -> Tensor {
+        let mut x = if let (Some(wte), Some(wpe)) = (&self.wte, &self.wpe) {
+            let (_b, t) = input.size2().expect("idx is (B, T)");
+            assert!(t as usize <= self.cfg.block_size, "sequence length {t} exceeds block_size");
+            let pos = Tensor::arange(t, (Kind::Int64, input.device()));
+            let tok_emb = Tensor::embedding(wte, input, -1, false, false); // (B, T, C)
+            let pos_emb = Tensor::embedding(wpe, &pos, -1, false, false); // (T, C)
+            (tok_emb + pos_emb).dropout(self.cfg.dropout, train)
+        } else {
+            input.shallow_clone()
+        };
         for block in &self.blocks {
             x = &x + self.attention(&block.attn, &block.ln_1.forward(&x), train);
             x = &x + self.mlp(&block.mlp, &block.ln_2.forward(&x), train);
         }
-        let x = self.ln_f.forward(&x);
-        x.linear(&self.wte, None::<&Tensor>) // (B, T, V)
+        match (&self.ln_f, &self.wte) {
+            (Some(ln_f), Some(wte)) => ln_f.forward(&x).linear(wte, None::<&Tensor>), // (B, T, V)
+            _ => x,
+        }
     }
 
     fn attention(&self, a: &Attention, x: &Tensor, train: bool) -> Tensor {
@@ -144,6 +243,7 @@ impl Gpt {
     /// Autoregressive sampling: appends `new_tokens` tokens to `idx` (1, T0), cropping the
     /// context to the last block_size tokens. `top_k` limits sampling to the k likeliest tokens.
     pub fn generate(&self, idx: &Tensor, new_tokens: usize, temperature: f64, top_k: Option<i64>) -> Tensor {
+        assert!(self.spec.is_whole(self.cfg.n_layer), "generate needs the whole model");
         tch::no_grad(|| {
             let mut idx = idx.shallow_clone();
             let bs = self.cfg.block_size as i64;
@@ -164,6 +264,18 @@ impl Gpt {
             }
             idx
         })
+    }
+
+    /// Copies this part's parameters from a set of named tensors that may hold more (a whole
+    /// model's checkpoint read by one pipeline stage): every parameter of this part must be
+    /// there with its shape; the others are ignored.
+    pub fn load_own_parameters(&self, tensors: &[(String, Tensor)]) -> Result<()> {
+        let mine: Vec<(String, Tensor)> = tensors
+            .iter()
+            .filter(|(n, _)| self.params.iter().any(|(p, _)| p == n))
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        self.load_parameters(&mine)
     }
 
     /// Copies named tensors into the parameters, checking that the names and shapes match

@@ -7,10 +7,20 @@ use tch::{nn::Init, nn::Path, Tensor};
 #[derive(Default)]
 pub struct Params {
     pub list: Vec<(String, Tensor)>,
+    /// Called with each parameter's full name before it is initialised (seeds its draw).
+    reseed: Option<Box<dyn Fn(&str)>>,
 }
 
 impl Params {
+    /// Reseeds libtorch's RNG per parameter, from its name, before each initialisation.
+    pub fn seeded(&mut self, f: impl Fn(&str) + 'static) {
+        self.reseed = Some(Box::new(f));
+    }
+
     pub fn var(&mut self, p: &Path, name: &str, dims: &[i64], init: Init) -> Tensor {
+        if let Some(f) = &self.reseed {
+            f(&p.path(name));
+        }
         let t = p.var(name, dims, init);
         self.list.push((p.path(name), t.shallow_clone()));
         t

@@ -91,12 +91,10 @@ pub fn setup_on(cfg: &Config, cuda_ordinal: usize) -> Result<Setup, TrainError> 
     Ok(Setup { cfg, data, model, device, bf16 })
 }
 
-/// splitmix64 finaliser: decorrelates per-step seeds drawn from one base seed.
-fn mix(seed: u64, step: u64) -> i64 {
-    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D2_49EB_11E8_D1EB);
-    ((z ^ (z >> 31)) >> 1) as i64
+/// Decorrelates per-step (and per-micro-batch) seeds drawn from one base seed: splitmix64 of
+/// the seed and the step's odd-multiplier spread (the data crate's one implementation).
+pub(crate) fn mix(seed: u64, step: u64) -> i64 {
+    (fabbrica_data::splitmix64(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 1) as i64
 }
 
 fn to_tensor(v: Vec<i64>, b: usize, t: usize, device: Device) -> Tensor {
