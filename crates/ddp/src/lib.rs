@@ -56,4 +56,4 @@ pub mod reducer;
 
 pub use buckets::{assign_buckets, Bucket, BucketAssignment, BucketCaps, BucketEntry, ParamSpec, Slot};
 pub use error::{DdpError, Result};
-pub use reducer::{Ddp, DdpOptions, OptParam};
+pub use reducer::{clip_coef, Ddp, DdpOptions, OptParam};

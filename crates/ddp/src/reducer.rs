@@ -392,32 +392,51 @@ impl Ddp {
     /// `torch.nn.utils.clip_grad_norm_`. Under ZeRO-1 each rank holds only its shard of the
     /// reduced gradients, so the squares are summed across ranks.
     pub fn clip_grad_norm(&self, max_norm: f64) -> Result<Tensor> {
-        let st = self.shared.state.lock().unwrap();
+        let total = self.grad_sq_sum()?.sqrt();
+        if max_norm > 0.0 {
+            self.scale_grads(&clip_coef(&total, max_norm));
+        }
+        Ok(total)
+    }
+
+    /// The sum of the squares of this replica's reduced gradients (a device scalar, fp32): the
+    /// whole parameter list's, summed across the data-parallel ranks' shards under ZeRO-1 (a
+    /// collective then). Gradient clipping over several groups (pipeline stages, model chunks)
+    /// adds these up before taking the root.
+    pub fn grad_sq_sum(&self) -> Result<Tensor> {
+        let st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         let zero1 = self.shared.opts.zero1 && self.shared.comm.size() > 1;
         let sum_across = zero1 && st.grad_comm;
-        let r = self.shared.comm.rank() as i64;
         tch::no_grad(|| {
-            let grads: Vec<Tensor> = if zero1 {
-                st.bufs.iter().map(|b| b.grad.narrow(0, r * b.shard as i64, b.shard as i64)).collect()
-            } else {
-                self.params.iter().map(|(_, p)| p.grad()).collect()
-            };
-            let sq: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
+            let sq: Vec<Tensor> = self.grads(&st).iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
             let mut total_sq = Tensor::stack(&sq, 0).sum(Kind::Float);
             if sum_across {
                 total_sq = total_sq.reshape([1]);
                 self.shared.comm.all_reduce(&total_sq, ReduceOp::Sum).map_err(comm_err)?;
                 total_sq = total_sq.reshape([]);
             }
-            let total = total_sq.sqrt();
-            if max_norm > 0.0 {
-                let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
-                for mut g in grads {
-                    let _ = g.g_mul_(&coef);
-                }
-            }
-            Ok(total)
+            Ok(total_sq)
         })
+    }
+
+    /// Multiplies the reduced gradients this rank holds (its shards under ZeRO-1) by `coef`.
+    pub fn scale_grads(&self, coef: &Tensor) {
+        let st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        tch::no_grad(|| {
+            for mut g in self.grads(&st) {
+                let _ = g.g_mul_(coef);
+            }
+        });
+    }
+
+    /// The reduced gradients this rank holds: every parameter's, or under ZeRO-1 its shards.
+    fn grads(&self, st: &State) -> Vec<Tensor> {
+        if self.shared.opts.zero1 && self.shared.comm.size() > 1 {
+            let r = self.shared.comm.rank() as i64;
+            st.bufs.iter().map(|b| b.grad.narrow(0, r * b.shard as i64, b.shard as i64)).collect()
+        } else {
+            self.params.iter().map(|(_, p)| p.grad()).collect()
+        }
     }
 
     /// After the optimizer step. ZeRO-1: gathers every rank's updated shard into the parameters.
@@ -499,6 +518,11 @@ impl Ddp {
             Ok(())
         })
     }
+}
+
+/// `torch.nn.utils.clip_grad_norm_`'s coefficient: `max_norm / (norm + 1e-6)`, at most 1.
+pub fn clip_coef(total_norm: &Tensor, max_norm: f64) -> Tensor {
+    (max_norm / (total_norm + 1e-6)).clamp_max(1.0)
 }
 
 fn device_key(d: tch::Device) -> u64 {

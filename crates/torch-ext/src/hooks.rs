@@ -33,7 +33,7 @@
 //! fresh accumulator without the hook). Moving the parameter to another device or dtype through
 //! `set_data` gives it a new accumulator: register hooks after the model has its final placement.
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
 

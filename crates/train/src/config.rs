@@ -30,8 +30,19 @@ pub struct Config {
 pub struct ParallelConfig {
     /// Data-parallel ranks; 0 = the world size divided by `pp`.
     pub dp: usize,
-    /// Pipeline stages (1: pipeline parallelism is not implemented yet).
+    /// Pipeline stages: ranks each holding a contiguous part of the model's layers.
     pub pp: usize,
+    /// Pipeline schedule: `gpipe`, `1f1b` (Megatron's) or `interleaved` (Megatron's interleaved
+    /// 1F1B, with `virtual_stages` model chunks per rank).
+    pub schedule: String,
+    /// Model chunks per pipeline rank (`interleaved` only; 1 otherwise).
+    pub virtual_stages: usize,
+    /// Layers of each of the `pp × virtual_stages` stages, in order; empty = the balanced split
+    /// (by estimated cost, the embedding and the head counting as work).
+    pub stage_layers: Vec<usize>,
+    /// Rank order on the grid, fastest-varying first: `tp-dp-pp` (Megatron's: pipeline
+    /// outermost, so data-parallel groups are compact) or `tp-pp-dp`.
+    pub order: String,
     /// Gradient bucket size cap in MiB (PyTorch DDP's default is 25).
     pub bucket_mb: f64,
     /// Dtype gradients travel in: `fp32` (the gradients' own) or `bf16` (half the bytes).
@@ -47,7 +58,14 @@ pub struct ParallelConfig {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        ParallelConfig { dp: 0, pp: 1, bucket_mb: 25.0, reduce_dtype: "fp32".into(), zero: 0, overlap: true, grad_comm: true }
+        ParallelConfig {
+            dp: 0,
+            pp: 1,
+            schedule: "1f1b".into(),
+            virtual_stages: 1,
+            stage_layers: Vec::new(),
+            order: "tp-dp-pp".into(),
+            bucket_mb: 25.0, reduce_dtype: "fp32".into(), zero: 0, overlap: true, grad_comm: true }
     }
 }
 
@@ -395,9 +413,10 @@ impl Config {
         if r.out_dir.as_os_str().is_empty() {
             return invalid("run.out_dir", &"\"\"", "must name a directory");
         }
-        if p.pp != 1 {
-            return invalid("parallel.pp", &p.pp, "pipeline parallelism is not available yet: use parallel.pp=1");
-        }
+        check_int("parallel.pp", p.pp as u64, 1, MAX_PP as u64, "parallel.pp=2 (1 = no pipeline)")?;
+        check_int("parallel.virtual_stages", p.virtual_stages as u64, 1, MAX_PP as u64, "parallel.virtual_stages=2 (interleaved only)")?;
+        self.pipeline_shape()?;
+        p.order.parse::<fabbrica_topology::RankOrder>().map_err(|e| ConfigError::Invalid { key: "parallel.order".into(), value: printable(&p.order), why: e.to_string() })?;
         check_float("parallel.bucket_mb", p.bucket_mb, MIN_BUCKET_MB, true, MAX_BUCKET_MB, "parallel.bucket_mb=25 (PyTorch's default)")?;
         if !matches!(p.reduce_dtype.as_str(), "fp32" | "bf16") {
             return invalid_str("parallel.reduce_dtype", &p.reduce_dtype, "use `fp32` or `bf16`");
@@ -410,6 +429,71 @@ impl Config {
         }
         check_timeout_s(self.comm.timeout_s)?;
         Ok(())
+    }
+
+    /// The pipeline's schedule (validated against `parallel.pp`, `virtual_stages` and
+    /// `train.grad_accum`, the micro-batches) and its stage split (layers per stage), or `None`
+    /// without pipeline parallelism. Every invalid combination is one line naming what to change.
+    pub fn pipeline_shape(&self) -> Result<Option<(fabbrica_pipeline::Schedule, Vec<usize>)>> {
+        use fabbrica_pipeline::{Kind, Schedule, ScheduleError};
+        let p = &self.parallel;
+        let bad = |key: &str, value: String, why: String| ConfigError::Invalid { key: key.into(), value: printable(&value), why };
+        let kind: Kind = p
+            .schedule
+            .parse()
+            .map_err(|_| bad("parallel.schedule", format!("{:?}", p.schedule), "use gpipe, 1f1b or interleaved".into()))?;
+        if p.pp == 1 {
+            if p.virtual_stages != 1 {
+                return Err(bad("parallel.virtual_stages", p.virtual_stages.to_string(), "model chunks need a pipeline: set parallel.pp > 1, or parallel.virtual_stages=1".into()));
+            }
+            if !p.stage_layers.is_empty() {
+                return Err(bad("parallel.stage_layers", format!("{:?}", p.stage_layers), "a split needs a pipeline: set parallel.pp > 1, or parallel.stage_layers=[]".into()));
+            }
+            return Ok(None);
+        }
+        let m = self.train.grad_accum as usize;
+        // The schedule lists every (stage, micro-batch) twice: bound it before building it.
+        if (p.pp as u128) * (p.virtual_stages as u128) * (m as u128) > MAX_PIPELINE_ACTIONS as u128 {
+            return Err(bad(
+                "train.grad_accum",
+                m.to_string(),
+                format!("parallel.pp × parallel.virtual_stages × train.grad_accum (the micro-batches) exceeds {MAX_PIPELINE_ACTIONS}: use fewer micro-batches"),
+            ));
+        }
+        let schedule = Schedule::new(kind, p.pp, p.virtual_stages, m).map_err(|e| match e {
+            ScheduleError::VirtualStagesNeedInterleaved { kind, v } => bad(
+                "parallel.virtual_stages",
+                v.to_string(),
+                format!("parallel.schedule = {kind} runs one model chunk per rank: set parallel.virtual_stages=1, or parallel.schedule=interleaved"),
+            ),
+            ScheduleError::InterleavedNeedsChunks { v } => bad(
+                "parallel.virtual_stages",
+                v.to_string(),
+                "parallel.schedule = interleaved needs at least 2 model chunks per rank: set parallel.virtual_stages=2 or more, or parallel.schedule=1f1b".into(),
+            ),
+            ScheduleError::MicrobatchesNotMultiple { m, pp } => {
+                let below = m / pp * pp;
+                let near = if below == 0 { format!("{pp}") } else { format!("{below} or {}", below + pp) };
+                bad(
+                    "train.grad_accum",
+                    m.to_string(),
+                    format!("the micro-batches of a pipeline step are train.grad_accum, and parallel.schedule = interleaved runs them in groups of parallel.pp = {pp}: set train.grad_accum={near}, or use parallel.schedule=1f1b (any count)"),
+                )
+            }
+            other => bad("parallel.schedule", p.schedule.clone(), other.to_string()),
+        })?;
+        let stages = p.pp * p.virtual_stages;
+        let mut model = self.model.clone();
+        if model.vocab_size == 0 {
+            model.vocab_size = 256; // only the split's cost estimate reads it
+        }
+        let layers = if p.stage_layers.is_empty() {
+            fabbrica_models::balanced_split(&model, model.block_size, stages)
+        } else {
+            fabbrica_models::check_split(&model, &p.stage_layers, stages).map(|()| p.stage_layers.clone())
+        }
+        .map_err(|e| ConfigError::Model(e.to_string()))?;
+        Ok(Some((schedule, layers)))
     }
 
     /// Whether this run may continue an earlier one (`run.resume` true or auto, or `run.resume_from`).
@@ -449,6 +533,10 @@ pub const MAX_BATCH: u64 = 1 << 20;
 pub const MAX_TOKENS_PER_RANK_STEP: u64 = 1 << 40;
 /// `parallel.dp`.
 pub const MAX_RANKS: u64 = 1 << 20;
+/// Largest `parallel.pp` and `parallel.virtual_stages`.
+pub const MAX_PP: usize = 1024;
+/// Largest pipeline schedule (`pp × virtual_stages × grad_accum` stage-micro-batches).
+pub const MAX_PIPELINE_ACTIONS: u64 = 1 << 22;
 /// `train.eval_iters`.
 pub const MAX_EVAL_ITERS: u64 = 1_000_000;
 /// `run.keep_checkpoints`.
@@ -590,6 +678,8 @@ fn checked_type(key: &str, schema: &toml::Value, value: &toml::Value) -> Result<
             return Ok(value.clone())
         }
         (V::Float(_), V::Integer(i)) => return Ok(V::Float(*i as f64)),
+        (V::Array(_), V::Array(a)) if a.iter().all(|x| matches!(x, V::Integer(i) if *i >= 0)) => return Ok(value.clone()),
+        (V::Array(_), _) => "a list of non-negative integers",
         (V::Integer(_), _) => "an integer",
         (V::Float(_), _) => "a number",
         (V::Boolean(_), _) => "true or false",
@@ -598,6 +688,7 @@ fn checked_type(key: &str, schema: &toml::Value, value: &toml::Value) -> Result<
     };
     let example = match schema {
         V::String(s) if s.is_empty() => format!("{key}=\"...\""),
+        V::Array(_) => format!("{key}=[2, 2]"),
         other => format!("{key}={other}"),
     };
     Err(ConfigError::WrongType {

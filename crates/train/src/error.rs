@@ -55,6 +55,9 @@ pub enum TrainError {
     /// Communication failed (a collective's error names rank, operation, group and backend).
     #[error("{0}")]
     Comm(String),
+    /// A pipeline stage's action failed (the message names the rank, the action and why).
+    #[error("pipeline: {0}")]
+    Pipeline(String),
     /// A checkpoint would hold a NaN/Inf: it is not written.
     #[error("step {step}: `{tensor}` holds NaN or Inf values, so no checkpoint was written (the previous one is kept): lower train.lr or set train.nonfinite=skip, then resume with run.resume=true")]
     NonFiniteCheckpoint { step: u64, tensor: String },
@@ -110,7 +113,7 @@ impl TrainError {
             TrainError::Elsewhere { .. } => return true,
             _ => {}
         }
-        !matches!(self, TrainError::Torch(_) | TrainError::Io { .. } | TrainError::Comm(_) | TrainError::CheckpointWrite { .. })
+        !matches!(self, TrainError::Torch(_) | TrainError::Io { .. } | TrainError::Comm(_) | TrainError::Pipeline(_) | TrainError::CheckpointWrite { .. })
             && !matches!(self, TrainError::Model(fabbrica_models::ModelError::Torch(_)))
     }
 }

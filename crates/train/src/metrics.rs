@@ -38,10 +38,29 @@ pub struct Record {
     /// Data-parallel runs: per-rank time per step over the log window.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub stragglers: Option<Stragglers>,
+    /// Pipeline runs: each pipeline rank's (of the first replica) compute and wait per step and
+    /// its measured idle fraction (bubble plus communication) over the log window.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pipeline: Option<Vec<StageReport>>,
     /// `skipped` lines (a NaN/Inf step under `train.nonfinite = skip`) and `checkpoint_failed`
     /// lines: what happened, naming step and ranks.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub note: Option<String>,
+}
+
+/// One pipeline rank's measured share of a step (`Record::pipeline`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageReport {
+    /// Pipeline coordinate (it holds stages `pp_rank`, `pp_rank + pp`, ...).
+    pub pp_rank: usize,
+    /// World rank.
+    pub rank: usize,
+    /// Forward and backward compute, ms per step.
+    pub compute_ms: f64,
+    /// Waiting on receives and sends, ms per step.
+    pub wait_ms: f64,
+    /// Fraction of the schedule's time not computing: the pipeline bubble plus communication.
+    pub bubble: f64,
 }
 
 /// Straggler report: each rank's compute time and time blocked on gradient communication per

@@ -166,8 +166,14 @@ impl AdamW {
 
     /// State as named tensors for a checkpoint: `<param>.exp_avg`, `<param>.exp_avg_sq`, `<param>.step`.
     pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.state_where(|_| true)
+    }
+
+    /// As [`AdamW::state`], for the slots whose name `which` accepts.
+    pub fn state_where(&self, which: impl Fn(&str) -> bool) -> Vec<(String, Tensor)> {
         self.slots
             .iter()
+            .filter(|s| which(&s.name))
             .flat_map(|s| {
                 [
                     (format!("{}.exp_avg", s.name), s.exp_avg.shallow_clone()),
@@ -180,6 +186,12 @@ impl AdamW {
 
     /// Restores `state()` output; every tensor must be present with the right shape.
     pub fn load_state(&mut self, tensors: &[(String, Tensor)], steps_taken: u64) -> Result<(), String> {
+        self.load_state_where(tensors, steps_taken, |_| true)
+    }
+
+    /// As [`AdamW::load_state`], for the slots whose name `which` accepts (the others keep their
+    /// state: under ZeRO-1 the reducer loads the shards it owns).
+    pub fn load_state_where(&mut self, tensors: &[(String, Tensor)], steps_taken: u64, which: impl Fn(&str) -> bool) -> Result<(), String> {
         let map: std::collections::HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let get = |key: String, like: &Tensor| -> Result<Tensor, String> {
             let t = map.get(key.as_str()).ok_or_else(|| format!("optimizer state has no tensor '{key}'"))?;
@@ -189,7 +201,7 @@ impl AdamW {
             Ok(t.to_device(like.device()))
         };
         let mut loaded = Vec::with_capacity(self.slots.len());
-        for s in &self.slots {
+        for s in self.slots.iter().filter(|s| which(&s.name)) {
             loaded.push((
                 get(format!("{}.exp_avg", s.name), &s.exp_avg)?,
                 get(format!("{}.exp_avg_sq", s.name), &s.exp_avg_sq)?,
@@ -197,7 +209,7 @@ impl AdamW {
             ));
         }
         tch::no_grad(|| {
-            for (s, (m, v, st)) in self.slots.iter_mut().zip(loaded) {
+            for (s, (m, v, st)) in self.slots.iter_mut().filter(|s| which(&s.name)).zip(loaded) {
                 s.exp_avg.copy_(&m);
                 s.exp_avg_sq.copy_(&v);
                 s.step.copy_(&st);

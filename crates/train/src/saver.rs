@@ -11,13 +11,17 @@ use std::path::PathBuf;
 use std::thread::JoinHandle;
 
 use fabbrica_data::Meta;
-use fabbrica_ddp::Ddp;
 use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, CheckpointState, FORMAT_VERSION};
 use crate::error::TrainError;
-use crate::optim::AdamW;
 use crate::trainer::Setup;
+
+/// The whole model's parameters and optimizer state by name, as rank 0 writes them.
+pub(crate) struct Snapshot {
+    pub model: Vec<(String, Tensor)>,
+    pub optim: Vec<(String, Tensor)>,
+}
 
 /// What a run carries between checkpoints besides the model and optimizer.
 pub(crate) struct RunState {
@@ -61,29 +65,17 @@ impl Saver {
         Saver { run, background, inflight: None }
     }
 
-    /// Snapshots the state of `step` (collective under ZeRO-1) and writes it, now or in the
-    /// background. Returns the writes that finished meanwhile: this one when writing at once;
-    /// the previous background write otherwise.
-    #[allow(clippy::too_many_arguments)]
-    pub fn save(
-        &mut self,
-        s: &Setup,
-        opt: &AdamW,
-        ddp: &Ddp,
-        zero1: bool,
-        rank0: bool,
-        step: u64,
-        val_loss: Option<f64>,
-        params: &[(String, Tensor)],
-    ) -> Result<Vec<Completed>, TrainError> {
+    /// Writes the state of `step` (`snapshot`, on rank 0 only: see the trainer's `snapshot`),
+    /// now or in the background; every rank records that `step` was snapshot. Returns the writes
+    /// that finished meanwhile: this one when writing at once; the previous background write
+    /// otherwise.
+    pub fn save(&mut self, s: &Setup, snapshot: Option<Snapshot>, step: u64, val_loss: Option<f64>) -> Result<Vec<Completed>, TrainError> {
         // At most one write in flight: the previous one finishes first.
         let mut done: Vec<Completed> = self.settle().into_iter().collect();
-        // ZeRO-1: every rank takes part in gathering the whole optimizer state (collective).
-        let optim = if zero1 { ddp.gather_state(opt.steps_taken()).map_err(|e| TrainError::Comm(e.to_string()))? } else { opt.state() };
         self.run.last_snapshot_step = Some(step);
-        if !rank0 {
+        let Some(Snapshot { model, optim }) = snapshot else {
             return Ok(done);
-        }
+        };
         let state = CheckpointState {
             format_version: FORMAT_VERSION,
             step,
@@ -98,14 +90,14 @@ impl Saver {
         };
         let (out, keep) = (s.cfg.run.out_dir.clone(), s.cfg.run.keep_checkpoints);
         if self.background {
-            let (model, optim) = (host_copy(params), host_copy(&optim));
+            let (model, optim) = (host_copy(&model), host_copy(&optim));
             let handle = std::thread::Builder::new()
                 .name("checkpoint-writer".into())
                 .spawn(move || checkpoint::save(&out, state, &model, &optim, keep))
                 .map_err(|e| TrainError::Checkpoint(format!("cannot start the checkpoint writer thread ({e}): set run.async_checkpoint=false")))?;
             self.inflight = Some(Inflight { step, handle });
         } else {
-            let result = checkpoint::save(&out, state, params, &optim, keep);
+            let result = checkpoint::save(&out, state, &model, &optim, keep);
             done.push(self.record(Completed { step, result }));
         }
         Ok(done)
@@ -131,9 +123,4 @@ impl Drop for Saver {
     fn drop(&mut self) {
         let _ = self.settle();
     }
-}
-
-/// Bytes a host copy of the checkpoint takes: parameters plus AdamW's two moments.
-pub(crate) fn snapshot_bytes(params: &[(String, Tensor)]) -> u64 {
-    3 * params.iter().map(|(_, t)| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64).sum::<u64>()
 }

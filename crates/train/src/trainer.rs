@@ -11,20 +11,22 @@ use std::time::{Duration, Instant};
 
 use fabbrica_comm::{BackendChoice, Communicator, InitOptions, LaunchEnv, ReduceOp, World};
 use fabbrica_ddp::{Ddp, DdpOptions};
-use fabbrica_topology::ParallelDims;
 
 use fabbrica_data::{Dataset, Sampler, Split, TokenizerKind};
-use fabbrica_models::{flops_per_token, Gpt};
+use fabbrica_models::{flops_per_token, Gpt, StageSpec};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint;
 use crate::config::{Config, Resume};
 use crate::device::{gpu_name, peak_flops_for, peak_memory_bytes, resolve_bf16, resolve_device};
 use crate::error::{io_err, TrainError};
-use crate::metrics::{MetricsLog, Progress, Record, Stragglers};
+use crate::grads::{Grads, TIED};
+use crate::grid::Grid;
+use crate::pipelined::StageTimes;
+use crate::metrics::{MetricsLog, Progress, Record, StageReport, Stragglers};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::sample::sample_text;
-use crate::saver::{Completed, RunState, Saver};
+use crate::saver::{Completed, RunState, Saver, Snapshot};
 use crate::schedule::CosineSchedule;
 
 /// Evaluation batches use this step index, so every evaluation sees the same windows.
@@ -55,9 +57,39 @@ pub struct TrainOutcome {
 pub struct Setup {
     pub cfg: Config,
     pub data: Dataset,
-    pub model: Gpt,
+    /// The model parts this rank holds, in stage order: the whole model without pipeline
+    /// parallelism, else this rank's stages (one per virtual stage).
+    pub parts: Vec<Part>,
     pub device: Device,
     pub bf16: bool,
+    /// With `parallel.pp > 1`: the lowered schedule and the split.
+    pub pipeline: Option<Pipeline>,
+}
+
+/// One model part: pipeline stage `stage` (0 for the whole model).
+pub struct Part {
+    pub stage: usize,
+    pub model: Gpt,
+}
+
+/// A pipeline's shape: the schedule every pipeline rank runs (lowered: with its sends and
+/// receives) and the layers of each stage.
+pub struct Pipeline {
+    pub schedule: fabbrica_pipeline::Schedule,
+    pub layers: Vec<usize>,
+}
+
+impl Setup {
+    /// The whole model (a run without pipeline parallelism).
+    pub fn model(&self) -> &Gpt {
+        assert!(self.pipeline.is_none() && self.parts.len() == 1, "the whole model exists only without pipeline parallelism");
+        &self.parts[0].model
+    }
+
+    /// Parameters this rank holds (the tied embedding's pipeline copy counted).
+    pub fn num_params(&self) -> i64 {
+        self.parts.iter().map(|p| p.model.num_params()).sum()
+    }
 }
 
 /// Loads data and builds the model: every input error surfaces here, before any step.
@@ -67,6 +99,12 @@ pub fn setup(cfg: &Config) -> Result<Setup, TrainError> {
 
 /// As [`setup`], on CUDA device `cuda_ordinal` when the run uses a GPU (each rank its local one).
 pub fn setup_on(cfg: &Config, cuda_ordinal: usize) -> Result<Setup, TrainError> {
+    setup_stage(cfg, cuda_ordinal, 0)
+}
+
+/// As [`setup_on`], building only the stages of pipeline rank `pp_rank` (all of the model
+/// without pipeline parallelism).
+pub fn setup_stage(cfg: &Config, cuda_ordinal: usize, pp_rank: usize) -> Result<Setup, TrainError> {
     let mut cfg = cfg.clone();
     cfg.validate()?;
     let device = resolve_device(&cfg.run.device, cuda_ordinal)?;
@@ -86,9 +124,19 @@ pub fn setup_on(cfg: &Config, cuda_ordinal: usize) -> Result<Setup, TrainError> 
             why: format!("the {} tokenizer of {} has {vocab} tokens: set it to at least {vocab}, or 0 to take it from the data", data.tokenizer.kind().as_str(), cfg.data.path.display()),
         }));
     }
-    tch::manual_seed(cfg.run.seed as i64);
-    let model = Gpt::new(&cfg.model, device)?;
-    Ok(Setup { cfg, data, model, device, bf16 })
+    let (parts, pipeline) = match cfg.pipeline_shape()? {
+        None => (vec![Part { stage: 0, model: Gpt::build(&cfg.model, device, &StageSpec::whole(cfg.model.n_layer), cfg.run.seed)? }], None),
+        Some((schedule, layers)) => {
+            let specs = StageSpec::split(&layers);
+            let schedule = fabbrica_pipeline::lower(&schedule);
+            let parts = (0..specs.len())
+                .filter(|&st| schedule.rank_of_stage(st) == pp_rank)
+                .map(|st| Ok(Part { stage: st, model: Gpt::build(&cfg.model, device, &specs[st], cfg.run.seed)? }))
+                .collect::<Result<Vec<_>, TrainError>>()?;
+            (parts, Some(Pipeline { schedule, layers }))
+        }
+    };
+    Ok(Setup { cfg, data, parts, device, bf16, pipeline })
 }
 
 /// Decorrelates per-step (and per-micro-batch) seeds drawn from one base seed: splitmix64 of
@@ -97,7 +145,7 @@ pub(crate) fn mix(seed: u64, step: u64) -> i64 {
     (fabbrica_data::splitmix64(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 1) as i64
 }
 
-fn to_tensor(v: Vec<i64>, b: usize, t: usize, device: Device) -> Tensor {
+pub(crate) fn to_tensor(v: Vec<i64>, b: usize, t: usize, device: Device) -> Tensor {
     Tensor::from_slice(&v).view([b as i64, t as i64]).to_device(device)
 }
 
@@ -115,7 +163,7 @@ fn eval_sum(s: &Setup, sampler: &Sampler, split: Split, iters: u64, rank: usize,
         for k in (rank as u64..iters).step_by(ranks) {
             let (x, y) = sampler.batch(src, split, EVAL_STEP, k * b as u64, b, t);
             let (x, y) = (to_tensor(x, b, t, s.device), to_tensor(y, b, t, s.device));
-            let loss = tch::autocast(s.bf16, || Gpt::loss(&s.model.forward(&x, false), &y));
+            let loss = tch::autocast(s.bf16, || Gpt::loss(&s.model().forward(&x, false), &y));
             sum += loss.double_value(&[]);
         }
         sum
@@ -155,7 +203,7 @@ pub fn accumulate_grads(s: &Setup, sampler: &Sampler, step: u64, first_micro: us
         tch::manual_seed(mix(mix(s.cfg.run.seed, step) as u64, micro));
         let (x, y) = sampler.batch(&s.data.train, Split::Train, step, micro * b as u64, b, t);
         let (x, y) = (to_tensor(x, b, t, s.device), to_tensor(y, b, t, s.device));
-        let mut loss = tch::autocast(s.bf16, || Gpt::loss(&s.model.forward(&x, true), &y));
+        let mut loss = tch::autocast(s.bf16, || Gpt::loss(&s.model().forward(&x, true), &y));
         if inject_nan && m == 0 {
             loss *= f64::NAN;
         }
@@ -185,14 +233,16 @@ pub fn comm_options(cfg: &Config) -> Result<InitOptions, TrainError> {
         .map_err(|e| TrainError::Config(crate::ConfigError::Env(e.to_string())))
 }
 
-/// Trains on every rank of `world` with data parallelism over all of them (`parallel.dp`).
+/// Trains on every rank of `world`: a `parallel.pp × parallel.dp` grid of pipeline stages and
+/// data-parallel replicas (`crates/topology` orders the ranks; `grid.rs` makes the groups).
 pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     let comm: Arc<dyn Communicator> = world.comm();
     let (rank, nranks) = (comm.rank(), comm.size());
     // Flight recorder dumps (a hang, a communication error, SIGUSR2) go to run.out_dir/flight/.
     fabbrica_comm::flight::set_dump_dir(&cfg.run.out_dir);
-    let dims = ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, 1, nranks).map_err(|e| TrainError::Parallel(e.to_string()))?;
-    let dp = dims.dp;
+    let dims = crate::grid::dims(cfg, nranks)?;
+    let coords = dims.coords(rank).map_err(|e| TrainError::Parallel(e.to_string()))?;
+    let (dp, pp) = (dims.dp, dims.pp);
     let rank0 = rank == 0;
     // Local rank i takes cuda:i; a rank that sees a single GPU (srun --gpus-per-task=1, or
     // CUDA_VISIBLE_DEVICES set per rank) takes that one.
@@ -200,7 +250,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     // Everything that can fail on bad input, on every rank, before the first collective that
     // would wait for a failed rank: data, model, device, output directory, checkpoint.
     let preflight = (|| -> Result<(Setup, Option<checkpoint::Resume>), TrainError> {
-        let s = setup_on(cfg, ordinal)?;
+        let s = setup_stage(cfg, ordinal, coords.pp)?;
         crate::memory::check_fits(&s, world.launch().local_world_size, dp)?;
         let out = &s.cfg.run.out_dir;
         if rank0 {
@@ -273,8 +323,8 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         _ if nranks > 1 => format!(" over {}", comm.backend()),
         _ => String::new(),
     };
+    let grid = Grid::new(world, dims)?;
 
-    let params: Vec<(String, Tensor)> = s.model.parameter_handles();
     let ddp_opts = DdpOptions {
         bucket_mb: cfg.parallel.bucket_mb,
         first_bucket_mb: cfg.parallel.bucket_mb.min(1.0),
@@ -284,20 +334,32 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         grad_comm: cfg.parallel.grad_comm,
         check_params: world.debug(),
     };
-    let ddp = Ddp::apply(&params, comm.clone(), ddp_opts).map_err(ddp_err)?;
+    let models: Vec<&Gpt> = s.parts.iter().map(|p| &p.model).collect();
+    let grads = Grads::apply(&models, &grid, ddp_opts)?;
     let zero1 = cfg.parallel.zero == 1;
     let adam = AdamWConfig { beta1: cfg.train.beta1, beta2: cfg.train.beta2, eps: cfg.train.eps, weight_decay: cfg.train.weight_decay, fused: cfg.fused_adamw() };
-    let mut opt = AdamW::from_parts(ddp.optimizer_params(), adam);
+    let mut opt = AdamW::from_parts(grads.optimizer_params(), adam);
 
     let mut start = 0u64;
     let resumed = resume_from.is_some();
     if let Some(resume) = resume_from {
         let (dir, ck) = (resume.loaded.dir.clone(), resume.loaded);
-        s.model.load_parameters(&ck.model)?;
+        for p in &s.parts {
+            if s.pipeline.is_some() {
+                p.model.load_own_parameters(&ck.model)?;
+            } else {
+                p.model.load_parameters(&ck.model)?;
+            }
+        }
         let bad = |e: String| TrainError::Checkpoint(format!("{}: {e}: the checkpoint was written by a different model", dir.display()));
         if zero1 {
-            ddp.scatter_state(&ck.optim).map_err(bad)?;
+            for d in &grads.ddps {
+                d.scatter_state(&ck.optim).map_err(bad)?;
+            }
             opt.set_steps(ck.state.step);
+            if grads.holds_tied() {
+                opt.load_state_where(&ck.optim, ck.state.step, |n| n == TIED).map_err(bad)?;
+            }
         } else {
             opt.load_state(&ck.optim, ck.state.step).map_err(bad)?;
         }
@@ -325,16 +387,24 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         }
     };
     let progress = Progress::new(cfg.train.max_steps, start, opts.progress && rank0);
+    let layout = match &s.pipeline {
+        None => format!("{nranks} ranks (dp {dp})"),
+        Some(pl) => format!(
+            "{nranks} ranks (pp {pp} x dp {dp}, {} schedule, {} stages of {:?} layers)",
+            pl.schedule.kind,
+            pl.schedule.stages(),
+            pl.layers
+        ),
+    };
     progress.println(&format!(
-        "training {} parameters on {:?} ({}), {} ranks (dp {dp}), global batch {global_batch} = micro {} x accum {} x dp {dp} ({} tokens/step), {} buckets{grads_over}{}, steps {}..{}",
-        s.model.num_params(),
+        "training {} parameters on {:?} ({}), {layout}, global batch {global_batch} = micro {} x accum {} x dp {dp} ({} tokens/step), {} buckets{grads_over}{}, steps {}..{}",
+        fabbrica_models::flops::total_params(&cfg.model),
         s.device,
         if s.bf16 { "bf16 autocast" } else { "fp32" },
-        nranks,
         cfg.train.batch_size,
         cfg.train.grad_accum,
         tokens_per_step,
-        ddp.assignment().buckets.len(),
+        grads.buckets(),
         if zero1 { ", ZeRO-1" } else { "" },
         start,
         cfg.train.max_steps
@@ -344,8 +414,8 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let inject = nan_injection()?;
     // Until this function returns, SIGTERM/SIGINT/SIGUSR1 only ask the loop to stop at a step boundary.
     let _signals = crate::signals::install(nranks > 1);
-    // Background writes need a host copy of the state; where memory is short, write at once.
-    let copy = crate::saver::snapshot_bytes(&params);
+    // Background writes need a host copy of the state (on rank 0, the whole model's).
+    let copy = 12 * fabbrica_models::flops::total_params(&cfg.model);
     let room = crate::memory::host_available_bytes().is_none_or(|avail| avail / 2 > copy);
     let mut saver = Saver::new(run, cfg.run.async_checkpoint && room);
     if rank0 && opts.progress && cfg.run.async_checkpoint && !room {
@@ -353,20 +423,30 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     }
     let mut window = (Instant::now(), 0u64); // (start of log window, steps in it)
     let mut waited = Duration::ZERO; // time blocked on gradient communication in the window
+    let mut stage_times = StageTimes::default(); // pipeline: measured in the window
     let mut last_val: Option<f64> = None;
     let mut step = start;
-    let dp_comm: &dyn Communicator = &*comm;
+    let world_comm: &dyn Communicator = &*grid.world;
+    let eval = |split: Split| evaluate_grid(&s, &sampler, &grid, split, cfg.train.eval_iters);
+    // This replica's micro-batches are the global ones from its data-parallel coordinate on.
+    let first_micro = coords.dp * cfg.train.grad_accum;
     while step < stop_at {
         let lr = sched.lr_at(step);
         // Steps are numbered from 1 in logs, metrics and messages (`step` updates done after it).
         let poison = inject == Some((step + 1, rank));
-        let loss = crate::memory::guard_alloc(step + 1, || {
-            accumulate_grads(&s, &sampler, step, rank * cfg.train.grad_accum, cfg.train.grad_accum, Some(&ddp), poison)
-        })?;
-        waited += ddp.finish().map_err(ddp_err)?;
-        let norm = ddp.clip_grad_norm(cfg.train.grad_clip).map_err(ddp_err)?;
+        let loss = crate::memory::guard_alloc(step + 1, || -> Result<Tensor, TrainError> {
+            if s.pipeline.is_some() {
+                let (loss, trace) = crate::pipelined::forward_backward(&s, &sampler, &grads, &*grid.pp, step, first_micro, poison)?;
+                stage_times.add(&StageTimes::from_trace(&trace));
+                Ok(loss)
+            } else {
+                Ok(accumulate_grads(&s, &sampler, step, first_micro, cfg.train.grad_accum, Some(&grads.ddps[0]), poison))
+            }
+        })??;
+        waited += grads.finish()?;
+        let norm = grads.clip(cfg.train.grad_clip)?;
         // Every rank sees every rank's loss, the norm and any stop signal: all take the same branch.
-        let check = check_step(dp_comm, &loss, &norm, step + 1)?;
+        let check = check_step(world_comm, &loss, &norm, step + 1)?;
         if let Some(bad) = check.nonfinite {
             saver.run.skipped_steps += 1;
             if cfg.train.nonfinite == "stop" || saver.run.skipped_steps > cfg.train.max_skipped_steps {
@@ -394,25 +474,30 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
             if let Some(log) = log.as_mut() {
                 log.write(&Record { kind: "skipped".into(), step: step + 1, note: Some(bad), ..empty_record() })?;
             }
-            ddp.zero_grad();
+            grads.zero_grad();
         } else {
             opt.step(lr).map_err(TrainError::Torch)?;
-            ddp.after_step().map_err(ddp_err)?;
-            ddp.zero_grad();
+            grads.after_step()?;
+            grads.zero_grad();
         }
         step += 1;
         window.1 += 1;
 
         if step.is_multiple_of(cfg.train.log_interval) || step == stop_at {
-            // Mean over the data-parallel ranks: the loss of the global batch. Reading it
-            // synchronises the device, so the timings below are real.
+            // Mean over the data-parallel ranks: the loss of the global batch (every pipeline
+            // stage knows its replica's). Reading it synchronises the device, so the timings
+            // below are real.
             let l = loss.to_device(Device::Cpu).to_kind(Kind::Float).reshape([1]);
-            dp_comm.all_reduce(&l, ReduceOp::Avg).map_err(comm_err)?;
+            grid.dp.all_reduce(&l, ReduceOp::Avg).map_err(comm_err)?;
             let last_loss = l.double_value(&[0]);
             let elapsed = window.0.elapsed().as_secs_f64();
             let tps = tokens_per_step * window.1 as f64 / elapsed;
             let (compute, wait) = (1e3 * (elapsed - waited.as_secs_f64()) / window.1 as f64, 1e3 * waited.as_secs_f64() / window.1 as f64);
-            let stragglers = if nranks > 1 { Some(straggler_report(dp_comm, compute, wait)?) } else { None };
+            let stragglers = if nranks > 1 { Some(straggler_report(world_comm, compute, wait)?) } else { None };
+            let pipeline = match &s.pipeline {
+                Some(_) => Some(pipeline_report(&grid, &stage_times, window.1)?),
+                None => None,
+            };
             if let Some(log) = log.as_mut() {
                 let rec = Record {
                     kind: "train".into(),
@@ -425,6 +510,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
                     step_ms: Some(1e3 * elapsed / window.1 as f64),
                     peak_mem_bytes: Some(peak_memory_bytes(s.device)),
                     stragglers,
+                    pipeline,
                     ..empty_record()
                 };
                 log.write(&rec)?;
@@ -432,14 +518,15 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
             progress.step(step, Some(format!("loss {last_loss:.4} lr {lr:.2e} {tps:.0} tok/s")));
             window = (Instant::now(), 0);
             waited = Duration::ZERO;
+            stage_times = StageTimes::default();
         } else {
             progress.step(step, None);
         }
 
         let last = step == stop_at;
         if step.is_multiple_of(cfg.train.eval_interval) || last {
-            let tl = evaluate_dp(&s, &sampler, Split::Train, cfg.train.eval_iters, dp_comm)?;
-            let vl = evaluate_dp(&s, &sampler, Split::Val, cfg.train.eval_iters, dp_comm)?;
+            let tl = eval(Split::Train)?;
+            let vl = eval(Split::Val)?;
             last_val = Some(vl);
             if let Some(log) = log.as_mut() {
                 log.write(&Record { kind: "eval".into(), step, train_loss: Some(tl), val_loss: Some(vl), ..empty_record() })?;
@@ -447,9 +534,11 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
             progress.println(&format!("step {step}: train loss {tl:.4}, val loss {vl:.4}"));
             window = (Instant::now(), 0); // evaluation time is not training throughput
             waited = Duration::ZERO;
+            stage_times = StageTimes::default();
         }
         if (cfg.run.checkpoint_interval > 0 && step.is_multiple_of(cfg.run.checkpoint_interval)) || last {
-            for done in saver.save(&s, &opt, &ddp, zero1, rank0, step, last_val, &params)? {
+            let snap = snapshot(&s, &grid, &grads, &opt, zero1)?;
+            for done in saver.save(&s, snap, step, last_val)? {
                 settled(done, false, cfg, &progress, &mut log)?;
             }
         }
@@ -457,7 +546,8 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
             // Preempted: this step is done; its checkpoint is written (unless it just was) before
             // anyone leaves.
             if saver.run.last_snapshot_step != Some(step) {
-                for done in saver.save(&s, &opt, &ddp, zero1, rank0, step, last_val, &params)? {
+                let snap = snapshot(&s, &grid, &grads, &opt, zero1)?;
+                for done in saver.save(&s, snap, step, last_val)? {
                     settled(done, false, cfg, &progress, &mut log)?;
                 }
             }
@@ -466,18 +556,19 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
             }
             progress.finish();
             // Nobody leaves while rank 0 may still be writing.
-            dp_comm.barrier().map_err(comm_err)?;
+            world_comm.barrier().map_err(comm_err)?;
             return Err(TrainError::Preempted { step, rank: by, signal: crate::signals::name(sig), checkpoint: saver.run.last_saved.clone() });
         }
     }
     progress.finish();
 
-    let train_loss = evaluate_dp(&s, &sampler, Split::Train, cfg.train.eval_iters, dp_comm)?;
-    let val_loss = evaluate_dp(&s, &sampler, Split::Val, cfg.train.eval_iters, dp_comm)?;
-    // Every rank decides alike (saving is collective under ZeRO-1): by step, which all know.
+    let train_loss = eval(Split::Train)?;
+    let val_loss = eval(Split::Val)?;
+    // Every rank decides alike (saving is collective under ZeRO-1 and pipelines): by step, which all know.
     if saver.run.last_snapshot_step != Some(step) {
         // Nothing trained (already at max_steps): write the checkpoint of where it stands.
-        for done in saver.save(&s, &opt, &ddp, zero1, rank0, step, Some(val_loss), &params)? {
+        let snap = snapshot(&s, &grid, &grads, &opt, zero1)?;
+        for done in saver.save(&s, snap, step, Some(val_loss))? {
             settled(done, false, cfg, &progress, &mut log)?;
         }
     }
@@ -486,13 +577,104 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         settled(done, true, cfg, &progress, &mut log)?;
     }
     let checkpoint = saver.run.last_saved.clone().unwrap_or_else(|| out.clone());
-    let sample = (rank0 && cfg.run.sample_tokens > 0)
-        .then(|| sample_text(&s.model, &s.data.tokenizer, "", cfg.run.sample_tokens, 0.8, Some(200), cfg.run.seed));
+    let sample = if rank0 && cfg.run.sample_tokens > 0 {
+        match &s.pipeline {
+            None => Some(sample_text(s.model(), &s.data.tokenizer, "", cfg.run.sample_tokens, 0.8, Some(200), cfg.run.seed)),
+            // Rank 0 holds only its stages: it samples from the whole model in the checkpoint.
+            Some(_) => Some(crate::sample::sample_from_checkpoint(&crate::sample::SampleArgs {
+                checkpoint: &checkpoint,
+                prompt: "",
+                tokens: cfg.run.sample_tokens,
+                temperature: 0.8,
+                top_k: Some(200),
+                seed: cfg.run.seed,
+                device: "cpu",
+            })?),
+        }
+    } else {
+        None
+    };
     // Nobody leaves (and finalises MPI) while rank 0 may still be writing.
-    dp_comm.barrier().map_err(comm_err)?;
+    world_comm.barrier().map_err(comm_err)?;
     Ok(TrainOutcome { steps: step, train_loss, val_loss, sample, out_dir: out, checkpoint, notes, skipped_steps: saver.run.skipped_steps })
 }
 
+/// Mean evaluation loss over `iters` fixed batches of `split`, spread over the data-parallel
+/// ranks (and, with a pipeline, through its stages): the value [`evaluate`] gives on one rank,
+/// up to the order of a floating-point sum. Known on every rank.
+fn evaluate_grid(s: &Setup, sampler: &Sampler, grid: &Grid, split: Split, iters: u64) -> Result<f64, TrainError> {
+    if s.pipeline.is_none() {
+        return evaluate_dp(s, sampler, split, iters, &*grid.dp);
+    }
+    let local = crate::pipelined::eval_sum(s, sampler, &*grid.pp, split, iters, EVAL_STEP, grid.coords.dp, grid.dims.dp)?;
+    // Only the last stages hold losses; every rank learns their sum.
+    let t = Tensor::from_slice(&[local as f32]);
+    grid.world.all_reduce(&t, ReduceOp::Sum).map_err(comm_err)?;
+    Ok(t.double_value(&[0]) / iters as f64)
+}
+
+/// What a checkpoint holds, on rank 0 (the writer): the whole model's parameters and optimizer
+/// state, by name. Collective: under ZeRO-1 each replica's shards are gathered, and with a
+/// pipeline the first replica's stages send theirs to rank 0. `None` on the other ranks.
+fn snapshot(s: &Setup, grid: &Grid, grads: &Grads, opt: &AdamW, zero1: bool) -> Result<Option<Snapshot>, TrainError> {
+    // The last stage's copy of the tied embedding is not stored: the first stage's is the same.
+    let copy_here = s.parts.iter().any(|p| p.model.holds_tied_copy());
+    let mut model: Vec<(String, Tensor)> = Vec::new();
+    for p in &s.parts {
+        model.extend(p.model.parameter_handles().into_iter().filter(|(n, _)| !(p.model.holds_tied_copy() && n == TIED)));
+    }
+    let optim: Vec<(String, Tensor)> = if zero1 {
+        let mut v = Vec::new();
+        for d in &grads.ddps {
+            v.extend(d.gather_state(opt.steps_taken()).map_err(ddp_err)?);
+        }
+        if grads.holds_tied() && !copy_here {
+            v.extend(opt.state_where(|n| n == TIED));
+        }
+        v
+    } else {
+        opt.state_where(|n| !(copy_here && n == TIED))
+    };
+    if s.pipeline.is_none() {
+        return Ok((grid.rank == 0).then_some(Snapshot { model, optim }));
+    }
+    // The first replica's stages hold everything; those after the first send theirs to rank 0.
+    if grid.coords.dp != 0 {
+        return Ok(None);
+    }
+    let senders: Vec<usize> = (1..grid.dims.pp)
+        .map(|p| grid.dims.rank_of(fabbrica_topology::Coords { dp: 0, pp: p, tp: 0 }).map_err(|e| TrainError::Parallel(e.to_string())))
+        .collect::<Result<_, _>>()?;
+    if grid.rank == 0 {
+        let mut snap = Snapshot { model, optim };
+        for &from in &senders {
+            snap.model.extend(crate::grid::recv_named(&*grid.world, from)?);
+            snap.optim.extend(crate::grid::recv_named(&*grid.world, from)?);
+        }
+        Ok(Some(snap))
+    } else {
+        crate::grid::send_named(&*grid.world, 0, &model)?;
+        crate::grid::send_named(&*grid.world, 0, &optim)?;
+        Ok(None)
+    }
+}
+
+/// Every pipeline rank's compute, wait and idle fraction per step over the log window, gathered
+/// from the first replica's stages (every rank takes part: a collective over the world).
+fn pipeline_report(grid: &Grid, t: &StageTimes, steps: u64) -> Result<Vec<StageReport>, TrainError> {
+    let n = grid.world.size();
+    let per = |d: Duration| (1e3 * d.as_secs_f64() / steps.max(1) as f64) as f32;
+    let mine = Tensor::from_slice(&[per(t.compute), per(t.wait), t.idle_fraction() as f32]);
+    let all = Tensor::zeros([3 * n as i64], (Kind::Float, Device::Cpu));
+    grid.world.all_gather(&all, &mine).map_err(comm_err)?;
+    let v: Vec<f32> = Vec::try_from(all).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?;
+    let mut out = Vec::new();
+    for p in 0..grid.dims.pp {
+        let r = grid.dims.rank_of(fabbrica_topology::Coords { dp: 0, pp: p, tp: 0 }).map_err(|e| TrainError::Parallel(e.to_string()))?;
+        out.push(StageReport { pp_rank: p, rank: r, compute_ms: v[3 * r] as f64, wait_ms: v[3 * r + 1] as f64, bubble: v[3 * r + 2] as f64 });
+    }
+    Ok(out)
+}
 
 /// `FABBRICA_INJECT_NAN=STEP:RANK`: fault injection for tests and drills. Rank RANK's loss at
 /// step STEP (numbered from 1) becomes NaN before backward, so its gradients are NaN too.
@@ -641,6 +823,7 @@ fn empty_record() -> Record {
         train_loss: None,
         val_loss: None,
         stragglers: None,
+        pipeline: None,
         note: None,
     }
 }

@@ -1,0 +1,164 @@
+//! The gradients of the parts a rank holds, across every group they are reduced over: one
+//! data-parallel reducer per model chunk (interleaved pipelines hold several, each finishing its
+//! last micro-batch at a different time), the tied embedding's two pipeline copies (summed over
+//! the embedding group), and gradient clipping over the whole model (squared norms summed over
+//! the chunks, the pipeline stages and, under ZeRO-1, the data-parallel shards).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fabbrica_comm::{Communicator, ReduceOp};
+use fabbrica_ddp::{clip_coef, Ddp, DdpOptions, OptParam};
+use fabbrica_models::Gpt;
+use fabbrica_torch_ext::hooks::set_grad;
+use tch::{Kind, Tensor};
+
+use crate::error::TrainError;
+use crate::grid::Grid;
+
+/// The tied embedding's name (both copies).
+pub const TIED: &str = "transformer.wte.weight";
+
+fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
+    TrainError::Comm(e.to_string())
+}
+
+fn ddp_err(e: fabbrica_ddp::DdpError) -> TrainError {
+    TrainError::Comm(e.to_string())
+}
+
+/// A pipeline end's copy of the tied embedding, reduced outside the data-parallel buckets: one
+/// all-reduce over the embedding group (both ends of every replica) sums the two copies'
+/// gradients and the replicas' at once; dividing by dp makes it the replicas' mean.
+struct Tied {
+    param: Tensor,
+    grad: Tensor,
+    comm: Arc<dyn Communicator>,
+    dp: usize,
+    /// Counted in the gradient norm (the first stage's copy; the last stage's is the same).
+    in_norm: bool,
+}
+
+pub struct Grads {
+    /// One reducer per model part, in the order of the rank's parts.
+    pub ddps: Vec<Ddp>,
+    tied: Option<Tied>,
+    /// Sums the squared norms over the pipeline (pp > 1).
+    pp: Option<Arc<dyn Communicator>>,
+}
+
+impl Grads {
+    /// Applies data parallelism over `grid.dp` to each part; with pp > 1 the tied embedding is
+    /// kept out of the buckets and reduced over the embedding group instead.
+    pub fn apply(parts: &[&Gpt], grid: &Grid, opts: DdpOptions) -> Result<Grads, TrainError> {
+        let pipelined = grid.dims.pp > 1;
+        let mut tied = None;
+        let mut ddps = Vec::with_capacity(parts.len());
+        for model in parts {
+            let mut params = model.parameter_handles();
+            if pipelined {
+                if let Some(i) = params.iter().position(|(n, _)| n == TIED) {
+                    let (_, p) = params.remove(i);
+                    let comm = grid.embedding.clone().ok_or_else(|| TrainError::Parallel(format!("rank {} holds the tied embedding but is in no embedding group", grid.rank)))?;
+                    let grad = p.zeros_like().detach();
+                    set_grad(&p, Some(&grad)).map_err(|e| TrainError::Torch(e.to_string()))?;
+                    // Same weights on every replica: the first data-parallel rank's.
+                    grid.dp.broadcast(&p.detach(), 0).map_err(comm_err)?;
+                    tied = Some(Tied { param: p, grad, comm, dp: grid.dims.dp, in_norm: model.stage().embed });
+                }
+            }
+            ddps.push(Ddp::apply(&params, grid.dp.clone(), opts).map_err(ddp_err)?);
+        }
+        Ok(Grads { ddps, tied, pp: pipelined.then(|| grid.pp.clone()) })
+    }
+
+    /// After the last backward: every reducer's remaining communication, then the tied copies'.
+    /// Returns the time spent waiting.
+    pub fn finish(&self) -> Result<Duration, TrainError> {
+        let mut waited = Duration::ZERO;
+        for d in &self.ddps {
+            waited += d.finish().map_err(ddp_err)?;
+        }
+        if let Some(t) = &self.tied {
+            let start = std::time::Instant::now();
+            t.comm.all_reduce(&t.grad, ReduceOp::Sum).map_err(comm_err)?;
+            if t.dp > 1 {
+                tch::no_grad(|| {
+                    let _ = t.grad.shallow_clone().g_div_scalar_(t.dp as f64);
+                });
+            }
+            waited += start.elapsed();
+        }
+        Ok(waited)
+    }
+
+    /// The global gradient norm over the whole model, then clipping to `max_norm` (0 = none), as
+    /// `torch.nn.utils.clip_grad_norm_` on the one-process model would.
+    pub fn clip(&self, max_norm: f64) -> Result<Tensor, TrainError> {
+        let mut sq: Vec<Tensor> = Vec::with_capacity(self.ddps.len() + 1);
+        for d in &self.ddps {
+            sq.push(d.grad_sq_sum().map_err(ddp_err)?);
+        }
+        if let Some(t) = self.tied.as_ref().filter(|t| t.in_norm) {
+            sq.push(tch::no_grad(|| t.grad.to_kind(Kind::Float).square().sum(Kind::Float)));
+        }
+        let mut total_sq = Tensor::stack(&sq, 0).sum(Kind::Float);
+        if let Some(pp) = &self.pp {
+            let t = total_sq.reshape([1]);
+            pp.all_reduce(&t, ReduceOp::Sum).map_err(comm_err)?;
+            total_sq = t.reshape([]);
+        }
+        let total = total_sq.sqrt();
+        if max_norm > 0.0 {
+            let coef = clip_coef(&total, max_norm);
+            for d in &self.ddps {
+                d.scale_grads(&coef);
+            }
+            if let Some(t) = &self.tied {
+                tch::no_grad(|| {
+                    let _ = t.grad.shallow_clone().g_mul_(&coef);
+                });
+            }
+        }
+        Ok(total)
+    }
+
+    pub fn zero_grad(&self) {
+        for d in &self.ddps {
+            d.zero_grad();
+        }
+        if let Some(t) = &self.tied {
+            tch::no_grad(|| {
+                let _ = t.grad.shallow_clone().zero_();
+            });
+        }
+    }
+
+    /// After the optimizer step (ZeRO-1 gathers the updated shards).
+    pub fn after_step(&self) -> Result<(), TrainError> {
+        for d in &self.ddps {
+            d.after_step().map_err(ddp_err)?;
+        }
+        Ok(())
+    }
+
+    /// What the optimizer updates: each reducer's parameters (or ZeRO-1 pieces), and the tied copy.
+    pub fn optimizer_params(&self) -> Vec<OptParam> {
+        let mut out: Vec<OptParam> = self.ddps.iter().flat_map(|d| d.optimizer_params()).collect();
+        if let Some(t) = &self.tied {
+            out.push(OptParam { name: TIED.into(), param: t.param.shallow_clone(), grad: t.grad.shallow_clone(), decay: true, exp_avg: None, exp_avg_sq: None });
+        }
+        out
+    }
+
+    /// Whether the tied embedding's copy here is kept out of the buckets (its optimizer state is
+    /// then the optimizer's, whole, even under ZeRO-1).
+    pub fn holds_tied(&self) -> bool {
+        self.tied.is_some()
+    }
+
+    /// The buckets of every reducer.
+    pub fn buckets(&self) -> usize {
+        self.ddps.iter().map(|d| d.assignment().buckets.len()).sum()
+    }
+}

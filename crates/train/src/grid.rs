@@ -1,0 +1,160 @@
+//! The ranks of a job as a grid (`crates/topology`), and the communicators of its groups:
+//! data-parallel (gradient reduction, evaluation), pipeline (activations and their gradients),
+//! and the embedding group that keeps the tied embedding's two pipeline copies equal.
+//! Every group is made from the topology's group lists, so the rank order is decided in one place.
+
+use std::sync::Arc;
+
+use fabbrica_comm::{Communicator, World};
+use fabbrica_topology::{Coords, ParallelDims, RankOrder};
+
+use crate::config::Config;
+use crate::error::TrainError;
+
+pub struct Grid {
+    pub dims: ParallelDims,
+    pub coords: Coords,
+    pub rank: usize,
+    pub world: Arc<dyn Communicator>,
+    /// The ranks holding the same stages of other replicas (all-reduce gradients together).
+    pub dp: Arc<dyn Communicator>,
+    /// This replica's pipeline, in stage order (its rank is the pipeline coordinate).
+    pub pp: Arc<dyn Communicator>,
+    /// With pp > 1, on the ranks of the first and the last stage of every replica: the tied
+    /// embedding's gradient is summed over it (Megatron's embedding group). `None` elsewhere.
+    pub embedding: Option<Arc<dyn Communicator>>,
+}
+
+fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
+    TrainError::Comm(e.to_string())
+}
+
+/// The grid `cfg.parallel` describes over `nranks` ranks (validated: one line naming the key).
+pub fn dims(cfg: &Config, nranks: usize) -> Result<ParallelDims, TrainError> {
+    let order: RankOrder = cfg.parallel.order.parse().map_err(|e: fabbrica_topology::TopologyError| TrainError::Parallel(e.to_string()))?;
+    Ok(ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, 1, nranks).map_err(|e| TrainError::Parallel(e.to_string()))?.with_order(order))
+}
+
+impl Grid {
+    /// Splits the world into the groups of `dims` (collective over the world).
+    pub fn new(world: &World, dims: ParallelDims) -> Result<Grid, TrainError> {
+        let w: Arc<dyn Communicator> = world.comm();
+        let rank = w.rank();
+        let coords = dims.coords(rank).map_err(|e| TrainError::Parallel(e.to_string()))?;
+        let split = |groups: Vec<Vec<usize>>, name: &str| -> Result<Arc<dyn Communicator>, TrainError> {
+            if groups.len() == 1 {
+                return Ok(w.clone()); // the whole world: no new communicator
+            }
+            w.split_groups(&groups, name).map_err(comm_err)?.ok_or_else(|| TrainError::Parallel(format!("rank {rank} is in no {name} group")))
+        };
+        let dp = split(dims.dp_groups(), "dp")?;
+        let pp = split(dims.pp_groups(), "pp")?;
+        let embedding = if dims.pp > 1 {
+            let ends: Vec<usize> = (0..dims.world_size)
+                .filter(|&r| dims.coords(r).map(|c| c.pp == 0 || c.pp + 1 == dims.pp).unwrap_or(false))
+                .collect();
+            w.split_groups(&[ends], "embedding").map_err(comm_err)?
+        } else {
+            None
+        };
+        Ok(Grid { dims, coords, rank, world: w, dp, pp, embedding })
+    }
+
+    pub fn is_first_stage(&self) -> bool {
+        self.coords.pp == 0
+    }
+
+    pub fn is_last_stage(&self) -> bool {
+        self.coords.pp + 1 == self.dims.pp
+    }
+}
+
+/// Largest number of tensors, and of name bytes, in one [`send_named`] message.
+const MAX_NAMED: i64 = 1 << 20;
+const MAX_NAME_BYTES: i64 = 1 << 26;
+
+/// Sends named fp32 tensors to `dst` (three messages: sizes, a header with each name's length
+/// and shape plus the names' bytes, then the values in one buffer). The receiver needs no
+/// knowledge of what is coming.
+pub fn send_named(comm: &dyn Communicator, dst: usize, tensors: &[(String, tch::Tensor)]) -> Result<(), TrainError> {
+    use tch::{Device, Kind, Tensor};
+    let mut header: Vec<i64> = vec![tensors.len() as i64];
+    let mut names: Vec<i64> = Vec::new();
+    for (n, t) in tensors {
+        header.push(n.len() as i64);
+        header.push(t.dim() as i64);
+        header.extend(t.size());
+        names.extend(n.bytes().map(i64::from));
+    }
+    let flat: Vec<Tensor> = tch::no_grad(|| tensors.iter().map(|(_, t)| t.detach().to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1])).collect());
+    let values = if flat.is_empty() { Tensor::zeros([0], (Kind::Float, Device::Cpu)) } else { Tensor::cat(&flat, 0) };
+    let sizes = Tensor::from_slice(&[header.len() as i64, names.len() as i64, values.numel() as i64]);
+    comm.send(&sizes, dst).map_err(comm_err)?;
+    comm.send(&Tensor::from_slice(&header), dst).map_err(comm_err)?;
+    if !names.is_empty() {
+        comm.send(&Tensor::from_slice(&names), dst).map_err(comm_err)?;
+    }
+    if values.numel() > 0 {
+        comm.send(&values, dst).map_err(comm_err)?;
+    }
+    Ok(())
+}
+
+/// Receives what [`send_named`] sent from `src`, checking every size against the message before
+/// allocating (a peer of the same job, but a bug must not become a huge allocation).
+pub fn recv_named(comm: &dyn Communicator, src: usize) -> Result<Vec<(String, tch::Tensor)>, TrainError> {
+    use tch::{Device, Kind, Tensor};
+    let bad = |why: String| TrainError::Comm(format!("named tensors from rank {src}: {why}"));
+    let sizes = Tensor::zeros([3], (Kind::Int64, Device::Cpu));
+    comm.recv(&sizes, src).map_err(comm_err)?;
+    let sizes: Vec<i64> = Vec::try_from(&sizes).map_err(|e: tch::TchError| bad(e.to_string()))?;
+    let (h, nb, nv) = (sizes[0], sizes[1], sizes[2]);
+    if !(1..=MAX_NAMED * 10).contains(&h) || !(0..=MAX_NAME_BYTES).contains(&nb) || nv < 0 {
+        return Err(bad(format!("sizes {sizes:?} out of bounds")));
+    }
+    let header = Tensor::zeros([h], (Kind::Int64, Device::Cpu));
+    comm.recv(&header, src).map_err(comm_err)?;
+    let header: Vec<i64> = Vec::try_from(&header).map_err(|e: tch::TchError| bad(e.to_string()))?;
+    let names = Tensor::zeros([nb], (Kind::Int64, Device::Cpu));
+    if nb > 0 {
+        comm.recv(&names, src).map_err(comm_err)?;
+    }
+    let names: Vec<i64> = Vec::try_from(&names).map_err(|e: tch::TchError| bad(e.to_string()))?;
+    // Parse and check the header fully before receiving the values.
+    let count = header[0];
+    if !(0..=MAX_NAMED).contains(&count) {
+        return Err(bad(format!("{count} tensors")));
+    }
+    let (mut at, mut name_at, mut numel_sum) = (1usize, 0usize, 0i64);
+    let mut specs: Vec<(String, Vec<i64>)> = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let get = |i: usize| header.get(i).copied().ok_or_else(|| bad("header too short".into()));
+        let (len, ndim) = (get(at)?, get(at + 1)?);
+        if !(0..=4096).contains(&len) || !(0..=8).contains(&ndim) {
+            return Err(bad(format!("name length {len} or {ndim} dimensions out of bounds")));
+        }
+        let dims: Vec<i64> = (0..ndim as usize).map(|k| get(at + 2 + k)).collect::<Result<_, _>>()?;
+        at += 2 + ndim as usize;
+        let bytes = names.get(name_at..name_at + len as usize).ok_or_else(|| bad("names too short".into()))?;
+        name_at += len as usize;
+        let name = String::from_utf8(bytes.iter().map(|&b| b as u8).collect()).map_err(|_| bad("a name is not UTF-8".into()))?;
+        let numel = dims.iter().try_fold(1i64, |acc, &d| if d < 0 { None } else { acc.checked_mul(d) }).ok_or_else(|| bad(format!("{name}: shape {dims:?}")))?;
+        numel_sum = numel_sum.checked_add(numel).ok_or_else(|| bad("sizes overflow".into()))?;
+        specs.push((name, dims));
+    }
+    if numel_sum != nv {
+        return Err(bad(format!("the shapes hold {numel_sum} values but {nv} were announced")));
+    }
+    let values = Tensor::zeros([nv], (Kind::Float, Device::Cpu));
+    if nv > 0 {
+        comm.recv(&values, src).map_err(comm_err)?;
+    }
+    let mut out = Vec::with_capacity(specs.len());
+    let mut off = 0i64;
+    for (name, dims) in specs {
+        let n: i64 = dims.iter().product();
+        out.push((name, values.narrow(0, off, n).reshape(dims.as_slice())));
+        off += n;
+    }
+    Ok(out)
+}

@@ -1,0 +1,261 @@
+//! Pipeline-parallel forward and backward: a rank's model parts run one lowered schedule
+//! (`crates/pipeline`: GPipe, 1F1B or interleaved) through the executor, with activations and
+//! their gradients moving over the pipeline group's point-to-point calls. The schedule stays
+//! pure data; this is the [`Runner`] that gives its actions tensors.
+//!
+//! Micro-batch `k` of a step is the data-parallel replica's `first_micro + k`-th, exactly the
+//! micro-batch a one-process run with gradient accumulation computes, so losses and gradients do
+//! not depend on the layout. The first stage reads its tokens, the last stage its targets, both
+//! from the same counter-based sampler: no data moves between stages.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fabbrica_comm::{Communicator, ReduceOp, Work};
+use fabbrica_data::{Sampler, Split};
+use fabbrica_models::Gpt;
+use fabbrica_pipeline::{execute, Action, Op, Runner, Schedule, Trace};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::TrainError;
+use crate::grads::Grads;
+use crate::trainer::{mix, to_tensor, Setup};
+
+/// What one rank measured running its part of a step's schedule.
+#[derive(Debug, Clone, Default)]
+pub struct StageTimes {
+    /// Forward and backward compute.
+    pub compute: Duration,
+    /// Waiting in receives and for the last sends.
+    pub wait: Duration,
+    /// From the first action to the last send's completion.
+    pub total: Duration,
+}
+
+impl StageTimes {
+    /// The part of the step this rank was not computing: the pipeline bubble plus communication.
+    pub fn idle_fraction(&self) -> f64 {
+        let t = self.total.as_secs_f64();
+        if t > 0.0 {
+            (1.0 - self.compute.as_secs_f64() / t).max(0.0)
+        } else {
+            0.0
+        }
+    }
+
+    pub fn add(&mut self, o: &StageTimes) {
+        self.compute += o.compute;
+        self.wait += o.wait;
+        self.total += o.total;
+    }
+
+    pub fn from_trace(t: &Trace) -> StageTimes {
+        let us = |e: &fabbrica_pipeline::Entry| Duration::from_micros(e.end - e.start);
+        let compute = t.entries.iter().filter(|e| matches!(e.action.op, Op::F | Op::B)).map(us).sum();
+        let busy: Duration = t.entries.iter().map(us).sum();
+        let total = Duration::from_micros(t.total_us);
+        StageTimes { compute, wait: total.saturating_sub(busy) + t.entries.iter().filter(|e| matches!(e.action.op, Op::RecvF | Op::RecvB)).map(us).sum::<Duration>(), total }
+    }
+}
+
+/// One step's schedule on this rank.
+struct StageRunner<'a> {
+    s: &'a Setup,
+    sampler: &'a Sampler,
+    grads: &'a Grads,
+    comm: &'a dyn Communicator,
+    schedule: &'a Schedule,
+    step: u64,
+    first_micro: usize,
+    /// Local part index of each stage this rank holds.
+    part_of: HashMap<usize, usize>,
+    inputs: HashMap<(usize, usize), Tensor>,
+    outputs: HashMap<(usize, usize), Tensor>,
+    received: HashMap<(Op, usize, usize), Tensor>,
+    sends: Vec<(Work, Tensor)>,
+    loss_sum: Tensor,
+    inject_nan: bool,
+    /// (B, T, C) of every activation on the wire.
+    shape: [i64; 3],
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl StageRunner<'_> {
+    fn model(&self, stage: usize) -> &Gpt {
+        &self.s.parts[self.part_of[&stage]].model
+    }
+
+    fn last_stage(&self, stage: usize) -> bool {
+        stage + 1 == self.schedule.stages()
+    }
+
+    /// Tokens and targets of micro-batch `micro` of this step.
+    fn batch(&self, micro: usize) -> (Tensor, Tensor) {
+        let (b, t) = (self.s.cfg.train.batch_size, self.s.cfg.model.block_size);
+        let global = (self.first_micro + micro) as u64;
+        let (x, y) = self.sampler.batch(&self.s.data.train, Split::Train, self.step, global * b as u64, b, t);
+        (to_tensor(x, b, t, self.s.device), to_tensor(y, b, t, self.s.device))
+    }
+}
+
+impl Runner for StageRunner<'_> {
+    type Error = String;
+
+    fn forward(&mut self, stage: usize, micro: usize) -> Result<(), String> {
+        // Dropout draws from (seed, step, micro-batch, stage).
+        let global = (self.first_micro + micro) as u64;
+        tch::manual_seed(mix(mix(mix(self.s.cfg.run.seed, self.step) as u64, global) as u64, stage as u64));
+        let input = if stage == 0 {
+            self.batch(micro).0
+        } else {
+            self.received.remove(&(Op::RecvF, stage, micro)).ok_or_else(|| format!("{stage}F{micro}: no activation received"))?.set_requires_grad(true)
+        };
+        let bf16 = self.s.bf16;
+        let model = self.model(stage);
+        let out = tch::autocast(bf16, || model.forward_stage(&input, true));
+        let out = if self.last_stage(stage) {
+            let mut loss = Gpt::loss(&out, &self.batch(micro).1);
+            if self.inject_nan && micro == 0 {
+                loss *= f64::NAN;
+            }
+            self.loss_sum += loss.detach();
+            loss / self.schedule.microbatches as f64
+        } else {
+            out
+        };
+        self.inputs.insert((stage, micro), input);
+        self.outputs.insert((stage, micro), out);
+        Ok(())
+    }
+
+    fn backward(&mut self, stage: usize, micro: usize) -> Result<(), String> {
+        let out = self.outputs.remove(&(stage, micro)).ok_or_else(|| format!("{stage}B{micro}: forward not run"))?;
+        // Every schedule runs a stage's backwards in micro-batch order: the last one communicates.
+        self.grads.ddps[self.part_of[&stage]].begin_micro_step(micro + 1 == self.schedule.microbatches);
+        if self.last_stage(stage) {
+            out.f_backward().map_err(err)?;
+        } else {
+            let grad = self.received.remove(&(Op::RecvB, stage, micro)).ok_or_else(|| format!("{stage}B{micro}: no gradient received"))?;
+            fabbrica_torch_ext::backward_with_grad(&out, &grad.to_kind(out.kind()))?;
+        }
+        if stage == 0 {
+            self.inputs.remove(&(stage, micro));
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, a: Action, peer: usize) -> Result<(), String> {
+        let key = (a.stage, a.micro);
+        let t = match a.op {
+            Op::SendF => self.outputs.get(&key).ok_or_else(|| format!("{a}: nothing to send"))?.detach().to_kind(Kind::Float).contiguous(),
+            _ => {
+                let input = self.inputs.remove(&key).ok_or_else(|| format!("{a}: no input kept"))?;
+                input.grad().to_kind(Kind::Float).contiguous()
+            }
+        };
+        let w = self.comm.send_async(&t, peer).map_err(err)?;
+        self.sends.push((w, t));
+        Ok(())
+    }
+
+    fn recv(&mut self, a: Action, peer: usize) -> Result<(), String> {
+        let t = Tensor::zeros(self.shape, (Kind::Float, self.s.device));
+        self.comm.recv(&t, peer).map_err(err)?;
+        self.received.insert((a.op, a.stage, a.micro), t);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), String> {
+        for (w, _) in self.sends.drain(..) {
+            w.wait().map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs this rank's part of one optimizer step: forward and backward of the replica's
+/// `microbatches` micro-batches from `first_micro` through the schedule, leaving the gradients
+/// of the mean loss in `.grad` (the reducers told which backward is each part's last). Returns
+/// the mean loss over the micro-batches, known on every stage (summed over the pipeline from the
+/// last), and what the executor measured.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward(
+    s: &Setup,
+    sampler: &Sampler,
+    grads: &Grads,
+    pp: &dyn Communicator,
+    step: u64,
+    first_micro: usize,
+    inject_nan: bool,
+) -> Result<(Tensor, Trace), TrainError> {
+    let pl = s.pipeline.as_ref().expect("a pipelined setup");
+    let schedule = &pl.schedule;
+    let rank = pp.rank();
+    let mut runner = StageRunner {
+        s,
+        sampler,
+        grads,
+        comm: pp,
+        schedule,
+        step,
+        first_micro,
+        part_of: s.parts.iter().enumerate().map(|(i, p)| (p.stage, i)).collect(),
+        inputs: HashMap::new(),
+        outputs: HashMap::new(),
+        received: HashMap::new(),
+        sends: Vec::new(),
+        loss_sum: Tensor::zeros([], (Kind::Float, s.device)),
+        inject_nan,
+        shape: [s.cfg.train.batch_size as i64, s.cfg.model.block_size as i64, s.cfg.model.n_embd as i64],
+    };
+    let trace = execute(schedule, rank, &mut runner).map_err(|e| TrainError::Pipeline(e.to_string()))?;
+    let loss = (runner.loss_sum.to_device(Device::Cpu) / schedule.microbatches as f64).reshape([1]);
+    pp.all_reduce(&loss, ReduceOp::Sum).map_err(|e| TrainError::Comm(e.to_string()))?;
+    Ok((loss.reshape([]), trace))
+}
+
+/// Sum of the losses of evaluation batches `k < iters` with `k % ranks == rank` (`rank`,
+/// `ranks`: the data-parallel coordinate and degree), through the pipeline stage by stage
+/// (forward only). Known on the last stage; 0 elsewhere.
+pub fn eval_sum(s: &Setup, sampler: &Sampler, pp: &dyn Communicator, split: Split, iters: u64, eval_step: u64, rank: usize, ranks: usize) -> Result<f64, TrainError> {
+    let pl = s.pipeline.as_ref().expect("a pipelined setup");
+    let stages = pl.schedule.stages();
+    let (b, t, c) = (s.cfg.train.batch_size, s.cfg.model.block_size, s.cfg.model.n_embd);
+    let src = s.data.source(split);
+    let comm_err = |e: fabbrica_comm::CommError| TrainError::Comm(e.to_string());
+    tch::no_grad(|| {
+        let mut sum = 0.0;
+        for k in (rank as u64..iters).step_by(ranks) {
+            let (x, y) = sampler.batch(src, split, eval_step, k * b as u64, b, t);
+            let mut carry: Option<Tensor> = None;
+            for part in &s.parts {
+                let stage = part.stage;
+                let input = if stage == 0 {
+                    to_tensor(x.clone(), b, t, s.device)
+                } else {
+                    match carry.take() {
+                        Some(h) => h,
+                        None => {
+                            let h = Tensor::zeros([b as i64, t as i64, c as i64], (Kind::Float, s.device));
+                            pp.recv(&h, pl.schedule.rank_of_stage(stage - 1)).map_err(comm_err)?;
+                            h
+                        }
+                    }
+                };
+                let out = tch::autocast(s.bf16, || part.model.forward_stage(&input, false));
+                if stage + 1 == stages {
+                    let loss = tch::autocast(s.bf16, || Gpt::loss(&out, &to_tensor(y.clone(), b, t, s.device)));
+                    sum += loss.double_value(&[]);
+                } else {
+                    let h = out.to_kind(Kind::Float).contiguous();
+                    pp.send(&h, pl.schedule.rank_of_stage(stage + 1)).map_err(comm_err)?;
+                }
+            }
+        }
+        Ok(sum)
+    })
+}
+
