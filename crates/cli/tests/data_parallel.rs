@@ -1,6 +1,8 @@
 //! Data parallelism end to end: `fabbrica train` under a real `mpirun` against one process with
 //! the same global batch through accumulation (fp32, CPU).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -79,32 +81,9 @@ fn assert_close(a: &[f64], b: &[f64], rel: f64, what: &str) {
     }
 }
 
-fn final_weights(out: &Path) -> Vec<(String, tch::Tensor)> {
-    let dir: PathBuf = checkpoint::latest(out).unwrap().expect("a checkpoint");
-    let mut m = checkpoint::load(&dir).unwrap().model;
-    m.sort_by(|a, b| a.0.cmp(&b.0));
-    m
-}
-
-/// Every tensor within `rel` of the other (max abs difference over max abs value), except the key
-/// third of each attention `c_attn.bias`: softmax ignores a constant added to every score of a row,
-/// so that bias's true gradient is exactly zero and what backward produces is rounding noise, which
-/// Adam normalises into lr-sized steps in whichever direction the noise points. The query and value
-/// thirds are checked.
 fn assert_weights_close(a: &Path, b: &Path, rel: f64) {
-    let (wa, wb) = (final_weights(a), final_weights(b));
-    assert_eq!(wa.len(), wb.len());
-    for ((n1, x), (n2, y)) in wa.iter().zip(wb.iter()) {
-        assert_eq!(n1, n2);
-        let (x, y) = if n1.ends_with("attn.c_attn.bias") {
-            let c = x.size()[0] / 3;
-            (tch::Tensor::cat(&[x.narrow(0, 0, c), x.narrow(0, 2 * c, c)], 0), tch::Tensor::cat(&[y.narrow(0, 0, c), y.narrow(0, 2 * c, c)], 0))
-        } else {
-            (x.shallow_clone(), y.shallow_clone())
-        };
-        let d = (&x - &y).abs().max().double_value(&[]) / x.abs().max().double_value(&[]).max(1e-12);
-        assert!(d <= rel, "final weights {n1}: relative difference {d:.2e} > {rel:.0e}");
-    }
+    let (name, d) = common::max_weight_diff(a, b);
+    assert!(d <= rel, "final weights {name}: relative difference {d:.2e} > {rel:.0e}");
 }
 
 #[test]

@@ -21,6 +21,8 @@ use crate::trainer::Setup;
 pub(crate) struct Snapshot {
     pub model: Vec<(String, Tensor)>,
     pub optim: Vec<(String, Tensor)>,
+    /// Pipelines: the largest difference between the tied embedding's two copies.
+    pub tied_diff: Option<f64>,
 }
 
 /// What a run carries between checkpoints besides the model and optimizer.
@@ -73,7 +75,7 @@ impl Saver {
         // At most one write in flight: the previous one finishes first.
         let mut done: Vec<Completed> = self.settle().into_iter().collect();
         self.run.last_snapshot_step = Some(step);
-        let Some(Snapshot { model, optim }) = snapshot else {
+        let Some(Snapshot { model, optim, .. }) = snapshot else {
             return Ok(done);
         };
         let state = CheckpointState {

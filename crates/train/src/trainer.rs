@@ -538,6 +538,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         }
         if (cfg.run.checkpoint_interval > 0 && step.is_multiple_of(cfg.run.checkpoint_interval)) || last {
             let snap = snapshot(&s, &grid, &grads, &opt, zero1)?;
+            log_tied(&snap, step, &mut log)?;
             for done in saver.save(&s, snap, step, last_val)? {
                 settled(done, false, cfg, &progress, &mut log)?;
             }
@@ -636,7 +637,7 @@ fn snapshot(s: &Setup, grid: &Grid, grads: &Grads, opt: &AdamW, zero1: bool) -> 
         opt.state_where(|n| !(copy_here && n == TIED))
     };
     if s.pipeline.is_none() {
-        return Ok((grid.rank == 0).then_some(Snapshot { model, optim }));
+        return Ok((grid.rank == 0).then_some(Snapshot { model, optim, tied_diff: None }));
     }
     // The first replica's stages hold everything; those after the first send theirs to rank 0.
     if grid.coords.dp != 0 {
@@ -646,17 +647,36 @@ fn snapshot(s: &Setup, grid: &Grid, grads: &Grads, opt: &AdamW, zero1: bool) -> 
         .map(|p| grid.dims.rank_of(fabbrica_topology::Coords { dp: 0, pp: p, tp: 0 }).map_err(|e| TrainError::Parallel(e.to_string())))
         .collect::<Result<_, _>>()?;
     if grid.rank == 0 {
-        let mut snap = Snapshot { model, optim };
+        let mut snap = Snapshot { model, optim, tied_diff: None };
         for &from in &senders {
             snap.model.extend(crate::grid::recv_named(&*grid.world, from)?);
             snap.optim.extend(crate::grid::recv_named(&*grid.world, from)?);
+        }
+        // The last stage's copy of the tied embedding, checked against the first stage's: they
+        // must never drift (summed gradients, identical updates).
+        let last = senders.last().copied().unwrap_or(0);
+        let copy = crate::grid::recv_named(&*grid.world, last)?;
+        if let (Some((_, theirs)), Some((_, ours))) = (copy.first(), snap.model.iter().find(|(n, _)| n == TIED)) {
+            snap.tied_diff = Some(tch::no_grad(|| (theirs - ours.to_device(Device::Cpu)).abs().max().double_value(&[])));
         }
         Ok(Some(snap))
     } else {
         crate::grid::send_named(&*grid.world, 0, &model)?;
         crate::grid::send_named(&*grid.world, 0, &optim)?;
+        if grid.is_last_stage() {
+            let copy: Vec<(String, Tensor)> = s.parts.iter().flat_map(|p| p.model.parameter_handles()).filter(|(n, _)| n == TIED).collect();
+            crate::grid::send_named(&*grid.world, 0, &copy)?;
+        }
         Ok(None)
     }
+}
+
+/// Pipelines: records how far the tied embedding's two copies are apart (0 unless a bug).
+fn log_tied(snap: &Option<Snapshot>, step: u64, log: &mut Option<MetricsLog>) -> Result<(), TrainError> {
+    if let (Some(Snapshot { tied_diff: Some(d), .. }), Some(log)) = (snap, log.as_mut()) {
+        log.write(&Record { kind: "tied_embedding".into(), step, tied_max_abs_diff: Some(*d), ..empty_record() })?;
+    }
+    Ok(())
 }
 
 /// Every pipeline rank's compute, wait and idle fraction per step over the log window, gathered
@@ -824,6 +844,7 @@ fn empty_record() -> Record {
         val_loss: None,
         stragglers: None,
         pipeline: None,
+        tied_max_abs_diff: None,
         note: None,
     }
 }

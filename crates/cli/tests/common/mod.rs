@@ -43,3 +43,35 @@ pub fn describe(o: &Output) -> String {
 pub fn corpus_set() -> String {
     format!("data.path={}/../../data/pystdlib.txt", env!("CARGO_MANIFEST_DIR"))
 }
+
+/// The final checkpoints of two runs, compared tensor by tensor: the name and value of the
+/// largest relative difference (max abs difference over max abs value). Skips the key third of
+/// each attention `c_attn.bias`: softmax ignores a constant added to every score of a row, so
+/// that bias's true gradient is exactly zero and what backward produces is rounding noise, which
+/// Adam normalises into lr-sized steps in whichever direction the noise points. The query and
+/// value thirds are checked. Panics if the two hold different tensors.
+pub fn max_weight_diff(a: &std::path::Path, b: &std::path::Path) -> (String, f64) {
+    use fabbrica_train::checkpoint;
+    let load = |out: &std::path::Path| {
+        let dir = checkpoint::latest(out).unwrap().expect("a checkpoint");
+        let mut m = checkpoint::load(&dir).unwrap().model;
+        m.sort_by(|a, b| a.0.cmp(&b.0));
+        m
+    };
+    let (wa, wb) = (load(a), load(b));
+    assert_eq!(wa.iter().map(|t| &t.0).collect::<Vec<_>>(), wb.iter().map(|t| &t.0).collect::<Vec<_>>(), "different tensor sets");
+    let mut worst = (String::new(), 0.0f64);
+    for ((n, x), (_, y)) in wa.iter().zip(wb.iter()) {
+        let (x, y) = if n.ends_with("attn.c_attn.bias") {
+            let c = x.size()[0] / 3;
+            (tch::Tensor::cat(&[x.narrow(0, 0, c), x.narrow(0, 2 * c, c)], 0), tch::Tensor::cat(&[y.narrow(0, 0, c), y.narrow(0, 2 * c, c)], 0))
+        } else {
+            (x.shallow_clone(), y.shallow_clone())
+        };
+        let d = (&x - &y).abs().max().double_value(&[]) / x.abs().max().double_value(&[]).max(1e-12);
+        if d > worst.1 {
+            worst = (n.clone(), d);
+        }
+    }
+    worst
+}
