@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use fabbrica_data::TokenizerKind;
-use fabbrica_models::{flops_per_token, memory_estimate};
+use fabbrica_models::flops_per_token;
 use fabbrica_train::sample::{sample_from_checkpoint, SampleArgs as LibSampleArgs};
 use fabbrica_train::{Config, TrainError, TrainOptions};
 
@@ -142,8 +142,10 @@ pub fn train(a: TrainArgs) -> Result<()> {
 /// only rank 0 prints.
 fn dry_run(cfg: &Config) -> Result<()> {
     let launch = fabbrica_comm::launch::detect().map_err(|e| Failure { user: true, message: e.to_string() })?;
+    let order: fabbrica_topology::RankOrder = cfg.parallel.order.parse().map_err(|e: fabbrica_topology::TopologyError| once(Failure { user: true, message: e.to_string() }))?;
     let dims = fabbrica_topology::ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, 1, launch.world_size)
-        .map_err(|e| once(Failure { user: true, message: e.to_string() }))?;
+        .map_err(|e| once(Failure { user: true, message: e.to_string() }))?
+        .with_order(order);
     if launch.rank != 0 {
         return Ok(());
     }
@@ -156,10 +158,13 @@ fn dry_run(cfg: &Config) -> Result<()> {
     let t = &cfg.train;
     let n = fabbrica_models::flops::total_params(&m);
     let fpt = flops_per_token(&m, m.block_size);
-    let bf16 = t.dtype == "bf16" || (t.dtype == "auto" && cfg.run.device == "cuda");
-    let mut mem = memory_estimate(&m, t.batch_size, m.block_size, bf16);
+    // The trainer's own rule (run.device, train.dtype), on the device it would get.
+    let device = fabbrica_train::device::planned_device(&cfg.run.device);
+    let bf16 = fabbrica_train::device::resolve_bf16(&t.dtype, device).map_err(|e| once(Failure { user: true, message: e.to_string() }))?;
+    let materialised = device == tch::Device::Cpu && m.dropout > 0.0;
+    let mut mem = fabbrica_models::flops::memory_estimate_with(&m, t.batch_size, m.block_size, bf16, materialised);
     if cfg.parallel.zero == 1 {
-        mem.optimizer /= dims.dp as u64; // ZeRO-1: each rank keeps its shard of the moments
+        mem.optimizer = mem.optimizer.div_ceil(dims.dp as u64); // ZeRO-1: each rank keeps its shard of the moments
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     if auto_vocab {
@@ -168,7 +173,8 @@ fn dry_run(cfg: &Config) -> Result<()> {
     let seqs = t.batch_size * t.grad_accum * dims.dp;
     println!("parameters:        {n} ({:.1}M)", n as f64 / 1e6);
     println!("flops per token:   {fpt:.4e} (6N + 12·L·H·Q·T, T = {})", m.block_size);
-    println!("ranks:             {} ({}), data parallel {}{}", launch.world_size, launch.launcher, dims.dp, if cfg.parallel.zero == 1 { ", ZeRO-1" } else { "" });
+    let layout = if dims.pp > 1 { format!("pipeline {} × data parallel {} ({})", dims.pp, dims.dp, dims.order) } else { format!("data parallel {}", dims.dp) };
+    println!("ranks:             {} ({}), {layout}{}", launch.world_size, launch.launcher, if cfg.parallel.zero == 1 { ", ZeRO-1" } else { "" });
     println!(
         "global batch:      {seqs} sequences = micro {} × accum {} × dp {}, {} tokens per step",
         t.batch_size,
@@ -177,16 +183,50 @@ fn dry_run(cfg: &Config) -> Result<()> {
         seqs * m.block_size
     );
     println!("flops per step:    {:.4e}", fpt * (seqs * m.block_size) as f64);
-    println!(
-        "memory per device: {:.2} GiB (params {:.2}, grads {:.2}, AdamW {:.2}, activations {:.2} at micro-batch {}, {})",
-        gib(mem.total()),
-        gib(mem.params),
-        gib(mem.grads),
-        gib(mem.optimizer),
-        gib(mem.activations),
-        t.batch_size,
-        if bf16 { "bf16" } else { "fp32" }
-    );
+    let dtype = if bf16 { "bf16" } else { "fp32" };
+    match fabbrica_train::memory::pipeline_plan(cfg, &m, bf16, materialised, dims.dp)? {
+        None => println!(
+            "memory per device: {:.2} GiB (params {:.2}, grads {:.2}, AdamW {:.2}, activations {:.2} at micro-batch {}, {dtype})",
+            gib(mem.total()),
+            gib(mem.params),
+            gib(mem.grads),
+            gib(mem.optimizer),
+            gib(mem.activations),
+            t.batch_size,
+        ),
+        Some(plans) => {
+            let mean_bubble = plans.iter().map(|p| p.bubble).sum::<f64>() / plans.len() as f64;
+            let (p, mb) = (dims.pp as f64, t.grad_accum as f64);
+            println!(
+                "pipeline:          {} schedule, {} stages ({} per rank), {} micro-batches; simulated bubble {:.1}% (theory (p-1)/(m+p-1) = {:.1}% for one chunk per rank)",
+                cfg.parallel.schedule,
+                dims.pp * cfg.parallel.virtual_stages,
+                cfg.parallel.virtual_stages,
+                t.grad_accum,
+                100.0 * mean_bubble,
+                100.0 * (p - 1.0) / (mb + p - 1.0)
+            );
+            println!("memory per device by pipeline rank (activations for the micro-batches in flight at the peak, {dtype}):");
+            println!("  rank  stages (layers)                 params      in flight  params GiB  grads GiB  AdamW GiB  activations GiB  total GiB  bubble");
+            for r in &plans {
+                let stages: Vec<String> = r.stages.iter().map(|(s, b, _)| format!("{s} ({}..{})", b.start, b.end)).collect();
+                let params: u64 = r.stages.iter().map(|(_, _, n)| n).sum();
+                println!(
+                    "  {:>4}  {:<30}  {:>10}  {:>9}  {:>10.2}  {:>9.2}  {:>9.2}  {:>15.2}  {:>9.2}  {:>5.1}%",
+                    r.pp_rank,
+                    stages.join(", "),
+                    params,
+                    r.in_flight,
+                    gib(r.memory.params),
+                    gib(r.memory.grads),
+                    gib(r.memory.optimizer),
+                    gib(r.memory.activations),
+                    gib(r.memory.total()),
+                    100.0 * r.bubble
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -211,3 +211,49 @@ fn a_stage_that_dies_ends_every_rank() {
     let last = checkpoint::latest(&out).unwrap().expect("a checkpoint before the kill");
     checkpoint::load(&last).unwrap();
 }
+
+/// `run.trace = true` writes every rank's executed actions as Chrome trace events (one file per
+/// rank and a merged one, valid JSON, one forward and one backward per stage and micro-batch per
+/// step) and the simulated schedule; `--dry-run` shows the split, memory and bubble per rank.
+#[test]
+fn the_trace_and_the_dry_run_show_the_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    run(2, &out, &["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2", "train.grad_accum=4", "train.max_steps=3", "run.trace=true"]);
+    let merged: serde_json::Value = serde_json::from_str(&fs::read_to_string(out.join("trace/trace.json")).unwrap()).unwrap();
+    let events = merged["traceEvents"].as_array().unwrap();
+    for op in ["forward", "backward"] {
+        // 3 steps × 4 stages × 4 micro-batches.
+        assert_eq!(events.iter().filter(|e| e["cat"] == op).count(), 3 * 4 * 4, "{op}");
+    }
+    assert!(events.iter().filter(|e| e["ph"] == "X").all(|e| e["dur"].as_i64().unwrap() >= 0 && e["ts"].as_i64().unwrap() > 0));
+    for r in 0..2 {
+        let one: serde_json::Value = serde_json::from_str(&fs::read_to_string(out.join(format!("trace/rank_{r}.json"))).unwrap()).unwrap();
+        assert!(one["traceEvents"].as_array().unwrap().iter().filter(|e| e["ph"] == "X").all(|e| e["pid"] == r));
+    }
+    assert!(fs::read_to_string(out.join("trace/simulated.svg")).unwrap().starts_with("<svg"));
+
+    // The dry run under a launcher of 4: the split and each rank's memory and bubble.
+    let o = {
+        let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = train_command(4, &[], base(&dir.path().join("dry")).into_iter().chain(["parallel.pp=4".to_string(), "train.grad_accum=8".to_string()]));
+        c.arg("--dry-run").output().unwrap()
+    };
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", describe(&o));
+    assert!(text.contains("pipeline 4 × data parallel 1"), "{text}");
+    // 1F1B with 8 micro-batches on 4 ranks: (p-1)/(m+p-1) = 3/11.
+    assert!(text.contains("theory (p-1)/(m+p-1) = 27.3%"), "{text}");
+    let rows: Vec<&str> = text.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()) && l.contains("..")).collect();
+    assert_eq!(rows.len(), 4, "{text}");
+    // 1F1B holds pp - rank micro-batches at the peak.
+    for (r, row) in rows.iter().enumerate() {
+        // rank, stage, (layers), params, in flight, ...
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!((cols[0], cols[4]), (r.to_string().as_str(), (4 - r).to_string().as_str()), "rank {r}: {row}");
+    }
+    // A run.trace without a pipeline is refused.
+    let o = launch(0, &dir.path().join("notrace"), &["run.trace=true"]);
+    assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("run.trace"));
+}

@@ -70,30 +70,98 @@ pub fn memory_estimate(cfg: &GptConfig, batch: usize, seq_len: usize, half_preci
 /// gradient, whichever is larger. Under autocast, the bf16 copies of the weights.
 pub fn memory_estimate_with(cfg: &GptConfig, batch: usize, seq_len: usize, half_precision_activations: bool, materialised_attention: bool) -> MemoryEstimate {
     let n = total_params(cfg);
-    let (b, t, c, v, l) = (batch as u64, seq_len as u64, cfg.n_embd as u64, cfg.vocab_size as u64, cfg.n_layer as u64);
+    let l = cfg.n_layer as u64;
+    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention);
+    let weight_copies = if half_precision_activations { 2 * matmul_params(cfg) } else { 0 };
+    MemoryEstimate { params: 4 * n, grads: 4 * n, optimizer: 8 * n, activations: l * a.per_layer + a.embed + a.head + a.logits + weight_copies }
+}
+
+/// Activation bytes of one micro-batch by part of the model (see [`memory_estimate_with`]).
+struct ActivationParts {
+    per_layer: u64,
+    /// Embedding sum and its dropout's noise (the first stage).
+    embed: u64,
+    /// Final LayerNorm input and output (the last stage).
+    head: u64,
+    /// Peak of the logits and their gradients (the last stage).
+    logits: u64,
+}
+
+fn activation_parts(cfg: &GptConfig, batch: usize, seq_len: usize, half: bool, materialised_attention: bool) -> ActivationParts {
+    let (b, t, c, v) = (batch as u64, seq_len as u64, cfg.n_embd as u64, cfg.vocab_size as u64);
     let sbh = b * t * c;
     let dropout = cfg.dropout > 0.0;
-    let mut per_layer = if half_precision_activations { 41 * sbh } else { 82 * sbh };
+    let mut per_layer = if half { 41 * sbh } else { 82 * sbh };
     if dropout {
         // Two residual dropouts: fp32 noise on the CPU's path, bool masks in the fused kernel.
-        per_layer += if half_precision_activations { 2 * sbh } else { 8 * sbh };
+        per_layer += if half { 2 * sbh } else { 8 * sbh };
     }
     if materialised_attention {
         // Scores, softmax, dropout noise and its product, and a backward temporary: 5 fp32 copies.
         per_layer += 20 * b * cfg.n_head as u64 * t * t;
     }
+    let btv = b * t * v;
     // Embedding sum and final LayerNorm input/output (the residual stream is fp32), plus the
     // embedding dropout's noise.
-    let once = sbh * 4 * (2 + dropout as u64);
-    let btv = b * t * v;
-    let logits = (3 * btv).max(btv + v * c) * 4;
-    let weight_copies = if half_precision_activations { 2 * matmul_params(cfg) } else { 0 };
-    MemoryEstimate { params: 4 * n, grads: 4 * n, optimizer: 8 * n, activations: l * per_layer + once + logits + weight_copies }
+    ActivationParts { per_layer, embed: sbh * 4 * (1 + dropout as u64), head: sbh * 4, logits: (3 * btv).max(btv + v * c) * 4 }
+}
+
+/// As [`memory_estimate_with`], for a pipeline rank holding the stages `specs` with
+/// `in_flight` micro-batches' activations held at its peak (what the schedule's simulation
+/// says: `pp - rank` for 1F1B, every micro-batch for GPipe). Weights, gradients and AdamW state
+/// are those of the stages held (the tied embedding's copy included); each micro-batch in flight
+/// keeps the activations of the blocks held (and the embedding output on the first stage, the
+/// log-softmax on the last), plus one micro-batch's transient logits peak on the last stage.
+pub fn stage_memory_estimate(
+    cfg: &GptConfig,
+    specs: &[crate::gpt::StageSpec],
+    batch: usize,
+    seq_len: usize,
+    half_precision_activations: bool,
+    materialised_attention: bool,
+    in_flight: usize,
+) -> MemoryEstimate {
+    let n: u64 = specs.iter().map(|s| crate::stages::stage_params(cfg, s)).sum();
+    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention);
+    let (b, t, v) = (batch as u64, seq_len as u64, cfg.vocab_size as u64);
+    // The most expensive chunk bounds what one micro-batch in flight holds.
+    let per_micro = specs
+        .iter()
+        .map(|s| s.blocks.len() as u64 * a.per_layer + if s.embed { a.embed } else { 0 } + if s.head { a.head + 4 * b * t * v } else { 0 })
+        .max()
+        .unwrap_or(0);
+    let transient = if specs.iter().any(|s| s.head) { a.logits.saturating_sub(4 * b * t * v) } else { 0 };
+    // bf16 copies of the matmul weights (position embeddings are a lookup).
+    let wpe = if specs.iter().any(|s| s.embed) { (cfg.block_size * cfg.n_embd) as u64 } else { 0 };
+    let weight_copies = if half_precision_activations { 2 * (n - wpe) } else { 0 };
+    MemoryEstimate { params: 4 * n, grads: 4 * n, optimizer: 8 * n, activations: in_flight.max(1) as u64 * per_micro + transient + weight_copies }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whole_model_stage_estimates_like_the_model_and_stages_split_it() {
+        use crate::gpt::StageSpec;
+        let mut g = GptConfig::preset("gpt2-124m").unwrap();
+        g.dropout = 0.1;
+        for half in [false, true] {
+            let whole = memory_estimate_with(&g, 4, 1024, half, !half);
+            assert_eq!(stage_memory_estimate(&g, &[StageSpec::whole(12)], 4, 1024, half, !half, 1), whole);
+            // Four stages, one micro-batch each in flight: weights add up to the model plus the
+            // tied copy, activations to about the model's (each stage's own part).
+            let specs = StageSpec::split(&[3, 3, 3, 3]);
+            let parts: Vec<MemoryEstimate> = specs.iter().map(|s| stage_memory_estimate(&g, std::slice::from_ref(s), 4, 1024, half, !half, 1)).collect();
+            let params: u64 = parts.iter().map(|p| p.params).sum();
+            assert_eq!(params, whole.params + 4 * (g.vocab_size * g.n_embd) as u64);
+            // More micro-batches in flight hold proportionally more (1F1B's first stage holds pp).
+            let four = stage_memory_estimate(&g, &specs[1..2], 4, 1024, half, !half, 4);
+            let one = &parts[1];
+            let w = if half { 2 * (one.params / 4) } else { 0 };
+            assert_eq!(four.activations - w, 4 * (one.activations - w));
+        }
+    }
 
     #[test]
     fn gpt2_124m_counts_match_the_published_model() {

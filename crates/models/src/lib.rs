@@ -10,6 +10,6 @@ pub mod stages;
 
 pub use config::{GptConfig, PRESET_NAMES};
 pub use error::{ModelError, Result};
-pub use flops::{flops_per_token, memory_estimate, MemoryEstimate};
+pub use flops::{flops_per_token, memory_estimate, stage_memory_estimate, MemoryEstimate};
 pub use gpt::{Gpt, StageSpec};
 pub use stages::{balanced_split, check_split, stage_params, PartCosts};

@@ -158,6 +158,9 @@ pub struct RunConfig {
     /// the state to host memory; at most one write in flight). Falls back to writing at once
     /// when a host copy would not fit in half the available memory.
     pub async_checkpoint: bool,
+    /// Pipelines: write every rank's executed actions with their times as Chrome trace-event
+    /// JSON (`out_dir/trace/`, open in Perfetto), beside the simulated schedule.
+    pub trace: bool,
     /// A checkpoint that cannot be written (disk full, I/O error): `stop` the job, or `continue`
     /// training and try again at the next checkpoint interval (the previous checkpoint is kept).
     pub checkpoint_failure: String,
@@ -252,6 +255,7 @@ impl Default for RunConfig {
             resume_from: PathBuf::new(),
             if_exists: "refuse".into(),
             async_checkpoint: true,
+            trace: false,
             checkpoint_failure: "stop".into(),
             checkpoint_interval: 0,
             keep_checkpoints: 2,
@@ -416,6 +420,9 @@ impl Config {
         check_int("parallel.pp", p.pp as u64, 1, MAX_PP as u64, "parallel.pp=2 (1 = no pipeline)")?;
         check_int("parallel.virtual_stages", p.virtual_stages as u64, 1, MAX_PP as u64, "parallel.virtual_stages=2 (interleaved only)")?;
         self.pipeline_shape()?;
+        if r.trace && p.pp == 1 {
+            return invalid("run.trace", &r.trace, "the trace records a pipeline's schedule: set parallel.pp > 1, or run.trace=false");
+        }
         p.order.parse::<fabbrica_topology::RankOrder>().map_err(|e| ConfigError::Invalid { key: "parallel.order".into(), value: printable(&p.order), why: e.to_string() })?;
         check_float("parallel.bucket_mb", p.bucket_mb, MIN_BUCKET_MB, true, MAX_BUCKET_MB, "parallel.bucket_mb=25 (PyTorch's default)")?;
         if !matches!(p.reduce_dtype.as_str(), "fp32" | "bf16") {

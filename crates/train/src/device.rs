@@ -26,6 +26,18 @@ pub fn resolve_device(name: &str, cuda_ordinal: usize) -> Result<Device, TrainEr
     }
 }
 
+/// The device a run configured with `run.device = name` would train on, without asking for one
+/// (for `--dry-run` and planning on another machine): `cuda` is CUDA even where none is visible,
+/// `auto` is CUDA where libtorch sees a GPU. Training itself uses [`resolve_device`], the same
+/// rule plus the checks.
+pub fn planned_device(name: &str) -> Device {
+    match name {
+        "cuda" => Device::Cuda(0),
+        "auto" if tch::Cuda::is_available() => Device::Cuda(0),
+        _ => Device::Cpu,
+    }
+}
+
 /// Resolves `train.dtype`: bf16 autocast on CUDA, fp32 on the CPU (where tch's autocast is a
 /// no-op). Returns whether bf16 autocast is on.
 pub fn resolve_bf16(dtype: &str, device: Device) -> Result<bool, TrainError> {

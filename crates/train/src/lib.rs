@@ -17,6 +17,7 @@ pub mod sample;
 pub(crate) mod saver;
 pub mod schedule;
 pub mod signals;
+pub mod trace;
 pub mod trainer;
 
 pub use config::Config;

@@ -15,7 +15,8 @@ use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
 
 use fabbrica_models::flops::memory_estimate_with;
-use fabbrica_models::MemoryEstimate;
+use fabbrica_models::{stage_memory_estimate, MemoryEstimate, StageSpec};
+use fabbrica_pipeline::{simulate, Costs, Schedule};
 use tch::Device;
 
 use crate::error::TrainError;
@@ -41,16 +42,69 @@ fn gib(b: u64) -> String {
 }
 
 /// The estimate for the run `s` describes, per rank: ZeRO-1 (`parallel.zero = 1`) divides the
-/// AdamW moments among the `dp` data-parallel ranks.
+/// AdamW moments among the `dp` data-parallel ranks; a pipeline rank holds its stages' weights
+/// and the activations of the micro-batches its schedule keeps in flight.
 pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
     let cfg = &s.cfg;
     // libtorch's CPU attention kernel has no dropout: with dropout it takes the math path.
     let materialised = s.device == Device::Cpu && cfg.model.dropout > 0.0;
-    let mut e = memory_estimate_with(&cfg.model, cfg.train.batch_size, cfg.model.block_size, s.bf16, materialised);
+    let mut e = match &s.pipeline {
+        None => memory_estimate_with(&cfg.model, cfg.train.batch_size, cfg.model.block_size, s.bf16, materialised),
+        Some(pl) => {
+            let rank = pl.schedule.rank_of_stage(s.parts[0].stage);
+            let specs: Vec<StageSpec> = s.parts.iter().map(|p| p.model.stage().clone()).collect();
+            stage_memory_estimate(&cfg.model, &specs, cfg.train.batch_size, cfg.model.block_size, s.bf16, materialised, in_flight(&pl.schedule)[rank])
+        }
+    };
     if cfg.parallel.zero == 1 && dp > 1 {
         e.optimizer = e.optimizer.div_ceil(dp as u64);
     }
     e
+}
+
+/// Micro-batches whose activations each pipeline rank holds at its peak, from the schedule's
+/// simulation (forward 1, backward 2, free transfers): `pp - rank` for 1F1B, every micro-batch
+/// for GPipe.
+pub fn in_flight(schedule: &Schedule) -> Vec<usize> {
+    let lowered = if schedule.is_lowered() { schedule.clone() } else { fabbrica_pipeline::lower(schedule) };
+    simulate(&lowered, Costs { f: 1, b: 2, comm: 0 }).map(|t| t.peak_in_flight).unwrap_or_else(|_| vec![schedule.microbatches; schedule.pp])
+}
+
+/// One pipeline rank of a planned run, for `--dry-run`.
+#[derive(Debug, Clone)]
+pub struct RankPlan {
+    pub pp_rank: usize,
+    /// (stage, its layers as a range of block indices, its parameters).
+    pub stages: Vec<(usize, std::ops::Range<usize>, u64)>,
+    pub in_flight: usize,
+    pub memory: MemoryEstimate,
+    /// The simulated schedule's idle fraction on this rank (forward 1, backward 2, free transfers).
+    pub bubble: f64,
+}
+
+/// The pipeline of `cfg` rank by rank (`None` without one): the split, memory and simulated
+/// bubble, from the same code the trainer runs. `model` has its vocabulary resolved.
+pub fn pipeline_plan(cfg: &crate::config::Config, model: &fabbrica_models::GptConfig, bf16: bool, materialised: bool, dp: usize) -> Result<Option<Vec<RankPlan>>, TrainError> {
+    let Some((schedule, layers)) = cfg.pipeline_shape()? else { return Ok(None) };
+    let lowered = fabbrica_pipeline::lower(&schedule);
+    let timeline = simulate(&lowered, Costs { f: 1, b: 2, comm: 0 }).map_err(|d| TrainError::Pipeline(d.to_string()))?;
+    let specs = StageSpec::split(&layers);
+    let mut plans = Vec::new();
+    for r in 0..schedule.pp {
+        let mine: Vec<StageSpec> = (0..specs.len()).filter(|&st| schedule.rank_of_stage(st) == r).map(|st| specs[st].clone()).collect();
+        let mut memory = stage_memory_estimate(model, &mine, cfg.train.batch_size, model.block_size, bf16, materialised, timeline.peak_in_flight[r]);
+        if cfg.parallel.zero == 1 && dp > 1 {
+            memory.optimizer = memory.optimizer.div_ceil(dp as u64);
+        }
+        plans.push(RankPlan {
+            pp_rank: r,
+            stages: (0..specs.len()).filter(|&st| schedule.rank_of_stage(st) == r).map(|st| (st, specs[st].blocks.clone(), fabbrica_models::stage_params(model, &specs[st]))).collect(),
+            in_flight: timeline.peak_in_flight[r],
+            memory,
+            bubble: timeline.bubble[r],
+        });
+    }
+    Ok(Some(plans))
 }
 
 /// Where the memory comes from, for the message.

@@ -424,6 +424,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let mut window = (Instant::now(), 0u64); // (start of log window, steps in it)
     let mut waited = Duration::ZERO; // time blocked on gradient communication in the window
     let mut stage_times = StageTimes::default(); // pipeline: measured in the window
+    let mut tracelog = crate::trace::TraceLog::default(); // run.trace
     let mut last_val: Option<f64> = None;
     let mut step = start;
     let world_comm: &dyn Communicator = &*grid.world;
@@ -436,8 +437,12 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         let poison = inject == Some((step + 1, rank));
         let loss = crate::memory::guard_alloc(step + 1, || -> Result<Tensor, TrainError> {
             if s.pipeline.is_some() {
+                let origin = crate::trace::wall_us();
                 let (loss, trace) = crate::pipelined::forward_backward(&s, &sampler, &grads, &*grid.pp, step, first_micro, poison)?;
                 stage_times.add(&StageTimes::from_trace(&trace));
+                if cfg.run.trace {
+                    tracelog.record(step + 1, origin, &trace);
+                }
                 Ok(loss)
             } else {
                 Ok(accumulate_grads(&s, &sampler, step, first_micro, cfg.train.grad_accum, Some(&grads.ddps[0]), poison))
@@ -578,6 +583,15 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         settled(done, true, cfg, &progress, &mut log)?;
     }
     let checkpoint = saver.run.last_saved.clone().unwrap_or_else(|| out.clone());
+    if let (true, Some(pl)) = (cfg.run.trace, &s.pipeline) {
+        // The simulated schedule with this rank's measured mean forward and backward times.
+        let (f, b) = tracelog.mean_compute_us();
+        let svg = fabbrica_pipeline::simulate(&pl.schedule, fabbrica_pipeline::Costs { f, b, comm: 0 }).ok().map(|t| fabbrica_pipeline::to_svg(&t));
+        if let Some(path) = tracelog.write(&grid, &out, svg)? {
+            let cut = if tracelog.truncated { format!(" (this rank's first {} actions)", crate::trace::MAX_EVENTS) } else { String::new() };
+            progress.println(&format!("trace: {}{cut} (open in ui.perfetto.dev); simulated schedule: {}", path.display(), out.join("trace/simulated.svg").display()));
+        }
+    }
     let sample = if rank0 && cfg.run.sample_tokens > 0 {
         match &s.pipeline {
             None => Some(sample_text(s.model(), &s.data.tokenizer, "", cfg.run.sample_tokens, 0.8, Some(200), cfg.run.seed)),
