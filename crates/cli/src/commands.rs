@@ -320,6 +320,9 @@ pub enum BenchCommand {
     Ddp(crate::bench_ddp::DdpArgs),
     /// Weak-scaling table and plot from `bench ddp --json` results (see scripts/scaling.sh).
     Scaling(crate::bench_ddp::ScalingArgs),
+    /// Pipeline runs' measured bubble against theory and throughput, table and plot (see
+    /// scripts/pipeline_bench.sh).
+    Pipeline(crate::bench_pipeline::PipelineArgs),
 }
 
 #[derive(Args)]
@@ -349,6 +352,7 @@ pub fn bench(b: BenchCommand) -> Result<()> {
         BenchCommand::Collectives(c) => return crate::bench_collectives::run(c),
         BenchCommand::Ddp(d) => return crate::bench_ddp::run(d),
         BenchCommand::Scaling(s) => return crate::bench_ddp::scaling(s),
+        BenchCommand::Pipeline(p) => return crate::bench_pipeline::run(p),
     };
     let mut sets = a.cfg.sets.clone();
     if let Some(bs) = a.batch {

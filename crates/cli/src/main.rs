@@ -5,6 +5,7 @@
 
 mod bench_collectives;
 mod bench_ddp;
+mod bench_pipeline;
 mod commands;
 mod doctor;
 mod files;
