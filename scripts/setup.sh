@@ -48,6 +48,11 @@ if ! .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.__version__.sta
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q torch==2.11.0 numpy
 fi
+# Test references for checkpoint interop (the Hugging Face safetensors reader).
+if ! .venv/bin/python -c 'import safetensors.torch' 2>/dev/null; then
+  echo "setup: installing safetensors into .venv (test reference)"
+  .venv/bin/pip install -q safetensors==0.7.0 packaging
+fi
 
 if [ ! -s data/pystdlib.txt ]; then
   .venv/bin/python scripts/make_corpus.py --out data/pystdlib.txt

@@ -257,3 +257,41 @@ fn the_trace_and_the_dry_run_show_the_pipeline() {
     assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("run.trace"));
 }
+
+/// A pipeline's checkpoint is written by its stages in parallel as Hugging Face sharded
+/// safetensors: the `safetensors` package alone (no fabbrica code) loads every tensor of its
+/// index, with the values fabbrica reads.
+#[test]
+fn pipeline_checkpoints_are_sharded_safetensors_that_pytorch_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    run(4, &out, &["parallel.pp=2", "parallel.dp=2", "train.grad_accum=2", "train.max_steps=2"]);
+    let ck = checkpoint::latest(&out).unwrap().unwrap();
+    for f in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json", "optim.safetensors.index.json"] {
+        assert!(ck.join(f).is_file(), "{f} missing in {}", ck.display());
+    }
+    let script = r#"
+import json, os, sys
+from safetensors.torch import load_file
+d = sys.argv[1]
+idx = json.load(open(os.path.join(d, "model.safetensors.index.json")))
+out = {}
+for f in sorted(set(idx["weight_map"].values())):
+    for k, v in load_file(os.path.join(d, f)).items():
+        out[k] = [list(v.shape), float(v.double().sum())]
+assert set(out) == set(idx["weight_map"]), "index and shards disagree"
+print(json.dumps(out))
+"#;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let o = Command::new(root.join(".venv/bin/python")).args(["-c", script, ck.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", describe(&o));
+    let py: HashMap<String, (Vec<i64>, f64)> = serde_json::from_slice(&o.stdout).unwrap();
+    let ours = checkpoint::load(&ck).unwrap().model;
+    assert_eq!(py.len(), ours.len());
+    for (n, t) in &ours {
+        let (shape, sum) = &py[n];
+        assert_eq!(shape, &t.size(), "{n}");
+        let s = t.to_kind(tch::Kind::Double).sum(tch::Kind::Double).double_value(&[]);
+        assert!((s - sum).abs() <= 1e-9 * s.abs().max(1.0), "{n}: {s} vs {sum}");
+    }
+}

@@ -158,3 +158,50 @@ pub fn recv_named(comm: &dyn Communicator, src: usize) -> Result<Vec<(String, tc
     }
     Ok(out)
 }
+
+/// Largest text [`send_text`] moves (a shard's list of tensor names, a directory path).
+const MAX_TEXT_BYTES: i64 = 1 << 28;
+
+/// Sends UTF-8 text to `dst` (its length, then its bytes as i64).
+pub fn send_text(comm: &dyn Communicator, dst: usize, text: &str) -> Result<(), TrainError> {
+    let bytes: Vec<i64> = text.bytes().map(i64::from).collect();
+    comm.send(&tch::Tensor::from_slice(&[bytes.len() as i64]), dst).map_err(comm_err)?;
+    if !bytes.is_empty() {
+        comm.send(&tch::Tensor::from_slice(&bytes), dst).map_err(comm_err)?;
+    }
+    Ok(())
+}
+
+/// Receives what [`send_text`] sent from `src` (bounded).
+pub fn recv_text(comm: &dyn Communicator, src: usize) -> Result<String, TrainError> {
+    use tch::{Device, Kind, Tensor};
+    let n = Tensor::zeros([1], (Kind::Int64, Device::Cpu));
+    comm.recv(&n, src).map_err(comm_err)?;
+    let n = n.int64_value(&[0]);
+    if !(0..=MAX_TEXT_BYTES).contains(&n) {
+        return Err(TrainError::Comm(format!("text from rank {src}: {n} bytes announced")));
+    }
+    let t = Tensor::zeros([n], (Kind::Int64, Device::Cpu));
+    if n > 0 {
+        comm.recv(&t, src).map_err(comm_err)?;
+    }
+    let v: Vec<i64> = Vec::try_from(&t).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?;
+    String::from_utf8(v.into_iter().map(|b| b as u8).collect()).map_err(|_| TrainError::Comm(format!("text from rank {src} is not UTF-8")))
+}
+
+/// Rank `root`'s `text` on every rank of `comm` (others pass anything; bounded).
+pub fn broadcast_text(comm: &dyn Communicator, root: usize, text: &str) -> Result<String, TrainError> {
+    use tch::{Device, Kind, Tensor};
+    let n = Tensor::from_slice(&[text.len() as i64]);
+    comm.broadcast(&n, root).map_err(comm_err)?;
+    let n = n.int64_value(&[0]);
+    if !(0..=MAX_TEXT_BYTES).contains(&n) {
+        return Err(TrainError::Comm(format!("text from rank {root}: {n} bytes announced")));
+    }
+    let t = if comm.rank() == root { Tensor::from_slice(&text.bytes().map(i64::from).collect::<Vec<_>>()) } else { Tensor::zeros([n], (Kind::Int64, Device::Cpu)) };
+    if n > 0 {
+        comm.broadcast(&t, root).map_err(comm_err)?;
+    }
+    let v: Vec<i64> = Vec::try_from(&t).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?;
+    String::from_utf8(v.into_iter().map(|b| b as u8).collect()).map_err(|_| TrainError::Comm(format!("text from rank {root} is not UTF-8")))
+}

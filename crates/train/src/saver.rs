@@ -21,8 +21,6 @@ use crate::trainer::Setup;
 pub(crate) struct Snapshot {
     pub model: Vec<(String, Tensor)>,
     pub optim: Vec<(String, Tensor)>,
-    /// Pipelines: the largest difference between the tied embedding's two copies.
-    pub tied_diff: Option<f64>,
 }
 
 /// What a run carries between checkpoints besides the model and optimizer.
@@ -75,21 +73,10 @@ impl Saver {
         // At most one write in flight: the previous one finishes first.
         let mut done: Vec<Completed> = self.settle().into_iter().collect();
         self.run.last_snapshot_step = Some(step);
-        let Some(Snapshot { model, optim, .. }) = snapshot else {
+        let Some(Snapshot { model, optim }) = snapshot else {
             return Ok(done);
         };
-        let state = CheckpointState {
-            format_version: FORMAT_VERSION,
-            step,
-            seed: s.cfg.run.seed,
-            config: s.cfg.clone(),
-            tokenizer: Meta::for_tokenizer(&s.data.tokenizer),
-            val_loss,
-            sha256: Default::default(),
-            run_id: self.run.id.clone(),
-            skipped_steps: self.run.skipped_steps,
-            state_sha256: String::new(),
-        };
+        let state = self.state_for(s, step, val_loss);
         let (out, keep) = (s.cfg.run.out_dir.clone(), s.cfg.run.keep_checkpoints);
         if self.background {
             let (model, optim) = (host_copy(&model), host_copy(&optim));
@@ -112,7 +99,24 @@ impl Saver {
         Some(self.record(Completed { step, result }))
     }
 
-    fn record(&mut self, c: Completed) -> Completed {
+    /// The state.json content of this run's checkpoint of `step` (checksums filled in by the writer).
+    pub fn state_for(&self, s: &Setup, step: u64, val_loss: Option<f64>) -> CheckpointState {
+        CheckpointState {
+            format_version: FORMAT_VERSION,
+            step,
+            seed: s.cfg.run.seed,
+            config: s.cfg.clone(),
+            tokenizer: Meta::for_tokenizer(&s.data.tokenizer),
+            val_loss,
+            sha256: Default::default(),
+            run_id: self.run.id.clone(),
+            skipped_steps: self.run.skipped_steps,
+            state_sha256: String::new(),
+        }
+    }
+
+    /// Records a finished write (done here or by the caller): a written checkpoint is the last saved.
+    pub fn record(&mut self, c: Completed) -> Completed {
         if let Ok(dir) = &c.result {
             self.run.last_saved = Some(dir.clone());
         }

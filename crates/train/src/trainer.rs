@@ -542,9 +542,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
             stage_times = StageTimes::default();
         }
         if (cfg.run.checkpoint_interval > 0 && step.is_multiple_of(cfg.run.checkpoint_interval)) || last {
-            let snap = snapshot(&s, &grid, &grads, &opt, zero1)?;
-            log_tied(&snap, step, &mut log)?;
-            for done in saver.save(&s, snap, step, last_val)? {
+            for done in save_checkpoint(&s, &grid, &grads, &opt, &mut saver, step, last_val, &mut log)? {
                 settled(done, false, cfg, &progress, &mut log)?;
             }
         }
@@ -552,8 +550,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
             // Preempted: this step is done; its checkpoint is written (unless it just was) before
             // anyone leaves.
             if saver.run.last_snapshot_step != Some(step) {
-                let snap = snapshot(&s, &grid, &grads, &opt, zero1)?;
-                for done in saver.save(&s, snap, step, last_val)? {
+                for done in save_checkpoint(&s, &grid, &grads, &opt, &mut saver, step, last_val, &mut log)? {
                     settled(done, false, cfg, &progress, &mut log)?;
                 }
             }
@@ -573,8 +570,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     // Every rank decides alike (saving is collective under ZeRO-1 and pipelines): by step, which all know.
     if saver.run.last_snapshot_step != Some(step) {
         // Nothing trained (already at max_steps): write the checkpoint of where it stands.
-        let snap = snapshot(&s, &grid, &grads, &opt, zero1)?;
-        for done in saver.save(&s, snap, step, Some(val_loss))? {
+        for done in save_checkpoint(&s, &grid, &grads, &opt, &mut saver, step, Some(val_loss), &mut log)? {
             settled(done, false, cfg, &progress, &mut log)?;
         }
     }
@@ -628,11 +624,10 @@ fn evaluate_grid(s: &Setup, sampler: &Sampler, grid: &Grid, split: Split, iters:
     Ok(t.double_value(&[0]) / iters as f64)
 }
 
-/// What a checkpoint holds, on rank 0 (the writer): the whole model's parameters and optimizer
-/// state, by name. Collective: under ZeRO-1 each replica's shards are gathered, and with a
-/// pipeline the first replica's stages send theirs to rank 0. `None` on the other ranks.
-fn snapshot(s: &Setup, grid: &Grid, grads: &Grads, opt: &AdamW, zero1: bool) -> Result<Option<Snapshot>, TrainError> {
-    // The last stage's copy of the tied embedding is not stored: the first stage's is the same.
+/// This rank's parts' parameters and optimizer state by name, as a checkpoint stores them:
+/// the last stage's copy of the tied embedding left out (the first stage's is the same), and
+/// under ZeRO-1 the moments gathered from the data-parallel shards (a collective over `grid.dp`).
+fn local_state(s: &Setup, grads: &Grads, opt: &AdamW, zero1: bool) -> Result<(Vec<(String, Tensor)>, Vec<(String, Tensor)>), TrainError> {
     let copy_here = s.parts.iter().any(|p| p.model.holds_tied_copy());
     let mut model: Vec<(String, Tensor)> = Vec::new();
     for p in &s.parts {
@@ -650,47 +645,131 @@ fn snapshot(s: &Setup, grid: &Grid, grads: &Grads, opt: &AdamW, zero1: bool) -> 
     } else {
         opt.state_where(|n| !(copy_here && n == TIED))
     };
-    if s.pipeline.is_none() {
-        return Ok((grid.rank == 0).then_some(Snapshot { model, optim, tied_diff: None }));
-    }
-    // The first replica's stages hold everything; those after the first send theirs to rank 0.
-    if grid.coords.dp != 0 {
-        return Ok(None);
-    }
-    let senders: Vec<usize> = (1..grid.dims.pp)
-        .map(|p| grid.dims.rank_of(fabbrica_topology::Coords { dp: 0, pp: p, tp: 0 }).map_err(|e| TrainError::Parallel(e.to_string())))
-        .collect::<Result<_, _>>()?;
-    if grid.rank == 0 {
-        let mut snap = Snapshot { model, optim, tied_diff: None };
-        for &from in &senders {
-            snap.model.extend(crate::grid::recv_named(&*grid.world, from)?);
-            snap.optim.extend(crate::grid::recv_named(&*grid.world, from)?);
-        }
-        // The last stage's copy of the tied embedding, checked against the first stage's: they
-        // must never drift (summed gradients, identical updates).
-        let last = senders.last().copied().unwrap_or(0);
-        let copy = crate::grid::recv_named(&*grid.world, last)?;
-        if let (Some((_, theirs)), Some((_, ours))) = (copy.first(), snap.model.iter().find(|(n, _)| n == TIED)) {
-            snap.tied_diff = Some(tch::no_grad(|| (theirs - ours.to_device(Device::Cpu)).abs().max().double_value(&[])));
-        }
-        Ok(Some(snap))
-    } else {
-        crate::grid::send_named(&*grid.world, 0, &model)?;
-        crate::grid::send_named(&*grid.world, 0, &optim)?;
-        if grid.is_last_stage() {
-            let copy: Vec<(String, Tensor)> = s.parts.iter().flat_map(|p| p.model.parameter_handles()).filter(|(n, _)| n == TIED).collect();
-            crate::grid::send_named(&*grid.world, 0, &copy)?;
-        }
-        Ok(None)
-    }
+    Ok((model, optim))
 }
 
-/// Pipelines: records how far the tied embedding's two copies are apart (0 unless a bug).
-fn log_tied(snap: &Option<Snapshot>, step: u64, log: &mut Option<MetricsLog>) -> Result<(), TrainError> {
-    if let (Some(Snapshot { tied_diff: Some(d), .. }), Some(log)) = (snap, log.as_mut()) {
-        log.write(&Record { kind: "tied_embedding".into(), step, tied_max_abs_diff: Some(*d), ..empty_record() })?;
+/// What a checkpoint holds, on rank 0 (the writer) of a run without pipeline parallelism: the
+/// whole model's parameters and optimizer state. Collective under ZeRO-1. `None` elsewhere.
+fn snapshot(s: &Setup, grid: &Grid, grads: &Grads, opt: &AdamW, zero1: bool) -> Result<Option<Snapshot>, TrainError> {
+    let (model, optim) = local_state(s, grads, opt, zero1)?;
+    Ok((grid.rank == 0).then_some(Snapshot { model, optim }))
+}
+
+/// Writes the checkpoint of `step` (collective): rank 0 alone without a pipeline; with one,
+/// every stage's first data-parallel rank writes its shard in parallel and rank 0 commits the
+/// checkpoint once all are in place (`checkpoint::sharded`). Returns the writes that finished
+/// (known on rank 0).
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint(
+    s: &Setup,
+    grid: &Grid,
+    grads: &Grads,
+    opt: &AdamW,
+    saver: &mut Saver,
+    step: u64,
+    val_loss: Option<f64>,
+    log: &mut Option<MetricsLog>,
+) -> Result<Vec<Completed>, TrainError> {
+    let zero1 = s.cfg.parallel.zero == 1;
+    if s.pipeline.is_none() {
+        let snap = snapshot(s, grid, grads, opt, zero1)?;
+        return saver.save(s, snap, step, val_loss);
     }
-    Ok(())
+    let mut done: Vec<Completed> = saver.settle().into_iter().collect();
+    saver.run.last_snapshot_step = Some(step);
+    let (model, optim) = local_state(s, grads, opt, zero1)?;
+    let diff = tied_check(s, grid, &model)?;
+    if let (Some(d), Some(log)) = (diff, log.as_mut()) {
+        log.write(&Record { kind: "tied_embedding".into(), step, tied_max_abs_diff: Some(d), ..empty_record() })?;
+    }
+    let out = &s.cfg.run.out_dir;
+    // Rank 0 prepares the directory; every writer learns where (empty: it could not).
+    let begun = if grid.rank == 0 {
+        let needed = 12 * fabbrica_models::flops::total_params(&s.cfg.model) + (1 << 20);
+        checkpoint::sharded::begin(out, step, needed)
+    } else {
+        Ok(std::path::PathBuf::new())
+    };
+    let tmp = crate::grid::broadcast_text(&*grid.world, 0, &begun.as_ref().map(|p| p.display().to_string()).unwrap_or_default())?;
+    if tmp.is_empty() {
+        if let Err(e) = begun {
+            done.push(saver.record(Completed { step, result: Err(e) }));
+        }
+        return Ok(done);
+    }
+    let tmp = std::path::PathBuf::from(tmp);
+    let (i, n) = (grid.coords.pp, grid.dims.pp);
+    // The writers: each stage's first data-parallel rank, its weights and its optimizer state.
+    let written = (grid.coords.dp == 0).then(|| -> Result<(checkpoint::sharded::ShardInfo, checkpoint::sharded::ShardInfo), TrainError> {
+        Ok((
+            checkpoint::sharded::write_shard(&tmp, &checkpoint::sharded::shard_name("model", i, n), &model, step)?,
+            checkpoint::sharded::write_shard(&tmp, &checkpoint::sharded::shard_name("optim", i, n), &optim, step)?,
+        ))
+    });
+    let writers: Vec<usize> = (0..n)
+        .map(|p| grid.dims.rank_of(fabbrica_topology::Coords { dp: 0, pp: p, tp: 0 }).map_err(|e| TrainError::Parallel(e.to_string())))
+        .collect::<Result<_, _>>()?;
+    if grid.rank != 0 {
+        if let Some(w) = written {
+            let report = match w {
+                Ok(pair) => serde_json::json!({ "ok": pair }),
+                Err(e) => serde_json::json!({ "err": e.to_string() }),
+            };
+            crate::grid::send_text(&*grid.world, 0, &report.to_string())?;
+        }
+        return Ok(done);
+    }
+    // Rank 0: its own shard, then every other writer's report, then the commit.
+    let mut models = Vec::with_capacity(n);
+    let mut optims = Vec::with_capacity(n);
+    let mut failure: Option<TrainError> = None;
+    match written.expect("rank 0 is a writer") {
+        Ok((m, o)) => {
+            models.push(m);
+            optims.push(o);
+        }
+        Err(e) => failure = Some(e),
+    }
+    for &w in &writers[1..] {
+        let text = crate::grid::recv_text(&*grid.world, w)?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::Comm(format!("checkpoint report from rank {w}: {e}")))?;
+        if let Some(e) = v.get("err").and_then(|e| e.as_str()) {
+            failure.get_or_insert(TrainError::Checkpoint(format!("rank {w} could not write its shard of step {step}: {e}")));
+        } else {
+            let (m, o): (checkpoint::sharded::ShardInfo, checkpoint::sharded::ShardInfo) =
+                serde_json::from_value(v["ok"].clone()).map_err(|e| TrainError::Comm(format!("checkpoint report from rank {w}: {e}")))?;
+            models.push(m);
+            optims.push(o);
+        }
+    }
+    let result = match failure {
+        Some(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+        None => checkpoint::sharded::commit(out, &tmp, saver.state_for(s, step, val_loss), &models, &optims, s.cfg.run.keep_checkpoints),
+    };
+    done.push(saver.record(Completed { step, result }));
+    Ok(done)
+}
+
+/// Pipelines: the largest difference between the first stage's tied embedding and the last
+/// stage's copy, on rank 0 (collective between the two; they must never drift).
+fn tied_check(s: &Setup, grid: &Grid, model: &[(String, Tensor)]) -> Result<Option<f64>, TrainError> {
+    let last = grid.dims.rank_of(fabbrica_topology::Coords { dp: 0, pp: grid.dims.pp - 1, tp: 0 }).map_err(|e| TrainError::Parallel(e.to_string()))?;
+    if grid.rank == last {
+        let copy: Vec<(String, Tensor)> = s.parts.iter().flat_map(|p| p.model.parameter_handles()).filter(|(n, _)| n == TIED).collect();
+        crate::grid::send_named(&*grid.world, 0, &copy)?;
+        return Ok(None);
+    }
+    if grid.rank != 0 {
+        return Ok(None);
+    }
+    let copy = crate::grid::recv_named(&*grid.world, last)?;
+    Ok(match (copy.first(), model.iter().find(|(n, _)| n == TIED)) {
+        (Some((_, theirs)), Some((_, ours))) => Some(tch::no_grad(|| (theirs - ours.to_device(Device::Cpu)).abs().max().double_value(&[]))),
+        _ => None,
+    })
 }
 
 /// Every pipeline rank's compute, wait and idle fraction per step over the log window, gathered

@@ -18,6 +18,7 @@
 
 mod files;
 mod select;
+pub mod sharded;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -32,8 +33,9 @@ pub use files::{remove_stale_temporaries, write_atomic, Sweep};
 pub use select::{archive_run, earlier_run, find_resume, new_run_id, Archived, Resume};
 
 /// 2: `run_id`, `skipped_steps` and `state_sha256` were added. Version 1 still loads (its
-/// state.json has no checksum of its own).
-pub const FORMAT_VERSION: u32 = 2;
+/// state.json has no checksum of its own). 3: a checkpoint may be sharded ([`sharded`]: written
+/// by the pipeline stages in parallel, with Hugging Face-style indexes).
+pub const FORMAT_VERSION: u32 = 3;
 const MODEL_FILE: &str = "model.safetensors";
 const OPTIM_FILE: &str = "optim.safetensors";
 const STATE_FILE: &str = "state.json";
@@ -189,7 +191,7 @@ pub fn read_state(dir: &Path) -> Result<CheckpointState, TrainError> {
     Ok(state)
 }
 
-fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
@@ -212,13 +214,16 @@ pub fn load(dir: &Path) -> Result<Loaded, TrainError> {
         }
         Tensor::read_safetensors(&path).map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {}", path.display(), one_line(&e.to_string()))))
     };
-    let model = read(MODEL_FILE)?;
-    let optim = read(OPTIM_FILE)?;
+    let (model, optim) = if state.sha256.contains_key(sharded::MODEL_INDEX) {
+        (sharded::read_indexed(dir, &state, sharded::MODEL_INDEX)?, sharded::read_indexed(dir, &state, sharded::OPTIM_INDEX)?)
+    } else {
+        (read(MODEL_FILE)?, read(OPTIM_FILE)?)
+    };
     Ok(Loaded { state, model, optim, dir: dir.to_path_buf() })
 }
 
 /// The first tensor holding a NaN or an infinity, by name.
-fn first_nonfinite(tensors: &[(String, Tensor)]) -> Option<&str> {
+pub(crate) fn first_nonfinite(tensors: &[(String, Tensor)]) -> Option<&str> {
     tensors
         .iter()
         .find(|(_, t)| t.is_floating_point() && t.numel() > 0 && !bool::try_from(t.isfinite().all()).unwrap_or(false))
@@ -226,13 +231,13 @@ fn first_nonfinite(tensors: &[(String, Tensor)]) -> Option<&str> {
 }
 
 /// Bytes the tensor files of a checkpoint take, roughly (data plus a margin for headers).
-fn size_estimate(tensors: &[&[(String, Tensor)]]) -> u64 {
+pub(crate) fn size_estimate(tensors: &[&[(String, Tensor)]]) -> u64 {
     let data: u64 = tensors.iter().flat_map(|ts| ts.iter()).map(|(_, t)| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64).sum();
     // safetensors headers (JSON, about 100 bytes a tensor) and state.json.
     data + 128 * tensors.iter().map(|ts| ts.len() as u64).sum::<u64>() + (16 << 10)
 }
 
-fn is_disk_full(why: &str) -> bool {
+pub(crate) fn is_disk_full(why: &str) -> bool {
     why.contains("os error 28") || why.contains("No space left") || why.contains("os error 122") || why.contains("Disk quota")
 }
 
@@ -323,7 +328,7 @@ fn write_into(tmp: &Path, state: &mut CheckpointState, model: &[(String, Tensor)
 /// Keeps the newest `keep` checkpoints of run `run_id` at or below step `current` (the one just
 /// written, which is always kept) and removes its older ones. Checkpoints of another run, ones
 /// whose state cannot be read (never guessed to be ours), and ones ahead of `current` are left.
-fn prune(root: &Path, keep: usize, run_id: &str, current: u64) -> Result<(), TrainError> {
+pub(crate) fn prune(root: &Path, keep: usize, run_id: &str, current: u64) -> Result<(), TrainError> {
     if run_id.is_empty() {
         return Ok(());
     }

@@ -255,3 +255,80 @@ fn awkward_floats_round_trip_through_the_state_checksum() {
         assert_eq!(read_state(&d).unwrap().val_loss, Some(v));
     }
 }
+
+/// Writes a two-shard checkpoint the way pipeline stages do: each shard, then the commit.
+fn save_sharded(out: &Path, step: u64, keep: usize) -> PathBuf {
+    let tmp = sharded::begin(out, step, 0).unwrap();
+    let named = |p: &str, v: f32| -> Vec<(String, Tensor)> { tensors(v).into_iter().map(|(n, t)| (format!("{p}.{n}"), t)).collect() };
+    let m: Vec<sharded::ShardInfo> =
+        (0..2).map(|i| sharded::write_shard(&tmp, &sharded::shard_name("model", i, 2), &named(&format!("s{i}"), step as f32), step).unwrap()).collect();
+    let o: Vec<sharded::ShardInfo> = (0..2).map(|i| sharded::write_shard(&tmp, &sharded::shard_name("optim", i, 2), &named(&format!("s{i}"), 0.5), step).unwrap()).collect();
+    sharded::commit(out, &tmp, state(step, "r1"), &m, &o, keep).unwrap()
+}
+
+#[test]
+fn sharded_checkpoints_round_trip_and_verify_every_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = save_sharded(dir.path(), 4, 2);
+    let mut names: Vec<String> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "optim-00001-of-00002.safetensors",
+            "optim-00002-of-00002.safetensors",
+            "optim.safetensors.index.json",
+            "state.json"
+        ]
+    );
+    let l = load(&d).unwrap();
+    let mut got: Vec<&str> = l.model.iter().map(|(n, _)| n.as_str()).collect();
+    got.sort();
+    assert_eq!(got, ["s0.b", "s0.w", "s1.b", "s1.w"]);
+    assert_eq!(l.optim.len(), 4);
+    // Hugging Face's index: weight_map from tensor name to shard, total_size in bytes.
+    let idx: serde_json::Value = serde_json::from_str(&fs::read_to_string(d.join("model.safetensors.index.json")).unwrap()).unwrap();
+    assert_eq!(idx["weight_map"]["s1.w"], "model-00002-of-00002.safetensors");
+    assert!(idx["metadata"]["total_size"].as_u64().unwrap() > 0);
+    // A damaged shard is refused by name.
+    let shard = d.join("model-00002-of-00002.safetensors");
+    let mut bytes = fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&shard, bytes).unwrap();
+    let e = load(&d).err().unwrap().to_string();
+    assert!(e.contains("model-00002-of-00002.safetensors is corrupt"), "{e}");
+    // A failed write leaves nothing: NaN in a shard refuses before anything is written.
+    let tmp = sharded::begin(dir.path(), 8, 0).unwrap();
+    let nan = vec![("x".to_string(), Tensor::from_slice(&[f32::NAN]))];
+    assert!(matches!(sharded::write_shard(&tmp, "model-00001-of-00001.safetensors", &nan, 8), Err(TrainError::NonFiniteCheckpoint { .. })));
+    assert!(!tmp.join("model-00001-of-00001.safetensors").exists());
+}
+
+/// File names come from the index: one that leaves the directory, or that state.json does not
+/// list, is refused even when every checksum has been forged to match.
+#[test]
+fn an_index_never_names_a_file_outside_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = save_sharded(dir.path(), 4, 2);
+    fs::write(dir.path().join("evil.safetensors"), b"x").unwrap();
+    for target in ["../../evil.safetensors", "/etc/passwd", "state.json"] {
+        let idx_path = d.join("model.safetensors.index.json");
+        let mut idx: serde_json::Value = serde_json::from_str(&fs::read_to_string(&idx_path).unwrap()).unwrap();
+        idx["weight_map"]["s0.w"] = target.into();
+        let bytes = serde_json::to_vec(&idx).unwrap();
+        fs::write(&idx_path, &bytes).unwrap();
+        let mut st = read_state(&d).unwrap();
+        st.sha256.insert("model.safetensors.index.json".into(), files::sha256_bytes(&bytes));
+        if target.contains("evil") {
+            st.sha256.insert(target.into(), files::sha256_file(&dir.path().join("evil.safetensors")).unwrap());
+        }
+        st.state_sha256 = st.digest();
+        fs::write(d.join(STATE_FILE), serde_json::to_vec(&st).unwrap()).unwrap();
+        let e = load(&d).err().unwrap().to_string();
+        assert!(e.contains("which is not a shard state.json lists"), "{target}: {e}");
+    }
+}

@@ -1,0 +1,195 @@
+//! Checkpoints written by many ranks in parallel (pipelines): each pipeline stage's first
+//! data-parallel rank writes its stages' weights and optimizer state as one shard, in the
+//! Hugging Face sharded-safetensors layout (`model-0000i-of-0000n.safetensors` with
+//! `model.safetensors.index.json`, and the same for `optim-*`), so PyTorch users load the weights
+//! without our code. Rank 0 prepares the temporary directory, every writer writes and fsyncs its
+//! shard, and only once every shard is in place and checksummed does rank 0 write the indexes and
+//! state.json (which lists every file's SHA-256) and rename the directory into place, then
+//! `latest`, then prune. A checkpoint is therefore valid whole or not at all, as a single-file one.
+//! Tensors are named as in the whole model, so any layout reads any checkpoint by name.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::{checkpoints_dir, dir_name, files, first_nonfinite, is_disk_full, list, one_line, prune, CheckpointState, FORMAT_VERSION, STATE_FILE};
+use crate::error::TrainError;
+
+pub const MODEL_INDEX: &str = "model.safetensors.index.json";
+pub const OPTIM_INDEX: &str = "optim.safetensors.index.json";
+/// An index lists names and files only: far smaller than this.
+const MAX_INDEX_BYTES: u64 = 256 << 20;
+
+/// `model-00002-of-00004.safetensors` for shard 1 of 4 of `kind` (`model` or `optim`).
+pub fn shard_name(kind: &str, i: usize, n: usize) -> String {
+    format!("{kind}-{:05}-of-{:05}.safetensors", i + 1, n)
+}
+
+/// What a writer reports to rank 0 about the shard it wrote.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub file: String,
+    pub sha256: String,
+    pub bytes: u64,
+    pub names: Vec<String>,
+}
+
+/// Hugging Face's index: which file holds each tensor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Index {
+    metadata: IndexMeta,
+    weight_map: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IndexMeta {
+    total_size: u64,
+}
+
+fn write_error(out_dir: &Path, step: u64, needed: u64, why: String) -> TrainError {
+    let root = checkpoints_dir(out_dir);
+    let previous = list(&root).ok().and_then(|l| l.into_iter().rev().find(|(s, _)| *s != step)).map(|(_, d)| d);
+    TrainError::CheckpointWrite {
+        step,
+        dir: root.join(dir_name(step)),
+        disk_full: is_disk_full(&why),
+        needed,
+        free: files::free_bytes(if root.exists() { &root } else { out_dir }),
+        why,
+        previous,
+    }
+}
+
+/// Rank 0, before any shard: the empty temporary directory of step `step`'s checkpoint, after
+/// checking that about `needed` bytes are free.
+pub fn begin(out_dir: &Path, step: u64, needed: u64) -> Result<PathBuf, TrainError> {
+    let root = checkpoints_dir(out_dir);
+    let fail = |why: String| write_error(out_dir, step, needed, why);
+    fs::create_dir_all(&root).map_err(|e| fail(e.to_string()))?;
+    if let Some(free) = files::free_bytes(&root) {
+        if free < needed {
+            return Err(fail("No space left on device (checked before writing)".into()));
+        }
+    }
+    let tmp = files::temp_path(&root, &dir_name(step));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| fail(e.to_string()))?;
+    }
+    fs::create_dir(&tmp).map_err(|e| fail(e.to_string()))?;
+    Ok(tmp)
+}
+
+/// Any writer: writes `tensors` (copied to the CPU) as `tmp/file`, fsynced, and says what it
+/// wrote. A NaN/Inf tensor is refused before anything is written.
+pub fn write_shard(tmp: &Path, file: &str, tensors: &[(String, Tensor)], step: u64) -> Result<ShardInfo, TrainError> {
+    if let Some(t) = first_nonfinite(tensors) {
+        return Err(TrainError::NonFiniteCheckpoint { step, tensor: t.to_string() });
+    }
+    let path = tmp.join(file);
+    let cpu: Vec<(&str, Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
+    let io = |e: String| TrainError::Checkpoint(format!("cannot write {}: {e}", path.display()));
+    Tensor::write_safetensors(&cpu, &path).map_err(|e| io(one_line(&e.to_string())))?;
+    files::fsync_path(&path)?;
+    let bytes = fs::metadata(&path).map_err(|e| io(e.to_string()))?.len();
+    Ok(ShardInfo { file: file.to_string(), sha256: files::sha256_file(&path)?, bytes, names: tensors.iter().map(|(n, _)| n.clone()).collect() })
+}
+
+/// Rank 0, once every shard is in `tmp`: writes the two indexes and state.json (every file's
+/// SHA-256), places the directory, points `latest` at it and prunes this run's older ones.
+pub fn commit(out_dir: &Path, tmp: &Path, mut state: CheckpointState, model: &[ShardInfo], optim: &[ShardInfo], keep: usize) -> Result<PathBuf, TrainError> {
+    let step = state.step;
+    let needed: u64 = model.iter().chain(optim).map(|s| s.bytes).sum();
+    let fail = |why: String| {
+        let _ = fs::remove_dir_all(tmp);
+        write_error(out_dir, step, needed, why)
+    };
+    let written = (|| -> Result<(), String> {
+        for (index, shards) in [(MODEL_INDEX, model), (OPTIM_INDEX, optim)] {
+            let mut weight_map = BTreeMap::new();
+            for s in shards {
+                state.sha256.insert(s.file.clone(), s.sha256.clone());
+                for n in &s.names {
+                    if weight_map.insert(n.clone(), s.file.clone()).is_some() {
+                        return Err(format!("tensor {n} is in two shards"));
+                    }
+                }
+            }
+            let total_size = shards.iter().map(|s| s.bytes).sum();
+            let json = serde_json::to_vec_pretty(&Index { metadata: IndexMeta { total_size }, weight_map }).expect("index serializes");
+            let path = tmp.join(index);
+            fs::write(&path, &json).map_err(|e| e.to_string())?;
+            files::fsync_path(&path).map_err(|e| e.to_string())?;
+            state.sha256.insert(index.to_string(), files::sha256_bytes(&json));
+        }
+        state.format_version = FORMAT_VERSION;
+        state.state_sha256 = state.digest();
+        let json = serde_json::to_vec_pretty(&state).expect("state serializes");
+        let state_path = tmp.join(STATE_FILE);
+        fs::write(&state_path, &json).map_err(|e| e.to_string())?;
+        files::fsync_path(&state_path).map_err(|e| e.to_string())?;
+        files::fsync_path(tmp).map_err(|e| e.to_string())
+    })();
+    written.map_err(fail)?;
+    let root = checkpoints_dir(out_dir);
+    let dest = root.join(dir_name(step));
+    let placed = (|| -> std::io::Result<()> {
+        if dest.exists() {
+            fs::remove_dir_all(&dest)?;
+        }
+        fs::rename(tmp, &dest)
+    })();
+    placed.map_err(|e| fail(e.to_string()))?;
+    files::fsync_path(&root)?;
+    super::write_atomic(&root.join("latest"), format!("{}\n", dir_name(step)).as_bytes())?;
+    prune(&root, keep, &state.run_id, step)?;
+    Ok(dest)
+}
+
+/// Reads the tensors an index lists, each file verified against state.json's checksum. File
+/// names come from the index: only plain names of files in this directory that state.json
+/// lists are read (a name with a path, `..` or unknown to state.json is refused).
+pub fn read_indexed(dir: &Path, state: &CheckpointState, index: &str) -> Result<Vec<(String, Tensor)>, TrainError> {
+    let corrupt = |why: String| TrainError::Checkpoint(format!("{}: {why}: resume from an earlier checkpoint (run.resume_from)", dir.join(index).display()));
+    let path = dir.join(index);
+    let size = fs::metadata(&path).map_err(|e| corrupt(format!("cannot read it ({e})")))?.len();
+    if size > MAX_INDEX_BYTES {
+        return Err(corrupt(format!("{size} bytes, more than an index holds")));
+    }
+    let bytes = fs::read(&path).map_err(|e| corrupt(format!("cannot read it ({e})")))?;
+    if state.sha256.get(index) != Some(&files::sha256_bytes(&bytes)) {
+        return Err(corrupt("does not match the SHA-256 in state.json".into()));
+    }
+    let idx: Index = serde_json::from_slice(&bytes).map_err(|e| corrupt(one_line(&e.to_string())))?;
+    let mut wanted: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (name, file) in &idx.weight_map {
+        let plain = !file.is_empty() && file != "." && file != ".." && !file.contains('/') && !file.contains('\\') && file.ends_with(".safetensors");
+        if !plain || !state.sha256.contains_key(file) {
+            return Err(corrupt(format!("names {file:?} for {name}, which is not a shard state.json lists")));
+        }
+        wanted.entry(file.as_str()).or_default().push(name.as_str());
+    }
+    let mut out = Vec::with_capacity(idx.weight_map.len());
+    for (file, names) in wanted {
+        let p = dir.join(file);
+        if !p.is_file() {
+            return Err(TrainError::Checkpoint(format!("checkpoint {} is missing {file}: resume from an earlier one (run.resume_from)", dir.display())));
+        }
+        if files::sha256_file(&p)? != state.sha256[file] {
+            return Err(TrainError::Checkpoint(format!(
+                "{} is corrupt or truncated (SHA-256 does not match state.json): resume from an earlier checkpoint (run.resume_from)",
+                p.display()
+            )));
+        }
+        let tensors = Tensor::read_safetensors(&p).map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {}", p.display(), one_line(&e.to_string()))))?;
+        for n in &names {
+            if !tensors.iter().any(|(t, _)| t == n) {
+                return Err(corrupt(format!("lists {n} in {file}, which does not hold it")));
+            }
+        }
+        out.extend(tensors);
+    }
+    Ok(out)
+}
