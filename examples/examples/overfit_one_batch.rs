@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 fn main() {
     tch::manual_seed(0);
-    let cfg = GptConfig { vocab_size: 50, block_size: 32, n_layer: 2, n_head: 2, n_embd: 64, dropout: 0.0, bias: true };
+    let cfg = GptConfig { vocab_size: 50, block_size: 32, n_layer: 2, n_head: 2, n_embd: 64, dropout: 0.0, bias: true, tie_embeddings: true };
     let model = Gpt::new(&cfg, Device::Cpu).expect("valid config");
     let params: Vec<(String, Tensor)> = model.parameter_handles();
     let mut opt = AdamW::new(&params, AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0, fused: false });

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use fabbrica_pipeline::{lower, simulate, summary, to_svg, to_text, Costs, Kind, Schedule};
+use fabbrica_pipeline::{lower, simulate, summary, to_svg, to_text, Costs, Kind, Schedule, MAX_COST};
 
 use crate::commands::Failure;
 
@@ -26,7 +26,8 @@ pub struct ScheduleArgs {
     /// Model chunks per rank (interleaved only; default 2 there, else 1)
     #[arg(long)]
     pub virtual_stages: Option<usize>,
-    /// Time units of one forward, one backward and one transfer, per stage: F,B,COMM
+    /// Time units of one forward, one backward and one transfer, per stage: F,B,COMM (each at
+    /// most 1000000000)
     #[arg(long, default_value = "1,2,0", value_name = "F,B,COMM")]
     pub costs: String,
     /// Print the lists with their sends and receives (SEND_F, RECV_F, SEND_B, RECV_B)
@@ -44,14 +45,29 @@ fn user(message: String) -> Failure {
     Failure { user: true, message }
 }
 
+/// F,B,COMM in whole time units: F and B from 1, COMM from 0, each at most [`MAX_COST`] (so the
+/// simulated times, the ideal time and the bubble are exact: nothing near `u64::MAX`).
 fn parse_costs(text: &str) -> Result<Costs, Failure> {
-    let parts: Vec<Option<u64>> = text.split(',').map(|p| p.trim().parse().ok()).collect();
-    match parts[..] {
-        [Some(f), Some(b), Some(comm)] if f > 0 && b > 0 => Ok(Costs { f, b, comm }),
-        _ => Err(user(format!(
+    // u128: a number past u64::MAX is still a number, refused below for its size.
+    let parts: Vec<Option<u128>> = text.split(',').map(|p| p.trim().parse().ok()).collect();
+    let [Some(f), Some(b), Some(comm)] = parts[..] else {
+        return Err(user(format!(
             "--costs '{text}' is not F,B,COMM in whole time units with F and B at least 1; e.g. --costs 1,2,0"
-        ))),
+        )));
+    };
+    if let Some((name, value)) = [("F", f), ("B", b), ("COMM", comm)].into_iter().find(|&(_, v)| v > u128::from(MAX_COST)) {
+        return Err(user(format!(
+            "--costs '{text}': {name} = {value} is more than {MAX_COST} time units, the most one action may cost; \
+             use a coarser unit, e.g. --costs 1,2,0"
+        )));
     }
+    if f == 0 || b == 0 {
+        return Err(user(format!(
+            "--costs '{text}' is not F,B,COMM in whole time units with F and B at least 1; e.g. --costs 1,2,0"
+        )));
+    }
+    // Each at most MAX_COST, which fits in a u64.
+    Ok(Costs { f: f as u64, b: b as u64, comm: comm as u64 })
 }
 
 pub fn run(a: ScheduleArgs) -> Result<(), Failure> {
@@ -60,10 +76,10 @@ pub fn run(a: ScheduleArgs) -> Result<(), Failure> {
     let costs = parse_costs(&a.costs)?;
     let compute = Schedule::new(kind, a.pp, v, a.microbatches).map_err(|e| user(e.to_string()))?;
     let lowered = lower(&compute);
-    // Generated schedules never deadlock (the crate's tests simulate every shape); a deadlock
-    // here is a bug, not an input error.
+    // Generated schedules never deadlock (the crate's tests simulate every shape), and bounded
+    // costs on a bounded shape never overflow: either here is a bug, not an input error.
     let timeline = simulate(&lowered, costs)
-        .map_err(|d| Failure { user: false, message: format!("the generated schedule deadlocks: {d}") })?;
+        .map_err(|e| Failure { user: false, message: format!("the generated schedule does not simulate: {e}") })?;
     let shown = if a.lowered { &lowered } else { &compute };
     println!("{shown}");
     println!("costs: f={} b={} comm={} per stage", costs.f, costs.b, costs.comm);
@@ -72,6 +88,8 @@ pub fn run(a: ScheduleArgs) -> Result<(), Failure> {
     } else {
         println!("{} (timeline of {} units not drawn: use --svg)", summary(&timeline), timeline.makespan);
     }
+    // No overflow: F + B ≤ 2·MAX_COST and m·v ≤ MAX_ACTIONS / 2 (parse_costs and Schedule::new
+    // checked both), and the makespan is at least each rank's compute time, this ideal.
     let ideal = (costs.f + costs.b) * (a.microbatches * v) as u64;
     println!(
         "ideal {ideal} units of compute per rank; bubble overhead {:.1}% of ideal",

@@ -295,3 +295,20 @@ print(json.dumps(out))
         assert!((s - sum).abs() <= 1e-9 * s.abs().max(1.0), "{n}: {s} vs {sum}");
     }
 }
+
+/// `model.tie_embeddings = false`: the head has its own weight on the last stage (no embedding
+/// group), and a pipeline still trains like one process.
+#[test]
+fn an_untied_model_pipelines_like_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = train(&run(0, &dir.path().join("one"), &["model.tie_embeddings=false", "train.grad_accum=4", "train.max_steps=5"]));
+    let out = dir.path().join("pp2");
+    let got = train(&run(2, &out, &["model.tie_embeddings=false", "train.grad_accum=4", "train.max_steps=5", "parallel.pp=2"]));
+    for (step, (loss, _)) in &got {
+        assert!(rel(*loss, want[step].0) <= 1e-5, "step {step}: {loss} vs {}", want[step].0);
+    }
+    let ck = checkpoint::load(&checkpoint::latest(&out).unwrap().unwrap()).unwrap();
+    assert!(ck.model.iter().any(|(n, _)| n == "lm_head.weight"));
+    let (tensor, d) = common::max_weight_diff(&out, &dir.path().join("one"));
+    assert!(d <= 1e-5, "{tensor}: {d:.2e}");
+}

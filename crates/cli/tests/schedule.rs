@@ -85,3 +85,41 @@ fn bad_input_is_one_line_and_exit_2() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("cannot write /nonexistent-dir/x.svg"), "{}", stderr(&o));
 }
+
+/// Shapes and costs past their documented bounds (`MAX_ACTIONS`, `MAX_COST` in the pipeline
+/// crate): one line naming the flag and what to set, exit code 2. They used to panic (capacity
+/// overflow allocating 2·pp·v·m actions) or wrap (F + B = 0, printing `inf%`).
+#[test]
+fn shapes_and_costs_past_their_bounds_are_refused() {
+    let max = "18446744073709551615"; // usize::MAX and u64::MAX
+    let cases: [(&[&str], &[&str]); 7] = [
+        (&["--pp", "4", "--microbatches", max], &["--microbatches 18446744073709551615", "set --microbatches to at most 1048576"]),
+        (&["--pp", max, "--microbatches", "8"], &["--pp 18446744073709551615", "set --pp to at most 524288"]),
+        (
+            &["--schedule", "interleaved", "--pp", "2", "--virtual-stages", max, "--microbatches", "2"],
+            &["--virtual-stages 18446744073709551615", "set --virtual-stages to at most 1048576"],
+        ),
+        // pp·m wraps to 0 in 64 bits.
+        (&["--schedule", "gpipe", "--pp", "4294967296", "--microbatches", "4294967296"], &["more than 8388608 actions"]),
+        (&["--pp", "2", "--microbatches", "4", "--costs", "1,18446744073709551615,0"], &["--costs '1,18446744073709551615,0'", "B = 18446744073709551615 is more than 1000000000"]),
+        (&["--pp", "2", "--microbatches", "4", "--costs", "1000000001,1,0"], &["--costs", "F = 1000000001"]),
+        (&["--pp", "2", "--microbatches", "4", "--costs", "1,2,99999999999999999999999"], &["--costs", "COMM = 99999999999999999999999"]),
+    ];
+    for (args, want) in cases {
+        let o = schedule(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        for w in want {
+            assert!(err.contains(w), "{args:?}: {err:?} lacks {w:?}");
+        }
+        assert!(stdout(&o).is_empty(), "{args:?}: {}", stdout(&o));
+    }
+    // The largest costs accepted: exact figures, (pp - 1)/m = 37.5% as with 1,1,0.
+    let o = schedule(&["--pp", "4", "--microbatches", "8", "--costs", "1000000000,1000000000,0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("makespan 22000000000"), "{out}");
+    assert!(out.contains("ideal 16000000000 units of compute per rank; bubble overhead 37.5% of ideal"), "{out}");
+}

@@ -213,6 +213,25 @@ impl Staged {
 // SAFETY: tensors are reference-counted handles; the operation owns its buffers until it ends.
 unsafe impl Send for Staged {}
 
+/// Turns the sum MPI left in `buf` into the average over `size` ranks (MPI has no average op),
+/// in place. A failure is the operation's error: ignoring it would hand back the sum as if it
+/// were the average. Under no_grad, as in [`Staged::finish`]: `buf` can be the caller's own
+/// tensor, a parameter (a leaf that requires grad), which refuses in-place writes under grad mode
+/// (and this may run on the worker thread, where grad mode is on whatever the caller set).
+///
+/// The divisor is a 0-dim f64 tensor, which divides exactly as the scalar of `div_scalar_`
+/// (same result dtype, same arithmetic), rather than a `tch::Scalar`: tch frees a temporary
+/// `Scalar` before it reads the call's error, and that free panics on the pending error, so a
+/// failing `f_div_scalar_` panics instead of returning its `Err`.
+fn divide(buf: &Tensor, size: usize, ctx: &OpContext) -> Result<()> {
+    let mut b = buf.shallow_clone();
+    let divisor = Tensor::from(size as f64);
+    tch::no_grad(|| b.f_div_(&divisor)).map(drop).map_err(|e| CommError::Backend {
+        ctx: ctx.clone(),
+        detail: format!("dividing the sum by the {size} ranks for the average failed: {e}"),
+    })
+}
+
 fn byte_range(t: &Tensor, dt: DType) -> (usize, usize) {
     let p = t.data_ptr() as usize;
     (p, p + t.numel() * dt.size())
@@ -421,8 +440,7 @@ impl MpiComm {
             };
             ok(rc, &jctx, "MPI_Allreduce")?;
             if op == ReduceOp::Avg {
-                let mut b = staged.buf.shallow_clone();
-                let _ = b.f_div_scalar_(size as f64);
+                divide(&staged.buf, size, &jctx)?;
             }
             staged.finish(&jctx)
         });
@@ -542,8 +560,7 @@ impl MpiComm {
             ok(rc, &jctx, "MPI_Reduce_scatter_block")?;
             drop(inp);
             if op == ReduceOp::Avg {
-                let mut b = out.buf.shallow_clone();
-                let _ = b.f_div_scalar_(size as f64);
+                divide(&out.buf, size, &jctx)?;
             }
             out.finish(&jctx)
         });

@@ -19,6 +19,15 @@ pub struct GptConfig {
     pub dropout: f64,
     /// Bias in Linear layers and LayerNorms.
     pub bias: bool,
+    /// The output projection is the token embedding (GPT-2's tying). `false` gives the head its
+    /// own `lm_head.weight`; with pipeline stages a tied embedding lives on the first and the
+    /// last stage, kept equal by summing their gradients every step.
+    #[serde(default = "yes")]
+    pub tie_embeddings: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for GptConfig {
@@ -40,6 +49,7 @@ impl GptConfig {
             n_embd,
             dropout: 0.0,
             bias: true,
+            tie_embeddings: true,
         };
         Some(match name {
             // A char-level model that learns visible structure in a few CPU minutes.
@@ -51,6 +61,7 @@ impl GptConfig {
                 n_embd: 128,
                 dropout: 0.0,
                 bias: true,
+                tie_embeddings: true,
             },
             "gpt2-124m" => gpt2(12, 12, 768),
             "gpt2-350m" => gpt2(24, 16, 1024),

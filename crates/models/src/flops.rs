@@ -13,9 +13,12 @@ pub fn matmul_params(cfg: &GptConfig) -> u64 {
     v * c + l * per_block + c + b * c // + ln_f
 }
 
-/// Total parameters including position embeddings (what `Gpt::num_params` returns).
+/// Total parameters including position embeddings (what `Gpt::num_params` returns), and the
+/// token embedding a second time when the output projection is untied (the first copy is a
+/// lookup; `matmul_params` counts the projection).
 pub fn total_params(cfg: &GptConfig) -> u64 {
-    matmul_params(cfg) + (cfg.block_size * cfg.n_embd) as u64
+    let untied = if cfg.tie_embeddings { 0 } else { (cfg.vocab_size * cfg.n_embd) as u64 };
+    matmul_params(cfg) + (cfg.block_size * cfg.n_embd) as u64 + untied
 }
 
 /// Training FLOPs per token, PaLM's convention (Chowdhery et al. 2022, appendix B):

@@ -75,6 +75,8 @@ pub struct Gpt {
     /// [V, C] token embedding: on the first stage, and on the last as the tied output projection
     /// (a copy there when the two are different stages, initialised equal).
     wte: Option<Tensor>,
+    /// [V, C] output projection of an untied model (`lm_head.weight`), on the last stage.
+    lm_head: Option<Tensor>,
     wpe: Option<Tensor>, // [block_size, C], first stage only
     blocks: Vec<Block>,
     ln_f: Option<LayerNorm>,
@@ -122,7 +124,8 @@ impl Gpt {
         let mut ps = Params::default();
         ps.seeded(move |name| tch::manual_seed((splitmix64(seed ^ name_hash(name)) >> 1) as i64));
         let normal = Init::Randn { mean: 0.0, stdev: std };
-        let wte = (spec.embed || spec.head).then(|| ps.var(&tr.sub("wte"), "weight", &[cfg.vocab_size as i64, c], normal));
+        let tied = cfg.tie_embeddings;
+        let wte = (spec.embed || (spec.head && tied)).then(|| ps.var(&tr.sub("wte"), "weight", &[cfg.vocab_size as i64, c], normal));
         let wpe = spec.embed.then(|| ps.var(&tr.sub("wpe"), "weight", &[cfg.block_size as i64, c], normal));
         let h = tr.sub("h");
         let blocks = spec
@@ -146,7 +149,8 @@ impl Gpt {
             })
             .collect();
         let ln_f = spec.head.then(|| LayerNorm::new(&mut ps, &tr.sub("ln_f"), c, cfg.bias));
-        Ok(Gpt { cfg: cfg.clone(), spec: spec.clone(), vs, params: ps.list, wte, wpe, blocks, ln_f })
+        let lm_head = (spec.head && !tied).then(|| ps.var(&root.sub("lm_head"), "weight", &[cfg.vocab_size as i64, c], normal));
+        Ok(Gpt { cfg: cfg.clone(), spec: spec.clone(), vs, params: ps.list, wte, lm_head, wpe, blocks, ln_f })
     }
 
     /// The part of the model this holds.
@@ -157,7 +161,7 @@ impl Gpt {
     /// Whether this holds the tied embedding's second copy (the head of a last stage that is not
     /// also the first): its gradient must be summed with the first stage's every step.
     pub fn holds_tied_copy(&self) -> bool {
-        self.spec.head && !self.spec.embed
+        self.cfg.tie_embeddings && self.spec.head && !self.spec.embed
     }
 
     pub fn config(&self) -> &GptConfig {
@@ -169,7 +173,8 @@ impl Gpt {
     }
 
     /// Parameters in registration order (embeddings first, then block by block) with their
-    /// PyTorch state-dict names. `lm_head.weight` is not listed: it is `transformer.wte.weight`.
+    /// PyTorch state-dict names. With tied embeddings `lm_head.weight` is not listed: it is
+    /// `transformer.wte.weight`.
     pub fn parameters(&self) -> &[(String, Tensor)] {
         &self.params
     }
@@ -209,8 +214,8 @@ impl Gpt {
             x = &x + self.attention(&block.attn, &block.ln_1.forward(&x), train);
             x = &x + self.mlp(&block.mlp, &block.ln_2.forward(&x), train);
         }
-        match (&self.ln_f, &self.wte) {
-            (Some(ln_f), Some(wte)) => ln_f.forward(&x).linear(wte, None::<&Tensor>), // (B, T, V)
+        match (&self.ln_f, self.lm_head.as_ref().or(self.wte.as_ref())) {
+            (Some(ln_f), Some(head)) => ln_f.forward(&x).linear(head, None::<&Tensor>), // (B, T, V)
             _ => x,
         }
     }

@@ -114,7 +114,9 @@ pub fn stage_params(cfg: &GptConfig, spec: &StageSpec) -> u64 {
     }
     if spec.head {
         n += c + b * c;
-        if !spec.embed {
+        // The output projection: the tied embedding's copy on a last stage that is not also the
+        // first, or an untied model's own lm_head.
+        if !spec.embed || !cfg.tie_embeddings {
             n += v * c;
         }
     }

@@ -4,7 +4,7 @@ use fabbrica_models::{Gpt, GptConfig, StageSpec};
 use tch::{Device, Kind, Tensor};
 
 fn cfg() -> GptConfig {
-    GptConfig { vocab_size: 37, block_size: 16, n_layer: 5, n_head: 2, n_embd: 16, dropout: 0.0, bias: true }
+    GptConfig { vocab_size: 37, block_size: 16, n_layer: 5, n_head: 2, n_embd: 16, dropout: 0.0, bias: true, tie_embeddings: true }
 }
 
 #[test]
@@ -51,3 +51,23 @@ fn a_stage_loads_its_own_tensors_from_a_whole_model() {
     assert!(e.contains("transformer.h.4.mlp"), "{e}");
 }
 
+
+#[test]
+fn an_untied_model_has_its_own_head_on_the_last_stage_only() {
+    let c = GptConfig { tie_embeddings: false, ..cfg() };
+    let whole = Gpt::build(&c, Device::Cpu, &StageSpec::whole(5), 9).unwrap();
+    let names: Vec<&str> = whole.parameters().iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&"lm_head.weight") && names.contains(&"transformer.wte.weight"));
+    assert_eq!(whole.num_params() as u64, fabbrica_models::flops::total_params(&c));
+    let stages: Vec<Gpt> = StageSpec::split(&[3, 2]).iter().map(|s| Gpt::build(&c, Device::Cpu, s, 9).unwrap()).collect();
+    let last: Vec<&str> = stages[1].parameters().iter().map(|(n, _)| n.as_str()).collect();
+    assert!(last.contains(&"lm_head.weight") && !last.contains(&"transformer.wte.weight"));
+    assert!(!stages[1].holds_tied_copy());
+    for (s, spec) in stages.iter().zip(StageSpec::split(&[3, 2])) {
+        assert_eq!(s.num_params() as u64, fabbrica_models::stage_params(&c, &spec));
+    }
+    tch::manual_seed(0);
+    let idx = Tensor::randint(37, [2, 16], (Kind::Int64, Device::Cpu));
+    let got = stages.iter().fold(idx.shallow_clone(), |x, s| s.forward_stage(&x, false));
+    assert!((got - whole.forward(&idx, false)).abs().max().double_value(&[]) < 1e-6);
+}

@@ -60,6 +60,49 @@ pub enum Invalid {
     AfterLastStage,
 }
 
+impl Invalid {
+    /// Whether `a` can run at all in a schedule of `stages` stages and `microbatches`
+    /// micro-batches: its stage and micro-batch exist, and a transfer has a stage on the other
+    /// side (`0RECV_F` and `0SEND_B` have none before stage 0; `SEND_F` and `RECV_B` of the last
+    /// stage none after it). The neighbour is never computed, so nothing can overflow.
+    pub fn check(a: Action, stages: usize, microbatches: usize) -> Result<(), Invalid> {
+        if a.stage >= stages {
+            return Err(Invalid::NoSuchStage { stages });
+        }
+        if a.micro >= microbatches {
+            return Err(Invalid::NoSuchMicro { microbatches });
+        }
+        // `stages ≥ 1` here (a.stage < stages), so `stages - 1` is the last stage.
+        let last = stages - 1;
+        match a.op {
+            Op::RecvF | Op::SendB if a.stage == 0 => Err(Invalid::BeforeFirstStage),
+            Op::SendF | Op::RecvB if a.stage == last => Err(Invalid::AfterLastStage),
+            _ => Ok(()),
+        }
+    }
+
+    /// Why `at` cannot run, e.g. `stage 0 is the first stage and sends no input gradient`.
+    pub fn explain(self, at: Action) -> String {
+        match self {
+            Invalid::NoSuchStage { stages } => {
+                format!("stage {} does not exist, the model has {stages} stages", at.stage)
+            }
+            Invalid::NoSuchMicro { microbatches } => format!(
+                "micro-batch {} does not exist, the schedule has {microbatches} micro-batches",
+                at.micro
+            ),
+            Invalid::BeforeFirstStage => {
+                let what = if at.op == Op::RecvF { "receives no forward input" } else { "sends no input gradient" };
+                format!("stage 0 is the first stage and {what}")
+            }
+            Invalid::AfterLastStage => {
+                let what = if at.op == Op::SendF { "sends no forward output" } else { "receives no output gradient" };
+                format!("stage {} is the last stage and {what}", at.stage)
+            }
+        }
+    }
+}
+
 impl fmt::Display for Blocked {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (rank, at) = (self.rank, self.at);
@@ -77,25 +120,7 @@ impl fmt::Display for Blocked {
                 "rank {rank} waits at {at} for {needs}, which rank {other} only reaches after {stuck_at}, where it is stuck"
             ),
             Cause::Invalid(why) => {
-                write!(f, "rank {rank} cannot run {at} (position {}): ", self.index)?;
-                match why {
-                    Invalid::NoSuchStage { stages } => {
-                        write!(f, "stage {} does not exist, the model has {stages} stages", at.stage)
-                    }
-                    Invalid::NoSuchMicro { microbatches } => write!(
-                        f,
-                        "micro-batch {} does not exist, the schedule has {microbatches} micro-batches",
-                        at.micro
-                    ),
-                    Invalid::BeforeFirstStage => {
-                        let what = if at.op == Op::RecvF { "receives no forward input" } else { "sends no input gradient" };
-                        write!(f, "stage 0 is the first stage and {what}")
-                    }
-                    Invalid::AfterLastStage => {
-                        let what = if at.op == Op::SendF { "sends no forward output" } else { "receives no output gradient" };
-                        write!(f, "stage {} is the last stage and {what}", at.stage)
-                    }
-                }
+                write!(f, "rank {rank} cannot run {at} (position {}): {}", self.index, why.explain(at))
             }
         }
     }
@@ -179,6 +204,27 @@ mod tests {
             never.to_string(),
             "rank 1 waits at 1F0 for 0F0, which rank 0 never runs"
         );
+    }
+
+    #[test]
+    fn check_finds_what_cannot_run_at_either_end() {
+        // 4 stages, 2 micro-batches.
+        let check = |text: &str| Invalid::check(a(text), 4, 2);
+        for ok in ["0F0", "3B1", "0SEND_F1", "1RECV_F0", "1SEND_B0", "2RECV_B1", "3RECV_F0", "3SEND_B1", "0RECV_B0"] {
+            assert_eq!(check(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(check("0SEND_B0"), Err(Invalid::BeforeFirstStage));
+        assert_eq!(check("0RECV_F1"), Err(Invalid::BeforeFirstStage));
+        assert_eq!(check("3SEND_F0"), Err(Invalid::AfterLastStage));
+        assert_eq!(check("3RECV_B0"), Err(Invalid::AfterLastStage));
+        assert_eq!(check("4F0"), Err(Invalid::NoSuchStage { stages: 4 }));
+        assert_eq!(check("1F2"), Err(Invalid::NoSuchMicro { microbatches: 2 }));
+        // The largest stage and a schedule of usize::MAX stages: no neighbour arithmetic.
+        let top = Action::new(usize::MAX, Op::SendF, 0);
+        assert_eq!(Invalid::check(top, usize::MAX, 1), Err(Invalid::NoSuchStage { stages: usize::MAX }));
+        let last = Action::new(usize::MAX - 1, Op::RecvB, 0);
+        assert_eq!(Invalid::check(last, usize::MAX, 1), Err(Invalid::AfterLastStage));
+        assert_eq!(Invalid::check(a("0F0"), 0, 1), Err(Invalid::NoSuchStage { stages: 0 }));
     }
 
     #[test]

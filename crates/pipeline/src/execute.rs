@@ -12,7 +12,8 @@
 use std::time::Instant;
 
 use crate::action::{Action, Op};
-use crate::lower::check_transfer_order;
+use crate::deadlock::Invalid;
+use crate::lower::{check_transfer_order, peer};
 use crate::schedule::Schedule;
 use crate::timeline::Entry;
 
@@ -45,6 +46,11 @@ pub enum ExecError<E> {
     /// Two ranks would post their messages to each other in different orders.
     #[error("the schedule cannot run on order-matched point-to-point: {0}")]
     TransferOrder(String),
+    /// An action that cannot run in this schedule at all (a schedule edited by hand): its stage
+    /// or micro-batch does not exist, or it is a transfer past either end of the pipeline
+    /// (`0SEND_B`, `0RECV_F`, or `SEND_F`/`RECV_B` of the last stage), which has no peer.
+    #[error("action {action} at position {index} of rank {rank}'s list cannot run: {}", why.explain(*action))]
+    Invalid { rank: usize, index: usize, action: Action, why: Invalid },
     /// An action names a stage this rank does not hold (a schedule edited by hand).
     #[error("action {action} at position {index} of rank {rank}'s list belongs to rank {owner}")]
     WrongRank { rank: usize, index: usize, action: Action, owner: usize },
@@ -71,27 +77,39 @@ pub fn execute<R: Runner>(schedule: &Schedule, rank: usize, runner: &mut R) -> R
     if schedule.pp > 1 && !schedule.is_lowered() {
         return Err(ExecError::NotLowered);
     }
-    check_transfer_order(schedule).map_err(ExecError::TransferOrder)?;
     let list = &schedule.ranks[rank];
+    // Every action is checked before the first runs; `peers[i]`: the rank on the other side of
+    // transfer i (the neighbour stage's, found without arithmetic that could wrap), or this rank
+    // for a compute action.
+    let stages = schedule.stages();
+    let mut peers = Vec::with_capacity(list.len());
     for (index, &action) in list.iter().enumerate() {
+        let invalid = |why| ExecError::Invalid { rank, index, action, why };
+        Invalid::check(action, stages, schedule.microbatches).map_err(invalid)?;
         let owner = schedule.rank_of_stage(action.stage);
         if owner != rank {
             return Err(ExecError::WrongRank { rank, index, action, owner });
         }
+        peers.push(match peer(action) {
+            Some(other) => schedule.rank_of_stage(other.stage),
+            None if action.op.is_compute() => rank,
+            // Ruled out by `Invalid::check`; kept as an error rather than a wrong peer.
+            None if matches!(action.op, Op::RecvF | Op::SendB) => return Err(invalid(Invalid::BeforeFirstStage)),
+            None => return Err(invalid(Invalid::AfterLastStage)),
+        });
     }
+    check_transfer_order(schedule).map_err(ExecError::TransferOrder)?;
     let t0 = Instant::now();
     let us = |t: Instant| t.duration_since(t0).as_micros() as u64;
     let mut entries = Vec::with_capacity(list.len());
-    for (index, &action) in list.iter().enumerate() {
+    for (index, (&action, &other)) in list.iter().zip(&peers).enumerate() {
         let Action { stage, micro, op } = action;
         let start = Instant::now();
         let r = match op {
             Op::F => runner.forward(stage, micro),
             Op::B => runner.backward(stage, micro),
-            Op::SendF => runner.send(action, schedule.rank_of_stage(stage + 1)),
-            Op::SendB => runner.send(action, schedule.rank_of_stage(stage - 1)),
-            Op::RecvF => runner.recv(action, schedule.rank_of_stage(stage - 1)),
-            Op::RecvB => runner.recv(action, schedule.rank_of_stage(stage + 1)),
+            Op::SendF | Op::SendB => runner.send(action, other),
+            Op::RecvF | Op::RecvB => runner.recv(action, other),
         };
         r.map_err(|source| ExecError::Runner { rank, index, action, source })?;
         entries.push(Entry { start: us(start), end: us(Instant::now()), action });
@@ -188,6 +206,44 @@ mod tests {
         let mut log = Log::default();
         let _ = execute(&edited, 0, &mut log);
         assert!(log.calls.is_empty());
+    }
+
+    #[test]
+    fn transfers_past_either_end_and_unknown_stages_are_refused_before_anything_runs() {
+        // pp = 2, v = 2: stages 0 and 2 on rank 0, 1 and 3 on rank 1.
+        let s = lower(&interleaved_1f1b(2, 2, 2).unwrap());
+        let cases: [(usize, &str, Invalid, &str); 6] = [
+            // Stage 0 sending a gradient to stage -1: `stage - 1` used to wrap to usize::MAX
+            // (peer rank usize::MAX % pp: rank 1 here) in release builds, or panic in debug ones.
+            (0, "0SEND_B0", Invalid::BeforeFirstStage, "stage 0 is the first stage and sends no input gradient"),
+            (0, "0RECV_F1", Invalid::BeforeFirstStage, "stage 0 is the first stage and receives no forward input"),
+            // The last stage sending on to stage 4, which does not exist (it used to go to rank 0).
+            (1, "3SEND_F0", Invalid::AfterLastStage, "stage 3 is the last stage and sends no forward output"),
+            (1, "3RECV_B1", Invalid::AfterLastStage, "stage 3 is the last stage and receives no output gradient"),
+            (0, "4F0", Invalid::NoSuchStage { stages: 4 }, "stage 4 does not exist, the model has 4 stages"),
+            (1, "1B2", Invalid::NoSuchMicro { microbatches: 2 }, "micro-batch 2 does not exist"),
+        ];
+        for (rank, text, why, words) in cases {
+            let action: Action = text.parse().unwrap();
+            let mut edited = s.clone();
+            edited.ranks[rank].push(action);
+            let index = s.ranks[rank].len();
+            let mut log = Log::default();
+            let e = execute(&edited, rank, &mut log).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                matches!(e, ExecError::Invalid { rank: r, index: i, action: a, why: w } if (r, i, a, w) == (rank, index, action, why)),
+                "{text}: {msg}"
+            );
+            assert!(msg.starts_with(&format!("action {text} at position {index} of rank {rank}'s list cannot run: ")), "{msg}");
+            assert!(msg.contains(words), "{msg}");
+            assert!(log.calls.is_empty(), "{text}: ran {:?}", log.calls);
+        }
+        // The largest stage a text can name: no `stage + 1` overflow, just no such stage.
+        let mut edited = s.clone();
+        edited.ranks[1].insert(0, Action::new(usize::MAX, Op::SendF, 0));
+        let e = execute(&edited, 1, &mut Log::default()).unwrap_err();
+        assert!(matches!(e, ExecError::Invalid { why: Invalid::NoSuchStage { stages: 4 }, .. }), "{e}");
     }
 
     #[test]

@@ -110,13 +110,19 @@ pub fn interleaved_1f1b(
 /// `min((pp - r - 1)·2 + (v - 1)·pp, m·v)`. The `(v - 1)·pp` term lets the last rank's first
 /// backward (on the last chunk) find its forward done; each hop toward rank 0 adds two, one for
 /// the forward and one for the gradient still travelling back.
+///
+/// Meant for `r < pp`, `v ≥ 1` and a shape [`Schedule::validate`] accepts; outside that the
+/// arithmetic saturates (a rank past the last warms up like the last) instead of wrapping.
 pub fn interleaved_warmup(
     pp: usize,
     virtual_stages: usize,
     microbatches: usize,
     rank: usize,
 ) -> usize {
-    ((pp - rank - 1) * 2 + (virtual_stages - 1) * pp).min(microbatches * virtual_stages)
+    let hops = pp.saturating_sub(rank).saturating_sub(1);
+    hops.saturating_mul(2)
+        .saturating_add(virtual_stages.saturating_sub(1).saturating_mul(pp))
+        .min(microbatches.saturating_mul(virtual_stages))
 }
 
 /// The k-th forward of rank r (Megatron's `get_model_chunk_id(k, forward=True)`): within each
@@ -210,6 +216,10 @@ mod tests {
         // 6 + 8 = 14 forwards wanted, capped at m·v = 12: every forward is a warm-up one.
         assert_eq!(interleaved_warmup(4, 3, 4, 0), 12);
         assert_eq!(interleaved_warmup(1, 2, 3, 0), 1);
+        // Outside its domain it saturates rather than wraps (or panics in debug builds).
+        assert_eq!(interleaved_warmup(4, 2, 8, 9), 4);
+        assert_eq!(interleaved_warmup(4, 0, 8, 0), 0);
+        assert_eq!(interleaved_warmup(usize::MAX, usize::MAX, usize::MAX, 0), usize::MAX);
     }
 
     #[test]

@@ -10,14 +10,16 @@
 //! # The pipeline of this crate
 //!
 //! 1. **generate** ([`generate`]): compute-only lists from a [`Kind`] and a shape, validated
-//!    first ([`ScheduleError`] names the config key to change): [`gpipe`], [`one_f_one_b`]
-//!    (Megatron's 1F1B) and [`interleaved_1f1b`] (Megatron's interleaved schedule).
+//!    first ([`ScheduleError`] names the config key to change; at most [`MAX_ACTIONS`]
+//!    actions): [`gpipe`], [`one_f_one_b`] (Megatron's 1F1B) and [`interleaved_1f1b`]
+//!    (Megatron's interleaved schedule).
 //! 2. **lower** ([`lower()`]): insert `SEND_F`/`RECV_F`/`SEND_B`/`RECV_B` wherever neighbouring
 //!    stages live on different ranks, each receive right before the compute that needs it.
 //! 3. **simulate** ([`simulate()`]): dry-run every rank under [`Costs`] to get a [`Timeline`]
 //!    (per-rank intervals, makespan, bubble fraction, peak activations in flight), or a
 //!    [`Deadlock`] that names each stuck rank, the action it is stuck at and what it waits
-//!    for. [`to_text`] and [`to_svg`] draw the timeline.
+//!    for (inside a [`SimError`], which also reports a time past `u64::MAX` instead of
+//!    wrapping). [`to_text`] and [`to_svg`] draw the timeline.
 //! 4. **execute** ([`execute()`]): walks one rank's lowered list through a [`Runner`] (forward,
 //!    backward, send, recv over real tensors and a communicator), so what runs is exactly what
 //!    was simulated, and returns the measured [`Trace`].
@@ -56,6 +58,7 @@ pub use lower::{check_transfer_order, lower, peer};
 pub use render::{summary, to_svg, to_text};
 pub use schedule::{
     Kind, Schedule, ScheduleError, KEY_MICROBATCHES, KEY_PP, KEY_SCHEDULE, KEY_VIRTUAL_STAGES,
+    MAX_ACTIONS,
 };
-pub use simulate::simulate;
-pub use timeline::{peak_in_flight, Costs, Entry, Timeline};
+pub use simulate::{simulate, SimError};
+pub use timeline::{peak_in_flight, Costs, Entry, Timeline, MAX_COST};

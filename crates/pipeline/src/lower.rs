@@ -38,9 +38,12 @@ pub fn lower(schedule: &Schedule) -> Schedule {
             let mut out = Vec::with_capacity(list.len() * 3);
             for &a in list.iter().filter(|a| a.op.is_compute()) {
                 let (s, m) = (a.stage, a.micro);
-                let has_prev = s > 0 && remote(r, s - 1);
-                // `s < stages - 1`, not `s + 1 < stages`: a stage parsed from text may be usize::MAX.
-                let has_next = s < stages.saturating_sub(1) && remote(r, s + 1);
+                // Checked: stage 0 has no previous stage, and a stage parsed from text may be
+                // usize::MAX, which has no next one.
+                let has_prev = s.checked_sub(1).is_some_and(|prev| remote(r, prev));
+                let has_next = s
+                    .checked_add(1)
+                    .is_some_and(|next| next < stages && remote(r, next));
                 let (before, after) = match a.op {
                     Op::F => (has_prev.then_some(Op::RecvF), has_next.then_some(Op::SendF)),
                     _ => (has_next.then_some(Op::RecvB), has_prev.then_some(Op::SendB)),
@@ -176,6 +179,24 @@ mod tests {
     fn lowering_is_idempotent() {
         let once = lower(&interleaved_1f1b(4, 2, 8).unwrap());
         assert_eq!(lower(&once), once);
+    }
+
+    #[test]
+    fn lowering_stages_up_to_usize_max_does_not_overflow() {
+        // A stage parsed from text may be usize::MAX: it has no next stage (no SEND_F/RECV_B),
+        // and the neighbour rule applies to the previous one as to any other stage (stages past
+        // the model are the simulator's and the executor's to refuse).
+        let (m1, m) = (usize::MAX - 1, usize::MAX);
+        let mut s = one_f_one_b(2, 1).unwrap();
+        s.ranks[0].extend([Action::b(m1, 0), Action::f(m1, 0)]);
+        s.ranks[1].extend([Action::f(m, 0), Action::b(m, 0)]);
+        assert_eq!(
+            text(&lower(&s)),
+            [
+                format!("0F0 0SEND_F0 0RECV_B0 0B0 {m1}B0 {m1}SEND_B0 {m1}RECV_F0 {m1}F0"),
+                format!("1RECV_F0 1F0 1B0 1SEND_B0 {m}RECV_F0 {m}F0 {m}B0 {m}SEND_B0"),
+            ]
+        );
     }
 
     #[test]

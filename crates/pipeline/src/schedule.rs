@@ -23,6 +23,14 @@ pub const KEY_VIRTUAL_STAGES: &str = "--virtual-stages";
 /// The schedule kind.
 pub const KEY_SCHEDULE: &str = "--schedule";
 
+/// The most actions a compute-only schedule may hold: `2·pp·v·m` (one `F` and one `B` per
+/// stage and micro-batch), at most `1 << 23`, i.e. at most `1 << 22` (stage, micro-batch) pairs,
+/// the bound the trainer's config puts on `pp × virtual_stages × grad_accum` too.
+/// [`Schedule::validate`] refuses larger shapes ([`ScheduleError::TooManyActions`]) before
+/// anything is allocated; the lowered schedule holds at most 3 times as many (a receive before
+/// and a send after each compute action).
+pub const MAX_ACTIONS: usize = 1 << 23;
+
 /// Which generator produced a schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -101,11 +109,46 @@ pub enum ScheduleError {
     )]
     MicrobatchesNotMultiple { m: usize, pp: usize },
 
+    /// `2·pp·v·m` actions would exceed [`MAX_ACTIONS`].
+    #[error("{}", too_many_actions(*kind, *pp, *v, *m))]
+    TooManyActions { kind: Kind, pp: usize, v: usize, m: usize },
+
     /// Not one of `gpipe`, `1f1b`, `interleaved`.
     #[error(
         "{KEY_SCHEDULE} {text:?} is not a schedule: use gpipe, 1f1b or interleaved"
     )]
     UnknownKind { text: String },
+}
+
+/// The message of [`ScheduleError::TooManyActions`]: the three settings, the bound, and the one
+/// setting to lower (the micro-batches when that alone can fit, else the chunks, else the ranks)
+/// with the largest value that fits given the other two.
+fn too_many_actions(kind: Kind, pp: usize, v: usize, m: usize) -> String {
+    let max = MAX_ACTIONS as u128;
+    // The largest value of one factor that fits with the other two (0 when none does).
+    let fit = |a: usize, b: usize| {
+        (2 * a as u128)
+            .checked_mul(b as u128)
+            .map_or(0, |den| max / den)
+    };
+    let interleaved = kind == Kind::Interleaved1F1B;
+    // Interleaved needs m to be a multiple of pp.
+    let m_fit = if interleaved { fit(pp, v) / pp as u128 * pp as u128 } else { fit(pp, v) };
+    let v_fit = fit(pp, m);
+    let fix = if m_fit >= 1 {
+        format!("set {KEY_MICROBATCHES} to at most {m_fit}")
+    } else if interleaved && v_fit >= 2 {
+        format!("set {KEY_VIRTUAL_STAGES} to at most {v_fit}")
+    } else if fit(v, m) >= 1 {
+        format!("set {KEY_PP} to at most {}", fit(v, m))
+    } else {
+        format!("set smaller {KEY_PP}, {KEY_VIRTUAL_STAGES} and {KEY_MICROBATCHES}")
+    };
+    format!(
+        "{KEY_PP} {pp} with {KEY_VIRTUAL_STAGES} {v} and {KEY_MICROBATCHES} {m} is more than \
+         {MAX_ACTIONS} actions (2·pp·v·m, a forward and a backward per stage and micro-batch), \
+         the most a schedule may hold: {fix}"
+    )
 }
 
 /// "4 or 8" for (6, 4); "4" for (2, 4): the nearest non-zero multiples of `pp` around `m`.
@@ -158,8 +201,9 @@ impl Schedule {
     /// Checks a shape without generating anything (e.g. to validate a config up front).
     ///
     /// Rules: `pp ≥ 1`, `microbatches ≥ 1`, `v ≥ 1`; `v == 1` for gpipe and 1f1b; `v ≥ 2` and
-    /// `microbatches % pp == 0` for interleaved (Megatron's rule). `microbatches < pp` is
-    /// allowed for gpipe and 1f1b: the pipeline never fills, which is slow but correct.
+    /// `microbatches % pp == 0` for interleaved (Megatron's rule); at most [`MAX_ACTIONS`]
+    /// actions, `2·pp·v·m` (computed without overflow). `microbatches < pp` is allowed for gpipe
+    /// and 1f1b: the pipeline never fills, which is slow but correct.
     pub fn validate(
         kind: Kind,
         pp: usize,
@@ -177,29 +221,43 @@ impl Schedule {
         }
         match kind {
             Kind::GPipe | Kind::OneFOneB if virtual_stages != 1 => {
-                Err(ScheduleError::VirtualStagesNeedInterleaved {
+                return Err(ScheduleError::VirtualStagesNeedInterleaved {
                     kind,
                     v: virtual_stages,
                 })
             }
             Kind::Interleaved1F1B if virtual_stages < 2 => {
-                Err(ScheduleError::InterleavedNeedsChunks { v: virtual_stages })
+                return Err(ScheduleError::InterleavedNeedsChunks { v: virtual_stages })
             }
-            // `%` rather than `is_multiple_of`: the workspace MSRV is 1.85.
-            #[allow(clippy::manual_is_multiple_of)]
-            Kind::Interleaved1F1B if microbatches % pp != 0 => {
-                Err(ScheduleError::MicrobatchesNotMultiple {
-                    m: microbatches,
-                    pp,
-                })
-            }
-            _ => Ok(()),
+            _ => {}
         }
+        // In u128, where three usize factors times 2 cannot wrap to a small number unnoticed.
+        let actions = [pp, virtual_stages, microbatches]
+            .into_iter()
+            .try_fold(2u128, |n, x| n.checked_mul(x as u128));
+        if actions.is_none_or(|n| n > MAX_ACTIONS as u128) {
+            return Err(ScheduleError::TooManyActions {
+                kind,
+                pp,
+                v: virtual_stages,
+                m: microbatches,
+            });
+        }
+        // `%` rather than `is_multiple_of`: the workspace MSRV is 1.85.
+        #[allow(clippy::manual_is_multiple_of)]
+        if kind == Kind::Interleaved1F1B && microbatches % pp != 0 {
+            return Err(ScheduleError::MicrobatchesNotMultiple {
+                m: microbatches,
+                pp,
+            });
+        }
+        Ok(())
     }
 
-    /// Number of virtual stages, `pp·v`.
+    /// Number of virtual stages, `pp·v` (saturating at `usize::MAX` for a hand-built schedule
+    /// whose product does not fit; a validated shape is far below that).
     pub fn stages(&self) -> usize {
-        self.pp * self.virtual_stages
+        self.pp.saturating_mul(self.virtual_stages)
     }
 
     /// The rank that holds virtual stage `stage` (loop placement: `stage % pp`; 0 for a
@@ -412,6 +470,59 @@ mod tests {
         // "use 4" alone, not "use 0 or 4".
         let msg = ScheduleError::MicrobatchesNotMultiple { m: 2, pp: 4 }.to_string();
         assert!(msg.ends_with("use 4"), "{msg}");
+    }
+
+    #[test]
+    fn shapes_beyond_max_actions_are_refused_naming_what_to_lower() {
+        use ScheduleError as E;
+        let half = MAX_ACTIONS / 2; // pp·v·m at the bound
+        // At the bound: valid (nothing is generated by validate).
+        assert_eq!(Schedule::validate(Kind::OneFOneB, 1, 1, half), Ok(()));
+        assert_eq!(Schedule::validate(Kind::GPipe, 8, 1, half / 8), Ok(()));
+        assert_eq!(Schedule::validate(Kind::Interleaved1F1B, 4, 2, half / 8), Ok(()));
+        // (kind, pp, v, m, fragments of the message)
+        let max = usize::MAX;
+        let cases: [(Kind, usize, usize, usize, &[&str]); 8] = [
+            (Kind::OneFOneB, 1, 1, half + 1, &["set --microbatches to at most 4194304"]),
+            (Kind::OneFOneB, 4, 1, max, &["--microbatches 18446744073709551615", "set --microbatches to at most 1048576"]),
+            (Kind::GPipe, max, 1, 8, &["--pp 18446744073709551615", "set --pp to at most 524288"]),
+            (Kind::OneFOneB, max, 1, max, &["set smaller --pp, --virtual-stages and --microbatches"]),
+            // Interleaved: the micro-batches offered are a multiple of pp.
+            (Kind::Interleaved1F1B, 3, 2, 3 << 22, &["set --microbatches to at most 699048"]),
+            (Kind::Interleaved1F1B, 2, max, 2, &["--virtual-stages 18446744073709551615", "set --virtual-stages to at most 1048576"]),
+            (Kind::Interleaved1F1B, max, 2, max, &["set smaller"]),
+            // pp·v·m wraps to 0 in 64 bits: 2^32 · 2 · 2^31.
+            (Kind::Interleaved1F1B, 1 << 32, 2, 1 << 31, &["--pp 4294967296", "more than 8388608 actions"]),
+        ];
+        for (kind, pp, v, m, fragments) in cases {
+            let want = E::TooManyActions { kind, pp, v, m };
+            assert_eq!(Schedule::validate(kind, pp, v, m), Err(want.clone()), "{kind} pp={pp} v={v} m={m}");
+            assert_eq!(Schedule::new(kind, pp, v, m), Err(want.clone()), "{kind} pp={pp} v={v} m={m}");
+            let msg = want.to_string();
+            assert!(!msg.contains('\n'), "{msg}");
+            for frag in fragments {
+                assert!(msg.contains(frag), "{msg:?} lacks {frag:?}");
+            }
+        }
+        // The generators check it too (they used to allocate, or overflow, first).
+        assert!(matches!(crate::generate::gpipe(2, max), Err(E::TooManyActions { .. })));
+        assert!(matches!(crate::generate::one_f_one_b(2, max), Err(E::TooManyActions { .. })));
+        assert!(matches!(crate::generate::interleaved_1f1b(2, 2, max - 1), Err(E::TooManyActions { .. })));
+        // The suggestion fits: 699048 = 3 · 233016 and 2·3·2·699048 ≤ MAX_ACTIONS.
+        assert_eq!(Schedule::validate(Kind::Interleaved1F1B, 3, 2, 699048), Ok(()));
+        assert!(Schedule::validate(Kind::Interleaved1F1B, 3, 2, 699048 + 3).is_err());
+        // The shape errors that name the kind's own rules come first.
+        assert_eq!(
+            Schedule::validate(Kind::OneFOneB, 2, 3, max),
+            Err(E::VirtualStagesNeedInterleaved { kind: Kind::OneFOneB, v: 3 })
+        );
+    }
+
+    #[test]
+    fn stages_saturates_for_hand_built_schedules() {
+        let mut s = Schedule::new(Kind::GPipe, 2, 1, 1).unwrap();
+        s.virtual_stages = usize::MAX;
+        assert_eq!(s.stages(), usize::MAX);
     }
 
     #[test]

@@ -28,6 +28,10 @@
 //! When every rank with actions left is stuck, the result is a [`Deadlock`] naming each stuck
 //! rank's action and what it waits for. The order of processing ranks does not change any
 //! time: each start time is the maximum of its rank's clock and its inputs' ready times.
+//!
+//! Times are checked: an action whose end would pass `u64::MAX` stops the run with
+//! [`SimError::TimeOverflow`] rather than wrapping (costs within [`crate::MAX_COST`] on a
+//! validated shape never get near it).
 
 use std::collections::HashMap;
 
@@ -35,10 +39,34 @@ use crate::action::{Action, Op};
 use crate::deadlock::{Blocked, Cause, Deadlock, Invalid};
 use crate::lower::peer;
 use crate::schedule::Schedule;
-use crate::timeline::{Costs, Entry, Timeline};
+use crate::timeline::{Costs, Entry, Timeline, MAX_COST};
+
+/// Why a dry run produced no timeline.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum SimError {
+    /// Every rank with actions left is stuck.
+    #[error(transparent)]
+    Deadlock(#[from] Deadlock),
+    /// The end of `action` would pass `u64::MAX` time units.
+    #[error(
+        "the simulated time overflows: {action} (position {index} of rank {rank}'s list) would end past {} time units; use costs of at most {MAX_COST} each",
+        u64::MAX
+    )]
+    TimeOverflow { rank: usize, index: usize, action: Action },
+}
+
+impl SimError {
+    /// The deadlock, when that is why.
+    pub fn deadlock(&self) -> Option<&Deadlock> {
+        match self {
+            SimError::Deadlock(d) => Some(d),
+            SimError::TimeOverflow { .. } => None,
+        }
+    }
+}
 
 /// Dry-runs every rank of `schedule` under `costs`; see the module docs for the semantics.
-pub fn simulate(schedule: &Schedule, costs: Costs) -> Result<Timeline, Deadlock> {
+pub fn simulate(schedule: &Schedule, costs: Costs) -> Result<Timeline, SimError> {
     let mut sim = Sim::new(schedule, costs);
     loop {
         let mut progressed = false;
@@ -46,6 +74,11 @@ pub fn simulate(schedule: &Schedule, costs: Costs) -> Result<Timeline, Deadlock>
             while sim.cursor[r] < schedule.ranks[r].len() {
                 match sim.step(r) {
                     Ok(()) => progressed = true,
+                    Err(Wait::Overflow) => {
+                        let index = sim.cursor[r];
+                        let action = schedule.ranks[r][index];
+                        return Err(SimError::TimeOverflow { rank: r, index, action });
+                    }
                     Err(_) => break,
                 }
             }
@@ -54,7 +87,7 @@ pub fn simulate(schedule: &Schedule, costs: Costs) -> Result<Timeline, Deadlock>
             return Ok(sim.into_timeline());
         }
         if !progressed {
-            return Err(sim.diagnose());
+            return Err(sim.diagnose().into());
         }
     }
 }
@@ -65,6 +98,13 @@ enum Wait {
     For(Action),
     /// The action can never run.
     Invalid(Invalid),
+    /// The action's end does not fit in a `u64`.
+    Overflow,
+}
+
+/// `a + b`, or [`Wait::Overflow`].
+fn add(a: u64, b: u64) -> Result<u64, Wait> {
+    a.checked_add(b).ok_or(Wait::Overflow)
 }
 
 struct Done {
@@ -146,23 +186,23 @@ impl<'a> Sim<'a> {
         } = action;
         let (start, end) = match op {
             Op::F => {
-                let ready = if s == 0 {
-                    0
-                } else {
-                    self.input(r, Action::f(s - 1, m), Op::RecvF, s)?
+                // Stage 0 reads the data loader: no input to wait for.
+                let ready = match s.checked_sub(1) {
+                    None => 0,
+                    Some(prev) => self.input(r, Action::f(prev, m), Op::RecvF, s)?,
                 };
                 let start = clock.max(ready);
-                (start, start + self.costs.f)
+                (start, add(start, self.costs.f)?)
             }
             Op::B => {
                 let own = self.end_of(Action::f(s, m))?;
-                let grad = if s + 1 == self.stages {
-                    0
-                } else {
-                    self.input(r, Action::b(s + 1, m), Op::RecvB, s)?
+                // The last stage's gradient comes from its own loss.
+                let grad = match s.checked_add(1).filter(|&next| next < self.stages) {
+                    None => 0,
+                    Some(next) => self.input(r, Action::b(next, m), Op::RecvB, s)?,
                 };
                 let start = clock.max(own).max(grad);
-                (start, start + self.costs.b)
+                (start, add(start, self.costs.b)?)
             }
             Op::SendF | Op::SendB => {
                 let produced = Action::new(s, if op == Op::SendF { Op::F } else { Op::B }, m);
@@ -171,9 +211,10 @@ impl<'a> Sim<'a> {
             }
             Op::RecvF | Op::RecvB => {
                 // `check` has ruled out receives at the ends of the pipeline, which have no peer.
-                let send = peer(action).ok_or(Wait::Invalid(Invalid::BeforeFirstStage))?;
+                let end = if op == Op::RecvF { Invalid::BeforeFirstStage } else { Invalid::AfterLastStage };
+                let send = peer(action).ok_or(Wait::Invalid(end))?;
                 let posted = self.end_of(send)?;
-                (clock, clock.max(posted) + self.costs.comm)
+                (clock, add(clock.max(posted), self.costs.comm)?)
             }
         };
         Ok(Entry { start, end, action })
@@ -190,7 +231,7 @@ impl<'a> Sim<'a> {
             return self.end_of(Action::new(stage, recv, producer.micro));
         }
         let done = self.done.get(&producer).ok_or(Wait::For(producer))?;
-        Ok(done.end + if done.rank == r { 0 } else { self.costs.comm })
+        add(done.end, if done.rank == r { 0 } else { self.costs.comm })
     }
 
     fn end_of(&self, needs: Action) -> Result<u64, Wait> {
@@ -199,21 +240,7 @@ impl<'a> Sim<'a> {
 
     /// Rejects actions that name a stage, micro-batch or neighbour the schedule lacks.
     fn check(&self, a: Action) -> Result<(), Invalid> {
-        if a.stage >= self.stages {
-            return Err(Invalid::NoSuchStage {
-                stages: self.stages,
-            });
-        }
-        if a.micro >= self.schedule.microbatches {
-            return Err(Invalid::NoSuchMicro {
-                microbatches: self.schedule.microbatches,
-            });
-        }
-        match a.op {
-            Op::RecvF | Op::SendB if a.stage == 0 => Err(Invalid::BeforeFirstStage),
-            Op::SendF | Op::RecvB if a.stage + 1 == self.stages => Err(Invalid::AfterLastStage),
-            _ => Ok(()),
-        }
+        Invalid::check(a, self.stages, self.schedule.microbatches)
     }
 
     /// Called when no rank can move: explains every stuck rank.
@@ -227,8 +254,9 @@ impl<'a> Sim<'a> {
                 let cause = match self.next(r) {
                     Err(Wait::Invalid(why)) => Cause::Invalid(why),
                     Err(Wait::For(needs)) => self.explain(needs),
-                    // Not reached: `simulate` diagnoses only when no rank can step.
-                    Ok(_) => Cause::NotReached {
+                    // Not reached: `simulate` diagnoses only when no rank can step, and stops at
+                    // the first overflow.
+                    Ok(_) | Err(Wait::Overflow) => Cause::NotReached {
                         needs: at,
                         rank: r,
                         stuck_at: at,
@@ -303,6 +331,42 @@ mod tests {
         b: 2,
         comm: 1,
     };
+
+    fn deadlock(s: &Schedule) -> Deadlock {
+        match simulate(s, COSTS) {
+            Err(SimError::Deadlock(d)) => d,
+            other => panic!("not a deadlock: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn times_past_u64_max_are_an_error_not_a_wrap() {
+        let overflow = |s: &Schedule, costs: Costs| match simulate(s, costs) {
+            Err(SimError::TimeOverflow { rank, index, action }) => (rank, index, action.to_string()),
+            other => panic!("not an overflow: {other:?}"),
+        };
+        let lowered = lower(&one_f_one_b(2, 2).unwrap());
+        // Two forwards fit (end u64::MAX - 1 on both ranks); rank 1's first backward does not.
+        let half = u64::MAX / 2;
+        let big_b = Costs { f: half, b: 2, comm: 0 };
+        assert_eq!(overflow(&lowered, big_b), (1, 2, "1B0".into()));
+        // A transfer that ends past u64::MAX, lowered (a receive) and compute-only (the input).
+        let big_comm = Costs { f: 1, b: 1, comm: u64::MAX };
+        assert_eq!(overflow(&lowered, big_comm), (1, 0, "1RECV_F0".into()));
+        assert_eq!(overflow(&one_f_one_b(2, 2).unwrap(), big_comm), (1, 0, "1F0".into()));
+        let msg = simulate(&lowered, big_b).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "the simulated time overflows: 1B0 (position 2 of rank 1's list) would end past \
+             18446744073709551615 time units; use costs of at most 1000000000 each"
+        );
+        // The largest costs front ends accept, on the largest shape they accept, stay far from
+        // it: at most 2^24 additions of MAX_COST on any path through the schedule.
+        assert!((crate::MAX_ACTIONS as u64 * 2).checked_mul(MAX_COST).is_some_and(|t| t < u64::MAX / 1000));
+        // Near the edge but not past it: exact.
+        let t = simulate(&lower(&gpipe(1, 1).unwrap()), Costs { f: u64::MAX - 1, b: 1, comm: 0 }).unwrap();
+        assert_eq!(t.makespan, u64::MAX);
+    }
 
     #[test]
     fn lowered_one_f_one_b_by_hand() {
@@ -394,7 +458,7 @@ mod tests {
         let mut s = lower(&one_f_one_b(2, 1).unwrap());
         assert_eq!(s.ranks[0], list("0F0 0SEND_F0 0RECV_B0 0B0"));
         s.ranks[0] = list("0RECV_B0 0F0 0SEND_F0 0B0");
-        let err = simulate(&s, COSTS).unwrap_err();
+        let err = deadlock(&s);
         assert_eq!(
             err.blocked,
             [
@@ -439,7 +503,7 @@ mod tests {
     fn dropped_send_is_never_posted() {
         let mut s = lower(&one_f_one_b(2, 2).unwrap());
         s.ranks[0].retain(|&x| x != a("0SEND_F0"));
-        let err = simulate(&s, COSTS).unwrap_err();
+        let err = deadlock(&s);
         assert_eq!(
             err.to_string(),
             "the pipeline schedule deadlocks: \
@@ -452,7 +516,7 @@ mod tests {
     fn dropped_recv_blocks_the_compute_that_needs_it() {
         let mut s = lower(&gpipe(2, 1).unwrap());
         s.ranks[1].retain(|&x| x != a("1RECV_F0"));
-        let err = simulate(&s, COSTS).unwrap_err();
+        let err = deadlock(&s);
         assert_eq!(err.blocked.len(), 2);
         assert_eq!(
             err.blocked[1].to_string(),
@@ -464,7 +528,7 @@ mod tests {
     fn compute_only_cycle_names_own_list() {
         let mut s = gpipe(2, 1).unwrap();
         s.ranks[0] = list("0B0 0F0");
-        let err = simulate(&s, COSTS).unwrap_err();
+        let err = deadlock(&s);
         let msg = err.to_string();
         assert!(
             msg.contains("rank 0 waits at 0B0 for 0F0, which comes later in rank 0's own list"),
@@ -477,7 +541,7 @@ mod tests {
     fn send_before_its_compute_is_stuck_on_itself() {
         let mut s = lower(&gpipe(2, 1).unwrap());
         s.ranks[0] = list("0SEND_F0 0F0 0RECV_B0 0B0");
-        let err = simulate(&s, COSTS).unwrap_err();
+        let err = deadlock(&s);
         assert!(err
             .to_string()
             .contains("rank 0 waits at 0SEND_F0 for 0F0, which comes later in rank 0's own list"));
@@ -491,11 +555,12 @@ mod tests {
             ("0RECV_F0 0F0", Invalid::BeforeFirstStage),
             ("0F0 0SEND_B0", Invalid::BeforeFirstStage),
             ("0F0 1SEND_F0", Invalid::AfterLastStage),
+            ("0F0 1RECV_B0", Invalid::AfterLastStage),
         ];
         for (text, why) in cases {
             let mut s = gpipe(2, 1).unwrap();
             s.ranks = vec![list(text), vec![]];
-            let err = simulate(&s, COSTS).unwrap_err();
+            let err = deadlock(&s);
             let index = usize::from(text.starts_with("0F0"));
             assert_eq!(err.blocked.len(), 1, "{text}");
             assert_eq!(

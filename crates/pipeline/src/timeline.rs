@@ -5,7 +5,16 @@ use std::collections::HashSet;
 use crate::action::{Action, Op};
 use crate::schedule::{Kind, Schedule};
 
+/// The largest cost of one action that front ends (`fabbrica schedule --costs`) accept: 10^9
+/// time units. With at most [`crate::MAX_ACTIONS`] compute actions (and a receive per compute
+/// action when lowered), no simulated time of a validated shape comes near `u64::MAX` (bounded
+/// by 2^24 · 10^9 < 2^54), so every figure of the timeline is exact; [`crate::simulate()`] also
+/// checks every addition and reports a time past `u64::MAX` as an error instead of wrapping.
+pub const MAX_COST: u64 = 1_000_000_000;
+
 /// Duration of each kind of action, in time units, for one virtual stage.
+///
+/// Any `u64` is accepted by the simulator; [`MAX_COST`] is the documented range for inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Costs {
     /// One stage's forward of one micro-batch.
@@ -77,18 +86,18 @@ impl Timeline {
         timeline
     }
 
-    /// Time rank r spends in `F` and `B`.
+    /// Time rank r spends in `F` and `B`. (Saturating, for entries built by hand: a simulated
+    /// rank runs one action at a time, so its busy time is at most the makespan.)
     pub fn busy(&self, rank: usize) -> u64 {
         self.ranks[rank]
             .iter()
             .filter(|e| e.action.op.is_compute())
-            .map(|e| e.end - e.start)
-            .sum()
+            .fold(0u64, |sum, e| sum.saturating_add(e.end.saturating_sub(e.start)))
     }
 
     /// Time rank r spends not computing within `[0, makespan)`; `bubble[r] = idle / makespan`.
     pub fn idle(&self, rank: usize) -> u64 {
-        self.makespan - self.busy(rank)
+        self.makespan.saturating_sub(self.busy(rank))
     }
 }
 

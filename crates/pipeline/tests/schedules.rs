@@ -393,7 +393,7 @@ fn breaking_any_lowered_schedule_is_a_named_deadlock() {
             .position(|a| a.op == Op::SendF)
             .unwrap();
         assert_eq!(dropped.ranks[0].remove(first_send).to_string(), "0SEND_F0");
-        let err = simulate(&dropped, F1B2).unwrap_err();
+        let err = simulate(&dropped, F1B2).unwrap_err().deadlock().cloned().expect("a deadlock");
         let rank1 = err
             .blocked
             .iter()
@@ -420,7 +420,7 @@ fn breaking_any_lowered_schedule_is_a_named_deadlock() {
             .unwrap();
         let moved = cycle.ranks[0].remove(recv);
         cycle.ranks[0].insert(0, moved);
-        let err = simulate(&cycle, F1B2).unwrap_err();
+        let err = simulate(&cycle, F1B2).unwrap_err().deadlock().cloned().expect("a deadlock");
         let rank0 = &err.blocked[0];
         assert_eq!(
             (rank0.rank, rank0.index, rank0.at),

@@ -56,7 +56,7 @@ impl Grads {
         let mut ddps = Vec::with_capacity(parts.len());
         for model in parts {
             let mut params = model.parameter_handles();
-            if pipelined {
+            if pipelined && model.config().tie_embeddings {
                 if let Some(i) = params.iter().position(|(n, _)| n == TIED) {
                     let (_, p) = params.remove(i);
                     let comm = grid.embedding.clone().ok_or_else(|| TrainError::Parallel(format!("rank {} holds the tied embedding but is in no embedding group", grid.rank)))?;

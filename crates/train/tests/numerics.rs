@@ -34,7 +34,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 fn check(bias: bool, fused: bool) {
     let r = reference(bias);
-    let cfg = GptConfig { vocab_size: 65, block_size: 16, n_layer: 2, n_head: 2, n_embd: 32, dropout: 0.0, bias };
+    let cfg = GptConfig { vocab_size: 65, block_size: 16, n_layer: 2, n_head: 2, n_embd: 32, dropout: 0.0, bias, tie_embeddings: true };
     let model = Gpt::new(&cfg, Device::Cpu).unwrap();
     let names: Vec<String> = model.parameters().iter().map(|(n, _)| n.clone()).collect();
     let weights: Vec<(String, Tensor)> = names.iter().map(|n| (n.clone(), r[n].shallow_clone())).collect();

@@ -2,6 +2,8 @@
 //! start it with `mpirun -np N`. Scenarios:
 //! - `ops [cpu|cuda]`: every operation against a locally computed reference (dtypes, odd sizes,
 //!   in-place and out-of-place, non-contiguous, async ordering, point-to-point, sub-groups);
+//! - `avg`: `ReduceOp::Avg` into plain tensors and into parameters, blocking and asynchronous,
+//!   all_reduce and reduce_scatter, against the exact average;
 //! - `watchdog`: the last rank skips a collective; the watchdog must end the job;
 //! - `watchdog-p2p`: rank 0 waits for a message that rank 1 never sends;
 //! - `mismatch-size` / `mismatch-op`: ranks disagree (run with FABBRICA_COMM_DEBUG=1);
@@ -214,6 +216,44 @@ fn ops(comm: &Arc<fabbrica_comm::Group>, dev: Device) {
     }
 }
 
+/// `ReduceOp::Avg` into plain tensors and into parameters (leaves that require grad), blocking
+/// and asynchronous, all_reduce and reduce_scatter: exactly the average (tests/mpirun.rs).
+fn avg(comm: &fabbrica_comm::Group, rank: usize) {
+    let n = comm.size();
+    // Rank r holds (r + 1)·(i + 1): the average (n + 1)/2·(i + 1) is exact in f32.
+    let mine = |len: i64| Tensor::arange(len, (Kind::Float, Device::Cpu)).g_add_scalar(1.0) * (rank as f64 + 1.0);
+    let avg = |len: i64| Tensor::arange(len, (Kind::Float, Device::Cpu)).g_add_scalar(1.0) * ((n as f64 + 1.0) / 2.0);
+    let check = |got: &Tensor, want: &Tensor, what: &str| {
+        let diff = (got.detach() - want).abs().max().double_value(&[]);
+        assert!(diff == 0.0, "{what} on rank {rank} of {n}: max abs difference {diff} from the average ({got:?})");
+    };
+
+    let plain = mine(5);
+    comm.all_reduce(&plain, ReduceOp::Avg).unwrap();
+    check(&plain, &avg(5), "all_reduce avg");
+    let param = mine(5).set_requires_grad(true);
+    comm.all_reduce(&param, ReduceOp::Avg).unwrap();
+    check(&param, &avg(5), "all_reduce avg into a parameter");
+    assert!(param.requires_grad());
+    // Asynchronous: the division runs on the communicator's worker thread.
+    let params: Vec<Tensor> = (0..4).map(|_| mine(7).set_requires_grad(true)).collect();
+    let works: Vec<_> = params.iter().map(|p| comm.all_reduce_async(p, ReduceOp::Avg).unwrap()).collect();
+    for (w, p) in works.into_iter().zip(&params) {
+        w.wait().unwrap();
+        check(p, &avg(7), "all_reduce_async avg into a parameter");
+    }
+
+    // reduce_scatter: rank r gets chunk r of the average.
+    let len = 3;
+    let want = avg(n as i64 * len).narrow(0, rank as i64 * len, len);
+    let out = Tensor::zeros([len], (Kind::Float, Device::Cpu));
+    comm.reduce_scatter(&out, &mine(n as i64 * len), ReduceOp::Avg).unwrap();
+    check(&out, &want, "reduce_scatter avg");
+    let out = Tensor::zeros([len], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    comm.reduce_scatter(&out, &mine(n as i64 * len), ReduceOp::Avg).unwrap();
+    check(&out, &want, "reduce_scatter avg into a parameter");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = args.get(1).map(String::as_str).unwrap_or("ops");
@@ -246,6 +286,7 @@ fn main() {
         }
     }
     match scenario {
+        "avg" => avg(&comm, rank),
         "ops" => {
             let dev = if dev_arg.starts_with("cuda") {
                 Device::Cuda(fabbrica_comm::cuda_device_for(world.launch().local_rank, tch::Cuda::device_count() as usize).unwrap_or(0))
