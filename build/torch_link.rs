@@ -8,8 +8,7 @@
 
 pub fn emit() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
-        .expect("torch-sys did not export DEP_TCH_LIBTORCH_LIB: add torch-sys as a dependency");
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not export DEP_TCH_LIBTORCH_LIB: add torch-sys as a dependency");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,-ltorch,--as-needed");

@@ -84,10 +84,8 @@ impl Rng {
 
     /// An "interesting" float text (TOML/JSON spellings included).
     pub fn interesting_float(&mut self) -> String {
-        const EDGES: [&str; 16] = [
-            "0.0", "-0.0", "1e30", "1e308", "1e309", "-1e30", "5e-324", "1e-9", "0.5", "1.0", "0.999999", "inf", "-inf", "nan",
-            "604800.0", "0.001",
-        ];
+        const EDGES: [&str; 16] =
+            ["0.0", "-0.0", "1e30", "1e308", "1e309", "-1e30", "5e-324", "1e-9", "0.5", "1.0", "0.999999", "inf", "-inf", "nan", "604800.0", "0.001"];
         if self.chance(60) {
             self.pick(&EDGES).to_string()
         } else {
@@ -98,8 +96,38 @@ impl Rng {
 
 /// Text fragments that tend to break parsers.
 pub const TEXT_TOKENS: [&str; 32] = [
-    "\n", "\r\n", "\"", "'", "=", "[", "]", "{", "}", ",", ".", ":", "#", "\\", "\\u0000", "\\n", "\0", "\u{7f}", "é", "\u{2028}",
-    "\u{fffd}", "true", "false", "null", "-", "+", "e", "0", "9999999999999999999999", "-1", " ", "\t",
+    "\n",
+    "\r\n",
+    "\"",
+    "'",
+    "=",
+    "[",
+    "]",
+    "{",
+    "}",
+    ",",
+    ".",
+    ":",
+    "#",
+    "\\",
+    "\\u0000",
+    "\\n",
+    "\0",
+    "\u{7f}",
+    "é",
+    "\u{2028}",
+    "\u{fffd}",
+    "true",
+    "false",
+    "null",
+    "-",
+    "+",
+    "e",
+    "0",
+    "9999999999999999999999",
+    "-1",
+    " ",
+    "\t",
 ];
 
 /// Mutates `data` in place with 1..=4 random edits: bit flips, byte sets, inserts, deletes,
@@ -204,7 +232,18 @@ impl Fuzz {
         };
         // Seed mixed with the target name: the targets of one run draw different streams.
         let salt = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-        Fuzz { name: name.into(), seed, rng: Rng::new(seed ^ salt), iters: 0, replayed: 0, max_iters, deadline, failures: Vec::new(), out, case: None }
+        Fuzz {
+            name: name.into(),
+            seed,
+            rng: Rng::new(seed ^ salt),
+            iters: 0,
+            replayed: 0,
+            max_iters,
+            deadline,
+            failures: Vec::new(),
+            out,
+            case: None,
+        }
     }
 
     /// Whether to run another mutation.

@@ -1,7 +1,7 @@
-#[path = "../../build/torch_link.rs"]
-mod torch_link;
 #[path = "../../build/torch_cxx.rs"]
 mod torch_cxx;
+#[path = "../../build/torch_link.rs"]
+mod torch_link;
 
 fn main() {
     torch_link::emit();

@@ -42,8 +42,7 @@ pub fn run(a: DdpArgs) -> Result<(), Failure> {
         print(&r, &cfg);
         if let Some(path) = &a.json {
             let text = serde_json::to_string_pretty(&r).expect("serializes");
-            crate::files::write_bytes(path, text.as_bytes())
-                .map_err(|e| user(format!("cannot write --json {}: {e}", path.display())))?;
+            crate::files::write_bytes(path, text.as_bytes()).map_err(|e| user(format!("cannot write --json {}: {e}", path.display())))?;
         }
     }
     Ok(())
@@ -74,7 +73,12 @@ fn print(r: &DdpBenchResult, cfg: &fabbrica_train::Config) {
         println!("{:>12} {:>10.2} {:>12.0} {:>14} {:>8.1}%", m.mode, m.step_ms, m.tokens_per_s, ratio, 100.0 * (hi - lo) / m.step_ms);
     }
     if let (Some(p), Some(o)) = (r.mode("plain"), r.mode("overlap")) {
-        println!("DDP overhead at world size 1: {:+.2}% step time (overlap {:.2} ms vs plain {:.2} ms)", 100.0 * (o.step_ms / p.step_ms - 1.0), o.step_ms, p.step_ms);
+        println!(
+            "DDP overhead at world size 1: {:+.2}% step time (overlap {:.2} ms vs plain {:.2} ms)",
+            100.0 * (o.step_ms / p.step_ms - 1.0),
+            o.step_ms,
+            p.step_ms
+        );
     }
     if let (Some(b), Some(o), Some(s)) = (base, r.mode("overlap"), r.mode("no-overlap")) {
         println!("communication efficiency: overlap {:.3}, no overlap {:.3} (no-comm step time / step time)", b / o.step_ms, b / s.step_ms);
@@ -113,9 +117,12 @@ pub fn scaling(a: ScalingArgs) -> Result<(), Failure> {
     let mut pts: Vec<(usize, f64, Option<f64>)> = Vec::new();
     for f in &a.inputs {
         let text = std::fs::read_to_string(f).map_err(|e| user(format!("cannot read --inputs {}: {e}", f.display())))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| user(format!("--inputs {} is not JSON from `fabbrica bench ddp --json`: {e}", f.display())))?;
-        let n = v["world_size"].as_u64().ok_or_else(|| user(format!("--inputs {}: no world_size; give files from `fabbrica bench ddp --json`", f.display())))? as usize;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| user(format!("--inputs {} is not JSON from `fabbrica bench ddp --json`: {e}", f.display())))?;
+        let n = v["world_size"]
+            .as_u64()
+            .ok_or_else(|| user(format!("--inputs {}: no world_size; give files from `fabbrica bench ddp --json`", f.display())))?
+            as usize;
         let mode = |m: &str| v["modes"].as_array().and_then(|ms| ms.iter().find(|x| x["mode"] == m)).cloned();
         let o = mode("overlap").ok_or_else(|| user(format!("--inputs {}: no overlap mode", f.display())))?;
         let tps = o["tokens_per_s"].as_f64().unwrap_or(0.0);
@@ -129,7 +136,8 @@ pub fn scaling(a: ScalingArgs) -> Result<(), Failure> {
         .map(|p| p.1)
         .ok_or_else(|| user("--inputs needs a world-size-1 result (efficiency is X(N) / (N * X(1)))".into()))?;
     let points: Vec<Point> = pts.iter().map(|&(n, tps, c)| Point { n, tps, eff: tps / (n as f64 * x1), comm_eff: c }).collect();
-    let mut table = String::from("| ranks | tokens/s | ideal N·X(1) | efficiency X(N)/(N·X(1)) | comm efficiency (no-comm/comm) |\n|---:|---:|---:|---:|---:|\n");
+    let mut table =
+        String::from("| ranks | tokens/s | ideal N·X(1) | efficiency X(N)/(N·X(1)) | comm efficiency (no-comm/comm) |\n|---:|---:|---:|---:|---:|\n");
     for p in &points {
         table += &format!(
             "| {} | {:.0} | {:.0} | {:.3} | {} |\n",
@@ -142,8 +150,7 @@ pub fn scaling(a: ScalingArgs) -> Result<(), Failure> {
     }
     print!("{table}");
     if let Some(t) = &a.table {
-        crate::files::write_bytes(t, table.as_bytes())
-            .map_err(|e| user(format!("cannot write --table {}: {e}", t.display())))?;
+        crate::files::write_bytes(t, table.as_bytes()).map_err(|e| user(format!("cannot write --table {}: {e}", t.display())))?;
     }
     if let Some(p) = &a.plot {
         use plotters::prelude::IntoDrawingArea;

@@ -61,18 +61,25 @@ pub fn run(a: PipelineArgs) -> Result<(), Failure> {
     let mut rows = Vec::new();
     for dir in &a.runs {
         let cfg_path = dir.join("config.toml");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| user(format!("--runs {}: cannot read {} ({e}): give run directories of `fabbrica train`", dir.display(), cfg_path.display())))?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| user(format!("{}: not a fabbrica config: {}", cfg_path.display(), e.to_string().lines().next().unwrap_or(""))))?;
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+            user(format!("--runs {}: cannot read {} ({e}): give run directories of `fabbrica train`", dir.display(), cfg_path.display()))
+        })?;
+        let cfg: Config = toml::from_str(&text)
+            .map_err(|e| user(format!("{}: not a fabbrica config: {}", cfg_path.display(), e.to_string().lines().next().unwrap_or(""))))?;
         let recs = read(&dir.join("metrics.jsonl")).map_err(|e| user(format!("--runs {}: {e}", dir.display())))?;
         // The first interval holds start-up (allocator, first NCCL/MPI messages): left out.
         let train: Vec<_> = recs.iter().filter(|r| r.kind == "train").skip(1).collect();
         if train.is_empty() {
-            return Err(user(format!("--runs {}: fewer than 2 logged training intervals: run more steps or lower train.log_interval", dir.display())));
+            return Err(user(format!(
+                "--runs {}: fewer than 2 logged training intervals: run more steps or lower train.log_interval",
+                dir.display()
+            )));
         }
         let (pp, v, m) = (cfg.parallel.pp, cfg.parallel.virtual_stages, cfg.train.grad_accum);
         let world = train[0].stragglers.as_ref().map(|s| s.compute_ms.len()).unwrap_or(1);
         let dp = if cfg.parallel.dp > 0 { cfg.parallel.dp } else { world / pp.max(1) };
-        let bubbles: Vec<f64> = train.iter().filter_map(|r| r.pipeline.as_ref()).map(|p| p.iter().map(|s| s.bubble).sum::<f64>() / p.len().max(1) as f64).collect();
+        let bubbles: Vec<f64> =
+            train.iter().filter_map(|r| r.pipeline.as_ref()).map(|p| p.iter().map(|s| s.bubble).sum::<f64>() / p.len().max(1) as f64).collect();
         let (p, mf) = (pp as f64, m as f64);
         rows.push(Row {
             name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -149,8 +156,14 @@ where
         .build_cartesian_2d(-0.5..n - 0.5, 0.0..ymax)
         .map_err(e)?;
     c.configure_mesh().x_labels(rows.len().max(1)).x_label_formatter(&label).y_desc("idle fraction").draw().map_err(e)?;
-    c.draw_series(rows.iter().enumerate().filter_map(|(i, r)| r.theory.map(|t| Rectangle::new([(i as f64 - 0.35, 0.0), (i as f64, t)], grey.filled())))).map_err(e)?;
-    c.draw_series(rows.iter().enumerate().filter_map(|(i, r)| r.bubble.map(|b| Rectangle::new([(i as f64, 0.0), (i as f64 + 0.35, b)], blue.filled())))).map_err(e)?;
+    c.draw_series(
+        rows.iter().enumerate().filter_map(|(i, r)| r.theory.map(|t| Rectangle::new([(i as f64 - 0.35, 0.0), (i as f64, t)], grey.filled()))),
+    )
+    .map_err(e)?;
+    c.draw_series(
+        rows.iter().enumerate().filter_map(|(i, r)| r.bubble.map(|b| Rectangle::new([(i as f64, 0.0), (i as f64 + 0.35, b)], blue.filled()))),
+    )
+    .map_err(e)?;
     let tmax = rows.iter().map(|r| r.tps).fold(1.0, f64::max) * 1.2;
     let names: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
     let label = move |x: &f64| names.get(x.round() as usize).cloned().unwrap_or_default();
@@ -162,6 +175,7 @@ where
         .build_cartesian_2d(-0.5..n - 0.5, 0.0..tmax)
         .map_err(e)?;
     c.configure_mesh().x_labels(rows.len().max(1)).x_label_formatter(&label).y_desc("tokens/s").draw().map_err(e)?;
-    c.draw_series(rows.iter().enumerate().map(|(i, r)| Rectangle::new([(i as f64 - 0.3, 0.0), (i as f64 + 0.3, r.tps)], blue.filled()))).map_err(e)?;
+    c.draw_series(rows.iter().enumerate().map(|(i, r)| Rectangle::new([(i as f64 - 0.3, 0.0), (i as f64 + 0.3, r.tps)], blue.filled())))
+        .map_err(e)?;
     root.present().map_err(e)
 }

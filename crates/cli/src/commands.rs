@@ -142,7 +142,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
 /// only rank 0 prints.
 fn dry_run(cfg: &Config) -> Result<()> {
     let launch = fabbrica_comm::launch::detect().map_err(|e| Failure { user: true, message: e.to_string() })?;
-    let order: fabbrica_topology::RankOrder = cfg.parallel.order.parse().map_err(|e: fabbrica_topology::TopologyError| once(Failure { user: true, message: e.to_string() }))?;
+    let order: fabbrica_topology::RankOrder =
+        cfg.parallel.order.parse().map_err(|e: fabbrica_topology::TopologyError| once(Failure { user: true, message: e.to_string() }))?;
     let dims = fabbrica_topology::ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, 1, launch.world_size)
         .map_err(|e| once(Failure { user: true, message: e.to_string() }))?
         .with_order(order);
@@ -173,7 +174,11 @@ fn dry_run(cfg: &Config) -> Result<()> {
     let seqs = t.batch_size * t.grad_accum * dims.dp;
     println!("parameters:        {n} ({:.1}M)", n as f64 / 1e6);
     println!("flops per token:   {fpt:.4e} (6N + 12·L·H·Q·T, T = {})", m.block_size);
-    let layout = if dims.pp > 1 { format!("pipeline {} × data parallel {} ({})", dims.pp, dims.dp, dims.order) } else { format!("data parallel {}", dims.dp) };
+    let layout = if dims.pp > 1 {
+        format!("pipeline {} × data parallel {} ({})", dims.pp, dims.dp, dims.order)
+    } else {
+        format!("data parallel {}", dims.dp)
+    };
     println!("ranks:             {} ({}), {layout}{}", launch.world_size, launch.launcher, if cfg.parallel.zero == 1 { ", ZeRO-1" } else { "" });
     println!(
         "global batch:      {seqs} sequences = micro {} × accum {} × dp {}, {} tokens per step",
@@ -207,7 +212,9 @@ fn dry_run(cfg: &Config) -> Result<()> {
                 100.0 * (p - 1.0) / (mb + p - 1.0)
             );
             println!("memory per device by pipeline rank (activations for the micro-batches in flight at the peak, {dtype}):");
-            println!("  rank  stages (layers)                 params      in flight  params GiB  grads GiB  AdamW GiB  activations GiB  total GiB  bubble");
+            println!(
+                "  rank  stages (layers)                 params      in flight  params GiB  grads GiB  AdamW GiB  activations GiB  total GiB  bubble"
+            );
             for r in &plans {
                 let stages: Vec<String> = r.stages.iter().map(|(s, b, _)| format!("{s} ({}..{})", b.start, b.end)).collect();
                 let params: u64 = r.stages.iter().map(|(_, _, n)| n).sum();

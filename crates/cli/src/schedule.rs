@@ -51,9 +51,7 @@ fn parse_costs(text: &str) -> Result<Costs, Failure> {
     // u128: a number past u64::MAX is still a number, refused below for its size.
     let parts: Vec<Option<u128>> = text.split(',').map(|p| p.trim().parse().ok()).collect();
     let [Some(f), Some(b), Some(comm)] = parts[..] else {
-        return Err(user(format!(
-            "--costs '{text}' is not F,B,COMM in whole time units with F and B at least 1; e.g. --costs 1,2,0"
-        )));
+        return Err(user(format!("--costs '{text}' is not F,B,COMM in whole time units with F and B at least 1; e.g. --costs 1,2,0")));
     };
     if let Some((name, value)) = [("F", f), ("B", b), ("COMM", comm)].into_iter().find(|&(_, v)| v > u128::from(MAX_COST)) {
         return Err(user(format!(
@@ -62,9 +60,7 @@ fn parse_costs(text: &str) -> Result<Costs, Failure> {
         )));
     }
     if f == 0 || b == 0 {
-        return Err(user(format!(
-            "--costs '{text}' is not F,B,COMM in whole time units with F and B at least 1; e.g. --costs 1,2,0"
-        )));
+        return Err(user(format!("--costs '{text}' is not F,B,COMM in whole time units with F and B at least 1; e.g. --costs 1,2,0")));
     }
     // Each at most MAX_COST, which fits in a u64.
     Ok(Costs { f: f as u64, b: b as u64, comm: comm as u64 })
@@ -78,8 +74,8 @@ pub fn run(a: ScheduleArgs) -> Result<(), Failure> {
     let lowered = lower(&compute);
     // Generated schedules never deadlock (the crate's tests simulate every shape), and bounded
     // costs on a bounded shape never overflow: either here is a bug, not an input error.
-    let timeline = simulate(&lowered, costs)
-        .map_err(|e| Failure { user: false, message: format!("the generated schedule does not simulate: {e}") })?;
+    let timeline =
+        simulate(&lowered, costs).map_err(|e| Failure { user: false, message: format!("the generated schedule does not simulate: {e}") })?;
     let shown = if a.lowered { &lowered } else { &compute };
     println!("{shown}");
     println!("costs: f={} b={} comm={} per stage", costs.f, costs.b, costs.comm);
@@ -91,18 +87,13 @@ pub fn run(a: ScheduleArgs) -> Result<(), Failure> {
     // No overflow: F + B ≤ 2·MAX_COST and m·v ≤ MAX_ACTIONS / 2 (parse_costs and Schedule::new
     // checked both), and the makespan is at least each rank's compute time, this ideal.
     let ideal = (costs.f + costs.b) * (a.microbatches * v) as u64;
-    println!(
-        "ideal {ideal} units of compute per rank; bubble overhead {:.1}% of ideal",
-        100.0 * (timeline.makespan - ideal) as f64 / ideal as f64
-    );
+    println!("ideal {ideal} units of compute per rank; bubble overhead {:.1}% of ideal", 100.0 * (timeline.makespan - ideal) as f64 / ideal as f64);
     if let Some(path) = &a.svg {
         write_file(path, to_svg(&timeline).as_bytes())?;
         println!("svg: {}", path.display());
     }
     if let Some(path) = &a.json {
-        let text = |s: &Schedule| -> Vec<Vec<String>> {
-            s.ranks.iter().map(|r| r.iter().map(ToString::to_string).collect()).collect()
-        };
+        let text = |s: &Schedule| -> Vec<Vec<String>> { s.ranks.iter().map(|r| r.iter().map(ToString::to_string).collect()).collect() };
         let doc = serde_json::json!({
             "schedule": kind.name(),
             "pp": a.pp,
@@ -124,6 +115,5 @@ pub fn run(a: ScheduleArgs) -> Result<(), Failure> {
 }
 
 fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), Failure> {
-    crate::files::write_bytes(path, bytes)
-        .map_err(|e| user(format!("cannot write {} ({e}): choose a writable path", path.display())))
+    crate::files::write_bytes(path, bytes).map_err(|e| user(format!("cannot write {} ({e}): choose a writable path", path.display())))
 }

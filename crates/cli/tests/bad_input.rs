@@ -157,7 +157,15 @@ fn text_shorter_than_one_block() {
 fn token_id_beyond_vocab_names_file_and_id() {
     let (dir, text) = text_fixture();
     let prepared = dir.path().join("prepared");
-    let out = fabbrica(&["prepare".as_ref(), "--input".as_ref(), text.as_os_str(), "--tokenizer".as_ref(), "char".as_ref(), "--out".as_ref(), prepared.as_os_str()]);
+    let out = fabbrica(&[
+        "prepare".as_ref(),
+        "--input".as_ref(),
+        text.as_os_str(),
+        "--tokenizer".as_ref(),
+        "char".as_ref(),
+        "--out".as_ref(),
+        prepared.as_os_str(),
+    ]);
     assert_success(&out);
     let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(prepared.join("meta.json")).unwrap()).unwrap();
     let vocab = meta["vocab_size"].as_u64().expect("meta.json vocab_size") as u16;
@@ -239,7 +247,15 @@ fn garbage_state_json_is_reported() {
 #[test]
 fn sample_without_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let out = fabbrica(&["sample".as_ref(), "--checkpoint".as_ref(), dir.path().as_os_str(), "--tokens".as_ref(), "5".as_ref(), "--device".as_ref(), "cpu".as_ref()]);
+    let out = fabbrica(&[
+        "sample".as_ref(),
+        "--checkpoint".as_ref(),
+        dir.path().as_os_str(),
+        "--tokens".as_ref(),
+        "5".as_ref(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+    ]);
     assert_user_error(&out, &[&dir.path().display().to_string()]);
     let missing = dir.path().join("nowhere");
     let out = fabbrica(&["sample".as_ref(), "--checkpoint".as_ref(), missing.as_os_str(), "--device".as_ref(), "cpu".as_ref()]);
@@ -283,11 +299,7 @@ fn other_data_and_config_mistakes() {
 // 10
 #[test]
 fn invalid_values_name_their_key() {
-    for (set, key) in [
-        ("train.batch_size=0", "train.batch_size"),
-        ("run.device=tpu", "run.device"),
-        ("train.lr=-1", "train.lr"),
-    ] {
+    for (set, key) in [("train.batch_size=0", "train.batch_size"), ("run.device=tpu", "run.device"), ("train.lr=-1", "train.lr")] {
         let out = fabbrica(&["train", "--set", set, "--dry-run"]);
         assert_user_error(&out, &[key]);
     }
@@ -308,7 +320,15 @@ fn end_to_end_prepare_train_sample() {
 
     // prepare
     let prepared = dir.path().join("prepared");
-    let out = fabbrica(&["prepare".as_ref(), "--input".as_ref(), text.as_os_str(), "--tokenizer".as_ref(), "char".as_ref(), "--out".as_ref(), prepared.as_os_str()]);
+    let out = fabbrica(&[
+        "prepare".as_ref(),
+        "--input".as_ref(),
+        text.as_os_str(),
+        "--tokenizer".as_ref(),
+        "char".as_ref(),
+        "--out".as_ref(),
+        prepared.as_os_str(),
+    ]);
     assert_success(&out);
     for f in ["train.bin", "val.bin"] {
         let n = std::fs::metadata(prepared.join(f)).unwrap_or_else(|e| panic!("{f}: {e}")).len();
@@ -334,7 +354,15 @@ fn end_to_end_prepare_train_sample() {
     assert_eq!(full.last().unwrap()["step"].as_u64(), Some(3), "{metrics}");
 
     // sample from the run directory
-    let out = fabbrica(&["sample".as_ref(), "--checkpoint".as_ref(), out_dir.as_os_str(), "--tokens".as_ref(), "20".as_ref(), "--device".as_ref(), "cpu".as_ref()]);
+    let out = fabbrica(&[
+        "sample".as_ref(),
+        "--checkpoint".as_ref(),
+        out_dir.as_os_str(),
+        "--tokens".as_ref(),
+        "20".as_ref(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+    ]);
     assert_success(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.trim().is_empty(), "sample printed nothing\n{}", describe(&out));

@@ -57,11 +57,7 @@ fn run(mut cmd: Command, dir: &Path) -> Run {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Run {
-        code: status.code(),
-        stdout: std::fs::read_to_string(&out).unwrap_or_default(),
-        stderr: std::fs::read_to_string(&err).unwrap_or_default(),
-    }
+    Run { code: status.code(), stdout: std::fs::read_to_string(&out).unwrap_or_default(), stderr: std::fs::read_to_string(&err).unwrap_or_default() }
 }
 
 /// `mpirun -np <np> --oversubscribe fabbrica bench collectives <args>`.
@@ -262,12 +258,8 @@ fn bad(args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
     assert!(r.stdout.is_empty(), "nothing on stdout\n{}", r.describe());
 }
 
-const RANK0_OF_2: &[(&str, &str)] = &[
-    ("OMPI_COMM_WORLD_RANK", "0"),
-    ("OMPI_COMM_WORLD_SIZE", "2"),
-    ("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
-    ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
-];
+const RANK0_OF_2: &[(&str, &str)] =
+    &[("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "2"), ("OMPI_COMM_WORLD_LOCAL_RANK", "0"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "2")];
 
 #[test]
 fn bad_op() {

@@ -4,8 +4,18 @@
 use std::process::{Command, Output};
 
 const SMALL: [&str; 12] = [
-    "--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.n_head=2", "--set", "model.block_size=16",
-    "--set", "train.batch_size=2", "--set", "run.threads=1",
+    "--set",
+    "model.n_layer=1",
+    "--set",
+    "model.n_embd=32",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.block_size=16",
+    "--set",
+    "train.batch_size=2",
+    "--set",
+    "run.threads=1",
 ];
 
 fn fabbrica(np: usize, args: &[&str]) -> Output {
@@ -17,12 +27,7 @@ fn fabbrica(np: usize, args: &[&str]) -> Output {
     } else {
         Command::new(bin)
     };
-    c.args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_plm", "isolated")
-        .output()
-        .unwrap()
+    c.args(args).env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("OMPI_MCA_plm", "isolated").output().unwrap()
 }
 
 fn json(np: usize, path: &std::path::Path) -> serde_json::Value {
@@ -57,7 +62,20 @@ fn one_and_two_ranks_then_a_scaling_report() {
         assert!((m["tokens_per_s"].as_f64().unwrap() - tps).abs() < 1e-6 * tps);
     }
     let (md, svg) = (t.path().join("s.md"), t.path().join("s.svg"));
-    let o = fabbrica(1, &["bench", "scaling", "--inputs", p2.to_str().unwrap(), p1.to_str().unwrap(), "--table", md.to_str().unwrap(), "--plot", svg.to_str().unwrap()]);
+    let o = fabbrica(
+        1,
+        &[
+            "bench",
+            "scaling",
+            "--inputs",
+            p2.to_str().unwrap(),
+            p1.to_str().unwrap(),
+            "--table",
+            md.to_str().unwrap(),
+            "--plot",
+            svg.to_str().unwrap(),
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let table = std::fs::read_to_string(&md).unwrap();
     let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| 1 ") || l.starts_with("| 2 ")).collect();

@@ -172,7 +172,26 @@ fn an_input_error_on_one_rank_is_said_once_by_that_rank_and_ends_the_job() {
     // MPMD: rank 0 has the data, rank 1 is pointed at a file that does not exist (as when a
     // file is missing on one node).
     let o = Command::new("mpirun")
-        .args(["--oversubscribe", "-np", "1", bin, "train", "--set", &out, "--set", &good, ":", "-np", "1", bin, "train", "--set", &out, "--set", "data.path=/nonexistent/corpus.txt"])
+        .args([
+            "--oversubscribe",
+            "-np",
+            "1",
+            bin,
+            "train",
+            "--set",
+            &out,
+            "--set",
+            &good,
+            ":",
+            "-np",
+            "1",
+            bin,
+            "train",
+            "--set",
+            &out,
+            "--set",
+            "data.path=/nonexistent/corpus.txt",
+        ])
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env("OMPI_MCA_plm", "isolated")
@@ -190,7 +209,18 @@ fn an_input_error_on_one_rank_is_said_once_by_that_rank_and_ends_the_job() {
 fn dry_run_under_mpirun_prints_the_layout_once() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let o = Command::new("mpirun")
-        .args(["-np", "2", "--oversubscribe", env!("CARGO_BIN_EXE_fabbrica"), "train", "--dry-run", "--set", "parallel.zero=1", "--set", "train.grad_accum=3"])
+        .args([
+            "-np",
+            "2",
+            "--oversubscribe",
+            env!("CARGO_BIN_EXE_fabbrica"),
+            "train",
+            "--dry-run",
+            "--set",
+            "parallel.zero=1",
+            "--set",
+            "train.grad_accum=3",
+        ])
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env("OMPI_MCA_plm", "isolated")

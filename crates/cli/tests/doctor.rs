@@ -14,16 +14,16 @@ const STEPS: u64 = 150;
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn doctor(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fabbrica"))
-        .arg("doctor")
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("cannot run the fabbrica binary")
+    Command::new(env!("CARGO_BIN_EXE_fabbrica")).arg("doctor").args(args).env("RUST_BACKTRACE", "1").output().expect("cannot run the fabbrica binary")
 }
 
 fn text(o: &Output) -> String {
-    format!("exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}", o.status.code(), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn train(out: &Path) -> Command {
@@ -96,8 +96,14 @@ fn sigusr2_mid_training_dumps_every_rank_and_doctor_reads_them() {
     let o = doctor(&[out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let report = String::from_utf8_lossy(&o.stdout);
-    assert!(report.starts_with(&format!("flight recorder dumps in {}: 2 of 2 ranks\n  ranks 0-1: SIGUSR2\n", out.join("flight").display())), "{report}");
-    assert!(!report.contains("no dump") && !report.contains("diverged at") && report.contains("\nverdict: no hang, divergence or failure"), "{report}");
+    assert!(
+        report.starts_with(&format!("flight recorder dumps in {}: 2 of 2 ranks\n  ranks 0-1: SIGUSR2\n", out.join("flight").display())),
+        "{report}"
+    );
+    assert!(
+        !report.contains("no dump") && !report.contains("diverged at") && report.contains("\nverdict: no hang, divergence or failure"),
+        "{report}"
+    );
 
     let o = doctor(&["--json", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -127,7 +133,8 @@ fn killed_job(dir: &Path) {
     fs::create_dir_all(dir.join("flight")).unwrap();
     for r in 0..2 {
         let ops = [op(1, "completed"), op(2, "completed"), op(3, "started")].join(",");
-        let reason = if r == 0 { "watchdog: all_reduce #3 on group 'world' did not complete within 600.0s" } else { "rank 0 aborted the job: watchdog: ..." };
+        let reason =
+            if r == 0 { "watchdog: all_reduce #3 on group 'world' did not complete within 600.0s" } else { "rank 0 aborted the job: watchdog: ..." };
         fs::write(
             dir.join(format!("flight/rank_{r}.json")),
             format!(
@@ -193,7 +200,11 @@ fn bad_input_is_one_line_exit_2() {
     fs::copy(p.join("flight/rank_1.json"), good.path().join("flight/rank_2.json")).unwrap();
     let o = doctor(&[good.path().to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("  unreadable: rank_2.json: 68157440 bytes, more than the 64 MiB a dump may have\n"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("  unreadable: rank_2.json: 68157440 bytes, more than the 64 MiB a dump may have\n"),
+        "{}",
+        text(&o)
+    );
     let o = Command::new(env!("CARGO_BIN_EXE_fabbrica")).args(["doctor"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "no DIR: {}", text(&o));
 }

@@ -17,7 +17,8 @@ use common::describe;
 /// A small English-like text (the GPT-2 tokenizer is quick on it).
 fn text(dir: &Path) -> PathBuf {
     let p = dir.join("input.txt");
-    let s: String = (0..3000).map(|i| format!("Line {i}: the loom ran all day and {} watched it turn.\n", ["Anna", "Bruno", "Carla"][i % 3])).collect();
+    let s: String =
+        (0..3000).map(|i| format!("Line {i}: the loom ran all day and {} watched it turn.\n", ["Anna", "Bruno", "Carla"][i % 3])).collect();
     std::fs::write(&p, s).unwrap();
     p
 }
@@ -67,10 +68,11 @@ fn assert_refused(o: &Output, took: Duration, ranks: &str) {
 
 /// gpt2-124m's shape, set key by key (the preset's schedule settings do not matter here).
 fn gpt2_124m(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = ["model.n_layer=12", "model.n_head=12", "model.n_embd=768", "model.block_size=1024", "model.vocab_size=50304", "data.tokenizer=gpt2"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut v: Vec<String> =
+        ["model.n_layer=12", "model.n_head=12", "model.n_embd=768", "model.block_size=1024", "model.vocab_size=50304", "data.tokenizer=gpt2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     v.extend(huge_batch(dir));
     v
 }

@@ -264,7 +264,11 @@ fn a_nan_on_one_rank_stops_or_skips_on_every_rank() {
 fn a_diverging_run_stops_before_writing_a_nan_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let o = train(0, &out, &["train.max_steps=60", "train.lr=1e6", "train.warmup_steps=0", "train.grad_clip=0", "run.checkpoint_interval=1", "run.sample_tokens=50"]);
+    let o = train(
+        0,
+        &out,
+        &["train.max_steps=60", "train.lr=1e6", "train.warmup_steps=0", "train.grad_clip=0", "run.checkpoint_interval=1", "run.sample_tokens=50"],
+    );
     let line = one_line_error(&o, 2, &["train.nonfinite = stop", "stopped without writing a checkpoint"]);
     assert!(line.contains("NaN") || line.contains("inf"), "{line}");
     for (_, d) in checkpoint::list(&checkpoint::checkpoints_dir(&out)).unwrap() {
@@ -274,7 +278,11 @@ fn a_diverging_run_stops_before_writing_a_nan_checkpoint() {
         }
     }
     let out = dir.path().join("skip");
-    let o = train(0, &out, &["train.max_steps=60", "train.lr=1e6", "train.warmup_steps=0", "train.grad_clip=0", "train.nonfinite=skip", "train.max_skipped_steps=2"]);
+    let o = train(
+        0,
+        &out,
+        &["train.max_steps=60", "train.lr=1e6", "train.warmup_steps=0", "train.grad_clip=0", "train.nonfinite=skip", "train.max_skipped_steps=2"],
+    );
     one_line_error(&o, 2, &["3 steps skipped", "train.max_skipped_steps = 2"]);
 }
 
@@ -313,7 +321,11 @@ fn a_full_disk_keeps_the_previous_checkpoint_and_says_what_to_do() {
     let copy = dir.path().join("copy");
     assert_eq!(steps(&copy), vec![2]);
     checkpoint::load(&checkpoint::checkpoints_dir(&copy).join("step_00000002")).unwrap();
-    let leftovers: Vec<String> = fs::read_dir(checkpoint::checkpoints_dir(&copy)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.contains(".tmp-")).collect();
+    let leftovers: Vec<String> = fs::read_dir(checkpoint::checkpoints_dir(&copy))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
     let mut sets = sets.to_vec();
@@ -341,7 +353,8 @@ fn sampling_a_nan_checkpoint_of_an_older_version_is_one_line() {
     let ck = checkpoint::latest(&out).unwrap().unwrap();
     let model = ck.join("model.safetensors");
     let tensors = tch::Tensor::read_safetensors(&model).unwrap();
-    let poisoned: Vec<(String, tch::Tensor)> = tensors.into_iter().map(|(n, t)| if n.ends_with("wte.weight") { (n, t * f64::NAN) } else { (n, t) }).collect();
+    let poisoned: Vec<(String, tch::Tensor)> =
+        tensors.into_iter().map(|(n, t)| if n.ends_with("wte.weight") { (n, t * f64::NAN) } else { (n, t) }).collect();
     tch::Tensor::write_safetensors(&poisoned, &model).unwrap();
     let sum = String::from_utf8(Command::new("sha256sum").arg(&model).output().unwrap().stdout).unwrap();
     // A version-1 state.json: no checksum of its own, the model file's checksum updated.

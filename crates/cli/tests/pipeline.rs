@@ -183,7 +183,10 @@ fn a_stage_that_dies_ends_every_rank() {
     let out = dir.path().join("run");
     let sets: Vec<String> = base(&out)
         .into_iter()
-        .chain(["parallel.pp=2", "parallel.dp=2", "train.grad_accum=2", "train.max_steps=100000", "run.checkpoint_interval=2", "comm.timeout_s=20"].map(String::from))
+        .chain(
+            ["parallel.pp=2", "parallel.dp=2", "train.grad_accum=2", "train.max_steps=100000", "run.checkpoint_interval=2", "comm.timeout_s=20"]
+                .map(String::from),
+        )
         .collect();
     let mut child = train_command(4, &[], sets).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let metrics = out.join("metrics.jsonl");
@@ -219,7 +222,11 @@ fn a_stage_that_dies_ends_every_rank() {
 fn the_trace_and_the_dry_run_show_the_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    run(2, &out, &["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2", "train.grad_accum=4", "train.max_steps=3", "run.trace=true"]);
+    run(
+        2,
+        &out,
+        &["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2", "train.grad_accum=4", "train.max_steps=3", "run.trace=true"],
+    );
     let merged: serde_json::Value = serde_json::from_str(&fs::read_to_string(out.join("trace/trace.json")).unwrap()).unwrap();
     let events = merged["traceEvents"].as_array().unwrap();
     for op in ["forward", "backward"] {
@@ -236,7 +243,8 @@ fn the_trace_and_the_dry_run_show_the_pipeline() {
     // The dry run under a launcher of 4: the split and each rank's memory and bubble.
     let o = {
         let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-        let mut c = train_command(4, &[], base(&dir.path().join("dry")).into_iter().chain(["parallel.pp=4".to_string(), "train.grad_accum=8".to_string()]));
+        let mut c =
+            train_command(4, &[], base(&dir.path().join("dry")).into_iter().chain(["parallel.pp=4".to_string(), "train.grad_accum=8".to_string()]));
         c.arg("--dry-run").output().unwrap()
     };
     let text = String::from_utf8_lossy(&o.stdout).to_string();
@@ -267,7 +275,8 @@ fn pipeline_checkpoints_are_sharded_safetensors_that_pytorch_loads() {
     let out = dir.path().join("run");
     run(4, &out, &["parallel.pp=2", "parallel.dp=2", "train.grad_accum=2", "train.max_steps=2"]);
     let ck = checkpoint::latest(&out).unwrap().unwrap();
-    for f in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json", "optim.safetensors.index.json"] {
+    for f in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json", "optim.safetensors.index.json"]
+    {
         assert!(ck.join(f).is_file(), "{f} missing in {}", ck.display());
     }
     let script = r#"

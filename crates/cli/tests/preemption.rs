@@ -154,12 +154,15 @@ fn kill_9_during_a_checkpoint_write_loses_nothing_written_before() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("run");
         // About 60 MB a checkpoint: its write takes long enough to be caught in the act.
-        let big = ["model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=32", "train.max_steps=4", "run.checkpoint_interval=2", mode];
+        let big =
+            ["model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=32", "train.max_steps=4", "run.checkpoint_interval=2", mode];
         let mut child = cmd(0, &out, &big).spawn().unwrap();
         let root = checkpoint::checkpoints_dir(&out);
         let t = Instant::now();
         let caught = loop {
-            let writing = fs::read_dir(&root).map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with(".step_00000004.tmp-"))).unwrap_or(false);
+            let writing = fs::read_dir(&root)
+                .map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with(".step_00000004.tmp-")))
+                .unwrap_or(false);
             if writing {
                 signal(child.id(), "KILL");
                 break true;

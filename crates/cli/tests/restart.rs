@@ -45,16 +45,9 @@ fn train_args(out: &Path) -> Vec<String> {
 }
 
 fn mpirun(out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = ["mpirun", "-np", "2", "--oversubscribe", BIN, "train"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut v: Vec<String> = ["mpirun", "-np", "2", "--oversubscribe", BIN, "train"].iter().map(|s| s.to_string()).collect();
     v.extend(train_args(out));
-    v.extend(
-        extra
-            .iter()
-            .flat_map(|s| ["--set".to_string(), s.to_string()]),
-    );
+    v.extend(extra.iter().flat_map(|s| ["--set".to_string(), s.to_string()]));
     v
 }
 
@@ -77,20 +70,11 @@ fn restart_sh(opts: &[&str], command: &[String]) -> Command {
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 fn losses(out: &Path) -> Vec<(u64, u64)> {
-    read(&out.join("metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.kind == "train")
-        .map(|r| (r.step, r.loss.unwrap().to_bits()))
-        .collect()
+    read(&out.join("metrics.jsonl")).unwrap().into_iter().filter(|r| r.kind == "train").map(|r| (r.step, r.loss.unwrap().to_bits())).collect()
 }
 
 /// The losses of one uninterrupted run, computed once.
@@ -100,12 +84,7 @@ fn reference() -> &'static [(u64, u64)] {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("ref");
         let cmd = mpirun(&out, &[]);
-        let o = Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-            .output()
-            .unwrap();
+        let o = Command::new(&cmd[0]).args(&cmd[1..]).env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").output().unwrap();
         assert!(o.status.success(), "{}", text(&o));
         losses(&out)
     })
@@ -115,41 +94,23 @@ fn reference() -> &'static [(u64, u64)] {
 fn wait_for_step(out: &Path, step: usize, child: &mut Child) {
     let t = Instant::now();
     loop {
-        let logged = fs::read_to_string(out.join("metrics.jsonl"))
-            .map(|s| s.lines().count())
-            .unwrap_or(0);
+        let logged = fs::read_to_string(out.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
         if logged >= step {
             return;
         }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "restart.sh ended before step {step}"
-        );
-        assert!(
-            t.elapsed() < Duration::from_secs(90),
-            "no step {step} within 90 s"
-        );
+        assert!(child.try_wait().unwrap().is_none(), "restart.sh ended before step {step}");
+        assert!(t.elapsed() < Duration::from_secs(90), "no step {step} within 90 s");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn children(pid: u32) -> Vec<u32> {
-    let o = Command::new("pgrep")
-        .args(["-P", &pid.to_string()])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
+    let o = Command::new("pgrep").args(["-P", &pid.to_string()]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
 fn kill(pid: u32, sig: &str) {
-    assert!(Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap().success());
 }
 
 /// A rank killed outright (no checkpoint of its own): mpirun fails, restart.sh says so in one
@@ -161,51 +122,23 @@ fn a_crashed_run_is_restarted_and_resumes_to_the_same_losses() {
     let want = reference();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let mut child = restart_sh(
-        &["-n", "3", "--backoff", "1"],
-        &mpirun(&out, &["run.resume=auto"]),
-    )
-    .spawn()
-    .unwrap();
+    let mut child = restart_sh(&["-n", "3", "--backoff", "1"], &mpirun(&out, &["run.resume=auto"])).spawn().unwrap();
     wait_for_step(&out, 120, &mut child);
     // restart.sh -> mpirun -> ranks: kill the last rank.
-    let mpirun_pid = *children(child.id())
-        .first()
-        .expect("restart.sh runs mpirun");
+    let mpirun_pid = *children(child.id()).first().expect("restart.sh runs mpirun");
     let rank = *children(mpirun_pid).last().expect("mpirun has ranks");
     kill(rank, "KILL");
     let o = child.wait_with_output().unwrap();
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
-    let restarts: Vec<&str> = t
-        .lines()
-        .filter(|l| l.starts_with("restart.sh: the run crashed"))
-        .collect();
+    let restarts: Vec<&str> = t.lines().filter(|l| l.starts_with("restart.sh: the run crashed")).collect();
     assert_eq!(restarts.len(), 1, "one line per restart\n{t}");
     assert!(restarts[0].contains("restart 1 of 3 in 1s"), "{t}");
     // The second attempt starts from a periodic checkpoint (every 50 steps), not from step 0.
-    let starts: Vec<u64> = t
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("training ")?
-                .split("steps ")
-                .nth(1)?
-                .split("..")
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let starts: Vec<u64> = t.lines().filter_map(|l| l.strip_prefix("training ")?.split("steps ").nth(1)?.split("..").next()?.parse().ok()).collect();
     assert_eq!(starts.len(), 2, "{t}");
-    assert!(
-        starts[0] == 0 && starts[1] >= 100 && starts[1].is_multiple_of(50),
-        "the restart did not resume: {starts:?}\n{t}"
-    );
-    assert_eq!(
-        losses(&out),
-        want,
-        "the restarted run's losses differ from an uninterrupted run"
-    );
+    assert!(starts[0] == 0 && starts[1] >= 100 && starts[1].is_multiple_of(50), "the restart did not resume: {starts:?}\n{t}");
+    assert_eq!(losses(&out), want, "the restarted run's losses differ from an uninterrupted run");
 }
 
 /// SIGTERM to restart.sh: the run gets SIGUSR1 through mpirun, every rank stops with a checkpoint,
@@ -223,10 +156,7 @@ fn a_signal_to_the_script_stops_the_run_with_a_checkpoint_and_no_restart() {
     let o = child.wait_with_output().unwrap();
     let t = text(&o);
     assert_eq!(o.status.code(), Some(75), "{t}");
-    assert!(
-        t.contains("stopped by SIGUSR1") && t.contains("will not be restarted"),
-        "{t}"
-    );
+    assert!(t.contains("stopped by SIGUSR1") && t.contains("will not be restarted"), "{t}");
     assert!(!t.contains("restart 1 of"), "restarted after a signal\n{t}");
     let latest = checkpoint::latest(&out).unwrap().expect("a checkpoint");
     let stopped = checkpoint::read_state(&latest).unwrap().step;
@@ -241,9 +171,7 @@ fn a_signal_to_the_script_stops_the_run_with_a_checkpoint_and_no_restart() {
 #[test]
 fn a_command_without_resume_auto_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let o = restart_sh(&[], &mpirun(&dir.path().join("run"), &[]))
-        .output()
-        .unwrap();
+    let o = restart_sh(&[], &mpirun(&dir.path().join("run"), &[])).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     let t = text(&o);
     assert_eq!(t.lines().count(), 1, "{t}");
@@ -256,41 +184,22 @@ fn a_command_without_resume_auto_is_refused() {
 fn a_user_error_is_not_restarted() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let cmd: Vec<String> = [
-        BIN,
-        "train",
-        "--set",
-        "run.resume=auto",
-        "--set",
-        "train.max_steps=-1",
-        "--set",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([format!("run.out_dir={}", out.display())])
-    .collect();
+    let cmd: Vec<String> = [BIN, "train", "--set", "run.resume=auto", "--set", "train.max_steps=-1", "--set"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("run.out_dir={}", out.display())])
+        .collect();
     let o = restart_sh(&["--backoff", "0"], &cmd).output().unwrap();
     let t = text(&o);
     assert_eq!(o.status.code(), Some(2), "{t}");
-    assert!(
-        t.contains("not restarting") && !t.contains("restart 1 of"),
-        "{t}"
-    );
+    assert!(t.contains("not restarting") && !t.contains("restart 1 of"), "{t}");
 }
 
 /// restart.sh sets mpirun's teardown pace (odls_base_sigkill_timeout) to 5 s unless told otherwise.
 #[test]
 fn the_sigkill_timeout_defaults_to_5_seconds() {
     let echo = |preset: Option<&str>| {
-        let mut c = restart_sh(
-            &[],
-            &[
-                "sh".into(),
-                "-c".into(),
-                "echo \"t=$OMPI_MCA_odls_base_sigkill_timeout\"".into(),
-                "run.resume=auto".into(),
-            ],
-        );
+        let mut c = restart_sh(&[], &["sh".into(), "-c".into(), "echo \"t=$OMPI_MCA_odls_base_sigkill_timeout\"".into(), "run.resume=auto".into()]);
         match preset {
             Some(v) => c.env("OMPI_MCA_odls_base_sigkill_timeout", v),
             None => c.env_remove("OMPI_MCA_odls_base_sigkill_timeout"),
@@ -315,25 +224,11 @@ fn restarts_are_bounded_and_back_off_exponentially() {
         .chain([count.display().to_string(), "run.resume=auto".into()])
         .collect();
     let t0 = Instant::now();
-    let o = restart_sh(&["-n", "2", "--backoff", "1"], &cmd)
-        .output()
-        .unwrap();
+    let o = restart_sh(&["-n", "2", "--backoff", "1"], &cmd).output().unwrap();
     let took = t0.elapsed();
     let t = text(&o);
     assert_eq!(o.status.code(), Some(3), "{t}");
-    assert_eq!(
-        fs::read_to_string(&count).unwrap().lines().count(),
-        3,
-        "one run and two restarts\n{t}"
-    );
-    assert!(
-        t.contains("restart 1 of 2 in 1s")
-            && t.contains("restart 2 of 2 in 2s")
-            && t.contains("giving up after 2 restarts"),
-        "{t}"
-    );
-    assert!(
-        took >= Duration::from_secs(3),
-        "backoff 1 s + 2 s, took {took:?}"
-    );
+    assert_eq!(fs::read_to_string(&count).unwrap().lines().count(), 3, "one run and two restarts\n{t}");
+    assert!(t.contains("restart 1 of 2 in 1s") && t.contains("restart 2 of 2 in 2s") && t.contains("giving up after 2 restarts"), "{t}");
+    assert!(took >= Duration::from_secs(3), "backoff 1 s + 2 s, took {took:?}");
 }

@@ -44,8 +44,18 @@ fn interleaved_writes_svg_and_json() {
     let dir = tempfile::tempdir().unwrap();
     let (svg, json) = (dir.path().join("s.svg"), dir.path().join("s.json"));
     let o = schedule(&[
-        "--schedule", "interleaved", "--pp", "4", "--microbatches", "8", "--costs", "1,2,0",
-        "--svg", svg.to_str().unwrap(), "--json", json.to_str().unwrap(),
+        "--schedule",
+        "interleaved",
+        "--pp",
+        "4",
+        "--microbatches",
+        "8",
+        "--costs",
+        "1,2,0",
+        "--svg",
+        svg.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = std::fs::read_to_string(&svg).unwrap();
@@ -101,7 +111,10 @@ fn shapes_and_costs_past_their_bounds_are_refused() {
         ),
         // pp·m wraps to 0 in 64 bits.
         (&["--schedule", "gpipe", "--pp", "4294967296", "--microbatches", "4294967296"], &["more than 8388608 actions"]),
-        (&["--pp", "2", "--microbatches", "4", "--costs", "1,18446744073709551615,0"], &["--costs '1,18446744073709551615,0'", "B = 18446744073709551615 is more than 1000000000"]),
+        (
+            &["--pp", "2", "--microbatches", "4", "--costs", "1,18446744073709551615,0"],
+            &["--costs '1,18446744073709551615,0'", "B = 18446744073709551615 is more than 1000000000"],
+        ),
         (&["--pp", "2", "--microbatches", "4", "--costs", "1000000001,1,0"], &["--costs", "F = 1000000001"]),
         (&["--pp", "2", "--microbatches", "4", "--costs", "1,2,99999999999999999999999"], &["--costs", "COMM = 99999999999999999999999"]),
     ];

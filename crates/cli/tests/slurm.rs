@@ -34,12 +34,7 @@ fn srun_with_pmix_matches_mpirun_bit_for_bit() {
     let want = reference();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("srun");
-    let o = c
-        .cmd("srun")
-        .args(["--mpi=pmix", "-n", "2", BIN, "train"])
-        .args(train_args(&out, STEPS))
-        .output()
-        .unwrap();
+    let o = c.cmd("srun").args(["--mpi=pmix", "-n", "2", BIN, "train"]).args(train_args(&out, STEPS)).output().unwrap();
     assert!(o.status.success(), "{}{}", text(&o), c.log_tail());
     assert!(text(&o).contains("2 ranks"), "{}", text(&o));
     assert_eq!(losses(&out), want, "srun's losses differ from mpirun's");
@@ -50,47 +45,24 @@ fn srun_with_pmix_matches_mpirun_bit_for_bit() {
 /// requeues the job, the job resumes with run.resume=auto and ends with the uninterrupted losses.
 #[test]
 fn sbatch_signal_checkpoints_requeues_and_resumes_to_the_same_losses() {
-    let Some(c) = cluster("sbatch_signal_checkpoints_requeues_and_resumes_to_the_same_losses")
-    else {
+    let Some(c) = cluster("sbatch_signal_checkpoints_requeues_and_resumes_to_the_same_losses") else {
         return;
     };
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let want = reference();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let id = sbatch(
-        &c,
-        dir.path(),
-        &["--time=10"],
-        &[],
-        &train_args(&out, STEPS),
-    );
+    let id = sbatch(&c, dir.path(), &["--time=10"], &[], &train_args(&out, STEPS));
     wait_for_step(&c, &id, dir.path(), &out, 20);
-    let o = c
-        .cmd("scancel")
-        .args(["--batch", "--signal=USR1", &id])
-        .output()
-        .unwrap();
+    let o = c.cmd("scancel").args(["--batch", "--signal=USR1", &id]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let info = wait_final(&c, &id, dir.path(), Duration::from_secs(180));
     let log = job_out(dir.path());
     assert_eq!(info.state, "COMPLETED", "{log}{}", c.log_tail());
     assert_eq!(info.restarts, 1, "{log}");
-    assert!(
-        log.contains("stopped by SIGUSR1")
-            && log.contains("exit code 75")
-            && log.contains("requeueing job"),
-        "{log}"
-    );
-    assert!(
-        log.contains("attempt 1") && log.contains("training finished"),
-        "{log}"
-    );
-    assert_eq!(
-        losses(&out),
-        want,
-        "the requeued job's losses differ from an uninterrupted run\n{log}"
-    );
+    assert!(log.contains("stopped by SIGUSR1") && log.contains("exit code 75") && log.contains("requeueing job"), "{log}");
+    assert!(log.contains("attempt 1") && log.contains("training finished"), "{log}");
+    assert_eq!(losses(&out), want, "the requeued job's losses differ from an uninterrupted run\n{log}");
     assert_no_process_left(&out);
 }
 
@@ -105,13 +77,7 @@ fn scontrol_requeue_mid_run_resumes_to_the_same_losses() {
     let want = reference();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let id = sbatch(
-        &c,
-        dir.path(),
-        &["--time=10"],
-        &[],
-        &train_args(&out, STEPS),
-    );
+    let id = sbatch(&c, dir.path(), &["--time=10"], &[], &train_args(&out, STEPS));
     wait_for_step(&c, &id, dir.path(), &out, 20);
     let o = c.cmd("scontrol").args(["requeue", &id]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -119,21 +85,11 @@ fn scontrol_requeue_mid_run_resumes_to_the_same_losses() {
     let log = job_out(dir.path());
     assert_eq!(info.state, "COMPLETED", "{log}{}", c.log_tail());
     assert_eq!(info.restarts, 1, "{log}");
-    assert!(
-        log.contains("stopped by SIGTERM") && log.contains("steps 0.."),
-        "{log}"
-    );
+    assert!(log.contains("stopped by SIGTERM") && log.contains("steps 0.."), "{log}");
     // The second attempt started from the checkpoint of the first, not from step 0.
     let resumed = log.split("attempt 1").nth(1).expect("a second attempt");
-    assert!(
-        !resumed.contains("steps 0.."),
-        "the requeued job did not resume\n{log}"
-    );
-    assert_eq!(
-        losses(&out),
-        want,
-        "the requeued job's losses differ from an uninterrupted run\n{log}"
-    );
+    assert!(!resumed.contains("steps 0.."), "the requeued job did not resume\n{log}");
+    assert_eq!(losses(&out), want, "the requeued job's losses differ from an uninterrupted run\n{log}");
     assert_no_process_left(&out);
 }
 
@@ -147,11 +103,7 @@ struct ResumeNode<'a> {
 impl ResumeNode<'_> {
     fn resume(&self) -> Output {
         let state = format!("nodename={}", self.node);
-        self.c
-            .cmd("scontrol")
-            .args(["update", &state, "state=resume"])
-            .output()
-            .unwrap()
+        self.c.cmd("scontrol").args(["update", &state, "state=resume"]).output().unwrap()
     }
 }
 
@@ -162,11 +114,7 @@ impl Drop for ResumeNode<'_> {
 }
 
 fn node_state(c: &Cluster, node: &str) -> String {
-    let o = c
-        .cmd("sinfo")
-        .args(["-h", "-N", "-n", node, "-o", "%T"])
-        .output()
-        .unwrap();
+    let o = c.cmd("sinfo").args(["-h", "-N", "-n", node, "-o", "%T"]).output().unwrap();
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
@@ -187,11 +135,7 @@ fn node_failure_requeues_and_resumes_to_the_same_losses() {
     };
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let want = reference();
-    let o = c
-        .cmd("sinfo")
-        .args(["-h", "-N", "-o", "%N"])
-        .output()
-        .unwrap();
+    let o = c.cmd("sinfo").args(["-h", "-N", "-o", "%N"]).output().unwrap();
     let node = String::from_utf8_lossy(&o.stdout).trim().to_string();
     assert!(!node.is_empty() && !node.contains('\n'), "nodes: {node:?}");
     let dir = tempfile::tempdir().unwrap();
@@ -202,16 +146,7 @@ fn node_failure_requeues_and_resumes_to_the_same_losses() {
     wait_for_step(&c, &id, dir.path(), &out, 25);
 
     let back = ResumeNode { c: &c, node };
-    let o = c
-        .cmd("scontrol")
-        .args([
-            "update",
-            &format!("nodename={}", back.node),
-            "state=down",
-            "reason=test",
-        ])
-        .output()
-        .unwrap();
+    let o = c.cmd("scontrol").args(["update", &format!("nodename={}", back.node), "state=down", "reason=test"]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     // Requeued by Slurm, and kept pending while the node is down: longer than cred_expire (5 s)
     // plus sched_interval (2 s), after which it would have started on a node in service.
@@ -240,14 +175,8 @@ fn node_failure_requeues_and_resumes_to_the_same_losses() {
     let (first, resumed) = log.split_once("attempt 1").expect("a second attempt");
     // srun exits 0 after the node failure: the script must not take that for the end of training
     // (it says "srun exited 0 but the job is PENDING", when the shell lives long enough to say it).
-    assert!(
-        !first.contains("training finished"),
-        "the first attempt claims to have finished\n{log}"
-    );
-    assert!(
-        resumed.contains("training finished"),
-        "the requeued job did not finish\n{log}"
-    );
+    assert!(!first.contains("training finished"), "the first attempt claims to have finished\n{log}");
+    assert!(resumed.contains("training finished"), "the requeued job did not finish\n{log}");
     // From a checkpoint at step 20 (the periodic one before step 25) or later.
     let from: u64 = resumed
         .split("steps ")
@@ -255,15 +184,8 @@ fn node_failure_requeues_and_resumes_to_the_same_losses() {
         .and_then(|s| s.split("..").next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no `steps N..` line in the second attempt\n{log}"));
-    assert!(
-        (20..STEPS).contains(&from),
-        "the requeued job resumed from step {from}\n{log}"
-    );
-    assert_eq!(
-        losses(&out),
-        want,
-        "the requeued job's losses differ from an uninterrupted run\n{log}"
-    );
+    assert!((20..STEPS).contains(&from), "the requeued job resumed from step {from}\n{log}");
+    assert_eq!(losses(&out), want, "the requeued job's losses differ from an uninterrupted run\n{log}");
     assert_no_process_left(&out);
 }
 
@@ -272,21 +194,14 @@ fn node_failure_requeues_and_resumes_to_the_same_losses() {
 /// the losses so far are the uninterrupted run's.
 #[test]
 fn scancel_stops_every_rank_with_a_checkpoint_and_leaves_no_process() {
-    let Some(c) = cluster("scancel_stops_every_rank_with_a_checkpoint_and_leaves_no_process")
-    else {
+    let Some(c) = cluster("scancel_stops_every_rank_with_a_checkpoint_and_leaves_no_process") else {
         return;
     };
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let want = reference();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let id = sbatch(
-        &c,
-        dir.path(),
-        &["--time=10"],
-        &[],
-        &train_args(&out, STEPS),
-    );
+    let id = sbatch(&c, dir.path(), &["--time=10"], &[], &train_args(&out, STEPS));
     wait_for_step(&c, &id, dir.path(), &out, 20);
     let o = c.cmd("scancel").arg(&id).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -295,18 +210,11 @@ fn scancel_stops_every_rank_with_a_checkpoint_and_leaves_no_process() {
     assert_eq!(info.restarts, 0, "scancel must not requeue");
     assert_no_process_left(&out);
     let log = job_out(dir.path());
-    assert!(
-        log.contains("stopped by SIGTERM") && log.contains("exit code 75"),
-        "no checkpoint on scancel\n{log}"
-    );
+    assert!(log.contains("stopped by SIGTERM") && log.contains("exit code 75"), "no checkpoint on scancel\n{log}");
     let stopped = checkpoint_step(&out);
     assert!((20..STEPS).contains(&stopped), "stopped at {stopped}");
     let logged = losses(&out);
-    assert_eq!(
-        logged.last().unwrap().0,
-        stopped,
-        "metrics and checkpoint disagree on where it stopped"
-    );
+    assert_eq!(logged.last().unwrap().0, stopped, "metrics and checkpoint disagree on where it stopped");
     assert_eq!(logged[..], want[..logged.len()]);
 }
 
@@ -321,21 +229,12 @@ fn time_limit_warning_signal_stops_the_job_with_a_checkpoint() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let id = sbatch(
-        &c,
-        dir.path(),
-        &["--time=1", "--signal=USR1@20"],
-        &[("FABBRICA_MAX_REQUEUES", "0")],
-        &train_args(&out, 1_000_000),
-    );
+    let id = sbatch(&c, dir.path(), &["--time=1", "--signal=USR1@20"], &[("FABBRICA_MAX_REQUEUES", "0")], &train_args(&out, 1_000_000));
     let info = wait_final(&c, &id, dir.path(), Duration::from_secs(100));
     let log = job_out(dir.path());
     assert_eq!(info.state, "FAILED", "{log}");
     assert_eq!(info.exit_code, "75:0", "{log}");
-    assert!(
-        log.contains("stopped by SIGUSR1") && log.contains("not requeueing"),
-        "{log}"
-    );
+    assert!(log.contains("stopped by SIGUSR1") && log.contains("not requeueing"), "{log}");
     let stopped = checkpoint_step(&out);
     assert!(stopped > 0, "{log}");
     assert_eq!(losses(&out).last().unwrap().0, stopped);
@@ -357,27 +256,14 @@ fn srun_without_pmix_is_refused_in_one_line() {
     for (mpi, n) in [(None, "1"), (None, "2"), (Some("--mpi=pmi2"), "2")] {
         let out = dir.path().join(format!("{n}{}", mpi.unwrap_or("")));
         let mut cmd = c.cmd("srun");
-        cmd.args(mpi)
-            .args(["-n", n, BIN, "train"])
-            .args(train_args(&out, 5))
-            .env_remove("SLURM_MPI_TYPE");
+        cmd.args(mpi).args(["-n", n, BIN, "train"]).args(train_args(&out, 5)).env_remove("SLURM_MPI_TYPE");
         let o = cmd.output().unwrap();
         let t = text(&o);
         assert_eq!(o.status.code(), Some(2), "{mpi:?} -n {n}\n{t}");
         let lines: Vec<&str> = t.lines().filter(|l| l.starts_with("error: ")).collect();
-        assert_eq!(
-            lines.len(),
-            1,
-            "{mpi:?} -n {n}: expected one error line\n{t}"
-        );
-        assert!(
-            lines[0].contains("srun --mpi=pmix") && lines[0].contains("MpiDefault=pmix"),
-            "{t}"
-        );
-        assert!(
-            !t.contains("MPI_Init") && !t.contains("PMI support"),
-            "reached MPI_Init:\n{t}"
-        );
+        assert_eq!(lines.len(), 1, "{mpi:?} -n {n}: expected one error line\n{t}");
+        assert!(lines[0].contains("srun --mpi=pmix") && lines[0].contains("MpiDefault=pmix"), "{t}");
+        assert!(!t.contains("MPI_Init") && !t.contains("PMI support"), "reached MPI_Init:\n{t}");
         assert!(!out.join("metrics.jsonl").exists());
     }
 }
@@ -393,12 +279,7 @@ fn mpirun_inside_an_allocation_is_not_mistaken_for_srun() {
     let want = reference();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let o = c
-        .cmd("salloc")
-        .args(["-n", "2", "mpirun", "-np", "2", BIN, "train"])
-        .args(train_args(&out, STEPS))
-        .output()
-        .unwrap();
+    let o = c.cmd("salloc").args(["-n", "2", "mpirun", "-np", "2", BIN, "train"]).args(train_args(&out, STEPS)).output().unwrap();
     assert!(o.status.success(), "{}{}", text(&o), c.log_tail());
     assert_eq!(losses(&out), want);
 }
@@ -411,81 +292,48 @@ fn mpirun_inside_an_allocation_is_not_mistaken_for_srun() {
 #[test]
 fn env_sh_leaves_mpirun_free_to_use_a_hostfile() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let has_agent = Command::new("bash")
-        .args(["-c", "command -v ssh || command -v rsh"])
-        .output()
-        .unwrap()
-        .status
-        .success();
+    let has_agent = Command::new("bash").args(["-c", "command -v ssh || command -v rsh"]).output().unwrap().status.success();
     let plm = Command::new("bash")
-        .args([
-            "-c",
-            &format!("source {ROOT}/scripts/env.sh && echo \"${{OMPI_MCA_plm-unset}}\""),
-        ])
+        .args(["-c", &format!("source {ROOT}/scripts/env.sh && echo \"${{OMPI_MCA_plm-unset}}\"")])
         .env_remove("OMPI_MCA_plm")
         .output()
         .unwrap();
     let plm = String::from_utf8_lossy(&plm.stdout).trim().to_string();
-    assert_eq!(
-        plm,
-        if has_agent { "unset" } else { "isolated" },
-        "ssh/rsh present: {has_agent}"
-    );
+    assert_eq!(plm, if has_agent { "unset" } else { "isolated" }, "ssh/rsh present: {has_agent}");
     if !has_agent {
         return;
     }
     let want = reference();
     let dir = tempfile::tempdir().unwrap();
-    for (name, hosts) in [
-        ("slots", "localhost slots=2\n"),
-        ("lines", "localhost\nlocalhost\n"),
-    ] {
+    for (name, hosts) in [("slots", "localhost slots=2\n"), ("lines", "localhost\nlocalhost\n")] {
         let hostfile = dir.path().join(format!("hosts-{name}"));
         fs::write(&hostfile, hosts).unwrap();
         let out = dir.path().join(name);
-        let o = mpi_env(Command::new("bash").args([
-            "-c",
-            &format!("source {ROOT}/scripts/env.sh && exec \"$@\""),
-            "bash",
-        ]))
-        .args(["mpirun", "--hostfile"])
-        .arg(&hostfile)
-        .args(["-np", "2", BIN, "train"])
-        .args(train_args(&out, STEPS))
-        .env_remove("OMPI_MCA_plm")
-        .output()
-        .unwrap();
+        let o = mpi_env(Command::new("bash").args(["-c", &format!("source {ROOT}/scripts/env.sh && exec \"$@\""), "bash"]))
+            .args(["mpirun", "--hostfile"])
+            .arg(&hostfile)
+            .args(["-np", "2", BIN, "train"])
+            .args(train_args(&out, STEPS))
+            .env_remove("OMPI_MCA_plm")
+            .output()
+            .unwrap();
         assert!(o.status.success(), "hostfile {hosts:?}\n{}", text(&o));
         assert_eq!(losses(&out), want, "hostfile {hosts:?}");
     }
     // A node that does not exist: mpirun must try to start a daemon there (and fail), not run
     // both ranks here or complain about slots as `isolated` does.
     let hostfile = dir.path().join("hosts-other");
-    fs::write(
-        &hostfile,
-        "fabbrica-no-such-node slots=1\nlocalhost slots=1\n",
-    )
-    .unwrap();
-    let o = mpi_env(Command::new("bash").args([
-        "-c",
-        &format!("source {ROOT}/scripts/env.sh && exec timeout 60 \"$@\""),
-        "bash",
-    ]))
-    .args(["mpirun", "--hostfile"])
-    .arg(&hostfile)
-    .args(["-np", "2", "true"])
-    .env_remove("OMPI_MCA_plm")
-    .env(
-        "OMPI_MCA_plm_rsh_args",
-        "-o BatchMode=yes -o ConnectTimeout=5",
-    )
-    .stdin(Stdio::null())
-    .output()
-    .unwrap();
+    fs::write(&hostfile, "fabbrica-no-such-node slots=1\nlocalhost slots=1\n").unwrap();
+    let o = mpi_env(Command::new("bash").args(["-c", &format!("source {ROOT}/scripts/env.sh && exec timeout 60 \"$@\""), "bash"]))
+        .args(["mpirun", "--hostfile"])
+        .arg(&hostfile)
+        .args(["-np", "2", "true"])
+        .env_remove("OMPI_MCA_plm")
+        .env("OMPI_MCA_plm_rsh_args", "-o BatchMode=yes -o ConnectTimeout=5")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
-    assert!(
-        t.contains("fabbrica-no-such-node") && !t.contains("not enough slots"),
-        "{t}"
-    );
+    assert!(t.contains("fabbrica-no-such-node") && !t.contains("not enough slots"), "{t}");
 }

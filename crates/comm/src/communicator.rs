@@ -75,10 +75,7 @@ pub trait Communicator: Send + Sync {
     /// one list; a rank in none gets `None`.
     fn split_groups(&self, groups: &[Vec<usize>], prefix: &str) -> Result<Option<Arc<dyn Communicator>>> {
         let me = self.rank();
-        let found = groups
-            .iter()
-            .enumerate()
-            .find_map(|(i, g)| g.iter().position(|&r| r == me).map(|pos| (i, pos)));
+        let found = groups.iter().enumerate().find_map(|(i, g)| g.iter().position(|&r| r == me).map(|pos| (i, pos)));
         match found {
             Some((i, pos)) => self.split(Some(i as u32), pos as u32, &format!("{prefix}{i}")),
             None => self.split(None, 0, prefix),

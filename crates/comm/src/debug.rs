@@ -87,9 +87,6 @@ mod tests {
         assert_eq!(mismatch_detail(&same, &ea), None);
         let all: Vec<i64> = ea.iter().chain(eb.iter()).chain(ea.iter()).copied().collect();
         let d = mismatch_detail(&all, &ea).expect("a mismatch");
-        assert_eq!(
-            d,
-            "ranks [0, 2] called all_reduce(f32, 10 elements, sum) #3; rank 1 called all_gather(bf16, 4 elements per rank) #3"
-        );
+        assert_eq!(d, "ranks [0, 2] called all_reduce(f32, 10 elements, sum) #3; rank 1 called all_gather(bf16, 4 elements per rank) #3");
     }
 }

@@ -46,15 +46,10 @@ fn run_job(job: Job, ctx: &OpContext) -> Result<()> {
 
 impl Engine {
     pub(crate) fn new(name: &str) -> Arc<Engine> {
-        let inner = Arc::new(Inner {
-            q: Mutex::new(Queue { jobs: VecDeque::new(), busy: false, stop: false }),
-            cv: Condvar::new(),
-        });
+        let inner = Arc::new(Inner { q: Mutex::new(Queue { jobs: VecDeque::new(), busy: false, stop: false }), cv: Condvar::new() });
         let worker = inner.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("comm:{name}"))
-            .spawn(move || worker_loop(&worker))
-            .expect("spawn communicator worker thread");
+        let handle =
+            std::thread::Builder::new().name(format!("comm:{name}")).spawn(move || worker_loop(&worker)).expect("spawn communicator worker thread");
         Arc::new(Engine { inner, thread: Mutex::new(Some(handle)) })
     }
 

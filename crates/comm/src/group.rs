@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use tch::{Device, Tensor};
 
+use crate::agree;
 use crate::communicator::Communicator;
 use crate::error::{CommError, OpContext, Result};
-use crate::agree;
 use crate::nccl::{self, NcclComm};
 use crate::types::{Backend, OpKind, ReduceOp};
 use crate::work::Work;
@@ -81,10 +81,9 @@ impl Group {
         match (t.device(), self.choice) {
             (Device::Cuda(_), BackendChoice::Mpi) => Ok(self.host.clone()),
             (Device::Cuda(i), _) => Ok(self.nccl_for(i, op)?.unwrap_or_else(|| self.host.clone())),
-            (_, BackendChoice::Nccl) => Err(self.error(
-                op,
-                "comm.backend = nccl moves CUDA tensors only and this tensor is on the CPU; use comm.backend = auto".into(),
-            )),
+            (_, BackendChoice::Nccl) => {
+                Err(self.error(op, "comm.backend = nccl moves CUDA tensors only and this tensor is on the CPU; use comm.backend = auto".into()))
+            }
             _ => Ok(self.host.clone()),
         }
     }
@@ -115,9 +114,7 @@ impl Group {
             CudaPath::Nccl(dev, _) => {
                 return Err(self.error(
                     op,
-                    format!(
-                        "this group's NCCL communicator is on cuda:{dev} but the tensor is on cuda:{device}; keep one device per rank"
-                    ),
+                    format!("this group's NCCL communicator is on cuda:{dev} but the tensor is on cuda:{device}; keep one device per rank"),
                 ))
             }
             CudaPath::Host => return Ok(None),
@@ -200,9 +197,6 @@ impl Communicator for Group {
     }
     fn split(&self, color: Option<u32>, key: u32, name: &str) -> Result<Option<Arc<dyn Communicator>>> {
         self.flush_nccl();
-        Ok(self
-            .host
-            .split(color, key, name)?
-            .map(|h| Arc::new(Group::new(h, self.choice, self.debug)) as Arc<dyn Communicator>))
+        Ok(self.host.split(color, key, name)?.map(|h| Arc::new(Group::new(h, self.choice, self.debug)) as Arc<dyn Communicator>))
     }
 }

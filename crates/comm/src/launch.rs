@@ -84,13 +84,7 @@ pub struct LaunchEnv {
 impl LaunchEnv {
     /// Rank 0 of a one-process job.
     pub fn single() -> Self {
-        Self {
-            rank: 0,
-            world_size: 1,
-            local_rank: 0,
-            local_world_size: 1,
-            launcher: Launcher::Single,
-        }
+        Self { rank: 0, world_size: 1, local_rank: 0, local_world_size: 1, launcher: Launcher::Single }
     }
 
     /// Whether there is more than one rank.
@@ -102,11 +96,7 @@ impl LaunchEnv {
 impl fmt::Display for LaunchEnv {
     /// e.g. `rank 5/8 (local 1/4) via Slurm (srun)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "rank {}/{} (local {}/{}) via {}",
-            self.rank, self.world_size, self.local_rank, self.local_world_size, self.launcher
-        )
+        write!(f, "rank {}/{} (local {}/{}) via {}", self.rank, self.world_size, self.local_rank, self.local_world_size, self.launcher)
     }
 }
 
@@ -116,45 +106,26 @@ impl fmt::Display for LaunchEnv {
 pub enum LaunchError {
     /// A variable does not hold a non-negative integer.
     #[error("{var}='{value}' is not a number: {launcher} should set it to a non-negative integer")]
-    NotANumber {
-        var: &'static str,
-        value: String,
-        launcher: Launcher,
-    },
+    NotANumber { var: &'static str, value: String, launcher: Launcher },
 
     /// A launcher was recognised but one of its variables is absent.
     #[error(
         "{var} is not set although {present} is: the {launcher} launch environment is incomplete \
          (start the job with the launcher itself, or unset {present} to run as a single process)"
     )]
-    Missing {
-        var: &'static str,
-        present: &'static str,
-        launcher: Launcher,
-    },
+    Missing { var: &'static str, present: &'static str, launcher: Launcher },
 
     /// A size (world or node-local) is 0.
     #[error("{source_desc}: the {what} must be at least 1")]
-    ZeroSize {
-        source_desc: String,
-        what: &'static str,
-    },
+    ZeroSize { source_desc: String, what: &'static str },
 
     /// A rank is not below the corresponding size.
     #[error("{var}={value} is out of range: it must be below {limit} ({limit_desc})")]
-    OutOfRange {
-        var: &'static str,
-        value: usize,
-        limit: usize,
-        limit_desc: String,
-    },
+    OutOfRange { var: &'static str, value: usize, limit: usize, limit_desc: String },
 
     /// More ranks on this node than in the whole job.
     #[error("{local_desc} ranks on this node exceed the {world_desc} ranks of the whole job")]
-    LocalExceedsWorld {
-        local_desc: String,
-        world_desc: String,
-    },
+    LocalExceedsWorld { local_desc: String, world_desc: String },
 
     /// A Slurm tasks-per-node list that cannot be parsed.
     #[error("{var}='{value}' is not a Slurm tasks-per-node list (expected e.g. '4', '4(x2)' or '2(x3),1')")]
@@ -162,12 +133,7 @@ pub enum LaunchError {
 
     /// `SLURM_NODEID` points past the end of the tasks-per-node list.
     #[error("SLURM_NODEID={node} is out of range for {var}='{value}', which describes only {nodes} node(s)")]
-    NodeOutOfRange {
-        node: usize,
-        var: &'static str,
-        value: String,
-        nodes: usize,
-    },
+    NodeOutOfRange { node: usize, var: &'static str, value: String, nodes: usize },
 
     /// An `srun` task without the PMI its MPI library needs (see [`check_srun_pmi`]).
     #[error(
@@ -291,17 +257,7 @@ pub fn pmi_problem(get: impl Fn(&str) -> Option<String>, mpi: MpiLibrary) -> Opt
     if !vars.is_srun_step() {
         return None;
     }
-    if vars
-        .first_set(&[
-            OMPI_RANK,
-            OMPI_SIZE,
-            OMPI_LOCAL_RANK,
-            OMPI_LOCAL_SIZE,
-            PMIX_RANK,
-            PMIX_NAMESPACE,
-        ])
-        .is_some()
-    {
+    if vars.first_set(&[OMPI_RANK, OMPI_SIZE, OMPI_LOCAL_RANK, OMPI_LOCAL_SIZE, PMIX_RANK, PMIX_NAMESPACE]).is_some() {
         return None;
     }
     let got = if vars.first_set(&[PMI_FD, PMI_RANK]).is_some() {
@@ -312,10 +268,7 @@ pub fn pmi_problem(get: impl Fn(&str) -> Option<String>, mpi: MpiLibrary) -> Opt
     } else {
         "without a PMI (srun --mpi=none, Slurm's default)"
     };
-    Some(LaunchError::SrunWithoutPmix {
-        got,
-        mpi: mpi.needs(),
-    })
+    Some(LaunchError::SrunWithoutPmix { got, mpi: mpi.needs() })
 }
 
 /// Works out the launch environment from a variable lookup (`get(name)` is
@@ -345,8 +298,7 @@ pub fn pmi_problem(get: impl Fn(&str) -> Option<String>, mpi: MpiLibrary) -> Opt
 pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<LaunchEnv, LaunchError> {
     let vars = Vars { get: &get };
 
-    if let Some(present) = vars.first_set(&[OMPI_RANK, OMPI_SIZE, OMPI_LOCAL_RANK, OMPI_LOCAL_SIZE])
-    {
+    if let Some(present) = vars.first_set(&[OMPI_RANK, OMPI_SIZE, OMPI_LOCAL_RANK, OMPI_LOCAL_SIZE]) {
         return open_mpi(&vars, present);
     }
     if let Some(present) = vars.first_set(&[PMI_RANK, PMI_SIZE]) {
@@ -367,10 +319,7 @@ pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<LaunchEnv, Laun
 pub fn cuda_device_for(local_rank: usize, visible_devices: usize) -> Result<usize, LaunchError> {
     match visible_devices {
         0 => Err(LaunchError::NoCudaDevices { local_rank }),
-        v if local_rank >= v => Err(LaunchError::NotEnoughDevices {
-            local_rank,
-            visible: v,
-        }),
+        v if local_rank >= v => Err(LaunchError::NotEnoughDevices { local_rank, visible: v }),
         _ => Ok(local_rank),
     }
 }
@@ -385,11 +334,7 @@ struct Num {
 
 impl Num {
     fn plain(var: &'static str, value: usize) -> Self {
-        Self {
-            var,
-            value,
-            desc: format!("{var}={value}"),
-        }
+        Self { var, value, desc: format!("{var}={value}") }
     }
 }
 
@@ -419,49 +364,23 @@ impl Vars<'_> {
             None => Ok(None),
             Some(raw) => match raw.trim().parse::<usize>() {
                 Ok(value) => Ok(Some(Num::plain(var, value))),
-                Err(_) => Err(LaunchError::NotANumber {
-                    var,
-                    value: raw,
-                    launcher,
-                }),
+                Err(_) => Err(LaunchError::NotANumber { var, value: raw, launcher }),
             },
         }
     }
 
     /// Like [`Vars::num`], but absence is an error blaming `present`.
-    fn require(
-        &self,
-        var: &'static str,
-        present: &'static str,
-        launcher: Launcher,
-    ) -> Result<Num, LaunchError> {
-        self.num(var, launcher)?.ok_or(LaunchError::Missing {
-            var,
-            present,
-            launcher,
-        })
+    fn require(&self, var: &'static str, present: &'static str, launcher: Launcher) -> Result<Num, LaunchError> {
+        self.num(var, launcher)?.ok_or(LaunchError::Missing { var, present, launcher })
     }
 
     /// A node-local (rank, size) pair, both or neither.
-    fn local_pair(
-        &self,
-        rank_var: &'static str,
-        size_var: &'static str,
-        launcher: Launcher,
-    ) -> Result<Option<(Num, Num)>, LaunchError> {
+    fn local_pair(&self, rank_var: &'static str, size_var: &'static str, launcher: Launcher) -> Result<Option<(Num, Num)>, LaunchError> {
         match (self.num(rank_var, launcher)?, self.num(size_var, launcher)?) {
             (Some(r), Some(s)) => Ok(Some((r, s))),
             (None, None) => Ok(None),
-            (Some(_), None) => Err(LaunchError::Missing {
-                var: size_var,
-                present: rank_var,
-                launcher,
-            }),
-            (None, Some(_)) => Err(LaunchError::Missing {
-                var: rank_var,
-                present: size_var,
-                launcher,
-            }),
+            (Some(_), None) => Err(LaunchError::Missing { var: size_var, present: rank_var, launcher }),
+            (None, Some(_)) => Err(LaunchError::Missing { var: rank_var, present: size_var, launcher }),
         }
     }
 }
@@ -490,22 +409,10 @@ fn mpich(vars: &Vars, present: &'static str) -> Result<LaunchEnv, LaunchError> {
         None if vars.is_srun_step() => return slurm(vars),
         // No node-local information at all: assume a single node.
         None => {
-            let local_rank = Num {
-                var: PMI_RANK,
-                value: rank.value,
-                desc: format!(
-                    "{PMI_RANK}={} (no {MPI_LOCALRANKID}: assuming one node)",
-                    rank.value
-                ),
-            };
-            let local_size = Num {
-                var: PMI_SIZE,
-                value: world.value,
-                desc: format!(
-                    "{PMI_SIZE}={} (no {MPI_LOCALNRANKS}: assuming one node)",
-                    world.value
-                ),
-            };
+            let local_rank =
+                Num { var: PMI_RANK, value: rank.value, desc: format!("{PMI_RANK}={} (no {MPI_LOCALRANKID}: assuming one node)", rank.value) };
+            let local_size =
+                Num { var: PMI_SIZE, value: world.value, desc: format!("{PMI_SIZE}={} (no {MPI_LOCALNRANKS}: assuming one node)", world.value) };
             (local_rank, local_size)
         }
     };
@@ -532,29 +439,16 @@ fn slurm_local_size(vars: &Vars) -> Result<Num, LaunchError> {
         let Some(list) = (vars.get)(var) else {
             continue;
         };
-        let entries = parse_tasks_per_node(&list).ok_or_else(|| LaunchError::BadTasksPerNode {
-            var,
-            value: list.clone(),
-        })?;
+        let entries = parse_tasks_per_node(&list).ok_or_else(|| LaunchError::BadTasksPerNode { var, value: list.clone() })?;
         let nodes: usize = entries.iter().map(|&(_, repeat)| repeat).sum();
-        let value = tasks_on_node(&entries, node).ok_or_else(|| LaunchError::NodeOutOfRange {
-            node,
-            var,
-            value: list.clone(),
-            nodes,
-        })?;
-        return Ok(Num {
-            var,
-            value,
-            desc: format!("{var}='{list}' ({value} on node {node})"),
-        });
+        let value = tasks_on_node(&entries, node).ok_or_else(|| LaunchError::NodeOutOfRange { node, var, value: list.clone(), nodes })?;
+        return Ok(Num { var, value, desc: format!("{var}='{list}' ({value} on node {node})") });
     }
-    vars.num(SLURM_NTASKS_PER_NODE, l)?
-        .ok_or(LaunchError::Missing {
-            var: "SLURM_STEP_TASKS_PER_NODE (or SLURM_TASKS_PER_NODE, SLURM_NTASKS_PER_NODE)",
-            present: SLURM_PROCID,
-            launcher: l,
-        })
+    vars.num(SLURM_NTASKS_PER_NODE, l)?.ok_or(LaunchError::Missing {
+        var: "SLURM_STEP_TASKS_PER_NODE (or SLURM_TASKS_PER_NODE, SLURM_NTASKS_PER_NODE)",
+        present: SLURM_PROCID,
+        launcher: l,
+    })
 }
 
 /// Parses Slurm's compressed tasks-per-node list: comma-separated entries
@@ -589,54 +483,23 @@ fn tasks_on_node(entries: &[(usize, usize)], mut node: usize) -> Option<usize> {
 }
 
 /// Checks the invariants of [`LaunchEnv`] and builds it.
-fn finish(
-    launcher: Launcher,
-    rank: Num,
-    world: Num,
-    local_rank: Num,
-    local_size: Num,
-) -> Result<LaunchEnv, LaunchError> {
+fn finish(launcher: Launcher, rank: Num, world: Num, local_rank: Num, local_size: Num) -> Result<LaunchEnv, LaunchError> {
     if world.value == 0 {
-        return Err(LaunchError::ZeroSize {
-            source_desc: world.desc,
-            what: "world size",
-        });
+        return Err(LaunchError::ZeroSize { source_desc: world.desc, what: "world size" });
     }
     if local_size.value == 0 {
-        return Err(LaunchError::ZeroSize {
-            source_desc: local_size.desc,
-            what: "number of ranks on this node",
-        });
+        return Err(LaunchError::ZeroSize { source_desc: local_size.desc, what: "number of ranks on this node" });
     }
     if rank.value >= world.value {
-        return Err(LaunchError::OutOfRange {
-            var: rank.var,
-            value: rank.value,
-            limit: world.value,
-            limit_desc: world.desc,
-        });
+        return Err(LaunchError::OutOfRange { var: rank.var, value: rank.value, limit: world.value, limit_desc: world.desc });
     }
     if local_rank.value >= local_size.value {
-        return Err(LaunchError::OutOfRange {
-            var: local_rank.var,
-            value: local_rank.value,
-            limit: local_size.value,
-            limit_desc: local_size.desc,
-        });
+        return Err(LaunchError::OutOfRange { var: local_rank.var, value: local_rank.value, limit: local_size.value, limit_desc: local_size.desc });
     }
     if local_size.value > world.value {
-        return Err(LaunchError::LocalExceedsWorld {
-            local_desc: local_size.desc,
-            world_desc: world.desc,
-        });
+        return Err(LaunchError::LocalExceedsWorld { local_desc: local_size.desc, world_desc: world.desc });
     }
-    Ok(LaunchEnv {
-        rank: rank.value,
-        world_size: world.value,
-        local_rank: local_rank.value,
-        local_world_size: local_size.value,
-        launcher,
-    })
+    Ok(LaunchEnv { rank: rank.value, world_size: world.value, local_rank: local_rank.value, local_world_size: local_size.value, launcher })
 }
 
 #[cfg(test)]

@@ -92,12 +92,7 @@ macro_rules! half_op {
         /// # Safety
         /// MPI's contract for user operations: `invec` and `inout` point to `*len` 16-bit
         /// elements each, `len` is valid.
-        pub unsafe extern "C" fn $name(
-            invec: *mut c_void,
-            inout: *mut c_void,
-            len: *mut c_int,
-            _dt: *mut ffi::MPI_Datatype,
-        ) {
+        pub unsafe extern "C" fn $name(invec: *mut c_void, inout: *mut c_void, len: *mut c_int, _dt: *mut ffi::MPI_Datatype) {
             let n = *len as usize;
             let a = std::slice::from_raw_parts(invec as *const u16, n);
             let b = std::slice::from_raw_parts_mut(inout as *mut u16, n);
@@ -201,10 +196,8 @@ impl Staged {
         if let Some(mut back) = self.back {
             // no_grad is per thread and this may run on the worker: the destination can be a
             // parameter (a leaf that requires grad), which refuses in-place writes under grad mode.
-            tch::no_grad(|| back.f_copy_(&self.buf)).map_err(|e| CommError::Backend {
-                ctx: ctx.clone(),
-                detail: format!("copying the result back into the tensor failed: {e}"),
-            })?;
+            tch::no_grad(|| back.f_copy_(&self.buf))
+                .map_err(|e| CommError::Backend { ctx: ctx.clone(), detail: format!("copying the result back into the tensor failed: {e}") })?;
         }
         Ok(())
     }
@@ -226,10 +219,9 @@ unsafe impl Send for Staged {}
 fn divide(buf: &Tensor, size: usize, ctx: &OpContext) -> Result<()> {
     let mut b = buf.shallow_clone();
     let divisor = Tensor::from(size as f64);
-    tch::no_grad(|| b.f_div_(&divisor)).map(drop).map_err(|e| CommError::Backend {
-        ctx: ctx.clone(),
-        detail: format!("dividing the sum by the {size} ranks for the average failed: {e}"),
-    })
+    tch::no_grad(|| b.f_div_(&divisor))
+        .map(drop)
+        .map_err(|e| CommError::Backend { ctx: ctx.clone(), detail: format!("dividing the sum by the {size} ranks for the average failed: {e}") })
 }
 
 fn byte_range(t: &Tensor, dt: DType) -> (usize, usize) {
@@ -316,15 +308,7 @@ impl MpiComm {
     }
 
     fn ctx(&self, op: OpKind, seq: u64) -> OpContext {
-        OpContext {
-            op,
-            seq,
-            group: self.name.clone(),
-            backend: Backend::Mpi,
-            rank: self.rank,
-            size: self.size,
-            world_rank: self.members[self.rank],
-        }
+        OpContext { op, seq, group: self.name.clone(), backend: Backend::Mpi, rank: self.rank, size: self.size, world_rank: self.members[self.rank] }
     }
 
     /// The context of the next operation of kind `op`; its number is taken by `commit` (see
@@ -340,8 +324,7 @@ impl MpiComm {
 
     fn dtype_of(&self, t: &Tensor, ctx: &OpContext) -> Result<DType> {
         let kind = t.kind();
-        DType::from_kind(kind)
-            .ok_or_else(|| CommError::UnsupportedDtype { ctx: ctx.clone(), dtype: format!("{kind:?}") })
+        DType::from_kind(kind).ok_or_else(|| CommError::UnsupportedDtype { ctx: ctx.clone(), dtype: format!("{kind:?}") })
     }
 
     fn count(&self, n: usize, ctx: &OpContext) -> Result<c_int> {
@@ -361,11 +344,7 @@ impl MpiComm {
             return Staged { buf: t.shallow_clone(), back: None };
         }
         if on_gpu || !t.is_contiguous() {
-            let buf = if copy_in {
-                t.to_device(Device::Cpu).contiguous()
-            } else {
-                Tensor::empty(t.size(), (t.kind(), Device::Cpu))
-            };
+            let buf = if copy_in { t.to_device(Device::Cpu).contiguous() } else { Tensor::empty(t.size(), (t.kind(), Device::Cpu)) };
             return Staged { buf, back: Some(t.shallow_clone()) };
         }
         Staged { buf: t.shallow_clone(), back: None }
@@ -435,9 +414,7 @@ impl MpiComm {
         let (raw, size, jctx) = (self.raw, self.size, ctx.clone());
         let sig = Sig::new(OpKind::AllReduce, Some(dt), n as i64, op.code());
         let job: Job = Box::new(move || {
-            let rc = unsafe {
-                ffi::MPI_Allreduce(in_place(), staged.ptr(), n, datatype(dt), reduction(dt, op), raw.c())
-            };
+            let rc = unsafe { ffi::MPI_Allreduce(in_place(), staged.ptr(), n, datatype(dt), reduction(dt, op), raw.c()) };
             ok(rc, &jctx, "MPI_Allreduce")?;
             if op == ReduceOp::Avg {
                 divide(&staged.buf, size, &jctx)?;
@@ -497,9 +474,7 @@ impl MpiComm {
             if i.0 == o.0 + self.rank * chunk {
                 let out = Staged { buf: output.shallow_clone(), back: None };
                 let job: Job = Box::new(move || {
-                    let rc = unsafe {
-                        ffi::MPI_Allgather(in_place(), 0, datatype(dt), out.ptr(), n, datatype(dt), raw.c())
-                    };
+                    let rc = unsafe { ffi::MPI_Allgather(in_place(), 0, datatype(dt), out.ptr(), n, datatype(dt), raw.c()) };
                     ok(rc, &jctx, "MPI_Allgather")
                 });
                 return Ok(self.submit(ctx, sig, job, blocking));
@@ -512,9 +487,7 @@ impl MpiComm {
             inp = Staged { buf: inp.buf.copy(), back: None };
         }
         let job: Job = Box::new(move || {
-            let rc = unsafe {
-                ffi::MPI_Allgather(inp.ptr(), n, datatype(dt), out.ptr(), n, datatype(dt), raw.c())
-            };
+            let rc = unsafe { ffi::MPI_Allgather(inp.ptr(), n, datatype(dt), out.ptr(), n, datatype(dt), raw.c()) };
             ok(rc, &jctx, "MPI_Allgather")?;
             drop(inp);
             out.finish(&jctx)
@@ -547,16 +520,11 @@ impl MpiComm {
         if overlaps(byte_range(&inp.buf, dt), byte_range(&out.buf, dt)) {
             // In place (output is a chunk of input): MPI forbids aliased buffers, so receive into
             // a scratch tensor and copy.
-            out = Staged {
-                buf: Tensor::empty(output.size(), (output.kind(), Device::Cpu)),
-                back: Some(output.shallow_clone()),
-            };
+            out = Staged { buf: Tensor::empty(output.size(), (output.kind(), Device::Cpu)), back: Some(output.shallow_clone()) };
         }
         let (raw, size, jctx) = (self.raw, self.size, ctx.clone());
         let job: Job = Box::new(move || {
-            let rc = unsafe {
-                ffi::MPI_Reduce_scatter_block(inp.ptr(), out.ptr(), n, datatype(dt), reduction(dt, op), raw.c())
-            };
+            let rc = unsafe { ffi::MPI_Reduce_scatter_block(inp.ptr(), out.ptr(), n, datatype(dt), reduction(dt, op), raw.c()) };
             ok(rc, &jctx, "MPI_Reduce_scatter_block")?;
             drop(inp);
             if op == ReduceOp::Avg {
@@ -735,15 +703,7 @@ fn debug_check(check: RawComm, size: usize, sig: &Sig, ctx: &OpContext) -> Resul
     let mine = s.encode();
     let mut all = vec![0i64; 5 * size];
     let rc = unsafe {
-        ffi::MPI_Allgather(
-            mine.as_ptr() as *const c_void,
-            5,
-            ffi::RSMPI_INT64_T,
-            all.as_mut_ptr() as *mut c_void,
-            5,
-            ffi::RSMPI_INT64_T,
-            check.0,
-        )
+        ffi::MPI_Allgather(mine.as_ptr() as *const c_void, 5, ffi::RSMPI_INT64_T, all.as_mut_ptr() as *mut c_void, 5, ffi::RSMPI_INT64_T, check.0)
     };
     ok(rc, ctx, "MPI_Allgather (debug check)")?;
     match mismatch_detail(&all, &mine) {

@@ -35,8 +35,7 @@ impl SingleComm {
     }
 
     fn dtype(ctx: &OpContext, t: &Tensor) -> Result<DType> {
-        DType::from_kind(t.kind())
-            .ok_or_else(|| CommError::UnsupportedDtype { ctx: ctx.clone(), dtype: format!("{:?}", t.kind()) })
+        DType::from_kind(t.kind()).ok_or_else(|| CommError::UnsupportedDtype { ctx: ctx.clone(), dtype: format!("{:?}", t.kind()) })
     }
 
     /// `output` gets `input`'s elements (same count, any shapes or strides).
@@ -55,8 +54,7 @@ impl SingleComm {
         }
         if output.data_ptr() != input.data_ptr() || output.stride() != input.stride() {
             let mut o = output.shallow_clone();
-            tch::no_grad(|| o.f_copy_(&input.reshape(output.size())))
-                .map_err(|e| CommError::Backend { ctx: ctx.clone(), detail: e.to_string() })?;
+            tch::no_grad(|| o.f_copy_(&input.reshape(output.size()))).map_err(|e| CommError::Backend { ctx: ctx.clone(), detail: e.to_string() })?;
         }
         Ok(Work::done(Ok(())))
     }
@@ -82,10 +80,7 @@ impl Communicator for SingleComm {
         let ctx = self.ctx(OpKind::AllReduce);
         let dt = Self::dtype(&ctx, t)?;
         if op == ReduceOp::Avg && !dt.is_float() {
-            return Err(CommError::InvalidArgument {
-                ctx,
-                what: format!("avg of {dt} tensors is not defined; use sum and divide"),
-            });
+            return Err(CommError::InvalidArgument { ctx, what: format!("avg of {dt} tensors is not defined; use sum and divide") });
         }
         Ok(Work::done(Ok(())))
     }
@@ -93,10 +88,7 @@ impl Communicator for SingleComm {
         let ctx = self.ctx(OpKind::Broadcast);
         Self::dtype(&ctx, t)?;
         if root != 0 {
-            return Err(CommError::InvalidArgument {
-                ctx,
-                what: format!("root {root} is not a rank of this group (size 1)"),
-            });
+            return Err(CommError::InvalidArgument { ctx, what: format!("root {root} is not a rank of this group (size 1)") });
         }
         Ok(Work::done(Ok(())))
     }

@@ -92,9 +92,7 @@ impl OpKind {
     }
     pub(crate) fn from_code(c: i64) -> Option<OpKind> {
         use OpKind::*;
-        [AllReduce, Broadcast, AllGather, ReduceScatter, Send, Recv, Barrier, Split, Connect]
-            .into_iter()
-            .find(|k| k.code() == c)
+        [AllReduce, Broadcast, AllGather, ReduceScatter, Send, Recv, Barrier, Split, Connect].into_iter().find(|k| k.code() == c)
     }
 }
 

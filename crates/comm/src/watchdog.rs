@@ -124,26 +124,12 @@ pub(crate) fn called(group_id: &str, seq: u64, desc: &str) {
 }
 
 /// Starts the timer of an operation; it stops when the guard is dropped.
-pub(crate) fn begin(
-    desc: String,
-    group_id: &str,
-    seq: u64,
-    members: &Arc<Vec<usize>>,
-    peer: Option<usize>,
-) -> Guard {
+pub(crate) fn begin(desc: String, group_id: &str, seq: u64, members: &Arc<Vec<usize>>, peer: Option<usize>) -> Guard {
     let Some(w) = WATCHDOG.get() else { return Guard(None) };
     let id = w.next.fetch_add(1, Ordering::Relaxed);
     w.inflight.lock().unwrap().insert(
         id,
-        Inflight {
-            desc,
-            group_id: group_id.to_string(),
-            seq,
-            members: members.clone(),
-            peer,
-            collective: peer.is_none(),
-            started: Instant::now(),
-        },
+        Inflight { desc, group_id: group_id.to_string(), seq, members: members.clone(), peer, collective: peer.is_none(), started: Instant::now() },
     );
     Guard(Some(id))
 }
@@ -171,10 +157,7 @@ pub struct PortStats {
 
 /// The port's counters, once the watchdog runs.
 pub fn port_stats() -> Option<PortStats> {
-    WATCHDOG.get().map(|w| PortStats {
-        rejected: w.port.rejected.load(Ordering::Relaxed),
-        dropped: w.port.dropped.load(Ordering::Relaxed),
-    })
+    WATCHDOG.get().map(|w| PortStats { rejected: w.port.rejected.load(Ordering::Relaxed), dropped: w.port.dropped.load(Ordering::Relaxed) })
 }
 
 /// Brings the watchdog up on every rank of `world` (collective): rank 0 draws the job's secret and
@@ -223,8 +206,7 @@ pub(crate) fn start_mpi(world: &::mpi::topology::SimpleCommunicator, timeout: Du
         .enumerate()
         .map(|(r, c)| {
             let a = String::from_utf8_lossy(&c[..c.iter().position(|&b| b == 0).unwrap_or(LEN)]).into_owned();
-            a.parse::<SocketAddr>()
-                .map_err(|_| format!("watchdog: rank {r} could not open its port (it says why); its address is '{a}'"))
+            a.parse::<SocketAddr>().map_err(|_| format!("watchdog: rank {r} could not open its port (it says why); its address is '{a}'"))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut key = [0u8; auth::SECRET_LEN];
@@ -237,10 +219,8 @@ fn bind(one_node: bool) -> Result<(TcpListener, SocketAddr), String> {
     let listener = match std::env::var("FABBRICA_WATCHDOG_HOST").ok().filter(|s| !s.trim().is_empty()) {
         Some(host) => {
             let host = host.trim();
-            let addrs: Vec<SocketAddr> = (host, 0)
-                .to_socket_addrs()
-                .map_err(|e| format!("watchdog: FABBRICA_WATCHDOG_HOST='{host}' does not resolve: {e}"))?
-                .collect();
+            let addrs: Vec<SocketAddr> =
+                (host, 0).to_socket_addrs().map_err(|e| format!("watchdog: FABBRICA_WATCHDOG_HOST='{host}' does not resolve: {e}"))?.collect();
             if addrs.iter().any(|a| a.ip().is_unspecified()) {
                 return Err(format!(
                     "watchdog: FABBRICA_WATCHDOG_HOST='{host}' is every interface; set the one address of this host that the other hosts reach"
@@ -289,26 +269,14 @@ fn reachable_ip() -> Option<IpAddr> {
 }
 
 /// Starts the listener and checker threads. `peers[r]` is world rank r's listener address.
-fn start(
-    listener: TcpListener,
-    world_rank: usize,
-    secret: Secret,
-    peers: Vec<SocketAddr>,
-    timeout: Duration,
-) -> Result<(), String> {
+fn start(listener: TcpListener, world_rank: usize, secret: Secret, peers: Vec<SocketAddr>, timeout: Duration) -> Result<(), String> {
     let w = Arc::new(Watchdog::new(world_rank, peers, secret, timeout, port::LIMITS));
     if WATCHDOG.set(w.clone()).is_err() {
         return Err("watchdog started twice".into());
     }
     let lw = w.clone();
-    std::thread::Builder::new()
-        .name("watchdog-listen".into())
-        .spawn(move || port::serve(lw, listener))
-        .map_err(|e| e.to_string())?;
-    std::thread::Builder::new()
-        .name("watchdog".into())
-        .spawn(move || check(&w))
-        .map_err(|e| e.to_string())?;
+    std::thread::Builder::new().name("watchdog-listen".into()).spawn(move || port::serve(lw, listener)).map_err(|e| e.to_string())?;
+    std::thread::Builder::new().name("watchdog".into()).spawn(move || check(&w)).map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -319,11 +287,7 @@ impl Watchdog {
         if inflight.is_empty() {
             return "no operation in flight".into();
         }
-        inflight
-            .values()
-            .map(|op| format!("in {} for {:.1}s", op.desc, op.started.elapsed().as_secs_f64()))
-            .collect::<Vec<_>>()
-            .join("; ")
+        inflight.values().map(|op| format!("in {} for {:.1}s", op.desc, op.started.elapsed().as_secs_f64())).collect::<Vec<_>>().join("; ")
     }
 }
 
@@ -336,23 +300,11 @@ fn check(w: &Watchdog) {
             inflight
                 .values()
                 .find(|op| op.started.elapsed() > w.timeout)
-                .map(|op| {
-                    (
-                        op.desc.clone(),
-                        op.group_id.clone(),
-                        op.seq,
-                        op.members.clone(),
-                        op.peer,
-                        op.collective,
-                    )
-                })
+                .map(|op| (op.desc.clone(), op.group_id.clone(), op.seq, op.members.clone(), op.peer, op.collective))
         };
         if let Some((desc, group_id, seq, members, peer, collective)) = expired {
             let report = w.diagnose(&group_id, seq, &members, peer, collective);
-            let msg = format!(
-                "watchdog: {desc} did not complete within {:.1}s; {report}",
-                w.timeout.as_secs_f64()
-            );
+            let msg = format!("watchdog: {desc} did not complete within {:.1}s; {report}", w.timeout.as_secs_f64());
             if w.aborting.swap(true, Ordering::SeqCst) {
                 // A peer's abort request got here first; its handler is ending the process.
                 loop {
@@ -383,8 +335,7 @@ fn check(w: &Watchdog) {
 impl Watchdog {
     /// Sends `request` to every other rank, a few dozen at a time, each within about a second.
     fn broadcast_abort(&self, request: &str) {
-        let others: Vec<(usize, SocketAddr)> =
-            self.peers.iter().copied().enumerate().filter(|&(r, _)| r != self.world_rank).collect();
+        let others: Vec<(usize, SocketAddr)> = self.peers.iter().copied().enumerate().filter(|&(r, _)| r != self.world_rank).collect();
         for chunk in others.chunks(64) {
             std::thread::scope(|s| {
                 for &(r, addr) in chunk {
@@ -404,22 +355,13 @@ impl Watchdog {
 impl Watchdog {
     fn query(&self, world_rank: usize, group_id: &str) -> Result<(u64, String, String), String> {
         let deadline = Instant::now() + Duration::from_secs(4);
-        let line = match port::exchange(
-            &self.peers[world_rank],
-            world_rank,
-            &self.secret,
-            &format!("Q {group_id}"),
-            true,
-            &self.port.limits,
-            deadline,
-        ) {
-            Ok(line) => line.unwrap_or_default(),
-            Err(Failure::Refused(e)) => return Err(format!("unreachable ({e}; has it exited?)")),
-            Err(Failure::Lost(e)) => return Err(format!("no answer ({e})")),
-            Err(Failure::Foreign) => {
-                return Err("answered without the job's secret (another process on its port?)".into())
-            }
-        };
+        let line =
+            match port::exchange(&self.peers[world_rank], world_rank, &self.secret, &format!("Q {group_id}"), true, &self.port.limits, deadline) {
+                Ok(line) => line.unwrap_or_default(),
+                Err(Failure::Refused(e)) => return Err(format!("unreachable ({e}; has it exited?)")),
+                Err(Failure::Lost(e)) => return Err(format!("no answer ({e})")),
+                Err(Failure::Foreign) => return Err("answered without the job's secret (another process on its port?)".into()),
+            };
         let mut parts = line.splitn(3, '\t');
         let seq = parts.next().and_then(|x| x.parse().ok()).ok_or("garbled answer")?;
         Ok((seq, parts.next().unwrap_or("").into(), parts.next().unwrap_or("").into()))
@@ -427,14 +369,7 @@ impl Watchdog {
 
     /// For a collective: which members have not called sequence number `seq` yet, and what each
     /// of them is doing. For point-to-point: what the peer is doing.
-    fn diagnose(
-        &self,
-        group_id: &str,
-        seq: u64,
-        members: &[usize],
-        peer: Option<usize>,
-        collective: bool,
-    ) -> String {
+    fn diagnose(&self, group_id: &str, seq: u64, members: &[usize], peer: Option<usize>, collective: bool) -> String {
         if !collective {
             let p = peer.unwrap_or(0);
             let wr = members.get(p).copied().unwrap_or(p);

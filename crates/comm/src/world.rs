@@ -88,10 +88,7 @@ pub fn parse_debug(v: &str) -> Result<bool> {
     match v.trim() {
         "1" | "true" | "on" | "yes" => Ok(true),
         "0" | "false" | "off" | "no" | "" => Ok(false),
-        _ => Err(CommError::Init(format!(
-            "FABBRICA_COMM_DEBUG={} is not a boolean: set FABBRICA_COMM_DEBUG=1 or FABBRICA_COMM_DEBUG=0",
-            quoted(v)
-        ))),
+        _ => Err(CommError::Init(format!("FABBRICA_COMM_DEBUG={} is not a boolean: set FABBRICA_COMM_DEBUG=1 or FABBRICA_COMM_DEBUG=0", quoted(v)))),
     }
 }
 
@@ -148,13 +145,7 @@ pub fn init_with(launch: LaunchEnv, opts: InitOptions) -> Result<World> {
     let registry = Arc::new(Registry::default());
     if launch.launcher == Launcher::Single {
         let host: Arc<dyn Communicator> = Arc::new(SingleComm::new("world", 0));
-        return Ok(World {
-            group: Arc::new(Group::new(host, opts.backend, opts.debug)),
-            launch,
-            registry,
-            universe: None,
-            debug: opts.debug,
-        });
+        return Ok(World { group: Arc::new(Group::new(host, opts.backend, opts.debug)), launch, registry, universe: None, debug: opts.debug });
     }
     let (universe, threading) = ::mpi::initialize_with_threading(::mpi::Threading::Multiple)
         .ok_or_else(|| CommError::Init("MPI was already initialised in this process".into()))?;

@@ -502,10 +502,7 @@ fn strangers_cannot_stop_query_or_bloat_a_running_job() {
         sent.push(attack(addr, pid, &mut noise));
     }
     // Silent connections, more than the port serves at once, held while the job keeps going.
-    let silent: Vec<TcpStream> = ranks
-        .iter()
-        .flat_map(|&(addr, _)| (0..40).map(move |_| TcpStream::connect(addr).unwrap()))
-        .collect();
+    let silent: Vec<TcpStream> = ranks.iter().flat_map(|&(addr, _)| (0..40).map(move |_| TcpStream::connect(addr).unwrap())).collect();
     std::thread::sleep(Duration::from_secs(1));
     std::fs::write(dir.join("go"), "").unwrap();
     let (status, all) = job.finish(Duration::from_secs(180));
@@ -633,7 +630,13 @@ fn flight_recorder_hung_job_every_rank_dumps_and_the_missing_rank_is_named() {
     }
     assert_eq!((g.progress[2].called, g.progress[2].completed, g.progress[2].in_flight.is_none()), (1, 1, true));
     assert_eq!(rep.look_at[0].rank, 2, "{}", rep.to_text());
-    assert!(rep.look_at[0].why.starts_with("never called collective #2 (all_reduce(f32, 1000 elements, sum)) on group 'world', which ranks 0-1 were waiting in"), "{}", rep.to_text());
+    assert!(
+        rep.look_at[0]
+            .why
+            .starts_with("never called collective #2 (all_reduce(f32, 1000 elements, sum)) on group 'world', which ranks 0-1 were waiting in"),
+        "{}",
+        rep.to_text()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -5,9 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use fabbrica_comm::{
-    init_with, nccl, Backend, BackendChoice, CommError, Communicator, DType, InitOptions, LaunchEnv, OpKind, ReduceOp,
-};
+use fabbrica_comm::{init_with, nccl, Backend, BackendChoice, CommError, Communicator, DType, InitOptions, LaunchEnv, OpKind, ReduceOp};
 use tch::{Device, Kind, Tensor};
 
 /// Prints the skip and logs it where scripts/test.sh collects skips. True when skipped.
@@ -71,18 +69,14 @@ fn library_resolves_to_the_copy_libtorch_loaded() {
         }
         return;
     }
-    let (path, version) = nccl::library_info()
-        .unwrap_or_else(|| panic!("NCCL did not load: {}", nccl::library_error().unwrap_or_default()));
+    let (path, version) = nccl::library_info().unwrap_or_else(|| panic!("NCCL did not load: {}", nccl::library_error().unwrap_or_default()));
     println!("NCCL {} from {}", nccl::version_string(version), path.display());
     let wheel = nccl::library_candidates(&torch_lib)[0].clone();
     assert_eq!(path, std::fs::canonicalize(&wheel).expect("the wheel's libnccl.so.2 exists"));
     // The version libtorch's wheel ships, as its header next to the library says.
     let header = wheel.parent().and_then(|d| d.parent()).map(|d| d.join("include/nccl.h"));
     if let Some(text) = header.and_then(|h| std::fs::read_to_string(h).ok()) {
-        let code = text
-            .lines()
-            .find_map(|l| l.strip_prefix("#define NCCL_VERSION_CODE "))
-            .and_then(|v| v.trim().parse::<i32>().ok());
+        let code = text.lines().find_map(|l| l.strip_prefix("#define NCCL_VERSION_CODE ")).and_then(|v| v.trim().parse::<i32>().ok());
         if let Some(code) = code {
             assert_eq!(version, code);
         }
@@ -102,9 +96,7 @@ fn available_is_safe_without_a_gpu() {
 
 /// Rank `r`'s test values: small integers, exact in every dtype (bf16 holds integers to 256).
 fn sample(dt: DType, n: i64, r: i64, dev: Device) -> Tensor {
-    ((Tensor::arange(n, (Kind::Int64, Device::Cpu)) * 7 + r * 13 + 5).remainder(101) - 50)
-        .to_kind(dt.kind())
-        .to_device(dev)
+    ((Tensor::arange(n, (Kind::Int64, Device::Cpu)) * 7 + r * 13 + 5).remainder(101) - 50).to_kind(dt.kind()).to_device(dev)
 }
 
 fn host_f64(t: &Tensor) -> Vec<f64> {
@@ -162,8 +154,7 @@ fn gpu_world_of_one_every_op() {
     let (path, version) = nccl::library_info().expect("NCCL loads");
     println!("NCCL {} from {}", nccl::version_string(version), path.display());
 
-    let world = init_with(LaunchEnv::single(), InitOptions { backend: BackendChoice::Nccl, ..Default::default() })
-        .expect("world of one");
+    let world = init_with(LaunchEnv::single(), InitOptions { backend: BackendChoice::Nccl, ..Default::default() }).expect("world of one");
     let g = world.comm();
     let dev = Device::Cuda(0);
     let (rank, size) = (g.rank() as i64, g.size() as i64);
@@ -219,14 +210,9 @@ fn gpu_world_of_one_every_op() {
         let out_base = Tensor::zeros([size * n, 2], (k, dev));
         let out = out_base.select(1, 1);
         g.all_gather(&out, &input).unwrap_or_else(|e| panic!("all_gather strided {dt}: {e}"));
-        let want: Vec<Tensor> =
-            (0..size).map(|r| sample(dt, 2 * n, r, Device::Cpu).reshape([n, 2]).select(1, 0)).collect();
+        let want: Vec<Tensor> = (0..size).map(|r| sample(dt, 2 * n, r, Device::Cpu).reshape([n, 2]).select(1, 0)).collect();
         assert_same(&out, &Tensor::cat(&want, 0), &format!("all_gather strided {dt}"));
-        assert_same(
-            &out_base.select(1, 0),
-            &Tensor::zeros([size * n], (k, Device::Cpu)),
-            "all_gather: untouched column",
-        );
+        assert_same(&out_base.select(1, 0), &Tensor::zeros([size * n], (k, Device::Cpu)), "all_gather: untouched column");
         expect_invalid(g.all_gather(&Tensor::zeros([size * n + 1], (k, dev)), &input), "all_gather size mismatch");
 
         // reduce_scatter: out of place, in place, strided output; avg only for floats.
@@ -327,8 +313,7 @@ fn gpu_world_of_one_every_op() {
 
     // Debug mode (a group of one has nobody to disagree with, but the path runs).
     let dworld =
-        init_with(LaunchEnv::single(), InitOptions { backend: BackendChoice::Nccl, debug: true, ..Default::default() })
-            .expect("debug world");
+        init_with(LaunchEnv::single(), InitOptions { backend: BackendChoice::Nccl, debug: true, ..Default::default() }).expect("debug world");
     let t = sample(DType::I64, n, rank, dev);
     dworld.comm().all_reduce(&t, ReduceOp::Min).expect("debug all_reduce");
     assert_same(&t, &reduced(DType::I64, n, 1, ReduceOp::Min), "debug all_reduce");

@@ -30,19 +30,12 @@ pub(crate) fn write_tokens_atomic(path: &Path, tokens: &[u16]) -> Result<()> {
 }
 
 /// Temp-file dance shared by the writers; `fill` writes the content.
-fn write_atomic_with(
-    path: &Path,
-    fill: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
-) -> Result<()> {
+fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>) -> Result<()> {
     let tmp = temp_path(path);
     let result = (|| -> std::io::Result<()> {
         // truncate, not create_new: a crashed earlier run with the same pid
         // (common in containers) may have left this temp name behind.
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
         let mut w = BufWriter::new(file);
         fill(&mut w)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
@@ -58,11 +51,7 @@ fn write_atomic_with(
     // Persist the rename itself; best effort (not all platforms allow
     // opening a directory for fsync).
     if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
         if let Ok(d) = File::open(dir) {
             let _ = d.sync_all();
         }
@@ -73,10 +62,7 @@ fn write_atomic_with(
 /// `dir/.name.tmp-<pid>`: same directory (so rename is atomic), hidden, and
 /// unique per process so concurrent prepares cannot clobber each other's temp.
 fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 

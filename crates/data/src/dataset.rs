@@ -39,23 +39,12 @@ impl Dataset {
 ///   vocabulary from the whole file) and split like `prepare`.
 ///
 /// Each split must hold at least `block_size + 1` tokens.
-pub fn load(
-    path: &Path,
-    text_tokenizer: TokenizerKind,
-    block_size: usize,
-    val_fraction: f64,
-) -> Result<Dataset> {
+pub fn load(path: &Path, text_tokenizer: TokenizerKind, block_size: usize, val_fraction: f64) -> Result<Dataset> {
     let metadata = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => DataError::PathNotFound {
-            path: path.to_owned(),
-        },
+        std::io::ErrorKind::NotFound => DataError::PathNotFound { path: path.to_owned() },
         _ => DataError::io("read", path, e),
     })?;
-    let dataset = if metadata.is_dir() {
-        load_dir(path)?
-    } else {
-        load_text(path, text_tokenizer, val_fraction)?
-    };
+    let dataset = if metadata.is_dir() { load_dir(path)? } else { load_text(path, text_tokenizer, val_fraction)? };
     // Saturating: block_size = usize::MAX must be refused, not wrap to 0 and pass.
     let needed = block_size.saturating_add(1);
     for split in [Split::Train, Split::Val] {
@@ -66,12 +55,7 @@ pub fn load(
                 TokenSource::Mapped(f) => f.path().to_owned(),
                 TokenSource::Owned(_) => path.to_owned(),
             };
-            return Err(DataError::SplitTooShort {
-                split,
-                path,
-                tokens: source.len(),
-                needed,
-            });
+            return Err(DataError::SplitTooShort { split, path, tokens: source.len(), needed });
         }
     }
     Ok(dataset)
@@ -83,12 +67,7 @@ fn load_dir(dir: &Path) -> Result<Dataset> {
     let vocab = tokenizer.vocab_size();
     let train = TokenFile::open(&dir.join(TRAIN_FILE), vocab)?;
     let val = TokenFile::open(&dir.join(VAL_FILE), vocab)?;
-    Ok(Dataset {
-        path: dir.to_owned(),
-        tokenizer,
-        train: train.into(),
-        val: val.into(),
-    })
+    Ok(Dataset { path: dir.to_owned(), tokenizer, train: train.into(), val: val.into() })
 }
 
 /// Raw text file: tokenize in memory and split.
@@ -98,12 +77,7 @@ fn load_text(path: &Path, kind: TokenizerKind, val_fraction: f64) -> Result<Data
     let tokenizer = Tokenizer::for_text(kind, &text)?;
     let mut train = tokenizer.encode(&text)?;
     let val = train.split_off(split_point(train.len(), val_fraction));
-    Ok(Dataset {
-        path: path.to_owned(),
-        tokenizer,
-        train: train.into(),
-        val: val.into(),
-    })
+    Ok(Dataset { path: path.to_owned(), tokenizer, train: train.into(), val: val.into() })
 }
 
 #[cfg(test)]
@@ -142,10 +116,7 @@ mod tests {
             // Train followed by val decodes back to the original text.
             let all: Vec<u16> = [from_dir.train.to_vec(), from_dir.val.to_vec()].concat();
             assert_eq!(from_dir.tokenizer.decode(&all), TEXT);
-            assert_eq!(
-                from_dir.source(Split::Val).window(0, 3),
-                from_dir.val.window(0, 3)
-            );
+            assert_eq!(from_dir.source(Split::Val).window(0, 3), from_dir.val.window(0, 3));
         }
     }
 
@@ -166,10 +137,7 @@ mod tests {
         let input = text_file(dir.path(), "abcdefghijklmnopqrst");
         let err = load(&input, TokenizerKind::Char, 10, 0.5).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            matches!(err, DataError::SplitTooShort { split: Split::Train, tokens: 10, needed: 11, .. }),
-            "{msg}"
-        );
+        assert!(matches!(err, DataError::SplitTooShort { split: Split::Train, tokens: 10, needed: 11, .. }), "{msg}");
         assert_eq!(
             msg,
             format!(

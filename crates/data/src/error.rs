@@ -53,12 +53,7 @@ pub enum DataError {
          the file was made with a different tokenizer or meta.json is wrong; re-run `fabbrica prepare`",
         .path.display()
     )]
-    TokenOutOfRange {
-        path: PathBuf,
-        index: usize,
-        token: u16,
-        vocab_size: usize,
-    },
+    TokenOutOfRange { path: PathBuf, index: usize, token: u16, vocab_size: usize },
 
     /// An input text file is not valid UTF-8.
     #[error(
@@ -107,12 +102,7 @@ pub enum DataError {
          give more text or lower model.block_size",
         .path.display()
     )]
-    SplitTooShort {
-        split: Split,
-        path: PathBuf,
-        tokens: usize,
-        needed: usize,
-    },
+    SplitTooShort { split: Split, path: PathBuf, tokens: usize, needed: usize },
 
     /// The validation fraction is outside (0, 1).
     #[error("val_fraction is {value}, but it must be greater than 0 and less than 1 (e.g. 0.1)")]
@@ -122,11 +112,7 @@ pub enum DataError {
 impl DataError {
     /// Convenience constructor for [`DataError::Io`].
     pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
-        DataError::Io {
-            action,
-            path: path.into(),
-            source,
-        }
+        DataError::Io { action, path: path.into(), source }
     }
 }
 
@@ -140,26 +126,14 @@ mod tests {
         let errors = vec![
             DataError::PathNotFound { path: "x".into() },
             DataError::io("read", "x", io::Error::other("boom")),
-            DataError::UnknownChar {
-                ch: '\n',
-                vocab_size: 3,
-            },
-            DataError::SplitTooShort {
-                split: Split::Val,
-                path: "d".into(),
-                tokens: 3,
-                needed: 9,
-            },
+            DataError::UnknownChar { ch: '\n', vocab_size: 3 },
+            DataError::SplitTooShort { split: Split::Val, path: "d".into(), tokens: 3, needed: 9 },
         ];
         for e in errors {
             let s = e.to_string();
             assert!(!s.contains('\n'), "multi-line message: {s}");
         }
-        let s = DataError::UnknownChar {
-            ch: '\n',
-            vocab_size: 3,
-        }
-        .to_string();
+        let s = DataError::UnknownChar { ch: '\n', vocab_size: 3 }.to_string();
         assert!(s.contains(r"'\n' (U+000A)"), "{s}");
     }
 }

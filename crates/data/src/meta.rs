@@ -37,12 +37,7 @@ impl Meta {
             Tokenizer::Char { chars } => Some(chars.iter().collect()),
             Tokenizer::Gpt2(_) => None,
         };
-        Meta {
-            tokenizer: tokenizer.kind(),
-            vocab_size: tokenizer.vocab_size(),
-            chars,
-            source: None,
-        }
+        Meta { tokenizer: tokenizer.kind(), vocab_size: tokenizer.vocab_size(), chars, source: None }
     }
 
     /// Reads and validates `path` (the meta.json file itself).
@@ -52,16 +47,9 @@ impl Meta {
     pub fn read(path: &Path) -> Result<Meta> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(DataError::MetaMissing {
-                    path: path.to_owned(),
-                })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(DataError::MetaMissing { path: path.to_owned() }),
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                return Err(DataError::MetaInvalid {
-                    path: path.to_owned(),
-                    reason: "it is not UTF-8 text".into(),
-                })
+                return Err(DataError::MetaInvalid { path: path.to_owned(), reason: "it is not UTF-8 text".into() })
             }
             Err(e) => return Err(DataError::io("read", path, e)),
         };
@@ -89,13 +77,7 @@ impl Meta {
     /// (char: `chars` present, sorted, unique, count = vocab_size;
     /// gpt2: vocab_size = 50257).
     pub fn tokenizer(&self) -> Result<Tokenizer> {
-        self.build().map_err(|reason| DataError::MetaInvalid {
-            path: self
-                .source
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(META_FILE)),
-            reason,
-        })
+        self.build().map_err(|reason| DataError::MetaInvalid { path: self.source.clone().unwrap_or_else(|| PathBuf::from(META_FILE)), reason })
     }
 
     /// Consistency checks; `Err` is the human-readable reason.
@@ -106,26 +88,14 @@ impl Meta {
                     return Err("\"chars\" is only valid with \"tokenizer\": \"char\"".into());
                 }
                 if self.vocab_size != GPT2_VOCAB_SIZE {
-                    return Err(format!(
-                        "gpt2 has vocab_size {GPT2_VOCAB_SIZE}, but it says {}",
-                        self.vocab_size
-                    ));
+                    return Err(format!("gpt2 has vocab_size {GPT2_VOCAB_SIZE}, but it says {}", self.vocab_size));
                 }
                 Ok(Tokenizer::gpt2())
             }
             TokenizerKind::Char => {
-                let chars: Vec<char> = self
-                    .chars
-                    .as_deref()
-                    .ok_or("\"tokenizer\": \"char\" needs a \"chars\" string")?
-                    .chars()
-                    .collect();
+                let chars: Vec<char> = self.chars.as_deref().ok_or("\"tokenizer\": \"char\" needs a \"chars\" string")?.chars().collect();
                 if chars.len() != self.vocab_size {
-                    return Err(format!(
-                        "\"chars\" has {} characters, but vocab_size is {}",
-                        chars.len(),
-                        self.vocab_size
-                    ));
+                    return Err(format!("\"chars\" has {} characters, but vocab_size is {}", chars.len(), self.vocab_size));
                 }
                 if let Some(w) = chars.windows(2).find(|w| w[0] >= w[1]) {
                     return Err(format!(
@@ -168,10 +138,7 @@ mod tests {
 
     #[test]
     fn round_trip_char_and_gpt2() {
-        for tok in [
-            Tokenizer::char_from_text("hello\n\"world\"").unwrap(),
-            Tokenizer::gpt2(),
-        ] {
+        for tok in [Tokenizer::char_from_text("hello\n\"world\"").unwrap(), Tokenizer::gpt2()] {
             let dir = tempfile::tempdir().unwrap();
             let meta = Meta::for_tokenizer(&tok);
             let path = meta.write(dir.path()).unwrap();
@@ -184,15 +151,9 @@ mod tests {
     #[test]
     fn json_shape() {
         let m = Meta::for_tokenizer(&Tokenizer::char_from_text("ba").unwrap());
-        assert_eq!(
-            serde_json::to_string(&m).unwrap(),
-            r#"{"tokenizer":"char","vocab_size":2,"chars":"ab"}"#
-        );
+        assert_eq!(serde_json::to_string(&m).unwrap(), r#"{"tokenizer":"char","vocab_size":2,"chars":"ab"}"#);
         let m = Meta::for_tokenizer(&Tokenizer::gpt2());
-        assert_eq!(
-            serde_json::to_string(&m).unwrap(),
-            r#"{"tokenizer":"gpt2","vocab_size":50257}"#
-        );
+        assert_eq!(serde_json::to_string(&m).unwrap(), r#"{"tokenizer":"gpt2","vocab_size":50257}"#);
     }
 
     #[test]

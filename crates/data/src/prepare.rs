@@ -33,18 +33,11 @@ pub struct PrepareSummary {
 /// interrupted run never leaves a truncated file under a final name. Files
 /// are written in the order train, val, meta: a directory with meta.json
 /// always has complete bins from the same run or an earlier one.
-pub fn prepare(
-    input: &Path,
-    kind: TokenizerKind,
-    out_dir: &Path,
-    val_fraction: f64,
-) -> Result<PrepareSummary> {
+pub fn prepare(input: &Path, kind: TokenizerKind, out_dir: &Path, val_fraction: f64) -> Result<PrepareSummary> {
     check_val_fraction(val_fraction)?;
     let text = read_text(input)?;
     if text.is_empty() {
-        return Err(DataError::EmptyInput {
-            path: input.to_owned(),
-        });
+        return Err(DataError::EmptyInput { path: input.to_owned() });
     }
     let tokenizer = Tokenizer::for_text(kind, &text)?;
     let tokens = tokenizer.encode(&text)?;
@@ -83,24 +76,17 @@ pub(crate) fn check_val_fraction(val_fraction: f64) -> Result<()> {
     if val_fraction > 0.0 && val_fraction < 1.0 {
         Ok(())
     } else {
-        Err(DataError::InvalidValFraction {
-            value: val_fraction,
-        })
+        Err(DataError::InvalidValFraction { value: val_fraction })
     }
 }
 
 /// Reads a whole UTF-8 text file with user-facing errors.
 pub(crate) fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => DataError::PathNotFound {
-            path: path.to_owned(),
-        },
+        std::io::ErrorKind::NotFound => DataError::PathNotFound { path: path.to_owned() },
         _ => DataError::io("read", path, e),
     })?;
-    String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {
-        path: path.to_owned(),
-        offset: e.utf8_error().valid_up_to(),
-    })
+    String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 { path: path.to_owned(), offset: e.utf8_error().valid_up_to() })
 }
 
 #[cfg(test)]
@@ -136,10 +122,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&s.train_path).unwrap().len(), 180);
         assert_eq!(std::fs::metadata(&s.val_path).unwrap().len(), 20);
         // Only the three final files, no temp leftovers.
-        let mut names: Vec<_> = std::fs::read_dir(&out)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+        let mut names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         names.sort();
         assert_eq!(names, ["meta.json", "train.bin", "val.bin"]);
         // Bytes are the little-endian ids: 'a' -> 0, 'b' -> 1.

@@ -89,19 +89,8 @@ impl Sampler {
     ///
     /// # Panics
     /// If `n_tokens < block_size + 1` (`dataset::load` rules this out).
-    pub fn window_offset(
-        &self,
-        split: Split,
-        step: u64,
-        sample: u64,
-        n_tokens: usize,
-        block_size: usize,
-    ) -> usize {
-        assert!(
-            n_tokens > block_size,
-            "{split} split has {n_tokens} tokens, fewer than block_size+1 = {}",
-            block_size + 1
-        );
+    pub fn window_offset(&self, split: Split, step: u64, sample: u64, n_tokens: usize, block_size: usize) -> usize {
+        assert!(n_tokens > block_size, "{split} split has {n_tokens} tokens, fewer than block_size+1 = {}", block_size + 1);
         let range = (n_tokens - block_size) as u64; // number of valid offsets
         (self.hash(split, step, sample) % range) as usize
     }
@@ -125,9 +114,7 @@ impl Sampler {
         let mut x = vec![0i64; batch_size * block_size];
         let mut y = vec![0i64; batch_size * block_size];
         // Row i occupies [i*block_size, (i+1)*block_size) of x and y.
-        let rows = x
-            .chunks_exact_mut(block_size.max(1))
-            .zip(y.chunks_exact_mut(block_size.max(1)));
+        let rows = x.chunks_exact_mut(block_size.max(1)).zip(y.chunks_exact_mut(block_size.max(1)));
         for (i, (xr, yr)) in rows.enumerate() {
             let o = self.window_offset(split, step, first_sample + i as u64, n, block_size);
             source.fill_window(o, xr);
@@ -147,10 +134,7 @@ mod tests {
         let b = Sampler::new(42);
         for step in 0..50 {
             for sample in 0..8 {
-                assert_eq!(
-                    a.window_offset(Split::Train, step, sample, 10_000, 64),
-                    b.window_offset(Split::Train, step, sample, 10_000, 64)
-                );
+                assert_eq!(a.window_offset(Split::Train, step, sample, 10_000, 64), b.window_offset(Split::Train, step, sample, 10_000, 64));
             }
         }
     }
@@ -159,18 +143,14 @@ mod tests {
     fn samples_steps_splits_seeds_differ() {
         let s = Sampler::new(1);
         let n = 1 << 30; // large range: a collision would be a real defect
-        let off = |seed, split, step, sample| {
-            Sampler::new(seed).window_offset(split, step, sample, n, 256)
-        };
+        let off = |seed, split, step, sample| Sampler::new(seed).window_offset(split, step, sample, n, 256);
         let base = off(1, Split::Train, 3, 5);
         assert_ne!(base, off(1, Split::Train, 3, 6), "sample");
         assert_ne!(base, off(1, Split::Train, 4, 5), "step");
         assert_ne!(base, off(1, Split::Val, 3, 5), "split");
         assert_ne!(base, off(2, Split::Train, 3, 5), "seed");
         // Within one step, 1000 samples are (almost surely) all distinct.
-        let mut v: Vec<_> = (0..1000)
-            .map(|i| s.window_offset(Split::Train, 0, i, n, 256))
-            .collect();
+        let mut v: Vec<_> = (0..1000).map(|i| s.window_offset(Split::Train, 0, i, n, 256)).collect();
         v.sort_unstable();
         v.dedup();
         assert_eq!(v.len(), 1000);

@@ -55,10 +55,7 @@ impl FromStr for TokenizerKind {
     /// Parses `"char"` or `"gpt2"` (case-insensitive, surrounding spaces ignored).
     fn from_str(s: &str) -> Result<Self> {
         let t = s.trim();
-        TokenizerKind::ALL
-            .into_iter()
-            .find(|k| k.as_str().eq_ignore_ascii_case(t))
-            .ok_or_else(|| DataError::UnknownTokenizer { name: s.to_owned() })
+        TokenizerKind::ALL.into_iter().find(|k| k.as_str().eq_ignore_ascii_case(t)).ok_or_else(|| DataError::UnknownTokenizer { name: s.to_owned() })
     }
 }
 
@@ -132,10 +129,7 @@ impl Tokenizer {
         if chars.len() > MAX_VOCAB {
             return Err(DataError::VocabTooLarge { size: chars.len() });
         }
-        assert!(
-            chars.windows(2).all(|w| w[0] < w[1]),
-            "char vocabulary must be sorted and unique"
-        );
+        assert!(chars.windows(2).all(|w| w[0] < w[1]), "char vocabulary must be sorted and unique");
         Ok(Tokenizer::Char { chars })
     }
 
@@ -190,13 +184,7 @@ impl Tokenizer {
                 .chars()
                 .map(|c| {
                     // Index fits u16: vocab size <= 65536 was checked at construction.
-                    chars
-                        .binary_search(&c)
-                        .map(|i| i as u16)
-                        .map_err(|_| DataError::UnknownChar {
-                            ch: c,
-                            vocab_size: chars.len(),
-                        })
+                    chars.binary_search(&c).map(|i| i as u16).map_err(|_| DataError::UnknownChar { ch: c, vocab_size: chars.len() })
                 })
                 .collect(),
             Tokenizer::Gpt2(bpe) => Ok(bpe
@@ -214,10 +202,7 @@ impl Tokenizer {
     /// (a sampled sequence may end in the middle of a multi-byte char).
     pub fn decode(&self, ids: &[u16]) -> String {
         match self {
-            Tokenizer::Char { chars } => ids
-                .iter()
-                .map(|&i| chars.get(usize::from(i)).copied().unwrap_or('\u{FFFD}'))
-                .collect(),
+            Tokenizer::Char { chars } => ids.iter().map(|&i| chars.get(usize::from(i)).copied().unwrap_or('\u{FFFD}')).collect(),
             Tokenizer::Gpt2(bpe) => {
                 let core = bpe.core();
                 let mut bytes = Vec::with_capacity(ids.len() * 4);
@@ -251,12 +236,7 @@ mod tests {
     #[test]
     fn char_vocab_is_sorted_unique() {
         let t = Tokenizer::char_from_text("hello").unwrap();
-        assert_eq!(
-            t,
-            Tokenizer::Char {
-                chars: vec!['e', 'h', 'l', 'o']
-            }
-        );
+        assert_eq!(t, Tokenizer::Char { chars: vec!['e', 'h', 'l', 'o'] });
         assert_eq!(t.vocab_size(), 4);
         assert_eq!(t.kind(), TokenizerKind::Char);
         assert_eq!(t.eot(), None);
@@ -290,10 +270,7 @@ mod tests {
     #[test]
     fn char_vocab_limit() {
         // 65536 distinct chars fit (ids 0..=65535); one more does not.
-        let many: String = (0u32..0x11000)
-            .filter_map(char::from_u32)
-            .take(MAX_VOCAB + 1)
-            .collect();
+        let many: String = (0u32..0x11000).filter_map(char::from_u32).take(MAX_VOCAB + 1).collect();
         let err = Tokenizer::char_from_text(&many).unwrap_err();
         assert!(matches!(err, DataError::VocabTooLarge { size } if size == MAX_VOCAB + 1));
         let fits: String = many.chars().take(MAX_VOCAB).collect();

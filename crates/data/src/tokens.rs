@@ -24,9 +24,7 @@ impl TokenFile {
     /// `< vocab_size` (one full scan, so later reads need no checks).
     pub fn open(path: &Path, vocab_size: usize) -> Result<TokenFile> {
         let file = File::open(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => DataError::TokenFileMissing {
-                path: path.to_owned(),
-            },
+            std::io::ErrorKind::NotFound => DataError::TokenFileMissing { path: path.to_owned() },
             _ => DataError::io("open", path, e),
         })?;
         // SAFETY: the mapping is read-only. As with any mmap, another process
@@ -35,23 +33,12 @@ impl TokenFile {
         // file and renames it over, which leaves this mapping intact).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| DataError::io("memory-map", path, e))?;
         if map.len() % 2 != 0 {
-            return Err(DataError::OddLength {
-                path: path.to_owned(),
-                bytes: map.len() as u64,
-            });
+            return Err(DataError::OddLength { path: path.to_owned(), bytes: map.len() as u64 });
         }
         if let Some((index, token)) = first_out_of_range(&map, vocab_size) {
-            return Err(DataError::TokenOutOfRange {
-                path: path.to_owned(),
-                index,
-                token,
-                vocab_size,
-            });
+            return Err(DataError::TokenOutOfRange { path: path.to_owned(), index, token, vocab_size });
         }
-        Ok(TokenFile {
-            path: path.to_owned(),
-            map,
-        })
+        Ok(TokenFile { path: path.to_owned(), map })
     }
 
     /// The file this maps.
@@ -96,11 +83,7 @@ fn first_out_of_range(bytes: &[u8], vocab_size: usize) -> Option<(usize, u16)> {
     if vocab_size > usize::from(u16::MAX) {
         return None; // every u16 is a valid id
     }
-    bytes
-        .chunks_exact(2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .enumerate()
-        .find(|&(_, t)| usize::from(t) >= vocab_size)
+    bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).enumerate().find(|&(_, t)| usize::from(t) >= vocab_size)
 }
 
 /// Where a split's tokens live: a mapped `.bin` file, or a vector produced by
@@ -233,10 +216,7 @@ mod tests {
         let p = write(dir.path(), "val.bin", &[3, 0, 9, 0, 65, 0, 70, 0]);
         let err = TokenFile::open(&p, 65).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            matches!(err, DataError::TokenOutOfRange { index: 2, token: 65, vocab_size: 65, .. }),
-            "{msg}"
-        );
+        assert!(matches!(err, DataError::TokenOutOfRange { index: 2, token: 65, vocab_size: 65, .. }), "{msg}");
         assert!(msg.contains("val.bin") && msg.contains("different tokenizer"), "{msg}");
         // The same file is fine with a large enough vocabulary.
         assert!(TokenFile::open(&p, 71).is_ok());

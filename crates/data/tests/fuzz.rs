@@ -143,13 +143,25 @@ fn data_loading_never_panics_and_errors_are_one_line() {
     for kind in TokenizerKind::ALL {
         let out = root.path().join(kind.as_str());
         prepare(&input, kind, &out, 0.2).unwrap();
-        bases.push(
-            [META_FILE, TRAIN_FILE, VAL_FILE].iter().map(|f| (f.to_string(), std::fs::read(out.join(f)).unwrap())).collect(),
-        );
+        bases.push([META_FILE, TRAIN_FILE, VAL_FILE].iter().map(|f| (f.to_string(), std::fs::read(out.join(f)).unwrap())).collect());
     }
     let json_dict: [&[u8]; 16] = [
-        b"\"tokenizer\"", b"\"char\"", b"\"gpt2\"", b"\"vocab_size\"", b"\"chars\"", b"50257", b"65536", b"-1", b"1e3", b"null",
-        b"\\u0000", b"\\ud800", b"\\n", b"{}", b"[]", b"\"",
+        b"\"tokenizer\"",
+        b"\"char\"",
+        b"\"gpt2\"",
+        b"\"vocab_size\"",
+        b"\"chars\"",
+        b"50257",
+        b"65536",
+        b"-1",
+        b"1e3",
+        b"null",
+        b"\\u0000",
+        b"\\ud800",
+        b"\\n",
+        b"{}",
+        b"[]",
+        b"\"",
     ];
     let bin_dict: [&[u8]; 6] = [&[0xff, 0xff], &[0, 0], &[0x51, 0xc4], &[0x50, 0xc4], &[0], &[0xff]];
 

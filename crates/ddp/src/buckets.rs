@@ -44,10 +44,7 @@ pub struct BucketCaps {
 impl Default for BucketCaps {
     /// 25 MiB per bucket, 1 MiB for the first one.
     fn default() -> Self {
-        BucketCaps {
-            cap_bytes: (DEFAULT_BUCKET_MB * MIB) as usize,
-            first_cap_bytes: (DEFAULT_FIRST_BUCKET_MB * MIB) as usize,
-        }
+        BucketCaps { cap_bytes: (DEFAULT_BUCKET_MB * MIB) as usize, first_cap_bytes: (DEFAULT_FIRST_BUCKET_MB * MIB) as usize }
     }
 }
 
@@ -74,10 +71,7 @@ impl BucketCaps {
             }
             Ok(b.min(usize::MAX as f64) as usize)
         };
-        Self::new(
-            bytes(bucket_mb, KEY_BUCKET_MB)?,
-            bytes(first_bucket_mb, KEY_FIRST_BUCKET_MB)?,
-        )
+        Self::new(bytes(bucket_mb, KEY_BUCKET_MB)?, bytes(first_bucket_mb, KEY_FIRST_BUCKET_MB)?)
     }
 
     /// Cap of every bucket but the first of each key, in bytes.
@@ -218,19 +212,10 @@ pub fn assign_buckets(params: &[ParamSpec], caps: BucketCaps) -> Result<BucketAs
         if p.elem_size == 0 {
             return Err(DdpError::ZeroElementSize { param });
         }
-        let bytes = p.numel.checked_mul(p.elem_size).ok_or(DdpError::SizeOverflow {
-            param,
-            numel: p.numel,
-            elem_size: p.elem_size,
-        })?;
+        let bytes = p.numel.checked_mul(p.elem_size).ok_or(DdpError::SizeOverflow { param, numel: p.numel, elem_size: p.elem_size })?;
         let st = keys.entry(p.key).or_insert(KeyState { elem_size: p.elem_size, closed: 0, open: None });
         if st.elem_size != p.elem_size {
-            return Err(DdpError::MixedElementSize {
-                param,
-                key: p.key,
-                expected: st.elem_size,
-                got: p.elem_size,
-            });
+            return Err(DdpError::MixedElementSize { param, key: p.key, expected: st.elem_size, got: p.elem_size });
         }
         // Close the open bucket if this parameter does not fit (a bucket holding only empty
         // parameters is not worth its own all-reduce: they ride along with this one).
@@ -460,9 +445,7 @@ mod tests {
     #[test]
     fn dtypes_never_share_a_bucket() {
         // Interleaved f32 (key 0) and bf16 (key 1); each key has its own first bucket.
-        let p: Vec<ParamSpec> = (0..8)
-            .map(|i| if i % 2 == 0 { ParamSpec::new(4, 4) } else { ParamSpec::new(4, 2).with_key(1) })
-            .collect();
+        let p: Vec<ParamSpec> = (0..8).map(|i| if i % 2 == 0 { ParamSpec::new(4, 4) } else { ParamSpec::new(4, 2).with_key(1) }).collect();
         let c = caps(32, 16);
         let a = assign_buckets(&p, c).unwrap();
         check_invariants(&p, c, &a);

@@ -47,15 +47,7 @@ pub struct DdpOptions {
 
 impl Default for DdpOptions {
     fn default() -> Self {
-        DdpOptions {
-            bucket_mb: 25.0,
-            first_bucket_mb: 1.0,
-            reduce_bf16: false,
-            overlap: true,
-            zero1: false,
-            grad_comm: true,
-            check_params: false,
-        }
+        DdpOptions { bucket_mb: 25.0, first_bucket_mb: 1.0, reduce_bf16: false, overlap: true, zero1: false, grad_comm: true, check_params: false }
     }
 }
 
@@ -250,9 +242,7 @@ impl Ddp {
         {
             for (i, (_, p)) in params.iter().enumerate() {
                 let s = shared.clone();
-                hooks.push(
-                    register_grad_ready_hook(p, i, move |i| s.on_ready(i)).map_err(|x| DdpError::Torch(x.to_string()))?,
-                );
+                hooks.push(register_grad_ready_hook(p, i, move |i| s.on_ready(i)).map_err(|x| DdpError::Torch(x.to_string()))?);
             }
         }
         Ok(Ddp { shared, params, assignment, _hooks: hooks })

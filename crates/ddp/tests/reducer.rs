@@ -10,9 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 fn params() -> Vec<(String, Tensor)> {
     tch::manual_seed(0);
-    (0..6)
-        .map(|i| (format!("p{i}"), Tensor::randn([64, 32], (Kind::Float, Device::Cpu)).set_requires_grad(true)))
-        .collect()
+    (0..6).map(|i| (format!("p{i}"), Tensor::randn([64, 32], (Kind::Float, Device::Cpu)).set_requires_grad(true))).collect()
 }
 
 fn loss(ps: &[(String, Tensor)], x: &Tensor) -> Tensor {

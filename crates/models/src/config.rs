@@ -53,16 +53,9 @@ impl GptConfig {
         };
         Some(match name {
             // A char-level model that learns visible structure in a few CPU minutes.
-            "tiny" => GptConfig {
-                vocab_size: 0,
-                block_size: 128,
-                n_layer: 4,
-                n_head: 4,
-                n_embd: 128,
-                dropout: 0.0,
-                bias: true,
-                tie_embeddings: true,
-            },
+            "tiny" => {
+                GptConfig { vocab_size: 0, block_size: 128, n_layer: 4, n_head: 4, n_embd: 128, dropout: 0.0, bias: true, tie_embeddings: true }
+            }
             "gpt2-124m" => gpt2(12, 12, 768),
             "gpt2-350m" => gpt2(24, 16, 1024),
             "gpt2-774m" => gpt2(36, 20, 1280),
@@ -177,7 +170,14 @@ mod tests {
             assert!(msg.starts_with(key) && msg.contains("set"), "{key}: {msg}");
         }
         // The limits themselves are valid.
-        let max = GptConfig { vocab_size: MAX_VOCAB_SIZE, block_size: MAX_BLOCK_SIZE, n_layer: MAX_LAYERS, n_head: MAX_HEADS, n_embd: MAX_EMBD, ..ok.clone() };
+        let max = GptConfig {
+            vocab_size: MAX_VOCAB_SIZE,
+            block_size: MAX_BLOCK_SIZE,
+            n_layer: MAX_LAYERS,
+            n_head: MAX_HEADS,
+            n_embd: MAX_EMBD,
+            ..ok.clone()
+        };
         max.validate().unwrap();
         let nan = GptConfig { dropout: f64::NAN, ..ok };
         assert!(nan.validate().unwrap_err().to_string().contains("model.dropout"));

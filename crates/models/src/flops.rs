@@ -71,7 +71,13 @@ pub fn memory_estimate(cfg: &GptConfig, batch: usize, seq_len: usize, half_preci
 /// gradient and the log-softmax gradient (three B·T·V fp32 tensors, the loss is computed in fp32
 /// even under autocast) coexist, or later the logits' gradient and the tied embedding's V×C
 /// gradient, whichever is larger. Under autocast, the bf16 copies of the weights.
-pub fn memory_estimate_with(cfg: &GptConfig, batch: usize, seq_len: usize, half_precision_activations: bool, materialised_attention: bool) -> MemoryEstimate {
+pub fn memory_estimate_with(
+    cfg: &GptConfig,
+    batch: usize,
+    seq_len: usize,
+    half_precision_activations: bool,
+    materialised_attention: bool,
+) -> MemoryEstimate {
     let n = total_params(cfg);
     let l = cfg.n_layer as u64;
     let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention);
@@ -155,7 +161,8 @@ mod tests {
             // Four stages, one micro-batch each in flight: weights add up to the model plus the
             // tied copy, activations to about the model's (each stage's own part).
             let specs = StageSpec::split(&[3, 3, 3, 3]);
-            let parts: Vec<MemoryEstimate> = specs.iter().map(|s| stage_memory_estimate(&g, std::slice::from_ref(s), 4, 1024, half, !half, 1)).collect();
+            let parts: Vec<MemoryEstimate> =
+                specs.iter().map(|s| stage_memory_estimate(&g, std::slice::from_ref(s), 4, 1024, half, !half, 1)).collect();
             let params: u64 = parts.iter().map(|p| p.params).sum();
             assert_eq!(params, whole.params + 4 * (g.vocab_size * g.n_embd) as u64);
             // More micro-batches in flight hold proportionally more (1F1B's first stage holds pp).
@@ -224,7 +231,13 @@ mod tests {
             let measured = rss_mib * (1u64 << 20) as f64 - gib(0.4);
             let est = memory_estimate(cfg, b, cfg.block_size, false).total() as f64;
             let err = (est - measured) / measured;
-            assert!(err.abs() < 0.15, "{cfg:?} at batch {b}: estimate {:.2} GiB, measured {:.2} GiB ({:+.0}%)", est / gib(1.0), measured / gib(1.0), 100.0 * err);
+            assert!(
+                err.abs() < 0.15,
+                "{cfg:?} at batch {b}: estimate {:.2} GiB, measured {:.2} GiB ({:+.0}%)",
+                est / gib(1.0),
+                measured / gib(1.0),
+                100.0 * err
+            );
         }
     }
 }

@@ -239,10 +239,7 @@ impl Gpt {
     /// Mean cross-entropy of logits (B, T, V) against targets (B, T), computed in fp32.
     pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
         let v = logits.size().last().copied().expect("logits have a vocab dim");
-        logits
-            .view([-1, v])
-            .to_kind(Kind::Float)
-            .cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::Mean, -100, 0.0)
+        logits.view([-1, v]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::Mean, -100, 0.0)
     }
 
     /// Autoregressive sampling: appends `new_tokens` tokens to `idx` (1, T0), cropping the
@@ -275,19 +272,15 @@ impl Gpt {
     /// model's checkpoint read by one pipeline stage): every parameter of this part must be
     /// there with its shape; the others are ignored.
     pub fn load_own_parameters(&self, tensors: &[(String, Tensor)]) -> Result<()> {
-        let mine: Vec<(String, Tensor)> = tensors
-            .iter()
-            .filter(|(n, _)| self.params.iter().any(|(p, _)| p == n))
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect();
+        let mine: Vec<(String, Tensor)> =
+            tensors.iter().filter(|(n, _)| self.params.iter().any(|(p, _)| p == n)).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         self.load_parameters(&mine)
     }
 
     /// Copies named tensors into the parameters, checking that the names and shapes match
     /// exactly (so a checkpoint of another model shape is refused with the offending name).
     pub fn load_parameters(&self, tensors: &[(String, Tensor)]) -> Result<()> {
-        let by_name: std::collections::HashMap<&str, &Tensor> =
-            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let by_name: std::collections::HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         if let Some((extra, _)) = tensors.iter().find(|(n, _)| !self.params.iter().any(|(p, _)| p == n)) {
             return Err(ModelError::UnexpectedTensor { name: extra.clone() });
         }

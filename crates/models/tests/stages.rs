@@ -46,11 +46,11 @@ fn a_stage_loads_its_own_tensors_from_a_whole_model() {
         assert!(t.equal(w), "{n}");
     }
     // A tensor of the stage missing is refused by name.
-    let partial: Vec<(String, Tensor)> = whole.parameters().iter().filter(|(n, _)| !n.contains("h.4.mlp")).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let partial: Vec<(String, Tensor)> =
+        whole.parameters().iter().filter(|(n, _)| !n.contains("h.4.mlp")).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
     let e = stage.load_own_parameters(&partial).unwrap_err().to_string();
     assert!(e.contains("transformer.h.4.mlp"), "{e}");
 }
-
 
 #[test]
 fn an_untied_model_has_its_own_head_on_the_last_stage_only() {

@@ -132,38 +132,21 @@ impl FromStr for Action {
             return Err(ActionParseError::Empty);
         }
         let owned = || text.to_string();
-        let op_start = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
+        let op_start = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
         if op_start == 0 {
             return Err(ActionParseError::MissingStage { text: owned() });
         }
         // End of the last non-digit character (which may take several bytes, e.g. 'é').
-        let op_end = text
-            .char_indices()
-            .rev()
-            .find(|(_, c)| !c.is_ascii_digit())
-            .map_or(op_start, |(i, c)| i + c.len_utf8());
+        let op_end = text.char_indices().rev().find(|(_, c)| !c.is_ascii_digit()).map_or(op_start, |(i, c)| i + c.len_utf8());
         if op_end == text.len() {
             return Err(ActionParseError::MissingMicro { text: owned() });
         }
-        let (stage_text, op_text, micro_text) =
-            (&text[..op_start], &text[op_start..op_end], &text[op_end..]);
+        let (stage_text, op_text, micro_text) = (&text[..op_start], &text[op_start..op_end], &text[op_end..]);
         let op = Op::ALL
             .into_iter()
             .find(|op| op.as_str() == op_text)
-            .ok_or_else(|| ActionParseError::UnknownOp {
-                text: owned(),
-                op: op_text.to_string(),
-            })?;
-        let number = |digits: &str| {
-            digits
-                .parse::<usize>()
-                .map_err(|_| ActionParseError::TooLarge {
-                    text: owned(),
-                    number: digits.to_string(),
-                })
-        };
+            .ok_or_else(|| ActionParseError::UnknownOp { text: owned(), op: op_text.to_string() })?;
+        let number = |digits: &str| digits.parse::<usize>().map_err(|_| ActionParseError::TooLarge { text: owned(), number: digits.to_string() });
         Ok(Action::new(number(stage_text)?, op, number(micro_text)?))
     }
 }
@@ -206,83 +189,36 @@ mod tests {
             ("", ActionParseError::Empty),
             ("   ", ActionParseError::Empty),
             ("F1", ActionParseError::MissingStage { text: "F1".into() }),
-            (
-                "SEND_F0",
-                ActionParseError::MissingStage {
-                    text: "SEND_F0".into(),
-                },
-            ),
+            ("SEND_F0", ActionParseError::MissingStage { text: "SEND_F0".into() }),
             ("12", ActionParseError::MissingMicro { text: "12".into() }),
             ("2F", ActionParseError::MissingMicro { text: "2F".into() }),
-            (
-                "3X1",
-                ActionParseError::UnknownOp {
-                    text: "3X1".into(),
-                    op: "X".into(),
-                },
-            ),
-            (
-                "1SEND_Q2",
-                ActionParseError::UnknownOp {
-                    text: "1SEND_Q2".into(),
-                    op: "SEND_Q".into(),
-                },
-            ),
-            (
-                "1f2",
-                ActionParseError::UnknownOp {
-                    text: "1f2".into(),
-                    op: "f".into(),
-                },
-            ),
+            ("3X1", ActionParseError::UnknownOp { text: "3X1".into(), op: "X".into() }),
+            ("1SEND_Q2", ActionParseError::UnknownOp { text: "1SEND_Q2".into(), op: "SEND_Q".into() }),
+            ("1f2", ActionParseError::UnknownOp { text: "1f2".into(), op: "f".into() }),
         ];
         for (text, want) in cases {
             assert_eq!(text.parse::<Action>(), Err(want), "{text:?}");
         }
         // Digits inside the op are part of the op, not the micro-batch.
-        assert_eq!(
-            "1F2F3".parse::<Action>(),
-            Err(ActionParseError::UnknownOp {
-                text: "1F2F3".into(),
-                op: "F2F".into()
-            })
-        );
+        assert_eq!("1F2F3".parse::<Action>(), Err(ActionParseError::UnknownOp { text: "1F2F3".into(), op: "F2F".into() }));
         // A multi-byte character right before the micro-batch number (found by fuzzing: it
         // used to slice inside the character and panic).
-        assert_eq!(
-            "2F1\u{fffd}0".parse::<Action>(),
-            Err(ActionParseError::UnknownOp {
-                text: "2F1\u{fffd}0".into(),
-                op: "F1\u{fffd}".into()
-            })
-        );
+        assert_eq!("2F1\u{fffd}0".parse::<Action>(), Err(ActionParseError::UnknownOp { text: "2F1\u{fffd}0".into(), op: "F1\u{fffd}".into() }));
         assert!(matches!("0B\u{e9}".parse::<Action>(), Err(ActionParseError::MissingMicro { .. })));
         let huge = format!("{}F0", "9".repeat(40));
-        assert!(matches!(
-            huge.parse::<Action>(),
-            Err(ActionParseError::TooLarge { .. })
-        ));
+        assert!(matches!(huge.parse::<Action>(), Err(ActionParseError::TooLarge { .. })));
     }
 
     #[test]
     fn error_messages_quote_the_text_and_the_fix() {
         let msg = "3X1".parse::<Action>().unwrap_err().to_string();
-        assert!(
-            msg.contains("\"3X1\"") && msg.contains("\"X\"") && msg.contains("SEND_F"),
-            "{msg}"
-        );
+        assert!(msg.contains("\"3X1\"") && msg.contains("\"X\"") && msg.contains("SEND_F"), "{msg}");
         let msg = "F1".parse::<Action>().unwrap_err().to_string();
-        assert!(
-            msg.contains("\"F1\"") && msg.contains("stage number"),
-            "{msg}"
-        );
+        assert!(msg.contains("\"F1\"") && msg.contains("stage number"), "{msg}");
         let msg = "".parse::<Action>().unwrap_err().to_string();
         assert!(msg.contains("empty"), "{msg}");
         let msg = "1SEND_Q2".parse::<Action>().unwrap_err().to_string();
-        assert!(
-            msg.contains("\"1SEND_Q2\"") && msg.contains("\"SEND_Q\""),
-            "{msg}"
-        );
+        assert!(msg.contains("\"1SEND_Q2\"") && msg.contains("\"SEND_Q\""), "{msg}");
     }
 
     #[test]

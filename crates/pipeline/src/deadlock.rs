@@ -38,11 +38,7 @@ pub enum Cause {
     NeverPosted { needs: Action, owner: usize },
     /// It needs `needs`, which `rank`'s list holds after the point where `rank` is stuck
     /// (`stuck_at`). When `rank` is the blocked rank itself, `needs` comes later in its own list.
-    NotReached {
-        needs: Action,
-        rank: usize,
-        stuck_at: Action,
-    },
+    NotReached { needs: Action, rank: usize, stuck_at: Action },
     /// The action can never run, whatever the other ranks do.
     Invalid(Invalid),
 }
@@ -87,10 +83,9 @@ impl Invalid {
             Invalid::NoSuchStage { stages } => {
                 format!("stage {} does not exist, the model has {stages} stages", at.stage)
             }
-            Invalid::NoSuchMicro { microbatches } => format!(
-                "micro-batch {} does not exist, the schedule has {microbatches} micro-batches",
-                at.micro
-            ),
+            Invalid::NoSuchMicro { microbatches } => {
+                format!("micro-batch {} does not exist, the schedule has {microbatches} micro-batches", at.micro)
+            }
             Invalid::BeforeFirstStage => {
                 let what = if at.op == Op::RecvF { "receives no forward input" } else { "sends no input gradient" };
                 format!("stage 0 is the first stage and {what}")
@@ -111,14 +106,12 @@ impl fmt::Display for Blocked {
                 let verb = if needs.op.is_comm() { "posts" } else { "runs" };
                 write!(f, "rank {rank} waits at {at} for {needs}, which rank {owner} never {verb}")
             }
-            Cause::NotReached { needs, rank: other, .. } if *other == rank => write!(
-                f,
-                "rank {rank} waits at {at} for {needs}, which comes later in rank {rank}'s own list"
-            ),
-            Cause::NotReached { needs, rank: other, stuck_at } => write!(
-                f,
-                "rank {rank} waits at {at} for {needs}, which rank {other} only reaches after {stuck_at}, where it is stuck"
-            ),
+            Cause::NotReached { needs, rank: other, .. } if *other == rank => {
+                write!(f, "rank {rank} waits at {at} for {needs}, which comes later in rank {rank}'s own list")
+            }
+            Cause::NotReached { needs, rank: other, stuck_at } => {
+                write!(f, "rank {rank} waits at {at} for {needs}, which rank {other} only reaches after {stuck_at}, where it is stuck")
+            }
             Cause::Invalid(why) => {
                 write!(f, "rank {rank} cannot run {at} (position {}): {}", self.index, why.explain(at))
             }
@@ -127,11 +120,7 @@ impl fmt::Display for Blocked {
 }
 
 fn join(blocked: &[Blocked]) -> String {
-    blocked
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+    blocked.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
 #[cfg(test)]
@@ -146,25 +135,8 @@ mod tests {
     fn messages_name_rank_action_and_cause() {
         let d = Deadlock {
             blocked: vec![
-                Blocked {
-                    rank: 0,
-                    index: 2,
-                    at: a("0RECV_B0"),
-                    cause: Cause::NotReached {
-                        needs: a("1SEND_B0"),
-                        rank: 1,
-                        stuck_at: a("1RECV_F0"),
-                    },
-                },
-                Blocked {
-                    rank: 1,
-                    index: 0,
-                    at: a("1RECV_F0"),
-                    cause: Cause::NeverPosted {
-                        needs: a("0SEND_F0"),
-                        owner: 0,
-                    },
-                },
+                Blocked { rank: 0, index: 2, at: a("0RECV_B0"), cause: Cause::NotReached { needs: a("1SEND_B0"), rank: 1, stuck_at: a("1RECV_F0") } },
+                Blocked { rank: 1, index: 0, at: a("1RECV_F0"), cause: Cause::NeverPosted { needs: a("0SEND_F0"), owner: 0 } },
             ],
         };
         assert_eq!(
@@ -177,33 +149,10 @@ mod tests {
 
     #[test]
     fn own_list_and_compute_wording() {
-        let own = Blocked {
-            rank: 2,
-            index: 0,
-            at: a("2SEND_F1"),
-            cause: Cause::NotReached {
-                needs: a("2F1"),
-                rank: 2,
-                stuck_at: a("2SEND_F1"),
-            },
-        };
-        assert_eq!(
-            own.to_string(),
-            "rank 2 waits at 2SEND_F1 for 2F1, which comes later in rank 2's own list"
-        );
-        let never = Blocked {
-            rank: 1,
-            index: 3,
-            at: a("1F0"),
-            cause: Cause::NeverPosted {
-                needs: a("0F0"),
-                owner: 0,
-            },
-        };
-        assert_eq!(
-            never.to_string(),
-            "rank 1 waits at 1F0 for 0F0, which rank 0 never runs"
-        );
+        let own = Blocked { rank: 2, index: 0, at: a("2SEND_F1"), cause: Cause::NotReached { needs: a("2F1"), rank: 2, stuck_at: a("2SEND_F1") } };
+        assert_eq!(own.to_string(), "rank 2 waits at 2SEND_F1 for 2F1, which comes later in rank 2's own list");
+        let never = Blocked { rank: 1, index: 3, at: a("1F0"), cause: Cause::NeverPosted { needs: a("0F0"), owner: 0 } };
+        assert_eq!(never.to_string(), "rank 1 waits at 1F0 for 0F0, which rank 0 never runs");
     }
 
     #[test]
@@ -230,49 +179,17 @@ mod tests {
     #[test]
     fn invalid_wording() {
         let cases = [
-            (
-                "9F0",
-                Invalid::NoSuchStage { stages: 4 },
-                "stage 9 does not exist, the model has 4 stages",
-            ),
-            (
-                "1B7",
-                Invalid::NoSuchMicro { microbatches: 4 },
-                "micro-batch 7 does not exist",
-            ),
-            (
-                "0RECV_F0",
-                Invalid::BeforeFirstStage,
-                "stage 0 is the first stage and receives no forward input",
-            ),
-            (
-                "0SEND_B0",
-                Invalid::BeforeFirstStage,
-                "sends no input gradient",
-            ),
-            (
-                "3SEND_F0",
-                Invalid::AfterLastStage,
-                "stage 3 is the last stage and sends no forward output",
-            ),
-            (
-                "3RECV_B0",
-                Invalid::AfterLastStage,
-                "receives no output gradient",
-            ),
+            ("9F0", Invalid::NoSuchStage { stages: 4 }, "stage 9 does not exist, the model has 4 stages"),
+            ("1B7", Invalid::NoSuchMicro { microbatches: 4 }, "micro-batch 7 does not exist"),
+            ("0RECV_F0", Invalid::BeforeFirstStage, "stage 0 is the first stage and receives no forward input"),
+            ("0SEND_B0", Invalid::BeforeFirstStage, "sends no input gradient"),
+            ("3SEND_F0", Invalid::AfterLastStage, "stage 3 is the last stage and sends no forward output"),
+            ("3RECV_B0", Invalid::AfterLastStage, "receives no output gradient"),
         ];
         for (text, why, want) in cases {
-            let b = Blocked {
-                rank: 0,
-                index: 5,
-                at: a(text),
-                cause: Cause::Invalid(why),
-            };
+            let b = Blocked { rank: 0, index: 5, at: a(text), cause: Cause::Invalid(why) };
             let msg = b.to_string();
-            assert!(
-                msg.starts_with(&format!("rank 0 cannot run {text} (position 5): ")),
-                "{msg}"
-            );
+            assert!(msg.starts_with(&format!("rank 0 cannot run {text} (position 5): ")), "{msg}");
             assert!(msg.contains(want), "{msg:?} lacks {want:?}");
         }
     }

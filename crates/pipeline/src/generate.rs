@@ -21,13 +21,7 @@ pub fn gpipe(pp: usize, microbatches: usize) -> Result<Schedule, ScheduleError> 
             forwards.chain(backwards).collect()
         })
         .collect();
-    Ok(Schedule {
-        kind: Kind::GPipe,
-        pp,
-        virtual_stages: 1,
-        microbatches,
-        ranks,
-    })
+    Ok(Schedule { kind: Kind::GPipe, pp, virtual_stages: 1, microbatches, ranks })
 }
 
 /// Megatron-LM's non-interleaved 1F1B (`forward_backward_pipelining_without_interleaving`).
@@ -52,13 +46,7 @@ pub fn one_f_one_b(pp: usize, microbatches: usize) -> Result<Schedule, ScheduleE
             list
         })
         .collect();
-    Ok(Schedule {
-        kind: Kind::OneFOneB,
-        pp,
-        virtual_stages: 1,
-        microbatches,
-        ranks,
-    })
+    Ok(Schedule { kind: Kind::OneFOneB, pp, virtual_stages: 1, microbatches, ranks })
 }
 
 /// Megatron-LM's interleaved 1F1B (`forward_backward_pipelining_with_interleaving` in
@@ -75,11 +63,7 @@ pub fn one_f_one_b(pp: usize, microbatches: usize) -> Result<Schedule, ScheduleE
 /// warm-up forward (`all_warmup_microbatches`). torch's generator has no such special case,
 /// and neither do we: the formula order is deadlock-free for `m == pp` too (the tests simulate
 /// it) and holds fewer activations (`w + 1` instead of `m·v` on all but the capped ranks).
-pub fn interleaved_1f1b(
-    pp: usize,
-    virtual_stages: usize,
-    microbatches: usize,
-) -> Result<Schedule, ScheduleError> {
+pub fn interleaved_1f1b(pp: usize, virtual_stages: usize, microbatches: usize) -> Result<Schedule, ScheduleError> {
     Schedule::validate(Kind::Interleaved1F1B, pp, virtual_stages, microbatches)?;
     let total = microbatches * virtual_stages;
     let ranks = (0..pp)
@@ -97,13 +81,7 @@ pub fn interleaved_1f1b(
             list
         })
         .collect();
-    Ok(Schedule {
-        kind: Kind::Interleaved1F1B,
-        pp,
-        virtual_stages,
-        microbatches,
-        ranks,
-    })
+    Ok(Schedule { kind: Kind::Interleaved1F1B, pp, virtual_stages, microbatches, ranks })
 }
 
 /// Warm-up forwards of rank r in the interleaved schedule:
@@ -113,16 +91,9 @@ pub fn interleaved_1f1b(
 ///
 /// Meant for `r < pp`, `v ≥ 1` and a shape [`Schedule::validate`] accepts; outside that the
 /// arithmetic saturates (a rank past the last warms up like the last) instead of wrapping.
-pub fn interleaved_warmup(
-    pp: usize,
-    virtual_stages: usize,
-    microbatches: usize,
-    rank: usize,
-) -> usize {
+pub fn interleaved_warmup(pp: usize, virtual_stages: usize, microbatches: usize, rank: usize) -> usize {
     let hops = pp.saturating_sub(rank).saturating_sub(1);
-    hops.saturating_mul(2)
-        .saturating_add(virtual_stages.saturating_sub(1).saturating_mul(pp))
-        .min(microbatches.saturating_mul(virtual_stages))
+    hops.saturating_mul(2).saturating_add(virtual_stages.saturating_sub(1).saturating_mul(pp)).min(microbatches.saturating_mul(virtual_stages))
 }
 
 /// The k-th forward of rank r (Megatron's `get_model_chunk_id(k, forward=True)`): within each
@@ -154,10 +125,7 @@ mod tests {
     #[test]
     fn gpipe_small() {
         let s = gpipe(2, 3).unwrap();
-        assert_eq!(
-            text(&s),
-            ["0F0 0F1 0F2 0B0 0B1 0B2", "1F0 1F1 1F2 1B0 1B1 1B2"]
-        );
+        assert_eq!(text(&s), ["0F0 0F1 0F2 0B0 0B1 0B2", "1F0 1F1 1F2 1B0 1B1 1B2"]);
     }
 
     #[test]
@@ -184,15 +152,7 @@ mod tests {
         }
         // m = 2, pp = 4: rank 0 and 1 warm up both (GPipe order), rank 3 alternates.
         let s = one_f_one_b(4, 2).unwrap();
-        assert_eq!(
-            text(&s),
-            [
-                "0F0 0F1 0B0 0B1",
-                "1F0 1F1 1B0 1B1",
-                "2F0 2F1 2B0 2B1",
-                "3F0 3B0 3F1 3B1"
-            ]
-        );
+        assert_eq!(text(&s), ["0F0 0F1 0B0 0B1", "1F0 1F1 1B0 1B1", "2F0 2F1 2B0 2B1", "3F0 3B0 3F1 3B1"]);
     }
 
     #[test]
@@ -202,10 +162,7 @@ mod tests {
         let s = interleaved_1f1b(2, 2, 4).unwrap();
         assert_eq!(
             text(&s),
-            [
-                "0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1 2B2 2B3 0B2 0B3",
-                "1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 1F3 1B1 3F2 3B2 3F3 3B3 1B2 1B3",
-            ]
+            ["0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1 2B2 2B3 0B2 0B3", "1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 1F3 1B1 3F2 3B2 3F3 3B3 1B2 1B3",]
         );
     }
 
@@ -225,17 +182,8 @@ mod tests {
     #[test]
     fn generators_reject_invalid_shapes() {
         assert_eq!(gpipe(0, 4).unwrap_err(), ScheduleError::ZeroPp);
-        assert_eq!(
-            one_f_one_b(2, 0).unwrap_err(),
-            ScheduleError::ZeroMicrobatches { pp: 2 }
-        );
-        assert_eq!(
-            interleaved_1f1b(2, 1, 4).unwrap_err(),
-            ScheduleError::InterleavedNeedsChunks { v: 1 }
-        );
-        assert_eq!(
-            interleaved_1f1b(4, 2, 6).unwrap_err(),
-            ScheduleError::MicrobatchesNotMultiple { m: 6, pp: 4 }
-        );
+        assert_eq!(one_f_one_b(2, 0).unwrap_err(), ScheduleError::ZeroMicrobatches { pp: 2 });
+        assert_eq!(interleaved_1f1b(2, 1, 4).unwrap_err(), ScheduleError::InterleavedNeedsChunks { v: 1 });
+        assert_eq!(interleaved_1f1b(4, 2, 6).unwrap_err(), ScheduleError::MicrobatchesNotMultiple { m: 6, pp: 4 });
     }
 }

@@ -56,9 +56,6 @@ pub use execute::{execute, ExecError, Runner, Trace};
 pub use generate::{gpipe, interleaved_1f1b, interleaved_warmup, one_f_one_b};
 pub use lower::{check_transfer_order, lower, peer};
 pub use render::{summary, to_svg, to_text};
-pub use schedule::{
-    Kind, Schedule, ScheduleError, KEY_MICROBATCHES, KEY_PP, KEY_SCHEDULE, KEY_VIRTUAL_STAGES,
-    MAX_ACTIONS,
-};
+pub use schedule::{Kind, Schedule, ScheduleError, KEY_MICROBATCHES, KEY_PP, KEY_SCHEDULE, KEY_VIRTUAL_STAGES, MAX_ACTIONS};
 pub use simulate::{simulate, SimError};
 pub use timeline::{peak_in_flight, Costs, Entry, Timeline, MAX_COST};

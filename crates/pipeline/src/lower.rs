@@ -41,9 +41,7 @@ pub fn lower(schedule: &Schedule) -> Schedule {
                 // Checked: stage 0 has no previous stage, and a stage parsed from text may be
                 // usize::MAX, which has no next one.
                 let has_prev = s.checked_sub(1).is_some_and(|prev| remote(r, prev));
-                let has_next = s
-                    .checked_add(1)
-                    .is_some_and(|next| next < stages && remote(r, next));
+                let has_next = s.checked_add(1).is_some_and(|next| next < stages && remote(r, next));
                 let (before, after) = match a.op {
                     Op::F => (has_prev.then_some(Op::RecvF), has_next.then_some(Op::SendF)),
                     _ => (has_next.then_some(Op::RecvB), has_prev.then_some(Op::SendB)),
@@ -55,10 +53,7 @@ pub fn lower(schedule: &Schedule) -> Schedule {
             out
         })
         .collect();
-    Schedule {
-        ranks,
-        ..schedule.clone()
-    }
+    Schedule { ranks, ..schedule.clone() }
 }
 
 /// The action on the other side of a communication action: `sSEND_F m` ↔ `(s+1)RECV_F m`,
@@ -67,18 +62,10 @@ pub fn lower(schedule: &Schedule) -> Schedule {
 pub fn peer(action: Action) -> Option<Action> {
     let Action { stage, micro, op } = action;
     match op {
-        Op::SendF => stage
-            .checked_add(1)
-            .map(|s| Action::new(s, Op::RecvF, micro)),
-        Op::RecvF => stage
-            .checked_sub(1)
-            .map(|s| Action::new(s, Op::SendF, micro)),
-        Op::SendB => stage
-            .checked_sub(1)
-            .map(|s| Action::new(s, Op::RecvB, micro)),
-        Op::RecvB => stage
-            .checked_add(1)
-            .map(|s| Action::new(s, Op::SendB, micro)),
+        Op::SendF => stage.checked_add(1).map(|s| Action::new(s, Op::RecvF, micro)),
+        Op::RecvF => stage.checked_sub(1).map(|s| Action::new(s, Op::SendF, micro)),
+        Op::SendB => stage.checked_sub(1).map(|s| Action::new(s, Op::RecvB, micro)),
+        Op::RecvB => stage.checked_add(1).map(|s| Action::new(s, Op::SendB, micro)),
         Op::F | Op::B => None,
     }
 }
@@ -134,18 +121,9 @@ mod tests {
     #[test]
     fn one_f_one_b_two_ranks_by_hand() {
         let s = lower(&one_f_one_b(2, 2).unwrap());
-        assert_eq!(
-            text(&s),
-            [
-                "0F0 0SEND_F0 0F1 0SEND_F1 0RECV_B0 0B0 0RECV_B1 0B1",
-                "1RECV_F0 1F0 1B0 1SEND_B0 1RECV_F1 1F1 1B1 1SEND_B1",
-            ]
-        );
+        assert_eq!(text(&s), ["0F0 0SEND_F0 0F1 0SEND_F1 0RECV_B0 0B0 0RECV_B1 0B1", "1RECV_F0 1F0 1B0 1SEND_B0 1RECV_F1 1F1 1B1 1SEND_B1",]);
         assert!(s.is_lowered());
-        assert_eq!(
-            (s.kind, s.pp, s.virtual_stages, s.microbatches),
-            (Kind::OneFOneB, 2, 1, 2)
-        );
+        assert_eq!((s.kind, s.pp, s.virtual_stages, s.microbatches), (Kind::OneFOneB, 2, 1, 2));
     }
 
     #[test]
@@ -158,12 +136,8 @@ mod tests {
         assert!(r0.contains(&"2RECV_F0".parse().unwrap()));
         assert!(r0.contains(&"2SEND_B0".parse().unwrap()));
         assert!(r1.contains(&"1RECV_B0".parse().unwrap()));
-        assert!(!r1
-            .iter()
-            .any(|a| a.stage == 3 && (a.op == Op::SendF || a.op == Op::RecvB)));
-        assert!(!r0
-            .iter()
-            .any(|a| a.stage == 0 && (a.op == Op::RecvF || a.op == Op::SendB)));
+        assert!(!r1.iter().any(|a| a.stage == 3 && (a.op == Op::SendF || a.op == Op::RecvB)));
+        assert!(!r0.iter().any(|a| a.stage == 0 && (a.op == Op::RecvF || a.op == Op::SendB)));
     }
 
     #[test]
@@ -205,14 +179,8 @@ mod tests {
             let a = Action::new(3, op, 7);
             assert_eq!(peer(peer(a).unwrap()), Some(a), "{a}");
         }
-        assert_eq!(
-            peer("0SEND_F1".parse().unwrap()),
-            Some("1RECV_F1".parse().unwrap())
-        );
-        assert_eq!(
-            peer("1SEND_B0".parse().unwrap()),
-            Some("0RECV_B0".parse().unwrap())
-        );
+        assert_eq!(peer("0SEND_F1".parse().unwrap()), Some("1RECV_F1".parse().unwrap()));
+        assert_eq!(peer("1SEND_B0".parse().unwrap()), Some("0RECV_B0".parse().unwrap()));
         assert_eq!(peer("0RECV_F0".parse().unwrap()), None);
         assert_eq!(peer("0SEND_B0".parse().unwrap()), None);
         assert_eq!(peer(Action::f(1, 1)), None);
@@ -221,4 +189,3 @@ mod tests {
         assert_eq!(peer(Action::new(usize::MAX, Op::RecvB, 0)), None);
     }
 }
-

@@ -20,15 +20,8 @@ pub fn to_text(t: &Timeline) -> String {
             format!("{}{}", a.op, a.micro)
         }
     };
-    let compute = |r: usize| {
-        t.ranks[r]
-            .iter()
-            .filter(|e| e.action.op.is_compute() && e.end > e.start)
-    };
-    let width = (0..t.ranks.len())
-        .flat_map(|r| compute(r).map(|e| label(e.action).len()))
-        .max()
-        .unwrap_or(1);
+    let compute = |r: usize| t.ranks[r].iter().filter(|e| e.action.op.is_compute() && e.end > e.start);
+    let width = (0..t.ranks.len()).flat_map(|r| compute(r).map(|e| label(e.action).len())).max().unwrap_or(1);
     let name_width = format!("rank {}", t.ranks.len().saturating_sub(1)).len();
     let prefix = name_width + 3; // "rank r | "
     let makespan = usize::try_from(t.makespan).unwrap_or(usize::MAX);
@@ -64,18 +57,9 @@ pub fn to_text(t: &Timeline) -> String {
 
 /// `makespan 18 · bubble 33.3% 33.3% · peak in flight 2 1` (per rank).
 pub fn summary(t: &Timeline) -> String {
-    let bubbles: Vec<String> = t
-        .bubble
-        .iter()
-        .map(|b| format!("{:.1}%", b * 100.0))
-        .collect();
+    let bubbles: Vec<String> = t.bubble.iter().map(|b| format!("{:.1}%", b * 100.0)).collect();
     let peaks: Vec<String> = t.peak_in_flight.iter().map(ToString::to_string).collect();
-    format!(
-        "makespan {} · bubble {} · peak in flight {}",
-        t.makespan,
-        bubbles.join(" "),
-        peaks.join(" ")
-    )
+    format!("makespan {} · bubble {} · peak in flight {}", t.makespan, bubbles.join(" "), peaks.join(" "))
 }
 
 /// Forward colours, one per model chunk (cycled past four).
@@ -114,29 +98,14 @@ pub fn to_svg(t: &Timeline) -> String {
         r#"<text x="{LEFT}" y="18" font-size="14" font-weight="bold">{} pp={} v={} m={} (f={} b={} comm={})</text>"#,
         t.kind, t.pp, t.virtual_stages, t.microbatches, t.costs.f, t.costs.b, t.costs.comm
     );
-    let _ = writeln!(
-        s,
-        r##"<text x="{LEFT}" y="34" fill="#444">{}</text>"##,
-        summary(t)
-    );
+    let _ = writeln!(s, r##"<text x="{LEFT}" y="34" fill="#444">{}</text>"##, summary(t));
 
     for (r, entries) in t.ranks.iter().enumerate() {
         let y = TOP + r as f64 * ROW;
         let shade = if r % 2 == 0 { "#f4f4f4" } else { "#fafafa" };
-        let _ = writeln!(
-            s,
-            r#"<rect x="{LEFT}" y="{y:.1}" width="{:.1}" height="{ROW}" fill="{shade}"/>"#,
-            span * unit
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="8" y="{:.1}">rank {r}</text>"#,
-            y + ROW / 2.0 + 4.0
-        );
-        for e in entries
-            .iter()
-            .filter(|e| e.action.op.is_compute() && e.end > e.start)
-        {
+        let _ = writeln!(s, r#"<rect x="{LEFT}" y="{y:.1}" width="{:.1}" height="{ROW}" fill="{shade}"/>"#, span * unit);
+        let _ = writeln!(s, r#"<text x="8" y="{:.1}">rank {r}</text>"#, y + ROW / 2.0 + 4.0);
+        for e in entries.iter().filter(|e| e.action.op.is_compute() && e.end > e.start) {
             let chunk = e.action.stage / pp;
             let fill = match e.action.op {
                 Op::F => F_COLORS[chunk % F_COLORS.len()],
@@ -166,11 +135,7 @@ pub fn to_svg(t: &Timeline) -> String {
 
     // Time axis with ticks at a round step at least ~40 px apart.
     let axis_y = TOP + rows * ROW + 4.0;
-    let _ = writeln!(
-        s,
-        r##"<line x1="{LEFT}" y1="{axis_y:.1}" x2="{:.1}" y2="{axis_y:.1}" stroke="#333"/>"##,
-        LEFT + span * unit
-    );
+    let _ = writeln!(s, r##"<line x1="{LEFT}" y1="{axis_y:.1}" x2="{:.1}" y2="{axis_y:.1}" stroke="#333"/>"##, LEFT + span * unit);
     let step = tick_step(unit);
     let mut tick = 0;
     while tick <= t.makespan {
@@ -183,12 +148,7 @@ pub fn to_svg(t: &Timeline) -> String {
         );
         tick += step;
     }
-    let _ = writeln!(
-        s,
-        r##"<text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10" fill="#444">time</text>"##,
-        width - 4.0,
-        axis_y + 30.0
-    );
+    let _ = writeln!(s, r##"<text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10" fill="#444">time</text>"##, width - 4.0, axis_y + 30.0);
 
     // Legend, top right: F/B colours, one pair per model chunk when v > 1.
     let chunks = t.virtual_stages.clamp(1, F_COLORS.len());
@@ -196,11 +156,7 @@ pub fn to_svg(t: &Timeline) -> String {
     let lx = (width - RIGHT - chunks as f64 * item).max(LEFT);
     for c in 0..chunks {
         let x = lx + c as f64 * item;
-        let name = if chunks == 1 {
-            "F / B".to_string()
-        } else {
-            format!("chunk {c}")
-        };
+        let name = if chunks == 1 { "F / B".to_string() } else { format!("chunk {c}") };
         let _ = writeln!(
             s,
             r#"<rect x="{x:.1}" y="26" width="10" height="10" fill="{}"/><rect x="{:.1}" y="26" width="10" height="10" fill="{}"/><text x="{:.1}" y="35" font-size="10">{name}</text>"#,
@@ -238,14 +194,7 @@ mod tests {
 
     #[test]
     fn text_grid_of_gpipe() {
-        let t = timeline(
-            &generate::gpipe(2, 2).unwrap(),
-            Costs {
-                f: 1,
-                b: 2,
-                comm: 0,
-            },
-        );
+        let t = timeline(&generate::gpipe(2, 2).unwrap(), Costs { f: 1, b: 2, comm: 0 });
         let text = to_text(&t);
         let want = [
             "         0              5",
@@ -259,14 +208,7 @@ mod tests {
 
     #[test]
     fn text_labels_carry_the_stage_when_interleaved() {
-        let t = timeline(
-            &generate::interleaved_1f1b(2, 2, 2).unwrap(),
-            Costs {
-                f: 1,
-                b: 1,
-                comm: 0,
-            },
-        );
+        let t = timeline(&generate::interleaved_1f1b(2, 2, 2).unwrap(), Costs { f: 1, b: 1, comm: 0 });
         let text = to_text(&t);
         let row0 = text.lines().nth(1).unwrap();
         assert!(row0.starts_with("rank 0 | 0F0 0F1 2F0"), "{text}");
@@ -275,14 +217,7 @@ mod tests {
     #[test]
     fn svg_is_self_contained_and_has_every_box() {
         let s = generate::one_f_one_b(4, 8).unwrap();
-        let t = timeline(
-            &s,
-            Costs {
-                f: 1,
-                b: 2,
-                comm: 1,
-            },
-        );
+        let t = timeline(&s, Costs { f: 1, b: 2, comm: 1 });
         let svg = to_svg(&t);
         assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
         assert!(svg.trim_end().ends_with("</svg>"));
@@ -292,23 +227,12 @@ mod tests {
         assert!(svg.contains(">rank 3</text>"));
         assert!(!svg.contains("href"), "no external references");
         // The axis ends at (or just before) the makespan.
-        assert!(svg.contains(&format!(
-            ">{}</text>",
-            (t.makespan / tick_step(960.0 / t.makespan as f64))
-                * tick_step(960.0 / t.makespan as f64)
-        )));
+        assert!(svg.contains(&format!(">{}</text>", (t.makespan / tick_step(960.0 / t.makespan as f64)) * tick_step(960.0 / t.makespan as f64))));
     }
 
     #[test]
     fn empty_timeline_renders() {
-        let t = timeline(
-            &generate::gpipe(1, 1).unwrap(),
-            Costs {
-                f: 0,
-                b: 0,
-                comm: 0,
-            },
-        );
+        let t = timeline(&generate::gpipe(1, 1).unwrap(), Costs { f: 0, b: 0, comm: 0 });
         assert_eq!(t.makespan, 0);
         assert!(to_svg(&t).ends_with("</svg>\n"));
         assert!(to_text(&t).contains("rank 0 |"));

@@ -69,12 +69,7 @@ impl FromStr for Kind {
     /// Accepts the config spelling, ignoring ASCII case and surrounding whitespace.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let wanted = s.trim();
-        Kind::ALL
-            .into_iter()
-            .find(|k| k.name().eq_ignore_ascii_case(wanted))
-            .ok_or_else(|| ScheduleError::UnknownKind {
-                text: s.to_string(),
-            })
+        Kind::ALL.into_iter().find(|k| k.name().eq_ignore_ascii_case(wanted)).ok_or_else(|| ScheduleError::UnknownKind { text: s.to_string() })
     }
 }
 
@@ -114,9 +109,7 @@ pub enum ScheduleError {
     TooManyActions { kind: Kind, pp: usize, v: usize, m: usize },
 
     /// Not one of `gpipe`, `1f1b`, `interleaved`.
-    #[error(
-        "{KEY_SCHEDULE} {text:?} is not a schedule: use gpipe, 1f1b or interleaved"
-    )]
+    #[error("{KEY_SCHEDULE} {text:?} is not a schedule: use gpipe, 1f1b or interleaved")]
     UnknownKind { text: String },
 }
 
@@ -126,11 +119,7 @@ pub enum ScheduleError {
 fn too_many_actions(kind: Kind, pp: usize, v: usize, m: usize) -> String {
     let max = MAX_ACTIONS as u128;
     // The largest value of one factor that fits with the other two (0 when none does).
-    let fit = |a: usize, b: usize| {
-        (2 * a as u128)
-            .checked_mul(b as u128)
-            .map_or(0, |den| max / den)
-    };
+    let fit = |a: usize, b: usize| (2 * a as u128).checked_mul(b as u128).map_or(0, |den| max / den);
     let interleaved = kind == Kind::Interleaved1F1B;
     // Interleaved needs m to be a multiple of pp.
     let m_fit = if interleaved { fit(pp, v) / pp as u128 * pp as u128 } else { fit(pp, v) };
@@ -183,12 +172,7 @@ pub struct Schedule {
 
 impl Schedule {
     /// Validates the shape and generates the compute-only schedule of `kind`.
-    pub fn new(
-        kind: Kind,
-        pp: usize,
-        virtual_stages: usize,
-        microbatches: usize,
-    ) -> Result<Self, ScheduleError> {
+    pub fn new(kind: Kind, pp: usize, virtual_stages: usize, microbatches: usize) -> Result<Self, ScheduleError> {
         // Validate here too: the gpipe and 1f1b generators take no v to check.
         Self::validate(kind, pp, virtual_stages, microbatches)?;
         match kind {
@@ -204,12 +188,7 @@ impl Schedule {
     /// `microbatches % pp == 0` for interleaved (Megatron's rule); at most [`MAX_ACTIONS`]
     /// actions, `2·pp·v·m` (computed without overflow). `microbatches < pp` is allowed for gpipe
     /// and 1f1b: the pipeline never fills, which is slow but correct.
-    pub fn validate(
-        kind: Kind,
-        pp: usize,
-        virtual_stages: usize,
-        microbatches: usize,
-    ) -> Result<(), ScheduleError> {
+    pub fn validate(kind: Kind, pp: usize, virtual_stages: usize, microbatches: usize) -> Result<(), ScheduleError> {
         if pp == 0 {
             return Err(ScheduleError::ZeroPp);
         }
@@ -221,35 +200,20 @@ impl Schedule {
         }
         match kind {
             Kind::GPipe | Kind::OneFOneB if virtual_stages != 1 => {
-                return Err(ScheduleError::VirtualStagesNeedInterleaved {
-                    kind,
-                    v: virtual_stages,
-                })
+                return Err(ScheduleError::VirtualStagesNeedInterleaved { kind, v: virtual_stages })
             }
-            Kind::Interleaved1F1B if virtual_stages < 2 => {
-                return Err(ScheduleError::InterleavedNeedsChunks { v: virtual_stages })
-            }
+            Kind::Interleaved1F1B if virtual_stages < 2 => return Err(ScheduleError::InterleavedNeedsChunks { v: virtual_stages }),
             _ => {}
         }
         // In u128, where three usize factors times 2 cannot wrap to a small number unnoticed.
-        let actions = [pp, virtual_stages, microbatches]
-            .into_iter()
-            .try_fold(2u128, |n, x| n.checked_mul(x as u128));
+        let actions = [pp, virtual_stages, microbatches].into_iter().try_fold(2u128, |n, x| n.checked_mul(x as u128));
         if actions.is_none_or(|n| n > MAX_ACTIONS as u128) {
-            return Err(ScheduleError::TooManyActions {
-                kind,
-                pp,
-                v: virtual_stages,
-                m: microbatches,
-            });
+            return Err(ScheduleError::TooManyActions { kind, pp, v: virtual_stages, m: microbatches });
         }
         // `%` rather than `is_multiple_of`: the workspace MSRV is 1.85.
         #[allow(clippy::manual_is_multiple_of)]
         if kind == Kind::Interleaved1F1B && microbatches % pp != 0 {
-            return Err(ScheduleError::MicrobatchesNotMultiple {
-                m: microbatches,
-                pp,
-            });
+            return Err(ScheduleError::MicrobatchesNotMultiple { m: microbatches, pp });
         }
         Ok(())
     }
@@ -284,10 +248,7 @@ impl Schedule {
     /// Each rank's actions as one line of text (`"0F0 0F1 0B0 0B1"`), without the `rank r:`
     /// prefix of the `Display` form.
     pub fn rank_lines(&self) -> Vec<String> {
-        self.ranks
-            .iter()
-            .map(|r| r.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "))
-            .collect()
+        self.ranks.iter().map(|r| r.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")).collect()
     }
 }
 
@@ -326,17 +287,9 @@ mod tests {
         }
         assert_eq!(" 1F1B ".parse::<Kind>(), Ok(Kind::OneFOneB));
         let err = "zero-bubble".parse::<Kind>().unwrap_err();
-        assert_eq!(
-            err,
-            ScheduleError::UnknownKind {
-                text: "zero-bubble".into()
-            }
-        );
+        assert_eq!(err, ScheduleError::UnknownKind { text: "zero-bubble".into() });
         let msg = err.to_string();
-        assert!(
-            msg.contains("--schedule \"zero-bubble\"") && msg.contains("1f1b"),
-            "{msg}"
-        );
+        assert!(msg.contains("--schedule \"zero-bubble\"") && msg.contains("1f1b"), "{msg}");
     }
 
     #[test]
@@ -346,11 +299,7 @@ mod tests {
                 assert_eq!(Schedule::validate(Kind::GPipe, pp, 1, m), Ok(()));
                 assert_eq!(Schedule::validate(Kind::OneFOneB, pp, 1, m), Ok(()));
                 for v in 2..=4 {
-                    let want = if m % pp == 0 {
-                        Ok(())
-                    } else {
-                        Err(ScheduleError::MicrobatchesNotMultiple { m, pp })
-                    };
+                    let want = if m % pp == 0 { Ok(()) } else { Err(ScheduleError::MicrobatchesNotMultiple { m, pp }) };
                     assert_eq!(Schedule::validate(Kind::Interleaved1F1B, pp, v, m), want);
                 }
             }
@@ -363,100 +312,30 @@ mod tests {
         // (kind, pp, v, m, error, fragments its message must contain)
         type Case = (Kind, usize, usize, usize, E, &'static [&'static str]);
         let cases: Vec<Case> = vec![
-            (
-                Kind::OneFOneB,
-                0,
-                1,
-                4,
-                E::ZeroPp,
-                &["--pp 0", "at least 1"],
-            ),
-            (
-                Kind::GPipe,
-                4,
-                1,
-                0,
-                E::ZeroMicrobatches { pp: 4 },
-                &["--microbatches 0", "at least 1", "--pp 4"],
-            ),
-            (
-                Kind::OneFOneB,
-                2,
-                0,
-                4,
-                E::ZeroVirtualStages,
-                &["--virtual-stages 0", "set --virtual-stages 1"],
-            ),
-            (
-                Kind::Interleaved1F1B,
-                2,
-                0,
-                4,
-                E::ZeroVirtualStages,
-                &["--virtual-stages 0"],
-            ),
+            (Kind::OneFOneB, 0, 1, 4, E::ZeroPp, &["--pp 0", "at least 1"]),
+            (Kind::GPipe, 4, 1, 0, E::ZeroMicrobatches { pp: 4 }, &["--microbatches 0", "at least 1", "--pp 4"]),
+            (Kind::OneFOneB, 2, 0, 4, E::ZeroVirtualStages, &["--virtual-stages 0", "set --virtual-stages 1"]),
+            (Kind::Interleaved1F1B, 2, 0, 4, E::ZeroVirtualStages, &["--virtual-stages 0"]),
             (
                 Kind::GPipe,
                 2,
                 2,
                 4,
-                E::VirtualStagesNeedInterleaved {
-                    kind: Kind::GPipe,
-                    v: 2,
-                },
-                &[
-                    "--virtual-stages 2",
-                    "gpipe",
-                    "--virtual-stages 1",
-                    "interleaved",
-                ],
+                E::VirtualStagesNeedInterleaved { kind: Kind::GPipe, v: 2 },
+                &["--virtual-stages 2", "gpipe", "--virtual-stages 1", "interleaved"],
             ),
-            (
-                Kind::OneFOneB,
-                2,
-                3,
-                4,
-                E::VirtualStagesNeedInterleaved {
-                    kind: Kind::OneFOneB,
-                    v: 3,
-                },
-                &["--virtual-stages 3", "1f1b"],
-            ),
-            (
-                Kind::Interleaved1F1B,
-                2,
-                1,
-                4,
-                E::InterleavedNeedsChunks { v: 1 },
-                &["--virtual-stages >= 2", "got 1", "1f1b"],
-            ),
+            (Kind::OneFOneB, 2, 3, 4, E::VirtualStagesNeedInterleaved { kind: Kind::OneFOneB, v: 3 }, &["--virtual-stages 3", "1f1b"]),
+            (Kind::Interleaved1F1B, 2, 1, 4, E::InterleavedNeedsChunks { v: 1 }, &["--virtual-stages >= 2", "got 1", "1f1b"]),
             (
                 Kind::Interleaved1F1B,
                 4,
                 2,
                 6,
                 E::MicrobatchesNotMultiple { m: 6, pp: 4 },
-                &[
-                    "--microbatches 6 is not a multiple of --pp 4",
-                    "use 4 or 8",
-                ],
+                &["--microbatches 6 is not a multiple of --pp 4", "use 4 or 8"],
             ),
-            (
-                Kind::Interleaved1F1B,
-                4,
-                2,
-                2,
-                E::MicrobatchesNotMultiple { m: 2, pp: 4 },
-                &["--microbatches 2", "use 4"],
-            ),
-            (
-                Kind::Interleaved1F1B,
-                3,
-                2,
-                7,
-                E::MicrobatchesNotMultiple { m: 7, pp: 3 },
-                &["use 6 or 9"],
-            ),
+            (Kind::Interleaved1F1B, 4, 2, 2, E::MicrobatchesNotMultiple { m: 2, pp: 4 }, &["--microbatches 2", "use 4"]),
+            (Kind::Interleaved1F1B, 3, 2, 7, E::MicrobatchesNotMultiple { m: 7, pp: 3 }, &["use 6 or 9"]),
         ];
         for (kind, pp, v, m, want, fragments) in cases {
             let got = Schedule::validate(kind, pp, v, m).unwrap_err();
@@ -476,7 +355,7 @@ mod tests {
     fn shapes_beyond_max_actions_are_refused_naming_what_to_lower() {
         use ScheduleError as E;
         let half = MAX_ACTIONS / 2; // pp·v·m at the bound
-        // At the bound: valid (nothing is generated by validate).
+                                    // At the bound: valid (nothing is generated by validate).
         assert_eq!(Schedule::validate(Kind::OneFOneB, 1, 1, half), Ok(()));
         assert_eq!(Schedule::validate(Kind::GPipe, 8, 1, half / 8), Ok(()));
         assert_eq!(Schedule::validate(Kind::Interleaved1F1B, 4, 2, half / 8), Ok(()));
@@ -512,10 +391,7 @@ mod tests {
         assert_eq!(Schedule::validate(Kind::Interleaved1F1B, 3, 2, 699048), Ok(()));
         assert!(Schedule::validate(Kind::Interleaved1F1B, 3, 2, 699048 + 3).is_err());
         // The shape errors that name the kind's own rules come first.
-        assert_eq!(
-            Schedule::validate(Kind::OneFOneB, 2, 3, max),
-            Err(E::VirtualStagesNeedInterleaved { kind: Kind::OneFOneB, v: 3 })
-        );
+        assert_eq!(Schedule::validate(Kind::OneFOneB, 2, 3, max), Err(E::VirtualStagesNeedInterleaved { kind: Kind::OneFOneB, v: 3 }));
     }
 
     #[test]
@@ -536,17 +412,11 @@ mod tests {
     fn placement_and_display() {
         let s = Schedule::new(Kind::Interleaved1F1B, 2, 2, 2).unwrap();
         assert_eq!(s.stages(), 4);
-        assert_eq!(
-            (0..4).map(|st| s.rank_of_stage(st)).collect::<Vec<_>>(),
-            [0, 1, 0, 1]
-        );
+        assert_eq!((0..4).map(|st| s.rank_of_stage(st)).collect::<Vec<_>>(), [0, 1, 0, 1]);
         assert!(!s.is_lowered());
         assert_eq!(s.len(), 2 * 2 * 2 * 2);
         let text = s.to_string();
-        assert!(
-            text.starts_with("interleaved pp=2 v=2 microbatches=2\nrank 0: 0F0 0F1 2F0"),
-            "{text}"
-        );
+        assert!(text.starts_with("interleaved pp=2 v=2 microbatches=2\nrank 0: 0F0 0F1 2F0"), "{text}");
         // Every listed action parses back.
         for line in text.lines().skip(1) {
             let (_, acts) = line.split_once(": ").unwrap();

@@ -146,28 +146,18 @@ impl<'a> Sim<'a> {
             done: HashMap::new(),
             cursor: vec![0; pp],
             clock: vec![0; pp],
-            entries: schedule
-                .ranks
-                .iter()
-                .map(|l| Vec::with_capacity(l.len()))
-                .collect(),
+            entries: schedule.ranks.iter().map(|l| Vec::with_capacity(l.len())).collect(),
         }
     }
 
     fn finished(&self) -> bool {
-        self.cursor
-            .iter()
-            .zip(&self.schedule.ranks)
-            .all(|(&c, l)| c == l.len())
+        self.cursor.iter().zip(&self.schedule.ranks).all(|(&c, l)| c == l.len())
     }
 
     /// Runs rank r's next action if its inputs are ready.
     fn step(&mut self, r: usize) -> Result<(), Wait> {
         let entry = self.next(r)?;
-        self.done.entry(entry.action).or_insert(Done {
-            rank: r,
-            end: entry.end,
-        });
+        self.done.entry(entry.action).or_insert(Done { rank: r, end: entry.end });
         self.entries[r].push(entry);
         self.clock[r] = entry.end;
         self.cursor[r] += 1;
@@ -179,11 +169,7 @@ impl<'a> Sim<'a> {
         let action = self.schedule.ranks[r][self.cursor[r]];
         self.check(action).map_err(Wait::Invalid)?;
         let clock = self.clock[r];
-        let Action {
-            stage: s,
-            micro: m,
-            op,
-        } = action;
+        let Action { stage: s, micro: m, op } = action;
         let (start, end) = match op {
             Op::F => {
                 // Stage 0 reads the data loader: no input to wait for.
@@ -256,18 +242,9 @@ impl<'a> Sim<'a> {
                     Err(Wait::For(needs)) => self.explain(needs),
                     // Not reached: `simulate` diagnoses only when no rank can step, and stops at
                     // the first overflow.
-                    Ok(_) | Err(Wait::Overflow) => Cause::NotReached {
-                        needs: at,
-                        rank: r,
-                        stuck_at: at,
-                    },
+                    Ok(_) | Err(Wait::Overflow) => Cause::NotReached { needs: at, rank: r, stuck_at: at },
                 };
-                Blocked {
-                    rank: r,
-                    index,
-                    at,
-                    cause,
-                }
+                Blocked { rank: r, index, at, cause }
             })
             .collect();
         Deadlock { blocked }
@@ -278,20 +255,10 @@ impl<'a> Sim<'a> {
     fn explain(&self, needs: Action) -> Cause {
         match self.listed.get(&needs) {
             Some(&(q, i)) => {
-                let stuck_at = self.schedule.ranks[q]
-                    .get(self.cursor[q])
-                    .copied()
-                    .unwrap_or(self.schedule.ranks[q][i]);
-                Cause::NotReached {
-                    needs,
-                    rank: q,
-                    stuck_at,
-                }
+                let stuck_at = self.schedule.ranks[q].get(self.cursor[q]).copied().unwrap_or(self.schedule.ranks[q][i]);
+                Cause::NotReached { needs, rank: q, stuck_at }
             }
-            None => Cause::NeverPosted {
-                needs,
-                owner: self.schedule.rank_of_stage(needs.stage),
-            },
+            None => Cause::NeverPosted { needs, owner: self.schedule.rank_of_stage(needs.stage) },
         }
     }
 
@@ -316,21 +283,14 @@ mod tests {
 
     /// `(action, start, end)` per entry of one rank.
     fn spans(t: &Timeline, rank: usize) -> Vec<(String, u64, u64)> {
-        t.ranks[rank]
-            .iter()
-            .map(|e| (e.action.to_string(), e.start, e.end))
-            .collect()
+        t.ranks[rank].iter().map(|e| (e.action.to_string(), e.start, e.end)).collect()
     }
 
     fn span(text: &str, start: u64, end: u64) -> (String, u64, u64) {
         (text.to_string(), start, end)
     }
 
-    const COSTS: Costs = Costs {
-        f: 1,
-        b: 2,
-        comm: 1,
-    };
+    const COSTS: Costs = Costs { f: 1, b: 2, comm: 1 };
 
     fn deadlock(s: &Schedule) -> Deadlock {
         match simulate(s, COSTS) {
@@ -407,24 +367,8 @@ mod tests {
     #[test]
     fn compute_only_takes_cross_rank_inputs_directly() {
         let t = simulate(&one_f_one_b(2, 2).unwrap(), COSTS).unwrap();
-        assert_eq!(
-            spans(&t, 0),
-            [
-                span("0F0", 0, 1),
-                span("0F1", 1, 2),
-                span("0B0", 6, 8),
-                span("0B1", 9, 11)
-            ]
-        );
-        assert_eq!(
-            spans(&t, 1),
-            [
-                span("1F0", 2, 3),
-                span("1B0", 3, 5),
-                span("1F1", 5, 6),
-                span("1B1", 6, 8)
-            ]
-        );
+        assert_eq!(spans(&t, 0), [span("0F0", 0, 1), span("0F1", 1, 2), span("0B0", 6, 8), span("0B1", 9, 11)]);
+        assert_eq!(spans(&t, 1), [span("1F0", 2, 3), span("1B0", 3, 5), span("1F1", 5, 6), span("1B1", 6, 8)]);
         assert_eq!(t.makespan, 11);
     }
 
@@ -439,15 +383,7 @@ mod tests {
 
     #[test]
     fn zero_costs_give_zero_makespan_and_bubble() {
-        let t = simulate(
-            &lower(&gpipe(3, 2).unwrap()),
-            Costs {
-                f: 0,
-                b: 0,
-                comm: 0,
-            },
-        )
-        .unwrap();
+        let t = simulate(&lower(&gpipe(3, 2).unwrap()), Costs { f: 0, b: 0, comm: 0 }).unwrap();
         assert_eq!(t.makespan, 0);
         assert_eq!(t.bubble, [0.0; 3]);
     }
@@ -462,41 +398,13 @@ mod tests {
         assert_eq!(
             err.blocked,
             [
-                Blocked {
-                    rank: 0,
-                    index: 0,
-                    at: a("0RECV_B0"),
-                    cause: Cause::NotReached {
-                        needs: a("1SEND_B0"),
-                        rank: 1,
-                        stuck_at: a("1RECV_F0")
-                    },
-                },
-                Blocked {
-                    rank: 1,
-                    index: 0,
-                    at: a("1RECV_F0"),
-                    cause: Cause::NotReached {
-                        needs: a("0SEND_F0"),
-                        rank: 0,
-                        stuck_at: a("0RECV_B0")
-                    },
-                },
+                Blocked { rank: 0, index: 0, at: a("0RECV_B0"), cause: Cause::NotReached { needs: a("1SEND_B0"), rank: 1, stuck_at: a("1RECV_F0") } },
+                Blocked { rank: 1, index: 0, at: a("1RECV_F0"), cause: Cause::NotReached { needs: a("0SEND_F0"), rank: 0, stuck_at: a("0RECV_B0") } },
             ]
         );
         let msg = err.to_string();
-        assert!(
-            msg.contains(
-                "rank 0 waits at 0RECV_B0 for 1SEND_B0, which rank 1 only reaches after 1RECV_F0"
-            ),
-            "{msg}"
-        );
-        assert!(
-            msg.contains(
-                "rank 1 waits at 1RECV_F0 for 0SEND_F0, which rank 0 only reaches after 0RECV_B0"
-            ),
-            "{msg}"
-        );
+        assert!(msg.contains("rank 0 waits at 0RECV_B0 for 1SEND_B0, which rank 1 only reaches after 1RECV_F0"), "{msg}");
+        assert!(msg.contains("rank 1 waits at 1RECV_F0 for 0SEND_F0, which rank 0 only reaches after 0RECV_B0"), "{msg}");
     }
 
     #[test]
@@ -518,10 +426,7 @@ mod tests {
         s.ranks[1].retain(|&x| x != a("1RECV_F0"));
         let err = deadlock(&s);
         assert_eq!(err.blocked.len(), 2);
-        assert_eq!(
-            err.blocked[1].to_string(),
-            "rank 1 waits at 1F0 for 1RECV_F0, which rank 1 never posts"
-        );
+        assert_eq!(err.blocked[1].to_string(), "rank 1 waits at 1F0 for 1RECV_F0, which rank 1 never posts");
     }
 
     #[test]
@@ -530,10 +435,7 @@ mod tests {
         s.ranks[0] = list("0B0 0F0");
         let err = deadlock(&s);
         let msg = err.to_string();
-        assert!(
-            msg.contains("rank 0 waits at 0B0 for 0F0, which comes later in rank 0's own list"),
-            "{msg}"
-        );
+        assert!(msg.contains("rank 0 waits at 0B0 for 0F0, which comes later in rank 0's own list"), "{msg}");
         assert!(msg.contains("rank 1 waits at 1F0 for 0F0, which rank 0 only reaches after 0B0, where it is stuck"), "{msg}");
     }
 
@@ -542,9 +444,7 @@ mod tests {
         let mut s = lower(&gpipe(2, 1).unwrap());
         s.ranks[0] = list("0SEND_F0 0F0 0RECV_B0 0B0");
         let err = deadlock(&s);
-        assert!(err
-            .to_string()
-            .contains("rank 0 waits at 0SEND_F0 for 0F0, which comes later in rank 0's own list"));
+        assert!(err.to_string().contains("rank 0 waits at 0SEND_F0 for 0F0, which comes later in rank 0's own list"));
     }
 
     #[test]
@@ -563,11 +463,7 @@ mod tests {
             let err = deadlock(&s);
             let index = usize::from(text.starts_with("0F0"));
             assert_eq!(err.blocked.len(), 1, "{text}");
-            assert_eq!(
-                (err.blocked[0].index, &err.blocked[0].cause),
-                (index, &Cause::Invalid(why)),
-                "{text}"
-            );
+            assert_eq!((err.blocked[0].index, &err.blocked[0].cause), (index, &Cause::Invalid(why)), "{text}");
         }
     }
 }

@@ -89,10 +89,7 @@ impl Timeline {
     /// Time rank r spends in `F` and `B`. (Saturating, for entries built by hand: a simulated
     /// rank runs one action at a time, so its busy time is at most the makespan.)
     pub fn busy(&self, rank: usize) -> u64 {
-        self.ranks[rank]
-            .iter()
-            .filter(|e| e.action.op.is_compute())
-            .fold(0u64, |sum, e| sum.saturating_add(e.end.saturating_sub(e.start)))
+        self.ranks[rank].iter().filter(|e| e.action.op.is_compute()).fold(0u64, |sum, e| sum.saturating_add(e.end.saturating_sub(e.start)))
     }
 
     /// Time rank r spends not computing within `[0, makespan)`; `bubble[r] = idle / makespan`.
@@ -135,9 +132,7 @@ mod tests {
     use crate::generate::one_f_one_b;
 
     fn list(text: &str) -> Vec<Action> {
-        text.split_whitespace()
-            .map(|a| a.parse().unwrap())
-            .collect()
+        text.split_whitespace().map(|a| a.parse().unwrap()).collect()
     }
 
     #[test]
@@ -154,33 +149,15 @@ mod tests {
     fn new_measures_makespan_busy_idle_and_bubble() {
         let mut s = one_f_one_b(2, 1).unwrap();
         s.ranks = vec![list("0F0 0B0"), list("1RECV_F0 1F0 1B0")];
-        let e = |start, end, text: &str| Entry {
-            start,
-            end,
-            action: text.parse().unwrap(),
-        };
-        let entries = vec![
-            vec![e(0, 1, "0F0"), e(6, 8, "0B0")],
-            vec![e(0, 3, "1RECV_F0"), e(3, 4, "1F0"), e(4, 6, "1B0")],
-        ];
-        let t = Timeline::new(
-            &s,
-            Costs {
-                f: 1,
-                b: 2,
-                comm: 2,
-            },
-            entries,
-        );
+        let e = |start, end, text: &str| Entry { start, end, action: text.parse().unwrap() };
+        let entries = vec![vec![e(0, 1, "0F0"), e(6, 8, "0B0")], vec![e(0, 3, "1RECV_F0"), e(3, 4, "1F0"), e(4, 6, "1B0")]];
+        let t = Timeline::new(&s, Costs { f: 1, b: 2, comm: 2 }, entries);
         assert_eq!(t.makespan, 8);
         assert_eq!((t.busy(0), t.idle(0)), (3, 5));
         // Time in a receive is idle: rank 1 computes 3 of 8 units.
         assert_eq!((t.busy(1), t.idle(1)), (3, 5));
         assert_eq!(t.bubble, [5.0 / 8.0, 5.0 / 8.0]);
         assert_eq!(t.peak_in_flight, [1, 1]);
-        assert_eq!(
-            (t.kind, t.pp, t.virtual_stages, t.microbatches),
-            (Kind::OneFOneB, 2, 1, 1)
-        );
+        assert_eq!((t.kind, t.pp, t.virtual_stages, t.microbatches), (Kind::OneFOneB, 2, 1, 1));
     }
 }

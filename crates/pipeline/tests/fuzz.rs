@@ -137,9 +137,28 @@ fn schedule_ir_never_panics_and_errors_are_one_line() {
     }
 
     let dict: [&[u8]; 22] = [
-        b"F", b"B", b"SEND_F", b"RECV_F", b"SEND_B", b"RECV_B", b"0", b"1", b"9", b"18446744073709551615", b"18446744073709551616",
-        b"99999999999999999999999", b" ", b"\n", b"_", b"SEND_", b"gpipe", b"1f1b", b"interleaved", "\u{0660}".as_bytes(),
-        "\u{ff11}".as_bytes(), b"-1",
+        b"F",
+        b"B",
+        b"SEND_F",
+        b"RECV_F",
+        b"SEND_B",
+        b"RECV_B",
+        b"0",
+        b"1",
+        b"9",
+        b"18446744073709551615",
+        b"18446744073709551616",
+        b"99999999999999999999999",
+        b" ",
+        b"\n",
+        b"_",
+        b"SEND_",
+        b"gpipe",
+        b"1f1b",
+        b"interleaved",
+        "\u{0660}".as_bytes(),
+        "\u{ff11}".as_bytes(),
+        b"-1",
     ];
     while fuzz.more() {
         let rng = &mut fuzz.rng;

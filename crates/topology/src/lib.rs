@@ -107,13 +107,7 @@ pub enum TopologyError {
          but the job has {world_size} ranks (world size): \
          set them so the product is {world_size}, or launch {product} ranks"
     )]
-    ProductMismatch {
-        dp: usize,
-        pp: usize,
-        tp: usize,
-        product: u128,
-        world_size: usize,
-    },
+    ProductMismatch { dp: usize, pp: usize, tp: usize, product: u128, world_size: usize },
 
     /// `parallel.dp = 0` (infer) but `pp × tp` does not divide the world size.
     #[error(
@@ -122,12 +116,7 @@ pub enum TopologyError {
          set parallel.pp and parallel.tp so their product divides {world_size}, \
          or launch a multiple of {pp_tp} ranks"
     )]
-    NotDivisible {
-        pp: usize,
-        tp: usize,
-        pp_tp: u128,
-        world_size: usize,
-    },
+    NotDivisible { pp: usize, tp: usize, pp_tp: u128, world_size: usize },
 
     /// A rank outside `0..world_size` was queried.
     #[error("rank {rank} is out of range: the job has {world_size} ranks (0..={max})", max = world_size.saturating_sub(1))]
@@ -135,12 +124,7 @@ pub enum TopologyError {
 
     /// A coordinate outside the grid was queried.
     #[error("coordinates {coords} are out of range for parallel.dp × parallel.pp × parallel.tp = {dp} × {pp} × {tp}")]
-    CoordsOutOfRange {
-        coords: Coords,
-        dp: usize,
-        pp: usize,
-        tp: usize,
-    },
+    CoordsOutOfRange { coords: Coords, dp: usize, pp: usize, tp: usize },
 
     /// `parallel.order` names no known rank order.
     #[error(
@@ -240,12 +224,7 @@ impl std::str::FromStr for RankOrder {
 
     /// Accepts exactly `"tp-dp-pp"` or `"tp-pp-dp"`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        RankOrder::ALL
-            .into_iter()
-            .find(|o| o.as_str() == s)
-            .ok_or_else(|| TopologyError::UnknownOrder {
-                value: s.to_string(),
-            })
+        RankOrder::ALL.into_iter().find(|o| o.as_str() == s).ok_or_else(|| TopologyError::UnknownOrder { value: s.to_string() })
     }
 }
 
@@ -324,35 +303,18 @@ impl ParallelDims {
             #[allow(clippy::manual_is_multiple_of)]
             let divisible = world_size as u128 % pp_tp == 0;
             if !divisible {
-                return Err(TopologyError::NotDivisible {
-                    pp,
-                    tp,
-                    pp_tp,
-                    world_size,
-                });
+                return Err(TopologyError::NotDivisible { pp, tp, pp_tp, world_size });
             }
             // Exact and ≤ world_size, so it fits in usize.
             (world_size as u128 / pp_tp) as usize
         } else {
             let product = pp_tp.saturating_mul(dp as u128);
             if product != world_size as u128 {
-                return Err(TopologyError::ProductMismatch {
-                    dp,
-                    pp,
-                    tp,
-                    product,
-                    world_size,
-                });
+                return Err(TopologyError::ProductMismatch { dp, pp, tp, product, world_size });
             }
             dp
         };
-        Ok(Self {
-            dp,
-            pp,
-            tp,
-            world_size,
-            order: RankOrder::default(),
-        })
+        Ok(Self { dp, pp, tp, world_size, order: RankOrder::default() })
     }
 
     /// The same layout with ranks numbered in `order`.
@@ -363,46 +325,19 @@ impl ParallelDims {
 
     /// Like [`ParallelDims::new`], for sizes read from a config as signed
     /// integers: negative values are rejected with a message naming the key.
-    pub fn from_config(
-        dp: i64,
-        pp: i64,
-        tp: i64,
-        world_size: usize,
-    ) -> Result<Self, TopologyError> {
-        fn non_negative(
-            key: &'static str,
-            value: i64,
-            hint: &'static str,
-        ) -> Result<usize, TopologyError> {
+    pub fn from_config(dp: i64, pp: i64, tp: i64, world_size: usize) -> Result<Self, TopologyError> {
+        fn non_negative(key: &'static str, value: i64, hint: &'static str) -> Result<usize, TopologyError> {
             usize::try_from(value).map_err(|_| TopologyError::Negative { key, value, hint })
         }
-        let dp = non_negative(
-            KEY_DP,
-            dp,
-            "set it to the number of data-parallel replicas, or 0 to infer it from the world size",
-        )?;
-        let pp = non_negative(
-            KEY_PP,
-            pp,
-            "set it to the number of pipeline stages (1 disables pipeline parallelism)",
-        )?;
-        let tp = non_negative(
-            KEY_TP,
-            tp,
-            "set it to the tensor-parallel degree (1 disables tensor parallelism)",
-        )?;
+        let dp = non_negative(KEY_DP, dp, "set it to the number of data-parallel replicas, or 0 to infer it from the world size")?;
+        let pp = non_negative(KEY_PP, pp, "set it to the number of pipeline stages (1 disables pipeline parallelism)")?;
+        let tp = non_negative(KEY_TP, tp, "set it to the tensor-parallel degree (1 disables tensor parallelism)")?;
         Self::new(dp, pp, tp, world_size)
     }
 
     /// A single-process layout (`1 × 1 × 1`).
     pub fn single() -> Self {
-        Self {
-            dp: 1,
-            pp: 1,
-            tp: 1,
-            world_size: 1,
-            order: RankOrder::default(),
-        }
+        Self { dp: 1, pp: 1, tp: 1, world_size: 1, order: RankOrder::default() }
     }
 
     /// The size of `dim`.
@@ -417,13 +352,7 @@ impl ParallelDims {
     /// Distance in rank numbers between neighbours along `dim`: the product
     /// of the sizes of the dimensions inside it in `self.order`.
     fn stride(&self, dim: Dim) -> usize {
-        self.order
-            .outermost_first()
-            .into_iter()
-            .rev()
-            .take_while(|&d| d != dim)
-            .map(|d| self.size(d))
-            .product()
+        self.order.outermost_first().into_iter().rev().take_while(|&d| d != dim).map(|d| self.size(d)).product()
     }
 
     /// Whether gradients are replicated across more than one rank.
@@ -445,10 +374,7 @@ impl ParallelDims {
         if rank < self.world_size {
             Ok(())
         } else {
-            Err(TopologyError::RankOutOfRange {
-                rank,
-                world_size: self.world_size,
-            })
+            Err(TopologyError::RankOutOfRange { rank, world_size: self.world_size })
         }
     }
 
@@ -456,27 +382,15 @@ impl ParallelDims {
     pub fn coords(&self, rank: usize) -> Result<Coords, TopologyError> {
         self.check_rank(rank)?;
         let coord = |dim| (rank / self.stride(dim)) % self.size(dim);
-        Ok(Coords {
-            dp: coord(Dim::Dp),
-            pp: coord(Dim::Pp),
-            tp: coord(Dim::Tp),
-        })
+        Ok(Coords { dp: coord(Dim::Dp), pp: coord(Dim::Pp), tp: coord(Dim::Tp) })
     }
 
     /// The rank at grid position `coords`.
     pub fn rank_of(&self, coords: Coords) -> Result<usize, TopologyError> {
         if coords.dp >= self.dp || coords.pp >= self.pp || coords.tp >= self.tp {
-            return Err(TopologyError::CoordsOutOfRange {
-                coords,
-                dp: self.dp,
-                pp: self.pp,
-                tp: self.tp,
-            });
+            return Err(TopologyError::CoordsOutOfRange { coords, dp: self.dp, pp: self.pp, tp: self.tp });
         }
-        Ok(Dim::ALL
-            .into_iter()
-            .map(|dim| coords.get(dim) * self.stride(dim))
-            .sum())
+        Ok(Dim::ALL.into_iter().map(|dim| coords.get(dim) * self.stride(dim)).sum())
     }
 
     /// All groups along `dim`: each group holds the ranks whose coordinates
@@ -545,11 +459,7 @@ impl ParallelDims {
 
 impl fmt::Display for ParallelDims {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "dp {} × pp {} × tp {} = {} ranks",
-            self.dp, self.pp, self.tp, self.world_size
-        )
+        write!(f, "dp {} × pp {} × tp {} = {} ranks", self.dp, self.pp, self.tp, self.world_size)
     }
 }
 
@@ -600,14 +510,8 @@ mod tests {
     fn enumerates_all_factorisations() {
         let layouts = all_layouts();
         // Number of ordered triples with product n, summed over n = 1..=MAX_WORLD.
-        let expected: usize = (1..=MAX_WORLD)
-            .map(|n| {
-                (1..=n)
-                    .filter(|d| n % d == 0)
-                    .map(|d| (1..=n / d).filter(|e| (n / d) % e == 0).count())
-                    .sum::<usize>()
-            })
-            .sum();
+        let expected: usize =
+            (1..=MAX_WORLD).map(|n| (1..=n).filter(|d| n % d == 0).map(|d| (1..=n / d).filter(|e| (n / d) % e == 0).count()).sum::<usize>()).sum();
         assert_eq!(layouts.len(), expected);
         assert!(layouts.iter().any(|d| d.dp == 2 && d.pp == 2 && d.tp == 8));
         assert!(layouts.iter().any(|d| d.dp == 4 && d.pp == 4 && d.tp == 4));
@@ -619,51 +523,25 @@ mod tests {
     fn default_order_is_megatron() {
         assert_eq!(RankOrder::default(), RankOrder::TpDpPp);
         assert_eq!(ParallelDims::single().order, RankOrder::TpDpPp);
-        assert_eq!(
-            ParallelDims::new(2, 2, 1, 4).unwrap().order,
-            RankOrder::TpDpPp
-        );
-        assert_eq!(
-            ParallelDims::from_config(0, 2, 1, 4).unwrap().order,
-            RankOrder::TpDpPp
-        );
-        let d = ParallelDims::new(2, 2, 1, 4)
-            .unwrap()
-            .with_order(RankOrder::TpPpDp);
+        assert_eq!(ParallelDims::new(2, 2, 1, 4).unwrap().order, RankOrder::TpDpPp);
+        assert_eq!(ParallelDims::from_config(0, 2, 1, 4).unwrap().order, RankOrder::TpDpPp);
+        let d = ParallelDims::new(2, 2, 1, 4).unwrap().with_order(RankOrder::TpPpDp);
         assert_eq!(d.order, RankOrder::TpPpDp);
         assert_eq!((d.dp, d.pp, d.tp, d.world_size), (2, 2, 1, 4));
-        assert_eq!(
-            d.with_order(RankOrder::TpDpPp),
-            ParallelDims::new(2, 2, 1, 4).unwrap()
-        );
+        assert_eq!(d.with_order(RankOrder::TpDpPp), ParallelDims::new(2, 2, 1, 4).unwrap());
     }
 
     #[test]
     fn order_parse_display_and_key() {
         assert_eq!(KEY_ORDER, "parallel.order");
-        for (text, order) in [
-            ("tp-dp-pp", RankOrder::TpDpPp),
-            ("tp-pp-dp", RankOrder::TpPpDp),
-        ] {
+        for (text, order) in [("tp-dp-pp", RankOrder::TpDpPp), ("tp-pp-dp", RankOrder::TpPpDp)] {
             assert_eq!(text.parse::<RankOrder>().unwrap(), order);
             assert_eq!(order.to_string(), text);
             assert_eq!(order.as_str(), text);
         }
-        for bad in [
-            "",
-            "dp-pp-tp",
-            "TP-DP-PP",
-            " tp-dp-pp",
-            "tp-dp-pp\nx",
-            "tp-dp",
-        ] {
+        for bad in ["", "dp-pp-tp", "TP-DP-PP", " tp-dp-pp", "tp-dp-pp\nx", "tp-dp"] {
             let e = bad.parse::<RankOrder>().unwrap_err();
-            assert_eq!(
-                e,
-                TopologyError::UnknownOrder {
-                    value: bad.to_string()
-                }
-            );
+            assert_eq!(e, TopologyError::UnknownOrder { value: bad.to_string() });
             let msg = e.to_string();
             assert!(!msg.contains('\n'), "{msg}");
             for needle in ["parallel.order", "\"tp-dp-pp\"", "\"tp-pp-dp\""] {
@@ -679,14 +557,8 @@ mod tests {
 
     #[test]
     fn outermost_first_matches_strides() {
-        assert_eq!(
-            RankOrder::TpDpPp.outermost_first(),
-            [Dim::Pp, Dim::Dp, Dim::Tp]
-        );
-        assert_eq!(
-            RankOrder::TpPpDp.outermost_first(),
-            [Dim::Dp, Dim::Pp, Dim::Tp]
-        );
+        assert_eq!(RankOrder::TpDpPp.outermost_first(), [Dim::Pp, Dim::Dp, Dim::Tp]);
+        assert_eq!(RankOrder::TpPpDp.outermost_first(), [Dim::Dp, Dim::Pp, Dim::Tp]);
         for d in all_layouts_all_orders() {
             let dims = d.order.outermost_first();
             let mut sorted = dims;
@@ -737,24 +609,12 @@ mod tests {
             let d = base.with_order(RankOrder::TpPpDp);
             for rank in 0..d.world_size {
                 let c = d.coords(rank).unwrap();
-                assert_eq!(
-                    (c.dp, c.pp, c.tp),
-                    (rank / (d.pp * d.tp), (rank / d.tp) % d.pp, rank % d.tp),
-                    "{d} rank {rank}"
-                );
+                assert_eq!((c.dp, c.pp, c.tp), (rank / (d.pp * d.tp), (rank / d.tp) % d.pp, rank % d.tp), "{d} rank {rank}");
             }
             let new = base.with_order(RankOrder::TpDpPp);
             for rank in 0..new.world_size {
                 let c = new.coords(rank).unwrap();
-                assert_eq!(
-                    (c.dp, c.pp, c.tp),
-                    (
-                        (rank / new.tp) % new.dp,
-                        rank / (new.dp * new.tp),
-                        rank % new.tp
-                    ),
-                    "{new} rank {rank}"
-                );
+                assert_eq!((c.dp, c.pp, c.tp), ((rank / new.tp) % new.dp, rank / (new.dp * new.tp), rank % new.tp), "{new} rank {rank}");
             }
             // The two orders coincide exactly when dp or pp is 1.
             let same = (0..d.world_size).all(|r| d.coords(r) == new.coords(r));
@@ -774,25 +634,15 @@ mod tests {
                 };
                 assert_eq!(groups, expected_named);
                 assert_eq!(groups.len(), d.world_size / d.size(dim), "{d} {dim}");
-                assert!(
-                    groups.windows(2).all(|w| w[0][0] < w[1][0]),
-                    "{d} {dim}: groups not ordered by smallest rank"
-                );
+                assert!(groups.windows(2).all(|w| w[0][0] < w[1][0]), "{d} {dim}: groups not ordered by smallest rank");
 
                 let mut all: Vec<usize> = groups.iter().flatten().copied().collect();
                 all.sort_unstable();
-                assert_eq!(
-                    all,
-                    (0..d.world_size).collect::<Vec<_>>(),
-                    "{d} {dim}: not a partition"
-                );
+                assert_eq!(all, (0..d.world_size).collect::<Vec<_>>(), "{d} {dim}: not a partition");
 
                 for group in &groups {
                     assert_eq!(group.len(), d.size(dim), "{d} {dim}");
-                    assert!(
-                        group.windows(2).all(|w| w[0] < w[1]),
-                        "{d} {dim}: {group:?} not sorted"
-                    );
+                    assert!(group.windows(2).all(|w| w[0] < w[1]), "{d} {dim}: {group:?} not sorted");
                     let first = d.coords(group[0]).unwrap();
                     for (i, &r) in group.iter().enumerate() {
                         let c = d.coords(r).unwrap();
@@ -839,17 +689,9 @@ mod tests {
             // Together with their tp peers, the dp groups of one stage fill
             // exactly one block of dp × tp consecutive ranks.
             for stage in 0..d.pp {
-                let mut ranks: Vec<usize> = d
-                    .dp_groups()
-                    .into_iter()
-                    .flatten()
-                    .filter(|&r| d.coords(r).unwrap().pp == stage)
-                    .collect();
+                let mut ranks: Vec<usize> = d.dp_groups().into_iter().flatten().filter(|&r| d.coords(r).unwrap().pp == stage).collect();
                 ranks.sort_unstable();
-                assert_eq!(
-                    ranks,
-                    (stage * block..(stage + 1) * block).collect::<Vec<_>>()
-                );
+                assert_eq!(ranks, (stage * block..(stage + 1) * block).collect::<Vec<_>>());
             }
             // The old order spreads them further whenever pipelining is on.
             let old = base.with_order(RankOrder::TpPpDp);
@@ -872,18 +714,8 @@ mod tests {
                 let prev = d.pp_prev(rank).unwrap();
                 let next = d.pp_next(rank).unwrap();
                 let at = |pp| d.rank_of(Coords { pp, ..c }).unwrap();
-                assert_eq!(
-                    prev,
-                    (c.pp > 0).then(|| at(c.pp - 1)),
-                    "{d} {} rank {rank}",
-                    d.order
-                );
-                assert_eq!(
-                    next,
-                    (c.pp + 1 < d.pp).then(|| at(c.pp + 1)),
-                    "{d} {} rank {rank}",
-                    d.order
-                );
+                assert_eq!(prev, (c.pp > 0).then(|| at(c.pp - 1)), "{d} {} rank {rank}", d.order);
+                assert_eq!(next, (c.pp + 1 < d.pp).then(|| at(c.pp + 1)), "{d} {} rank {rank}", d.order);
                 assert_eq!(d.is_first_stage(rank).unwrap(), c.pp == 0);
                 assert_eq!(d.is_last_stage(rank).unwrap(), c.pp + 1 == d.pp);
                 if let Some(p) = prev {
@@ -924,11 +756,7 @@ mod tests {
 
                 for (stage, &r) in pipeline.iter().enumerate() {
                     assert_eq!(d.is_first_stage(r).unwrap(), stage == 0, "{d} rank {r}");
-                    assert_eq!(
-                        d.is_last_stage(r).unwrap(),
-                        stage + 1 == d.pp,
-                        "{d} rank {r}"
-                    );
+                    assert_eq!(d.is_last_stage(r).unwrap(), stage + 1 == d.pp, "{d} rank {r}");
                 }
             }
         }
@@ -952,9 +780,7 @@ mod tests {
 
     #[test]
     fn old_order_dp2_pp2_table() {
-        let d = ParallelDims::new(2, 2, 1, 4)
-            .unwrap()
-            .with_order(RankOrder::TpPpDp);
+        let d = ParallelDims::new(2, 2, 1, 4).unwrap().with_order(RankOrder::TpPpDp);
         let table = [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)];
         for (rank, dp, pp) in table {
             assert_eq!(d.coords(rank).unwrap(), Coords { dp, pp, tp: 0 });
@@ -970,34 +796,11 @@ mod tests {
     fn megatron_order_with_tp() {
         // dp 2 × pp 2 × tp 2: tp peers adjacent, dp stride tp, pp stride dp × tp.
         let d = ParallelDims::new(2, 2, 2, 8).unwrap();
-        assert_eq!(
-            d.tp_groups(),
-            vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]]
-        );
-        assert_eq!(
-            d.dp_groups(),
-            vec![vec![0, 2], vec![1, 3], vec![4, 6], vec![5, 7]]
-        );
-        assert_eq!(
-            d.pp_groups(),
-            vec![vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]]
-        );
-        assert_eq!(
-            d.coords(6).unwrap(),
-            Coords {
-                dp: 1,
-                pp: 1,
-                tp: 0
-            }
-        );
-        assert_eq!(
-            d.coords(5).unwrap(),
-            Coords {
-                dp: 0,
-                pp: 1,
-                tp: 1
-            }
-        );
+        assert_eq!(d.tp_groups(), vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]]);
+        assert_eq!(d.dp_groups(), vec![vec![0, 2], vec![1, 3], vec![4, 6], vec![5, 7]]);
+        assert_eq!(d.pp_groups(), vec![vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]]);
+        assert_eq!(d.coords(6).unwrap(), Coords { dp: 1, pp: 1, tp: 0 });
+        assert_eq!(d.coords(5).unwrap(), Coords { dp: 0, pp: 1, tp: 1 });
         assert_eq!(d.pp_next(1).unwrap(), Some(5));
         assert_eq!(d.pp_prev(7).unwrap(), Some(3));
     }
@@ -1005,29 +808,11 @@ mod tests {
     #[test]
     fn old_order_with_tp() {
         // dp 2 × pp 2 × tp 2 in the old order: pipeline stride tp, dp stride pp × tp.
-        let d = ParallelDims::new(2, 2, 2, 8)
-            .unwrap()
-            .with_order(RankOrder::TpPpDp);
-        assert_eq!(
-            d.tp_groups(),
-            vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]]
-        );
-        assert_eq!(
-            d.pp_groups(),
-            vec![vec![0, 2], vec![1, 3], vec![4, 6], vec![5, 7]]
-        );
-        assert_eq!(
-            d.dp_groups(),
-            vec![vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]]
-        );
-        assert_eq!(
-            d.coords(6).unwrap(),
-            Coords {
-                dp: 1,
-                pp: 1,
-                tp: 0
-            }
-        );
+        let d = ParallelDims::new(2, 2, 2, 8).unwrap().with_order(RankOrder::TpPpDp);
+        assert_eq!(d.tp_groups(), vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]]);
+        assert_eq!(d.pp_groups(), vec![vec![0, 2], vec![1, 3], vec![4, 6], vec![5, 7]]);
+        assert_eq!(d.dp_groups(), vec![vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]]);
+        assert_eq!(d.coords(6).unwrap(), Coords { dp: 1, pp: 1, tp: 0 });
         assert_eq!(d.pp_next(1).unwrap(), Some(3));
         assert_eq!(d.pp_prev(7).unwrap(), Some(5));
     }
@@ -1040,23 +825,14 @@ mod tests {
                     let r = ParallelDims::new(0, pp, tp, world);
                     if world % (pp * tp) == 0 {
                         let d = r.unwrap();
-                        assert_eq!(
-                            (d.dp, d.pp, d.tp, d.world_size),
-                            (world / (pp * tp), pp, tp, world)
-                        );
+                        assert_eq!((d.dp, d.pp, d.tp, d.world_size), (world / (pp * tp), pp, tp, world));
                     } else {
-                        assert!(
-                            matches!(r, Err(TopologyError::NotDivisible { .. })),
-                            "{world} {pp} {tp}"
-                        );
+                        assert!(matches!(r, Err(TopologyError::NotDivisible { .. })), "{world} {pp} {tp}");
                     }
                 }
             }
         }
-        assert_eq!(
-            ParallelDims::new(0, 1, 1, 1).unwrap(),
-            ParallelDims::single()
-        );
+        assert_eq!(ParallelDims::new(0, 1, 1, 1).unwrap(), ParallelDims::single());
     }
 
     #[test]
@@ -1071,90 +847,46 @@ mod tests {
         // Huge values do not overflow.
         let e = ParallelDims::new(usize::MAX, usize::MAX, 1, 4).unwrap_err();
         assert!(matches!(e, TopologyError::ProductMismatch { .. }), "{e}");
-        assert!(
-            e.to_string()
-                .contains(&(usize::MAX as u128 * usize::MAX as u128).to_string()),
-            "{e}"
-        );
+        assert!(e.to_string().contains(&(usize::MAX as u128 * usize::MAX as u128).to_string()), "{e}");
     }
 
     #[test]
     fn not_divisible_message() {
         let e = ParallelDims::new(0, 4, 1, 6).unwrap_err();
         let msg = e.to_string();
-        for needle in [
-            "parallel.dp",
-            "parallel.pp",
-            "parallel.tp",
-            "6",
-            "4 × 1 = 4",
-            "multiple of 4",
-        ] {
+        for needle in ["parallel.dp", "parallel.pp", "parallel.tp", "6", "4 × 1 = 4", "multiple of 4"] {
             assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
         }
         assert!(!msg.contains('\n'));
         // pp × tp larger than the world is reported the same way.
         let msg = ParallelDims::new(0, 4, 2, 4).unwrap_err().to_string();
-        assert!(
-            msg.contains("4 × 2 = 8") && msg.contains("world size 4"),
-            "{msg}"
-        );
+        assert!(msg.contains("4 × 2 = 8") && msg.contains("world size 4"), "{msg}");
     }
 
     #[test]
     fn zero_and_negative_sizes() {
         let msg = ParallelDims::new(1, 0, 1, 1).unwrap_err().to_string();
-        assert!(
-            msg.starts_with("parallel.pp = 0") && msg.contains("set parallel.pp to at least 1"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("parallel.pp = 0") && msg.contains("set parallel.pp to at least 1"), "{msg}");
         let msg = ParallelDims::new(1, 1, 0, 1).unwrap_err().to_string();
-        assert!(
-            msg.starts_with("parallel.tp = 0") && msg.contains("set parallel.tp to at least 1"),
-            "{msg}"
-        );
-        assert_eq!(
-            ParallelDims::new(1, 1, 1, 0).unwrap_err(),
-            TopologyError::ZeroWorldSize
-        );
-        assert!(ParallelDims::new(0, 1, 1, 0)
-            .unwrap_err()
-            .to_string()
-            .contains("world size is 0"));
+        assert!(msg.starts_with("parallel.tp = 0") && msg.contains("set parallel.tp to at least 1"), "{msg}");
+        assert_eq!(ParallelDims::new(1, 1, 1, 0).unwrap_err(), TopologyError::ZeroWorldSize);
+        assert!(ParallelDims::new(0, 1, 1, 0).unwrap_err().to_string().contains("world size is 0"));
 
-        let msg = ParallelDims::from_config(-1, 1, 1, 4)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.starts_with("parallel.dp = -1 is negative") && msg.contains("or 0 to infer"),
-            "{msg}"
-        );
-        let msg = ParallelDims::from_config(1, -2, 1, 4)
-            .unwrap_err()
-            .to_string();
+        let msg = ParallelDims::from_config(-1, 1, 1, 4).unwrap_err().to_string();
+        assert!(msg.starts_with("parallel.dp = -1 is negative") && msg.contains("or 0 to infer"), "{msg}");
+        let msg = ParallelDims::from_config(1, -2, 1, 4).unwrap_err().to_string();
         assert!(msg.starts_with("parallel.pp = -2 is negative"), "{msg}");
-        let msg = ParallelDims::from_config(1, 1, -3, 4)
-            .unwrap_err()
-            .to_string();
+        let msg = ParallelDims::from_config(1, 1, -3, 4).unwrap_err().to_string();
         assert!(msg.starts_with("parallel.tp = -3 is negative"), "{msg}");
-        assert_eq!(
-            ParallelDims::from_config(0, 2, 1, 4).unwrap(),
-            ParallelDims::new(2, 2, 1, 4).unwrap()
-        );
-        assert_eq!(
-            ParallelDims::from_config(1, 0, 1, 1).unwrap_err(),
-            TopologyError::ZeroSize { key: KEY_PP }
-        );
+        assert_eq!(ParallelDims::from_config(0, 2, 1, 4).unwrap(), ParallelDims::new(2, 2, 1, 4).unwrap());
+        assert_eq!(ParallelDims::from_config(1, 0, 1, 1).unwrap_err(), TopologyError::ZeroSize { key: KEY_PP });
     }
 
     #[test]
     fn out_of_range_queries() {
         let d = ParallelDims::new(2, 2, 1, 4).unwrap();
         let e = d.coords(4).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "rank 4 is out of range: the job has 4 ranks (0..=3)"
-        );
+        assert_eq!(e.to_string(), "rank 4 is out of range: the job has 4 ranks (0..=3)");
         for r in [4, 5, usize::MAX] {
             assert!(d.coords(r).is_err());
             assert!(d.group_of(r, Dim::Dp).is_err());
@@ -1163,32 +895,10 @@ mod tests {
             assert!(d.is_first_stage(r).is_err());
             assert!(d.is_last_stage(r).is_err());
         }
-        let msg = d
-            .rank_of(Coords {
-                dp: 0,
-                pp: 2,
-                tp: 0,
-            })
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            msg,
-            "coordinates (dp 0, pp 2, tp 0) are out of range for parallel.dp × parallel.pp × parallel.tp = 2 × 2 × 1"
-        );
-        assert!(d
-            .rank_of(Coords {
-                dp: 2,
-                pp: 0,
-                tp: 0
-            })
-            .is_err());
-        assert!(d
-            .rank_of(Coords {
-                dp: 0,
-                pp: 0,
-                tp: 1
-            })
-            .is_err());
+        let msg = d.rank_of(Coords { dp: 0, pp: 2, tp: 0 }).unwrap_err().to_string();
+        assert_eq!(msg, "coordinates (dp 0, pp 2, tp 0) are out of range for parallel.dp × parallel.pp × parallel.tp = 2 × 2 × 1");
+        assert!(d.rank_of(Coords { dp: 2, pp: 0, tp: 0 }).is_err());
+        assert!(d.rank_of(Coords { dp: 0, pp: 0, tp: 1 }).is_err());
     }
 
     #[test]

@@ -129,22 +129,12 @@ where
     // passes to C++ in every case (on failure C++ has already called `drop_closure::<F>`); the
     // trampolines are instantiated for the same `F`.
     let err = unsafe {
-        fab_register_grad_ready_hook(
-            param.as_ptr() as *mut torch_sys::C_tensor,
-            index,
-            call_closure::<F>,
-            ctx,
-            drop_closure::<F>,
-            &mut raw,
-        )
+        fab_register_grad_ready_hook(param.as_ptr() as *mut torch_sys::C_tensor, index, call_closure::<F>, ctx, drop_closure::<F>, &mut raw)
     };
     if let Some(message) = take_message(err) {
         return Err(HookError::Register { index, message });
     }
-    let raw = NonNull::new(raw).ok_or_else(|| HookError::Register {
-        index,
-        message: "libtorch returned no hook handle".into(),
-    })?;
+    let raw = NonNull::new(raw).ok_or_else(|| HookError::Register { index, message: "libtorch returned no hook handle".into() })?;
     Ok(GradReadyHook { raw, index })
 }
 
@@ -220,4 +210,3 @@ fn malloc_message(s: &str) -> *mut c_char {
         p as *mut c_char
     }
 }
-

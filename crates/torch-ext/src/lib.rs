@@ -102,8 +102,17 @@ pub fn fused_adamw(
     // `at::Tensor` handles before returning, keeping no pointer past the call.
     let err = unsafe {
         fab_fused_adamw(
-            p.as_ptr(), g.as_ptr(), m.as_ptr(), v.as_ptr(), s.as_ptr(), n as c_int,
-            args.lr, args.beta1, args.beta2, args.weight_decay, args.eps,
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            s.as_ptr(),
+            n as c_int,
+            args.lr,
+            args.beta1,
+            args.beta2,
+            args.weight_decay,
+            args.eps,
         )
     };
     match take_message(err) {

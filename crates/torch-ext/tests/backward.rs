@@ -20,7 +20,8 @@ fn equals_the_vector_jacobian_product_and_accumulates() {
     let x = Tensor::randn([3, 4], opts).set_requires_grad(true);
     let g = Tensor::randn([3, 5], opts);
     // Reference: d(sum(out * g))/dθ on independent copies.
-    let (w2, b2, x2) = (w.detach().copy().set_requires_grad(true), b.detach().copy().set_requires_grad(true), x.detach().copy().set_requires_grad(true));
+    let (w2, b2, x2) =
+        (w.detach().copy().set_requires_grad(true), b.detach().copy().set_requires_grad(true), x.detach().copy().set_requires_grad(true));
     (stage(&w2, &b2, &x2) * &g).sum(Kind::Float).backward();
 
     backward_with_grad(&stage(&w, &b, &x), &g).unwrap();

@@ -11,10 +11,7 @@ use tch::{Device, Kind, Tensor};
 /// (registration order = forward order, as in our GPT). Layer k is parameters 2k and 2k + 1.
 fn mlp_params() -> Vec<Tensor> {
     let shapes: [&[i64]; 6] = [&[5, 3], &[5], &[4, 5], &[4], &[2, 4], &[2]];
-    shapes
-        .iter()
-        .map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)).set_requires_grad(true))
-        .collect()
+    shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)).set_requires_grad(true)).collect()
 }
 
 fn input() -> Tensor {

@@ -202,10 +202,7 @@ pub fn check_agreement(comm: &dyn Communicator, entries: &[(String, String)]) ->
     fields.extend(encode_field(value));
     let words = fields.len();
     let all = gather_i64(comm, &fields, words)?;
-    let per_rank: Vec<(String, String)> = all
-        .chunks(words)
-        .map(|c| (decode_field(&c[..words / 2]), decode_field(&c[words / 2..])))
-        .collect();
+    let per_rank: Vec<(String, String)> = all.chunks(words).map(|c| (decode_field(&c[..words / 2]), decode_field(&c[words / 2..]))).collect();
     let column: Vec<i64> = (0..n).map(|r| hashes[r * longest + index]).collect();
     let message = describe(&per_rank, &column);
     if comm.rank() == 0 {
@@ -256,12 +253,11 @@ pub fn describe(per_rank: &[(String, String)], hashes: &[i64]) -> String {
         let groups = group(per_rank.iter().map(|(k, _)| k.clone()).collect(), per_rank.iter().map(|(k, _)| fnv(k.as_bytes()) as i64).collect());
         let parts: Vec<String> = groups
             .iter()
-            .map(|(ranks, k)| format!("{} {}", ranks_phrase(ranks), if k.is_empty() { "no more keys".to_string() } else { format!("`{}`", shorten(k)) }))
+            .map(|(ranks, k)| {
+                format!("{} {}", ranks_phrase(ranks), if k.is_empty() { "no more keys".to_string() } else { format!("`{}`", shorten(k)) })
+            })
             .collect();
-        return format!(
-            "ranks disagree on the configuration keys themselves: {} (every rank must run the same fabbrica build)",
-            parts.join(", ")
-        );
+        return format!("ranks disagree on the configuration keys themselves: {} (every rank must run the same fabbrica build)", parts.join(", "));
     }
     let key = &per_rank[0].0;
     let groups = group(per_rank.iter().map(|(_, v)| v.clone()).collect(), hashes.to_vec());
@@ -365,7 +361,10 @@ mod tests {
         let a = data_entries(&text_dataset(&base));
         assert_eq!(a, data_entries(&text_dataset(&base)), "same data, same facts");
         assert_eq!(get(&a, "data.loaded_tokenizer"), Some("char"));
-        assert_eq!(get(&a, "data.train_tokens").unwrap().parse::<usize>().unwrap() + get(&a, "data.val_tokens").unwrap().parse::<usize>().unwrap(), base.len());
+        assert_eq!(
+            get(&a, "data.train_tokens").unwrap().parse::<usize>().unwrap() + get(&a, "data.val_tokens").unwrap().parse::<usize>().unwrap(),
+            base.len()
+        );
         // A different vocabulary.
         let b = data_entries(&text_dataset(&base.replace('q', "Q")));
         assert_ne!(get(&a, "data.vocab_hash"), get(&b, "data.vocab_hash"));
@@ -401,7 +400,10 @@ mod tests {
     fn the_message_names_the_key_and_which_ranks_have_which_value() {
         let v = |s: &str| ("train.lr".to_string(), s.to_string());
         let m = describe(&[v("0.001"), v("0.002")], &[1, 2]);
-        assert_eq!(m, "ranks disagree on train.lr: rank 0 has 0.001, rank 1 has 0.002 (every rank must be launched with the same configuration and data)");
+        assert_eq!(
+            m,
+            "ranks disagree on train.lr: rank 0 has 0.001, rank 1 has 0.002 (every rank must be launched with the same configuration and data)"
+        );
         let m = describe(&[v("a"), v("a"), v("a"), v("b"), v("a")], &[1, 1, 1, 2, 1]);
         assert!(m.contains("ranks 0-2, 4 have a, rank 3 has b"), "{m}");
         let long = "x".repeat(90);

@@ -65,7 +65,12 @@ impl Default for ParallelConfig {
             virtual_stages: 1,
             stage_layers: Vec::new(),
             order: "tp-dp-pp".into(),
-            bucket_mb: 25.0, reduce_dtype: "fp32".into(), zero: 0, overlap: true, grad_comm: true }
+            bucket_mb: 25.0,
+            reduce_dtype: "fp32".into(),
+            zero: 0,
+            overlap: true,
+            grad_comm: true,
+        }
     }
 }
 
@@ -269,10 +274,7 @@ impl Default for RunConfig {
 impl Config {
     /// The named preset: model shape plus batch and schedule settings that suit it.
     pub fn preset(name: &str) -> Result<Config> {
-        let model = GptConfig::preset(name).ok_or_else(|| ConfigError::UnknownPreset {
-            name: printable(name),
-            valid: PRESET_NAMES.join(", "),
-        })?;
+        let model = GptConfig::preset(name).ok_or_else(|| ConfigError::UnknownPreset { name: printable(name), valid: PRESET_NAMES.join(", ") })?;
         let mut c = Config {
             model,
             data: DataConfig::default(),
@@ -307,12 +309,9 @@ impl Config {
         let schema = toml::Value::try_from(&base).expect("config serializes");
         let mut merged = schema.clone();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ConfigError::Io { path: path.to_path_buf(), why: e.to_string() })?;
-            let table: toml::Value = toml::from_str(&text).map_err(|e| ConfigError::Toml {
-                path: path.to_path_buf(),
-                why: one_line(&e.to_string()),
-            })?;
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io { path: path.to_path_buf(), why: e.to_string() })?;
+            let table: toml::Value =
+                toml::from_str(&text).map_err(|e| ConfigError::Toml { path: path.to_path_buf(), why: one_line(&e.to_string()) })?;
             merge_checked(&schema, &mut merged, &table, "")?;
         }
         for set in sets {
@@ -325,9 +324,7 @@ impl Config {
             insert_dotted(&mut overlay, &key, value);
             merge_checked(&schema, &mut merged, &toml::Value::Table(overlay), "")?;
         }
-        let config: Config = merged.try_into().map_err(|e: toml::de::Error| ConfigError::Type {
-            why: one_line(&e.to_string()),
-        })?;
+        let config: Config = merged.try_into().map_err(|e: toml::de::Error| ConfigError::Type { why: one_line(&e.to_string()) })?;
         config.validate()?;
         Ok(config)
     }
@@ -401,7 +398,11 @@ impl Config {
             return invalid_str("run.device", &r.device, "use `auto`, `cpu` or `cuda`");
         }
         if !matches!(t.nonfinite.as_str(), "stop" | "skip") {
-            return invalid_str("train.nonfinite", &t.nonfinite, "use `stop` (end the job at a NaN/Inf loss or gradient) or `skip` (drop that update)");
+            return invalid_str(
+                "train.nonfinite",
+                &t.nonfinite,
+                "use `stop` (end the job at a NaN/Inf loss or gradient) or `skip` (drop that update)",
+            );
         }
         if !matches!(r.if_exists.as_str(), "refuse" | "archive") {
             return invalid_str("run.if_exists", &r.if_exists, "use `refuse` or `archive` (move the earlier run into out_dir/archive/)");
@@ -423,7 +424,11 @@ impl Config {
         if r.trace && p.pp == 1 {
             return invalid("run.trace", &r.trace, "the trace records a pipeline's schedule: set parallel.pp > 1, or run.trace=false");
         }
-        p.order.parse::<fabbrica_topology::RankOrder>().map_err(|e| ConfigError::Invalid { key: "parallel.order".into(), value: printable(&p.order), why: e.to_string() })?;
+        p.order.parse::<fabbrica_topology::RankOrder>().map_err(|e| ConfigError::Invalid {
+            key: "parallel.order".into(),
+            value: printable(&p.order),
+            why: e.to_string(),
+        })?;
         check_float("parallel.bucket_mb", p.bucket_mb, MIN_BUCKET_MB, true, MAX_BUCKET_MB, "parallel.bucket_mb=25 (PyTorch's default)")?;
         if !matches!(p.reduce_dtype.as_str(), "fp32" | "bf16") {
             return invalid_str("parallel.reduce_dtype", &p.reduce_dtype, "use `fp32` or `bf16`");
@@ -445,16 +450,22 @@ impl Config {
         use fabbrica_pipeline::{Kind, Schedule, ScheduleError};
         let p = &self.parallel;
         let bad = |key: &str, value: String, why: String| ConfigError::Invalid { key: key.into(), value: printable(&value), why };
-        let kind: Kind = p
-            .schedule
-            .parse()
-            .map_err(|_| bad("parallel.schedule", format!("{:?}", p.schedule), "use gpipe, 1f1b or interleaved".into()))?;
+        let kind: Kind =
+            p.schedule.parse().map_err(|_| bad("parallel.schedule", format!("{:?}", p.schedule), "use gpipe, 1f1b or interleaved".into()))?;
         if p.pp == 1 {
             if p.virtual_stages != 1 {
-                return Err(bad("parallel.virtual_stages", p.virtual_stages.to_string(), "model chunks need a pipeline: set parallel.pp > 1, or parallel.virtual_stages=1".into()));
+                return Err(bad(
+                    "parallel.virtual_stages",
+                    p.virtual_stages.to_string(),
+                    "model chunks need a pipeline: set parallel.pp > 1, or parallel.virtual_stages=1".into(),
+                ));
             }
             if !p.stage_layers.is_empty() {
-                return Err(bad("parallel.stage_layers", format!("{:?}", p.stage_layers), "a split needs a pipeline: set parallel.pp > 1, or parallel.stage_layers=[]".into()));
+                return Err(bad(
+                    "parallel.stage_layers",
+                    format!("{:?}", p.stage_layers),
+                    "a split needs a pipeline: set parallel.pp > 1, or parallel.stage_layers=[]".into(),
+                ));
             }
             return Ok(None);
         }
@@ -521,7 +532,11 @@ impl Config {
 
     /// Steps of cosine decay (the `lr_decay_steps` default).
     pub fn decay_steps(&self) -> u64 {
-        if self.train.lr_decay_steps == 0 { self.train.max_steps } else { self.train.lr_decay_steps }
+        if self.train.lr_decay_steps == 0 {
+            self.train.max_steps
+        } else {
+            self.train.lr_decay_steps
+        }
     }
 }
 
@@ -655,13 +670,9 @@ fn merge_checked(schema: &toml::Value, dst: &mut toml::Value, src: &toml::Value,
             return Err(ConfigError::UnknownKey { key: printable(&path), valid: valid.join(", ") });
         };
         match (schema_v, v) {
-            (toml::Value::Table(_), toml::Value::Table(_)) => {
-                merge_checked(schema_v, dst_t.get_mut(k).expect("dst mirrors schema"), v, &path)?
-            }
+            (toml::Value::Table(_), toml::Value::Table(_)) => merge_checked(schema_v, dst_t.get_mut(k).expect("dst mirrors schema"), v, &path)?,
             (toml::Value::Table(_), _) => return Err(ConfigError::NotATable { key: printable(&path) }),
-            (_, toml::Value::Table(_)) => {
-                return Err(ConfigError::Type { why: format!("`{}` is a value, not a section", printable(&path)) })
-            }
+            (_, toml::Value::Table(_)) => return Err(ConfigError::Type { why: format!("`{}` is a value, not a section", printable(&path)) }),
             _ => {
                 let value = checked_type(&path, schema_v, v)?;
                 dst_t.insert(k.clone(), value);
@@ -698,12 +709,7 @@ fn checked_type(key: &str, schema: &toml::Value, value: &toml::Value) -> Result<
         V::Array(_) => format!("{key}=[2, 2]"),
         other => format!("{key}={other}"),
     };
-    Err(ConfigError::WrongType {
-        key: printable(key),
-        value: printable(&value.to_string()),
-        expected: expected.into(),
-        example: printable(&example),
-    })
+    Err(ConfigError::WrongType { key: printable(key), value: printable(&value.to_string()), expected: expected.into(), example: printable(&example) })
 }
 
 #[cfg(test)]
@@ -815,7 +821,14 @@ mod tests {
         let c = Config::resolve(
             None,
             None,
-            &sets(&["comm.timeout_s=604800", "train.lr=1e6", "train.min_lr=0", "run.threads=4096", "train.max_steps=1000000000000", "parallel.bucket_mb=0.001"]),
+            &sets(&[
+                "comm.timeout_s=604800",
+                "train.lr=1e6",
+                "train.min_lr=0",
+                "run.threads=4096",
+                "train.max_steps=1000000000000",
+                "parallel.bucket_mb=0.001",
+            ]),
         )
         .unwrap();
         assert_eq!((c.comm.timeout_s, c.train.lr, c.run.threads), (604800.0, 1e6, 4096));

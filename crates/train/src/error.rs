@@ -113,8 +113,10 @@ impl TrainError {
             TrainError::Elsewhere { .. } => return true,
             _ => {}
         }
-        !matches!(self, TrainError::Torch(_) | TrainError::Io { .. } | TrainError::Comm(_) | TrainError::Pipeline(_) | TrainError::CheckpointWrite { .. })
-            && !matches!(self, TrainError::Model(fabbrica_models::ModelError::Torch(_)))
+        !matches!(
+            self,
+            TrainError::Torch(_) | TrainError::Io { .. } | TrainError::Comm(_) | TrainError::Pipeline(_) | TrainError::CheckpointWrite { .. }
+        ) && !matches!(self, TrainError::Model(fabbrica_models::ModelError::Torch(_)))
     }
 }
 
@@ -129,7 +131,15 @@ pub fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainE
     move |e| TrainError::Io { path, why: e.to_string() }
 }
 
-fn checkpoint_write_message(step: u64, dir: &std::path::Path, disk_full: bool, needed: u64, free: Option<u64>, why: &str, previous: Option<&std::path::Path>) -> String {
+fn checkpoint_write_message(
+    step: u64,
+    dir: &std::path::Path,
+    disk_full: bool,
+    needed: u64,
+    free: Option<u64>,
+    why: &str,
+    previous: Option<&std::path::Path>,
+) -> String {
     let gib = crate::memory::human_bytes;
     let kept = match previous {
         Some(p) => format!("the previous checkpoint {} is kept", p.display()),
@@ -143,6 +153,9 @@ fn checkpoint_write_message(step: u64, dir: &std::path::Path, disk_full: bool, n
             gib(needed)
         )
     } else {
-        format!("cannot write the checkpoint of step {step} to {}: {why}: fix the directory (permissions, mount) and resume with run.resume=true; {kept}", dir.display())
+        format!(
+            "cannot write the checkpoint of step {step} to {}: {why}: fix the directory (permissions, mount) and resume with run.resume=true; {kept}",
+            dir.display()
+        )
     }
 }

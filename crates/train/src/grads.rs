@@ -59,7 +59,10 @@ impl Grads {
             if pipelined && model.config().tie_embeddings {
                 if let Some(i) = params.iter().position(|(n, _)| n == TIED) {
                     let (_, p) = params.remove(i);
-                    let comm = grid.embedding.clone().ok_or_else(|| TrainError::Parallel(format!("rank {} holds the tied embedding but is in no embedding group", grid.rank)))?;
+                    let comm = grid
+                        .embedding
+                        .clone()
+                        .ok_or_else(|| TrainError::Parallel(format!("rank {} holds the tied embedding but is in no embedding group", grid.rank)))?;
                     let grad = p.zeros_like().detach();
                     set_grad(&p, Some(&grad)).map_err(|e| TrainError::Torch(e.to_string()))?;
                     // Same weights on every replica: the first data-parallel rank's.
@@ -146,7 +149,14 @@ impl Grads {
     pub fn optimizer_params(&self) -> Vec<OptParam> {
         let mut out: Vec<OptParam> = self.ddps.iter().flat_map(|d| d.optimizer_params()).collect();
         if let Some(t) = &self.tied {
-            out.push(OptParam { name: TIED.into(), param: t.param.shallow_clone(), grad: t.grad.shallow_clone(), decay: true, exp_avg: None, exp_avg_sq: None });
+            out.push(OptParam {
+                name: TIED.into(),
+                param: t.param.shallow_clone(),
+                grad: t.grad.shallow_clone(),
+                decay: true,
+                exp_avg: None,
+                exp_avg_sq: None,
+            });
         }
         out
     }

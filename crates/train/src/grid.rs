@@ -50,9 +50,8 @@ impl Grid {
         let dp = split(dims.dp_groups(), "dp")?;
         let pp = split(dims.pp_groups(), "pp")?;
         let embedding = if dims.pp > 1 {
-            let ends: Vec<usize> = (0..dims.world_size)
-                .filter(|&r| dims.coords(r).map(|c| c.pp == 0 || c.pp + 1 == dims.pp).unwrap_or(false))
-                .collect();
+            let ends: Vec<usize> =
+                (0..dims.world_size).filter(|&r| dims.coords(r).map(|c| c.pp == 0 || c.pp + 1 == dims.pp).unwrap_or(false)).collect();
             w.split_groups(&[ends], "embedding").map_err(comm_err)?
         } else {
             None
@@ -86,7 +85,8 @@ pub fn send_named(comm: &dyn Communicator, dst: usize, tensors: &[(String, tch::
         header.extend(t.size());
         names.extend(n.bytes().map(i64::from));
     }
-    let flat: Vec<Tensor> = tch::no_grad(|| tensors.iter().map(|(_, t)| t.detach().to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1])).collect());
+    let flat: Vec<Tensor> =
+        tch::no_grad(|| tensors.iter().map(|(_, t)| t.detach().to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1])).collect());
     let values = if flat.is_empty() { Tensor::zeros([0], (Kind::Float, Device::Cpu)) } else { Tensor::cat(&flat, 0) };
     let sizes = Tensor::from_slice(&[header.len() as i64, names.len() as i64, values.numel() as i64]);
     comm.send(&sizes, dst).map_err(comm_err)?;
@@ -138,7 +138,10 @@ pub fn recv_named(comm: &dyn Communicator, src: usize) -> Result<Vec<(String, tc
         let bytes = names.get(name_at..name_at + len as usize).ok_or_else(|| bad("names too short".into()))?;
         name_at += len as usize;
         let name = String::from_utf8(bytes.iter().map(|&b| b as u8).collect()).map_err(|_| bad("a name is not UTF-8".into()))?;
-        let numel = dims.iter().try_fold(1i64, |acc, &d| if d < 0 { None } else { acc.checked_mul(d) }).ok_or_else(|| bad(format!("{name}: shape {dims:?}")))?;
+        let numel = dims
+            .iter()
+            .try_fold(1i64, |acc, &d| if d < 0 { None } else { acc.checked_mul(d) })
+            .ok_or_else(|| bad(format!("{name}: shape {dims:?}")))?;
         numel_sum = numel_sum.checked_add(numel).ok_or_else(|| bad("sizes overflow".into()))?;
         specs.push((name, dims));
     }
@@ -198,7 +201,11 @@ pub fn broadcast_text(comm: &dyn Communicator, root: usize, text: &str) -> Resul
     if !(0..=MAX_TEXT_BYTES).contains(&n) {
         return Err(TrainError::Comm(format!("text from rank {root}: {n} bytes announced")));
     }
-    let t = if comm.rank() == root { Tensor::from_slice(&text.bytes().map(i64::from).collect::<Vec<_>>()) } else { Tensor::zeros([n], (Kind::Int64, Device::Cpu)) };
+    let t = if comm.rank() == root {
+        Tensor::from_slice(&text.bytes().map(i64::from).collect::<Vec<_>>())
+    } else {
+        Tensor::zeros([n], (Kind::Int64, Device::Cpu))
+    };
     if n > 0 {
         comm.broadcast(&t, root).map_err(comm_err)?;
     }

@@ -84,7 +84,13 @@ pub struct RankPlan {
 
 /// The pipeline of `cfg` rank by rank (`None` without one): the split, memory and simulated
 /// bubble, from the same code the trainer runs. `model` has its vocabulary resolved.
-pub fn pipeline_plan(cfg: &crate::config::Config, model: &fabbrica_models::GptConfig, bf16: bool, materialised: bool, dp: usize) -> Result<Option<Vec<RankPlan>>, TrainError> {
+pub fn pipeline_plan(
+    cfg: &crate::config::Config,
+    model: &fabbrica_models::GptConfig,
+    bf16: bool,
+    materialised: bool,
+    dp: usize,
+) -> Result<Option<Vec<RankPlan>>, TrainError> {
     let Some((schedule, layers)) = cfg.pipeline_shape()? else { return Ok(None) };
     let lowered = fabbrica_pipeline::lower(&schedule);
     let timeline = simulate(&lowered, Costs { f: 1, b: 2, comm: 0 }).map_err(|d| TrainError::Pipeline(d.to_string()))?;
@@ -98,7 +104,10 @@ pub fn pipeline_plan(cfg: &crate::config::Config, model: &fabbrica_models::GptCo
         }
         plans.push(RankPlan {
             pp_rank: r,
-            stages: (0..specs.len()).filter(|&st| schedule.rank_of_stage(st) == r).map(|st| (st, specs[st].blocks.clone(), fabbrica_models::stage_params(model, &specs[st]))).collect(),
+            stages: (0..specs.len())
+                .filter(|&st| schedule.rank_of_stage(st) == r)
+                .map(|st| (st, specs[st].blocks.clone(), fabbrica_models::stage_params(model, &specs[st])))
+                .collect(),
             in_flight: timeline.peak_in_flight[r],
             memory,
             bubble: timeline.bubble[r],
@@ -278,7 +287,10 @@ pub fn alloc_failure(msg: &str) -> Option<(Option<u64>, String)> {
             };
             Some((n * scale).round() as u64)
         });
-        let gpu = rest.find("GPU ").and_then(|j| rest[j + 4..].split_whitespace().next()).and_then(|g| g.trim_end_matches(|c: char| !c.is_ascii_digit()).parse::<u32>().ok());
+        let gpu = rest
+            .find("GPU ")
+            .and_then(|j| rest[j + 4..].split_whitespace().next())
+            .and_then(|g| g.trim_end_matches(|c: char| !c.is_ascii_digit()).parse::<u32>().ok());
         return Some((bytes, gpu.map(|g| format!("cuda:{g}")).unwrap_or_else(|| "the GPU".to_string())));
     }
     None
@@ -339,7 +351,9 @@ mod tests {
         assert_eq!(panic_text(&*payload), Some("index 9 is out of bounds"));
         assert!(!is_guarded());
         // A libtorch error that is not about memory is not an allocation failure either.
-        let r = panic::catch_unwind(|| guard_alloc(1, || Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)).matmul(&Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)))));
+        let r = panic::catch_unwind(|| {
+            guard_alloc(1, || Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)).matmul(&Tensor::zeros([2, 3], (Kind::Float, Device::Cpu))))
+        });
         assert!(r.is_err());
     }
 

@@ -145,13 +145,7 @@ impl AdamW {
                 let _ = s.step.shallow_clone().g_add_scalar_(1.0);
             }
             let list = |f: fn(&Slot) -> Tensor| group.iter().map(|s| f(s)).collect::<Vec<_>>();
-            let args = AdamWArgs {
-                lr,
-                beta1: c.beta1,
-                beta2: c.beta2,
-                weight_decay: if decay { c.weight_decay } else { 0.0 },
-                eps: c.eps,
-            };
+            let args = AdamWArgs { lr, beta1: c.beta1, beta2: c.beta2, weight_decay: if decay { c.weight_decay } else { 0.0 }, eps: c.eps };
             fused_adamw(
                 &list(|s| s.param.shallow_clone()),
                 &list(|s| s.grad()),

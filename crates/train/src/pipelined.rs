@@ -54,7 +54,11 @@ impl StageTimes {
         let compute = t.entries.iter().filter(|e| matches!(e.action.op, Op::F | Op::B)).map(us).sum();
         let busy: Duration = t.entries.iter().map(us).sum();
         let total = Duration::from_micros(t.total_us);
-        StageTimes { compute, wait: total.saturating_sub(busy) + t.entries.iter().filter(|e| matches!(e.action.op, Op::RecvF | Op::RecvB)).map(us).sum::<Duration>(), total }
+        StageTimes {
+            compute,
+            wait: total.saturating_sub(busy) + t.entries.iter().filter(|e| matches!(e.action.op, Op::RecvF | Op::RecvB)).map(us).sum::<Duration>(),
+            total,
+        }
     }
 }
 
@@ -111,7 +115,10 @@ impl Runner for StageRunner<'_> {
         let input = if stage == 0 {
             self.batch(micro).0
         } else {
-            self.received.remove(&(Op::RecvF, stage, micro)).ok_or_else(|| format!("{stage}F{micro}: no activation received"))?.set_requires_grad(true)
+            self.received
+                .remove(&(Op::RecvF, stage, micro))
+                .ok_or_else(|| format!("{stage}F{micro}: no activation received"))?
+                .set_requires_grad(true)
         };
         let bf16 = self.s.bf16;
         let model = self.model(stage);
@@ -220,7 +227,16 @@ pub fn forward_backward(
 /// Sum of the losses of evaluation batches `k < iters` with `k % ranks == rank` (`rank`,
 /// `ranks`: the data-parallel coordinate and degree), through the pipeline stage by stage
 /// (forward only). Known on the last stage; 0 elsewhere.
-pub fn eval_sum(s: &Setup, sampler: &Sampler, pp: &dyn Communicator, split: Split, iters: u64, eval_step: u64, rank: usize, ranks: usize) -> Result<f64, TrainError> {
+pub fn eval_sum(
+    s: &Setup,
+    sampler: &Sampler,
+    pp: &dyn Communicator,
+    split: Split,
+    iters: u64,
+    eval_step: u64,
+    rank: usize,
+    ranks: usize,
+) -> Result<f64, TrainError> {
     let pl = s.pipeline.as_ref().expect("a pipelined setup");
     let stages = pl.schedule.stages();
     let (b, t, c) = (s.cfg.train.batch_size, s.cfg.model.block_size, s.cfg.model.n_embd);
@@ -258,4 +274,3 @@ pub fn eval_sum(s: &Setup, sampler: &Sampler, pp: &dyn Communicator, split: Spli
         Ok(sum)
     })
 }
-

@@ -80,10 +80,7 @@ impl TraceLog {
                 Vec::try_from(&t).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?
             };
             let c = grid.dims.coords(r).map_err(|e| TrainError::Parallel(e.to_string()))?;
-            let mut lines = vec![format!(
-                r#"{{"name":"process_name","ph":"M","pid":{r},"args":{{"name":"rank {r} (pp {}, dp {})"}}}}"#,
-                c.pp, c.dp
-            )];
+            let mut lines = vec![format!(r#"{{"name":"process_name","ph":"M","pid":{r},"args":{{"name":"rank {r} (pp {}, dp {})"}}}}"#, c.pp, c.dp)];
             for e in events.chunks(FIELDS) {
                 let op = Op::ALL[e[3] as usize % Op::ALL.len()];
                 let cat = match op {

@@ -22,9 +22,9 @@ use crate::device::{gpu_name, peak_flops_for, peak_memory_bytes, resolve_bf16, r
 use crate::error::{io_err, TrainError};
 use crate::grads::{Grads, TIED};
 use crate::grid::Grid;
-use crate::pipelined::StageTimes;
 use crate::metrics::{MetricsLog, Progress, Record, StageReport, Stragglers};
 use crate::optim::{AdamW, AdamWConfig};
+use crate::pipelined::StageTimes;
 use crate::sample::sample_text;
 use crate::saver::{Completed, RunState, Saver, Snapshot};
 use crate::schedule::CosineSchedule;
@@ -121,7 +121,11 @@ pub fn setup_stage(cfg: &Config, cuda_ordinal: usize, pp_rank: usize) -> Result<
         return Err(TrainError::Config(crate::ConfigError::Invalid {
             key: "model.vocab_size".into(),
             value: cfg.model.vocab_size.to_string(),
-            why: format!("the {} tokenizer of {} has {vocab} tokens: set it to at least {vocab}, or 0 to take it from the data", data.tokenizer.kind().as_str(), cfg.data.path.display()),
+            why: format!(
+                "the {} tokenizer of {} has {vocab} tokens: set it to at least {vocab}, or 0 to take it from the data",
+                data.tokenizer.kind().as_str(),
+                cfg.data.path.display()
+            ),
         }));
     }
     let (parts, pipeline) = match cfg.pipeline_shape()? {
@@ -195,7 +199,15 @@ fn ddp_err(e: fabbrica_ddp::DdpError) -> TrainError {
 /// micro-step is the last (the only one that communicates). Leaves the gradients of the mean loss
 /// over this rank's micro-batches in `.grad` and returns that loss as a device scalar.
 /// `inject_nan` poisons this rank's first micro-batch loss (fault injection for tests).
-pub fn accumulate_grads(s: &Setup, sampler: &Sampler, step: u64, first_micro: usize, grad_accum: usize, ddp: Option<&Ddp>, inject_nan: bool) -> Tensor {
+pub fn accumulate_grads(
+    s: &Setup,
+    sampler: &Sampler,
+    step: u64,
+    first_micro: usize,
+    grad_accum: usize,
+    ddp: Option<&Ddp>,
+    inject_nan: bool,
+) -> Tensor {
     let (b, t) = (s.cfg.train.batch_size, s.cfg.model.block_size);
     let mut loss_sum = Tensor::zeros([], (Kind::Float, s.device));
     for m in 0..grad_accum {
@@ -286,7 +298,11 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         Ok((s, resume))
     })();
     let (s, resume_from) = agree(&*comm, preflight)?;
-    crate::agreement::check_setup(&*comm, &s, &[("resume.step", resume_from.as_ref().map_or_else(|| "none".to_string(), |r| r.loaded.state.step.to_string()))])?;
+    crate::agreement::check_setup(
+        &*comm,
+        &s,
+        &[("resume.step", resume_from.as_ref().map_or_else(|| "none".to_string(), |r| r.loaded.state.step.to_string()))],
+    )?;
     let cfg = &s.cfg;
     let out = cfg.run.out_dir.clone();
     // Rank 0 (the writer) tidies the run directory before anything is written; every rank then
@@ -337,7 +353,13 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let models: Vec<&Gpt> = s.parts.iter().map(|p| &p.model).collect();
     let grads = Grads::apply(&models, &grid, ddp_opts)?;
     let zero1 = cfg.parallel.zero == 1;
-    let adam = AdamWConfig { beta1: cfg.train.beta1, beta2: cfg.train.beta2, eps: cfg.train.eps, weight_decay: cfg.train.weight_decay, fused: cfg.fused_adamw() };
+    let adam = AdamWConfig {
+        beta1: cfg.train.beta1,
+        beta2: cfg.train.beta2,
+        eps: cfg.train.eps,
+        weight_decay: cfg.train.weight_decay,
+        fused: cfg.fused_adamw(),
+    };
     let mut opt = AdamW::from_parts(grads.optimizer_params(), adam);
 
     let mut start = 0u64;
@@ -389,12 +411,9 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let progress = Progress::new(cfg.train.max_steps, start, opts.progress && rank0);
     let layout = match &s.pipeline {
         None => format!("{nranks} ranks (dp {dp})"),
-        Some(pl) => format!(
-            "{nranks} ranks (pp {pp} x dp {dp}, {} schedule, {} stages of {:?} layers)",
-            pl.schedule.kind,
-            pl.schedule.stages(),
-            pl.layers
-        ),
+        Some(pl) => {
+            format!("{nranks} ranks (pp {pp} x dp {dp}, {} schedule, {} stages of {:?} layers)", pl.schedule.kind, pl.schedule.stages(), pl.layers)
+        }
     };
     progress.println(&format!(
         "training {} parameters on {:?} ({}), {layout}, global batch {global_batch} = micro {} x accum {} x dp {dp} ({} tokens/step), {} buckets{grads_over}{}, steps {}..{}",
@@ -419,7 +438,10 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let room = crate::memory::host_available_bytes().is_none_or(|avail| avail / 2 > copy);
     let mut saver = Saver::new(run, cfg.run.async_checkpoint && room);
     if rank0 && opts.progress && cfg.run.async_checkpoint && !room {
-        eprintln!("note: checkpoints are written synchronously: a host copy ({}) does not fit in half the available memory", crate::memory::human_bytes(copy));
+        eprintln!(
+            "note: checkpoints are written synchronously: a host copy ({}) does not fit in half the available memory",
+            crate::memory::human_bytes(copy)
+        );
     }
     let mut window = (Instant::now(), 0u64); // (start of log window, steps in it)
     let mut waited = Duration::ZERO; // time blocked on gradient communication in the window
@@ -475,7 +497,10 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
                 // Every rank knows; one says it.
                 return Err(if rank0 { TrainError::NonFinite(msg) } else { TrainError::Elsewhere { rank: 0 } });
             }
-            progress.println(&format!("{bad}: update skipped (train.nonfinite = skip, {} of at most {} skipped)", saver.run.skipped_steps, cfg.train.max_skipped_steps));
+            progress.println(&format!(
+                "{bad}: update skipped (train.nonfinite = skip, {} of at most {} skipped)",
+                saver.run.skipped_steps, cfg.train.max_skipped_steps
+            ));
             if let Some(log) = log.as_mut() {
                 log.write(&Record { kind: "skipped".into(), step: step + 1, note: Some(bad), ..empty_record() })?;
             }
@@ -585,7 +610,11 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         let svg = fabbrica_pipeline::simulate(&pl.schedule, fabbrica_pipeline::Costs { f, b, comm: 0 }).ok().map(|t| fabbrica_pipeline::to_svg(&t));
         if let Some(path) = tracelog.write(&grid, &out, svg)? {
             let cut = if tracelog.truncated { format!(" (this rank's first {} actions)", crate::trace::MAX_EVENTS) } else { String::new() };
-            progress.println(&format!("trace: {}{cut} (open in ui.perfetto.dev); simulated schedule: {}", path.display(), out.join("trace/simulated.svg").display()));
+            progress.println(&format!(
+                "trace: {}{cut} (open in ui.perfetto.dev); simulated schedule: {}",
+                path.display(),
+                out.join("trace/simulated.svg").display()
+            ));
         }
     }
     let sample = if rank0 && cfg.run.sample_tokens > 0 {
@@ -756,7 +785,8 @@ fn save_checkpoint(
 /// Pipelines: the largest difference between the first stage's tied embedding and the last
 /// stage's copy, on rank 0 (collective between the two; they must never drift).
 fn tied_check(s: &Setup, grid: &Grid, model: &[(String, Tensor)]) -> Result<Option<f64>, TrainError> {
-    let last = grid.dims.rank_of(fabbrica_topology::Coords { dp: 0, pp: grid.dims.pp - 1, tp: 0 }).map_err(|e| TrainError::Parallel(e.to_string()))?;
+    let last =
+        grid.dims.rank_of(fabbrica_topology::Coords { dp: 0, pp: grid.dims.pp - 1, tp: 0 }).map_err(|e| TrainError::Parallel(e.to_string()))?;
     if grid.rank == last {
         let copy: Vec<(String, Tensor)> = s.parts.iter().flat_map(|p| p.model.parameter_handles()).filter(|(n, _)| n == TIED).collect();
         crate::grid::send_named(&*grid.world, 0, &copy)?;
@@ -883,7 +913,11 @@ fn tidy(out: &std::path::Path, cfg: &Config, resume: Option<&checkpoint::Resume>
             if cfg.run.if_exists == "archive" && (!earlier.is_empty() || logged) {
                 let a = checkpoint::archive_run(out, &earlier, true)?;
                 let n = earlier.len();
-                notes.push(format!("run.if_exists = archive: moved the earlier run ({n} checkpoint{}, its metrics and config) to {}", if n == 1 { "" } else { "s" }, a.dest.display()));
+                notes.push(format!(
+                    "run.if_exists = archive: moved the earlier run ({n} checkpoint{}, its metrics and config) to {}",
+                    if n == 1 { "" } else { "s" },
+                    a.dest.display()
+                ));
             }
         }
     }

@@ -121,8 +121,23 @@ fn present<'a>(files: &'a [Vec<u8>; 3], parts: &[Part]) -> [(&'static str, Optio
 /// Mutates a safetensors file, mostly inside its JSON header (8-byte LE length, then JSON).
 fn mutate_safetensors(rng: &mut Rng, bytes: &mut Vec<u8>) {
     const DICT: [&[u8]; 18] = [
-        b"\"dtype\"", b"\"F32\"", b"\"BF16\"", b"\"F64\"", b"\"U64\"", b"\"F8_E4M3\"", b"\"BOOL\"", b"\"shape\"", b"\"data_offsets\"",
-        b"[]", b"[0]", b"[18446744073709551615]", b"[4294967296, 4294967296]", b"9223372036854775807", b"\"__metadata__\"", b"{}", b"-1",
+        b"\"dtype\"",
+        b"\"F32\"",
+        b"\"BF16\"",
+        b"\"F64\"",
+        b"\"U64\"",
+        b"\"F8_E4M3\"",
+        b"\"BOOL\"",
+        b"\"shape\"",
+        b"\"data_offsets\"",
+        b"[]",
+        b"[0]",
+        b"[18446744073709551615]",
+        b"[4294967296, 4294967296]",
+        b"9223372036854775807",
+        b"\"__metadata__\"",
+        b"{}",
+        b"-1",
         b"0",
     ];
     let header_len = bytes.get(..8).map(|h| u64::from_le_bytes(h.try_into().unwrap()) as usize).unwrap_or(0);

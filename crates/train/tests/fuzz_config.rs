@@ -51,8 +51,26 @@ fn random_value(rng: &mut Rng, default: &toml::Value) -> String {
         2 => rng.pick(&["true", "false", "yes", "1", "TRUE"]).to_string(),
         3 => {
             let words = [
-                "\"auto\"", "\"cpu\"", "\"cuda\"", "\"char\"", "\"gpt2\"", "\"fp32\"", "\"bf16\"", "\"stop\"", "\"skip\"", "\"refuse\"",
-                "\"archive\"", "\"continue\"", "\"mpi\"", "\"nccl\"", "\"on\"", "\"off\"", "\"\"", "\"runs/x\"", "\"a\\nb\"", "tpu",
+                "\"auto\"",
+                "\"cpu\"",
+                "\"cuda\"",
+                "\"char\"",
+                "\"gpt2\"",
+                "\"fp32\"",
+                "\"bf16\"",
+                "\"stop\"",
+                "\"skip\"",
+                "\"refuse\"",
+                "\"archive\"",
+                "\"continue\"",
+                "\"mpi\"",
+                "\"nccl\"",
+                "\"on\"",
+                "\"off\"",
+                "\"\"",
+                "\"runs/x\"",
+                "\"a\\nb\"",
+                "tpu",
                 "\"\\u0000\"",
             ];
             rng.pick(&words).to_string()

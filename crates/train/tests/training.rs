@@ -20,12 +20,7 @@ fn config(out: &Path, sets: &[&str]) -> Config {
 }
 
 fn train_losses(out: &Path) -> Vec<(u64, f64)> {
-    read(&out.join("metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter(|r: &Record| r.kind == "train")
-        .map(|r| (r.step, r.loss.unwrap()))
-        .collect()
+    read(&out.join("metrics.jsonl")).unwrap().into_iter().filter(|r: &Record| r.kind == "train").map(|r| (r.step, r.loss.unwrap())).collect()
 }
 
 #[test]
@@ -47,7 +42,18 @@ fn tiny_preset_loss_falls_well_below_its_start() {
 fn resume_continues_bitwise_identically() {
     let _g = common::torch_lock();
     // Dropout on, so the per-step RNG state matters too.
-    let sets = ["model.n_layer=2", "model.n_embd=64", "model.dropout=0.1", "train.batch_size=8", "train.max_steps=12", "train.warmup_steps=3", "train.log_interval=1", "train.eval_interval=1000", "train.eval_iters=2", "train.grad_accum=2"];
+    let sets = [
+        "model.n_layer=2",
+        "model.n_embd=64",
+        "model.dropout=0.1",
+        "train.batch_size=8",
+        "train.max_steps=12",
+        "train.warmup_steps=3",
+        "train.log_interval=1",
+        "train.eval_interval=1000",
+        "train.eval_iters=2",
+        "train.grad_accum=2",
+    ];
     let a = tempfile::tempdir().unwrap();
     train(&config(a.path(), &sets), &TrainOptions::default()).unwrap();
 

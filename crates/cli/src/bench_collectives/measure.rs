@@ -269,11 +269,7 @@ impl SizeCtx<'_> {
         self.comm.all_reduce(&t, ReduceOp::Max)?;
         t.copy_data(&mut bad, 2);
         let per_op = |ns: i64| Duration::from_nanos((ns as u64).div_ceil(iters as u64));
-        Ok(Measured {
-            time: per_op(median(&mut fab_times)),
-            raw_time: self.raw.map(|_| per_op(median(&mut raw_times))),
-            ok: bad == [0, 0],
-        })
+        Ok(Measured { time: per_op(median(&mut fab_times)), raw_time: self.raw.map(|_| per_op(median(&mut raw_times))), ok: bad == [0, 0] })
     }
 }
 

@@ -164,11 +164,7 @@ fn user(message: String) -> Failure {
 
 /// `8`, `64K`, `256M`, `1G` (binary; `KB`, `KiB`, `B` spellings accepted).
 fn parse_bytes(flag: &str, s: &str) -> Result<u64> {
-    let bad = || {
-        user(format!(
-            "{flag} '{s}' is not a byte size; use a whole number with an optional K, M or G suffix (binary), e.g. 8, 64K, 256M"
-        ))
-    };
+    let bad = || user(format!("{flag} '{s}' is not a byte size; use a whole number with an optional K, M or G suffix (binary), e.g. 8, 64K, 256M"));
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
@@ -211,11 +207,7 @@ fn flag_size(b: u64) -> String {
 fn check_out_path(flag: &str, p: &Path) -> Result<()> {
     let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !dir.is_dir() {
-        return Err(user(format!(
-            "{flag} {}: the directory {} does not exist; create it or write elsewhere",
-            p.display(),
-            dir.display()
-        )));
+        return Err(user(format!("{flag} {}: the directory {} does not exist; create it or write elsewhere", p.display(), dir.display())));
     }
     if p.is_dir() {
         return Err(user(format!("{flag} {} is a directory; give a file name", p.display())));
@@ -255,9 +247,7 @@ fn validate(a: &CollectivesArgs, launch: &LaunchEnv) -> Result<Plan> {
     }
     let n = launch.world_size;
     if op == Op::SendRecv && n < 2 {
-        return Err(user(
-            "--op sendrecv needs at least 2 ranks and this is a single process; launch it with mpirun -np 2 (or more)".into(),
-        ));
+        return Err(user("--op sendrecv needs at least 2 ranks and this is a single process; launch it with mpirun -np 2 (or more)".into()));
     }
     // Every rank's share must be whole elements.
     let unit = dtype.size() as u64 * if op.splits() { n as u64 } else { 1 };
@@ -271,10 +261,7 @@ fn validate(a: &CollectivesArgs, launch: &LaunchEnv) -> Result<Plan> {
             let v = parse_bytes("--min-bytes", s)?;
             if v % unit != 0 {
                 let up = v.div_ceil(unit) * unit;
-                return Err(user(format!(
-                    "--min-bytes {s} is not a multiple of {unit} ({why}); use --min-bytes {}",
-                    flag_size(up)
-                )));
+                return Err(user(format!("--min-bytes {s} is not a multiple of {unit} ({why}); use --min-bytes {}", flag_size(up))));
             }
             v
         }
@@ -317,12 +304,9 @@ fn validate(a: &CollectivesArgs, launch: &LaunchEnv) -> Result<Plan> {
     if nccl {
         let visible = tch::Cuda::device_count().max(0) as usize;
         if visible == 0 {
-            return Err(user(
-                "--backend nccl needs a CUDA GPU and this machine shows none; use --backend mpi (CPU tensors)".into(),
-            ));
+            return Err(user("--backend nccl needs a CUDA GPU and this machine shows none; use --backend mpi (CPU tensors)".into()));
         }
-        fabbrica_comm::cuda_device_for(launch.local_rank, visible)
-            .map_err(|e| user(format!("--backend nccl: {e}")))?;
+        fabbrica_comm::cuda_device_for(launch.local_rank, visible).map_err(|e| user(format!("--backend nccl: {e}")))?;
     }
     Ok(Plan { op, nccl, dtype, sizes, iters: a.iters, warmup: a.warmup, rounds: a.rounds, json: a.json.clone(), plot: a.plot.clone() })
 }
@@ -362,12 +346,9 @@ pub fn run(a: CollectivesArgs) -> Result<()> {
 }
 
 fn bench(plan: &Plan) -> Result<()> {
-    let opts = InitOptions {
-        backend: if plan.nccl { BackendChoice::Nccl } else { BackendChoice::Mpi },
-        ..InitOptions::default()
-    }
-    .with_env()
-    .map_err(|e| user(e.to_string()))?;
+    let opts = InitOptions { backend: if plan.nccl { BackendChoice::Nccl } else { BackendChoice::Mpi }, ..InitOptions::default() }
+        .with_env()
+        .map_err(|e| user(e.to_string()))?;
     let world = fabbrica_comm::init(opts).map_err(|e| Failure { user: false, message: e.to_string() })?;
     let comm = world.comm();
     let (rank, n) = (comm.rank(), comm.size());
@@ -520,13 +501,7 @@ fn bench(plan: &Plan) -> Result<()> {
         let bad: Vec<String> = rows.iter().filter(|r| !r.ok).map(|r| human(r.bytes)).collect();
         // Only rank 0 says it; the others exit non-zero quietly (see `run`).
         let message = if rank0 {
-            format!(
-                "{} gave wrong results at {} of {} sizes ({}); see the check column",
-                plan.op.name(),
-                bad.len(),
-                rows.len(),
-                bad.join(", ")
-            )
+            format!("{} gave wrong results at {} of {} sizes ({}); see the check column", plan.op.name(), bad.len(), rows.len(), bad.join(", "))
         } else {
             String::new()
         };
@@ -582,20 +557,13 @@ fn summary(rows: &[Row], op: Op) {
     let avg = rows.iter().map(|r| r.busbw).sum::<f64>() / rows.len() as f64;
     println!("# avg bus bandwidth: {avg:.3} GB/s");
     // fabbrica/raw = raw time / fabbrica time (well defined even where the bus factor is 0).
-    let ratios: Vec<(u64, f64)> = rows
-        .iter()
-        .filter(|r| r.bytes >= 1 << 20)
-        .filter_map(|r| r.raw_time_us.map(|t| (r.bytes, t / r.time_us)))
-        .collect();
+    let ratios: Vec<(u64, f64)> =
+        rows.iter().filter(|r| r.bytes >= 1 << 20).filter_map(|r| r.raw_time_us.map(|t| (r.bytes, t / r.time_us))).collect();
     if !ratios.is_empty() {
         let geomean = (ratios.iter().map(|x| x.1.ln()).sum::<f64>() / ratios.len() as f64).exp();
         let mut sorted: Vec<f64> = ratios.iter().map(|x| x.1).collect();
         sorted.sort_by(f64::total_cmp);
-        let median = if sorted.len() % 2 == 1 {
-            sorted[sorted.len() / 2]
-        } else {
-            (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
-        };
+        let median = if sorted.len() % 2 == 1 { sorted[sorted.len() / 2] } else { (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0 };
         let (at, min) = ratios.iter().copied().fold((0, f64::INFINITY), |a, x| if x.1 < a.1 { x } else { a });
         println!(
             "# fabbrica/raw busbw for messages >= 1 MiB ({} sizes): geomean {geomean:.3}, median {median:.3}, min {min:.3} at {}",
@@ -610,4 +578,3 @@ fn summary(rows: &[Row], op: Op) {
         println!("# check: {bad} of {} sizes gave WRONG results", rows.len());
     }
 }
-

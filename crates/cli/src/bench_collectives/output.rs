@@ -70,8 +70,7 @@ pub(super) fn plot(path: &Path, rows: &[Row], plan: &Plan, n: usize) -> std::res
     let png = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
     let size = (960u32, 600u32);
     let fab: Vec<(f64, f64)> = rows.iter().map(|r| ((r.bytes as f64).log2(), r.busbw)).collect();
-    let raw: Vec<(f64, f64)> =
-        rows.iter().filter_map(|r| r.raw_busbw.map(|b| ((r.bytes as f64).log2(), b))).collect();
+    let raw: Vec<(f64, f64)> = rows.iter().filter_map(|r| r.raw_busbw.map(|b| ((r.bytes as f64).log2(), b))).collect();
     let (mut x0, mut x1) = (fab[0].0, fab[fab.len() - 1].0);
     if x1 - x0 < 1.0 {
         x0 -= 0.5;
@@ -87,13 +86,7 @@ pub(super) fn plot(path: &Path, rows: &[Row], plan: &Plan, n: usize) -> std::res
         }
     };
     let chart = Chart {
-        title: format!(
-            "{} {}, {}, {} backend: bus bandwidth",
-            plan.op.name(),
-            plan.dtype,
-            ranks(n),
-            if plan.nccl { "nccl" } else { "mpi" }
-        ),
+        title: format!("{} {}, {}, {} backend: bus bandwidth", plan.op.name(), plan.dtype, ranks(n), if plan.nccl { "nccl" } else { "mpi" }),
         x: (x0, x1),
         ymax: if ymax > 0.0 { ymax * 1.1 } else { 1.0 },
         n_labels: ((x1 - x0).round() as usize + 1).min(30),

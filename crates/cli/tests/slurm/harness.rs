@@ -48,25 +48,15 @@ pub fn train_args(out: &Path, max_steps: u64) -> Vec<String> {
 }
 
 pub fn losses(out: &Path) -> Vec<(u64, u64)> {
-    read(&out.join("metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.kind == "train")
-        .map(|r| (r.step, r.loss.unwrap().to_bits()))
-        .collect()
+    read(&out.join("metrics.jsonl")).unwrap().into_iter().filter(|r| r.kind == "train").map(|r| (r.step, r.loss.unwrap().to_bits())).collect()
 }
 
 pub fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 pub fn mpi_env(c: &mut Command) -> &mut Command {
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
 }
 
 /// The losses of an uninterrupted `mpirun -np 2` run of `STEPS` steps, computed once.
@@ -75,10 +65,7 @@ pub fn reference() -> &'static [(u64, u64)] {
     REF.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("ref");
-        let o = mpi_env(Command::new("mpirun").args(["-np", "2", "--oversubscribe", BIN, "train"]))
-            .args(train_args(&out, STEPS))
-            .output()
-            .unwrap();
+        let o = mpi_env(Command::new("mpirun").args(["-np", "2", "--oversubscribe", BIN, "train"])).args(train_args(&out, STEPS)).output().unwrap();
         assert!(o.status.success(), "reference run failed\n{}", text(&o));
         let l = losses(&out);
         assert_eq!(l.len() as u64, STEPS);
@@ -101,9 +88,7 @@ impl Cluster {
     /// A Slurm command against this cluster.
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new(program);
-        mpi_env(&mut c)
-            .env("SLURM_CONF", self.conf())
-            .env("FABBRICA", BIN);
+        mpi_env(&mut c).env("SLURM_CONF", self.conf()).env("FABBRICA", BIN);
         c
     }
 
@@ -112,10 +97,7 @@ impl Cluster {
         for f in ["slurmctld.log", "slurmd.log"] {
             let t = fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
             let lines: Vec<&str> = t.lines().collect();
-            s += &format!(
-                "--- {f} (tail)\n{}\n",
-                lines[lines.len().saturating_sub(15)..].join("\n")
-            );
+            s += &format!("--- {f} (tail)\n{}\n", lines[lines.len().saturating_sub(15)..].join("\n"));
         }
         s
     }
@@ -123,30 +105,19 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script("scripts/slurm/cluster.sh"))
-            .arg("stop")
-            .arg(self.dir.path())
-            .status();
+        let _ = Command::new("bash").arg(script("scripts/slurm/cluster.sh")).arg("stop").arg(self.dir.path()).status();
     }
 }
 
 pub fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 /// Two consecutive free TCP ports (slurmctld's and slurmd's).
 pub fn free_ports() -> u16 {
     let start = 20000 + (std::process::id() % 20000) as u16;
     (start..start + 2000)
-        .find(|&p| {
-            TcpListener::bind(("0.0.0.0", p)).is_ok()
-                && TcpListener::bind(("0.0.0.0", p + 1)).is_ok()
-        })
+        .find(|&p| TcpListener::bind(("0.0.0.0", p)).is_ok() && TcpListener::bind(("0.0.0.0", p + 1)).is_ok())
         .expect("no free ports")
 }
 
@@ -168,9 +139,7 @@ pub fn cluster(test: &str) -> Option<Arc<Cluster>> {
         }
         return None;
     }
-    let c = Arc::new(Cluster {
-        dir: tempfile::tempdir().unwrap(),
-    });
+    let c = Arc::new(Cluster { dir: tempfile::tempdir().unwrap() });
     let o = Command::new("bash")
         .arg(script("scripts/slurm/cluster.sh"))
         .arg("start")
@@ -178,12 +147,7 @@ pub fn cluster(test: &str) -> Option<Arc<Cluster>> {
         .env("CLUSTER_PORT", free_ports().to_string())
         .output()
         .unwrap();
-    assert!(
-        o.status.success(),
-        "cluster.sh start failed\n{}{}",
-        text(&o),
-        c.log_tail()
-    );
+    assert!(o.status.success(), "cluster.sh start failed\n{}{}", text(&o), c.log_tail());
     *shared = Arc::downgrade(&c);
     Some(c)
 }
@@ -196,45 +160,16 @@ pub struct JobInfo {
 }
 
 pub fn job_info(c: &Cluster, id: &str) -> JobInfo {
-    let o = c
-        .cmd("scontrol")
-        .args(["show", "job", "-o", id])
-        .output()
-        .unwrap();
+    let o = c.cmd("scontrol").args(["show", "job", "-o", id]).output().unwrap();
     let t = String::from_utf8_lossy(&o.stdout).into_owned();
-    let field = |name: &str| {
-        t.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-            .unwrap_or("")
-            .to_string()
-    };
-    JobInfo {
-        state: field("JobState"),
-        exit_code: field("ExitCode"),
-        restarts: field("Restarts").parse().unwrap_or(0),
-    }
+    let field = |name: &str| t.split_whitespace().find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('='))).unwrap_or("").to_string();
+    JobInfo { state: field("JobState"), exit_code: field("ExitCode"), restarts: field("Restarts").parse().unwrap_or(0) }
 }
 
-pub const FINAL: &[&str] = &[
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "BOOT_FAIL",
-    "DEADLINE",
-    "PREEMPTED",
-];
+pub const FINAL: &[&str] = &["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"];
 
 /// Submits scripts/slurm/train.sbatch for 2 ranks; output to `dir/job.out`.
-pub fn sbatch(
-    c: &Cluster,
-    dir: &Path,
-    opts: &[&str],
-    env: &[(&str, &str)],
-    args: &[String],
-) -> String {
+pub fn sbatch(c: &Cluster, dir: &Path, opts: &[&str], env: &[(&str, &str)], args: &[String]) -> String {
     let mut cmd = c.cmd("sbatch");
     cmd.args(["--parsable", "--nodes=1", "--ntasks-per-node=2"])
         .arg(format!("--output={}", dir.join("job.out").display()))
@@ -243,18 +178,8 @@ pub fn sbatch(
         .args(args)
         .envs(env.iter().copied());
     let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "sbatch failed\n{}{}",
-        text(&o),
-        c.log_tail()
-    );
-    String::from_utf8_lossy(&o.stdout)
-        .trim()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string()
+    assert!(o.status.success(), "sbatch failed\n{}{}", text(&o), c.log_tail());
+    String::from_utf8_lossy(&o.stdout).trim().split(';').next().unwrap().to_string()
 }
 
 pub fn job_out(dir: &Path) -> String {
@@ -269,13 +194,7 @@ pub fn wait_final(c: &Cluster, id: &str, dir: &Path, limit: Duration) -> JobInfo
         if FINAL.contains(&info.state.as_str()) {
             return info;
         }
-        assert!(
-            t.elapsed() < limit,
-            "job {id} still {} after {limit:?}\n{}{}",
-            info.state,
-            job_out(dir),
-            c.log_tail()
-        );
+        assert!(t.elapsed() < limit, "job {id} still {} after {limit:?}\n{}{}", info.state, job_out(dir), c.log_tail());
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -284,25 +203,13 @@ pub fn wait_final(c: &Cluster, id: &str, dir: &Path, limit: Duration) -> JobInfo
 pub fn wait_for_step(c: &Cluster, id: &str, dir: &Path, out: &Path, step: usize) {
     let t = Instant::now();
     loop {
-        let logged = fs::read_to_string(out.join("metrics.jsonl"))
-            .map(|s| s.lines().count())
-            .unwrap_or(0);
+        let logged = fs::read_to_string(out.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
         if logged >= step {
             return;
         }
         let info = job_info(c, id);
-        assert!(
-            !FINAL.contains(&info.state.as_str()),
-            "job {id} ended ({}) before step {step}\n{}",
-            info.state,
-            job_out(dir)
-        );
-        assert!(
-            t.elapsed() < Duration::from_secs(90),
-            "no step {step} within 90 s\n{}{}",
-            job_out(dir),
-            c.log_tail()
-        );
+        assert!(!FINAL.contains(&info.state.as_str()), "job {id} ended ({}) before step {step}\n{}", info.state, job_out(dir));
+        assert!(t.elapsed() < Duration::from_secs(90), "no step {step} within 90 s\n{}{}", job_out(dir), c.log_tail());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -334,19 +241,13 @@ pub fn assert_no_process_left(out: &Path) {
         if left.is_empty() {
             return;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "processes left behind:\n{}",
-            left.join("\n")
-        );
+        assert!(t.elapsed() < Duration::from_secs(15), "processes left behind:\n{}", left.join("\n"));
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 pub fn checkpoint_step(out: &Path) -> u64 {
-    let latest = checkpoint::latest(out)
-        .unwrap()
-        .expect("a checkpoint was written");
+    let latest = checkpoint::latest(out).unwrap().expect("a checkpoint was written");
     checkpoint::read_state(&latest).unwrap().step
 }
 

@@ -176,7 +176,13 @@ fn ops(comm: &Arc<fabbrica_comm::Group>, dev: Device) {
     let e = comm.all_reduce(&Tensor::ones([3], (Kind::Int, dev)), ReduceOp::Sum).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, CommError::UnsupportedDtype { .. }), "{msg}");
-    assert!(msg.contains("all_reduce") && msg.contains("group 'world'") && msg.contains(&format!("rank {rank} of {n}")) && msg.contains("use f32, bf16, f16 or i64"), "{msg}");
+    assert!(
+        msg.contains("all_reduce")
+            && msg.contains("group 'world'")
+            && msg.contains(&format!("rank {rank} of {n}"))
+            && msg.contains("use f32, bf16, f16 or i64"),
+        "{msg}"
+    );
     let e = comm.all_reduce(&Tensor::ones([3], (Kind::Int64, dev)), ReduceOp::Avg).unwrap_err();
     assert!(e.to_string().contains("avg of i64"), "{e}");
     let e = comm.all_gather(&Tensor::zeros([5], (Kind::Float, dev)), &Tensor::zeros([3], (Kind::Float, dev))).unwrap_err();

@@ -109,9 +109,7 @@ pub struct GroupReport {
 
 impl GroupReport {
     fn has_issue(&self) -> bool {
-        !self.behind.is_empty()
-            || self.divergence.is_some()
-            || self.progress.iter().any(|p| !p.dump || p.failed.is_some() || p.in_flight.is_some())
+        !self.behind.is_empty() || self.divergence.is_some() || self.progress.iter().any(|p| !p.dump || p.failed.is_some() || p.in_flight.is_some())
     }
 }
 
@@ -170,16 +168,7 @@ fn secs(ns: u64) -> String {
 }
 
 fn progress_of(dump: &Dump, group: Option<&GroupDump>, rank: usize, group_rank: usize) -> Progress {
-    let mut p = Progress {
-        rank,
-        group_rank,
-        dump: true,
-        called: 0,
-        started: 0,
-        completed: 0,
-        failed: None,
-        in_flight: None,
-    };
+    let mut p = Progress { rank, group_rank, dump: true, called: 0, started: 0, completed: 0, failed: None, in_flight: None };
     let Some(g) = group else { return p };
     for op in &g.ops {
         if op.state == State::Failed && p.failed.is_none() {
@@ -319,7 +308,13 @@ pub fn analyze(dir: &str, dumps: &[Dump], unreadable: &[(String, String)]) -> Re
         let stuck: Vec<&Progress> = g.progress.iter().filter(|p| waits(p)).collect();
         let first = stuck.first()?;
         let ranks: Vec<usize> = stuck.iter().map(|p| p.rank).collect();
-        Some(format!("{} {} waiting in {} on group '{}'", ranks_phrase(&ranks), if ranks.len() == 1 { "was" } else { "were" }, first.in_flight.as_ref().unwrap().what, g.name))
+        Some(format!(
+            "{} {} waiting in {} on group '{}'",
+            ranks_phrase(&ranks),
+            if ranks.len() == 1 { "was" } else { "were" },
+            first.in_flight.as_ref().unwrap().what,
+            g.name
+        ))
     };
     if !missing.is_empty() {
         let context = groups.iter().find_map(waiting).map(|w| format!(" while {w}")).unwrap_or_default();
@@ -331,12 +326,8 @@ pub fn analyze(dir: &str, dumps: &[Dump], unreadable: &[(String, String)]) -> Re
         if let Some(d) = &g.divergence {
             let least = d.sides.iter().map(|s| s.ranks.len()).min().unwrap_or(0);
             for side in d.sides.iter().filter(|s| s.ranks.len() == least) {
-                let others: Vec<String> = d
-                    .sides
-                    .iter()
-                    .filter(|o| o.what != side.what)
-                    .map(|o| format!("{} called {}", ranks_phrase(&o.ranks), o.what))
-                    .collect();
+                let others: Vec<String> =
+                    d.sides.iter().filter(|o| o.what != side.what).map(|o| format!("{} called {}", ranks_phrase(&o.ranks), o.what)).collect();
                 for &r in &side.ranks {
                     add(r, format!("called {} as collective #{} on group '{}', where {}", side.what, d.seq, g.name, others.join("; ")));
                 }

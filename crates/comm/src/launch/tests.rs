@@ -5,27 +5,12 @@ use super::*;
 use std::collections::HashMap;
 
 fn env(pairs: &[(&str, &str)]) -> Result<LaunchEnv, LaunchError> {
-    let map: HashMap<String, String> = pairs
-        .iter()
-        .map(|&(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+    let map: HashMap<String, String> = pairs.iter().map(|&(k, v)| (k.to_owned(), v.to_owned())).collect();
     from_vars(|name| map.get(name).cloned())
 }
 
-fn expect(
-    launcher: Launcher,
-    rank: usize,
-    world: usize,
-    local_rank: usize,
-    local_world: usize,
-) -> LaunchEnv {
-    LaunchEnv {
-        rank,
-        world_size: world,
-        local_rank,
-        local_world_size: local_world,
-        launcher,
-    }
+fn expect(launcher: Launcher, rank: usize, world: usize, local_rank: usize, local_world: usize) -> LaunchEnv {
+    LaunchEnv { rank, world_size: world, local_rank, local_world_size: local_world, launcher }
 }
 
 /// Asserts an error whose one-line message contains every needle.
@@ -40,12 +25,7 @@ fn err_with(result: Result<LaunchEnv, LaunchError>, needles: &[&str]) -> LaunchE
 }
 
 fn ompi(rank: &str, size: &str, lrank: &str, lsize: &str) -> Vec<(&'static str, String)> {
-    vec![
-        (OMPI_RANK, rank.into()),
-        (OMPI_SIZE, size.into()),
-        (OMPI_LOCAL_RANK, lrank.into()),
-        (OMPI_LOCAL_SIZE, lsize.into()),
-    ]
+    vec![(OMPI_RANK, rank.into()), (OMPI_SIZE, size.into()), (OMPI_LOCAL_RANK, lrank.into()), (OMPI_LOCAL_SIZE, lsize.into())]
 }
 
 fn owned<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
@@ -65,12 +45,7 @@ const SBATCH: &[(&str, &str)] = &[
 ];
 
 /// Task `rank` of `srun -N2 -n8` inside that allocation.
-fn srun_task(
-    rank: usize,
-    tasks_per_node: &str,
-    node: usize,
-    local: usize,
-) -> Vec<(&'static str, String)> {
+fn srun_task(rank: usize, tasks_per_node: &str, node: usize, local: usize) -> Vec<(&'static str, String)> {
     vec![
         ("SLURM_JOB_ID", "12345".into()),
         ("SLURM_STEP_ID", "0".into()),
@@ -88,10 +63,7 @@ fn srun_task(
 #[test]
 fn nothing_set_is_single() {
     assert_eq!(env(&[]).unwrap(), LaunchEnv::single());
-    assert_eq!(
-        env(&[("UNRELATED", "1")]).unwrap(),
-        expect(Launcher::Single, 0, 1, 0, 1)
-    );
+    assert_eq!(env(&[("UNRELATED", "1")]).unwrap(), expect(Launcher::Single, 0, 1, 0, 1));
     assert!(!LaunchEnv::single().is_distributed());
 }
 
@@ -106,41 +78,19 @@ fn open_mpi_four_ranks() {
     }
     // Whitespace around values is tolerated.
     let vars = ompi(" 3 ", "4\n", "3", "4");
-    assert_eq!(
-        env(&owned(&vars)).unwrap(),
-        expect(Launcher::OpenMpi, 3, 4, 3, 4)
-    );
+    assert_eq!(env(&owned(&vars)).unwrap(), expect(Launcher::OpenMpi, 3, 4, 3, 4));
 }
 
 #[test]
 fn mpich_hydra() {
-    let got = env(&[
-        (PMI_RANK, "5"),
-        (PMI_SIZE, "8"),
-        (MPI_LOCALRANKID, "1"),
-        (MPI_LOCALNRANKS, "4"),
-    ])
-    .unwrap();
+    let got = env(&[(PMI_RANK, "5"), (PMI_SIZE, "8"), (MPI_LOCALRANKID, "1"), (MPI_LOCALNRANKS, "4")]).unwrap();
     assert_eq!(got, expect(Launcher::Mpich, 5, 8, 1, 4));
     // PMI_LOCAL_* fallback.
-    let got = env(&[
-        (PMI_RANK, "5"),
-        (PMI_SIZE, "8"),
-        (PMI_LOCAL_RANK, "1"),
-        (PMI_LOCAL_SIZE, "4"),
-    ])
-    .unwrap();
+    let got = env(&[(PMI_RANK, "5"), (PMI_SIZE, "8"), (PMI_LOCAL_RANK, "1"), (PMI_LOCAL_SIZE, "4")]).unwrap();
     assert_eq!(got, expect(Launcher::Mpich, 5, 8, 1, 4));
     // MPI_LOCAL* wins over PMI_LOCAL_*.
-    let got = env(&[
-        (PMI_RANK, "5"),
-        (PMI_SIZE, "8"),
-        (MPI_LOCALRANKID, "1"),
-        (MPI_LOCALNRANKS, "4"),
-        (PMI_LOCAL_RANK, "0"),
-        (PMI_LOCAL_SIZE, "1"),
-    ])
-    .unwrap();
+    let got = env(&[(PMI_RANK, "5"), (PMI_SIZE, "8"), (MPI_LOCALRANKID, "1"), (MPI_LOCALNRANKS, "4"), (PMI_LOCAL_RANK, "0"), (PMI_LOCAL_SIZE, "1")])
+        .unwrap();
     assert_eq!(got, expect(Launcher::Mpich, 5, 8, 1, 4));
     // No node-local variables at all: assume one node.
     let got = env(&[(PMI_RANK, "2"), (PMI_SIZE, "3")]).unwrap();
@@ -152,10 +102,7 @@ fn mpich_under_srun_pmi2_uses_slurm_locals() {
     let mut vars = srun_task(6, "4(x2)", 1, 2);
     vars.push((PMI_RANK, "6".into()));
     vars.push((PMI_SIZE, "8".into()));
-    assert_eq!(
-        env(&owned(&vars)).unwrap(),
-        expect(Launcher::Slurm, 6, 8, 2, 4)
-    );
+    assert_eq!(env(&owned(&vars)).unwrap(), expect(Launcher::Slurm, 6, 8, 2, 4));
 }
 
 #[test]
@@ -164,11 +111,7 @@ fn slurm_homogeneous_compressed_list() {
     for rank in 0..8 {
         let (node, local) = (rank / 4, rank % 4);
         let vars = srun_task(rank, "4(x2)", node, local);
-        assert_eq!(
-            env(&owned(&vars)).unwrap(),
-            expect(Launcher::Slurm, rank, 8, local, 4),
-            "rank {rank}"
-        );
+        assert_eq!(env(&owned(&vars)).unwrap(), expect(Launcher::Slurm, rank, 8, local, 4), "rank {rank}");
     }
 }
 
@@ -184,54 +127,26 @@ fn slurm_heterogeneous_list() {
         }
         v
     };
-    assert_eq!(
-        env(&owned(&task(0, 0, 0))).unwrap(),
-        expect(Launcher::Slurm, 0, 3, 0, 2)
-    );
-    assert_eq!(
-        env(&owned(&task(1, 0, 1))).unwrap(),
-        expect(Launcher::Slurm, 1, 3, 1, 2)
-    );
-    assert_eq!(
-        env(&owned(&task(2, 1, 0))).unwrap(),
-        expect(Launcher::Slurm, 2, 3, 0, 1)
-    );
+    assert_eq!(env(&owned(&task(0, 0, 0))).unwrap(), expect(Launcher::Slurm, 0, 3, 0, 2));
+    assert_eq!(env(&owned(&task(1, 0, 1))).unwrap(), expect(Launcher::Slurm, 1, 3, 1, 2));
+    assert_eq!(env(&owned(&task(2, 1, 0))).unwrap(), expect(Launcher::Slurm, 2, 3, 0, 1));
 }
 
 #[test]
 fn slurm_local_size_sources() {
-    let base = [
-        ("SLURM_STEP_ID", "0"),
-        ("SLURM_PROCID", "3"),
-        ("SLURM_NTASKS", "4"),
-        ("SLURM_LOCALID", "1"),
-    ];
+    let base = [("SLURM_STEP_ID", "0"), ("SLURM_PROCID", "3"), ("SLURM_NTASKS", "4"), ("SLURM_LOCALID", "1")];
     let with = |extra: &[(&'static str, &'static str)]| {
         let mut v = base.to_vec();
         v.extend_from_slice(extra);
         env(&v)
     };
     // Step list beats the job list and the stale --ntasks-per-node.
-    let got = with(&[
-        ("SLURM_STEP_TASKS_PER_NODE", "2(x2)"),
-        ("SLURM_TASKS_PER_NODE", "4"),
-        ("SLURM_NTASKS_PER_NODE", "4"),
-    ]);
+    let got = with(&[("SLURM_STEP_TASKS_PER_NODE", "2(x2)"), ("SLURM_TASKS_PER_NODE", "4"), ("SLURM_NTASKS_PER_NODE", "4")]);
     assert_eq!(got.unwrap(), expect(Launcher::Slurm, 3, 4, 1, 2));
     // Job-level list (no SLURM_NODEID: first entry).
-    assert_eq!(
-        with(&[("SLURM_TASKS_PER_NODE", "2(x2)")])
-            .unwrap()
-            .local_world_size,
-        2
-    );
+    assert_eq!(with(&[("SLURM_TASKS_PER_NODE", "2(x2)")]).unwrap().local_world_size, 2);
     // --ntasks-per-node only.
-    assert_eq!(
-        with(&[("SLURM_NTASKS_PER_NODE", "2")])
-            .unwrap()
-            .local_world_size,
-        2
-    );
+    assert_eq!(with(&[("SLURM_NTASKS_PER_NODE", "2")]).unwrap().local_world_size, 2);
     // SLURM_STEPID (old name) also marks an srun step; SLURM_STEP_NUM_TASKS beats SLURM_NTASKS.
     let got = env(&[
         ("SLURM_STEPID", "3"),
@@ -250,18 +165,7 @@ fn tasks_per_node_parsing() {
     assert_eq!(parse_tasks_per_node("4(x2)"), Some(vec![(4, 2)]));
     assert_eq!(parse_tasks_per_node("2(x3),1"), Some(vec![(2, 3), (1, 1)]));
     assert_eq!(parse_tasks_per_node("2,1"), Some(vec![(2, 1), (1, 1)]));
-    for bad in [
-        "",
-        "x",
-        "4(x)",
-        "4(x0)",
-        "4(2)",
-        "4(x2",
-        "(x2)",
-        "2,,1",
-        "-1",
-        "4(x2)junk",
-    ] {
+    for bad in ["", "x", "4(x)", "4(x0)", "4(2)", "4(x2", "(x2)", "2,,1", "-1", "4(x2)junk"] {
         assert_eq!(parse_tasks_per_node(bad), None, "{bad:?}");
     }
     let entries = parse_tasks_per_node("2(x3),1").unwrap();
@@ -275,18 +179,10 @@ fn open_mpi_beats_slurm_batch_env() {
     let mut vars: Vec<(&str, String)> = SBATCH.iter().map(|&(k, v)| (k, v.to_owned())).collect();
     vars.push(("SLURM_STEP_ID", "0".into())); // mpirun's daemons run in an srun step
     vars.extend(ompi("5", "8", "1", "4"));
-    assert_eq!(
-        env(&owned(&vars)).unwrap(),
-        expect(Launcher::OpenMpi, 5, 8, 1, 4)
-    );
+    assert_eq!(env(&owned(&vars)).unwrap(), expect(Launcher::OpenMpi, 5, 8, 1, 4));
     // Same for Hydra.
     let mut vars: Vec<(&str, &str)> = SBATCH.to_vec();
-    vars.extend([
-        (PMI_RANK, "5"),
-        (PMI_SIZE, "8"),
-        (MPI_LOCALRANKID, "1"),
-        (MPI_LOCALNRANKS, "4"),
-    ]);
+    vars.extend([(PMI_RANK, "5"), (PMI_SIZE, "8"), (MPI_LOCALRANKID, "1"), (MPI_LOCALNRANKS, "4")]);
     assert_eq!(env(&vars).unwrap(), expect(Launcher::Mpich, 5, 8, 1, 4));
     // Open MPI beats MPICH.
     let mut vars = ompi("0", "2", "0", "2");
@@ -296,233 +192,87 @@ fn open_mpi_beats_slurm_batch_env() {
 
 #[test]
 fn slurm_without_srun_step_is_single() {
-    assert_eq!(
-        env(&[("SLURM_JOB_ID", "12345")]).unwrap(),
-        LaunchEnv::single()
-    );
+    assert_eq!(env(&[("SLURM_JOB_ID", "12345")]).unwrap(), LaunchEnv::single());
     // The batch script (or an salloc shell) has SLURM_PROCID=0 and
     // SLURM_NTASKS=8 but is one process, not rank 0 of 8.
     assert_eq!(env(SBATCH).unwrap(), LaunchEnv::single());
     // A step id without SLURM_PROCID is not a task either.
-    assert_eq!(
-        env(&[("SLURM_STEP_ID", "0"), ("SLURM_NTASKS", "2")]).unwrap(),
-        LaunchEnv::single()
-    );
+    assert_eq!(env(&[("SLURM_STEP_ID", "0"), ("SLURM_NTASKS", "2")]).unwrap(), LaunchEnv::single());
 }
 
 #[test]
 fn not_a_number_names_the_variable() {
     let vars = ompi("abc", "4", "0", "4");
-    let e = err_with(
-        env(&owned(&vars)),
-        &["OMPI_COMM_WORLD_RANK='abc' is not a number", "Open MPI"],
-    );
+    let e = err_with(env(&owned(&vars)), &["OMPI_COMM_WORLD_RANK='abc' is not a number", "Open MPI"]);
     assert!(matches!(e, LaunchError::NotANumber { var: OMPI_RANK, .. }));
-    for (i, var) in [OMPI_RANK, OMPI_SIZE, OMPI_LOCAL_RANK, OMPI_LOCAL_SIZE]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, var) in [OMPI_RANK, OMPI_SIZE, OMPI_LOCAL_RANK, OMPI_LOCAL_SIZE].into_iter().enumerate() {
         let mut vars = ompi("0", "4", "0", "4");
         vars[i].1 = "-1".into();
-        err_with(
-            env(&owned(&vars)),
-            &[&format!("{var}='-1' is not a number")],
-        );
+        err_with(env(&owned(&vars)), &[&format!("{var}='-1' is not a number")]);
     }
-    err_with(
-        env(&[(PMI_RANK, "x"), (PMI_SIZE, "2")]),
-        &["PMI_RANK='x' is not a number", "MPICH"],
-    );
-    err_with(
-        env(&[
-            (PMI_RANK, "0"),
-            (PMI_SIZE, "2"),
-            (MPI_LOCALRANKID, "0"),
-            (MPI_LOCALNRANKS, "two"),
-        ]),
-        &["MPI_LOCALNRANKS='two' is not a number"],
-    );
-    for var in [
-        SLURM_PROCID,
-        SLURM_NTASKS,
-        SLURM_STEP_NUM_TASKS,
-        SLURM_LOCALID,
-        SLURM_NODEID,
-    ] {
+    err_with(env(&[(PMI_RANK, "x"), (PMI_SIZE, "2")]), &["PMI_RANK='x' is not a number", "MPICH"]);
+    err_with(env(&[(PMI_RANK, "0"), (PMI_SIZE, "2"), (MPI_LOCALRANKID, "0"), (MPI_LOCALNRANKS, "two")]), &["MPI_LOCALNRANKS='two' is not a number"]);
+    for var in [SLURM_PROCID, SLURM_NTASKS, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, SLURM_NODEID] {
         let mut vars = srun_task(0, "4(x2)", 0, 0);
         // SLURM_STEP_NUM_TASKS takes precedence, so drop it to reach SLURM_NTASKS.
         vars.retain(|(k, _)| *k != var && !(var == SLURM_NTASKS && *k == SLURM_STEP_NUM_TASKS));
         vars.push((var, "1.5".into()));
-        err_with(
-            env(&owned(&vars)),
-            &[&format!("{var}='1.5' is not a number"), "Slurm"],
-        );
+        err_with(env(&owned(&vars)), &[&format!("{var}='1.5' is not a number"), "Slurm"]);
     }
-    let vars = [
-        ("SLURM_STEP_ID", "0"),
-        ("SLURM_PROCID", "0"),
-        ("SLURM_NTASKS", "1"),
-        ("SLURM_LOCALID", "0"),
-        ("SLURM_NTASKS_PER_NODE", ""),
-    ];
+    let vars = [("SLURM_STEP_ID", "0"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1"), ("SLURM_LOCALID", "0"), ("SLURM_NTASKS_PER_NODE", "")];
     err_with(env(&vars), &["SLURM_NTASKS_PER_NODE='' is not a number"]);
 }
 
 #[test]
 fn missing_variables_are_named() {
-    for (i, var) in [OMPI_RANK, OMPI_SIZE, OMPI_LOCAL_RANK, OMPI_LOCAL_SIZE]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, var) in [OMPI_RANK, OMPI_SIZE, OMPI_LOCAL_RANK, OMPI_LOCAL_SIZE].into_iter().enumerate() {
         let mut vars = ompi("0", "4", "0", "4");
         vars.remove(i);
-        let e = err_with(
-            env(&owned(&vars)),
-            &[
-                &format!("{var} is not set although OMPI_COMM_WORLD_"),
-                "Open MPI",
-            ],
-        );
+        let e = err_with(env(&owned(&vars)), &[&format!("{var} is not set although OMPI_COMM_WORLD_"), "Open MPI"]);
         assert!(matches!(e, LaunchError::Missing { .. }));
     }
-    err_with(
-        env(&[(PMI_RANK, "0")]),
-        &["PMI_SIZE is not set although PMI_RANK is"],
-    );
-    err_with(
-        env(&[(PMI_SIZE, "2")]),
-        &["PMI_RANK is not set although PMI_SIZE is"],
-    );
-    err_with(
-        env(&[(PMI_RANK, "0"), (PMI_SIZE, "2"), (MPI_LOCALRANKID, "0")]),
-        &["MPI_LOCALNRANKS is not set although MPI_LOCALRANKID is"],
-    );
-    err_with(
-        env(&[(PMI_RANK, "0"), (PMI_SIZE, "2"), (PMI_LOCAL_SIZE, "2")]),
-        &["PMI_LOCAL_RANK is not set although PMI_LOCAL_SIZE is"],
-    );
+    err_with(env(&[(PMI_RANK, "0")]), &["PMI_SIZE is not set although PMI_RANK is"]);
+    err_with(env(&[(PMI_SIZE, "2")]), &["PMI_RANK is not set although PMI_SIZE is"]);
+    err_with(env(&[(PMI_RANK, "0"), (PMI_SIZE, "2"), (MPI_LOCALRANKID, "0")]), &["MPI_LOCALNRANKS is not set although MPI_LOCALRANKID is"]);
+    err_with(env(&[(PMI_RANK, "0"), (PMI_SIZE, "2"), (PMI_LOCAL_SIZE, "2")]), &["PMI_LOCAL_RANK is not set although PMI_LOCAL_SIZE is"]);
     for var in [SLURM_NTASKS, SLURM_LOCALID] {
         let mut vars = srun_task(0, "4(x2)", 0, 0);
         vars.retain(|(k, _)| *k != var && (var != SLURM_NTASKS || *k != SLURM_STEP_NUM_TASKS));
-        err_with(
-            env(&owned(&vars)),
-            &[
-                &format!("{var} is not set although SLURM_PROCID is"),
-                "Slurm",
-            ],
-        );
+        err_with(env(&owned(&vars)), &[&format!("{var} is not set although SLURM_PROCID is"), "Slurm"]);
     }
-    let vars = [
-        ("SLURM_STEP_ID", "0"),
-        ("SLURM_PROCID", "0"),
-        ("SLURM_NTASKS", "1"),
-        ("SLURM_LOCALID", "0"),
-    ];
-    err_with(
-        env(&vars),
-        &[
-            "SLURM_STEP_TASKS_PER_NODE",
-            "SLURM_TASKS_PER_NODE",
-            "SLURM_NTASKS_PER_NODE",
-            "not set",
-        ],
-    );
+    let vars = [("SLURM_STEP_ID", "0"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1"), ("SLURM_LOCALID", "0")];
+    err_with(env(&vars), &["SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "not set"]);
 }
 
 #[test]
 fn range_errors_name_both_variables() {
     let vars = ompi("4", "4", "0", "4");
-    let e = err_with(
-        env(&owned(&vars)),
-        &[
-            "OMPI_COMM_WORLD_RANK=4 is out of range",
-            "below 4",
-            "OMPI_COMM_WORLD_SIZE=4",
-        ],
-    );
-    assert!(matches!(
-        e,
-        LaunchError::OutOfRange {
-            var: OMPI_RANK,
-            value: 4,
-            limit: 4,
-            ..
-        }
-    ));
+    let e = err_with(env(&owned(&vars)), &["OMPI_COMM_WORLD_RANK=4 is out of range", "below 4", "OMPI_COMM_WORLD_SIZE=4"]);
+    assert!(matches!(e, LaunchError::OutOfRange { var: OMPI_RANK, value: 4, limit: 4, .. }));
     let vars = ompi("1", "4", "2", "2");
+    err_with(env(&owned(&vars)), &["OMPI_COMM_WORLD_LOCAL_RANK=2 is out of range", "OMPI_COMM_WORLD_LOCAL_SIZE=2"]);
+    err_with(env(&[(PMI_RANK, "9"), (PMI_SIZE, "8"), (MPI_LOCALRANKID, "0"), (MPI_LOCALNRANKS, "1")]), &["PMI_RANK=9 is out of range", "PMI_SIZE=8"]);
     err_with(
-        env(&owned(&vars)),
-        &[
-            "OMPI_COMM_WORLD_LOCAL_RANK=2 is out of range",
-            "OMPI_COMM_WORLD_LOCAL_SIZE=2",
-        ],
-    );
-    err_with(
-        env(&[
-            (PMI_RANK, "9"),
-            (PMI_SIZE, "8"),
-            (MPI_LOCALRANKID, "0"),
-            (MPI_LOCALNRANKS, "1"),
-        ]),
-        &["PMI_RANK=9 is out of range", "PMI_SIZE=8"],
-    );
-    err_with(
-        env(&[
-            (PMI_RANK, "1"),
-            (PMI_SIZE, "8"),
-            (MPI_LOCALRANKID, "1"),
-            (MPI_LOCALNRANKS, "1"),
-        ]),
+        env(&[(PMI_RANK, "1"), (PMI_SIZE, "8"), (MPI_LOCALRANKID, "1"), (MPI_LOCALNRANKS, "1")]),
         &["MPI_LOCALRANKID=1 is out of range", "MPI_LOCALNRANKS=1"],
     );
     // Slurm: rank 8 of 8, and local id 4 on a 4-task node.
-    err_with(
-        env(&owned(&srun_task(8, "4(x2)", 1, 0))),
-        &["SLURM_PROCID=8 is out of range", "SLURM_STEP_NUM_TASKS=8"],
-    );
-    err_with(
-        env(&owned(&srun_task(7, "4(x2)", 1, 4))),
-        &[
-            "SLURM_LOCALID=4 is out of range",
-            "SLURM_STEP_TASKS_PER_NODE='4(x2)' (4 on node 1)",
-        ],
-    );
+    err_with(env(&owned(&srun_task(8, "4(x2)", 1, 0))), &["SLURM_PROCID=8 is out of range", "SLURM_STEP_NUM_TASKS=8"]);
+    err_with(env(&owned(&srun_task(7, "4(x2)", 1, 4))), &["SLURM_LOCALID=4 is out of range", "SLURM_STEP_TASKS_PER_NODE='4(x2)' (4 on node 1)"]);
     // Heterogeneous: node 1 has a single task.
-    err_with(
-        env(&owned(&srun_task(7, "2,1", 1, 1))),
-        &["SLURM_LOCALID=1 is out of range", "(1 on node 1)"],
-    );
+    err_with(env(&owned(&srun_task(7, "2,1", 1, 1))), &["SLURM_LOCALID=1 is out of range", "(1 on node 1)"]);
 }
 
 #[test]
 fn zero_sizes_and_inconsistent_sizes() {
     let vars = ompi("0", "0", "0", "1");
-    let e = err_with(
-        env(&owned(&vars)),
-        &["OMPI_COMM_WORLD_SIZE=0", "world size must be at least 1"],
-    );
+    let e = err_with(env(&owned(&vars)), &["OMPI_COMM_WORLD_SIZE=0", "world size must be at least 1"]);
     assert!(matches!(e, LaunchError::ZeroSize { .. }));
-    err_with(
-        env(&[(PMI_RANK, "0"), (PMI_SIZE, "0")]),
-        &["PMI_SIZE=0", "world size"],
-    );
+    err_with(env(&[(PMI_RANK, "0"), (PMI_SIZE, "0")]), &["PMI_SIZE=0", "world size"]);
     let vars = ompi("0", "2", "0", "0");
-    err_with(
-        env(&owned(&vars)),
-        &[
-            "OMPI_COMM_WORLD_LOCAL_SIZE=0",
-            "ranks on this node must be at least 1",
-        ],
-    );
+    err_with(env(&owned(&vars)), &["OMPI_COMM_WORLD_LOCAL_SIZE=0", "ranks on this node must be at least 1"]);
     let vars = ompi("0", "2", "0", "4");
-    let e = err_with(
-        env(&owned(&vars)),
-        &[
-            "OMPI_COMM_WORLD_LOCAL_SIZE=4",
-            "exceed",
-            "OMPI_COMM_WORLD_SIZE=2",
-        ],
-    );
+    let e = err_with(env(&owned(&vars)), &["OMPI_COMM_WORLD_LOCAL_SIZE=4", "exceed", "OMPI_COMM_WORLD_SIZE=2"]);
     assert!(matches!(e, LaunchError::LocalExceedsWorld { .. }));
     let mut vars = srun_task(0, "4(x2)", 0, 0);
     vars.retain(|(k, _)| *k != SLURM_STEP_NUM_TASKS);
@@ -533,29 +283,13 @@ fn zero_sizes_and_inconsistent_sizes() {
 
 #[test]
 fn bad_slurm_lists() {
-    let e = err_with(
-        env(&owned(&srun_task(0, "4(x2", 0, 0))),
-        &[
-            "SLURM_STEP_TASKS_PER_NODE='4(x2'",
-            "not a Slurm tasks-per-node list",
-        ],
-    );
+    let e = err_with(env(&owned(&srun_task(0, "4(x2", 0, 0))), &["SLURM_STEP_TASKS_PER_NODE='4(x2'", "not a Slurm tasks-per-node list"]);
     assert!(matches!(e, LaunchError::BadTasksPerNode { .. }));
     let e = err_with(
         env(&owned(&srun_task(0, "4(x2)", 2, 0))),
-        &[
-            "SLURM_NODEID=2 is out of range for SLURM_STEP_TASKS_PER_NODE='4(x2)'",
-            "only 2 node(s)",
-        ],
+        &["SLURM_NODEID=2 is out of range for SLURM_STEP_TASKS_PER_NODE='4(x2)'", "only 2 node(s)"],
     );
-    assert!(matches!(
-        e,
-        LaunchError::NodeOutOfRange {
-            node: 2,
-            nodes: 2,
-            ..
-        }
-    ));
+    assert!(matches!(e, LaunchError::NodeOutOfRange { node: 2, nodes: 2, .. }));
 }
 
 #[test]
@@ -564,43 +298,23 @@ fn cuda_device_selection() {
     assert_eq!(cuda_device_for(3, 8), Ok(3));
     assert_eq!(cuda_device_for(7, 8), Ok(7));
     let e = cuda_device_for(4, 4).unwrap_err();
-    assert_eq!(
-        e,
-        LaunchError::NotEnoughDevices {
-            local_rank: 4,
-            visible: 4
-        }
-    );
+    assert_eq!(e, LaunchError::NotEnoughDevices { local_rank: 4, visible: 4 });
     let msg = e.to_string();
-    assert!(
-        msg.contains("local rank 4")
-            && msg.contains("only 4 CUDA device(s)")
-            && msg.contains("at most 4 ranks per node"),
-        "{msg}"
-    );
+    assert!(msg.contains("local rank 4") && msg.contains("only 4 CUDA device(s)") && msg.contains("at most 4 ranks per node"), "{msg}");
     let msg = cuda_device_for(0, 0).unwrap_err().to_string();
-    assert!(
-        msg.contains("no CUDA devices") && msg.contains("CUDA_VISIBLE_DEVICES"),
-        "{msg}"
-    );
+    assert!(msg.contains("no CUDA devices") && msg.contains("CUDA_VISIBLE_DEVICES"), "{msg}");
 }
 
 #[test]
 fn display() {
-    assert_eq!(
-        expect(Launcher::Slurm, 5, 8, 1, 4).to_string(),
-        "rank 5/8 (local 1/4) via Slurm (srun)"
-    );
+    assert_eq!(expect(Launcher::Slurm, 5, 8, 1, 4).to_string(), "rank 5/8 (local 1/4) via Slurm (srun)");
     assert_eq!(Launcher::OpenMpi.to_string(), "Open MPI (mpirun)");
     assert_eq!(Launcher::Mpich.to_string(), "MPICH/Hydra (mpiexec)");
     assert_eq!(Launcher::Single.to_string(), "single process");
 }
 
 fn pmi(pairs: &[(&str, &str)], mpi: MpiLibrary) -> Option<LaunchError> {
-    let map: HashMap<String, String> = pairs
-        .iter()
-        .map(|&(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+    let map: HashMap<String, String> = pairs.iter().map(|&(k, v)| (k.to_owned(), v.to_owned())).collect();
     pmi_problem(|name| map.get(name).cloned(), mpi)
 }
 
@@ -615,12 +329,7 @@ fn srun_without_pmix_is_refused_before_mpi_init() {
         let e = pmi(&task, mpi).expect("no PMI must be refused");
         let msg = e.to_string();
         assert!(!msg.contains('\n'), "{msg}");
-        for needle in [
-            "srun --mpi=pmix",
-            "MpiDefault=pmix",
-            "SLURM_MPI_TYPE=pmix",
-            "--mpi=none",
-        ] {
+        for needle in ["srun --mpi=pmix", "MpiDefault=pmix", "SLURM_MPI_TYPE=pmix", "--mpi=none"] {
             assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
         }
         // --mpi=pmix.
@@ -640,13 +349,8 @@ fn srun_without_pmix_is_refused_before_mpi_init() {
     let mut with_pmi2 = task.clone();
     with_pmi2.extend([(PMI_FD, "11"), (PMI_RANK, "3"), (PMI_SIZE, "8")]);
     assert!(pmi(&with_pmi2, MpiLibrary::Other).is_none());
-    let msg = pmi(&with_pmi2, MpiLibrary::OpenMpi)
-        .expect("Open MPI under pmi2")
-        .to_string();
-    assert!(
-        msg.contains("PMI-2") && msg.contains("Open MPI") && msg.contains("srun --mpi=pmix"),
-        "{msg}"
-    );
+    let msg = pmi(&with_pmi2, MpiLibrary::OpenMpi).expect("Open MPI under pmi2").to_string();
+    assert!(msg.contains("PMI-2") && msg.contains("Open MPI") && msg.contains("srun --mpi=pmix"), "{msg}");
 }
 
 #[test]

@@ -60,9 +60,9 @@ use tch::{Device, Kind, Tensor};
 use super::cuda::{record_use, DeviceGuard, Event, On};
 use super::inner::{lock, Failed, Inner, RawComm};
 use super::library::{Nccl, RawResult, SUCCESS};
-use super::setup::{group_id, local_setup, unique_id, Local};
 use super::p2p::{P2pState, QueuedP2p};
 use super::poller::{Pending, Poller};
+use super::setup::{group_id, local_setup, unique_id, Local};
 use super::work::NcclWork;
 use super::{nccl_datatype, nccl_reduce_op};
 use crate::agree;
@@ -162,22 +162,9 @@ impl NcclComm {
             p2p: Mutex::new(Vec::new()),
             pending: Arc::default(),
         });
-        let poller = Poller::start(inner.clone(), &name)
-            .map_err(|e| init(format!("cannot start the completion poller thread: {e}")))?;
+        let poller = Poller::start(inner.clone(), &name).map_err(|e| init(format!("cannot start the completion poller thread: {e}")))?;
         let flight = Recorder::new(&name, &group_id(&name, &members), Backend::Nccl, rank, size, &members);
-        Ok(NcclComm {
-            poller,
-            inner,
-            host,
-            rank,
-            size,
-            flight,
-            id: group_id(&name, &members),
-            name,
-            members,
-            ops: OpCounter::default(),
-            debug,
-        })
+        Ok(NcclComm { poller, inner, host, rank, size, flight, id: group_id(&name, &members), name, members, ops: OpCounter::default(), debug })
     }
 
     /// Hands queued sends and receives to NCCL now (see "Point-to-point" in the module docs).
@@ -191,15 +178,7 @@ impl NcclComm {
     }
 
     fn ctx(&self, op: OpKind, seq: u64) -> OpContext {
-        OpContext {
-            op,
-            seq,
-            group: self.name.clone(),
-            backend: Backend::Nccl,
-            rank: self.rank,
-            size: self.size,
-            world_rank: self.members[self.rank],
-        }
+        OpContext { op, seq, group: self.name.clone(), backend: Backend::Nccl, rank: self.rank, size: self.size, world_rank: self.members[self.rank] }
     }
 
     /// The context of the next operation of kind `op`; its number is taken by `commit` (see
@@ -223,8 +202,7 @@ impl NcclComm {
 
     fn dtype_of(ctx: &OpContext, t: &Tensor) -> Result<DType> {
         let kind = t.kind();
-        DType::from_kind(kind)
-            .ok_or_else(|| CommError::UnsupportedDtype { ctx: ctx.clone(), dtype: format!("{kind:?}") })
+        DType::from_kind(kind).ok_or_else(|| CommError::UnsupportedDtype { ctx: ctx.clone(), dtype: format!("{kind:?}") })
     }
 
     fn on_device(&self, ctx: &OpContext, t: &Tensor, which: &str) -> Result<()> {
@@ -232,11 +210,7 @@ impl NcclComm {
         if t.device() != want {
             return Err(Self::invalid(
                 ctx,
-                format!(
-                    "{which} is on {:?} but this NCCL communicator is on cuda:{}; keep one device per rank",
-                    t.device(),
-                    self.inner.device
-                ),
+                format!("{which} is on {:?} but this NCCL communicator is on cuda:{}; keep one device per rank", t.device(), self.inner.device),
             ));
         }
         Ok(())
@@ -244,10 +218,7 @@ impl NcclComm {
 
     fn same_kind(ctx: &OpContext, output: &Tensor, input: &Tensor) -> Result<()> {
         if output.kind() != input.kind() {
-            return Err(Self::invalid(
-                ctx,
-                format!("output is {:?} but input is {:?}; pass tensors of one dtype", output.kind(), input.kind()),
-            ));
+            return Err(Self::invalid(ctx, format!("output is {:?} but input is {:?}; pass tensors of one dtype", output.kind(), input.kind())));
         }
         Ok(())
     }
@@ -288,9 +259,9 @@ impl NcclComm {
             Ok((Tensor::f_zeros([5 * self.size as i64], (Kind::Int64, Device::Cpu))?, Tensor::f_from_slice(&mine)?))
         });
         let (all, me) = tensors.map_err(|e| Self::backend_error(ctx, format!("debug check: {e}")))?;
-        self.host.all_gather(&all, &me).map_err(|e| {
-            Self::backend_error(ctx, format!("the debug-mode check over the host communicator failed: {e}"))
-        })?;
+        self.host
+            .all_gather(&all, &me)
+            .map_err(|e| Self::backend_error(ctx, format!("the debug-mode check over the host communicator failed: {e}")))?;
         let all = Vec::<i64>::try_from(&all).map_err(|e| Self::backend_error(ctx, format!("debug check: {e}")))?;
         match mismatch_detail(&all, &mine) {
             None => Ok(()),
@@ -304,9 +275,8 @@ impl NcclComm {
         if t.is_contiguous() {
             return Ok(Staged { buf: t.shallow_clone(), back: None });
         }
-        let buf =
-            tch::no_grad(|| if copy_in { t.f_contiguous() } else { Tensor::f_empty(t.size(), (t.kind(), t.device())) })
-                .map_err(|e| Self::backend_error(ctx, format!("staging a non-contiguous tensor failed: {e}")))?;
+        let buf = tch::no_grad(|| if copy_in { t.f_contiguous() } else { Tensor::f_empty(t.size(), (t.kind(), t.device())) })
+            .map_err(|e| Self::backend_error(ctx, format!("staging a non-contiguous tensor failed: {e}")))?;
         Ok(Staged { buf, back: Some(t.shallow_clone()) })
     }
 
@@ -338,12 +308,10 @@ impl NcclComm {
         let dev = self.inner.device;
         let device = DeviceGuard::new(dev).map_err(|e| format!("cannot make cuda:{dev} current: {e}"))?;
         for t in keep {
-            record_use(t, On::Stream(&self.inner.stream))
-                .map_err(|e| format!("recording a buffer's use by the NCCL stream failed: {e}"))?;
+            record_use(t, On::Stream(&self.inner.stream)).map_err(|e| format!("recording a buffer's use by the NCCL stream failed: {e}"))?;
         }
-        let events = (0..events)
-            .map(|_| Event::new().map_err(|e| format!("cannot create a CUDA event: {e}")))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let events =
+            (0..events).map(|_| Event::new().map_err(|e| format!("cannot create a CUDA event: {e}"))).collect::<std::result::Result<Vec<_>, _>>()?;
         Ok((device, events))
     }
 
@@ -377,16 +345,16 @@ impl NcclComm {
             if let Some(f) = inner.async_error_locked() {
                 return Err((f, Failed::Communicator));
             }
-            ready.record(On::Current(dev)).and_then(|_| ready.block(On::Stream(&inner.stream))).map_err(|e| {
-                (format!("ordering the NCCL stream after the current stream failed: {e}"), Failed::Communicator)
-            })?;
+            ready
+                .record(On::Current(dev))
+                .and_then(|_| ready.block(On::Stream(&inner.stream)))
+                .map_err(|e| (format!("ordering the NCCL stream after the current stream failed: {e}"), Failed::Communicator))?;
             let rc = f(inner.lib, inner.comm.0, inner.stream.raw() as cudaStream_t);
             if rc != SUCCESS {
                 return Err((inner.lib.describe(call, rc, inner.comm.0), Failed::Communicator));
             }
-            done.record(On::Stream(&inner.stream)).map_err(|e| {
-                (format!("{call} was queued but recording its completion event failed: {e}"), Failed::Untracked)
-            })?;
+            done.record(On::Stream(&inner.stream))
+                .map_err(|e| (format!("{call} was queued but recording its completion event failed: {e}"), Failed::Untracked))?;
             Ok(done)
         })();
         let done = match issued {
@@ -405,15 +373,7 @@ impl NcclComm {
         };
         rec.start();
         inner.push_pending(Pending { event: done.clone(), _guard: guard, rec });
-        Ok(Work::from_impl(NcclWork {
-            ctx: ctx.clone(),
-            inner: inner.clone(),
-            done: Some(done),
-            keep,
-            copy_back,
-            finished: false,
-            p2p: None,
-        }))
+        Ok(Work::from_impl(NcclWork { ctx: ctx.clone(), inner: inner.clone(), done: Some(done), keep, copy_back, finished: false, p2p: None }))
     }
 
     /// Queues a send or receive for the next flush (see the module docs), ordered after the work
@@ -461,15 +421,7 @@ impl NcclComm {
             rec,
             state: state.clone(),
         });
-        Ok(Work::from_impl(NcclWork {
-            ctx: ctx.clone(),
-            inner: inner.clone(),
-            done: None,
-            keep,
-            copy_back,
-            finished: false,
-            p2p: Some(state),
-        }))
+        Ok(Work::from_impl(NcclWork { ctx: ctx.clone(), inner: inner.clone(), done: None, keep, copy_back, finished: false, p2p: Some(state) }))
     }
 
     fn all_reduce_impl(&self, t: &Tensor, op: ReduceOp) -> Result<Work> {
@@ -528,12 +480,7 @@ impl NcclComm {
         if output.numel() != n * self.size {
             return Err(Self::invalid(
                 &ctx,
-                format!(
-                    "output has {} elements but all_gather of {n} elements over {} ranks needs {}",
-                    output.numel(),
-                    self.size,
-                    n * self.size
-                ),
+                format!("output has {} elements but all_gather of {n} elements over {} ranks needs {}", output.numel(), self.size, n * self.size),
             ));
         }
         let ctx = self.announce(ctx, &Sig::new(OpKind::AllGather, Some(dt), n as i64, 0))?;
@@ -542,10 +489,7 @@ impl NcclComm {
         }
         let dtype = nccl_datatype(dt);
         // In place (input is this rank's chunk of output): NCCL takes that layout as it is.
-        if output.is_contiguous()
-            && input.is_contiguous()
-            && input.data_ptr() as usize == output.data_ptr() as usize + self.rank * n * dt.size()
-        {
+        if output.is_contiguous() && input.is_contiguous() && input.data_ptr() as usize == output.data_ptr() as usize + self.rank * n * dt.size() {
             let (o, i) = (output.data_ptr(), input.data_ptr());
             let keep = vec![output.shallow_clone(), input.shallow_clone()];
             return self.launch(&ctx, "ncclAllGather", keep, None, |lib, comm, stream| unsafe {
@@ -561,9 +505,7 @@ impl NcclComm {
         let (o, i) = (out.buf.data_ptr(), inp.buf.data_ptr());
         let keep = vec![out.buf.shallow_clone(), inp.buf];
         let back = out.back.map(|b| (b, out.buf));
-        self.launch(&ctx, "ncclAllGather", keep, back, |lib, comm, stream| unsafe {
-            (lib.all_gather)(i as *const c_void, o, n, dtype, comm, stream)
-        })
+        self.launch(&ctx, "ncclAllGather", keep, back, |lib, comm, stream| unsafe { (lib.all_gather)(i as *const c_void, o, n, dtype, comm, stream) })
     }
 
     fn reduce_scatter_impl(&self, output: &Tensor, input: &Tensor, op: ReduceOp) -> Result<Work> {
@@ -577,12 +519,7 @@ impl NcclComm {
         if input.numel() != n * self.size {
             return Err(Self::invalid(
                 &ctx,
-                format!(
-                    "input has {} elements but reduce_scatter into {n} elements over {} ranks needs {}",
-                    input.numel(),
-                    self.size,
-                    n * self.size
-                ),
+                format!("input has {} elements but reduce_scatter into {n} elements over {} ranks needs {}", input.numel(), self.size, n * self.size),
             ));
         }
         let ctx = self.announce(ctx, &Sig::new(OpKind::ReduceScatter, Some(dt), n as i64, op.code()))?;
@@ -591,10 +528,7 @@ impl NcclComm {
         }
         let (dtype, redop) = (nccl_datatype(dt), nccl_reduce_op(op));
         // In place (output is this rank's chunk of input): NCCL takes that layout as it is.
-        if output.is_contiguous()
-            && input.is_contiguous()
-            && output.data_ptr() as usize == input.data_ptr() as usize + self.rank * n * dt.size()
-        {
+        if output.is_contiguous() && input.is_contiguous() && output.data_ptr() as usize == input.data_ptr() as usize + self.rank * n * dt.size() {
             let (o, i) = (output.data_ptr(), input.data_ptr());
             let keep = vec![output.shallow_clone(), input.shallow_clone()];
             return self.launch(&ctx, "ncclReduceScatter", keep, None, |lib, comm, stream| unsafe {
@@ -622,10 +556,7 @@ impl NcclComm {
         if peer >= self.size || peer == self.rank {
             return Err(Self::invalid(
                 &ctx,
-                format!(
-                    "peer {peer} must be another rank of this group (ranks 0..{}, this is {})",
-                    self.size, self.rank
-                ),
+                format!("peer {peer} must be another rank of this group (ranks 0..{}, this is {})", self.size, self.rank),
             ));
         }
         let n = t.numel();
@@ -709,12 +640,12 @@ impl Communicator for NcclComm {
         self.inner.flush_p2p();
         let made = self.host.split(color, key, name).and_then(|host| match host {
             None => Ok(None),
-            Some(host) => NcclComm::new(host, self.inner.device, self.debug)
-                .map(|c| Some(Arc::new(c) as Arc<dyn Communicator>))
-                .map_err(|e| match e {
+            Some(host) => {
+                NcclComm::new(host, self.inner.device, self.debug).map(|c| Some(Arc::new(c) as Arc<dyn Communicator>)).map_err(|e| match e {
                     CommError::Init(detail) => CommError::Backend { ctx, detail },
                     other => other,
-                }),
+                })
+            }
         });
         rec.finish(&made.as_ref().map(|_| ()).map_err(Clone::clone));
         made

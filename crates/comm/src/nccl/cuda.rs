@@ -79,7 +79,6 @@ impl Stream {
     pub(crate) fn raw(&self) -> *mut c_void {
         self.raw
     }
-
 }
 
 /// Which stream an event operation targets.

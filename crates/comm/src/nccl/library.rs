@@ -36,15 +36,7 @@ const MIN_VERSION: i32 = 21000;
 
 type SendFn = unsafe extern "C" fn(*const c_void, usize, ncclDataType_t, c_int, ncclComm_t, cudaStream_t) -> RawResult;
 type RecvFn = unsafe extern "C" fn(*mut c_void, usize, ncclDataType_t, c_int, ncclComm_t, cudaStream_t) -> RawResult;
-type ReduceFn = unsafe extern "C" fn(
-    *const c_void,
-    *mut c_void,
-    usize,
-    ncclDataType_t,
-    ncclRedOp_t,
-    ncclComm_t,
-    cudaStream_t,
-) -> RawResult;
+type ReduceFn = unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclRedOp_t, ncclComm_t, cudaStream_t) -> RawResult;
 
 /// The NCCL entry points, resolved once from the library libtorch uses. Signatures are nccl.h's
 /// (2.28), with `ncclResult_t` as [`RawResult`].
@@ -63,18 +55,9 @@ pub(crate) struct Nccl {
     pub(crate) get_last_error: Option<unsafe extern "C" fn(ncclComm_t) -> *const c_char>,
     pub(crate) all_reduce: ReduceFn,
     /// `ncclBroadcast(sendbuff, recvbuff, count, datatype, root, comm, stream)`.
-    pub(crate) broadcast: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        ncclDataType_t,
-        c_int,
-        ncclComm_t,
-        cudaStream_t,
-    ) -> RawResult,
+    pub(crate) broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, c_int, ncclComm_t, cudaStream_t) -> RawResult,
     /// `ncclAllGather(sendbuff, recvbuff, sendcount, ...)`: the count is per rank.
-    pub(crate) all_gather:
-        unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclComm_t, cudaStream_t) -> RawResult,
+    pub(crate) all_gather: unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclComm_t, cudaStream_t) -> RawResult,
     /// `ncclReduceScatter(sendbuff, recvbuff, recvcount, ...)`: the count is per rank.
     pub(crate) reduce_scatter: ReduceFn,
     pub(crate) send: SendFn,
@@ -89,10 +72,7 @@ pub(crate) struct Nccl {
 /// (`$ORIGIN/../../nvidia/nccl/lib`), then `torch/lib` itself (libtorch builds that bundle it).
 /// Versioned names only: "libnccl.so" is what a system install provides, and the wrong library.
 pub fn library_candidates(torch_lib: &Path) -> Vec<PathBuf> {
-    vec![
-        torch_lib.join("..").join("..").join("nvidia").join("nccl").join("lib").join("libnccl.so.2"),
-        torch_lib.join("libnccl.so.2"),
-    ]
+    vec![torch_lib.join("..").join("..").join("nvidia").join("nccl").join("lib").join("libnccl.so.2"), torch_lib.join("libnccl.so.2")]
 }
 
 /// The torch lib directory this crate was built against (torch-sys's `DEP_TCH_LIBTORCH_LIB`).
@@ -147,11 +127,7 @@ impl Nccl {
             }
             let path = loaded_path(get_version as *const c_void).unwrap_or_else(|| PathBuf::from("libnccl.so.2"));
             if version < MIN_VERSION {
-                return Err(format!(
-                    "NCCL {} at {} is older than 2.10, which bf16 and avg need",
-                    version_string(version),
-                    path.display()
-                ));
+                return Err(format!("NCCL {} at {} is older than 2.10, which bf16 and avg need", version_string(version), path.display()));
             }
             Ok(Nccl {
                 path,

@@ -84,9 +84,9 @@ impl Inner {
     /// The NCCL calls of `flush_p2p`; the caller holds `issue`.
     fn issue_p2p_group_locked(&self, ops: &mut [QueuedP2p]) -> std::result::Result<(), (String, Failed)> {
         for op in ops.iter() {
-            op.ready.block(On::Stream(&self.stream)).map_err(|e| {
-                (format!("ordering the NCCL stream after the issuing stream failed: {e}"), Failed::Communicator)
-            })?;
+            op.ready
+                .block(On::Stream(&self.stream))
+                .map_err(|e| (format!("ordering the NCCL stream after the issuing stream failed: {e}"), Failed::Communicator))?;
         }
         let stream = self.stream.raw() as cudaStream_t;
         // SAFETY: no arguments; `issue` is held.
@@ -120,9 +120,9 @@ impl Inner {
             return Err((self.lib.describe("ncclGroupEnd", rc, self.comm.0), Failed::Untracked));
         }
         for op in ops.iter_mut() {
-            op.done.record(On::Stream(&self.stream)).map_err(|e| {
-                (format!("the point-to-point group was queued but recording its completion event failed: {e}"), Failed::Untracked)
-            })?;
+            op.done
+                .record(On::Stream(&self.stream))
+                .map_err(|e| (format!("the point-to-point group was queued but recording its completion event failed: {e}"), Failed::Untracked))?;
         }
         Ok(())
     }

@@ -69,8 +69,7 @@ pub(super) fn unique_id(lib: Option<&Nccl>, host: &Arc<dyn Communicator>) -> std
     }
     if host.size() > 1 {
         let t = Tensor::f_from_slice(&id_to_words(&id)).map_err(|e| e.to_string())?;
-        host.broadcast(&t, 0)
-            .map_err(|e| format!("broadcasting the NCCL unique id over the host communicator failed: {e}"))?;
+        host.broadcast(&t, 0).map_err(|e| format!("broadcasting the NCCL unique id over the host communicator failed: {e}"))?;
         let words = Vec::<i64>::try_from(&t).map_err(|e| e.to_string())?;
         id = id_from_words(&words);
     }
@@ -98,9 +97,7 @@ pub(super) fn local_setup(device: usize) -> std::result::Result<Local, String> {
     }
     let count = tch::Cuda::device_count();
     if device as i64 >= count {
-        return Err(format!(
-            "cuda:{device} does not exist ({count} visible); check CUDA_VISIBLE_DEVICES and the local rank"
-        ));
+        return Err(format!("cuda:{device} does not exist ({count} visible); check CUDA_VISIBLE_DEVICES and the local rank"));
     }
     let lib = library::nccl()?;
     let _device = DeviceGuard::new(device).map_err(|e| format!("cannot make cuda:{device} current: {e}"))?;

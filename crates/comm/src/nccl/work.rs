@@ -89,17 +89,16 @@ impl NcclWork {
         // Then mark the buffers as used by that stream too: if it is not the stream that
         // allocated them, the allocator would otherwise hand them out again before the copy back
         // queued here has read them.
-        let ordered = done.block(On::Current(device)).and_then(|_| {
-            self.keep.iter().try_for_each(|t| record_use(t, On::Current(device)))
-        });
+        let ordered = done.block(On::Current(device)).and_then(|_| self.keep.iter().try_for_each(|t| record_use(t, On::Current(device))));
         if let Err(e) = ordered {
             self.leak();
             return Err(self.error(format!("making the current stream wait for the operation failed: {e}")));
         }
         let failure = self.inner.check();
         let copied = match (self.copy_back.take(), &failure) {
-            (Some((mut dst, src)), None) => tch::no_grad(|| dst.f_copy_(&src))
-                .map_err(|e| self.error(format!("copying the result back into the tensor failed: {e}"))),
+            (Some((mut dst, src)), None) => {
+                tch::no_grad(|| dst.f_copy_(&src)).map_err(|e| self.error(format!("copying the result back into the tensor failed: {e}")))
+            }
             _ => Ok(()),
         };
         self.keep.clear();

@@ -50,10 +50,7 @@ pub(crate) fn request_tag(secret: &Secret, target: usize, nonce: u64, request: &
 /// The tag of the answer to `request` (see [`request_tag`]).
 pub(crate) fn answer_tag(secret: &Secret, target: usize, nonce: u64, request: &[u8], answer: &[u8]) -> Tag {
     let len = (request.len() as u64).to_le_bytes();
-    hmac_sha256(
-        secret,
-        &[ANSWER_LABEL, &(target as u64).to_le_bytes(), &nonce.to_le_bytes(), &len, request, answer],
-    )
+    hmac_sha256(secret, &[ANSWER_LABEL, &(target as u64).to_le_bytes(), &nonce.to_le_bytes(), &len, request, answer])
 }
 
 /// `<tag in hex> <body>\n`.
@@ -134,10 +131,7 @@ mod tests {
 
     #[test]
     fn hmac_matches_rfc_4231() {
-        assert_eq!(
-            hex(&hmac_sha256(&[0x0b; 20], &[b"Hi ", b"There"])),
-            "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
-        );
+        assert_eq!(hex(&hmac_sha256(&[0x0b; 20], &[b"Hi ", b"There"])), "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7");
         assert_eq!(
             hex(&hmac_sha256(b"Jefe", &[b"what do ya want for nothing?"])),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"

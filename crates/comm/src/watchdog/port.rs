@@ -42,12 +42,7 @@ pub(crate) struct Limits {
     pub max_conns: usize,
 }
 
-pub(crate) const LIMITS: Limits = Limits {
-    max_line: 8 << 10,
-    max_answer: 64 << 10,
-    request_timeout: Duration::from_secs(2),
-    max_conns: 32,
-};
+pub(crate) const LIMITS: Limits = Limits { max_line: 8 << 10, max_answer: 64 << 10, request_timeout: Duration::from_secs(2), max_conns: 32 };
 
 /// A listener's connection table and counters.
 pub(crate) struct Port {
@@ -72,13 +67,7 @@ struct Conns {
 
 impl Port {
     pub(crate) fn new(limits: Limits) -> Port {
-        Port {
-            limits,
-            next: AtomicU64::new(0),
-            conns: Mutex::new(Conns::default()),
-            rejected: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-        }
+        Port { limits, next: AtomicU64::new(0), conns: Mutex::new(Conns::default()), rejected: AtomicU64::new(0), dropped: AtomicU64::new(0) }
     }
 
     /// Makes room for connection `nonce`: false when it must be closed unserved.
@@ -137,14 +126,11 @@ pub(crate) fn serve(w: Arc<Watchdog>, listener: TcpListener) {
             continue;
         }
         let slot = Slot(w.clone(), nonce);
-        let spawned = std::thread::Builder::new()
-            .name("watchdog-conn".into())
-            .stack_size(256 << 10)
-            .spawn(move || {
-                let w = slot.0.clone();
-                handle(&w, stream, nonce);
-                drop(slot);
-            });
+        let spawned = std::thread::Builder::new().name("watchdog-conn".into()).stack_size(256 << 10).spawn(move || {
+            let w = slot.0.clone();
+            handle(&w, stream, nonce);
+            drop(slot);
+        });
         // On failure the closure is dropped: the slot is freed and the connection closed.
         if spawned.is_err() {
             w.port.dropped.fetch_add(1, Ordering::Relaxed);
@@ -268,12 +254,7 @@ fn exchange_once(
     limits: &Limits,
     deadline: Instant,
 ) -> Result<Option<String>, Failure> {
-    let left = || {
-        deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| Failure::Lost("timed out".into()))
-    };
+    let left = || deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()).ok_or_else(|| Failure::Lost("timed out".into()));
     let s = TcpStream::connect_timeout(addr, left()?).map_err(|e| {
         if e.kind() == ErrorKind::ConnectionRefused {
             Failure::Refused(e)
@@ -284,10 +265,8 @@ fn exchange_once(
     let _ = s.set_nodelay(true);
     let _ = s.set_write_timeout(Some(left()?));
     let hello = read_line(&s, 64, deadline).ok_or_else(|| Failure::Lost("closed before the greeting".into()))?;
-    let nonce = std::str::from_utf8(&hello)
-        .ok()
-        .and_then(|h| h.strip_prefix(HELLO)?.strip_prefix(' ')?.parse::<u64>().ok())
-        .ok_or(Failure::Foreign)?;
+    let nonce =
+        std::str::from_utf8(&hello).ok().and_then(|h| h.strip_prefix(HELLO)?.strip_prefix(' ')?.parse::<u64>().ok()).ok_or(Failure::Foreign)?;
     let tag = auth::request_tag(secret, target, nonce, request.as_bytes());
     (&s).write_all(&auth::seal(&tag, request.as_bytes())).map_err(|e| Failure::Lost(e.to_string()))?;
     if !want_answer {
@@ -385,10 +364,7 @@ mod tests {
             }
             assert!(sent < 256 << 20, "the listener accepted {sent} bytes of one line");
         };
-        assert!(
-            matches!(err.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted),
-            "{err}"
-        );
+        assert!(matches!(err.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted), "{err}");
         wait_stats(&w, (4, 1));
         // A real peer is still served.
         let a = exchange(&addr, 1, &secret, "Q world", true, &LIMITS, Instant::now() + Duration::from_secs(20));

@@ -49,7 +49,11 @@ pub(crate) fn host_name() -> String {
     let name = if rc == 0 { String::from_utf8_lossy(&buf[..end]).into_owned() } else { String::new() };
     // Only characters that are safe in a file name and cannot be confused with the separators.
     let clean: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
-    if clean.is_empty() { "localhost".into() } else { clean }
+    if clean.is_empty() {
+        "localhost".into()
+    } else {
+        clean
+    }
 }
 
 /// `dir/.<name>.tmp-<pid>@<host>`: the temporary this process writes `dir/<name>` through.

@@ -204,7 +204,10 @@ pub fn load(dir: &Path) -> Result<Loaded, TrainError> {
             TrainError::Checkpoint(format!("{} lists no checksum for {file}: the checkpoint is incomplete", dir.join(STATE_FILE).display()))
         })?;
         if !path.is_file() {
-            return Err(TrainError::Checkpoint(format!("checkpoint {} is missing {file}: resume from an earlier one (run.resume_from)", dir.display())));
+            return Err(TrainError::Checkpoint(format!(
+                "checkpoint {} is missing {file}: resume from an earlier one (run.resume_from)",
+                dir.display()
+            )));
         }
         if &files::sha256_file(&path)? != expected {
             return Err(TrainError::Checkpoint(format!(

@@ -99,7 +99,14 @@ pub fn write_shard(tmp: &Path, file: &str, tensors: &[(String, Tensor)], step: u
 
 /// Rank 0, once every shard is in `tmp`: writes the two indexes and state.json (every file's
 /// SHA-256), places the directory, points `latest` at it and prunes this run's older ones.
-pub fn commit(out_dir: &Path, tmp: &Path, mut state: CheckpointState, model: &[ShardInfo], optim: &[ShardInfo], keep: usize) -> Result<PathBuf, TrainError> {
+pub fn commit(
+    out_dir: &Path,
+    tmp: &Path,
+    mut state: CheckpointState,
+    model: &[ShardInfo],
+    optim: &[ShardInfo],
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
     let step = state.step;
     let needed: u64 = model.iter().chain(optim).map(|s| s.bytes).sum();
     let fail = |why: String| {
@@ -152,7 +159,8 @@ pub fn commit(out_dir: &Path, tmp: &Path, mut state: CheckpointState, model: &[S
 /// names come from the index: only plain names of files in this directory that state.json
 /// lists are read (a name with a path, `..` or unknown to state.json is refused).
 pub fn read_indexed(dir: &Path, state: &CheckpointState, index: &str) -> Result<Vec<(String, Tensor)>, TrainError> {
-    let corrupt = |why: String| TrainError::Checkpoint(format!("{}: {why}: resume from an earlier checkpoint (run.resume_from)", dir.join(index).display()));
+    let corrupt =
+        |why: String| TrainError::Checkpoint(format!("{}: {why}: resume from an earlier checkpoint (run.resume_from)", dir.join(index).display()));
     let path = dir.join(index);
     let size = fs::metadata(&path).map_err(|e| corrupt(format!("cannot read it ({e})")))?.len();
     if size > MAX_INDEX_BYTES {
@@ -175,7 +183,10 @@ pub fn read_indexed(dir: &Path, state: &CheckpointState, index: &str) -> Result<
     for (file, names) in wanted {
         let p = dir.join(file);
         if !p.is_file() {
-            return Err(TrainError::Checkpoint(format!("checkpoint {} is missing {file}: resume from an earlier one (run.resume_from)", dir.display())));
+            return Err(TrainError::Checkpoint(format!(
+                "checkpoint {} is missing {file}: resume from an earlier one (run.resume_from)",
+                dir.display()
+            )));
         }
         if files::sha256_file(&p)? != state.sha256[file] {
             return Err(TrainError::Checkpoint(format!(
@@ -183,7 +194,8 @@ pub fn read_indexed(dir: &Path, state: &CheckpointState, index: &str) -> Result<
                 p.display()
             )));
         }
-        let tensors = Tensor::read_safetensors(&p).map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {}", p.display(), one_line(&e.to_string()))))?;
+        let tensors =
+            Tensor::read_safetensors(&p).map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {}", p.display(), one_line(&e.to_string()))))?;
         for n in &names {
             if !tensors.iter().any(|(t, _)| t == n) {
                 return Err(corrupt(format!("lists {n} in {file}, which does not hold it")));

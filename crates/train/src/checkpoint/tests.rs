@@ -260,9 +260,11 @@ fn awkward_floats_round_trip_through_the_state_checksum() {
 fn save_sharded(out: &Path, step: u64, keep: usize) -> PathBuf {
     let tmp = sharded::begin(out, step, 0).unwrap();
     let named = |p: &str, v: f32| -> Vec<(String, Tensor)> { tensors(v).into_iter().map(|(n, t)| (format!("{p}.{n}"), t)).collect() };
-    let m: Vec<sharded::ShardInfo> =
-        (0..2).map(|i| sharded::write_shard(&tmp, &sharded::shard_name("model", i, 2), &named(&format!("s{i}"), step as f32), step).unwrap()).collect();
-    let o: Vec<sharded::ShardInfo> = (0..2).map(|i| sharded::write_shard(&tmp, &sharded::shard_name("optim", i, 2), &named(&format!("s{i}"), 0.5), step).unwrap()).collect();
+    let m: Vec<sharded::ShardInfo> = (0..2)
+        .map(|i| sharded::write_shard(&tmp, &sharded::shard_name("model", i, 2), &named(&format!("s{i}"), step as f32), step).unwrap())
+        .collect();
+    let o: Vec<sharded::ShardInfo> =
+        (0..2).map(|i| sharded::write_shard(&tmp, &sharded::shard_name("optim", i, 2), &named(&format!("s{i}"), 0.5), step).unwrap()).collect();
     sharded::commit(out, &tmp, state(step, "r1"), &m, &o, keep).unwrap()
 }
 

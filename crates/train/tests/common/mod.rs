@@ -27,12 +27,7 @@ pub fn venv_python() -> PathBuf {
 pub fn corpus() -> PathBuf {
     let p = repo_root().join("data/pystdlib.txt");
     if !p.exists() {
-        let st = Command::new(venv_python())
-            .arg(repo_root().join("scripts/make_corpus.py"))
-            .arg("--out")
-            .arg(&p)
-            .status()
-            .unwrap();
+        let st = Command::new(venv_python()).arg(repo_root().join("scripts/make_corpus.py")).arg("--out").arg(&p).status().unwrap();
         assert!(st.success(), "make_corpus.py failed");
     }
     p

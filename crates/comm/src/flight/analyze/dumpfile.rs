@@ -203,11 +203,7 @@ pub fn parse_dump(text_: &str) -> Result<Dump, String> {
             .iter()
             .map(|m| m.as_u64().ok_or_else(|| format!("{what}: a member is not a rank")).and_then(|m| small(m, "members", &what)))
             .collect::<Result<Vec<_>, _>>()?;
-        let ops = array(g, "ops", &what)?
-            .iter()
-            .enumerate()
-            .map(|(i, o)| parse_op(o, &format!("{what} op {i}")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let ops = array(g, "ops", &what)?.iter().enumerate().map(|(i, o)| parse_op(o, &format!("{what} op {i}"))).collect::<Result<Vec<_>, _>>()?;
         let gd = GroupDump {
             name: text(g, "name", &what)?,
             id: text(g, "id", &what)?,
@@ -295,9 +291,7 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, String> {
                 return Err(format!("{} bytes, more than the {} MiB a dump may have", meta.len(), MAX_DUMP_BYTES >> 20));
             }
             let mut buf = Vec::new();
-            std::fs::File::open(&path)
-                .and_then(|f| f.take(MAX_DUMP_BYTES + 1).read_to_end(&mut buf))
-                .map_err(|e| e.to_string())?;
+            std::fs::File::open(&path).and_then(|f| f.take(MAX_DUMP_BYTES + 1).read_to_end(&mut buf)).map_err(|e| e.to_string())?;
             if buf.len() as u64 > MAX_DUMP_BYTES {
                 return Err(format!("more than the {} MiB a dump may have", MAX_DUMP_BYTES >> 20));
             }

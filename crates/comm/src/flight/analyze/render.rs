@@ -11,12 +11,7 @@ impl Report {
     /// About one screen: the dumps, each group with an issue, and the ranks to look at.
     pub fn to_text(&self) -> String {
         let mut o = String::new();
-        o.push_str(&format!(
-            "flight recorder dumps in {}: {} of {} ranks\n",
-            self.dir,
-            self.dumps.len(),
-            self.world_size
-        ));
+        o.push_str(&format!("flight recorder dumps in {}: {} of {} ranks\n", self.dir, self.dumps.len(), self.world_size));
         // Dumps folded by reason.
         let mut reasons: Vec<(&str, Vec<&RankLine>)> = Vec::new();
         for d in &self.dumps {
@@ -55,13 +50,7 @@ impl Report {
         let (issues, quiet): (Vec<&GroupReport>, Vec<&GroupReport>) = self.groups.iter().partition(|g| g.has_issue());
         for g in issues.iter().take(TEXT_GROUPS) {
             o.push('\n');
-            o.push_str(&format!(
-                "group '{}' ({}, {} ranks: world {}), collectives:\n",
-                g.name,
-                g.backend,
-                g.members.len(),
-                rank_list(&g.members)
-            ));
+            o.push_str(&format!("group '{}' ({}, {} ranks: world {}), collectives:\n", g.name, g.backend, g.members.len(), rank_list(&g.members)));
             // Rows folded by identical progress.
             type Row = (bool, u64, u64, u64, Option<String>, Option<String>);
             let mut rows: Vec<(Row, Vec<usize>, u64)> = Vec::new();
@@ -98,13 +87,7 @@ impl Report {
                     now.push_str(&format!("; failed {f}"));
                 }
                 let n = |x: &u64| if *x == 0 { "-".to_string() } else { format!("#{x}") };
-                o.push_str(&format!(
-                    "  {ranks:<12} {:>7} {:>8} {:>10}  {}\n",
-                    n(called),
-                    n(started),
-                    n(completed),
-                    cut(&now, TEXT_WIDTH - 45)
-                ));
+                o.push_str(&format!("  {ranks:<12} {:>7} {:>8} {:>10}  {}\n", n(called), n(started), n(completed), cut(&now, TEXT_WIDTH - 45)));
             }
             if rows.len() > 10 {
                 o.push_str(&format!("  ... {} more rows (see --json)\n", rows.len() - 10));
@@ -114,17 +97,13 @@ impl Report {
                     let sides: Vec<String> = d.sides.iter().map(|s| format!("{} called {}", ranks_phrase(&s.ranks), s.what)).collect();
                     o.push_str(&format!("  diverged at collective #{}: {}\n", d.seq, cut(&sides.join("; "), TEXT_WIDTH)));
                 }
-                None if g.compared.1 > 0 => o.push_str(&format!(
-                    "  diverged: no (collectives #{}-#{} agree on every rank that recorded them)\n",
-                    g.compared.0, g.compared.1
-                )),
+                None if g.compared.1 > 0 => {
+                    o.push_str(&format!("  diverged: no (collectives #{}-#{} agree on every rank that recorded them)\n", g.compared.0, g.compared.1))
+                }
                 None => o.push_str("  diverged: nothing to compare (no collective recorded by two ranks)\n"),
             }
             match &g.not_called {
-                Some((s, what)) => o.push_str(&format!(
-                    "  behind: {} (never called collective #{s}: {what})\n",
-                    ranks_phrase(&g.behind)
-                )),
+                Some((s, what)) => o.push_str(&format!("  behind: {} (never called collective #{s}: {what})\n", ranks_phrase(&g.behind))),
                 None => o.push_str("  behind: none\n"),
             }
         }
@@ -168,13 +147,9 @@ impl Report {
                 .join(","),
         );
         o.push_str(&format!("],\"missing\":{},\"set_aside\":[", list(&self.missing)));
-        o.push_str(
-            &self.set_aside.iter().map(|(r, w)| format!("{{\"rank\":{r},\"why\":{}}}", q(w))).collect::<Vec<_>>().join(","),
-        );
+        o.push_str(&self.set_aside.iter().map(|(r, w)| format!("{{\"rank\":{r},\"why\":{}}}", q(w))).collect::<Vec<_>>().join(","));
         o.push_str("],\"unreadable\":[");
-        o.push_str(
-            &self.unreadable.iter().map(|(f, w)| format!("{{\"file\":{},\"error\":{}}}", q(f), q(w))).collect::<Vec<_>>().join(","),
-        );
+        o.push_str(&self.unreadable.iter().map(|(f, w)| format!("{{\"file\":{},\"error\":{}}}", q(f), q(w))).collect::<Vec<_>>().join(","));
         o.push_str("],\"groups\":[");
         let groups: Vec<String> = self
             .groups
@@ -236,9 +211,7 @@ impl Report {
             .collect();
         o.push_str(&groups.join(","));
         o.push_str("],\"look_at\":[");
-        o.push_str(
-            &self.look_at.iter().map(|s| format!("{{\"rank\":{},\"why\":{}}}", s.rank, q(&s.why))).collect::<Vec<_>>().join(","),
-        );
+        o.push_str(&self.look_at.iter().map(|s| format!("{{\"rank\":{},\"why\":{}}}", s.rank, q(&s.why))).collect::<Vec<_>>().join(","));
         o.push_str(&format!("],\"verdict\":{}}}\n", q(&self.verdict)));
         o
     }

@@ -125,7 +125,12 @@ fn a_mismatch_names_the_first_differing_number_and_both_sides() {
     );
     assert_eq!(r.verdict, "the ranks diverged at collective #2 on group 'world'");
     let t = r.to_text();
-    assert!(t.contains("diverged at collective #2: ranks 0, 2 called all_reduce(f32, 1000 elements, sum); rank 1 called all_reduce(f32, 999 elements, sum)"), "{t}");
+    assert!(
+        t.contains(
+            "diverged at collective #2: ranks 0, 2 called all_reduce(f32, 1000 elements, sum); rank 1 called all_reduce(f32, 999 elements, sum)"
+        ),
+        "{t}"
+    );
 }
 
 #[test]
@@ -133,10 +138,7 @@ fn a_two_rank_mismatch_names_both() {
     let w = [0, 1];
     let mut b = done(2);
     b[1] = OpRecord { root: Some(0), reduce: None, ..OpRecord::collective(2, "broadcast", "f32", 1000) };
-    let dumps = vec![
-        dump(0, 2, "e", vec![group("world", &w, 0, done(2))]),
-        dump(1, 2, "e", vec![group("world", &w, 1, b)]),
-    ];
+    let dumps = vec![dump(0, 2, "e", vec![group("world", &w, 0, done(2))]), dump(1, 2, "e", vec![group("world", &w, 1, b)])];
     let r = analyze("d", &dumps, &[]);
     assert_eq!(r.look_at.iter().map(|s| s.rank).collect::<Vec<_>>(), vec![0, 1]);
     assert!(r.look_at[1].why.starts_with("called broadcast(f32, 1000 elements, root 0) as collective #2"), "{}", r.look_at[1].why);
@@ -189,8 +191,8 @@ fn wrapped_rings_are_compared_where_they_overlap_and_p2p_is_apart() {
     let w = [0, 1];
     let a: Vec<OpRecord> = done(60).into_iter().skip(49).collect(); // #50-#60
     let mut b: Vec<OpRecord> = done(60).into_iter().skip(39).collect(); // #40-#60
-    // Point-to-point records have their own numbers: never compared with collectives, and an
-    // unfinished receive is what the rank is doing.
+                                                                        // Point-to-point records have their own numbers: never compared with collectives, and an
+                                                                        // unfinished receive is what the rank is doing.
     let mut recv = OpRecord { peer: Some(0), reduce: None, ..OpRecord::collective(1, "recv", "f32", 10) };
     recv.state = State::Started;
     recv.ended_ns = None;
@@ -241,10 +243,8 @@ fn a_large_world_fits_on_a_screen() {
 #[test]
 fn the_json_report_parses_and_holds_the_findings() {
     let w = [0, 1, 2];
-    let dumps = vec![
-        dump(0, 3, "watchdog \"quoted\"\nline", vec![group("world", &w, 0, stuck(1))]),
-        dump(2, 3, "x", vec![group("world", &w, 2, done(1))]),
-    ];
+    let dumps =
+        vec![dump(0, 3, "watchdog \"quoted\"\nline", vec![group("world", &w, 0, stuck(1))]), dump(2, 3, "x", vec![group("world", &w, 2, done(1))])];
     let r = analyze("a\\dir", &dumps, &[("rank_1.json".into(), "invalid JSON".into())]);
     let v = json::parse(&r.to_json()).expect("valid JSON");
     assert_eq!(v.get("dir").and_then(Value::as_str), Some("a\\dir"));
@@ -430,11 +430,7 @@ fn dumps_of_an_earlier_job_are_set_aside() {
     let mut old = dump(2, 3, "watchdog", vec![group("world", &w, 2, done(40))]);
     old.job = "j0".into();
     old.unix_ns -= 3_600_000_000_000;
-    let dumps = vec![
-        dump(0, 3, "watchdog", vec![group("world", &w, 0, stuck(5))]),
-        dump(1, 3, "abort", vec![group("world", &w, 1, stuck(5))]),
-        old,
-    ];
+    let dumps = vec![dump(0, 3, "watchdog", vec![group("world", &w, 0, stuck(5))]), dump(1, 3, "abort", vec![group("world", &w, 1, stuck(5))]), old];
     let r = analyze("d", &dumps, &[]);
     assert_eq!(r.set_aside, vec![(2, "of job j0, not j1, written 3600s before the newest dump (an earlier run?)".to_string())]);
     assert_eq!(r.missing, vec![2], "this job's rank 2 left no dump");
