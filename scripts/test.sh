@@ -6,6 +6,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
 source scripts/env.sh
+# Formatting is part of the contract (rustfmt.toml); a diff fails the suite before anything builds.
+if ! cargo fmt --all --check >/dev/null; then
+  echo "error: the code is not formatted as rustfmt.toml says: run cargo fmt --all" >&2
+  exit 1
+fi
 # Examples assert their own results; run them first so cargo test's summary closes the log.
 cargo run --release -q -p fabbrica-examples --example overfit_one_batch
 log="$(mktemp)"
