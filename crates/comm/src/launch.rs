@@ -311,14 +311,19 @@ pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<LaunchEnv, Laun
 }
 
 /// Picks the CUDA device for a rank: device `local_rank` of the
-/// `visible_devices` this process can see.
+/// `visible_devices` this process can see, or the only one it sees (`srun
+/// --gpus-per-task=1`, or `CUDA_VISIBLE_DEVICES` set per rank). The one rule for
+/// the trainer, the benchmarks and the selftest.
 ///
 /// Wrapping around (`local_rank % visible_devices`) would put two ranks on one
 /// GPU when a node runs more ranks than it has GPUs, which NCCL rejects (or,
-/// worse, deadlocks on); that case is an error instead.
+/// worse, deadlocks on); that case is an error instead. Ranks that each see a
+/// single, possibly shared, GPU take it: MPI with host staging runs so, and NCCL
+/// says at connect time that it refuses two ranks on one device.
 pub fn cuda_device_for(local_rank: usize, visible_devices: usize) -> Result<usize, LaunchError> {
     match visible_devices {
         0 => Err(LaunchError::NoCudaDevices { local_rank }),
+        1 => Ok(0),
         v if local_rank >= v => Err(LaunchError::NotEnoughDevices { local_rank, visible: v }),
         _ => Ok(local_rank),
     }

@@ -218,7 +218,7 @@ pub fn run_ddp(
 ) -> Result<DdpBenchResult, TrainError> {
     use fabbrica_comm::ReduceOp;
     let (rank, n) = (comm.rank(), comm.size());
-    let ordinal = if tch::Cuda::device_count() == 1 { 0 } else { local_rank };
+    let ordinal = fabbrica_comm::cuda_device_for(local_rank, tch::Cuda::device_count() as usize).unwrap_or(local_rank);
     // Same weights on every rank (rank 0's are broadcast anyway), a different batch on each.
     let BenchModel { model, device, bf16, x, y } = bench_model_on(cfg, ordinal, 1 + rank as i64)?;
     let mcfg = model.config().clone();

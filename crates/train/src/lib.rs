@@ -1,5 +1,7 @@
-//! The single-process trainer: config, AdamW, LR schedule, checkpoints, metrics, sampling.
-//! Parallelism (data, pipeline) is applied by other crates around the same pieces.
+//! The trainer: config, one training loop over a grid of pipeline stages and data-parallel
+//! replicas (`grid`, `pipelined`, `grads`), AdamW, LR schedule, checkpoints, metrics, sampling.
+//! The model (`fabbrica-models`) never sees a communicator: data parallelism (`fabbrica-ddp`)
+//! and pipeline stages are applied to it from here.
 
 pub mod agreement;
 pub mod bench;
@@ -9,13 +11,13 @@ pub mod device;
 pub mod error;
 pub mod grads;
 pub mod grid;
+pub mod lr_schedule;
 pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod pipelined;
 pub mod sample;
 pub(crate) mod saver;
-pub mod schedule;
 pub mod signals;
 pub mod trace;
 pub mod trainer;

@@ -26,9 +26,9 @@ use crate::trainer::{mix, to_tensor, Setup};
 pub struct StageTimes {
     /// Forward and backward compute.
     pub compute: Duration,
-    /// Waiting in receives and for the last sends.
+    /// Not computing: waiting in receives, for sends, and for the rest of the pipeline.
     pub wait: Duration,
-    /// From the first action to the last send's completion.
+    /// The step's pipeline makespan as this rank saw it (see [`StageTimes::from_trace`]).
     pub total: Duration,
 }
 
@@ -49,16 +49,15 @@ impl StageTimes {
         self.total += o.total;
     }
 
-    pub fn from_trace(t: &Trace) -> StageTimes {
+    /// From one step's executed actions and its wall time: from before the first action until the
+    /// whole pipeline is done (the loss's all-reduce over the pipeline after the schedule waits for
+    /// the slowest stage), so the idle fraction is measured against the pipeline's makespan, as the
+    /// theory's (p-1)/(m+p-1) is, and includes the tail a stage spends waiting for the others.
+    pub fn from_trace(t: &Trace, wall: Duration) -> StageTimes {
         let us = |e: &fabbrica_pipeline::Entry| Duration::from_micros(e.end - e.start);
-        let compute = t.entries.iter().filter(|e| matches!(e.action.op, Op::F | Op::B)).map(us).sum();
-        let busy: Duration = t.entries.iter().map(us).sum();
-        let total = Duration::from_micros(t.total_us);
-        StageTimes {
-            compute,
-            wait: total.saturating_sub(busy) + t.entries.iter().filter(|e| matches!(e.action.op, Op::RecvF | Op::RecvB)).map(us).sum::<Duration>(),
-            total,
-        }
+        let compute: Duration = t.entries.iter().filter(|e| matches!(e.action.op, Op::F | Op::B)).map(us).sum();
+        let total = wall.max(compute);
+        StageTimes { compute, wait: total - compute, total }
     }
 }
 
@@ -187,7 +186,7 @@ impl Runner for StageRunner<'_> {
 /// `microbatches` micro-batches from `first_micro` through the schedule, leaving the gradients
 /// of the mean loss in `.grad` (the reducers told which backward is each part's last). Returns
 /// the mean loss over the micro-batches, known on every stage (summed over the pipeline from the
-/// last), and what the executor measured.
+/// last), what this rank measured, and the executor's trace.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward(
     s: &Setup,
@@ -197,8 +196,9 @@ pub fn forward_backward(
     step: u64,
     first_micro: usize,
     inject_nan: bool,
-) -> Result<(Tensor, Trace), TrainError> {
+) -> Result<(Tensor, StageTimes, Trace), TrainError> {
     let pl = s.pipeline.as_ref().expect("a pipelined setup");
+    let start = std::time::Instant::now();
     let schedule = &pl.schedule;
     let rank = pp.rank();
     let mut runner = StageRunner {
@@ -221,7 +221,8 @@ pub fn forward_backward(
     let trace = execute(schedule, rank, &mut runner).map_err(|e| TrainError::Pipeline(e.to_string()))?;
     let loss = (runner.loss_sum.to_device(Device::Cpu) / schedule.microbatches as f64).reshape([1]);
     pp.all_reduce(&loss, ReduceOp::Sum).map_err(|e| TrainError::Comm(e.to_string()))?;
-    Ok((loss.reshape([]), trace))
+    let times = StageTimes::from_trace(&trace, start.elapsed());
+    Ok((loss.reshape([]), times, trace))
 }
 
 /// Sum of the losses of evaluation batches `k < iters` with `k % ranks == rank` (`rank`,

@@ -22,12 +22,12 @@ use crate::device::{gpu_name, peak_flops_for, peak_memory_bytes, resolve_bf16, r
 use crate::error::{io_err, TrainError};
 use crate::grads::{Grads, TIED};
 use crate::grid::Grid;
+use crate::lr_schedule::CosineSchedule;
 use crate::metrics::{MetricsLog, Progress, Record, StageReport, Stragglers};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::pipelined::StageTimes;
 use crate::sample::sample_text;
 use crate::saver::{Completed, RunState, Saver, Snapshot};
-use crate::schedule::CosineSchedule;
 
 /// Evaluation batches use this step index, so every evaluation sees the same windows.
 const EVAL_STEP: u64 = u64::MAX;
@@ -258,7 +258,8 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let rank0 = rank == 0;
     // Local rank i takes cuda:i; a rank that sees a single GPU (srun --gpus-per-task=1, or
     // CUDA_VISIBLE_DEVICES set per rank) takes that one.
-    let ordinal = if tch::Cuda::device_count() == 1 { 0 } else { world.launch().local_rank };
+    let local = world.launch().local_rank;
+    let ordinal = fabbrica_comm::cuda_device_for(local, tch::Cuda::device_count() as usize).unwrap_or(local);
     // Everything that can fail on bad input, on every rank, before the first collective that
     // would wait for a failed rank: data, model, device, output directory, checkpoint.
     let preflight = (|| -> Result<(Setup, Option<checkpoint::Resume>), TrainError> {
@@ -460,8 +461,8 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         let loss = crate::memory::guard_alloc(step + 1, || -> Result<Tensor, TrainError> {
             if s.pipeline.is_some() {
                 let origin = crate::trace::wall_us();
-                let (loss, trace) = crate::pipelined::forward_backward(&s, &sampler, &grads, &*grid.pp, step, first_micro, poison)?;
-                stage_times.add(&StageTimes::from_trace(&trace));
+                let (loss, times, trace) = crate::pipelined::forward_backward(&s, &sampler, &grads, &*grid.pp, step, first_micro, poison)?;
+                stage_times.add(&times);
                 if cfg.run.trace {
                     tracelog.record(step + 1, origin, &trace);
                 }

@@ -295,6 +295,8 @@ fn bad_slurm_lists() {
 #[test]
 fn cuda_device_selection() {
     assert_eq!(cuda_device_for(0, 1), Ok(0));
+    // A rank that sees one GPU takes it, whatever its local rank.
+    assert_eq!(cuda_device_for(3, 1), Ok(0));
     assert_eq!(cuda_device_for(3, 8), Ok(3));
     assert_eq!(cuda_device_for(7, 8), Ok(7));
     let e = cuda_device_for(4, 4).unwrap_err();
