@@ -142,11 +142,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
 /// only rank 0 prints.
 fn dry_run(cfg: &Config) -> Result<()> {
     let launch = fabbrica_comm::launch::detect().map_err(|e| Failure { user: true, message: e.to_string() })?;
-    let order: fabbrica_topology::RankOrder =
-        cfg.parallel.order.parse().map_err(|e: fabbrica_topology::TopologyError| once(Failure { user: true, message: e.to_string() }))?;
-    let dims = fabbrica_topology::ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, 1, launch.world_size)
-        .map_err(|e| once(Failure { user: true, message: e.to_string() }))?
-        .with_order(order);
+    // The trainer's own grid (degrees, rank order), for the world the launcher describes.
+    let dims = fabbrica_train::grid::dims(cfg, launch.world_size).map_err(|e| once(Failure::from(e)))?;
     if launch.rank != 0 {
         return Ok(());
     }

@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 
-use fabbrica_train::checkpoint;
 use fabbrica_train::metrics::{read, Record};
 
 /// One job at a time: 2 cores, and every job oversubscribes them.

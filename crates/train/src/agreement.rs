@@ -208,7 +208,7 @@ pub fn check_agreement(comm: &dyn Communicator, entries: &[(String, String)]) ->
     if comm.rank() == 0 {
         Err(TrainError::Disagreement(message))
     } else {
-        Err(TrainError::Elsewhere { rank: 0 })
+        Err(TrainError::Elsewhere { rank: 0, user: true })
     }
 }
 

@@ -223,19 +223,11 @@ pub fn run_ddp(
     let BenchModel { model, device, bf16, x, y } = bench_model_on(cfg, ordinal, 1 + rank as i64)?;
     let mcfg = model.config().clone();
     let params = model.parameter_handles();
-    let p = &cfg.parallel;
     let ddp = fabbrica_ddp::Ddp::apply(
         &params,
         comm.clone(),
-        fabbrica_ddp::DdpOptions {
-            bucket_mb: p.bucket_mb,
-            first_bucket_mb: p.bucket_mb.min(1.0),
-            reduce_bf16: p.reduce_dtype == "bf16",
-            overlap: true,
-            zero1: p.zero == 1,
-            grad_comm: true,
-            check_params: false,
-        },
+        // Overlap and communication are switched per mode below.
+        fabbrica_ddp::DdpOptions { overlap: true, grad_comm: true, ..crate::grads::ddp_options(cfg, false) },
     )
     .map_err(|e| TrainError::Comm(e.to_string()))?;
     let t = &cfg.train;

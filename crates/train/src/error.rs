@@ -71,9 +71,10 @@ pub enum TrainError {
     /// binary exits with `signals::EXIT_PREEMPTED`).
     #[error("stopped by {signal} (received by rank {rank}) after step {step}; {}: resume with run.resume=true or run.resume=auto", match checkpoint { Some(c) => format!("its checkpoint is {}", c.display()), None => "the checkpoint was written by rank 0".to_string() })]
     Preempted { step: u64, rank: usize, signal: String, checkpoint: Option<PathBuf> },
-    /// Another rank failed and reported it; this rank stops with it.
+    /// Another rank failed and reported it; this rank stops with it. `user`: that rank's error
+    /// was the user's to fix, so every rank exits with the same code (2, or 1).
     #[error("rank {rank} failed (its error is printed by that rank)")]
-    Elsewhere { rank: usize },
+    Elsewhere { rank: usize, user: bool },
     /// An error that happened on one rank only, named so.
     #[error("rank {rank}: {inner}")]
     OnRank { rank: usize, inner: Box<TrainError> },
@@ -110,7 +111,7 @@ impl TrainError {
     pub fn is_user_error(&self) -> bool {
         match self {
             TrainError::OnRank { inner, .. } => return inner.is_user_error(),
-            TrainError::Elsewhere { .. } => return true,
+            TrainError::Elsewhere { user, .. } => return *user,
             _ => {}
         }
         !matches!(

@@ -27,6 +27,22 @@ fn ddp_err(e: fabbrica_ddp::DdpError) -> TrainError {
     TrainError::Comm(e.to_string())
 }
 
+/// The data-parallel options `cfg.parallel` sets: the one place the trainer and the benchmarks
+/// take them from. `check_params`: compare the replicas' weights after the first broadcast
+/// (`comm.debug`).
+pub fn ddp_options(cfg: &crate::config::Config, check_params: bool) -> DdpOptions {
+    let p = &cfg.parallel;
+    DdpOptions {
+        bucket_mb: p.bucket_mb,
+        first_bucket_mb: p.bucket_mb.min(1.0),
+        reduce_bf16: p.reduce_dtype == "bf16",
+        overlap: p.overlap,
+        zero1: p.zero == 1,
+        grad_comm: p.grad_comm,
+        check_params,
+    }
+}
+
 /// A pipeline end's copy of the tied embedding, reduced outside the data-parallel buckets: one
 /// all-reduce over the embedding group (both ends of every replica) sums the two copies'
 /// gradients and the replicas' at once; dividing by dp makes it the replicas' mean.

@@ -29,7 +29,9 @@ fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
     TrainError::Comm(e.to_string())
 }
 
-/// The grid `cfg.parallel` describes over `nranks` ranks (validated: one line naming the key).
+/// The grid `cfg.parallel` describes over `nranks` ranks (validated: one line naming the key):
+/// the one place the degrees (tensor parallelism: 1 until it exists) and the rank order are read,
+/// for the trainer and `--dry-run` alike.
 pub fn dims(cfg: &Config, nranks: usize) -> Result<ParallelDims, TrainError> {
     let order: RankOrder = cfg.parallel.order.parse().map_err(|e: fabbrica_topology::TopologyError| TrainError::Parallel(e.to_string()))?;
     Ok(ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, 1, nranks).map_err(|e| TrainError::Parallel(e.to_string()))?.with_order(order))

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fabbrica_comm::{BackendChoice, Communicator, InitOptions, LaunchEnv, ReduceOp, World};
-use fabbrica_ddp::{Ddp, DdpOptions};
+use fabbrica_ddp::Ddp;
 
 use fabbrica_data::{Dataset, Sampler, Split, TokenizerKind};
 use fabbrica_models::{flops_per_token, Gpt, StageSpec};
@@ -342,15 +342,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     };
     let grid = Grid::new(world, dims)?;
 
-    let ddp_opts = DdpOptions {
-        bucket_mb: cfg.parallel.bucket_mb,
-        first_bucket_mb: cfg.parallel.bucket_mb.min(1.0),
-        reduce_bf16: cfg.parallel.reduce_dtype == "bf16",
-        overlap: cfg.parallel.overlap,
-        zero1: cfg.parallel.zero == 1,
-        grad_comm: cfg.parallel.grad_comm,
-        check_params: world.debug(),
-    };
+    let ddp_opts = crate::grads::ddp_options(cfg, world.debug());
     let models: Vec<&Gpt> = s.parts.iter().map(|p| &p.model).collect();
     let grads = Grads::apply(&models, &grid, ddp_opts)?;
     let zero1 = cfg.parallel.zero == 1;
@@ -496,7 +488,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
                 );
                 progress.finish();
                 // Every rank knows; one says it.
-                return Err(if rank0 { TrainError::NonFinite(msg) } else { TrainError::Elsewhere { rank: 0 } });
+                return Err(if rank0 { TrainError::NonFinite(msg) } else { TrainError::Elsewhere { rank: 0, user: true } });
             }
             progress.println(&format!(
                 "{bad}: update skipped (train.nonfinite = skip, {} of at most {} skipped)",
@@ -929,19 +921,26 @@ fn tidy(out: &std::path::Path, cfg: &Config, resume: Option<&checkpoint::Resume>
 /// one node): if any failed, the lowest failing rank returns its error (prefixed with its rank in
 /// a multi-rank world) and every other rank returns `TrainError::Elsewhere`, so that all of them
 /// stop here instead of waiting in a collective for the failed one, and the error is said once.
+/// Every rank learns whether that error is the user's to fix, so all exit with the same code.
 fn agree<T>(comm: &dyn Communicator, r: Result<T, TrainError>) -> Result<T, TrainError> {
     let n = comm.size();
     if n == 1 {
         return r;
     }
+    // 0: fine; 1: an input error (exit 2); 2: any other failure (exit 1).
+    let mine = match &r {
+        Ok(_) => 0,
+        Err(e) if e.is_user_error() => 1,
+        Err(_) => 2,
+    };
     let flags = Tensor::zeros([n as i64], (Kind::Int64, Device::Cpu));
-    comm.all_gather(&flags, &Tensor::from_slice(&[r.is_err() as i64])).map_err(comm_err)?;
+    comm.all_gather(&flags, &Tensor::from_slice(&[mine as i64])).map_err(comm_err)?;
     let flags: Vec<i64> = Vec::try_from(flags).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?;
     let Some(first) = flags.iter().position(|&f| f != 0) else { return r };
     let everyone = flags.iter().all(|&f| f != 0);
     match r {
         Err(e) if comm.rank() == first => Err(if everyone { e } else { e.on_rank(first) }),
-        _ => Err(TrainError::Elsewhere { rank: first }),
+        _ => Err(TrainError::Elsewhere { rank: first, user: flags[first] == 1 }),
     }
 }
 
