@@ -114,7 +114,7 @@ fn the_tied_embeddings_copies_stay_equal() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let r = run(4, &out, &["parallel.pp=2", "parallel.dp=2", "train.grad_accum=2", "run.checkpoint_interval=5"]);
-    let checks: Vec<(u64, f64)> = r.iter().filter(|r| r.kind == "tied_embedding").map(|r| (r.step, r.tied_max_abs_diff.unwrap())).collect();
+    let checks: Vec<(u64, f64)> = r.iter().filter(|r| r.kind == "tied_embedding").map(|r| (r.step, r.tied_fingerprint_diff.unwrap())).collect();
     assert_eq!(checks.iter().map(|c| c.0).collect::<Vec<_>>(), [5, 10], "{checks:?}");
     assert!(checks.iter().all(|c| c.1 == 0.0), "{checks:?}");
     // The pipeline's timings are in the metrics: every stage computed, and idled some.

@@ -296,6 +296,16 @@ pub fn alloc_failure(msg: &str) -> Option<(Option<u64>, String)> {
     None
 }
 
+/// A libtorch error returned (not panicked) at step `step`: an allocation failure becomes
+/// [`TrainError::OutOfMemory`] with its size, anything else its first line.
+pub fn torch_error(step: u64, e: tch::TchError) -> TrainError {
+    let text = e.to_string();
+    match alloc_failure(&text) {
+        Some((bytes, device)) => TrainError::OutOfMemory { step, bytes, device },
+        None => TrainError::Torch(text.lines().next().unwrap_or("libtorch error").to_string()),
+    }
+}
+
 /// Runs `f` (a training step at `step`); a libtorch allocation failure inside it (a panic in
 /// tch) becomes [`TrainError::OutOfMemory`], any other panic continues unwinding. While `f` runs
 /// the panic hook (installed by the binary, see [`panic_is_handled`]) does not print

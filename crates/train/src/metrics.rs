@@ -42,10 +42,11 @@ pub struct Record {
     /// its measured idle fraction (bubble plus communication) over the log window.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub pipeline: Option<Vec<StageReport>>,
-    /// `tied_embedding` lines (pipelines, at each checkpoint): the largest absolute difference
-    /// between the first stage's embedding and the last stage's copy; 0 unless something is wrong.
+    /// `tied_embedding` lines (pipelines, at each checkpoint): how far the last stage's copy of the
+    /// tied embedding is from the first stage's, as the largest relative difference of their
+    /// fingerprints (sums computed where they live); exactly 0 when the copies are equal.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub tied_max_abs_diff: Option<f64>,
+    pub tied_fingerprint_diff: Option<f64>,
     /// `skipped` lines (a NaN/Inf step under `train.nonfinite = skip`) and `checkpoint_failed`
     /// lines: what happened, naming step and ranks.
     #[serde(skip_serializing_if = "Option::is_none", default)]

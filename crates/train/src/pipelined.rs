@@ -142,7 +142,7 @@ impl Runner for StageRunner<'_> {
         // Every schedule runs a stage's backwards in micro-batch order: the last one communicates.
         self.grads.ddps[self.part_of[&stage]].begin_micro_step(micro + 1 == self.schedule.microbatches);
         if self.last_stage(stage) {
-            out.f_backward().map_err(err)?;
+            out.f_backward().map_err(|e| e.to_string().lines().next().unwrap_or("backward failed").to_string())?;
         } else {
             let grad = self.received.remove(&(Op::RecvB, stage, micro)).ok_or_else(|| format!("{stage}B{micro}: no gradient received"))?;
             fabbrica_torch_ext::backward_with_grad(&out, &grad.to_kind(out.kind()))?;
