@@ -273,11 +273,23 @@ fn the_trace_and_the_dry_run_show_the_pipeline() {
 fn pipeline_checkpoints_are_sharded_safetensors_that_pytorch_loads() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    run(4, &out, &["parallel.pp=2", "parallel.dp=2", "train.grad_accum=2", "train.max_steps=2"]);
+    // ZeRO-1: every rank writes its own optimizer shard (4 files), the stages their weights (2).
+    run(4, &out, &["parallel.pp=2", "parallel.dp=2", "parallel.zero=1", "train.grad_accum=2", "train.max_steps=2"]);
     let ck = checkpoint::latest(&out).unwrap().unwrap();
     for f in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json", "optim.safetensors.index.json"]
     {
         assert!(ck.join(f).is_file(), "{f} missing in {}", ck.display());
+    }
+    for i in 1..=4 {
+        assert!(ck.join(format!("optim-0000{i}-of-00004.safetensors")).is_file(), "optimizer shard {i} missing");
+    }
+    // Loaded whole: every parameter's two moments, shaped like it.
+    let loaded = checkpoint::load(&ck).unwrap();
+    for (n, p) in &loaded.model {
+        for m in ["exp_avg", "exp_avg_sq"] {
+            let t = &loaded.optim.iter().find(|(k, _)| *k == format!("{n}.{m}")).unwrap_or_else(|| panic!("{n}.{m}")).1;
+            assert_eq!(t.size(), p.size(), "{n}.{m}");
+        }
     }
     let script = r#"
 import json, os, sys

@@ -700,7 +700,23 @@ fn save_checkpoint(
     }
     let mut done: Vec<Completed> = saver.settle().into_iter().collect();
     saver.run.last_snapshot_step = Some(step);
-    let (model, optim) = local_state(s, grads, opt, zero1)?;
+    // What this rank writes: its stages' weights (the first data-parallel rank of each stage) and
+    // optimizer state: under ZeRO-1 every rank its own shard, named by slice (`name[a..b].exp_avg`),
+    // so nothing is gathered; otherwise the first data-parallel rank the whole state.
+    let copy_here = s.parts.iter().any(|p| p.model.holds_tied_copy());
+    let first = grid.coords.dp == 0;
+    let model: Vec<(String, Tensor)> = if first {
+        s.parts.iter().flat_map(|p| p.model.parameter_handles().into_iter().filter(|(n, _)| !(p.model.holds_tied_copy() && n == TIED))).collect()
+    } else {
+        Vec::new()
+    };
+    let optim: Option<Vec<(String, Tensor)>> = if zero1 {
+        // The reducers' shard pieces, and the tied embedding's whole state (kept out of the
+        // buckets, replicated on every data-parallel rank: the first writes it).
+        Some(opt.state_where(|n| n != TIED || (first && !copy_here)))
+    } else {
+        first.then(|| opt.state_where(|n| !(copy_here && n == TIED)))
+    };
     let diff = tied_check(s, grid, &model)?;
     if let (Some(d), Some(log)) = (diff, log.as_mut()) {
         log.write(&Record { kind: "tied_embedding".into(), step, tied_fingerprint_diff: Some(d), ..empty_record() })?;
@@ -721,17 +737,19 @@ fn save_checkpoint(
         return Ok(done);
     }
     let tmp = std::path::PathBuf::from(tmp);
-    let (i, n) = (grid.coords.pp, grid.dims.pp);
-    // The writers: each stage's first data-parallel rank, its weights and its optimizer state.
-    let written = (grid.coords.dp == 0).then(|| -> Result<(checkpoint::sharded::ShardInfo, checkpoint::sharded::ShardInfo), TrainError> {
-        Ok((
-            checkpoint::sharded::write_shard(&tmp, &checkpoint::sharded::shard_name("model", i, n), &model, step)?,
-            checkpoint::sharded::write_shard(&tmp, &checkpoint::sharded::shard_name("optim", i, n), &optim, step)?,
-        ))
+    use checkpoint::sharded::{shard_name, write_shard, ShardInfo};
+    let (pp, dp) = (grid.dims.pp, grid.dims.dp);
+    // Weights: one shard per stage. Optimizer: one per stage, or one per rank under ZeRO-1.
+    let optim_index = |c: fabbrica_topology::Coords| if zero1 { c.pp * dp + c.dp } else { c.pp };
+    let optim_files = if zero1 { pp * dp } else { pp };
+    let written = (first || optim.is_some()).then(|| -> Result<(Option<ShardInfo>, Option<ShardInfo>), TrainError> {
+        let m = if first { Some(write_shard(&tmp, &shard_name("model", grid.coords.pp, pp), &model, step)?) } else { None };
+        let o = match &optim {
+            Some(o) => Some(write_shard(&tmp, &shard_name("optim", optim_index(grid.coords), optim_files), o, step)?),
+            None => None,
+        };
+        Ok((m, o))
     });
-    let writers: Vec<usize> = (0..n)
-        .map(|p| grid.dims.rank_of(fabbrica_topology::Coords { dp: 0, pp: p, tp: 0 }).map_err(|e| TrainError::Parallel(e.to_string())))
-        .collect::<Result<_, _>>()?;
     if grid.rank != 0 {
         if let Some(w) = written {
             let report = match w {
@@ -742,27 +760,28 @@ fn save_checkpoint(
         }
         return Ok(done);
     }
-    // Rank 0: its own shard, then every other writer's report, then the commit.
-    let mut models = Vec::with_capacity(n);
-    let mut optims = Vec::with_capacity(n);
+    // Rank 0: its own shards, then every other writer's report (in rank order), then the commit.
+    let writers: Vec<usize> = (1..grid.dims.world_size).filter(|&r| grid.dims.coords(r).map(|c| c.dp == 0 || zero1).unwrap_or(false)).collect();
+    let mut models = Vec::with_capacity(pp);
+    let mut optims = Vec::with_capacity(optim_files);
     let mut failure: Option<TrainError> = None;
-    match written.expect("rank 0 is a writer") {
-        Ok((m, o)) => {
-            models.push(m);
-            optims.push(o);
-        }
+    let mut take = |pair: (Option<ShardInfo>, Option<ShardInfo>)| {
+        models.extend(pair.0);
+        optims.extend(pair.1);
+    };
+    match written.expect("rank 0 writes") {
+        Ok(pair) => take(pair),
         Err(e) => failure = Some(e),
     }
-    for &w in &writers[1..] {
+    for &w in &writers {
         let text = crate::grid::recv_text(&*grid.world, w)?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::Comm(format!("checkpoint report from rank {w}: {e}")))?;
         if let Some(e) = v.get("err").and_then(|e| e.as_str()) {
             failure.get_or_insert(TrainError::Checkpoint(format!("rank {w} could not write its shard of step {step}: {e}")));
         } else {
-            let (m, o): (checkpoint::sharded::ShardInfo, checkpoint::sharded::ShardInfo) =
+            let pair: (Option<ShardInfo>, Option<ShardInfo>) =
                 serde_json::from_value(v["ok"].clone()).map_err(|e| TrainError::Comm(format!("checkpoint report from rank {w}: {e}")))?;
-            models.push(m);
-            optims.push(o);
+            take(pair);
         }
     }
     let result = match failure {

@@ -218,7 +218,9 @@ pub fn load(dir: &Path) -> Result<Loaded, TrainError> {
         Tensor::read_safetensors(&path).map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {}", path.display(), one_line(&e.to_string()))))
     };
     let (model, optim) = if state.sha256.contains_key(sharded::MODEL_INDEX) {
-        (sharded::read_indexed(dir, &state, sharded::MODEL_INDEX)?, sharded::read_indexed(dir, &state, sharded::OPTIM_INDEX)?)
+        let model = sharded::read_indexed(dir, &state, sharded::MODEL_INDEX)?;
+        let optim = sharded::assemble_slices(sharded::read_indexed(dir, &state, sharded::OPTIM_INDEX)?, &model, dir)?;
+        (model, optim)
     } else {
         (read(MODEL_FILE)?, read(OPTIM_FILE)?)
     };

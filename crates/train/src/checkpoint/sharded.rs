@@ -205,3 +205,53 @@ pub fn read_indexed(dir: &Path, state: &CheckpointState, index: &str) -> Result<
     }
     Ok(out)
 }
+
+/// `name[a..b].exp_avg` → (`name`, a, b, `exp_avg`): a ZeRO-1 shard's piece of a flattened
+/// optimizer tensor (elements a..b of `name`'s moment).
+fn slice_of(key: &str) -> Option<(&str, usize, usize, &str)> {
+    let (base, suffix) = key.rsplit_once('.')?;
+    let (param, range) = base.strip_suffix(']')?.rsplit_once('[')?;
+    let (a, b) = range.split_once("..")?;
+    Some((param, a.parse().ok()?, b.parse().ok()?, suffix))
+}
+
+/// Optimizer state written by ZeRO-1 shard owners (pieces named by slice, see [`slice_of`])
+/// reassembled into whole tensors shaped like their parameters (`model`), so that any layout,
+/// with or without ZeRO-1, loads it. Whole tensors pass through. The pieces must cover every
+/// element exactly once.
+pub fn assemble_slices(optim: Vec<(String, Tensor)>, model: &[(String, Tensor)], dir: &Path) -> Result<Vec<(String, Tensor)>, TrainError> {
+    let corrupt = |why: String| TrainError::Checkpoint(format!("{}: {why}: resume from an earlier checkpoint (run.resume_from)", dir.display()));
+    let shapes: BTreeMap<&str, Vec<i64>> = model.iter().map(|(n, t)| (n.as_str(), t.size())).collect();
+    let mut out = Vec::new();
+    let mut pieces: BTreeMap<(String, String), Vec<(usize, usize, Tensor)>> = BTreeMap::new();
+    for (name, t) in optim {
+        match slice_of(&name) {
+            None => out.push((name, t)),
+            Some((param, a, b, suffix)) => pieces.entry((param.to_string(), suffix.to_string())).or_default().push((a, b, t)),
+        }
+    }
+    for ((param, suffix), mut parts) in pieces {
+        let key = format!("{param}.{suffix}");
+        if suffix == "step" {
+            // A scalar per piece, equal on every shard.
+            out.push((key, parts.swap_remove(0).2));
+            continue;
+        }
+        let shape = shapes.get(param.as_str()).ok_or_else(|| corrupt(format!("optimizer state for {param}, which the model does not have")))?;
+        let numel: i64 = shape.iter().product();
+        parts.sort_by_key(|p| p.0);
+        let mut at = 0usize;
+        for (a, b, t) in &parts {
+            if *a != at || b <= a || t.numel() != b - a {
+                return Err(corrupt(format!("the shards of {key} do not cover it exactly (a piece {a}..{b} after {at})")));
+            }
+            at = *b;
+        }
+        if at as i64 != numel {
+            return Err(corrupt(format!("the shards of {key} cover {at} of its {numel} elements")));
+        }
+        let flat = Tensor::cat(&parts.iter().map(|p| p.2.reshape([-1])).collect::<Vec<_>>(), 0);
+        out.push((key, flat.reshape(shape.as_slice())));
+    }
+    Ok(out)
+}

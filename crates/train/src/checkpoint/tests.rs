@@ -334,3 +334,31 @@ fn an_index_never_names_a_file_outside_the_checkpoint() {
         assert!(e.contains("which is not a shard state.json lists"), "{target}: {e}");
     }
 }
+
+/// ZeRO-1 shard owners write their pieces of each moment (`name[a..b].exp_avg`); loading puts
+/// them back together in the parameter's shape, and refuses pieces that leave a gap.
+#[test]
+fn zero1_pieces_are_reassembled_and_gaps_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = Tensor::arange(12, (Kind::Float, Device::Cpu)).reshape([3, 4]);
+    let model = vec![("w".to_string(), w.shallow_clone())];
+    let piece = |a: i64, b: i64| w.reshape([-1]).narrow(0, a, b - a) * 2.0;
+    let pieces = vec![
+        ("w[5..12].exp_avg".to_string(), piece(5, 12)),
+        ("w[0..5].exp_avg".to_string(), piece(0, 5)),
+        ("w[0..5].step".to_string(), Tensor::from(3.0f32)),
+        ("w[5..12].step".to_string(), Tensor::from(3.0f32)),
+        ("b.exp_avg".to_string(), Tensor::from_slice(&[1.0f32])),
+    ];
+    let got = sharded::assemble_slices(pieces, &model, dir.path()).unwrap();
+    let m = &got.iter().find(|(n, _)| n == "w.exp_avg").unwrap().1;
+    assert_eq!(m.size(), [3, 4]);
+    assert!(m.equal(&(&w * 2.0)));
+    assert_eq!(got.iter().filter(|(n, _)| n == "w.step").count(), 1);
+    assert!(got.iter().any(|(n, _)| n == "b.exp_avg"));
+    let gap = vec![("w[0..5].exp_avg".to_string(), piece(0, 5)), ("w[6..12].exp_avg".to_string(), piece(6, 12))];
+    let e = sharded::assemble_slices(gap, &model, dir.path()).unwrap_err().to_string();
+    assert!(e.contains("do not cover it exactly"), "{e}");
+    let short = vec![("w[0..5].exp_avg".to_string(), piece(0, 5))];
+    assert!(sharded::assemble_slices(short, &model, dir.path()).unwrap_err().to_string().contains("cover 5 of its 12"));
+}
