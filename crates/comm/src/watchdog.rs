@@ -8,7 +8,10 @@
 //! - a *checker* that looks at the operations in flight on this rank. When one has run longer than
 //!   the timeout, it asks the group's other ranks how far they got, prints one line naming the
 //!   operation, the group, its sequence number and the ranks that did not arrive, tells every rank
-//!   of the world to abort with that line, and exits with [`EXIT_CODE`].
+//!   of the world to abort with that line, and exits with [`EXIT_CODE`]. The peers are asked, and
+//!   told, all at once (up to [`FAN_OUT`] at a time) within an overall deadline
+//!   ([`DIAGNOSIS_DEADLINE`], [`ABORT_DEADLINE`]): ranks that are gone or frozen cost one
+//!   per-peer timeout in all, not one each, so the rank exits in bounded time at any world size.
 //!
 //! The blocked thread is inside MPI or NCCL and cannot be unwound, so ending the process is the
 //! only way out (PyTorch's NCCL watchdog does the same).
@@ -30,7 +33,7 @@ mod port;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -39,6 +42,23 @@ use port::{Failure, Limits, Port};
 
 /// Exit status of a rank that the watchdog ends.
 pub const EXIT_CODE: i32 = 3;
+
+/// How long the diagnosis waits for one peer (connection, greeting, question, answer).
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(4);
+/// The whole diagnosis: the peers are asked at once, [`FAN_OUT`] at a time, and those not asked
+/// by then are reported as such. With up to [`FAN_OUT`] peers that do not answer it takes
+/// [`QUERY_TIMEOUT`]; with more, never longer than this.
+pub const DIAGNOSIS_DEADLINE: Duration = Duration::from_secs(6);
+/// How long the aborting rank tries to tell one peer.
+pub const ABORT_TIMEOUT: Duration = Duration::from_secs(1);
+/// All the abort notices, sent at once ([`FAN_OUT`] at a time): the aborting rank exits after
+/// this (and [`EXIT_PAUSE`]) however many peers do not take theirs; the launcher ends those.
+pub const ABORT_DEADLINE: Duration = Duration::from_secs(2);
+/// How long the aborting rank waits after telling its peers, before it exits.
+pub const EXIT_PAUSE: Duration = Duration::from_millis(300);
+/// Peers a rank talks to at once (one thread and one connection each) when it asks the group or
+/// tells the world to abort.
+pub const FAN_OUT: usize = 256;
 
 /// What a rank is doing, as far as the watchdog is concerned.
 struct Inflight {
@@ -326,35 +346,55 @@ fn check(w: &Watchdog) {
             // reason.
             w.broadcast_abort(&format!("A rank {} aborted the job: {msg}", w.world_rank));
             // Give the peers a moment to print before the launcher tears the job down.
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(EXIT_PAUSE);
             exit_now();
         }
     }
 }
 
-impl Watchdog {
-    /// Sends `request` to every other rank, a few dozen at a time, each within about a second.
-    fn broadcast_abort(&self, request: &str) {
-        let others: Vec<(usize, SocketAddr)> = self.peers.iter().copied().enumerate().filter(|&(r, _)| r != self.world_rank).collect();
-        for chunk in others.chunks(64) {
-            std::thread::scope(|s| {
-                for &(r, addr) in chunk {
-                    let send = move || {
-                        let deadline = Instant::now() + Duration::from_secs(1);
-                        let _ = port::exchange(&addr, r, &self.secret, request, false, &self.port.limits, deadline);
-                    };
-                    if std::thread::Builder::new().spawn_scoped(s, send).is_err() {
-                        send();
-                    }
-                }
-            });
+/// Runs `job` on every target, up to [`FAN_OUT`] at once (on threads of their own and the calling
+/// one), starting none after `deadline`; the results by target, `None` where it was not started.
+/// Returns once the jobs started have: `job` must itself end by `deadline` for this to.
+fn fan_out<T: Sync, R: Send>(targets: &[T], deadline: Instant, job: impl Fn(&T) -> R + Sync) -> Vec<Option<R>> {
+    let results: Vec<Mutex<Option<R>>> = targets.iter().map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    let work = || {
+        while Instant::now() < deadline {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(target) = targets.get(i) else { return };
+            let r = job(target);
+            *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
         }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..targets.len().min(FAN_OUT) {
+            // Short of threads, fewer work at once (the calling thread always does).
+            if std::thread::Builder::new().name("watchdog-ask".into()).stack_size(256 << 10).spawn_scoped(s, work).is_err() {
+                break;
+            }
+        }
+        work();
+    });
+    results.into_iter().map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner())).collect()
+}
+
+impl Watchdog {
+    /// Sends `request` to every other rank, all at once (see [`fan_out`]), each within
+    /// [`ABORT_TIMEOUT`] and all within [`ABORT_DEADLINE`].
+    fn broadcast_abort(&self, request: &str) {
+        let deadline = Instant::now() + ABORT_DEADLINE;
+        let others: Vec<(usize, SocketAddr)> = self.peers.iter().copied().enumerate().filter(|&(r, _)| r != self.world_rank).collect();
+        fan_out(&others, deadline, |&(r, addr)| {
+            let until = deadline.min(Instant::now() + ABORT_TIMEOUT);
+            let _ = port::exchange(&addr, r, &self.secret, request, false, &self.port.limits, until);
+        });
     }
 }
 
 impl Watchdog {
-    fn query(&self, world_rank: usize, group_id: &str) -> Result<(u64, String, String), String> {
-        let deadline = Instant::now() + Duration::from_secs(4);
+    /// Asks world rank `world_rank` about `group_id`, within [`QUERY_TIMEOUT`] and by `deadline`.
+    fn query(&self, world_rank: usize, group_id: &str, deadline: Instant) -> Result<(u64, String, String), String> {
+        let deadline = deadline.min(Instant::now() + QUERY_TIMEOUT);
         let line =
             match port::exchange(&self.peers[world_rank], world_rank, &self.secret, &format!("Q {group_id}"), true, &self.port.limits, deadline) {
                 Ok(line) => line.unwrap_or_default(),
@@ -368,39 +408,50 @@ impl Watchdog {
     }
 
     /// For a collective: which members have not called sequence number `seq` yet, and what each
-    /// of them is doing. For point-to-point: what the peer is doing.
+    /// of them is doing. For point-to-point: what the peer is doing. The members are asked at once
+    /// (see [`fan_out`]), so this takes about one [`QUERY_TIMEOUT`] however many do not answer,
+    /// and never more than [`DIAGNOSIS_DEADLINE`].
     fn diagnose(&self, group_id: &str, seq: u64, members: &[usize], peer: Option<usize>, collective: bool) -> String {
+        let deadline = Instant::now() + DIAGNOSIS_DEADLINE;
         if !collective {
             let p = peer.unwrap_or(0);
             let wr = members.get(p).copied().unwrap_or(p);
-            return match self.query(wr, group_id) {
+            return match self.query(wr, group_id, deadline) {
                 Ok((_, _, now)) => format!("peer rank {p} (world rank {wr}) is {now}"),
                 Err(e) => format!("peer rank {p} (world rank {wr}) is {e}"),
             };
         }
+        let others: Vec<(usize, usize)> = members.iter().copied().enumerate().filter(|&(_, wr)| wr != self.world_rank).collect();
+        let answers = fan_out(&others, deadline, |&(_, wr)| self.query(wr, group_id, deadline));
         let mut missing = Vec::new();
         let mut details = Vec::new();
-        for (gr, &wr) in members.iter().enumerate() {
-            if wr == self.world_rank {
-                continue;
-            }
-            match self.query(wr, group_id) {
-                Ok((s, last, now)) if s < seq => {
+        let mut unasked = Vec::new();
+        for (&(gr, _), answer) in others.iter().zip(answers) {
+            match answer {
+                Some(Ok((s, last, now))) if s < seq => {
                     missing.push(gr);
                     let last = if s == 0 { "nothing".to_string() } else { last };
                     details.push(format!("rank {gr}: last called {last}; now {now}"));
                 }
-                Ok(_) => {}
-                Err(e) => {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
                     missing.push(gr);
                     details.push(format!("rank {gr}: {e}"));
                 }
+                None => unasked.push(gr),
             }
         }
-        if missing.is_empty() {
-            "every rank of the group called it (the backend itself is stuck: check the network and the GPUs)".into()
+        let unasked = if unasked.is_empty() {
+            String::new()
         } else {
-            format!("ranks {missing:?} did not arrive ({})", details.join("; "))
+            format!("; ranks {unasked:?} were not asked (the diagnosis stops after {:.0}s)", DIAGNOSIS_DEADLINE.as_secs_f64())
+        };
+        if missing.is_empty() && unasked.is_empty() {
+            "every rank of the group called it (the backend itself is stuck: check the network and the GPUs)".into()
+        } else if missing.is_empty() {
+            format!("every rank asked called it{unasked}")
+        } else {
+            format!("ranks {missing:?} did not arrive ({}){unasked}", details.join("; "))
         }
     }
 }
@@ -419,4 +470,93 @@ fn exit_now() -> ! {
     // Not `exit`: atexit handlers would run MPI/NCCL teardown that blocks on the stuck operation.
     // SAFETY: _exit only ends the process; nothing of ours is used after it.
     unsafe { libc::_exit(EXIT_CODE) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listening rank `rank` of a job with `secret`, whose group 'world' last called `seq`.
+    fn live(rank: usize, secret: Secret, seq: u64) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let w = Arc::new(Watchdog::new(rank, Vec::new(), secret, Duration::from_secs(600), port::LIMITS));
+        w.called.lock().unwrap().insert("world".into(), (seq, format!("all_reduce #{seq}")));
+        std::thread::spawn(move || port::serve(w, l));
+        addr
+    }
+
+    /// A port nobody listens on any more (a rank that exited).
+    fn gone() -> SocketAddr {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    }
+
+    /// Ports whose connections the kernel accepts and nobody ever answers (frozen ranks).
+    fn frozen(n: usize) -> Vec<TcpListener> {
+        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect()
+    }
+
+    const FROZEN: usize = 100;
+
+    /// A hundred frozen peers cost one query timeout in all (one after another they would cost a
+    /// hundred), and each is still named, beside a rank that is behind and one that is gone.
+    #[test]
+    fn frozen_peers_cost_one_query_timeout_in_all() {
+        let secret = auth::random_secret().unwrap();
+        let held = frozen(FROZEN);
+        let mut peers = vec![gone(), live(1, secret, 2), live(2, secret, 1), gone()];
+        peers.extend(held.iter().map(|l| l.local_addr().unwrap()));
+        let members: Vec<usize> = (0..peers.len()).collect();
+        let w = Watchdog::new(0, peers, secret, Duration::from_secs(600), port::LIMITS);
+        let t = Instant::now();
+        let report = w.diagnose("world", 2, &members, None, true);
+        let took = t.elapsed();
+        assert!(took < QUERY_TIMEOUT + Duration::from_secs(2), "the diagnosis took {took:?}");
+        let missing: Vec<usize> = (2..members.len()).collect();
+        assert!(report.starts_with(&format!("ranks {missing:?} did not arrive (")), "{report}");
+        assert!(report.contains("rank 2: last called all_reduce #1; now no operation in flight"), "{report}");
+        assert!(report.contains("rank 3: unreachable ("), "{report}");
+        for r in 4..members.len() {
+            assert!(report.contains(&format!("rank {r}: no answer (")), "rank {r}: {report}");
+        }
+        assert!(!report.contains("not asked"), "{report}");
+    }
+
+    /// Telling a hundred frozen peers (and a gone one) to abort takes one abort timeout in all.
+    #[test]
+    fn abort_notices_to_frozen_peers_take_one_abort_timeout_in_all() {
+        let secret = auth::random_secret().unwrap();
+        let held = frozen(FROZEN);
+        let mut peers = vec![gone(), gone()];
+        peers.extend(held.iter().map(|l| l.local_addr().unwrap()));
+        let w = Watchdog::new(0, peers, secret, Duration::from_secs(600), port::LIMITS);
+        let t = Instant::now();
+        w.broadcast_abort("A rank 0 aborted the job: test");
+        let took = t.elapsed();
+        assert!(took >= ABORT_TIMEOUT - Duration::from_millis(100) && took < ABORT_TIMEOUT + Duration::from_secs(1), "the notices took {took:?}");
+    }
+
+    /// `fan_out` runs the jobs at once, up to FAN_OUT of them, and starts none after its deadline.
+    #[test]
+    fn fan_out_is_concurrent_and_stops_at_its_deadline() {
+        let job = |&i: &usize| {
+            std::thread::sleep(Duration::from_millis(200));
+            i
+        };
+        let targets: Vec<usize> = (0..100).collect();
+        let t = Instant::now();
+        let got = fan_out(&targets, Instant::now() + Duration::from_secs(30), job);
+        assert!(t.elapsed() < Duration::from_secs(5), "100 jobs of 200 ms took {:?}", t.elapsed());
+        assert_eq!(got, targets.iter().map(|&i| Some(i)).collect::<Vec<_>>());
+
+        // More jobs than run at once: those not started by the deadline are not run.
+        let targets: Vec<usize> = (0..4 * FAN_OUT).collect();
+        let t = Instant::now();
+        let got = fan_out(&targets, Instant::now() + Duration::from_millis(300), job);
+        assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+        let done = got.iter().filter(|r| r.is_some()).count();
+        assert!(done > 0 && done < targets.len(), "{done} of {} ran", targets.len());
+        assert!(got.iter().enumerate().all(|(i, r)| r.is_none_or(|r| r == i)));
+        assert!(fan_out(&[] as &[usize], Instant::now() + Duration::from_secs(1), job).is_empty());
+    }
 }

@@ -1,4 +1,4 @@
-//! The communicator under a real `mpirun` (Open MPI), 2 to 4 ranks on this machine's cores
+//! The communicator under a real `mpirun` (Open MPI), 2 to 8 ranks on this machine's cores
 //! (`--oversubscribe`). The scenarios live in `src/bin/comm_selftest.rs`.
 
 use std::process::{Command, Output};
@@ -568,6 +568,89 @@ fn watchdog_ends_a_hung_job_while_strangers_hold_its_ports() {
     }
     assert!(!all.contains("stranger says stop") && !all.contains("should have ended the job"), "{all}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Stopped ranks (SIGSTOP: a frozen node, whose port still accepts connections and never answers)
+/// do not add up: the watchdog asks all its peers at once and tells them all to abort at once, so
+/// the job ends within the timeout plus one query timeout and one abort timeout (plus slack for the
+/// launcher), however many ranks are stopped. Asked one after the other, as before, each stopped
+/// rank adds a whole query timeout: 4 of them here, 4 x 4 s, far past the bound.
+#[test]
+fn watchdog_ends_a_job_with_stopped_ranks_in_bounded_time() {
+    use fabbrica_comm::watchdog::{ABORT_TIMEOUT, EXIT_PAUSE, QUERY_TIMEOUT};
+    const NP: usize = 8;
+    const STOPPED: usize = 4;
+    let timeout = Duration::from_secs(3);
+    // The checker looks every timeout / 20; the launcher then tears the job down (SIGTERM, and
+    // SIGKILL for the stopped ranks) on 2 oversubscribed cores: a few seconds of slack.
+    let slack = Duration::from_secs(6);
+    // Fewer stopped ranks than FAN_OUT: every one is asked and told at once, so the per-peer
+    // timeouts apply (not the overall deadlines, DIAGNOSIS_DEADLINE and ABORT_DEADLINE).
+    assert!(STOPPED <= fabbrica_comm::watchdog::FAN_OUT);
+    let bound = timeout + timeout / 20 + QUERY_TIMEOUT + ABORT_TIMEOUT + EXIT_PAUSE + slack;
+    // What the serial diagnosis would need at least, teardown not counted.
+    let serial = timeout + STOPPED as u32 * QUERY_TIMEOUT + EXIT_PAUSE;
+    assert!(serial > bound + Duration::from_secs(2), "the test must tell the two apart: {serial:?} vs {bound:?}");
+
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = fresh_dir("stopped");
+    let d = dir.to_str().unwrap();
+    let secs = timeout.as_secs().to_string();
+    let mut job = Running::start(NP, &["watchdog-stop", &STOPPED.to_string()], &[("FABBRICA_COMM_TIMEOUT", &secs), ("FABBRICA_SELFTEST_DIR", d)]);
+    let ranks = job.addresses(&dir, NP);
+    // Whatever happens from here on, no rank of this job outlives the test, stopped or not.
+    let _reaper = Reaper(ranks.iter().map(|&(_, pid)| pid).collect());
+    std::fs::write(dir.join("go"), "").unwrap();
+    let stopped: Vec<usize> = (NP - STOPPED..NP).collect();
+    let t = Instant::now();
+    while !stopped.iter().all(|r| dir.join(format!("asleep.{r}")).exists()) {
+        assert!(t.elapsed() < Duration::from_secs(120) && job.child.try_wait().unwrap().is_none(), "the ranks never got to sleep:\n{}", job.output());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The others are in all_reduce #2 by now (their clock started no later than this).
+    let t0 = Instant::now();
+    for &r in &stopped {
+        // SAFETY: kill(2) on a rank of our own job.
+        assert_eq!(unsafe { libc::kill(ranks[r].1 as libc::pid_t, libc::SIGSTOP) }, 0);
+    }
+    // Past the bound, `finish` kills the job and fails the test.
+    let (status, all) = job.finish(bound.saturating_sub(t0.elapsed()));
+    let took = t0.elapsed();
+    assert!(!status.success(), "the job must fail:\n{all}");
+    let names = format!("ranks {stopped:?} did not arrive");
+    for r in 0..NP - STOPPED {
+        assert!(
+            lines_of(&all, r).iter().any(|l| l.contains("error:")
+                && l.contains("all_reduce #2 on group 'world'")
+                && l.contains("did not complete within 3.0s")
+                && l.contains(&names)
+                && stopped.iter().all(|s| l.contains(&format!("rank {s}: no answer")))),
+            "rank {r} did not name the stopped ranks ({took:?}):\n{all}"
+        );
+    }
+    assert!(!all.contains("should have ended the job"), "{all}");
+    println!("ended {took:?} after stopping {STOPPED} of {NP} ranks (bound {bound:?}, one at a time at least {serial:?})");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kills (SIGKILL, which ends a stopped process too) whichever of these ranks still runs when
+/// dropped: the launcher may leave stopped ranks behind, and a failed test must not.
+struct Reaper(Vec<u32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // Only our selftest: the number may have been given to another process since.
+            let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("comm_selftest"));
+            if ours {
+                // SAFETY: kill(2) on a rank of our own job; it only sends signals.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                    libc::kill(pid as libc::pid_t, libc::SIGCONT);
+                }
+            }
+        }
+    }
 }
 
 /// FABBRICA_WATCHDOG_HOST names one address: every interface is refused, on every rank alike

@@ -26,6 +26,9 @@
 //!   prints `FLIGHT rank <r> rounds <n>`;
 //! - `flight-kill` (with FABBRICA_SELFTEST_DIR): five all_reduces, then the last rank writes
 //!   `<dir>/asleep` and sleeps (the test kills it with SIGKILL) while the others wait in the sixth.
+//! - `watchdog-stop K` (with FABBRICA_SELFTEST_DIR): one all_reduce, then the last K ranks write
+//!   `<dir>/asleep.<rank>` and sleep (the test stops them with SIGSTOP) while the others wait in the
+//!   second; the watchdog must end the job, naming the stopped ranks, in a bounded time.
 //! - `flight-bench cpu [ITERS] [ROUNDS]`: the flight recorder's cost: blocking all_reduce latency
 //!   (f32, 8 B to 64 KiB) with recording on and off, alternating round by round in this one job;
 //!   rank 0 prints the median of the rounds for each and their ratio.
@@ -435,6 +438,21 @@ fn main() {
                 let _ = comm.all_reduce(&t, ReduceOp::Sum);
             }
             panic!("the killed rank's peers should have been ended by the watchdog");
+        }
+        "watchdog-stop" => {
+            let dir = dir.expect("the watchdog-stop scenario needs FABBRICA_SELFTEST_DIR");
+            let stopped: usize = dev_arg.parse().expect("watchdog-stop K: the number of ranks to stop");
+            let t = Tensor::ones([1000], (Kind::Float, Device::Cpu));
+            comm.all_reduce(&t, ReduceOp::Sum).unwrap();
+            if rank + stopped >= comm.size() {
+                // Skips the second all_reduce; the test stops this process (a frozen node: its port
+                // still accepts connections, nothing answers on them).
+                std::fs::write(dir.join(format!("asleep.{rank}")), "").unwrap();
+                std::thread::sleep(std::time::Duration::from_secs(120));
+            } else {
+                let _ = comm.all_reduce(&t, ReduceOp::Sum);
+            }
+            panic!("the watchdog should have ended the job");
         }
         "flight-bench" => {
             let iters: u32 = args.get(3).map(|a| a.parse().expect("ITERS")).unwrap_or(2000);
