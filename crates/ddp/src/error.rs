@@ -1,7 +1,12 @@
 //! The crate's error type: one line per failure, naming the config key or parameter to fix.
 
-/// Why a data-parallel setup is invalid.
-#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+use fabbrica_comm::CommError;
+
+/// Why a data-parallel setup is invalid, or why a step of the reducer failed.
+///
+/// `Display` is one line (the first line of a multi-line cause); [`std::error::Error::source`]
+/// gives the communicator's error itself for [`DdpError::Collective`].
+#[derive(thiserror::Error, Debug, Clone)]
 pub enum DdpError {
     /// A bucket size cap is 0, negative or not a number.
     #[error("{key} must be > 0 (got {got}): it caps the gradient bytes all-reduced in one call; the default is {default} MiB")]
@@ -20,14 +25,81 @@ pub enum DdpError {
     #[error("parameter {param}: size in bytes overflows usize ({numel} elements × {elem_size} bytes)")]
     SizeOverflow { param: usize, numel: usize, elem_size: usize },
 
-    /// A collective failed (the message names rank, operation, group and backend), or ranks disagree.
-    #[error("{0}")]
+    /// A collective of the reducer failed. `what` names it (which bucket or parameter, and from
+    /// where it was launched); `source` is the communicator's error, whose message names rank,
+    /// operation, group and backend.
+    #[error("{what}: {}", first_line(.source))]
+    Collective {
+        what: String,
+        #[source]
+        source: CommError,
+    },
+
+    /// Ranks disagree (e.g. parameters differ after the initial broadcast), or another failure of
+    /// data parallelism that is not one collective's.
+    #[error("{}", first_line(.0))]
     Comm(String),
 
     /// libtorch refused an operation on the parameters or gradients.
-    #[error("libtorch: {0}")]
+    #[error("libtorch: {}", first_line(.0))]
     Torch(String),
+
+    /// Something panicked in the grad-ready hook or while launching a bucket's collective (`what`
+    /// names which); the reducer caught it and recorded it instead of leaving its state poisoned.
+    #[error("{what} panicked: {}", first_line(.message))]
+    Panic { what: String, message: String },
+
+    /// A parameter's `.grad` is no longer defined (it was set to None), so it is no longer a view of
+    /// the reducer's bucket.
+    #[error("parameter '{param}' has no gradient (was its .grad set to None?): it must stay a view of the reducer's bucket; zero gradients with Ddp::zero_grad")]
+    NoGradient { param: String },
+
+    /// A ZeRO-1 operation (optimizer state gather or scatter) was called on a reducer applied
+    /// without ZeRO-1.
+    #[error("{op}: the optimizer state is sharded only with ZeRO-1 (parallel.zero = 1); without it the optimizer holds its own state")]
+    NotSharded { op: &'static str },
+}
+
+/// The first line of `s` (libtorch's messages go on with a C++ backtrace), marked when cut.
+pub(crate) fn first_line(s: &impl std::fmt::Display) -> String {
+    let s = s.to_string();
+    let s = s.trim();
+    match s.split_once('\n') {
+        Some((first, _)) => format!("{} (...)", first.trim_end()),
+        None => s.to_string(),
+    }
 }
 
 /// `Result` with this crate's error.
 pub type Result<T, E = DdpError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fabbrica_comm::{Backend, OpContext, OpKind};
+
+    fn ctx() -> OpContext {
+        OpContext { op: OpKind::AllReduce, seq: 3, group: "dp".into(), backend: Backend::Single, rank: 0, size: 1, world_rank: 0 }
+    }
+
+    #[test]
+    fn a_collective_error_is_one_line_and_keeps_its_cause() {
+        let cause = CommError::Backend { ctx: ctx(), detail: "connection reset\nframe #0: somewhere".into() };
+        let e = DdpError::Collective { what: "bucket 1 (p0)".into(), source: cause };
+        let msg = e.to_string();
+        assert!(msg.starts_with("bucket 1 (p0): all_reduce #3 on group 'dp'") && msg.contains("connection reset"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+        let src = std::error::Error::source(&e).expect("a source");
+        let comm = src.downcast_ref::<CommError>().expect("the CommError itself");
+        assert!(matches!(comm, CommError::Backend { .. }));
+        assert!(comm.to_string().contains("frame #0"), "the source keeps the whole message");
+    }
+
+    #[test]
+    fn torch_and_panic_messages_keep_their_first_line() {
+        let e = DdpError::Torch("shape mismatch\nException raised from foo at bar.cpp:1".into());
+        assert_eq!(e.to_string(), "libtorch: shape mismatch (...)");
+        let e = DdpError::Panic { what: "grad-ready hook".into(), message: "boom".into() };
+        assert_eq!(e.to_string(), "grad-ready hook panicked: boom");
+    }
+}

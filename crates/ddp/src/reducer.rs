@@ -16,16 +16,41 @@
 //!   shards. Gradients are reduce-scattered, each rank's optimizer updates only its shard (its
 //!   moments exist only for the shard), and the updated shards are all-gathered straight into
 //!   the parameters, which are views of flat per-bucket parameter storage.
+//!
+//! # Failures
+//!
+//! One locking policy: the state's lock is always taken through one helper (`Shared::state`), which
+//! recovers a poisoned lock (nothing in the reducer panics while holding it, see below, so a
+//! poisoned lock can only come from a bug; the state is then reset by the next
+//! `begin_micro_step` or `finish` anyway).
+//!
+//! A bucket that cannot be launched (the communicator refuses it, libtorch fails staging it, or
+//! something panics on the way, in the grad-ready hook or in `finish`) or whose collective fails
+//! is recorded in the state as the step's first [`DdpError`], naming the bucket and its
+//! parameters, with the communicator's error as its source. A panic in the hook is caught there,
+//! inside the lock, so backward itself succeeds and nothing is poisoned. From the first failure on,
+//! no further bucket of that step is launched.
+//!
+//! - [`Ddp::finish`] waits out every collective already in flight (they use the buckets), returns
+//!   that error, and leaves a clean state: the next step starts afresh (and fails again, with a
+//!   new error, only if the cause persists). The failed step's gradients are partly reduced: do not
+//!   step the optimizer on them.
+//! - A step abandoned before its `finish` (the caller stopped at an error of its own backward) is
+//!   cleaned up by the next [`Ddp::begin_micro_step`]: it waits out that step's collectives and
+//!   drops its recorded error, which the caller, handling its own failure, never asked for.
 
-use std::sync::{Arc, Mutex};
+use std::any::Any;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use fabbrica_comm::{CommError, Communicator, ReduceOp, Work};
+use fabbrica_comm::{Communicator, ReduceOp, Work};
 use fabbrica_torch_ext::hooks::{register_grad_ready_hook, set_grad, GradReadyHook};
-use tch::{Kind, Tensor};
+use tch::{Kind, TchError, Tensor};
 
 use crate::buckets::{assign_buckets, BucketAssignment, BucketCaps, ParamSpec};
-use crate::error::{DdpError, Result};
+use crate::error::{first_line, DdpError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DdpOptions {
@@ -82,14 +107,58 @@ struct State {
     armed: bool,
     pending: Vec<usize>,
     ready: Vec<bool>,
+    /// The next bucket to launch (buckets are launched in order).
     next: usize,
     works: Vec<(usize, Work)>,
-    error: Option<CommError>,
-    /// Buckets launched since `apply` (what the tests count).
+    /// The step's first failure (see "Failures" in the module docs): returned and cleared by
+    /// `finish`, dropped by `begin_micro_step`. While it is set, no bucket is launched.
+    error: Option<DdpError>,
+    /// Bucket collectives launched since `apply` (what the tests count); failed launches do not
+    /// count.
     launched: u64,
     /// Runtime switches (benchmarks flip them between steps): start from `DdpOptions`.
     overlap: bool,
     grad_comm: bool,
+}
+
+impl State {
+    /// Records a failure of the step: the first one is kept, and nothing more is launched.
+    fn fail(&mut self, e: DdpError) {
+        self.armed = false;
+        self.error.get_or_insert(e);
+    }
+
+    /// Back to the start of a step, disarmed, with no error: first waits out the collectives still
+    /// in flight (they read and write the buckets), dropping their results.
+    fn restart(&mut self, counts: &[usize]) {
+        for (_, w) in std::mem::take(&mut self.works) {
+            let _ = w.wait();
+        }
+        self.error = None;
+        self.armed = false;
+        self.pending.clear();
+        self.pending.extend_from_slice(counts);
+        self.ready.iter_mut().for_each(|r| *r = false);
+        self.next = 0;
+    }
+}
+
+/// Where a bucket's collective is launched from, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The grad-ready hook, while backward runs.
+    Backward,
+    /// `finish`, after backward.
+    Finish,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Origin::Backward => "from backward (grad-ready hook)",
+            Origin::Finish => "after backward (finish)",
+        })
+    }
 }
 
 struct Shared {
@@ -98,53 +167,166 @@ struct Shared {
     bucket_of: Vec<usize>,
     /// Parameters per bucket.
     counts: Vec<usize>,
+    /// For messages: parameter names (registration order), and each bucket's description.
+    names: Vec<String>,
+    buckets: Vec<String>,
     opts: DdpOptions,
     state: Mutex<State>,
 }
 
 impl Shared {
-    fn on_ready(&self, param: usize) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if !st.armed {
-            return;
-        }
-        let b = self.bucket_of[param];
-        st.pending[b] = st.pending[b].saturating_sub(1);
-        if st.pending[b] == 0 {
-            st.ready[b] = true;
-        }
-        // Launch in bucket order only, so every rank issues the same sequence of collectives.
-        while st.next < st.ready.len() && st.ready[st.next] {
-            let n = st.next;
-            self.launch(&mut st, n);
-            st.next += 1;
+    /// The state, recovering a poisoned lock: the only way the reducer takes it (see "Failures"
+    /// in the module docs). Nothing panics while holding it in the reducer (panics of the launch
+    /// path are caught and recorded), and `begin_micro_step` and `finish` reset the per-step
+    /// fields, so what a panic elsewhere could leave half-updated does not outlive its step.
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// ZeRO-1 with more than one rank: reduce-scatter, and gradients held as shards.
+    fn sharded(&self) -> bool {
+        self.opts.zero1 && self.comm.size() > 1
+    }
+
+    fn collective(&self) -> &'static str {
+        if self.sharded() {
+            "reduce-scatter"
+        } else {
+            "all-reduce"
         }
     }
 
-    fn launch(&self, st: &mut State, b: usize) {
-        let (r, n) = (self.comm.rank() as i64, self.comm.size());
-        let buf = &st.bufs[b];
+    /// The grad-ready hook of parameter `param`. Never panics: a panic here would poison the
+    /// state and fail backward with a message that names no bucket; it is recorded instead, and
+    /// `finish` returns it.
+    fn on_ready(&self, param: usize) {
+        let mut st = self.state();
+        if !st.armed {
+            return;
+        }
+        // Caught with the guard held, so that unwinding never crosses it. `launch` catches its own
+        // panics (naming the bucket); what is left to catch here is a broken invariant.
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            let b = self.bucket_of[param];
+            st.pending[b] = st.pending[b].saturating_sub(1);
+            if st.pending[b] == 0 {
+                st.ready[b] = true;
+            }
+            self.launch_in_order(&mut st, Origin::Backward);
+        }));
+        if let Err(payload) = res {
+            let name = self.names.get(param).map_or("?", String::as_str);
+            st.fail(DdpError::Panic { what: format!("grad-ready hook of parameter {param} ('{name}')"), message: panic_message(&*payload) });
+        }
+    }
+
+    /// Launches buckets in bucket order, so that every rank issues the same sequence of
+    /// collectives: those ready (from backward), or all the rest (from `finish`). Stops at the
+    /// step's first failure.
+    fn launch_in_order(&self, st: &mut State, origin: Origin) {
+        while st.error.is_none() && st.next < st.ready.len() && (origin == Origin::Finish || st.ready[st.next]) {
+            let b = st.next;
+            st.next += 1;
+            match self.launch(st, b, origin) {
+                Ok(w) => {
+                    st.works.push((b, w));
+                    st.launched += 1;
+                }
+                Err(e) => st.fail(e),
+            }
+        }
+    }
+
+    /// Starts bucket `b`'s collective (average). A panic on the way (libtorch, the communicator)
+    /// is caught and returned as an error naming the bucket.
+    fn launch(&self, st: &State, b: usize, origin: Origin) -> Result<Work> {
+        catch_unwind(AssertUnwindSafe(|| self.try_launch(&st.bufs[b], b, origin))).unwrap_or_else(|payload| {
+            Err(DdpError::Panic {
+                what: format!("launching the {} of {} {origin}", self.collective(), self.buckets[b]),
+                message: panic_message(&*payload),
+            })
+        })
+    }
+
+    fn try_launch(&self, buf: &Buf, b: usize, origin: Origin) -> Result<Work> {
         let src = match &buf.stage {
             Some(stage) => {
-                tch::no_grad(|| stage.shallow_clone().copy_(&buf.grad));
+                tch::no_grad(|| stage.shallow_clone().f_copy_(&buf.grad))
+                    .map_err(|e| self.torch_err(b, "copying the gradients into the bf16 buffer to reduce", e))?;
                 stage.shallow_clone()
             }
             None => buf.grad.shallow_clone(),
         };
-        let res = if self.opts.zero1 && n > 1 {
-            let out = src.narrow(0, r * buf.shard as i64, buf.shard as i64);
+        let res = if self.sharded() {
+            // In range: the bucket is padded to size × shard elements.
+            let out = src.narrow(0, self.comm.rank() as i64 * buf.shard as i64, buf.shard as i64);
             self.comm.reduce_scatter_async(&out, &src, ReduceOp::Avg)
         } else {
             self.comm.all_reduce_async(&src, ReduceOp::Avg)
         };
-        st.launched += 1;
-        match res {
-            Ok(w) => st.works.push((b, w)),
-            Err(e) => {
-                st.error.get_or_insert(e);
+        res.map_err(|source| DdpError::Collective {
+            what: format!("{}: {} could not be launched {origin}", self.buckets[b], self.collective()),
+            source,
+        })
+    }
+
+    /// Waits for every collective in flight and copies bf16 results back; failures are recorded.
+    fn wait_all(&self, st: &mut State) {
+        for (b, w) in std::mem::take(&mut st.works) {
+            let res = match w.wait() {
+                Ok(()) => self.unstage(&st.bufs[b], b),
+                Err(source) => Err(DdpError::Collective { what: format!("{}: {} failed", self.buckets[b], self.collective()), source }),
+            };
+            if let Err(e) = res {
+                st.fail(e);
             }
         }
     }
+
+    /// A libtorch error of bucket `b`.
+    fn torch_err(&self, b: usize, doing: &str, e: TchError) -> DdpError {
+        DdpError::Torch(format!("{}: {doing}: {}", self.buckets[b], first_line(&e)))
+    }
+
+    /// Copies a bucket's reduced bf16 twin back into its gradients (this rank's shard of them
+    /// under ZeRO-1).
+    fn unstage(&self, buf: &Buf, b: usize) -> Result<()> {
+        let Some(stage) = &buf.stage else { return Ok(()) };
+        tch::no_grad(|| {
+            if self.sharded() {
+                let (o, l) = (self.comm.rank() as i64 * buf.shard as i64, buf.shard as i64);
+                buf.grad.narrow(0, o, l).f_copy_(&stage.narrow(0, o, l))
+            } else {
+                buf.grad.shallow_clone().f_copy_(stage)
+            }
+        })
+        .map_err(|e| self.torch_err(b, "copying the reduced bf16 gradients back", e))
+    }
+}
+
+/// A caught panic's message.
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
+}
+
+/// Maps a libtorch error to [`DdpError::Torch`], prefixed with what was being done.
+fn torch_err(what: impl fmt::Display) -> impl FnOnce(TchError) -> DdpError {
+    let what = what.to_string();
+    move |e| DdpError::Torch(format!("{what}: {}", first_line(&e)))
+}
+
+/// "bucket 2 of 5 (a, b)", or with more than three parameters "bucket 2 of 5 (7 parameters, a
+/// ... g)".
+fn describe_bucket(index: usize, count: usize, names: &[&str]) -> String {
+    let list = match names {
+        [first, .., last] if names.len() > 3 => format!("{} parameters, {first} ... {last}", names.len()),
+        _ => names.join(", "),
+    };
+    format!("bucket {index} of {count} ({list})")
 }
 
 pub struct Ddp {
@@ -154,10 +336,6 @@ pub struct Ddp {
     _hooks: Vec<GradReadyHook>,
 }
 
-fn comm_err(e: CommError) -> DdpError {
-    DdpError::Comm(e.to_string())
-}
-
 impl Ddp {
     /// Applies data parallelism over `comm` (the data-parallel group) to `params` (registration
     /// order, as the model lists them).
@@ -165,8 +343,9 @@ impl Ddp {
         let n = comm.size();
         let params: Vec<(String, Tensor)> = params.iter().map(|(k, p)| (k.clone(), p.shallow_clone())).collect();
         // Same weights everywhere: rank 0's.
-        for (_, p) in &params {
-            comm.broadcast(&p.detach(), 0).map_err(comm_err)?;
+        for (name, p) in &params {
+            comm.broadcast(&p.detach(), 0)
+                .map_err(|source| DdpError::Collective { what: format!("broadcasting parameter '{name}' from rank 0"), source })?;
         }
         if opts.check_params && n > 1 {
             check_equal(&params, &*comm)?;
@@ -181,47 +360,61 @@ impl Ddp {
         let caps = BucketCaps::from_mb(opts.bucket_mb, opts.first_bucket_mb)?;
         let assignment = assign_buckets(&specs, caps)?;
 
-        let mut bufs = Vec::with_capacity(assignment.buckets.len());
+        let nb = assignment.buckets.len();
+        let mut bufs = Vec::with_capacity(nb);
         let mut bucket_of = vec![0; params.len()];
-        let r = comm.rank();
+        let mut descriptions = Vec::with_capacity(nb);
         for (bi, b) in assignment.buckets.iter().enumerate() {
+            let names: Vec<&str> = b.entries.iter().map(|e| params[e.param].0.as_str()).collect();
+            let desc = describe_bucket(bi, nb, &names);
+            // A bucket has at least one entry (`assign_buckets` opens one for a parameter).
             let first = &params[b.entries[0].param].1;
             let (kind, dev) = (first.kind(), first.device());
             let padded = if opts.zero1 { b.numel.div_ceil(n) * n } else { b.numel };
             let shard = padded / n;
-            let grad = Tensor::zeros([padded as i64], (kind, dev));
-            let stage = opts.reduce_bf16.then(|| Tensor::zeros([padded as i64], (Kind::BFloat16, dev)));
+            let zeros = |len: usize, kind: Kind, what: &str| {
+                Tensor::f_zeros([len as i64], (kind, dev)).map_err(torch_err(format_args!("{desc}: allocating {what}")))
+            };
+            let grad = zeros(padded, kind, "its gradient storage")?;
+            let stage = if opts.reduce_bf16 { Some(zeros(padded, Kind::BFloat16, "its bf16 reduction buffer")?) } else { None };
             let mut buf = Buf { grad, stage, param: None, exp_avg: None, exp_avg_sq: None, padded, shard };
             if opts.zero1 {
-                let flat = Tensor::zeros([padded as i64], (kind, dev));
+                let flat = zeros(padded, kind, "its flat parameter storage")?;
                 tch::no_grad(|| -> Result<()> {
                     for e in &b.entries {
-                        let p = &params[e.param].1;
-                        let view = flat.narrow(0, e.offset as i64, e.numel as i64).view(p.size().as_slice());
-                        view.shallow_clone().copy_(p);
-                        p.shallow_clone().f_set_data(&view).map_err(|x| DdpError::Torch(x.to_string()))?;
+                        let (name, p) = &params[e.param];
+                        let moved = flat.f_narrow(0, e.offset as i64, e.numel as i64).and_then(|v| v.f_view(p.size().as_slice())).and_then(|view| {
+                            view.shallow_clone().f_copy_(p)?;
+                            p.shallow_clone().f_set_data(&view)
+                        });
+                        moved.map_err(torch_err(format_args!("parameter '{name}': moving it into {desc}'s flat storage (ZeRO-1)")))?;
                     }
                     Ok(())
                 })?;
                 buf.param = Some(flat);
-                buf.exp_avg = Some(Tensor::zeros([shard as i64], (kind, dev)));
-                buf.exp_avg_sq = Some(Tensor::zeros([shard as i64], (kind, dev)));
+                buf.exp_avg = Some(zeros(shard, kind, "its exp_avg shard")?);
+                buf.exp_avg_sq = Some(zeros(shard, kind, "its exp_avg_sq shard")?);
             }
             for e in &b.entries {
-                let p = &params[e.param].1;
-                let view = buf.grad.narrow(0, e.offset as i64, e.numel as i64).view(p.size().as_slice());
-                set_grad(p, Some(&view)).map_err(|x| DdpError::Torch(x.to_string()))?;
+                let (name, p) = &params[e.param];
+                let view = buf
+                    .grad
+                    .f_narrow(0, e.offset as i64, e.numel as i64)
+                    .and_then(|v| v.f_view(p.size().as_slice()))
+                    .map_err(torch_err(format_args!("parameter '{name}': viewing its gradient in {desc}")))?;
+                set_grad(p, Some(&view)).map_err(|x| DdpError::Torch(format!("parameter '{name}': {x}")))?;
                 bucket_of[e.param] = bi;
             }
-            let _ = r;
             bufs.push(buf);
+            descriptions.push(desc);
         }
         let counts: Vec<usize> = assignment.buckets.iter().map(|b| b.entries.len()).collect();
-        let nb = counts.len();
         let shared = Arc::new(Shared {
             comm,
             bucket_of,
             counts: counts.clone(),
+            names: params.iter().map(|(k, _)| k.clone()).collect(),
+            buckets: descriptions,
             opts,
             state: Mutex::new(State {
                 bufs,
@@ -239,18 +432,17 @@ impl Ddp {
         // Registered even when overlap is off: `set_mode` may turn it on later, and a disarmed
         // hook costs one uncontended lock per parameter per backward.
         let mut hooks = Vec::new();
-        {
-            for (i, (_, p)) in params.iter().enumerate() {
-                let s = shared.clone();
-                hooks.push(register_grad_ready_hook(p, i, move |i| s.on_ready(i)).map_err(|x| DdpError::Torch(x.to_string()))?);
-            }
+        for (i, (name, p)) in params.iter().enumerate() {
+            let s = shared.clone();
+            hooks.push(register_grad_ready_hook(p, i, move |i| s.on_ready(i)).map_err(|x| DdpError::Torch(format!("parameter '{name}': {x}")))?);
         }
         Ok(Ddp { shared, params, assignment, _hooks: hooks })
     }
 
-    /// Bucket collectives launched so far (one per bucket per optimizer step when communicating).
+    /// Bucket collectives launched so far (one per bucket per optimizer step when communicating;
+    /// a launch that failed does not count).
     pub fn launched(&self) -> u64 {
-        self.shared.state.lock().unwrap().launched
+        self.shared.state().launched
     }
 
     pub fn assignment(&self) -> &BucketAssignment {
@@ -264,69 +456,57 @@ impl Ddp {
     /// Switches overlap and gradient communication between steps (benchmarks compare them in
     /// one run). Every rank must make the same switch at the same step.
     pub fn set_mode(&self, overlap: bool, grad_comm: bool) {
-        let mut st = self.shared.state.lock().unwrap();
+        let mut st = self.shared.state();
         st.overlap = overlap;
         st.grad_comm = grad_comm;
     }
 
     /// Call before each micro-step's backward; `last` arms communication for the final one.
+    ///
+    /// Starts from a clean state: if the previous step was abandoned before its [`Ddp::finish`]
+    /// (e.g. its backward failed), this waits out that step's collectives still in flight and
+    /// drops its recorded failure.
     pub fn begin_micro_step(&self, last: bool) {
-        let mut st = self.shared.state.lock().unwrap();
+        let mut st = self.shared.state();
+        st.restart(&self.shared.counts);
         st.armed = last && st.grad_comm && st.overlap;
-        st.pending = self.shared.counts.clone();
-        st.ready.iter_mut().for_each(|r| *r = false);
-        st.next = 0;
     }
 
     /// After the last micro-step's backward: launches what backward did not (every bucket when
     /// overlap is off) and waits for all of them. Returns the time spent waiting.
+    ///
+    /// # Errors
+    ///
+    /// The step's first failure, from backward's hooks or from here: a bucket whose collective
+    /// could not be launched or failed ([`DdpError::Collective`], with the communicator's error as
+    /// its source), a libtorch error staging it ([`DdpError::Torch`]) or a panic on the way
+    /// ([`DdpError::Panic`]). Nothing is launched after a failure; what was launched is waited
+    /// for. Either way the reducer is left ready for the next step; the gradients of a failed step
+    /// are only partly reduced.
     pub fn finish(&self) -> Result<Duration> {
         let t = Instant::now();
-        let mut st = self.shared.state.lock().unwrap();
-        if !st.grad_comm {
-            st.armed = false;
-            return Ok(Duration::ZERO);
-        }
-        while st.next < st.ready.len() {
-            let n = st.next;
-            self.shared.launch(&mut st, n);
-            st.next += 1;
-        }
+        let mut st = self.shared.state();
         st.armed = false;
-        let works = std::mem::take(&mut st.works);
-        let mut first_err = st.error.take();
-        let (r, zero1) = (self.shared.comm.rank() as i64, self.shared.opts.zero1 && self.shared.comm.size() > 1);
-        for (b, w) in works {
-            match w.wait() {
-                Ok(()) => {
-                    let buf = &st.bufs[b];
-                    if let Some(stage) = &buf.stage {
-                        tch::no_grad(|| {
-                            if zero1 {
-                                let (o, l) = (r * buf.shard as i64, buf.shard as i64);
-                                buf.grad.narrow(0, o, l).copy_(&stage.narrow(0, o, l));
-                            } else {
-                                buf.grad.shallow_clone().copy_(stage);
-                            }
-                        });
-                    }
-                }
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
+        let grad_comm = st.grad_comm;
+        if grad_comm {
+            self.shared.launch_in_order(&mut st, Origin::Finish);
         }
-        match first_err {
-            Some(e) => Err(comm_err(e)),
-            None => Ok(t.elapsed()),
+        self.shared.wait_all(&mut st);
+        let error = st.error.take();
+        st.restart(&self.shared.counts);
+        match error {
+            Some(e) => Err(e),
+            None if grad_comm => Ok(t.elapsed()),
+            None => Ok(Duration::ZERO),
         }
     }
 
     /// Zeroes every bucket in place (the parameters' `.grad` stay views of them).
     pub fn zero_grad(&self) {
-        let st = self.shared.state.lock().unwrap();
+        let st = self.shared.state();
         tch::no_grad(|| {
             for b in &st.bufs {
+                // Cannot fail: a dense, defined buffer this reducer allocated.
                 let _ = b.grad.shallow_clone().zero_();
             }
         });
@@ -335,10 +515,9 @@ impl Ddp {
     /// What the optimizer updates: whole parameters, or under ZeRO-1 the pieces of parameters
     /// inside this rank's shard of each bucket (with the moments this reducer owns).
     pub fn optimizer_params(&self) -> Vec<OptParam> {
-        let st = self.shared.state.lock().unwrap();
-        let zero1 = self.shared.opts.zero1;
-        let (r, n) = (self.shared.comm.rank(), self.shared.comm.size());
-        if !zero1 {
+        let st = self.shared.state();
+        let r = self.shared.comm.rank();
+        if !self.shared.opts.zero1 {
             return self
                 .params
                 .iter()
@@ -352,11 +531,10 @@ impl Ddp {
                 })
                 .collect();
         }
-        let _ = n;
         let mut out = Vec::new();
         for (b, buf) in self.assignment.buckets.iter().zip(&st.bufs) {
             let (lo, hi) = (r * buf.shard, (r + 1) * buf.shard);
-            let flat = buf.param.as_ref().expect("zero1 buffers");
+            let (flat, exp_avg, exp_avg_sq) = zero1_buffers(buf);
             for e in &b.entries {
                 let (a, z) = (e.offset.max(lo), (e.offset + e.numel).min(hi));
                 if a >= z {
@@ -370,8 +548,8 @@ impl Ddp {
                     param: flat.narrow(0, a as i64, len),
                     grad: buf.grad.narrow(0, a as i64, len),
                     decay: p.dim() >= 2,
-                    exp_avg: Some(buf.exp_avg.as_ref().unwrap().narrow(0, s, len)),
-                    exp_avg_sq: Some(buf.exp_avg_sq.as_ref().unwrap().narrow(0, s, len)),
+                    exp_avg: Some(exp_avg.narrow(0, s, len)),
+                    exp_avg_sq: Some(exp_avg_sq.narrow(0, s, len)),
                 });
             }
         }
@@ -384,7 +562,7 @@ impl Ddp {
     pub fn clip_grad_norm(&self, max_norm: f64) -> Result<Tensor> {
         let total = self.grad_sq_sum()?.sqrt();
         if max_norm > 0.0 {
-            self.scale_grads(&clip_coef(&total, max_norm));
+            self.f_scale_grads(&clip_coef(&total, max_norm))?;
         }
         Ok(total)
     }
@@ -394,15 +572,19 @@ impl Ddp {
     /// collective then). Gradient clipping over several groups (pipeline stages, model chunks)
     /// adds these up before taking the root.
     pub fn grad_sq_sum(&self) -> Result<Tensor> {
-        let st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        let zero1 = self.shared.opts.zero1 && self.shared.comm.size() > 1;
-        let sum_across = zero1 && st.grad_comm;
+        let st = self.shared.state();
+        let sum_across = self.shared.sharded() && st.grad_comm;
+        let grads = self.grads(&st)?;
         tch::no_grad(|| {
-            let sq: Vec<Tensor> = self.grads(&st).iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
-            let mut total_sq = Tensor::stack(&sq, 0).sum(Kind::Float);
+            let sq = grads.iter().map(|g| g.f_to_kind(Kind::Float)?.f_square()?.f_sum(Kind::Float)).collect::<std::result::Result<Vec<_>, _>>();
+            let total_sq = sq.and_then(|sq| if sq.is_empty() { Ok(Tensor::from(0f32)) } else { Tensor::f_stack(&sq, 0)?.f_sum(Kind::Float) });
+            let mut total_sq = total_sq.map_err(torch_err("summing the squared gradients"))?;
             if sum_across {
                 total_sq = total_sq.reshape([1]);
-                self.shared.comm.all_reduce(&total_sq, ReduceOp::Sum).map_err(comm_err)?;
+                self.shared.comm.all_reduce(&total_sq, ReduceOp::Sum).map_err(|source| DdpError::Collective {
+                    what: "summing the squared gradients of the ZeRO-1 shards across the data-parallel ranks".into(),
+                    source,
+                })?;
                 total_sq = total_sq.reshape([]);
             }
             Ok(total_sq)
@@ -410,66 +592,97 @@ impl Ddp {
     }
 
     /// Multiplies the reduced gradients this rank holds (its shards under ZeRO-1) by `coef`.
+    ///
+    /// # Panics
+    ///
+    /// Where [`Ddp::f_scale_grads`] returns an error.
     pub fn scale_grads(&self, coef: &Tensor) {
-        let st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        tch::no_grad(|| {
-            for mut g in self.grads(&st) {
-                let _ = g.g_mul_(coef);
-            }
-        });
+        if let Err(e) = self.f_scale_grads(coef) {
+            panic!("Ddp::scale_grads: {e}");
+        }
+    }
+
+    /// Multiplies the reduced gradients this rank holds (its shards under ZeRO-1) by `coef`, a
+    /// scalar on the gradients' device (as [`clip_coef`] returns it); an error where libtorch
+    /// refuses it (another device, a shape that does not broadcast) or a parameter has no
+    /// gradient.
+    pub fn f_scale_grads(&self, coef: &Tensor) -> Result<()> {
+        let st = self.shared.state();
+        let grads = self.grads(&st)?;
+        tch::no_grad(|| grads.into_iter().try_for_each(|mut g| g.f_mul_(coef).map(drop))).map_err(torch_err("scaling the gradients"))
     }
 
     /// The reduced gradients this rank holds: every parameter's, or under ZeRO-1 its shards.
-    fn grads(&self, st: &State) -> Vec<Tensor> {
-        if self.shared.opts.zero1 && self.shared.comm.size() > 1 {
+    fn grads(&self, st: &State) -> Result<Vec<Tensor>> {
+        if self.shared.sharded() {
             let r = self.shared.comm.rank() as i64;
-            st.bufs.iter().map(|b| b.grad.narrow(0, r * b.shard as i64, b.shard as i64)).collect()
+            // In range: each bucket is padded to size × shard elements.
+            Ok(st.bufs.iter().map(|b| b.grad.narrow(0, r * b.shard as i64, b.shard as i64)).collect())
         } else {
-            self.params.iter().map(|(_, p)| p.grad()).collect()
+            self.params
+                .iter()
+                .map(|(name, p)| {
+                    let g = p.grad();
+                    if g.defined() {
+                        Ok(g)
+                    } else {
+                        Err(DdpError::NoGradient { param: name.clone() })
+                    }
+                })
+                .collect()
         }
     }
 
     /// After the optimizer step. ZeRO-1: gathers every rank's updated shard into the parameters.
     pub fn after_step(&self) -> Result<()> {
-        if !(self.shared.opts.zero1 && self.shared.comm.size() > 1) {
+        if !self.shared.sharded() {
             return Ok(());
         }
-        let st = self.shared.state.lock().unwrap();
+        let st = self.shared.state();
         if !st.grad_comm {
             return Ok(());
         }
         let r = self.shared.comm.rank() as i64;
-        let works = st
-            .bufs
-            .iter()
-            .map(|b| {
-                let flat = b.param.as_ref().expect("zero1 buffers");
-                self.shared.comm.all_gather_async(flat, &flat.narrow(0, r * b.shard as i64, b.shard as i64))
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(comm_err)?;
-        for w in works {
-            w.wait().map_err(comm_err)?;
+        let what = |b: usize, how: &str| format!("{}: all-gather of the updated ZeRO-1 parameter shards {how}", self.shared.buckets[b]);
+        let mut works = Vec::with_capacity(st.bufs.len());
+        let mut first_err = None;
+        for (bi, b) in st.bufs.iter().enumerate() {
+            let (flat, _, _) = zero1_buffers(b);
+            match self.shared.comm.all_gather_async(flat, &flat.narrow(0, r * b.shard as i64, b.shard as i64)) {
+                Ok(w) => works.push((bi, w)),
+                Err(source) => {
+                    first_err = Some(DdpError::Collective { what: what(bi, "could not be launched"), source });
+                    break;
+                }
+            }
         }
-        Ok(())
+        // Every launched gather is waited for: it writes into the parameters.
+        for (bi, w) in works {
+            if let Err(source) = w.wait() {
+                first_err.get_or_insert(DdpError::Collective { what: what(bi, "failed"), source });
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     /// ZeRO-1: the whole optimizer state (`<param>.exp_avg`, `<param>.exp_avg_sq`, `<param>.step`),
     /// gathered from every rank's shard, in the format of the unsharded optimizer, so that a
-    /// checkpoint loads with or without ZeRO-1 and at any dp size.
+    /// checkpoint loads with or without ZeRO-1 and at any dp size. An error without ZeRO-1.
     pub fn gather_state(&self, steps_taken: u64) -> Result<Vec<(String, Tensor)>> {
-        let st = self.shared.state.lock().unwrap();
-        let r = self.shared.comm.rank() as i64;
+        if !self.shared.opts.zero1 {
+            return Err(DdpError::NotSharded { op: "Ddp::gather_state" });
+        }
+        let st = self.shared.state();
         let mut out = Vec::new();
-        for (b, buf) in self.assignment.buckets.iter().zip(&st.bufs) {
+        for (bi, (b, buf)) in self.assignment.buckets.iter().zip(&st.bufs).enumerate() {
+            let (_, exp_avg, exp_avg_sq) = zero1_buffers(buf);
             let mut full = Vec::new();
-            for (suffix, shard) in [("exp_avg", &buf.exp_avg), ("exp_avg_sq", &buf.exp_avg_sq)] {
-                let shard = shard.as_ref().expect("zero1 buffers");
-                let all = Tensor::zeros([buf.padded as i64], (shard.kind(), shard.device()));
-                self.shared.comm.all_gather(&all, shard).map_err(comm_err)?;
+            for (suffix, shard) in [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] {
+                let what = format!("{}: gathering the ZeRO-1 optimizer state {suffix}", self.shared.buckets[bi]);
+                let all = Tensor::f_zeros([buf.padded as i64], (shard.kind(), shard.device())).map_err(torch_err(&what))?;
+                self.shared.comm.all_gather(&all, shard).map_err(|source| DdpError::Collective { what, source })?;
                 full.push((suffix, all));
             }
-            let _ = r;
             for e in &b.entries {
                 let (name, p) = &self.params[e.param];
                 for (suffix, all) in &full {
@@ -481,26 +694,36 @@ impl Ddp {
         Ok(out)
     }
 
-    /// ZeRO-1: loads this rank's shard from a whole optimizer state (see `gather_state`).
+    /// ZeRO-1: loads this rank's shard from a whole optimizer state (see `gather_state`). An error
+    /// without ZeRO-1, or where `tensors` lacks a tensor or has one of the wrong shape.
     pub fn scatter_state(&self, tensors: &[(String, Tensor)]) -> std::result::Result<(), String> {
+        if !self.shared.opts.zero1 {
+            return Err(DdpError::NotSharded { op: "Ddp::scatter_state" }.to_string());
+        }
         let map: std::collections::HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let st = self.shared.state.lock().unwrap();
+        let st = self.shared.state();
         let r = self.shared.comm.rank();
         tch::no_grad(|| {
             for (b, buf) in self.assignment.buckets.iter().zip(&st.bufs) {
                 let (lo, hi) = (r * buf.shard, (r + 1) * buf.shard);
+                let (_, exp_avg, exp_avg_sq) = zero1_buffers(buf);
                 for e in &b.entries {
                     let (a, z) = (e.offset.max(lo), (e.offset + e.numel).min(hi));
                     let (name, p) = &self.params[e.param];
-                    for (suffix, shard) in [("exp_avg", &buf.exp_avg), ("exp_avg_sq", &buf.exp_avg_sq)] {
+                    for (suffix, shard) in [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] {
                         let key = format!("{name}.{suffix}");
                         let t = map.get(key.as_str()).ok_or_else(|| format!("optimizer state has no tensor '{key}'"))?;
                         if t.size() != p.size() {
                             return Err(format!("optimizer tensor '{key}' has shape {:?}, expected {:?}", t.size(), p.size()));
                         }
                         if a < z {
-                            let src = t.reshape([-1]).narrow(0, (a - e.offset) as i64, (z - a) as i64);
-                            shard.as_ref().unwrap().narrow(0, (a - lo) as i64, (z - a) as i64).copy_(&src.to_device(p.device()));
+                            let (from, len) = ((a - e.offset) as i64, (z - a) as i64);
+                            let copied = t
+                                .f_reshape([-1])
+                                .and_then(|flat| flat.f_narrow(0, from, len))
+                                .and_then(|src| src.f_to_device(p.device()))
+                                .and_then(|src| shard.narrow(0, (a - lo) as i64, len).f_copy_(&src));
+                            copied.map_err(|x| format!("optimizer tensor '{key}': {}", first_line(&x)))?;
                         }
                     }
                 }
@@ -508,6 +731,17 @@ impl Ddp {
             Ok(())
         })
     }
+}
+
+/// A ZeRO-1 bucket's flat parameter storage and moment shards.
+fn zero1_buffers(buf: &Buf) -> (&Tensor, &Tensor, &Tensor) {
+    // Invariant: `apply` allocates all three for every bucket under ZeRO-1, and callers check
+    // `opts.zero1` first.
+    (
+        buf.param.as_ref().expect("ZeRO-1 bucket without flat parameter storage"),
+        buf.exp_avg.as_ref().expect("ZeRO-1 bucket without an exp_avg shard"),
+        buf.exp_avg_sq.as_ref().expect("ZeRO-1 bucket without an exp_avg_sq shard"),
+    )
 }
 
 /// `torch.nn.utils.clip_grad_norm_`'s coefficient: `max_norm / (norm + 1e-6)`, at most 1.
@@ -525,12 +759,17 @@ fn device_key(d: tch::Device) -> u64 {
 
 /// Debug mode: every rank's parameter checksum must equal rank 0's.
 fn check_equal(params: &[(String, Tensor)], comm: &dyn Communicator) -> Result<()> {
-    let sum: f64 = tch::no_grad(|| params.iter().map(|(_, p)| p.to_kind(Kind::Double).abs().sum(Kind::Double).double_value(&[])).sum());
+    let sum: f64 = tch::no_grad(|| {
+        params
+            .iter()
+            .try_fold(0.0, |acc, (_, p)| Ok::<f64, TchError>(acc + p.f_to_kind(Kind::Double)?.f_abs()?.f_sum(Kind::Double)?.f_double_value(&[])?))
+    })
+    .map_err(torch_err("checksumming the parameters"))?;
     let n = comm.size();
     let all = Tensor::zeros([n as i64], (Kind::Float, tch::Device::Cpu));
     let mine = Tensor::from_slice(&[sum as f32]);
-    comm.all_gather(&all, &mine).map_err(comm_err)?;
-    let v: Vec<f32> = Vec::try_from(all).map_err(|e: tch::TchError| DdpError::Torch(e.to_string()))?;
+    comm.all_gather(&all, &mine).map_err(|source| DdpError::Collective { what: "comparing parameter checksums across ranks".into(), source })?;
+    let v: Vec<f32> = Vec::try_from(all).map_err(torch_err("reading the gathered checksums"))?;
     let bad: Vec<usize> = (0..n).filter(|&i| v[i] != v[0]).collect();
     if !bad.is_empty() {
         return Err(DdpError::Comm(format!(

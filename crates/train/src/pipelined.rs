@@ -80,13 +80,51 @@ struct StageRunner<'a> {
     inject_nan: bool,
     /// (B, T, C) of every activation on the wire.
     shape: [i64; 3],
+    /// This rank's pipeline coordinate, and the position in its action list of the call running.
+    rank: usize,
+    next: usize,
+    /// Receives posted ahead of their RECV action (in list order), and how far the list has
+    /// been scanned for them.
+    posted: std::collections::VecDeque<(Action, Work, Tensor)>,
+    scanned: usize,
+    /// Post receives ahead (MPI: the transfer then runs while this rank computes).
+    prefetch: bool,
 }
+
+/// How many actions ahead receives are posted.
+const LOOKAHEAD: usize = 4;
 
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
 impl StageRunner<'_> {
+    /// Before the action at `self.next`: posts the receives among the next [`LOOKAHEAD`] actions
+    /// that are not posted yet, in the order of the list (the order the peers send in, which is
+    /// how point-to-point messages match). The RECV action then only waits for data that has
+    /// been arriving meanwhile, instead of starting the transfer when the compute needs it.
+    fn post_ahead(&mut self) -> Result<(), String> {
+        if !self.prefetch {
+            return Ok(());
+        }
+        let list = &self.schedule.ranks[self.rank];
+        let end = (self.next + LOOKAHEAD + 1).min(list.len());
+        while self.scanned.max(self.next) < end {
+            let i = self.scanned.max(self.next);
+            self.scanned = i + 1;
+            let a = list[i];
+            let peer = match a.op {
+                Op::RecvF => self.schedule.rank_of_stage(a.stage.checked_sub(1).ok_or_else(|| format!("{a}: no previous stage"))?),
+                Op::RecvB => self.schedule.rank_of_stage(a.stage + 1),
+                _ => continue,
+            };
+            let t = Tensor::zeros(self.shape, (Kind::Float, self.s.device));
+            let w = self.comm.recv_async(&t, peer).map_err(err)?;
+            self.posted.push_back((a, w, t));
+        }
+        Ok(())
+    }
+
     fn model(&self, stage: usize) -> &Gpt {
         &self.s.parts[self.part_of[&stage]].model
     }
@@ -108,6 +146,8 @@ impl Runner for StageRunner<'_> {
     type Error = String;
 
     fn forward(&mut self, stage: usize, micro: usize) -> Result<(), String> {
+        self.post_ahead()?;
+        self.next += 1;
         // Dropout draws from (seed, step, micro-batch, stage).
         let global = (self.first_micro + micro) as u64;
         tch::manual_seed(mix(mix(mix(self.s.cfg.run.seed, self.step) as u64, global) as u64, stage as u64));
@@ -138,6 +178,8 @@ impl Runner for StageRunner<'_> {
     }
 
     fn backward(&mut self, stage: usize, micro: usize) -> Result<(), String> {
+        self.post_ahead()?;
+        self.next += 1;
         let out = self.outputs.remove(&(stage, micro)).ok_or_else(|| format!("{stage}B{micro}: forward not run"))?;
         // Every schedule runs a stage's backwards in micro-batch order: the last one communicates.
         self.grads.ddps[self.part_of[&stage]].begin_micro_step(micro + 1 == self.schedule.microbatches);
@@ -154,6 +196,8 @@ impl Runner for StageRunner<'_> {
     }
 
     fn send(&mut self, a: Action, peer: usize) -> Result<(), String> {
+        self.post_ahead()?;
+        self.next += 1;
         let key = (a.stage, a.micro);
         let t = match a.op {
             Op::SendF => self.outputs.get(&key).ok_or_else(|| format!("{a}: nothing to send"))?.detach().to_kind(Kind::Float).contiguous(),
@@ -168,13 +212,28 @@ impl Runner for StageRunner<'_> {
     }
 
     fn recv(&mut self, a: Action, peer: usize) -> Result<(), String> {
-        let t = Tensor::zeros(self.shape, (Kind::Float, self.s.device));
-        self.comm.recv(&t, peer).map_err(err)?;
+        self.post_ahead()?;
+        self.next += 1;
+        let t = match self.posted.front() {
+            Some((posted, _, _)) if *posted == a => {
+                let (_, w, t) = self.posted.pop_front().expect("a posted receive");
+                w.wait().map_err(err)?;
+                t
+            }
+            _ => {
+                let t = Tensor::zeros(self.shape, (Kind::Float, self.s.device));
+                self.comm.recv(&t, peer).map_err(err)?;
+                t
+            }
+        };
         self.received.insert((a.op, a.stage, a.micro), t);
         Ok(())
     }
 
     fn finish(&mut self) -> Result<(), String> {
+        if let Some((a, _, _)) = self.posted.front() {
+            return Err(format!("{a} was posted but never consumed"));
+        }
         for (w, _) in self.sends.drain(..) {
             w.wait().map_err(err)?;
         }
@@ -217,6 +276,13 @@ pub fn forward_backward(
         loss_sum: Tensor::zeros([], (Kind::Float, s.device)),
         inject_nan,
         shape: [s.cfg.train.batch_size as i64, s.cfg.model.block_size as i64, s.cfg.model.n_embd as i64],
+        rank,
+        next: 0,
+        posted: std::collections::VecDeque::new(),
+        scanned: 0,
+        // CPU activations travel over MPI, where a posted receive progresses on the group's
+        // worker; NCCL queues point-to-point calls until a wait, so CUDA keeps receiving in place.
+        prefetch: s.device == Device::Cpu,
     };
     let trace = execute(schedule, rank, &mut runner).map_err(|e| TrainError::Pipeline(e.to_string()))?;
     let loss = (runner.loss_sum.to_device(Device::Cpu) / schedule.microbatches as f64).reshape([1]);
