@@ -42,6 +42,15 @@ if ! command -v cargo >/dev/null && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
   exit 1
 fi
 
+# The test suite checks formatting and lints: rustup's minimal profile has neither component.
+export PATH="$HOME/.cargo/bin:$PATH"
+for c in rustfmt clippy; do
+  if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    echo "setup: installing the Rust $c component"
+    rustup component add "$c" || { echo "setup: cannot install $c: run 'rustup component add $c', then re-run" >&2; exit 1; }
+  fi
+done
+
 if ! .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.11.0") else 1)' 2>/dev/null; then
   echo "setup: creating .venv with torch==2.11.0 (about 4.6 GB, once)"
   python3 -m venv .venv

@@ -11,6 +11,12 @@ if ! cargo fmt --all --check >/dev/null; then
   echo "error: the code is not formatted as rustfmt.toml says: run cargo fmt --all" >&2
   exit 1
 fi
+# Lints too (Cargo.toml's [workspace.lints]: every unsafe block says why it is sound); release
+# profile, so it shares the dependencies the tests build.
+if ! cargo clippy --release --workspace --all-targets -q -- -D warnings; then
+  echo "error: clippy found warnings (above): fix them, or allow one on the smallest item and say why" >&2
+  exit 1
+fi
 # Examples assert their own results; run them first so cargo test's summary closes the log.
 cargo run --release -q -p fabbrica-examples --example overfit_one_batch
 log="$(mktemp)"

@@ -130,7 +130,9 @@ fn checkpoints_resume_across_layouts() {
     let dir = tempfile::tempdir().unwrap();
     let (_, want) = reference(dir.path());
     let grid = ["parallel.pp=2", "parallel.dp=2", "parallel.zero=1", "train.grad_accum=4"];
-    let cases: [(&str, usize, Vec<&str>, usize, Vec<&str>); 3] = [
+    // (name, ranks of the first run, its overrides, ranks of the resumed run, its overrides)
+    type Case = (&'static str, usize, Vec<&'static str>, usize, Vec<&'static str>);
+    let cases: [Case; 3] = [
         ("grid-to-one", 4, grid.to_vec(), 0, vec!["train.grad_accum=8"]),
         ("grid-to-pp4", 4, grid.to_vec(), 4, vec!["parallel.pp=4", "train.grad_accum=8"]),
         ("one-to-grid", 0, vec!["train.grad_accum=8"], 4, grid.to_vec()),

@@ -29,7 +29,13 @@ extern "C" {
 
 #[derive(Clone, Copy)]
 struct RawComm(ffi::MPI_Comm);
+// SAFETY: an opaque communicator handle that Rust never dereferences, only passes to MPI. MPI is
+// initialised at MPI_THREAD_MULTIPLE (`world::init_with` asks for `Threading::Multiple` and returns
+// an error for any lower level; every `MpiComm` descends from `MpiComm::world`, which only
+// `init_with` calls, after that check), so MPI may be called on it from any thread, concurrently.
 unsafe impl Send for RawComm {}
+// SAFETY: as for `Send`: under MPI_THREAD_MULTIPLE, calls through `&RawComm` from several threads at
+// once are allowed (the handle itself is never mutated after creation).
 unsafe impl Sync for RawComm {}
 
 impl RawComm {
@@ -81,7 +87,13 @@ pub struct MpiComm {
 // Datatypes and reductions
 
 struct UserOps([ffi::MPI_Op; 6]);
+// SAFETY: opaque MPI_Op handles, created once by `create_user_ops` and never freed or changed.
+// MPI is initialised at MPI_THREAD_MULTIPLE (`world::init_with` asks for `Threading::Multiple` and
+// returns an error for any lower level; every `MpiComm` descends from `MpiComm::world`, which only
+// `init_with` calls, after that check), so they may be used from any thread.
 unsafe impl Send for UserOps {}
+// SAFETY: as for `Send`: shared use is read-only (handles passed by value to MPI calls), which
+// MPI_THREAD_MULTIPLE allows from several threads at once.
 unsafe impl Sync for UserOps {}
 static USER_OPS: OnceLock<UserOps> = OnceLock::new();
 
@@ -117,8 +129,12 @@ pub(crate) fn create_user_ops() -> std::result::Result<(), String> {
     }
     type F = unsafe extern "C" fn(*mut c_void, *mut c_void, *mut c_int, *mut ffi::MPI_Datatype);
     let fns: [F; 6] = [bf16_sum, bf16_max, bf16_min, f16_sum, f16_max, f16_min];
+    // SAFETY: MPI_Op is a C handle (a pointer or an int): all-zero is a valid value, and each is
+    // overwritten by MPI_Op_create before use.
     let mut ops: [ffi::MPI_Op; 6] = unsafe { std::mem::zeroed() };
     for (op, f) in ops.iter_mut().zip(fns) {
+        // SAFETY: called from `MpiComm::world`, after MPI_Init; `f` is an `MPI_User_function`
+        // (commutative, hence the 1), `op` a valid out-pointer into `ops`.
         let rc = unsafe { ffi::MPI_Op_create(Some(f), 1, op) };
         if rc != 0 {
             return Err(format!("MPI_Op_create failed: {}", error_string(rc)));
@@ -129,6 +145,8 @@ pub(crate) fn create_user_ops() -> std::result::Result<(), String> {
 }
 
 fn datatype(d: DType) -> ffi::MPI_Datatype {
+    // SAFETY: reads of rsmpi's extern statics, C `const` handles (rsmpi.c: `const MPI_Datatype
+    // RSMPI_FLOAT = MPI_FLOAT;` ...) that are initialised at load and never written.
     unsafe {
         match d {
             DType::F32 => ffi::RSMPI_FLOAT,
@@ -144,6 +162,8 @@ fn reduction(d: DType, op: ReduceOp) -> ffi::MPI_Op {
         ReduceOp::Max => 1,
         ReduceOp::Min => 2,
     };
+    // SAFETY: reads of rsmpi's extern statics, C `const` MPI_Op handles (rsmpi.c) that are
+    // initialised at load and never written.
     unsafe {
         match d {
             DType::F32 | DType::I64 => [ffi::RSMPI_SUM, ffi::RSMPI_MAX, ffi::RSMPI_MIN][idx],
@@ -156,6 +176,8 @@ fn reduction(d: DType, op: ReduceOp) -> ffi::MPI_Op {
 pub(crate) fn error_string(code: c_int) -> String {
     let mut buf = vec![0u8; 1024];
     let mut len: c_int = 0;
+    // SAFETY: `buf` holds 1024 bytes, at least MPI_MAX_ERROR_STRING (256 in Open MPI, 1024 in
+    // MPICH), which is all MPI_Error_string writes; `len` is a valid out-pointer.
     unsafe {
         if ffi::MPI_Error_string(code, buf.as_mut_ptr() as *mut _, &mut len) != 0 {
             return format!("MPI error {code}");
@@ -175,6 +197,7 @@ fn ok(rc: c_int, ctx: &OpContext, call: &str) -> Result<()> {
 
 /// `MPI_IN_PLACE` (a macro in mpi.h, so rsmpi's bindings do not have it).
 pub fn in_place() -> *mut c_void {
+    // SAFETY: csrc/mpi_consts.c: takes nothing and returns the constant MPI_IN_PLACE.
     unsafe { fabbrica_mpi_in_place() }
 }
 
@@ -238,12 +261,17 @@ impl MpiComm {
     /// benchmark's baseline, never match ours).
     pub(crate) fn world(debug: bool, registry: Arc<Registry>) -> std::result::Result<MpiComm, String> {
         create_user_ops()?;
+        // SAFETY: MPI_Comm is a C handle (a pointer or an int): all-zero is a valid value, only
+        // used as MPI_Comm_dup's out-parameter.
         let mut raw: ffi::MPI_Comm = unsafe { std::mem::zeroed() };
+        // SAFETY: only called by `world::init_with`, after MPI_Init; RSMPI_COMM_WORLD is a C const
+        // handle and `raw` a valid out-pointer.
         let rc = unsafe { ffi::MPI_Comm_dup(ffi::RSMPI_COMM_WORLD, &mut raw) };
         if rc != 0 {
             return Err(format!("MPI_Comm_dup(MPI_COMM_WORLD) failed: {}", error_string(rc)));
         }
         let (mut rank, mut size) = (0, 0);
+        // SAFETY: `raw` is the communicator MPI_Comm_dup just created; the out-pointers are locals.
         unsafe {
             ffi::MPI_Comm_rank(raw, &mut rank);
             ffi::MPI_Comm_size(raw, &mut size);
@@ -264,11 +292,15 @@ impl MpiComm {
         members: Arc<Vec<usize>>,
         registry: Arc<Registry>,
     ) -> std::result::Result<MpiComm, String> {
+        // SAFETY: `raw` is a live communicator (a duplicate of MPI_COMM_WORLD, or the non-null
+        // result of MPI_Comm_split); RSMPI_ERRORS_RETURN is a C const handle.
         unsafe {
             ffi::MPI_Comm_set_errhandler(raw, ffi::RSMPI_ERRORS_RETURN);
         }
         let check = if debug {
+            // SAFETY: all-zero is a valid MPI_Comm (a C handle), only used as an out-parameter.
             let mut c: ffi::MPI_Comm = unsafe { std::mem::zeroed() };
+            // SAFETY: `raw` is a live communicator (above), `c` a valid out-pointer.
             let rc = unsafe { ffi::MPI_Comm_dup(raw, &mut c) };
             if rc != 0 {
                 return Err(format!("MPI_Comm_dup failed: {}", error_string(rc)));
@@ -292,6 +324,8 @@ impl MpiComm {
             ops: OpCounter::default(),
             flight,
             splits: AtomicU64::new(0),
+            // SAFETY: csrc/mpi_consts.c: takes nothing; MPIX_Query_cuda_support needs MPI_Init,
+            // which `world::init_with` ran before any communicator is assembled.
             cuda_aware: unsafe { fabbrica_mpi_cuda_aware() } == 1,
             registry,
         })
@@ -414,6 +448,9 @@ impl MpiComm {
         let (raw, size, jctx) = (self.raw, self.size, ctx.clone());
         let sig = Sig::new(OpKind::AllReduce, Some(dt), n as i64, op.code());
         let job: Job = Box::new(move || {
+            // SAFETY: `staged.buf` is contiguous, `n` elements of `dt` (host memory, or device memory
+            // only when the library is CUDA-aware), owned by this closure until the blocking call
+            // returns; user ops exist (created in `world`); `raw` is live.
             let rc = unsafe { ffi::MPI_Allreduce(in_place(), staged.ptr(), n, datatype(dt), reduction(dt, op), raw.c()) };
             ok(rc, &jctx, "MPI_Allreduce")?;
             if op == ReduceOp::Avg {
@@ -440,6 +477,8 @@ impl MpiComm {
         let (raw, jctx) = (self.raw, ctx.clone());
         let sig = Sig::new(OpKind::Broadcast, Some(dt), n as i64, root as i64);
         let job: Job = Box::new(move || {
+            // SAFETY: `staged.buf` is contiguous, `n` elements of `dt` MPI may use (see `stage`),
+            // owned by this closure until the blocking call returns; `root` < size (checked above).
             let rc = unsafe { ffi::MPI_Bcast(staged.ptr(), n, datatype(dt), root as c_int, raw.c()) };
             ok(rc, &jctx, "MPI_Bcast")?;
             staged.finish(&jctx)
@@ -474,6 +513,9 @@ impl MpiComm {
             if i.0 == o.0 + self.rank * chunk {
                 let out = Staged { buf: output.shallow_clone(), back: None };
                 let job: Job = Box::new(move || {
+                    // SAFETY: `out` is the caller's contiguous CPU output of `n * size` elements of
+                    // `dt` (checked above), owned by this closure until the blocking call returns;
+                    // this rank's input is its own chunk of it, as MPI_IN_PLACE requires.
                     let rc = unsafe { ffi::MPI_Allgather(in_place(), 0, datatype(dt), out.ptr(), n, datatype(dt), raw.c()) };
                     ok(rc, &jctx, "MPI_Allgather")
                 });
@@ -487,6 +529,9 @@ impl MpiComm {
             inp = Staged { buf: inp.buf.copy(), back: None };
         }
         let job: Job = Box::new(move || {
+            // SAFETY: contiguous staged buffers MPI may use (see `stage`), `n` and `n * size`
+            // elements of `dt` (checked above), disjoint (an overlapping input was copied), owned by
+            // this closure until the blocking call returns.
             let rc = unsafe { ffi::MPI_Allgather(inp.ptr(), n, datatype(dt), out.ptr(), n, datatype(dt), raw.c()) };
             ok(rc, &jctx, "MPI_Allgather")?;
             drop(inp);
@@ -524,6 +569,9 @@ impl MpiComm {
         }
         let (raw, size, jctx) = (self.raw, self.size, ctx.clone());
         let job: Job = Box::new(move || {
+            // SAFETY: contiguous staged buffers MPI may use (see `stage`), `n * size` and `n`
+            // elements of `dt` (checked above), disjoint (an aliased output was replaced by scratch),
+            // owned by this closure until the blocking call returns; user ops exist.
             let rc = unsafe { ffi::MPI_Reduce_scatter_block(inp.ptr(), out.ptr(), n, datatype(dt), reduction(dt, op), raw.c()) };
             ok(rc, &jctx, "MPI_Reduce_scatter_block")?;
             drop(inp);
@@ -538,6 +586,7 @@ impl MpiComm {
     fn barrier_impl(&self, blocking: bool) -> Result<Work> {
         let ctx = self.commit(self.next_ctx(OpKind::Barrier));
         let (raw, jctx) = (self.raw, ctx.clone());
+        // SAFETY: `raw` is a live communicator; a barrier touches no buffers.
         let job: Job = Box::new(move || ok(unsafe { ffi::MPI_Barrier(raw.c()) }, &jctx, "MPI_Barrier"));
         Ok(self.submit(ctx, Sig::new(OpKind::Barrier, None, 0, 0), job, blocking))
     }
@@ -557,7 +606,12 @@ impl MpiComm {
         let rec = self.flight.enqueue(ctx.seq, OpDesc::p2p(ctx.op, dt, t.numel(), peer));
         rec.start();
         let guard = watchdog::begin(ctx.to_string(), &self.id, ctx.seq, &self.members, Some(peer));
+        // SAFETY: MPI_Request is a C handle (a pointer or an int): all-zero is a valid value, only
+        // used as an out-parameter.
         let mut req: ffi::MPI_Request = unsafe { std::mem::zeroed() };
+        // SAFETY: `staged.buf` is contiguous, `n` elements of `dt` MPI may use (see `stage`). It
+        // outlives the transfer: `P2pWork` owns it and releases it only once MPI_Wait or MPI_Test has
+        // returned for the request (its `Drop` waits when neither has).
         let rc = unsafe {
             if send {
                 ffi::MPI_Isend(staged.ptr(), n, datatype(dt), peer as c_int, 0, self.raw.c(), &mut req)
@@ -579,13 +633,18 @@ impl MpiComm {
         let parent_members = self.members.clone();
         let (id, name, registry) = (self.id.clone(), name.to_string(), self.registry.clone());
         let job: Job = Box::new(move || {
+            // SAFETY: all-zero is a valid MPI_Comm (a C handle), only used as an out-parameter.
             let mut nc: ffi::MPI_Comm = unsafe { std::mem::zeroed() };
+            // SAFETY: reads rsmpi's C `const` RSMPI_UNDEFINED, never written.
             let c = color.map(|c| c as c_int).unwrap_or(unsafe { ffi::RSMPI_UNDEFINED });
+            // SAFETY: `raw` is the live parent communicator, `nc` a valid out-pointer.
             ok(unsafe { ffi::MPI_Comm_split(raw.c(), c, key as c_int, &mut nc) }, &jctx, "MPI_Comm_split")?;
+            // SAFETY: reads rsmpi's C `const` RSMPI_COMM_NULL, never written.
             if nc == unsafe { ffi::RSMPI_COMM_NULL } {
                 return Ok(());
             }
             let (mut r, mut s) = (0, 0);
+            // SAFETY: `nc` is the new, non-null communicator; the out-pointers are locals.
             unsafe {
                 ffi::MPI_Comm_rank(nc, &mut r);
                 ffi::MPI_Comm_size(nc, &mut s);
@@ -593,6 +652,8 @@ impl MpiComm {
             // World ranks of the members, by new rank.
             let me = parent_members[jctx.rank] as i64;
             let mut all = vec![0i64; s as usize];
+            // SAFETY: sends the one i64 `me`, receives one i64 from each of the `s` members of `nc`
+            // into `all` (`s` elements); both are locals alive across the blocking call.
             let rc = unsafe {
                 ffi::MPI_Allgather(
                     &me as *const i64 as *const c_void,
@@ -629,12 +690,19 @@ struct P2pWork {
     done: Option<Result<()>>,
 }
 
+// SAFETY: what needs this is the MPI_Request handle (a raw pointer in Open MPI); `staged` is `Send`
+// (above). MPI is initialised at MPI_THREAD_MULTIPLE (`world::init_with` asks for
+// `Threading::Multiple` and returns an error for any lower level; every `MpiComm` descends from
+// `MpiComm::world`, which only `init_with` calls, after that check), so a request started on one
+// thread may be waited on or tested on another; `WorkImpl` methods take `&mut self`, so one thread at
+// a time touches it.
 unsafe impl Send for P2pWork {}
 
 impl P2pWork {
     fn complete(&mut self, status: &ffi::MPI_Status) -> Result<()> {
         if self.ctx.op == OpKind::Recv {
             let mut got: c_int = 0;
+            // SAFETY: `status` is the one MPI_Wait/MPI_Test filled for this receive; `got` a local.
             unsafe { ffi::MPI_Get_count(status, datatype(self.dt), &mut got) };
             if got != self.n {
                 return Err(CommError::InvalidArgument {
@@ -656,7 +724,10 @@ impl WorkImpl for P2pWork {
             self.done = Some(Ok(()));
             return r;
         }
+        // SAFETY: MPI_Status is a plain C struct of integers: all-zero is a valid value.
         let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        // SAFETY: `req` is the active request from MPI_Isend/MPI_Irecv (not completed: `done` is
+        // None), its buffer alive in `self.staged`; `status` is a local.
         let rc = unsafe { ffi::MPI_Wait(&mut self.req, &mut status) };
         let r = ok(rc, &self.ctx, "MPI_Wait").and_then(|_| self.complete(&status));
         self.rec.finish(&r);
@@ -668,7 +739,10 @@ impl WorkImpl for P2pWork {
             return true;
         }
         let mut flag: c_int = 0;
+        // SAFETY: MPI_Status is a plain C struct of integers: all-zero is a valid value.
         let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        // SAFETY: `req` is the active request (not completed: `done` is None), its buffer alive in
+        // `self.staged`; `flag` and `status` are locals.
         let rc = unsafe { ffi::MPI_Test(&mut self.req, &mut flag, &mut status) };
         if rc != 0 {
             let r = ok(rc, &self.ctx, "MPI_Test");
@@ -689,7 +763,10 @@ impl Drop for P2pWork {
     fn drop(&mut self) {
         // The buffers must outlive the transfer.
         if self.done.is_none() {
+            // SAFETY: MPI_Status is a plain C struct of integers: all-zero is a valid value.
             let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+            // SAFETY: `req` is still active (`done` is None) and its buffer is alive in
+            // `self.staged`, which is only dropped after this wait.
             let rc = unsafe { ffi::MPI_Wait(&mut self.req, &mut status) };
             let r = self.complete(&status);
             self.rec.finish(&ok(rc, &self.ctx, "MPI_Wait").and(r));
@@ -702,6 +779,8 @@ fn debug_check(check: RawComm, size: usize, sig: &Sig, ctx: &OpContext) -> Resul
     s.seq = ctx.seq;
     let mine = s.encode();
     let mut all = vec![0i64; 5 * size];
+    // SAFETY: sends the 5 i64 of `mine`, receives 5 from each of the `size` members of `check` (a
+    // duplicate of the operation's communicator) into `all` (5 * size); locals, alive for the call.
     let rc = unsafe {
         ffi::MPI_Allgather(mine.as_ptr() as *const c_void, 5, ffi::RSMPI_INT64_T, all.as_mut_ptr() as *mut c_void, 5, ffi::RSMPI_INT64_T, check.0)
     };

@@ -586,7 +586,7 @@ fn watchdog_ends_a_job_with_stopped_ranks_in_bounded_time() {
     let slack = Duration::from_secs(6);
     // Fewer stopped ranks than FAN_OUT: every one is asked and told at once, so the per-peer
     // timeouts apply (not the overall deadlines, DIAGNOSIS_DEADLINE and ABORT_DEADLINE).
-    assert!(STOPPED <= fabbrica_comm::watchdog::FAN_OUT);
+    const { assert!(STOPPED <= fabbrica_comm::watchdog::FAN_OUT) };
     let bound = timeout + timeout / 20 + QUERY_TIMEOUT + ABORT_TIMEOUT + EXIT_PAUSE + slack;
     // What the serial diagnosis would need at least, teardown not counted.
     let serial = timeout + STOPPED as u32 * QUERY_TIMEOUT + EXIT_PAUSE;

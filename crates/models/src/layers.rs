@@ -3,12 +3,15 @@
 
 use tch::{nn::Init, nn::Path, Tensor};
 
+/// What [`Params::seeded`] installs.
+type Reseed = Box<dyn Fn(&str)>;
+
 /// Ordered registry of (state-dict name, parameter) pairs.
 #[derive(Default)]
 pub struct Params {
     pub list: Vec<(String, Tensor)>,
     /// Called with each parameter's full name before it is initialised (seeds its draw).
-    reseed: Option<Box<dyn Fn(&str)>>,
+    reseed: Option<Reseed>,
 }
 
 impl Params {

@@ -210,9 +210,7 @@ impl Schedule {
         if actions.is_none_or(|n| n > MAX_ACTIONS as u128) {
             return Err(ScheduleError::TooManyActions { kind, pp, v: virtual_stages, m: microbatches });
         }
-        // `%` rather than `is_multiple_of`: the workspace MSRV is 1.85.
-        #[allow(clippy::manual_is_multiple_of)]
-        if kind == Kind::Interleaved1F1B && microbatches % pp != 0 {
+        if kind == Kind::Interleaved1F1B && !microbatches.is_multiple_of(pp) {
             return Err(ScheduleError::MicrobatchesNotMultiple { m: microbatches, pp });
         }
         Ok(())

@@ -299,9 +299,7 @@ impl ParallelDims {
         // theory; saturate in that case, the numbers are still "too big").
         let pp_tp = pp as u128 * tp as u128;
         let dp = if dp == 0 {
-            // `%` rather than `is_multiple_of`: the workspace MSRV is 1.85.
-            #[allow(clippy::manual_is_multiple_of)]
-            let divisible = world_size as u128 % pp_tp == 0;
+            let divisible = (world_size as u128).is_multiple_of(pp_tp);
             if !divisible {
                 return Err(TopologyError::NotDivisible { pp, tp, pp_tp, world_size });
             }

@@ -469,7 +469,7 @@ impl Config {
             }
             return Ok(None);
         }
-        let m = self.train.grad_accum as usize;
+        let m = self.train.grad_accum;
         // The schedule lists every (stage, micro-batch) twice: bound it before building it.
         if (p.pp as u128) * (p.virtual_stages as u128) * (m as u128) > MAX_PIPELINE_ACTIONS as u128 {
             return Err(bad(

@@ -98,10 +98,14 @@ mod tests {
         unsafe { libc::raise(libc::SIGUSR1) };
         assert_eq!(pending(), Some(libc::SIGUSR1));
         // A second SIGUSR1 is only noted (it never ends the process).
+        // SAFETY: as above: our handler for SIGUSR1 is still installed.
         unsafe { libc::raise(libc::SIGUSR1) };
         assert_eq!(pending(), Some(libc::SIGUSR1));
         drop(h);
+        // SAFETY: sigaction is a plain C struct (integers, a mask, a handler address): all-zero is a
+        // valid value.
         let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: a null new action only queries; `cur` is a valid out-pointer.
         unsafe { libc::sigaction(libc::SIGUSR1, std::ptr::null(), &mut cur) };
         assert_ne!(cur.sa_sigaction, on_signal as *const () as usize, "handler not restored");
         assert_eq!(name(libc::SIGTERM), "SIGTERM");

@@ -70,7 +70,7 @@ impl TraceLog {
                 let n = Tensor::zeros([1], (Kind::Int64, Device::Cpu));
                 comm.recv(&n, r).map_err(comm_err)?;
                 let n = n.int64_value(&[0]);
-                if n < 0 || n as usize > MAX_EVENTS * FIELDS || n as usize % FIELDS != 0 {
+                if n < 0 || n as usize > MAX_EVENTS * FIELDS || !(n as usize).is_multiple_of(FIELDS) {
                     return Err(TrainError::Comm(format!("trace from rank {r}: {n} values announced")));
                 }
                 let t = Tensor::zeros([n], (Kind::Int64, Device::Cpu));

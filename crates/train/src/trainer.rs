@@ -647,10 +647,13 @@ fn evaluate_grid(s: &Setup, sampler: &Sampler, grid: &Grid, split: Split, iters:
     Ok(t.double_value(&[0]) / iters as f64)
 }
 
+/// Tensors by name, as a checkpoint stores them.
+type Named = Vec<(String, Tensor)>;
+
 /// This rank's parts' parameters and optimizer state by name, as a checkpoint stores them:
 /// the last stage's copy of the tied embedding left out (the first stage's is the same), and
 /// under ZeRO-1 the moments gathered from the data-parallel shards (a collective over `grid.dp`).
-fn local_state(s: &Setup, grads: &Grads, opt: &AdamW, zero1: bool) -> Result<(Vec<(String, Tensor)>, Vec<(String, Tensor)>), TrainError> {
+fn local_state(s: &Setup, grads: &Grads, opt: &AdamW, zero1: bool) -> Result<(Named, Named), TrainError> {
     let copy_here = s.parts.iter().any(|p| p.model.holds_tied_copy());
     let mut model: Vec<(String, Tensor)> = Vec::new();
     for p in &s.parts {

@@ -151,9 +151,13 @@ impl SizeCtx<'_> {
         // SAFETY: CPU tensors of this size and dtype (T has the dtype's width), alive for the call;
         // `a` and `b` never overlap.
         let a: &mut [T] = unsafe { view(&bufs.a) };
+        // SAFETY: as for `a`: `b` is another CPU tensor of this dtype, allocated apart from `a`.
         let b: Option<&mut [T]> = bufs.b.as_ref().map(|t| unsafe { view(t) });
         match self.op {
             Op::AllReduce => {
+                // SAFETY: in place over `a`, `a.len()` elements of T's MPI datatype, borrowed for
+                // the blocking call; `raw_op` is a live reduction (see `RawOp`) and `world` is
+                // rsmpi's live world communicator.
                 let rc = unsafe {
                     mpi::ffi::MPI_Allreduce(
                         fabbrica_comm::mpi::in_place(),
@@ -294,6 +298,8 @@ pub(super) unsafe fn view<T>(t: &Tensor) -> &mut [T] {
 /// An MPI reduction handle (built-in or user), usable with rsmpi's safe collectives.
 pub(super) struct RawOp(pub(super) mpi::ffi::MPI_Op);
 
+// SAFETY: `AsRaw` asks for a valid handle: `RawOp` is only built (bench_collectives/mod.rs) from
+// MPI_SUM or from the `UnsafeUserOperation` that `bench` keeps alive until after every use.
 unsafe impl AsRaw for RawOp {
     type Raw = mpi::ffi::MPI_Op;
     fn as_raw(&self) -> Self::Raw {

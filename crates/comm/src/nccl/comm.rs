@@ -439,8 +439,11 @@ impl NcclComm {
         let (dtype, redop) = (nccl_datatype(dt), nccl_reduce_op(op));
         let keep = vec![s.buf.shallow_clone()];
         let back = s.back.map(|b| (b, s.buf));
-        // SAFETY (all launches): device pointers of live contiguous tensors of `n` elements of
-        // `dtype`, kept alive by the Work until the current stream is ordered after the kernel.
+        // SAFETY: `p` is the device pointer of a contiguous tensor on this communicator's device
+        // (`on_device`) of `n` elements of `dtype`. `keep` holds it in the Work and `prepare` records
+        // its use on the NCCL stream, so its memory is neither freed nor reused before the kernel is
+        // done; `launch` calls this with `issue` held, on a live communicator and its own stream.
+        // (The other launches below rest on the same argument.)
         self.launch(&ctx, "ncclAllReduce", keep, back, |lib, comm, stream| unsafe {
             (lib.all_reduce)(p as *const c_void, p, n, dtype, redop, comm, stream)
         })
@@ -465,6 +468,8 @@ impl NcclComm {
         let dtype = nccl_datatype(dt);
         let keep = vec![s.buf.shallow_clone()];
         let back = s.back.map(|b| (b, s.buf));
+        // SAFETY: as in `all_reduce_impl`: `p`, `n` elements of `dtype` in a contiguous device
+        // tensor that `keep` holds and `prepare` records on the NCCL stream; `root` < size (checked).
         self.launch(&ctx, "ncclBroadcast", keep, back, |lib, comm, stream| unsafe {
             (lib.broadcast)(p as *const c_void, p, n, dtype, root as c_int, comm, stream)
         })
@@ -492,6 +497,9 @@ impl NcclComm {
         if output.is_contiguous() && input.is_contiguous() && input.data_ptr() as usize == output.data_ptr() as usize + self.rank * n * dt.size() {
             let (o, i) = (output.data_ptr(), input.data_ptr());
             let keep = vec![output.shallow_clone(), input.shallow_clone()];
+            // SAFETY: as in `all_reduce_impl`: contiguous device tensors of `n` (input) and
+            // `n * size` (output, checked) elements, the input being this rank's chunk of the
+            // output, the in-place layout NCCL accepts; `keep` holds both.
             return self.launch(&ctx, "ncclAllGather", keep, None, |lib, comm, stream| unsafe {
                 (lib.all_gather)(i as *const c_void, o, n, dtype, comm, stream)
             });
@@ -505,6 +513,8 @@ impl NcclComm {
         let (o, i) = (out.buf.data_ptr(), inp.buf.data_ptr());
         let keep = vec![out.buf.shallow_clone(), inp.buf];
         let back = out.back.map(|b| (b, out.buf));
+        // SAFETY: as in `all_reduce_impl`: contiguous staged device buffers of `n` and `n * size`
+        // elements (checked), not overlapping (an overlapping input was copied); `keep` holds both.
         self.launch(&ctx, "ncclAllGather", keep, back, |lib, comm, stream| unsafe { (lib.all_gather)(i as *const c_void, o, n, dtype, comm, stream) })
     }
 
@@ -531,6 +541,9 @@ impl NcclComm {
         if output.is_contiguous() && input.is_contiguous() && output.data_ptr() as usize == input.data_ptr() as usize + self.rank * n * dt.size() {
             let (o, i) = (output.data_ptr(), input.data_ptr());
             let keep = vec![output.shallow_clone(), input.shallow_clone()];
+            // SAFETY: as in `all_reduce_impl`: contiguous device tensors of `n * size` (input,
+            // checked) and `n` (output) elements, the output being this rank's chunk of the input,
+            // the in-place layout NCCL accepts; `keep` holds both.
             return self.launch(&ctx, "ncclReduceScatter", keep, None, |lib, comm, stream| unsafe {
                 (lib.reduce_scatter)(i as *const c_void, o, n, dtype, redop, comm, stream)
             });
@@ -544,6 +557,8 @@ impl NcclComm {
         let (o, i) = (out.buf.data_ptr(), inp.buf.data_ptr());
         let keep = vec![out.buf.shallow_clone(), inp.buf];
         let back = out.back.map(|b| (b, out.buf));
+        // SAFETY: as in `all_reduce_impl`: contiguous staged device buffers of `n * size` and `n`
+        // elements (checked), not overlapping (an aliased output became scratch); `keep` holds both.
         self.launch(&ctx, "ncclReduceScatter", keep, back, |lib, comm, stream| unsafe {
             (lib.reduce_scatter)(i as *const c_void, o, n, dtype, redop, comm, stream)
         })

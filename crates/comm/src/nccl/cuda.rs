@@ -27,6 +27,7 @@ fn check(msg: *mut c_char) -> Result<(), String> {
     }
     // SAFETY: a NUL-terminated string from malloc, freed once, here.
     let text = unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned();
+    // SAFETY: `msg` is the shim's non-null message, owned by us and not used after this.
     unsafe { fab_cuda_free_message(msg) };
     Err(text)
 }
@@ -43,6 +44,8 @@ impl DeviceGuard {
     pub(crate) fn new(device: usize) -> Result<DeviceGuard, String> {
         let device = device as c_int;
         let mut previous: c_int = -1;
+        // SAFETY: `previous` is a valid out-pointer; the shim catches every C++ exception and
+        // reports it as a message, which `check` takes.
         check(unsafe { fab_cuda_exchange_device(device, &mut previous) })?;
         Ok(DeviceGuard { previous, device })
     }
@@ -51,6 +54,7 @@ impl DeviceGuard {
 impl Drop for DeviceGuard {
     fn drop(&mut self) {
         if self.previous >= 0 && self.previous != self.device {
+            // SAFETY: takes a device index only; failures come back as a message (`check`).
             let _ = check(unsafe { fab_cuda_restore_device(self.previous) });
         }
     }
@@ -65,6 +69,8 @@ pub(crate) struct Stream {
 
 // SAFETY: a stream handle is a plain identifier; CUDA stream operations are thread-safe.
 unsafe impl Send for Stream {}
+// SAFETY: as for `Send`: `&Stream` only reads the id, device and raw handle, which never change
+// after `from_pool`.
 unsafe impl Sync for Stream {}
 
 impl Stream {
@@ -72,6 +78,7 @@ impl Stream {
     /// behind compute kernels that were launched on other pool streams.
     pub(crate) fn from_pool(device: usize) -> Result<Stream, String> {
         let (mut id, mut raw) = (0i64, std::ptr::null_mut());
+        // SAFETY: `id` and `raw` are valid out-pointers; errors come back as a message (`check`).
         check(unsafe { fab_cuda_pool_stream(device as c_int, 1, &mut id, &mut raw) })?;
         Ok(Stream { id, device: device as c_int, raw })
     }
@@ -104,6 +111,8 @@ pub(crate) struct Event(*mut c_void);
 // SAFETY: the only mutation, `record`, takes `&mut self`, so a shared event is only queried and
 // waited on (const in c10), which CUDA allows from any thread.
 unsafe impl Send for Event {}
+// SAFETY: see `Send`: through `&Event` only `block` and `query` are reachable, both const in c10 and
+// callable from any thread.
 unsafe impl Sync for Event {}
 
 /// Marks `t`'s memory as used by the stream `on` (PyTorch's `Tensor.record_stream`): libtorch's
@@ -119,6 +128,7 @@ pub(crate) fn record_use(t: &tch::Tensor, on: On<'_>) -> Result<(), String> {
 impl Event {
     pub(crate) fn new() -> Result<Event, String> {
         let mut ev = std::ptr::null_mut();
+        // SAFETY: `ev` is a valid out-pointer; errors come back as a message (`check`).
         check(unsafe { fab_cuda_event_new(&mut ev) })?;
         Ok(Event(ev))
     }
@@ -127,18 +137,24 @@ impl Event {
     /// creates the CUDA event on first use), so it must not race with a query or block.
     pub(crate) fn record(&mut self, on: On<'_>) -> Result<(), String> {
         let (device, current, id) = on.args();
+        // SAFETY: `self.0` is the live c10::Event from `fab_cuda_event_new` (freed only in `Drop`),
+        // and `&mut self` keeps this record from racing with any other use of it.
         check(unsafe { fab_cuda_event_record(self.0, device, current, id) })
     }
 
     /// Makes the stream `on` wait (on the GPU, not the host) for the last record.
     pub(crate) fn block(&self, on: On<'_>) -> Result<(), String> {
         let (device, current, id) = on.args();
+        // SAFETY: `self.0` is the live c10::Event from `fab_cuda_event_new` (freed only in `Drop`);
+        // `block` only reads it.
         check(unsafe { fab_cuda_event_block(self.0, device, current, id) })
     }
 
     /// Whether the work captured by the last record has finished.
     pub(crate) fn query(&self) -> Result<bool, String> {
         let mut done: c_int = 0;
+        // SAFETY: `self.0` is the live c10::Event (freed only in `Drop`), only read; `done` is a
+        // valid out-pointer.
         check(unsafe { fab_cuda_event_query(self.0, &mut done) })?;
         Ok(done != 0)
     }
@@ -146,6 +162,7 @@ impl Event {
 
 impl Drop for Event {
     fn drop(&mut self) {
+        // SAFETY: `self.0` came from `fab_cuda_event_new` and is freed exactly once, here.
         unsafe { fab_cuda_event_free(self.0) }
     }
 }

@@ -19,6 +19,8 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(super) struct RawComm(pub(super) ncclComm_t);
 // SAFETY: an opaque handle; every call on it is serialised by `Inner::issue`.
 unsafe impl Send for RawComm {}
+// SAFETY: as for `Send`: shared references only copy the handle out, and every NCCL call made with
+// it holds `Inner::issue`, so no two threads use the communicator at once.
 unsafe impl Sync for RawComm {}
 
 /// What the communicator, its poller and its pending `Work`s share.

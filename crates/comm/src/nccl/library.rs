@@ -119,6 +119,9 @@ impl Nccl {
         unsafe fn sym<T: Copy>(lib: &Library, name: &str) -> Result<T, String> {
             lib.get::<T>(name).map(|s| *s).map_err(|e| format!("NCCL has no {name}: {e}"))
         }
+        // SAFETY: each `sym` asks for a symbol at nccl.h's prototype for it, and `lib` moves into
+        // the returned table (`_lib`), which keeps every resolved pointer valid; ncclGetVersion
+        // only writes the local `version`.
         unsafe {
             let get_version: unsafe extern "C" fn(*mut c_int) -> RawResult = sym(&lib, "ncclGetVersion")?;
             let mut version: c_int = 0;
@@ -156,6 +159,7 @@ impl Nccl {
         // SAFETY: both return static or comm-owned NUL-terminated strings (or NULL).
         let text = unsafe { c_text((self.get_error_string)(rc)) }.unwrap_or_else(|| format!("error {rc}"));
         let last = match self.get_last_error {
+            // SAFETY: as above: ncclGetLastError returns NULL or a NUL-terminated string NCCL owns.
             Some(f) => unsafe { c_text(f(comm)) }.filter(|s| !s.is_empty()),
             None => None,
         };
@@ -176,11 +180,14 @@ unsafe fn c_text(p: *const c_char) -> Option<String> {
 
 /// The file the symbol at `addr` was loaded from, canonical where it exists.
 fn loaded_path(addr: *const c_void) -> Option<PathBuf> {
+    // SAFETY: Dl_info is a plain C struct of pointers: all-zero (null) is a valid value.
     let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
     // SAFETY: dladdr only reads the loader's tables.
     if unsafe { libc::dladdr(addr, &mut info) } == 0 || info.dli_fname.is_null() {
         return None;
     }
+    // SAFETY: dladdr succeeded and `dli_fname` is non-null: a NUL-terminated path in the loader's
+    // tables, valid while the object stays loaded (it is: `addr` is in a library we hold open).
     let raw = PathBuf::from(unsafe { CStr::from_ptr(info.dli_fname) }.to_string_lossy().into_owned());
     Some(std::fs::canonicalize(&raw).unwrap_or(raw))
 }

@@ -56,11 +56,12 @@ pub(super) fn unique_id(lib: Option<&Nccl>, host: &Arc<dyn Communicator>) -> std
     let mut own_error = None;
     if host.rank() == 0 {
         match lib {
-            // SAFETY: writes the 128 bytes of `id`.
             Some(lib) => {
+                // SAFETY: writes the 128 bytes of `id`, a local ncclUniqueId.
                 let rc = unsafe { (lib.get_unique_id)(&mut id) };
                 if rc != SUCCESS {
                     own_error = Some(lib.describe("ncclGetUniqueId", rc, std::ptr::null_mut()));
+                    // SAFETY: a plain byte array.
                     id = unsafe { std::mem::zeroed() };
                 }
             }
@@ -112,6 +113,7 @@ mod tests {
 
     #[test]
     fn unique_id_survives_the_i64_round_trip() {
+        // SAFETY: a plain byte array.
         let mut id: ncclUniqueId = unsafe { std::mem::zeroed() };
         for (i, b) in id.internal.iter_mut().enumerate() {
             *b = (i as u8).wrapping_mul(37).wrapping_add(5) as _;

@@ -223,7 +223,9 @@ pub fn assemble_slices(optim: Vec<(String, Tensor)>, model: &[(String, Tensor)],
     let corrupt = |why: String| TrainError::Checkpoint(format!("{}: {why}: resume from an earlier checkpoint (run.resume_from)", dir.display()));
     let shapes: BTreeMap<&str, Vec<i64>> = model.iter().map(|(n, t)| (n.as_str(), t.size())).collect();
     let mut out = Vec::new();
-    let mut pieces: BTreeMap<(String, String), Vec<(usize, usize, Tensor)>> = BTreeMap::new();
+    // (parameter, state suffix) -> its pieces: (first element, end element, values).
+    type Pieces = BTreeMap<(String, String), Vec<(usize, usize, Tensor)>>;
+    let mut pieces: Pieces = BTreeMap::new();
     for (name, t) in optim {
         match slice_of(&name) {
             None => out.push((name, t)),
