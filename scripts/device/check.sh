@@ -96,6 +96,13 @@ correctness)
   gpu_step "fp32, 2 ranks with ZeRO-1" \
     "${MPIRUN[@]}" -np 2 "$FAB" train "${eq[@]}" --set comm.backend=mpi --set parallel.zero=1 --set run.out_dir="$WORK/r2z"
   gpu_step "  ZeRO-1 matches 1 rank" same_losses "$WORK/r1" "$WORK/r2z" 1e-4
+  # Pipeline stages on the GPU: pp = 2 on 2 ranks (CUDA activations and gradients through MPI host
+  # staging) against 1 rank with the same 4 micro-batches; dropout off (its masks are per stage).
+  eqp=(--preset tiny --set "$DATA" --set train.max_steps=30 --set train.dtype=fp32 --set run.device=cuda --set model.dropout=0.0 --set train.grad_accum=4)
+  gpu_step "fp32 pipeline reference, 1 rank x accum 4" "$FAB" train "${eqp[@]}" --set run.out_dir="$WORK/p1"
+  gpu_step "fp32, pp=2 on 2 ranks (comm.backend=mpi)" \
+    "${MPIRUN[@]}" -np 2 "$FAB" train "${eqp[@]}" --set parallel.pp=2 --set comm.backend=mpi --set run.out_dir="$WORK/p2"
+  gpu_step "  the pipeline matches 1 rank" same_losses "$WORK/p1" "$WORK/p2" 1e-4
   ;;
 collectives)
   max=256M; [ "$QUICK" = 1 ] && max=1M
