@@ -27,7 +27,7 @@ use crate::metrics::{MetricsLog, Progress, Record, StageReport, Stragglers};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::pipelined::StageTimes;
 use crate::sample::sample_text;
-use crate::saver::{Completed, RunState, Saver, Snapshot};
+use crate::saver::{save_checkpoint, Completed, RunState, Saver};
 
 /// Evaluation batches use this step index, so every evaluation sees the same windows.
 const EVAL_STEP: u64 = u64::MAX;
@@ -188,7 +188,7 @@ fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
     TrainError::Comm(e.to_string())
 }
 
-fn ddp_err(e: fabbrica_ddp::DdpError) -> TrainError {
+pub(crate) fn ddp_err(e: fabbrica_ddp::DdpError) -> TrainError {
     TrainError::Comm(e.to_string())
 }
 
@@ -647,203 +647,6 @@ fn evaluate_grid(s: &Setup, sampler: &Sampler, grid: &Grid, split: Split, iters:
     Ok(t.double_value(&[0]) / iters as f64)
 }
 
-/// Tensors by name, as a checkpoint stores them.
-type Named = Vec<(String, Tensor)>;
-
-/// This rank's parts' parameters and optimizer state by name, as a checkpoint stores them:
-/// the last stage's copy of the tied embedding left out (the first stage's is the same), and
-/// under ZeRO-1 the moments gathered from the data-parallel shards (a collective over `grid.dp`).
-fn local_state(s: &Setup, grads: &Grads, opt: &AdamW, zero1: bool) -> Result<(Named, Named), TrainError> {
-    let copy_here = s.parts.iter().any(|p| p.model.holds_tied_copy());
-    let mut model: Vec<(String, Tensor)> = Vec::new();
-    for p in &s.parts {
-        model.extend(p.model.parameter_handles().into_iter().filter(|(n, _)| !(p.model.holds_tied_copy() && n == TIED)));
-    }
-    let optim: Vec<(String, Tensor)> = if zero1 {
-        let mut v = Vec::new();
-        for d in &grads.ddps {
-            v.extend(d.gather_state(opt.steps_taken()).map_err(ddp_err)?);
-        }
-        if grads.holds_tied() && !copy_here {
-            v.extend(opt.state_where(|n| n == TIED));
-        }
-        v
-    } else {
-        opt.state_where(|n| !(copy_here && n == TIED))
-    };
-    Ok((model, optim))
-}
-
-/// What a checkpoint holds, on rank 0 (the writer) of a run without pipeline parallelism: the
-/// whole model's parameters and optimizer state. Collective under ZeRO-1. `None` elsewhere.
-fn snapshot(s: &Setup, grid: &Grid, grads: &Grads, opt: &AdamW, zero1: bool) -> Result<Option<Snapshot>, TrainError> {
-    let (model, optim) = local_state(s, grads, opt, zero1)?;
-    Ok((grid.rank == 0).then_some(Snapshot { model, optim }))
-}
-
-/// Writes the checkpoint of `step` (collective): rank 0 alone without a pipeline; with one,
-/// every stage's first data-parallel rank writes its shard in parallel and rank 0 commits the
-/// checkpoint once all are in place (`checkpoint::sharded`). Returns the writes that finished
-/// (known on rank 0).
-#[allow(clippy::too_many_arguments)]
-fn save_checkpoint(
-    s: &Setup,
-    grid: &Grid,
-    grads: &Grads,
-    opt: &AdamW,
-    saver: &mut Saver,
-    step: u64,
-    val_loss: Option<f64>,
-    log: &mut Option<MetricsLog>,
-) -> Result<Vec<Completed>, TrainError> {
-    let zero1 = s.cfg.parallel.zero == 1;
-    if s.pipeline.is_none() {
-        let snap = snapshot(s, grid, grads, opt, zero1)?;
-        return saver.save(s, snap, step, val_loss);
-    }
-    let mut done: Vec<Completed> = saver.settle().into_iter().collect();
-    saver.run.last_snapshot_step = Some(step);
-    // What this rank writes: its stages' weights (the first data-parallel rank of each stage) and
-    // optimizer state: under ZeRO-1 every rank its own shard, named by slice (`name[a..b].exp_avg`),
-    // so nothing is gathered; otherwise the first data-parallel rank the whole state.
-    let copy_here = s.parts.iter().any(|p| p.model.holds_tied_copy());
-    let first = grid.coords.dp == 0;
-    let model: Vec<(String, Tensor)> = if first {
-        s.parts.iter().flat_map(|p| p.model.parameter_handles().into_iter().filter(|(n, _)| !(p.model.holds_tied_copy() && n == TIED))).collect()
-    } else {
-        Vec::new()
-    };
-    let optim: Option<Vec<(String, Tensor)>> = if zero1 {
-        // The reducers' shard pieces, and the tied embedding's whole state (kept out of the
-        // buckets, replicated on every data-parallel rank: the first writes it).
-        Some(opt.state_where(|n| n != TIED || (first && !copy_here)))
-    } else {
-        first.then(|| opt.state_where(|n| !(copy_here && n == TIED)))
-    };
-    let diff = tied_check(s, grid, &model)?;
-    if let (Some(d), Some(log)) = (diff, log.as_mut()) {
-        log.write(&Record { kind: "tied_embedding".into(), step, tied_fingerprint_diff: Some(d), ..empty_record() })?;
-    }
-    let out = &s.cfg.run.out_dir;
-    // Rank 0 prepares the directory; every writer learns where (empty: it could not).
-    let begun = if grid.rank == 0 {
-        let needed = 12 * fabbrica_models::flops::total_params(&s.cfg.model) + (1 << 20);
-        checkpoint::sharded::begin(out, step, needed)
-    } else {
-        Ok(std::path::PathBuf::new())
-    };
-    let tmp = crate::grid::broadcast_text(&*grid.world, 0, &begun.as_ref().map(|p| p.display().to_string()).unwrap_or_default())?;
-    if tmp.is_empty() {
-        if let Err(e) = begun {
-            done.push(saver.record(Completed { step, result: Err(e) }));
-        }
-        return Ok(done);
-    }
-    let tmp = std::path::PathBuf::from(tmp);
-    use checkpoint::sharded::{shard_name, write_shard, ShardInfo};
-    let (pp, dp) = (grid.dims.pp, grid.dims.dp);
-    // Weights: one shard per stage. Optimizer: one per stage, or one per rank under ZeRO-1.
-    let optim_index = |c: fabbrica_topology::Coords| if zero1 { c.pp * dp + c.dp } else { c.pp };
-    let optim_files = if zero1 { pp * dp } else { pp };
-    let written = (first || optim.is_some()).then(|| -> Result<(Option<ShardInfo>, Option<ShardInfo>), TrainError> {
-        let m = if first { Some(write_shard(&tmp, &shard_name("model", grid.coords.pp, pp), &model, step)?) } else { None };
-        let o = match &optim {
-            Some(o) => Some(write_shard(&tmp, &shard_name("optim", optim_index(grid.coords), optim_files), o, step)?),
-            None => None,
-        };
-        Ok((m, o))
-    });
-    if grid.rank != 0 {
-        if let Some(w) = written {
-            let report = match w {
-                Ok(pair) => serde_json::json!({ "ok": pair }),
-                Err(e) => serde_json::json!({ "err": e.to_string() }),
-            };
-            crate::grid::send_text(&*grid.world, 0, &report.to_string())?;
-        }
-        return Ok(done);
-    }
-    // Rank 0: its own shards, then every other writer's report (in rank order), then the commit.
-    let writers: Vec<usize> = (1..grid.dims.world_size).filter(|&r| grid.dims.coords(r).map(|c| c.dp == 0 || zero1).unwrap_or(false)).collect();
-    let mut models = Vec::with_capacity(pp);
-    let mut optims = Vec::with_capacity(optim_files);
-    let mut failure: Option<TrainError> = None;
-    let mut take = |pair: (Option<ShardInfo>, Option<ShardInfo>)| {
-        models.extend(pair.0);
-        optims.extend(pair.1);
-    };
-    match written.expect("rank 0 writes") {
-        Ok(pair) => take(pair),
-        Err(e) => failure = Some(e),
-    }
-    for &w in &writers {
-        let text = crate::grid::recv_text(&*grid.world, w)?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::Comm(format!("checkpoint report from rank {w}: {e}")))?;
-        if let Some(e) = v.get("err").and_then(|e| e.as_str()) {
-            failure.get_or_insert(TrainError::Checkpoint(format!("rank {w} could not write its shard of step {step}: {e}")));
-        } else {
-            let pair: (Option<ShardInfo>, Option<ShardInfo>) =
-                serde_json::from_value(v["ok"].clone()).map_err(|e| TrainError::Comm(format!("checkpoint report from rank {w}: {e}")))?;
-            take(pair);
-        }
-    }
-    let result = match failure {
-        Some(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-        None => checkpoint::sharded::commit(out, &tmp, saver.state_for(s, step, val_loss), &models, &optims, s.cfg.run.keep_checkpoints),
-    };
-    done.push(saver.record(Completed { step, result }));
-    Ok(done)
-}
-
-/// Pipelines: whether the first stage's tied embedding and the last stage's copy are still
-/// equal, on rank 0 (collective between the two). Compares fingerprints computed where the
-/// tensors live (the sum, the sum of squares and a position-weighted sum, each in f64, sent as
-/// their exact bits), so 24 bytes travel instead of a V×C matrix; identical copies give identical
-/// bits, and copies that differ anywhere almost surely do not. Returns the largest relative
-/// difference of the fingerprints (0 when equal).
-fn tied_check(s: &Setup, grid: &Grid, model: &[(String, Tensor)]) -> Result<Option<f64>, TrainError> {
-    let last =
-        grid.dims.rank_of(fabbrica_topology::Coords { dp: 0, pp: grid.dims.pp - 1, tp: 0 }).map_err(|e| TrainError::Parallel(e.to_string()))?;
-    if grid.rank != 0 && grid.rank != last {
-        return Ok(None);
-    }
-    let fingerprint = |t: &Tensor| -> [f64; 3] {
-        tch::no_grad(|| {
-            let x = t.to_kind(Kind::Double).reshape([-1]);
-            let w = Tensor::arange(x.numel() as i64, (Kind::Double, x.device())).remainder(97.0) + 1.0;
-            [x.sum(Kind::Double).double_value(&[]), x.square().sum(Kind::Double).double_value(&[]), (&x * w).sum(Kind::Double).double_value(&[])]
-        })
-    };
-    if grid.rank == last {
-        let copy = s.parts.iter().flat_map(|p| p.model.parameter_handles()).find(|(n, _)| n == TIED);
-        let bits: Vec<i64> = match copy {
-            Some((_, t)) => fingerprint(&t).iter().map(|v| v.to_bits() as i64).collect(),
-            None => vec![],
-        };
-        crate::grid::send_text(&*grid.world, 0, &bits.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(" "))?;
-        return Ok(None);
-    }
-    let theirs: Vec<f64> = crate::grid::recv_text(&*grid.world, last)?
-        .split_whitespace()
-        .filter_map(|b| b.parse::<i64>().ok())
-        .map(|b| f64::from_bits(b as u64))
-        .collect();
-    let Some((_, ours)) = model.iter().find(|(n, _)| n == TIED) else { return Ok(None) };
-    if theirs.len() != 3 {
-        return Ok(None); // untied: the last stage holds no copy
-    }
-    let ours = fingerprint(ours);
-    Ok(Some(
-        ours.iter()
-            .zip(&theirs)
-            .map(|(a, b)| if a == b { 0.0 } else { (a - b).abs() / a.abs().max(b.abs()).max(f64::MIN_POSITIVE) })
-            .fold(0.0, f64::max),
-    ))
-}
-
 /// Every pipeline rank's compute, wait and idle fraction per step over the log window, gathered
 /// from the first replica's stages (every rank takes part: a collective over the world).
 fn pipeline_report(grid: &Grid, t: &StageTimes, steps: u64) -> Result<Vec<StageReport>, TrainError> {
@@ -1005,7 +808,7 @@ fn straggler_report(comm: &dyn Communicator, compute_ms: f64, wait_ms: f64) -> R
     Ok(Stragglers { slowest_rank: slowest, compute_ms: compute, comm_wait_ms: wait })
 }
 
-fn empty_record() -> Record {
+pub(crate) fn empty_record() -> Record {
     Record {
         kind: String::new(),
         step: 0,

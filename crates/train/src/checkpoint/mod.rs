@@ -288,23 +288,33 @@ pub fn save(
         let _ = fs::remove_dir_all(&tmp);
         return Err(fail(why));
     }
-    let dest = root.join(&name);
-    let placed = (|| -> std::io::Result<()> {
-        if dest.exists() {
-            // Only the same run re-writing the same step gets here (a fresh run into a directory
-            // with checkpoints is refused or archived first): replace it.
-            fs::remove_dir_all(&dest)?;
-        }
-        fs::rename(&tmp, &dest)
-    })();
-    if let Err(e) = placed {
+    let dest = place(&root, &tmp, state.step).map_err(|e| {
         let _ = fs::remove_dir_all(&tmp);
-        return Err(fail(e.to_string()));
-    }
-    files::fsync_path(&root)?;
-    write_atomic(&root.join("latest"), format!("{name}\n").as_bytes())?;
-    prune(&root, keep, &state.run_id, state.step)?;
+        fail(e.to_string())
+    })?;
+    publish(&root, &state, keep)?;
     Ok(dest)
+}
+
+/// Renames a complete temporary checkpoint directory into place as the checkpoint of `step`,
+/// replacing one of that step (only the same run re-writing the same step gets there: a fresh
+/// run into a directory with checkpoints is refused or archived first). Shared by the single
+/// writer and the sharded commit.
+pub(crate) fn place(root: &Path, tmp: &Path, step: u64) -> std::io::Result<PathBuf> {
+    let dest = root.join(dir_name(step));
+    if dest.exists() {
+        fs::remove_dir_all(&dest)?;
+    }
+    fs::rename(tmp, &dest)?;
+    Ok(dest)
+}
+
+/// After [`place`]: the directory entry made durable, `latest` pointed at it, and this run's
+/// older checkpoints pruned to `keep`.
+pub(crate) fn publish(root: &Path, state: &CheckpointState, keep: usize) -> Result<(), TrainError> {
+    files::fsync_path(root)?;
+    write_atomic(&root.join("latest"), format!("{}\n", dir_name(state.step)).as_bytes())?;
+    prune(root, keep, &state.run_id, state.step)
 }
 
 /// Writes the three files into `tmp` (created here), filling in the checksums.

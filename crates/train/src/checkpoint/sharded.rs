@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::{checkpoints_dir, dir_name, files, first_nonfinite, is_disk_full, list, one_line, prune, CheckpointState, FORMAT_VERSION, STATE_FILE};
+use super::{
+    checkpoints_dir, dir_name, files, first_nonfinite, is_disk_full, list, one_line, place, publish, CheckpointState, FORMAT_VERSION, STATE_FILE,
+};
 use crate::error::TrainError;
 
 pub const MODEL_INDEX: &str = "model.safetensors.index.json";
@@ -141,17 +143,8 @@ pub fn commit(
     })();
     written.map_err(fail)?;
     let root = checkpoints_dir(out_dir);
-    let dest = root.join(dir_name(step));
-    let placed = (|| -> std::io::Result<()> {
-        if dest.exists() {
-            fs::remove_dir_all(&dest)?;
-        }
-        fs::rename(tmp, &dest)
-    })();
-    placed.map_err(|e| fail(e.to_string()))?;
-    files::fsync_path(&root)?;
-    super::write_atomic(&root.join("latest"), format!("{}\n", dir_name(step)).as_bytes())?;
-    prune(&root, keep, &state.run_id, step)?;
+    let dest = place(&root, tmp, step).map_err(|e| fail(e.to_string()))?;
+    publish(&root, &state, keep)?;
     Ok(dest)
 }
 
