@@ -62,6 +62,12 @@ if ! .venv/bin/python -c 'import safetensors.torch' 2>/dev/null; then
   echo "setup: installing safetensors into .venv (test reference)"
   .venv/bin/pip install -q safetensors==0.7.0 packaging
 fi
+# Test references for Hugging Face interop: transformers' GPT-2 and Llama, and the tokenizers
+# package (tokenizer files made offline in the tests; nothing is downloaded from the Hub).
+if ! .venv/bin/python -c 'import transformers, tokenizers, sys; sys.exit(0 if transformers.__version__ == "5.24.0" else 1)' 2>/dev/null; then
+  echo "setup: installing transformers into .venv (test reference)"
+  .venv/bin/pip install -q transformers==5.24.0 tokenizers==0.23.3
+fi
 
 if [ ! -s data/pystdlib.txt ]; then
   .venv/bin/python scripts/make_corpus.py --out data/pystdlib.txt

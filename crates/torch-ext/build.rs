@@ -7,7 +7,8 @@ fn main() {
     torch_link::emit();
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     println!("cargo:rerun-if-changed=csrc/hooks.cpp");
-    torch_cxx::cxx_build().file("csrc/shim.cpp").file("csrc/hooks.cpp").compile("fabbrica_torch_ext");
+    println!("cargo:rerun-if-changed=csrc/recompute.cpp");
+    torch_cxx::cxx_build().file("csrc/shim.cpp").file("csrc/hooks.cpp").file("csrc/recompute.cpp").compile("fabbrica_torch_ext");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
 }

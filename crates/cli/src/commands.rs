@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use fabbrica_data::TokenizerKind;
+use fabbrica_data::TokenizerSpec;
 use fabbrica_models::flops_per_token;
 use fabbrica_train::sample::{sample_from_checkpoint, SampleArgs as LibSampleArgs};
 use fabbrica_train::{Config, TrainError, TrainOptions};
@@ -149,18 +149,18 @@ fn dry_run(cfg: &Config) -> Result<()> {
     }
     println!("# resolved config\n{}", cfg.to_toml());
     let mut m = cfg.model.clone();
-    let auto_vocab = m.vocab_size == 0;
+    let auto_vocab = m.vocab_size() == 0;
     if auto_vocab {
-        m.vocab_size = 256; // placeholder: the real size comes from the data's tokenizer
+        m.set_vocab_size(256); // placeholder: the real size comes from the data's tokenizer
     }
     let t = &cfg.train;
     let n = fabbrica_models::flops::total_params(&m);
-    let fpt = flops_per_token(&m, m.block_size);
+    let fpt = flops_per_token(&m, m.block_size());
     // The trainer's own rule (run.device, train.dtype), on the device it would get.
     let device = fabbrica_train::device::planned_device(&cfg.run.device);
     let bf16 = fabbrica_train::device::resolve_bf16(&t.dtype, device).map_err(|e| once(Failure { user: true, message: e.to_string() }))?;
-    let materialised = device == tch::Device::Cpu && m.dropout > 0.0;
-    let mut mem = fabbrica_models::flops::memory_estimate_with(&m, t.batch_size, m.block_size, bf16, materialised);
+    let materialised = device == tch::Device::Cpu && m.dropout() > 0.0;
+    let mut mem = fabbrica_models::flops::memory_estimate_with(&m, t.batch_size, m.block_size(), bf16, materialised, cfg.recompute());
     if cfg.parallel.zero == 1 {
         mem.optimizer = mem.optimizer.div_ceil(dims.dp as u64); // ZeRO-1: each rank keeps its shard of the moments
     }
@@ -170,7 +170,7 @@ fn dry_run(cfg: &Config) -> Result<()> {
     }
     let seqs = t.batch_size * t.grad_accum * dims.dp;
     println!("parameters:        {n} ({:.1}M)", n as f64 / 1e6);
-    println!("flops per token:   {fpt:.4e} (6N + 12·L·H·Q·T, T = {})", m.block_size);
+    println!("flops per token:   {fpt:.4e} (6N + 12·L·H·Q·T, T = {})", m.block_size());
     let layout = if dims.pp > 1 {
         format!("pipeline {} × data parallel {} ({})", dims.pp, dims.dp, dims.order)
     } else {
@@ -182,9 +182,9 @@ fn dry_run(cfg: &Config) -> Result<()> {
         t.batch_size,
         t.grad_accum,
         dims.dp,
-        seqs * m.block_size
+        seqs * m.block_size()
     );
-    println!("flops per step:    {:.4e}", fpt * (seqs * m.block_size) as f64);
+    println!("flops per step:    {:.4e}", fpt * (seqs * m.block_size()) as f64);
     let dtype = if bf16 { "bf16" } else { "fp32" };
     match fabbrica_train::memory::pipeline_plan(cfg, &m, bf16, materialised, dims.dp)? {
         None => println!(
@@ -239,10 +239,12 @@ pub struct PrepareArgs {
     /// UTF-8 text file to tokenize.
     #[arg(long, value_name = "FILE")]
     pub input: PathBuf,
-    /// char (vocabulary = the file's characters) or gpt2 (GPT-2 BPE, 50257 tokens).
+    /// char (vocabulary = the file's characters), gpt2 (GPT-2 BPE, 50257 tokens), or
+    /// hf:PATH/tokenizer.json (a Hugging Face tokenizer file, copied into --out).
     #[arg(long, default_value = "char")]
     pub tokenizer: String,
-    /// Output directory for train.bin, val.bin (flat little-endian uint16) and meta.json.
+    /// Output directory for train.bin, val.bin (flat little-endian uint16, or uint32 above 65536
+    /// tokens) and meta.json.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Fraction of the tokens (the end of the file) held out as val.bin.
@@ -251,15 +253,16 @@ pub struct PrepareArgs {
 }
 
 pub fn prepare(a: PrepareArgs) -> Result<()> {
-    let kind: TokenizerKind = a.tokenizer.parse()?;
-    let s = fabbrica_data::prepare(&a.input, kind, &a.out, a.val_fraction)?;
+    let spec: TokenizerSpec = a.tokenizer.parse()?;
+    let s = fabbrica_data::prepare(&a.input, &spec, &a.out, a.val_fraction)?;
     println!(
-        "{}: {} train + {} val tokens, {} tokenizer (vocab {}) -> {}",
+        "{}: {} train + {} val tokens, {} tokenizer (vocab {}, {} token files) -> {}",
         a.input.display(),
         s.train_tokens,
         s.val_tokens,
         s.tokenizer,
         s.vocab_size,
+        s.dtype,
         a.out.display()
     );
     Ok(())
@@ -270,7 +273,8 @@ pub struct SampleArgs {
     /// A run directory (run.out_dir; its latest checkpoint is used) or a checkpoints/step_* directory.
     #[arg(long, value_name = "DIR")]
     pub checkpoint: PathBuf,
-    /// Text to continue (empty: start from a newline / end-of-text token).
+    /// Text to continue (empty: start from what the tokenizer adds to any text, e.g. Llama 3's
+    /// <|begin_of_text|>, else the end-of-text token, else a newline).
     #[arg(long, default_value = "")]
     pub prompt: String,
     /// Number of tokens to generate.

@@ -8,7 +8,9 @@ mod bench_ddp;
 mod bench_pipeline;
 mod commands;
 mod doctor;
+mod export;
 mod files;
+mod plan;
 mod schedule;
 
 use std::process::ExitCode;
@@ -16,7 +18,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "fabbrica", version, about = "Distributed GPT training runtime (data and pipeline parallelism over MPI/NCCL)")]
+#[command(name = "fabbrica", version, about = "Distributed training runtime for GPT and Llama models (data and pipeline parallelism over MPI/NCCL)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,6 +41,12 @@ enum Command {
     /// Read the flight recorder dumps of a failed or hung job (DIR/flight/rank_<N>.json) and say
     /// which rank to look at: who is behind, where the ranks diverged, who left no dump.
     Doctor(doctor::DoctorArgs),
+    /// Write a checkpoint as a Hugging Face model directory (config.json + safetensors),
+    /// loadable by transformers' AutoModelForCausalLM.from_pretrained.
+    Export(export::ExportArgs),
+    /// Plan a training run on a cluster of up to 100,000 GPUs: the best layouts (tp × pp × dp,
+    /// micro-batch, recompute, ZeRO) with step time, MFU, memory, time, energy and cost.
+    Plan(Box<plan::PlanArgs>),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +66,8 @@ fn main() -> ExitCode {
         Command::Bench(b) => commands::bench(b),
         Command::Schedule(a) => schedule::run(a),
         Command::Doctor(a) => doctor::run(a),
+        Command::Plan(a) => plan::run(*a),
+        Command::Export(a) => export::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

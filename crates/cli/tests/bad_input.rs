@@ -367,3 +367,53 @@ fn end_to_end_prepare_train_sample() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.trim().is_empty(), "sample printed nothing\n{}", describe(&out));
 }
+
+// Hugging Face tokenizer files (`hf:PATH`): missing, malformed, oversized, or not named.
+#[test]
+fn hf_tokenizer_file_mistakes_name_the_file() {
+    let (dir, text) = text_fixture();
+    let prepared = dir.path().join("prepared");
+    let run = dir.path().join("run");
+    let prepare_with = |spec: &str| {
+        fabbrica(&[
+            "prepare".as_ref(),
+            "--input".as_ref(),
+            text.as_os_str(),
+            "--tokenizer".as_ref(),
+            spec.as_ref(),
+            "--out".as_ref(),
+            prepared.as_os_str(),
+        ])
+    };
+    let train_with = |spec: &str| fabbrica(&with_sets(tiny_train_args(&text, &run), &[&format!("data.tokenizer={spec}")]));
+
+    // Missing: prepare and train both name the path.
+    let missing = dir.path().join("no_such_tokenizer.json");
+    let spec = format!("hf:{}", missing.display());
+    assert_user_error(&prepare_with(&spec), &["no_such_tokenizer.json", "does not exist"]);
+    assert_user_error(&train_with(&spec), &["no_such_tokenizer.json", "does not exist"]);
+    assert!(!prepared.join("meta.json").exists(), "nothing prepared from a missing tokenizer");
+
+    // Malformed JSON, and JSON that is not a tokenizer.
+    for (name, content) in [("truncated.json", "{\"version\": \"1.0\", \"model\": {"), ("not_a_tokenizer.json", "{\"hello\": [1, 2, 3]}")] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        let spec = format!("hf:{}", p.display());
+        assert_user_error(&prepare_with(&spec), &[name, "not a valid Hugging Face tokenizer"]);
+        assert_user_error(&train_with(&spec), &[name, "not a valid Hugging Face tokenizer"]);
+    }
+
+    // Too large: refused by size (a sparse file; nothing is read).
+    let big = dir.path().join("huge_tokenizer.json");
+    std::fs::File::create(&big).unwrap().set_len(fabbrica_data::MAX_TOKENIZER_FILE_BYTES + 1).unwrap();
+    let spec = format!("hf:{}", big.display());
+    assert_user_error(&prepare_with(&spec), &["huge_tokenizer.json", "more than"]);
+
+    // A directory instead of a file.
+    let spec = format!("hf:{}", dir.path().display());
+    assert_user_error(&prepare_with(&spec), &["not a valid Hugging Face tokenizer"]);
+
+    // No path, or an unknown name: the config key / the valid names are given.
+    assert_user_error(&train_with("hf:"), &["data.tokenizer", "hf:PATH"]);
+    assert_user_error(&prepare_with("sentencepiece"), &["sentencepiece", "hf:PATH"]);
+}

@@ -9,20 +9,32 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{DataError, Result};
+use crate::tokens::TokenDtype;
 
 /// Writes `bytes` to `path` atomically.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |w| w.write_all(bytes))
 }
 
-/// Writes `tokens` to `path` as flat little-endian uint16 (nanoGPT `.bin`), atomically.
-pub(crate) fn write_tokens_atomic(path: &Path, tokens: &[u16]) -> Result<()> {
+/// Writes `tokens` to `path` as flat little-endian `dtype` (nanoGPT `.bin`), atomically.
+///
+/// A token that does not fit `dtype` fails the write (the caller picks a `dtype` that holds its
+/// vocabulary, so this never happens).
+pub(crate) fn write_tokens_atomic(path: &Path, tokens: &[u32], dtype: TokenDtype) -> Result<()> {
     write_atomic_with(path, |w| {
         // Chunked conversion keeps memory flat for large corpora.
-        let mut buf = Vec::with_capacity(2 * 8192);
+        let mut buf = Vec::with_capacity(dtype.width() * 8192);
         for chunk in tokens.chunks(8192) {
             buf.clear();
-            buf.extend(chunk.iter().flat_map(|t| t.to_le_bytes()));
+            match dtype {
+                TokenDtype::Uint16 => {
+                    for &t in chunk {
+                        let t = u16::try_from(t).map_err(|_| std::io::Error::other(format!("token id {t} does not fit uint16")))?;
+                        buf.extend_from_slice(&t.to_le_bytes());
+                    }
+                }
+                TokenDtype::Uint32 => buf.extend(chunk.iter().flat_map(|t| t.to_le_bytes())),
+            }
             w.write_all(&buf)?;
         }
         Ok(())
@@ -74,8 +86,14 @@ mod tests {
     fn writes_and_leaves_no_temp() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.bin");
-        write_tokens_atomic(&p, &[1, 0x0203, u16::MAX]).unwrap();
+        write_tokens_atomic(&p, &[1, 0x0203, 0xFFFF], TokenDtype::Uint16).unwrap();
         assert_eq!(fs::read(&p).unwrap(), vec![1, 0, 3, 2, 0xFF, 0xFF]);
+        write_tokens_atomic(&p, &[1, 0x0001_0203], TokenDtype::Uint32).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), vec![1, 0, 0, 0, 3, 2, 1, 0]);
+        // An id too wide for uint16 fails the write and leaves the old file.
+        let msg = write_tokens_atomic(&p, &[1, 0x0001_0000], TokenDtype::Uint16).unwrap_err().to_string();
+        assert!(msg.contains("65536") && msg.contains("t.bin"), "{msg}");
+        assert_eq!(fs::read(&p).unwrap(), vec![1, 0, 0, 0, 3, 2, 1, 0]);
         // Overwrite replaces the whole file.
         write_atomic(&p, b"xy").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"xy");

@@ -6,7 +6,7 @@ use crate::error::{DataError, Result};
 use crate::meta::{Meta, META_FILE};
 use crate::prepare::{check_val_fraction, read_text, split_point, TRAIN_FILE, VAL_FILE};
 use crate::sampler::Split;
-use crate::tokenizer::{Tokenizer, TokenizerKind};
+use crate::tokenizer::{Tokenizer, TokenizerSpec};
 use crate::tokens::{TokenFile, TokenSource};
 
 /// Tokenizer plus train and val token streams, each with at least
@@ -32,14 +32,14 @@ impl Dataset {
 
 /// Loads `path`:
 ///
-/// * a directory made by `prepare`: `meta.json` gives the tokenizer and
-///   `train.bin`/`val.bin` are memory-mapped and validated against its vocab
-///   (`text_tokenizer` and `val_fraction` are ignored);
+/// * a directory made by `prepare`: `meta.json` gives the tokenizer and the
+///   token type, and `train.bin`/`val.bin` are memory-mapped and validated
+///   against its vocab (`text_tokenizer` and `val_fraction` are ignored);
 /// * a UTF-8 text file: tokenized in memory with `text_tokenizer` (char:
 ///   vocabulary from the whole file) and split like `prepare`.
 ///
 /// Each split must hold at least `block_size + 1` tokens.
-pub fn load(path: &Path, text_tokenizer: TokenizerKind, block_size: usize, val_fraction: f64) -> Result<Dataset> {
+pub fn load(path: &Path, text_tokenizer: &TokenizerSpec, block_size: usize, val_fraction: f64) -> Result<Dataset> {
     let metadata = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => DataError::PathNotFound { path: path.to_owned() },
         _ => DataError::io("read", path, e),
@@ -63,18 +63,18 @@ pub fn load(path: &Path, text_tokenizer: TokenizerKind, block_size: usize, val_f
 
 /// Prepared directory: meta.json + two mapped token files.
 fn load_dir(dir: &Path) -> Result<Dataset> {
-    let tokenizer = Meta::read(&dir.join(META_FILE))?.tokenizer()?;
+    let (meta, tokenizer) = Meta::read_with_tokenizer(&dir.join(META_FILE))?;
     let vocab = tokenizer.vocab_size();
-    let train = TokenFile::open(&dir.join(TRAIN_FILE), vocab)?;
-    let val = TokenFile::open(&dir.join(VAL_FILE), vocab)?;
+    let train = TokenFile::open(&dir.join(TRAIN_FILE), vocab, meta.dtype())?;
+    let val = TokenFile::open(&dir.join(VAL_FILE), vocab, meta.dtype())?;
     Ok(Dataset { path: dir.to_owned(), tokenizer, train: train.into(), val: val.into() })
 }
 
 /// Raw text file: tokenize in memory and split.
-fn load_text(path: &Path, kind: TokenizerKind, val_fraction: f64) -> Result<Dataset> {
+fn load_text(path: &Path, spec: &TokenizerSpec, val_fraction: f64) -> Result<Dataset> {
     check_val_fraction(val_fraction)?;
     let text = read_text(path)?;
-    let tokenizer = Tokenizer::for_text(kind, &text)?;
+    let tokenizer = Tokenizer::for_text(spec, &text)?;
     let mut train = tokenizer.encode(&text)?;
     let val = train.split_off(split_point(train.len(), val_fraction));
     Ok(Dataset { path: path.to_owned(), tokenizer, train: train.into(), val: val.into() })
@@ -96,25 +96,25 @@ mod tests {
 
     #[test]
     fn prepared_dir_reloads_identically_to_text() {
-        for kind in TokenizerKind::ALL {
+        for kind in &TokenizerSpec::BUILTIN {
             let dir = tempfile::tempdir().unwrap();
             let input = text_file(dir.path(), TEXT);
             let out = dir.path().join("prepared");
             let s = prepare(&input, kind, &out, 0.2).unwrap();
 
-            let from_dir = load(&out, TokenizerKind::Char, 2, 0.5).unwrap();
+            let from_dir = load(&out, &TokenizerSpec::Char, 2, 0.5).unwrap();
             let from_text = load(&input, kind, 2, 0.2).unwrap();
             assert!(matches!(from_dir.train, TokenSource::Mapped(_)));
             assert!(matches!(from_text.train, TokenSource::Owned(_)));
             assert_eq!(from_dir.tokenizer, from_text.tokenizer);
-            assert_eq!(from_dir.tokenizer.kind(), kind);
+            assert_eq!(from_dir.tokenizer.kind(), kind.kind());
             assert_eq!(from_dir.train.to_vec(), from_text.train.to_vec());
             assert_eq!(from_dir.val.to_vec(), from_text.val.to_vec());
             assert_eq!(from_dir.train.len(), s.train_tokens);
             assert_eq!(from_dir.val.len(), s.val_tokens);
 
             // Train followed by val decodes back to the original text.
-            let all: Vec<u16> = [from_dir.train.to_vec(), from_dir.val.to_vec()].concat();
+            let all: Vec<u32> = [from_dir.train.to_vec(), from_dir.val.to_vec()].concat();
             assert_eq!(from_dir.tokenizer.decode(&all), TEXT);
             assert_eq!(from_dir.source(Split::Val).window(0, 3), from_dir.val.window(0, 3));
         }
@@ -124,7 +124,7 @@ mod tests {
     fn missing_path() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("no_such_data");
-        let err = load(&p, TokenizerKind::Char, 8, 0.1).unwrap_err();
+        let err = load(&p, &TokenizerSpec::Char, 8, 0.1).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, DataError::PathNotFound { .. }), "{msg}");
         assert!(msg.contains("no_such_data"), "{msg}");
@@ -135,7 +135,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // 20 chars, val 0.5: 10 tokens each, block_size 10 needs 11.
         let input = text_file(dir.path(), "abcdefghijklmnopqrst");
-        let err = load(&input, TokenizerKind::Char, 10, 0.5).unwrap_err();
+        let err = load(&input, &TokenizerSpec::Char, 10, 0.5).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, DataError::SplitTooShort { split: Split::Train, tokens: 10, needed: 11, .. }), "{msg}");
         assert_eq!(
@@ -148,12 +148,12 @@ mod tests {
         );
         // A block size with no room for +1 is too long for any text (found by fuzzing: it
         // wrapped to "needs 0 tokens" and loaded).
-        let err = load(&input, TokenizerKind::Char, usize::MAX, 0.5).unwrap_err();
+        let err = load(&input, &TokenizerSpec::Char, usize::MAX, 0.5).unwrap_err();
         assert!(matches!(err, DataError::SplitTooShort { split: Split::Train, tokens: 10, .. }), "{err}");
         // block_size 9 needs exactly 10: fits.
-        assert!(load(&input, TokenizerKind::Char, 9, 0.5).is_ok());
+        assert!(load(&input, &TokenizerSpec::Char, 9, 0.5).is_ok());
         // Val too short (train is long enough).
-        let err = load(&input, TokenizerKind::Char, 9, 0.1).unwrap_err();
+        let err = load(&input, &TokenizerSpec::Char, 9, 0.1).unwrap_err();
         assert!(matches!(err, DataError::SplitTooShort { split: Split::Val, tokens: 2, .. }), "{err}");
     }
 
@@ -161,8 +161,8 @@ mod tests {
     fn prepared_split_too_short_names_bin() {
         let dir = tempfile::tempdir().unwrap();
         let input = text_file(dir.path(), TEXT);
-        prepare(&input, TokenizerKind::Char, dir.path(), 0.05).unwrap();
-        let err = load(dir.path(), TokenizerKind::Char, 16, 0.1).unwrap_err();
+        prepare(&input, &TokenizerSpec::Char, dir.path(), 0.05).unwrap();
+        let err = load(dir.path(), &TokenizerSpec::Char, 16, 0.1).unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("val split of") && msg.contains("val.bin"), "{msg}");
     }
@@ -172,10 +172,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let input = text_file(dir.path(), TEXT);
         // GPT-2 ids are far beyond a char vocabulary: swap in a char meta.json.
-        prepare(&input, TokenizerKind::Gpt2, dir.path(), 0.2).unwrap();
+        prepare(&input, &TokenizerSpec::Gpt2, dir.path(), 0.2).unwrap();
         let char_meta = Meta::for_tokenizer(&Tokenizer::char_from_text(TEXT).unwrap());
         char_meta.write(dir.path()).unwrap();
-        let err = load(dir.path(), TokenizerKind::Char, 4, 0.1).unwrap_err();
+        let err = load(dir.path(), &TokenizerSpec::Char, 4, 0.1).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, DataError::TokenOutOfRange { .. }), "{msg}");
         assert!(msg.contains("train.bin") && msg.contains("meta.json is wrong"), "{msg}");
@@ -185,26 +185,26 @@ mod tests {
     fn odd_length_bin_in_prepared_dir() {
         let dir = tempfile::tempdir().unwrap();
         let input = text_file(dir.path(), TEXT);
-        prepare(&input, TokenizerKind::Char, dir.path(), 0.2).unwrap();
+        prepare(&input, &TokenizerSpec::Char, dir.path(), 0.2).unwrap();
         std::fs::write(dir.path().join(VAL_FILE), [1u8, 0, 2]).unwrap();
-        let err = load(dir.path(), TokenizerKind::Char, 4, 0.1).unwrap_err();
-        assert!(matches!(err, DataError::OddLength { .. }), "{err}");
+        let err = load(dir.path(), &TokenizerSpec::Char, 4, 0.1).unwrap_err();
+        assert!(matches!(err, DataError::BadLength { .. }), "{err}");
     }
 
     #[test]
     fn meta_missing_or_malformed() {
         let dir = tempfile::tempdir().unwrap();
         let input = text_file(dir.path(), TEXT);
-        prepare(&input, TokenizerKind::Char, dir.path(), 0.2).unwrap();
+        prepare(&input, &TokenizerSpec::Char, dir.path(), 0.2).unwrap();
         let meta = dir.path().join(META_FILE);
 
         std::fs::write(&meta, "{\"tokenizer\": \"char\", ").unwrap();
-        let err = load(dir.path(), TokenizerKind::Char, 4, 0.1).unwrap_err();
+        let err = load(dir.path(), &TokenizerSpec::Char, 4, 0.1).unwrap_err();
         assert!(matches!(err, DataError::MetaInvalid { .. }), "{err}");
         assert!(err.to_string().contains("meta.json"));
 
         std::fs::remove_file(&meta).unwrap();
-        let err = load(dir.path(), TokenizerKind::Char, 4, 0.1).unwrap_err();
+        let err = load(dir.path(), &TokenizerSpec::Char, 4, 0.1).unwrap_err();
         assert!(matches!(err, DataError::MetaMissing { .. }), "{err}");
     }
 
@@ -212,9 +212,9 @@ mod tests {
     fn missing_bin_in_prepared_dir() {
         let dir = tempfile::tempdir().unwrap();
         let input = text_file(dir.path(), TEXT);
-        prepare(&input, TokenizerKind::Char, dir.path(), 0.2).unwrap();
+        prepare(&input, &TokenizerSpec::Char, dir.path(), 0.2).unwrap();
         std::fs::remove_file(dir.path().join(TRAIN_FILE)).unwrap();
-        let err = load(dir.path(), TokenizerKind::Char, 4, 0.1).unwrap_err();
+        let err = load(dir.path(), &TokenizerSpec::Char, 4, 0.1).unwrap_err();
         assert!(matches!(err, DataError::TokenFileMissing { .. }), "{err}");
     }
 
@@ -223,7 +223,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.txt");
         std::fs::write(&p, [b'a', 0xff, b'b']).unwrap();
-        let err = load(&p, TokenizerKind::Gpt2, 1, 0.1).unwrap_err();
+        let err = load(&p, &TokenizerSpec::Gpt2, 1, 0.1).unwrap_err();
         assert!(matches!(err, DataError::NotUtf8 { offset: 1, .. }), "{err}");
+    }
+
+    #[test]
+    fn prepared_data_without_dtype_still_loads_as_uint16() {
+        // A directory prepared before meta.json had "dtype" (or by nanoGPT): no dtype field.
+        let dir = tempfile::tempdir().unwrap();
+        let chars = Tokenizer::char_from_text(TEXT).unwrap();
+        let ids = chars.encode(TEXT).unwrap();
+        let bytes = |ids: &[u32]| ids.iter().flat_map(|&t| (t as u16).to_le_bytes()).collect::<Vec<u8>>();
+        std::fs::write(dir.path().join(TRAIN_FILE), bytes(&ids[..60])).unwrap();
+        std::fs::write(dir.path().join(VAL_FILE), bytes(&ids[60..])).unwrap();
+        let Tokenizer::Char { chars: vocab } = &chars else { unreachable!() };
+        let old = serde_json::json!({"tokenizer": "char", "vocab_size": vocab.len(), "chars": vocab.iter().collect::<String>()});
+        std::fs::write(dir.path().join(META_FILE), old.to_string()).unwrap();
+        let ds = load(dir.path(), &TokenizerSpec::Gpt2, 8, 0.1).unwrap();
+        assert_eq!(ds.tokenizer, chars);
+        assert!(matches!(&ds.train, TokenSource::Mapped(f) if f.dtype() == crate::TokenDtype::Uint16));
+        assert_eq!([ds.train.to_vec(), ds.val.to_vec()].concat(), ids);
+        // The same bytes declared uint32 are other tokens: here an odd count of 2-byte halves or ids
+        // beyond the vocabulary, refused either way.
+        let with_dtype =
+            serde_json::json!({"tokenizer": "char", "vocab_size": vocab.len(), "dtype": "uint32", "chars": vocab.iter().collect::<String>()});
+        std::fs::write(dir.path().join(META_FILE), with_dtype.to_string()).unwrap();
+        let err = load(dir.path(), &TokenizerSpec::Char, 8, 0.1).unwrap_err();
+        assert!(matches!(err, DataError::BadLength { .. } | DataError::TokenOutOfRange { .. }), "{err}");
     }
 }

@@ -8,6 +8,7 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::sampler::Split;
+use crate::tokens::TokenDtype;
 
 /// Result alias used throughout the crate.
 pub type Result<T> = std::result::Result<T, DataError>;
@@ -39,13 +40,13 @@ pub enum DataError {
         source: io::Error,
     },
 
-    /// A token file has an odd number of bytes, so it cannot be flat uint16.
+    /// A token file's size is not a whole number of tokens of meta.json's `dtype`.
     #[error(
-        "{} has {bytes} bytes, an odd count, so it is not a uint16 token file: \
+        "{} has {bytes} bytes, not a multiple of {}, so it is not a {dtype} token file (meta.json's dtype): \
          re-create it with `fabbrica prepare`",
-        .path.display()
+        .path.display(), .dtype.width()
     )]
-    OddLength { path: PathBuf, bytes: u64 },
+    BadLength { path: PathBuf, bytes: u64, dtype: TokenDtype },
 
     /// A token file holds an id the tokenizer of meta.json cannot produce.
     #[error(
@@ -53,7 +54,7 @@ pub enum DataError {
          the file was made with a different tokenizer or meta.json is wrong; re-run `fabbrica prepare`",
         .path.display()
     )]
-    TokenOutOfRange { path: PathBuf, index: usize, token: u16, vocab_size: usize },
+    TokenOutOfRange { path: PathBuf, index: usize, token: u32, vocab_size: usize },
 
     /// An input text file is not valid UTF-8.
     #[error(
@@ -74,16 +75,45 @@ pub enum DataError {
     )]
     UnknownChar { ch: char, vocab_size: usize },
 
-    /// A tokenizer name that is neither `char` nor `gpt2`.
-    #[error("unknown tokenizer \"{name}\": valid tokenizers are char, gpt2")]
+    /// A tokenizer name that is neither `char`, `gpt2` nor `hf:PATH`.
+    #[error("unknown tokenizer \"{name}\": valid tokenizers are char, gpt2 and hf:PATH/tokenizer.json (a Hugging Face tokenizer file)")]
     UnknownTokenizer { name: String },
 
-    /// The char vocabulary does not fit uint16 token ids.
+    /// A vocabulary with more ids than fabbrica supports ([`crate::MAX_VOCAB`]).
+    #[error("the {what} has {size} token ids, more than the {} fabbrica supports: use a smaller vocabulary", crate::MAX_VOCAB)]
+    VocabTooLarge { what: &'static str, size: usize },
+
+    /// A Hugging Face tokenizer file that does not exist.
     #[error(
-        "the text has {size} distinct characters, more than the 65536 ids a uint16 token file can hold: \
-         use the gpt2 tokenizer"
+        "Hugging Face tokenizer file {} does not exist: give the path of a tokenizer.json \
+         (data.tokenizer = \"hf:PATH/tokenizer.json\"), or re-run `fabbrica prepare` if meta.json names it",
+        .path.display()
     )]
-    VocabTooLarge { size: usize },
+    TokenizerMissing { path: PathBuf },
+
+    /// A Hugging Face tokenizer file larger than [`crate::MAX_TOKENIZER_FILE_BYTES`].
+    #[error(
+        "{} has {bytes} bytes, more than the {max} a Hugging Face tokenizer.json may have: give the tokenizer.json itself, \
+         not a model or data file",
+        .path.display()
+    )]
+    TokenizerTooLarge { path: PathBuf, bytes: u64, max: u64 },
+
+    /// A file that `tokenizers` cannot load as a tokenizer.
+    #[error("{} is not a valid Hugging Face tokenizer.json: {reason}; give the tokenizer.json saved by `tokenizers` or `transformers`", .path.display())]
+    TokenizerInvalid { path: PathBuf, reason: String },
+
+    /// The Hugging Face tokenizer failed on some text.
+    #[error("the Hugging Face tokenizer {} cannot encode the text: {reason}", .path.display())]
+    TokenizerFailed { path: PathBuf, reason: String },
+
+    /// A tokenizer file whose content is not the one meta.json (or a checkpoint) was made with.
+    #[error(
+        "{} has changed since the data were tokenized with it (SHA-256 {found}, expected {expected}): \
+         restore that file or re-run `fabbrica prepare`",
+        .path.display()
+    )]
+    TokenizerChanged { path: PathBuf, expected: String, found: String },
 
     /// A prepared directory lacks meta.json.
     #[error(
@@ -128,6 +158,12 @@ mod tests {
             DataError::io("read", "x", io::Error::other("boom")),
             DataError::UnknownChar { ch: '\n', vocab_size: 3 },
             DataError::SplitTooShort { split: Split::Val, path: "d".into(), tokens: 3, needed: 9 },
+            DataError::BadLength { path: "t.bin".into(), bytes: 7, dtype: TokenDtype::Uint32 },
+            DataError::VocabTooLarge { what: "text", size: 1 << 25 },
+            DataError::TokenizerMissing { path: "tokenizer.json".into() },
+            DataError::TokenizerTooLarge { path: "tokenizer.json".into(), bytes: 1 << 30, max: 1 << 26 },
+            DataError::TokenizerInvalid { path: "tokenizer.json".into(), reason: "expected value at line 1 column 1".into() },
+            DataError::TokenizerChanged { path: "tokenizer.json".into(), expected: "ab".into(), found: "cd".into() },
         ];
         for e in errors {
             let s = e.to_string();

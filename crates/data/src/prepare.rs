@@ -1,11 +1,13 @@
-//! `fabbrica prepare`: text file -> `train.bin`, `val.bin`, `meta.json`.
+//! `fabbrica prepare`: text file -> `train.bin`, `val.bin`, `meta.json` (and `tokenizer.json`
+//! for a Hugging Face tokenizer).
 
 use std::path::{Path, PathBuf};
 
-use crate::atomic::write_tokens_atomic;
+use crate::atomic::{write_atomic, write_tokens_atomic};
 use crate::error::{DataError, Result};
-use crate::meta::Meta;
-use crate::tokenizer::{Tokenizer, TokenizerKind};
+use crate::meta::{Meta, HF_TOKENIZER_FILE};
+use crate::tokenizer::{Tokenizer, TokenizerKind, TokenizerSpec};
+use crate::tokens::TokenDtype;
 
 /// Name of the training token file in a prepared directory.
 pub const TRAIN_FILE: &str = "train.bin";
@@ -17,6 +19,8 @@ pub const VAL_FILE: &str = "val.bin";
 pub struct PrepareSummary {
     pub tokenizer: TokenizerKind,
     pub vocab_size: usize,
+    /// Element type of the token files (`uint16` up to 65536 ids, else `uint32`).
+    pub dtype: TokenDtype,
     pub train_tokens: usize,
     pub val_tokens: usize,
     /// Paths written: train.bin, val.bin, meta.json.
@@ -29,31 +33,50 @@ pub struct PrepareSummary {
 /// `meta.json` into `out_dir` (created if needed). The first
 /// `n - round(n * val_fraction)` tokens go to train, the rest to val.
 ///
+/// Token files are `uint16` when the vocabulary has at most 65536 ids (nanoGPT's format) and
+/// `uint32` otherwise; meta.json's `dtype` says which. A Hugging Face tokenizer file is copied
+/// unchanged into `out_dir` as `tokenizer.json`, and meta.json names that copy (with its
+/// SHA-256), so the directory is self-contained.
+///
 /// Each file is written atomically (temp file, fsync, rename), so an
 /// interrupted run never leaves a truncated file under a final name. Files
-/// are written in the order train, val, meta: a directory with meta.json
-/// always has complete bins from the same run or an earlier one.
-pub fn prepare(input: &Path, kind: TokenizerKind, out_dir: &Path, val_fraction: f64) -> Result<PrepareSummary> {
+/// are written in the order train, val, tokenizer.json, meta: a directory with meta.json
+/// always has complete files from the same run or an earlier one.
+pub fn prepare(input: &Path, spec: &TokenizerSpec, out_dir: &Path, val_fraction: f64) -> Result<PrepareSummary> {
     check_val_fraction(val_fraction)?;
+    // The tokenizer file first: a wrong path is reported before a large text is read.
+    let hf = match spec {
+        TokenizerSpec::Hf(path) => Some(Tokenizer::hf(path)?),
+        _ => None,
+    };
     let text = read_text(input)?;
     if text.is_empty() {
         return Err(DataError::EmptyInput { path: input.to_owned() });
     }
-    let tokenizer = Tokenizer::for_text(kind, &text)?;
+    let tokenizer = match hf {
+        Some(t) => t,
+        None => Tokenizer::for_text(spec, &text)?,
+    };
     let tokens = tokenizer.encode(&text)?;
+    drop(text);
+    let dtype = TokenDtype::for_vocab(tokenizer.vocab_size());
     let cut = split_point(tokens.len(), val_fraction);
     let (train, val) = tokens.split_at(cut);
 
     std::fs::create_dir_all(out_dir).map_err(|e| DataError::io("create directory", out_dir, e))?;
     let train_path = out_dir.join(TRAIN_FILE);
     let val_path = out_dir.join(VAL_FILE);
-    write_tokens_atomic(&train_path, train)?;
-    write_tokens_atomic(&val_path, val)?;
-    let meta_path = Meta::for_tokenizer(&tokenizer).write(out_dir)?;
+    write_tokens_atomic(&train_path, train, dtype)?;
+    write_tokens_atomic(&val_path, val, dtype)?;
+    if let Tokenizer::Hf(t) = &tokenizer {
+        write_atomic(&out_dir.join(HF_TOKENIZER_FILE), t.json())?;
+    }
+    let meta_path = Meta::for_prepared(&tokenizer, dtype).write(out_dir)?;
 
     Ok(PrepareSummary {
-        tokenizer: kind,
+        tokenizer: tokenizer.kind(),
         vocab_size: tokenizer.vocab_size(),
+        dtype,
         train_tokens: train.len(),
         val_tokens: val.len(),
         train_path,
@@ -117,8 +140,8 @@ mod tests {
         let text = "abcdefghij".repeat(10); // 100 chars
         std::fs::write(&input, &text).unwrap();
         let out = dir.path().join("out/nested");
-        let s = prepare(&input, TokenizerKind::Char, &out, 0.1).unwrap();
-        assert_eq!((s.train_tokens, s.val_tokens, s.vocab_size), (90, 10, 10));
+        let s = prepare(&input, &TokenizerSpec::Char, &out, 0.1).unwrap();
+        assert_eq!((s.train_tokens, s.val_tokens, s.vocab_size, s.dtype), (90, 10, 10, TokenDtype::Uint16));
         assert_eq!(std::fs::metadata(&s.train_path).unwrap().len(), 180);
         assert_eq!(std::fs::metadata(&s.val_path).unwrap().len(), 20);
         // Only the three final files, no temp leftovers.
@@ -135,7 +158,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("latin1.txt");
         std::fs::write(&input, b"caf\xe9 au lait").unwrap();
-        let err = prepare(&input, TokenizerKind::Char, dir.path(), 0.1).unwrap_err();
+        let err = prepare(&input, &TokenizerSpec::Char, dir.path(), 0.1).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, DataError::NotUtf8 { offset: 3, .. }), "{msg}");
         assert!(msg.contains("latin1.txt") && msg.contains("UTF-8"), "{msg}");
@@ -145,12 +168,70 @@ mod tests {
     fn missing_and_empty_input() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope.txt");
-        let err = prepare(&missing, TokenizerKind::Gpt2, dir.path(), 0.1).unwrap_err();
+        let err = prepare(&missing, &TokenizerSpec::Gpt2, dir.path(), 0.1).unwrap_err();
         assert!(matches!(err, DataError::PathNotFound { .. }), "{err}");
         assert!(err.to_string().contains("nope.txt"));
         let empty = dir.path().join("empty.txt");
         std::fs::write(&empty, "").unwrap();
-        let err = prepare(&empty, TokenizerKind::Char, dir.path(), 0.1).unwrap_err();
+        let err = prepare(&empty, &TokenizerSpec::Char, dir.path(), 0.1).unwrap_err();
         assert!(matches!(err, DataError::EmptyInput { .. }), "{err}");
+    }
+
+    #[test]
+    fn wide_vocabulary_writes_uint32_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.txt");
+        // 65537 distinct chars, then some repeats: ids up to 65536 need four bytes each.
+        let mut text: String = (0u32..0x11000).filter_map(char::from_u32).take(65537).collect();
+        text.push_str("abc\u{10000}");
+        std::fs::write(&input, &text).unwrap();
+        let out = dir.path().join("wide");
+        let s = prepare(&input, &TokenizerSpec::Char, &out, 0.1).unwrap();
+        assert_eq!((s.vocab_size, s.dtype), (65537, TokenDtype::Uint32));
+        let n = text.chars().count();
+        assert_eq!(s.train_tokens + s.val_tokens, n);
+        assert_eq!(std::fs::metadata(&s.train_path).unwrap().len(), 4 * s.train_tokens as u64);
+        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&s.meta_path).unwrap()).unwrap();
+        assert_eq!(meta["dtype"], "uint32");
+        let ds = crate::load(&out, &TokenizerSpec::Char, 4, 0.5).unwrap();
+        let all: Vec<u32> = [ds.train.to_vec(), ds.val.to_vec()].concat();
+        assert!(all.contains(&65536), "the widest id is stored whole");
+        assert_eq!(ds.tokenizer.decode(&all), text);
+    }
+
+    #[test]
+    fn hf_tokenizer_is_copied_and_named_in_meta() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.txt");
+        std::fs::write(&input, "w1 w2 w3 w4 w5 w6 w7 w8 w9 w0 ".repeat(5)).unwrap();
+        let tk = dir.path().join("elsewhere.json");
+        let json = crate::hf::tests::word_level_json(&crate::hf::tests::words(10));
+        std::fs::write(&tk, &json).unwrap();
+        let out = dir.path().join("prepared");
+        let s = prepare(&input, &TokenizerSpec::Hf(tk.clone()), &out, 0.2).unwrap();
+        assert_eq!((s.tokenizer, s.vocab_size, s.dtype, s.train_tokens, s.val_tokens), (TokenizerKind::Hf, 12, TokenDtype::Uint16, 40, 10));
+        assert_eq!(std::fs::read_to_string(out.join(HF_TOKENIZER_FILE)).unwrap(), json);
+        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&s.meta_path).unwrap()).unwrap();
+        assert_eq!(meta["tokenizer"], "hf");
+        assert_eq!(meta["tokenizer_file"], HF_TOKENIZER_FILE);
+        assert_eq!(meta["tokenizer_sha256"], crate::hf::sha256_hex(json.as_bytes()));
+        // The prepared directory no longer needs the original file, and can move.
+        std::fs::remove_file(&tk).unwrap();
+        let moved = dir.path().join("moved");
+        std::fs::rename(&out, &moved).unwrap();
+        let ds = crate::load(&moved, &TokenizerSpec::Char, 4, 0.5).unwrap();
+        assert_eq!(ds.tokenizer.kind(), TokenizerKind::Hf);
+        assert_eq!(ds.train.window(0, 4), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn missing_hf_tokenizer_is_named_before_the_text_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no_tokenizer.json");
+        // The input is missing too: the tokenizer is what is reported.
+        let err = prepare(&dir.path().join("no_input.txt"), &TokenizerSpec::Hf(missing), dir.path(), 0.1).unwrap_err();
+        assert!(matches!(err, DataError::TokenizerMissing { .. }), "{err}");
+        assert!(err.to_string().contains("no_tokenizer.json"), "{err}");
+        assert!(!dir.path().join(crate::META_FILE).exists());
     }
 }

@@ -188,7 +188,7 @@ mod tests {
 
     #[test]
     fn batch_shapes_and_shift() {
-        let tokens: Vec<u16> = (0..100).collect();
+        let tokens: Vec<u32> = (0..100).collect();
         let src = TokenSource::from(tokens);
         let (b, t) = (4, 8);
         let (x, y) = Sampler::new(3).batch(&src, Split::Train, 5, 0, b, t);
@@ -208,7 +208,7 @@ mod tests {
 
     #[test]
     fn data_parallel_equals_one_big_batch() {
-        let tokens: Vec<u16> = (0..5000u32).map(|i| (i * 7919 % 65521) as u16).collect();
+        let tokens: Vec<u32> = (0..5000u32).map(|i| i * 7919 % 128_257).collect();
         let src = TokenSource::from(tokens);
         let s = Sampler::new(1234);
         let (ranks, accum, b, t) = (4usize, 3usize, 2usize, 16usize);

@@ -1,6 +1,6 @@
 //! End-to-end through the public API only: prepare -> load -> sample -> decode.
 
-use fabbrica_data::{load, prepare, DataError, Sampler, Split, TokenizerKind};
+use fabbrica_data::{load, prepare, DataError, Sampler, Split, TokenizerSpec};
 
 #[test]
 fn prepare_load_sample_decode() {
@@ -11,11 +11,11 @@ fn prepare_load_sample_decode() {
         .repeat(8);
     std::fs::write(&input, &text).unwrap();
 
-    for kind in [TokenizerKind::Char, TokenizerKind::Gpt2] {
-        let out = dir.path().join(kind.as_str());
+    for kind in &TokenizerSpec::BUILTIN {
+        let out = dir.path().join(kind.kind().as_str());
         let summary = prepare(&input, kind, &out, 0.1).unwrap();
-        let ds = load(&out, TokenizerKind::Char, 8, 0.1).unwrap();
-        assert_eq!(ds.tokenizer.kind(), kind);
+        let ds = load(&out, &TokenizerSpec::Char, 8, 0.1).unwrap();
+        assert_eq!(ds.tokenizer.kind(), kind.kind());
         assert_eq!(ds.tokenizer.vocab_size(), summary.vocab_size);
 
         let (b, t) = (3, 8);
@@ -24,7 +24,7 @@ fn prepare_load_sample_decode() {
         for r in 0..b {
             // y is x shifted by one within the row: x[r, 1..] == y[r, ..t-1].
             assert_eq!(x[r * t + 1..(r + 1) * t], y[r * t..(r + 1) * t - 1]);
-            let ids: Vec<u16> = x[r * t..(r + 1) * t].iter().map(|&i| i as u16).collect();
+            let ids: Vec<u32> = x[r * t..(r + 1) * t].iter().map(|&i| i as u32).collect();
             // Every sampled window decodes to text found in the corpus
             // (char always; gpt2 windows of whole tokens too).
             assert!(text.contains(&ds.tokenizer.decode(&ids)));
@@ -38,11 +38,13 @@ fn error_lines_are_single_and_actionable() {
     let tiny = dir.path().join("tiny.txt");
     std::fs::write(&tiny, "hello world").unwrap();
     let errors: Vec<DataError> = vec![
-        load(&dir.path().join("missing"), TokenizerKind::Char, 8, 0.1).unwrap_err(),
-        load(&tiny, TokenizerKind::Char, 64, 0.1).unwrap_err(),
-        load(dir.path(), TokenizerKind::Char, 8, 0.1).unwrap_err(), // dir without meta.json
-        "sentencepiece".parse::<TokenizerKind>().unwrap_err(),
-        load(&tiny, TokenizerKind::Char, 2, 1.0).unwrap_err(),
+        load(&dir.path().join("missing"), &TokenizerSpec::Char, 8, 0.1).unwrap_err(),
+        load(&tiny, &TokenizerSpec::Char, 64, 0.1).unwrap_err(),
+        load(dir.path(), &TokenizerSpec::Char, 8, 0.1).unwrap_err(), // dir without meta.json
+        "sentencepiece".parse::<TokenizerSpec>().unwrap_err(),
+        load(&tiny, &TokenizerSpec::Char, 2, 1.0).unwrap_err(),
+        load(&tiny, &TokenizerSpec::Hf(dir.path().join("no/tokenizer.json")), 2, 0.1).unwrap_err(),
+        load(&tiny, &TokenizerSpec::Hf(tiny.clone()), 2, 0.1).unwrap_err(), // not JSON
     ];
     for e in errors {
         let line = e.to_string();

@@ -4,7 +4,7 @@
 //! in range, or fails with a one-line error; nothing panics.
 //!
 //! Budget and seed: see tests/fuzzkit.rs. Regression cases: tests/fuzz_regressions/data/<case>/
-//! holding `args.json` (`{"mode": "dir"|"text", "kind": "char"|"gpt2", "block_size": N,
+//! holding `args.json` (`{"mode": "dir"|"text", "kind": "char"|"gpt2"|"hf:PATH", "block_size": N,
 //! "val_fraction": F}`) and the files: `meta.json`, `train.bin`, `val.bin` (mode dir) or
 //! `input.txt` (mode text).
 
@@ -13,7 +13,7 @@ mod fuzzkit;
 
 use std::path::{Path, PathBuf};
 
-use fabbrica_data::{load, prepare, Sampler, Split, TokenizerKind, META_FILE, TRAIN_FILE, VAL_FILE};
+use fabbrica_data::{load, prepare, Sampler, Split, TokenizerSpec, META_FILE, TRAIN_FILE, VAL_FILE};
 use fuzzkit::{mutate_bytes, one_line_error, part, Fuzz, Part, Rng};
 
 fn workspace() -> PathBuf {
@@ -34,7 +34,7 @@ struct Args {
 
 /// Loads what `parts` describe from `dir`; checks the dataset (if any) or the error.
 fn check_one(dir: &Path, args: &Args, parts: &[Part]) -> Result<(), String> {
-    let kind: TokenizerKind = args.kind.parse().map_err(|e| format!("bad args: {e}"))?;
+    let kind: TokenizerSpec = args.kind.parse().map_err(|e| format!("bad args: {e}"))?;
     let val_fraction: f64 = args.val_fraction.parse().map_err(|e| format!("bad args: {e}"))?;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
@@ -44,19 +44,19 @@ fn check_one(dir: &Path, args: &Args, parts: &[Part]) -> Result<(), String> {
         }
     }
     let path = if args.mode == "text" { dir.join("input.txt") } else { dir.to_path_buf() };
-    check_load(&path, kind, args.block_size, val_fraction)?;
+    check_load(&path, &kind, args.block_size, val_fraction)?;
     if args.mode == "text" {
         // The same text through `prepare`, then loaded as a directory.
         let out = dir.join("prepared");
-        match prepare(&path, kind, &out, val_fraction) {
+        match prepare(&path, &kind, &out, val_fraction) {
             Err(e) => one_line_error(&e.to_string())?,
-            Ok(_) => check_load(&out, TokenizerKind::Char, args.block_size, 0.5)?,
+            Ok(_) => check_load(&out, &TokenizerSpec::Char, args.block_size, 0.5)?,
         }
     }
     Ok(())
 }
 
-fn check_load(path: &Path, kind: TokenizerKind, block_size: usize, val_fraction: f64) -> Result<(), String> {
+fn check_load(path: &Path, kind: &TokenizerSpec, block_size: usize, val_fraction: f64) -> Result<(), String> {
     let data = match load(path, kind, block_size, val_fraction) {
         Err(e) => return one_line_error(&e.to_string()),
         Ok(d) => d,
@@ -77,7 +77,7 @@ fn check_load(path: &Path, kind: TokenizerKind, block_size: usize, val_fraction:
                 return Err(format!("{split}: token {bad} outside the vocabulary of {vocab}"));
             }
         }
-        let ids: Vec<u16> = src.window(0, src.len().min(32)).into_iter().map(|t| t as u16).collect();
+        let ids: Vec<u32> = src.window(0, src.len().min(32)).into_iter().map(|t| t as u32).collect();
         let _ = data.tokenizer.decode(&ids);
     }
     Ok(())
@@ -92,7 +92,7 @@ fn random_args(rng: &mut Rng, mode: &str) -> Args {
 
 /// meta.json text with random (often wrong) fields.
 fn random_meta(rng: &mut Rng) -> Vec<u8> {
-    let tokenizer = rng.pick(&["\"char\"", "\"gpt2\"", "\"bpe\"", "\"a\\nb\"", "\"\"", "7", "null", "\"CHAR\""]).to_string();
+    let tokenizer = rng.pick(&["\"char\"", "\"gpt2\"", "\"hf\"", "\"bpe\"", "\"a\\nb\"", "\"\"", "7", "null", "\"CHAR\""]).to_string();
     let vocab = match rng.below(4) {
         0 => "50257".to_string(),
         1 => rng.interesting_int().to_string(),
@@ -115,6 +115,14 @@ fn random_meta(rng: &mut Rng) -> Vec<u8> {
     if let Some(c) = chars {
         fields.push(format!("\"chars\": {c}"));
     }
+    if rng.chance(30) {
+        let dtype = rng.pick(&["\"uint16\"", "\"uint32\"", "\"int8\"", "null", "7", "\"UINT32\""]);
+        fields.push(format!("\"dtype\": {dtype}"));
+    }
+    if rng.chance(10) {
+        let file = rng.pick(&["\"train.bin\"", "\"meta.json\"", "\"\"", "\"nope.json\"", "\".\"", "3"]);
+        fields.push(format!("\"tokenizer_file\": {file}"));
+    }
     if rng.chance(10) {
         fields.push(rng.pick(&["\"extra\": 1", "\"e\\nx\": 1", "\"vocab_size\": 3"]).to_string());
     }
@@ -136,21 +144,33 @@ fn data_loading_never_panics_and_errors_are_one_line() {
         fuzz.check(&parts, || check_one(&work, &args, &parts));
     });
 
-    // Valid prepared directories (char and gpt2) to mutate.
+    // Valid prepared directories (char, gpt2, and char with a uint32 dtype) to mutate.
     let input = root.path().join("input.txt");
     std::fs::write(&input, TEXT).unwrap();
     let mut bases: Vec<Vec<Part>> = Vec::new();
-    for kind in TokenizerKind::ALL {
-        let out = root.path().join(kind.as_str());
+    for kind in &TokenizerSpec::BUILTIN {
+        let out = root.path().join(kind.kind().as_str());
         prepare(&input, kind, &out, 0.2).unwrap();
         bases.push([META_FILE, TRAIN_FILE, VAL_FILE].iter().map(|f| (f.to_string(), std::fs::read(out.join(f)).unwrap())).collect());
     }
-    let json_dict: [&[u8]; 16] = [
+    let mut wide = bases[0].clone();
+    let meta = String::from_utf8(wide[0].1.clone()).unwrap().replace("\"uint16\"", "\"uint32\"");
+    wide[0].1 = meta.into_bytes();
+    for part in &mut wide[1..] {
+        part.1 = part.1.chunks_exact(2).flat_map(|b| u32::from(u16::from_le_bytes([b[0], b[1]])).to_le_bytes()).collect();
+    }
+    bases.push(wide);
+    let json_dict: [&[u8]; 21] = [
         b"\"tokenizer\"",
         b"\"char\"",
         b"\"gpt2\"",
         b"\"vocab_size\"",
         b"\"chars\"",
+        b"\"dtype\"",
+        b"\"uint32\"",
+        b"\"uint16\"",
+        b"\"hf\"",
+        b"\"tokenizer_file\"",
         b"50257",
         b"65536",
         b"-1",
@@ -163,7 +183,7 @@ fn data_loading_never_panics_and_errors_are_one_line() {
         b"[]",
         b"\"",
     ];
-    let bin_dict: [&[u8]; 6] = [&[0xff, 0xff], &[0, 0], &[0x51, 0xc4], &[0x50, 0xc4], &[0], &[0xff]];
+    let bin_dict: [&[u8]; 8] = [&[0xff, 0xff], &[0, 0], &[0x51, 0xc4], &[0x50, 0xc4], &[0], &[0xff], &[0, 0, 1, 0], &[0xff, 0xff, 0xff, 0xff]];
 
     while fuzz.more() {
         let rng = &mut fuzz.rng;

@@ -24,10 +24,18 @@ pub struct GptConfig {
     /// last stage, kept equal by summing their gradients every step.
     #[serde(default = "yes")]
     pub tie_embeddings: bool,
+    /// The MLP's GELU: `gelu` (exact, nanoGPT's `nn.GELU()`) or `gelu_tanh` (the tanh
+    /// approximation, Hugging Face GPT-2's `gelu_new`, which its published checkpoints use).
+    #[serde(default = "exact_gelu")]
+    pub activation: String,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn exact_gelu() -> String {
+    "gelu".into()
 }
 
 impl Default for GptConfig {
@@ -36,8 +44,9 @@ impl Default for GptConfig {
     }
 }
 
-/// Model presets; the trainer's presets of the same names add batch and schedule settings.
-pub const PRESET_NAMES: [&str; 5] = ["tiny", "gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b"];
+/// GPT presets; the trainer's presets of the same names add batch and schedule settings.
+#[cfg(test)]
+const GPT_PRESET_NAMES: [&str; 5] = ["tiny", "gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b"];
 
 impl GptConfig {
     pub fn preset(name: &str) -> Option<Self> {
@@ -50,12 +59,21 @@ impl GptConfig {
             dropout: 0.0,
             bias: true,
             tie_embeddings: true,
+            activation: exact_gelu(),
         };
         Some(match name {
             // A char-level model that learns visible structure in a few CPU minutes.
-            "tiny" => {
-                GptConfig { vocab_size: 0, block_size: 128, n_layer: 4, n_head: 4, n_embd: 128, dropout: 0.0, bias: true, tie_embeddings: true }
-            }
+            "tiny" => GptConfig {
+                vocab_size: 0,
+                block_size: 128,
+                n_layer: 4,
+                n_head: 4,
+                n_embd: 128,
+                dropout: 0.0,
+                bias: true,
+                tie_embeddings: true,
+                activation: exact_gelu(),
+            },
             "gpt2-124m" => gpt2(12, 12, 768),
             "gpt2-350m" => gpt2(24, 16, 1024),
             "gpt2-774m" => gpt2(36, 20, 1280),
@@ -88,9 +106,7 @@ impl GptConfig {
             return Err(ModelError::InvalidConfig {
                 key: "model.vocab_size",
                 value: self.vocab_size.to_string(),
-                why: format!(
-                    "token ids are uint16, so at most {MAX_VOCAB_SIZE} rows are usable: set model.vocab_size=0 (the tokenizer's size) or e.g. 50304"
-                ),
+                why: format!("at most {MAX_VOCAB_SIZE} rows (token ids) are supported: set model.vocab_size=0 (the tokenizer's size) or e.g. 50304"),
             });
         }
         range("model.block_size", self.block_size, 1, MAX_BLOCK_SIZE, "1024")?;
@@ -104,6 +120,13 @@ impl GptConfig {
                 why: format!("must be a positive multiple of model.n_head ({})", self.n_head),
             });
         }
+        if !matches!(self.activation.as_str(), "gelu" | "gelu_tanh") {
+            return Err(ModelError::InvalidConfig {
+                key: "model.activation",
+                value: format!("{:?}", self.activation),
+                why: "use \"gelu\" (exact) or \"gelu_tanh\" (Hugging Face GPT-2's gelu_new)".into(),
+            });
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(ModelError::InvalidConfig {
                 key: "model.dropout",
@@ -115,8 +138,9 @@ impl GptConfig {
     }
 }
 
-/// Largest `vocab_size`: token files hold uint16 ids.
-pub const MAX_VOCAB_SIZE: usize = 1 << 16;
+/// Largest `vocab_size`: fabbrica_data's bound on a vocabulary (2^24 ids; token files hold
+/// uint16 ids up to 65536, uint32 beyond), far above today's largest (262144).
+pub const MAX_VOCAB_SIZE: usize = fabbrica_data::MAX_VOCAB;
 /// Largest `block_size` (context length).
 pub const MAX_BLOCK_SIZE: usize = 1 << 20;
 /// Largest `n_layer`.
@@ -132,7 +156,7 @@ mod tests {
 
     #[test]
     fn presets_are_valid_and_named() {
-        for name in PRESET_NAMES {
+        for name in GPT_PRESET_NAMES {
             let mut c = GptConfig::preset(name).unwrap();
             if c.vocab_size == 0 {
                 c.vocab_size = 65;

@@ -1,33 +1,33 @@
 //! Cost model: FLOPs per token (for MFU) and a memory estimate (for `--dry-run`).
 
-use crate::config::GptConfig;
+use crate::arch::ModelConfig;
+use crate::model::{Recompute, StageSpec};
 
 /// Parameters counted the way the cost model needs them: every weight once (the tied embedding
-/// once), and position embeddings excluded, since they are a lookup and do no matmul work.
-pub fn matmul_params(cfg: &GptConfig) -> u64 {
-    let (v, c, l) = (cfg.vocab_size as u64, cfg.n_embd as u64, cfg.n_layer as u64);
-    let b = cfg.bias as u64;
-    // Per block: c_attn C·3C (+3C), attn c_proj C·C (+C), c_fc C·4C (+4C), mlp c_proj 4C·C (+C),
-    // ln_1 and ln_2 (C weights + C biases each).
-    let per_block = 12 * c * c + b * 9 * c + 2 * c + b * 2 * c;
-    v * c + l * per_block + c + b * c // + ln_f
+/// once), and what is only looked up excluded (GPT's position embeddings, an untied model's input
+/// embedding), since lookups do no matmul work.
+pub fn matmul_params(cfg: &ModelConfig) -> u64 {
+    let (v, c, l) = (cfg.vocab_size() as u64, cfg.n_embd() as u64, cfg.n_layer() as u64);
+    v * c + l * cfg.block_params() + cfg.final_norm_params()
 }
 
-/// Total parameters including position embeddings (what `Gpt::num_params` returns), and the
-/// token embedding a second time when the output projection is untied (the first copy is a
-/// lookup; `matmul_params` counts the projection).
-pub fn total_params(cfg: &GptConfig) -> u64 {
-    let untied = if cfg.tie_embeddings { 0 } else { (cfg.vocab_size * cfg.n_embd) as u64 };
-    matmul_params(cfg) + (cfg.block_size * cfg.n_embd) as u64 + untied
+/// Total parameters (what `Model::num_params` returns): the matmul parameters, the position
+/// embeddings, and the token embedding a second time when the output projection is untied.
+pub fn total_params(cfg: &ModelConfig) -> u64 {
+    let untied = if cfg.tie_embeddings() { 0 } else { (cfg.vocab_size() * cfg.n_embd()) as u64 };
+    matmul_params(cfg) + cfg.lookup_only_params() + untied
 }
 
 /// Training FLOPs per token, PaLM's convention (Chowdhery et al. 2022, appendix B):
-/// `6·N + 12·L·H·Q·T`, where N = `matmul_params`, L layers, H heads, Q head size, T the sequence
-/// length. 6N is forward (2N) plus backward (4N) of every weight matmul; 12·L·H·Q·T is the
-/// attention score and value matmuls (QKᵀ and AV), forward and backward, without causal savings.
-pub fn flops_per_token(cfg: &GptConfig, seq_len: usize) -> f64 {
+/// `6·N + 12·L·H·Q·T`, where N = `matmul_params`, L layers, H query heads, Q head size, T the
+/// sequence length. 6N is forward (2N) plus backward (4N) of every weight matmul — with grouped-
+/// query attention N has the smaller K and V projections, with SwiGLU three MLP matrices;
+/// 12·L·H·Q·T is the attention score and value matmuls (QKᵀ and AV), forward and backward, over
+/// every query head (a shared key-value head saves parameters, not these FLOPs), without causal
+/// savings. Recompute adds work but not model FLOPs: MFU stays comparable across settings.
+pub fn flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
     let n = matmul_params(cfg) as f64;
-    let (l, h, q, t) = (cfg.n_layer as f64, cfg.n_head as f64, cfg.head_size() as f64, seq_len as f64);
+    let (l, h, q, t) = (cfg.n_layer() as f64, cfg.n_head() as f64, cfg.head_size() as f64, seq_len as f64);
     6.0 * n + 12.0 * l * h * q * t
 }
 
@@ -51,9 +51,9 @@ impl MemoryEstimate {
 /// `half_precision_activations` (see [`memory_estimate_with`]: CPU training with dropout keeps the
 /// T×T attention matrix). Excludes the process's own footprint (libtorch, data; about 0.4 GiB on
 /// the CPU).
-pub fn memory_estimate(cfg: &GptConfig, batch: usize, seq_len: usize, half_precision_activations: bool) -> MemoryEstimate {
-    let materialised = !half_precision_activations && cfg.dropout > 0.0;
-    memory_estimate_with(cfg, batch, seq_len, half_precision_activations, materialised)
+pub fn memory_estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, half_precision_activations: bool) -> MemoryEstimate {
+    let materialised = !half_precision_activations && cfg.dropout() > 0.0;
+    memory_estimate_with(cfg, batch, seq_len, half_precision_activations, materialised, Recompute::None)
 }
 
 /// As [`memory_estimate`], saying whether attention runs through libtorch's math path, which
@@ -72,47 +72,94 @@ pub fn memory_estimate(cfg: &GptConfig, batch: usize, seq_len: usize, half_preci
 /// even under autocast) coexist, or later the logits' gradient and the tied embedding's V×C
 /// gradient, whichever is larger. Under autocast, the bf16 copies of the weights.
 pub fn memory_estimate_with(
-    cfg: &GptConfig,
+    cfg: &ModelConfig,
     batch: usize,
     seq_len: usize,
     half_precision_activations: bool,
     materialised_attention: bool,
+    recompute: Recompute,
 ) -> MemoryEstimate {
     let n = total_params(cfg);
-    let l = cfg.n_layer as u64;
-    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention);
+    let l = cfg.n_layer() as u64;
+    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention, recompute);
     let weight_copies = if half_precision_activations { 2 * matmul_params(cfg) } else { 0 };
-    MemoryEstimate { params: 4 * n, grads: 4 * n, optimizer: 8 * n, activations: l * a.per_layer + a.embed + a.head + a.logits + weight_copies }
+    MemoryEstimate {
+        params: 4 * n,
+        grads: 4 * n,
+        optimizer: 8 * n,
+        activations: l * a.per_layer + a.recompute_peak + a.embed + a.head + a.logits + weight_copies,
+    }
 }
 
 /// Activation bytes of one micro-batch by part of the model (see [`memory_estimate_with`]).
 struct ActivationParts {
+    /// What each block keeps until its backward.
     per_layer: u64,
+    /// With full recompute, one block's activations rebuilt during its backward.
+    recompute_peak: u64,
     /// Embedding sum and its dropout's noise (the first stage).
     embed: u64,
-    /// Final LayerNorm input and output (the last stage).
+    /// Final norm input and output (the last stage).
     head: u64,
     /// Peak of the logits and their gradients (the last stage).
     logits: u64,
 }
 
-fn activation_parts(cfg: &GptConfig, batch: usize, seq_len: usize, half: bool, materialised_attention: bool) -> ActivationParts {
-    let (b, t, c, v) = (batch as u64, seq_len as u64, cfg.n_embd as u64, cfg.vocab_size as u64);
+/// Values per token kept by one block, in units of C, counted tensor by tensor as Korthikanti et
+/// al. (2022) do: GPT's 17 (input, LayerNorm outputs, q/k/v, attention output and its contiguous
+/// copy, MLP 4h input and GELU output). Llama: input, RMSNorm input and scaled output (fp32) twice,
+/// q/k/v (C + 2·kv), rotated q and k and their rotate-half copies (2·(C + kv)), attention output
+/// and copy, the residual sum, and SwiGLU's gate, up, SiLU and product (4·F).
+fn block_values_per_token(cfg: &ModelConfig) -> f64 {
+    match cfg {
+        ModelConfig::Gpt(_) => 17.0,
+        ModelConfig::Llama(_) => {
+            let c = cfg.n_embd() as f64;
+            let r = (cfg.n_kv_head() * cfg.head_size()) as f64 / c;
+            12.0 + 4.0 * r + 4.0 * cfg.ffn_hidden() as f64 / c
+        }
+    }
+}
+
+fn activation_parts(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq_len: usize,
+    half: bool,
+    materialised_attention: bool,
+    recompute: Recompute,
+) -> ActivationParts {
+    let (b, t, c, v) = (batch as u64, seq_len as u64, cfg.n_embd() as u64, cfg.vocab_size() as u64);
     let sbh = b * t * c;
-    let dropout = cfg.dropout > 0.0;
-    let mut per_layer = if half { 41 * sbh } else { 82 * sbh };
-    if dropout {
+    let dropout = cfg.dropout() > 0.0;
+    let gpt = matches!(cfg, ModelConfig::Gpt(_));
+    // 82 bytes per token and channel in fp32 for GPT's 17 values (measured: 20.5 values with
+    // kernel workspace and transient gradients), scaled by the values each architecture keeps.
+    let scale = block_values_per_token(cfg) / 17.0;
+    let mut block = ((if half { 41.0 } else { 82.0 }) * scale * sbh as f64) as u64;
+    if dropout && gpt {
         // Two residual dropouts: fp32 noise on the CPU's path, bool masks in the fused kernel.
-        per_layer += if half { 2 * sbh } else { 8 * sbh };
+        block += if half { 2 * sbh } else { 8 * sbh };
     }
-    if materialised_attention {
-        // Scores, softmax, dropout noise and its product, and a backward temporary: 5 fp32 copies.
-        per_layer += 20 * b * cfg.n_head as u64 * t * t;
-    }
+    // Scores, softmax, dropout noise and its product, and a backward temporary: 5 fp32 copies.
+    let core = if materialised_attention { 20 * b * cfg.n_head() as u64 * t * t } else { 0 };
+    let (per_layer, recompute_peak) = match recompute {
+        Recompute::None => (block + core, 0),
+        // Only the attention core is rebuilt, one layer at a time.
+        Recompute::Selective => (block, core),
+        // Only the block's input (the fp32 residual stream) is kept; one block is rebuilt at a time.
+        Recompute::Full => (4 * sbh, block + core),
+    };
     let btv = b * t * v;
-    // Embedding sum and final LayerNorm input/output (the residual stream is fp32), plus the
+    // Embedding sum and final norm input/output (the residual stream is fp32), plus the
     // embedding dropout's noise.
-    ActivationParts { per_layer, embed: sbh * 4 * (1 + dropout as u64), head: sbh * 4, logits: (3 * btv).max(btv + v * c) * 4 }
+    ActivationParts {
+        per_layer,
+        recompute_peak,
+        embed: sbh * 4 * (1 + (dropout && gpt) as u64),
+        head: sbh * 4,
+        logits: (3 * btv).max(btv + v * c) * 4,
+    }
 }
 
 /// As [`memory_estimate_with`], for a pipeline rank holding the stages `specs` with
@@ -121,18 +168,20 @@ fn activation_parts(cfg: &GptConfig, batch: usize, seq_len: usize, half: bool, m
 /// are those of the stages held (the tied embedding's copy included); each micro-batch in flight
 /// keeps the activations of the blocks held (and the embedding output on the first stage, the
 /// log-softmax on the last), plus one micro-batch's transient logits peak on the last stage.
+#[allow(clippy::too_many_arguments)]
 pub fn stage_memory_estimate(
-    cfg: &GptConfig,
-    specs: &[crate::gpt::StageSpec],
+    cfg: &ModelConfig,
+    specs: &[StageSpec],
     batch: usize,
     seq_len: usize,
     half_precision_activations: bool,
     materialised_attention: bool,
+    recompute: Recompute,
     in_flight: usize,
 ) -> MemoryEstimate {
     let n: u64 = specs.iter().map(|s| crate::stages::stage_params(cfg, s)).sum();
-    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention);
-    let (b, t, v) = (batch as u64, seq_len as u64, cfg.vocab_size as u64);
+    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention, recompute);
+    let (b, t, v) = (batch as u64, seq_len as u64, cfg.vocab_size() as u64);
     // The most expensive chunk bounds what one micro-batch in flight holds.
     let per_micro = specs
         .iter()
@@ -140,8 +189,9 @@ pub fn stage_memory_estimate(
         .max()
         .unwrap_or(0);
     let transient = if specs.iter().any(|s| s.head) { a.logits.saturating_sub(4 * b * t * v) } else { 0 };
+    let transient = transient + if specs.iter().any(|s| !s.blocks.is_empty()) { a.recompute_peak } else { 0 };
     // bf16 copies of the matmul weights (position embeddings are a lookup).
-    let wpe = if specs.iter().any(|s| s.embed) { (cfg.block_size * cfg.n_embd) as u64 } else { 0 };
+    let wpe = if specs.iter().any(|s| s.embed) { cfg.lookup_only_params() } else { 0 };
     let weight_copies = if half_precision_activations { 2 * (n - wpe) } else { 0 };
     MemoryEstimate { params: 4 * n, grads: 4 * n, optimizer: 8 * n, activations: in_flight.max(1) as u64 * per_micro + transient + weight_copies }
 }
@@ -149,24 +199,31 @@ pub fn stage_memory_estimate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::GptConfig;
+    use crate::llama::LlamaConfig;
+
+    fn gpt(c: GptConfig) -> ModelConfig {
+        ModelConfig::Gpt(c)
+    }
 
     #[test]
     fn a_whole_model_stage_estimates_like_the_model_and_stages_split_it() {
-        use crate::gpt::StageSpec;
-        let mut g = GptConfig::preset("gpt2-124m").unwrap();
-        g.dropout = 0.1;
+        let mut g0 = GptConfig::preset("gpt2-124m").unwrap();
+        g0.dropout = 0.1;
+        let g = gpt(g0.clone());
+        let r = Recompute::None;
         for half in [false, true] {
-            let whole = memory_estimate_with(&g, 4, 1024, half, !half);
-            assert_eq!(stage_memory_estimate(&g, &[StageSpec::whole(12)], 4, 1024, half, !half, 1), whole);
+            let whole = memory_estimate_with(&g, 4, 1024, half, !half, r);
+            assert_eq!(stage_memory_estimate(&g, &[StageSpec::whole(12)], 4, 1024, half, !half, r, 1), whole);
             // Four stages, one micro-batch each in flight: weights add up to the model plus the
             // tied copy, activations to about the model's (each stage's own part).
             let specs = StageSpec::split(&[3, 3, 3, 3]);
             let parts: Vec<MemoryEstimate> =
-                specs.iter().map(|s| stage_memory_estimate(&g, std::slice::from_ref(s), 4, 1024, half, !half, 1)).collect();
+                specs.iter().map(|s| stage_memory_estimate(&g, std::slice::from_ref(s), 4, 1024, half, !half, r, 1)).collect();
             let params: u64 = parts.iter().map(|p| p.params).sum();
-            assert_eq!(params, whole.params + 4 * (g.vocab_size * g.n_embd) as u64);
+            assert_eq!(params, whole.params + 4 * (g0.vocab_size * g0.n_embd) as u64);
             // More micro-batches in flight hold proportionally more (1F1B's first stage holds pp).
-            let four = stage_memory_estimate(&g, &specs[1..2], 4, 1024, half, !half, 4);
+            let four = stage_memory_estimate(&g, &specs[1..2], 4, 1024, half, !half, r, 4);
             let one = &parts[1];
             let w = if half { 2 * (one.params / 4) } else { 0 };
             assert_eq!(four.activations - w, 4 * (one.activations - w));
@@ -177,16 +234,14 @@ mod tests {
     fn gpt2_124m_counts_match_the_published_model() {
         // GPT-2 small with the unpadded vocabulary has 124,439,808 parameters (HF/nanoGPT count,
         // tied embedding once, position embeddings included).
-        let mut cfg = GptConfig::preset("gpt2-124m").unwrap();
-        cfg.vocab_size = 50257;
+        let cfg = gpt(GptConfig { vocab_size: 50257, ..GptConfig::preset("gpt2-124m").unwrap() });
         assert_eq!(total_params(&cfg), 124_439_808);
         assert_eq!(matmul_params(&cfg), 124_439_808 - 1024 * 768);
     }
 
     #[test]
     fn flops_follow_palm() {
-        let mut cfg = GptConfig::preset("gpt2-124m").unwrap();
-        cfg.vocab_size = 50257;
+        let cfg = gpt(GptConfig { vocab_size: 50257, ..GptConfig::preset("gpt2-124m").unwrap() });
         let n = (124_439_808 - 1024 * 768) as f64;
         let expected = 6.0 * n + 12.0 * 12.0 * 12.0 * 64.0 * 1024.0;
         assert_eq!(flops_per_token(&cfg, 1024), expected);
@@ -196,7 +251,7 @@ mod tests {
 
     #[test]
     fn memory_estimate_scales_with_batch() {
-        let cfg = GptConfig { vocab_size: 65, ..GptConfig::default() };
+        let cfg = gpt(GptConfig { vocab_size: 65, ..GptConfig::default() });
         let a = memory_estimate(&cfg, 8, 128, false);
         let b = memory_estimate(&cfg, 16, 128, false);
         assert_eq!(a.params, b.params);
@@ -229,7 +284,7 @@ mod tests {
         ];
         for (cfg, b, rss_mib) in runs {
             let measured = rss_mib * (1u64 << 20) as f64 - gib(0.4);
-            let est = memory_estimate(cfg, b, cfg.block_size, false).total() as f64;
+            let est = memory_estimate(&gpt(cfg.clone()), b, cfg.block_size, false).total() as f64;
             let err = (est - measured) / measured;
             assert!(
                 err.abs() < 0.15,
@@ -238,6 +293,49 @@ mod tests {
                 measured / gib(1.0),
                 100.0 * err
             );
+        }
+    }
+
+    #[test]
+    fn llama_counts_match_the_published_models() {
+        // Hugging Face's parameter counts of Meta's checkpoints (model.num_parameters()).
+        for (name, params) in
+            [("llama3.2-1b", 1_235_814_400u64), ("llama3.2-3b", 3_212_749_824), ("llama3.1-8b", 8_030_261_248), ("llama3.1-70b", 70_553_706_496)]
+        {
+            let c = ModelConfig::Llama(LlamaConfig::preset(name).unwrap());
+            assert_eq!(total_params(&c), params, "{name}");
+        }
+        // 405B: 126 layers of (2·C² + 2·C·1024 + 3·C·53248 + 2C) plus two 128256 × C tables.
+        let c = ModelConfig::Llama(LlamaConfig::preset("llama3.1-405b").unwrap());
+        assert_eq!(total_params(&c), 405_853_388_800);
+    }
+
+    #[test]
+    fn llama_flops_count_gqa_and_swiglu() {
+        // 8B at 8192 tokens: 6·N with the untied input embedding excluded (a lookup), plus the
+        // attention products over all 32 query heads.
+        let c = ModelConfig::Llama(LlamaConfig::preset("llama3.1-8b").unwrap());
+        let n = 8_030_261_248u64 - 128256 * 4096;
+        assert_eq!(matmul_params(&c), n);
+        assert_eq!(flops_per_token(&c, 8192), 6.0 * n as f64 + 12.0 * 32.0 * 32.0 * 128.0 * 8192.0);
+        // Halving the key-value heads saves K and V parameters, not attention FLOPs.
+        let LlamaConfig { n_kv_head, .. } = LlamaConfig::preset("llama3.1-8b").unwrap();
+        let fewer = ModelConfig::Llama(LlamaConfig { n_kv_head: n_kv_head / 2, ..LlamaConfig::preset("llama3.1-8b").unwrap() });
+        assert_eq!(matmul_params(&c) - matmul_params(&fewer), 32 * 2 * 4096 * 4 * 128);
+    }
+
+    #[test]
+    fn recompute_trades_activations_for_work() {
+        for cfg in [
+            gpt(GptConfig { vocab_size: 65, dropout: 0.1, ..GptConfig::default() }),
+            ModelConfig::Llama(LlamaConfig { vocab_size: 65, dropout: 0.1, ..LlamaConfig::default() }),
+        ] {
+            let est = |r| memory_estimate_with(&cfg, 8, 128, false, true, r).activations;
+            let (none, sel, full) = (est(Recompute::None), est(Recompute::Selective), est(Recompute::Full));
+            assert!(full < sel && sel < none, "{cfg:?}: {full} {sel} {none}");
+            // Without a materialised T×T attention there is nothing for selective to save.
+            let fused = |r| memory_estimate_with(&cfg, 8, 128, false, false, r).activations;
+            assert_eq!(fused(Recompute::Selective), fused(Recompute::None));
         }
     }
 }

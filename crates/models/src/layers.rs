@@ -12,6 +12,10 @@ pub struct Params {
     pub list: Vec<(String, Tensor)>,
     /// Called with each parameter's full name before it is initialised (seeds its draw).
     reseed: Option<Reseed>,
+    /// Record names and shapes only (`shapes`), allocating nothing.
+    pub dry: bool,
+    /// The shape of each parameter of `list`, in order.
+    pub shapes: Vec<Vec<i64>>,
 }
 
 impl Params {
@@ -21,6 +25,12 @@ impl Params {
     }
 
     pub fn var(&mut self, p: &Path, name: &str, dims: &[i64], init: Init) -> Tensor {
+        self.shapes.push(dims.to_vec());
+        if self.dry {
+            let t = Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu));
+            self.list.push((p.path(name), t.shallow_clone()));
+            return t;
+        }
         if let Some(f) = &self.reseed {
             f(&p.path(name));
         }
@@ -45,6 +55,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, self.bias.as_ref())
     }
+
+    /// A handle to the same parameters.
+    pub fn shallow(&self) -> Linear {
+        Linear { weight: self.weight.shallow_clone(), bias: self.bias.as_ref().map(Tensor::shallow_clone) }
+    }
 }
 
 pub struct LayerNorm {
@@ -62,5 +77,10 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.layer_norm([self.dim], Some(&self.weight), self.bias.as_ref(), 1e-5, true)
+    }
+
+    /// A handle to the same parameters.
+    pub fn shallow(&self) -> LayerNorm {
+        LayerNorm { weight: self.weight.shallow_clone(), bias: self.bias.as_ref().map(Tensor::shallow_clone), dim: self.dim }
     }
 }

@@ -1,15 +1,21 @@
-//! GPT reference models. This crate knows nothing about communication: data and pipeline
-//! parallelism are applied to a model from outside (see the `ddp` and `pipeline` crates).
+//! Reference models: GPT-2 and the Llama family, built whole or by pipeline stage. This crate
+//! knows nothing about communication: data and pipeline parallelism are applied to a model from
+//! outside (see the `ddp` and `pipeline` crates).
 
+mod arch;
 mod config;
 mod error;
 pub mod flops;
 mod gpt;
 mod layers;
+mod llama;
+mod model;
 pub mod stages;
 
-pub use config::{GptConfig, PRESET_NAMES};
+pub use arch::{ModelConfig, GPT_ONLY_KEYS, LLAMA_ONLY_KEYS, PRESET_NAMES};
+pub use config::{GptConfig, MAX_VOCAB_SIZE};
 pub use error::{ModelError, Result};
 pub use flops::{flops_per_token, memory_estimate, stage_memory_estimate, MemoryEstimate};
-pub use gpt::{Gpt, StageSpec};
+pub use llama::{LlamaConfig, RopeScaling};
+pub use model::{Model, Recompute, StageSpec};
 pub use stages::{balanced_split, check_split, stage_params, PartCosts};

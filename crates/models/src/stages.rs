@@ -2,12 +2,12 @@
 //! and an explicit split's checks. A function of the model alone: the trainer applies it from
 //! outside, as it applies data parallelism.
 
-use crate::config::GptConfig;
+use crate::arch::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::gpt::StageSpec;
+use crate::model::StageSpec;
 
 /// Relative training cost (FLOPs per token, forward and backward) of the parts of a stage:
-/// a block is `6·12C²` for its matmuls plus `12·C·T` for attention's score and value products;
+/// a block is 6 FLOPs per weight (`6·12C²` for GPT) plus `12·C·T` for attention's score and value products;
 /// the head (output projection, the loss's softmax) `6·C·V`; the embedding, which does no matmul,
 /// `2·C·V` for its backward scatter into a V×C gradient and the optimizer's pass over V×C.
 /// The two ends are where pipelines are usually unbalanced; counting them moves layers off the
@@ -20,9 +20,9 @@ pub struct PartCosts {
 }
 
 impl PartCosts {
-    pub fn of(cfg: &GptConfig, seq_len: usize) -> PartCosts {
-        let (c, v, t) = (cfg.n_embd as f64, cfg.vocab_size as f64, seq_len as f64);
-        PartCosts { block: 72.0 * c * c + 12.0 * c * t, embed: 2.0 * c * v, head: 6.0 * c * v }
+    pub fn of(cfg: &ModelConfig, seq_len: usize) -> PartCosts {
+        let (c, v, t) = (cfg.n_embd() as f64, cfg.vocab_size() as f64, seq_len as f64);
+        PartCosts { block: 6.0 * cfg.block_params() as f64 + 12.0 * c * t, embed: 2.0 * c * v, head: 6.0 * c * v }
     }
 
     /// The cost of one stage.
@@ -37,8 +37,8 @@ pub const KEY_STAGE_LAYERS: &str = "parallel.stage_layers";
 /// Layers per stage for `parts` stages that minimises the largest stage cost (every stage holds
 /// at least one block; the first also the embeddings, the last the head). Ties go to the split
 /// with the most even layer counts.
-pub fn balanced_split(cfg: &GptConfig, seq_len: usize, parts: usize) -> Result<Vec<usize>> {
-    let l = cfg.n_layer;
+pub fn balanced_split(cfg: &ModelConfig, seq_len: usize, parts: usize) -> Result<Vec<usize>> {
+    let l = cfg.n_layer();
     if parts == 0 || parts > l {
         return Err(ModelError::InvalidConfig {
             key: "parallel.pp",
@@ -85,7 +85,7 @@ pub fn balanced_split(cfg: &GptConfig, seq_len: usize, parts: usize) -> Result<V
 }
 
 /// Checks an explicit split (`parallel.stage_layers`) against the model and the stage count.
-pub fn check_split(cfg: &GptConfig, layers: &[usize], parts: usize) -> Result<()> {
+pub fn check_split(cfg: &ModelConfig, layers: &[usize], parts: usize) -> Result<()> {
     let bad = |why: String| Err(ModelError::InvalidConfig { key: KEY_STAGE_LAYERS, value: format!("{layers:?}"), why });
     if layers.len() != parts {
         return bad(format!(
@@ -97,27 +97,26 @@ pub fn check_split(cfg: &GptConfig, layers: &[usize], parts: usize) -> Result<()
         return bad("every stage needs at least one layer: move a layer into the empty stage".into());
     }
     let sum: usize = layers.iter().sum();
-    if sum != cfg.n_layer {
-        return bad(format!("adds up to {sum} layers but the model has {} (model.n_layer): make the counts sum to {}", cfg.n_layer, cfg.n_layer));
+    let l = cfg.n_layer();
+    if sum != l {
+        return bad(format!("adds up to {sum} layers but the model has {l} (model.n_layer): make the counts sum to {l}"));
     }
     Ok(())
 }
 
 /// Parameters of one stage (the tied embedding counted on both ends when they are different stages).
-pub fn stage_params(cfg: &GptConfig, spec: &StageSpec) -> u64 {
-    let (v, c, t) = (cfg.vocab_size as u64, cfg.n_embd as u64, cfg.block_size as u64);
-    let b = cfg.bias as u64;
-    let per_block = 12 * c * c + b * 9 * c + 2 * c + b * 2 * c;
-    let mut n = spec.blocks.len() as u64 * per_block;
+pub fn stage_params(cfg: &ModelConfig, spec: &StageSpec) -> u64 {
+    let vc = (cfg.vocab_size() * cfg.n_embd()) as u64;
+    let mut n = spec.blocks.len() as u64 * cfg.block_params();
     if spec.embed {
-        n += v * c + t * c;
+        n += vc + cfg.lookup_only_params();
     }
     if spec.head {
-        n += c + b * c;
+        n += cfg.final_norm_params();
         // The output projection: the tied embedding's copy on a last stage that is not also the
         // first, or an untied model's own lm_head.
-        if !spec.embed || !cfg.tie_embeddings {
-            n += v * c;
+        if !spec.embed || !cfg.tie_embeddings() {
+            n += vc;
         }
     }
     n
@@ -126,9 +125,10 @@ pub fn stage_params(cfg: &GptConfig, spec: &StageSpec) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::GptConfig;
 
-    fn cfg(l: usize, c: usize, v: usize) -> GptConfig {
-        GptConfig { vocab_size: v, n_layer: l, n_embd: c, n_head: 4, block_size: 64, ..GptConfig::default() }
+    fn cfg(l: usize, c: usize, v: usize) -> ModelConfig {
+        ModelConfig::Gpt(GptConfig { vocab_size: v, n_layer: l, n_embd: c, n_head: 4, block_size: 64, ..GptConfig::default() })
     }
 
     #[test]
@@ -141,7 +141,7 @@ mod tests {
     #[test]
     fn a_large_vocabulary_moves_layers_off_the_last_stage() {
         // gpt2-124m: the head costs about 5 blocks.
-        let g = GptConfig::preset("gpt2-124m").unwrap();
+        let g = ModelConfig::preset("gpt2-124m").unwrap();
         let s = balanced_split(&g, 1024, 4).unwrap();
         assert_eq!(s.iter().sum::<usize>(), 12);
         assert!(s[3] < s[1] && s[0] <= s[1], "{s:?}");
@@ -174,10 +174,22 @@ mod tests {
 
     #[test]
     fn stage_params_add_up_to_the_model_plus_the_tied_copy() {
-        let c = GptConfig { bias: true, ..cfg(6, 64, 101) };
+        let c = cfg(6, 64, 101);
         let whole = crate::flops::total_params(&c);
         assert_eq!(stage_params(&c, &StageSpec::whole(6)), whole);
         let split: u64 = StageSpec::split(&[2, 3, 1]).iter().map(|s| stage_params(&c, s)).sum();
         assert_eq!(split, whole + 101 * 64);
+    }
+
+    #[test]
+    fn llama_stages_add_up_too() {
+        use crate::llama::LlamaConfig;
+        for tie in [false, true] {
+            let c = ModelConfig::Llama(LlamaConfig { vocab_size: 101, n_layer: 6, tie_embeddings: tie, ..LlamaConfig::default() });
+            let whole = crate::flops::total_params(&c);
+            assert_eq!(stage_params(&c, &StageSpec::whole(6)), whole);
+            let split: u64 = StageSpec::split(&[2, 3, 1]).iter().map(|s| stage_params(&c, s)).sum();
+            assert_eq!(split, whole + if tie { 101 * 128 } else { 0 });
+        }
     }
 }

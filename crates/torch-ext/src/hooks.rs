@@ -171,16 +171,7 @@ unsafe extern "C" fn call_closure<F: Fn(usize)>(ctx: *mut c_void, index: usize) 
     let f = unsafe { &*(ctx as *const F) };
     match catch_unwind(AssertUnwindSafe(|| f(index))) {
         Ok(()) => ptr::null_mut(),
-        Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".into());
-            // A payload whose own Drop panics would unwind here: forget it instead.
-            std::mem::forget(payload);
-            malloc_message(&format!("grad-ready hook for parameter {index} panicked: {what}"))
-        }
+        Err(payload) => malloc_message(&format!("grad-ready hook for parameter {index} panicked: {}", panic_text(payload))),
     }
 }
 
@@ -193,8 +184,20 @@ unsafe extern "C" fn drop_closure<F>(ctx: *mut c_void) {
     }
 }
 
+/// The text of a caught panic. The payload is forgotten, not dropped: one whose own Drop panics
+/// would unwind into C++.
+pub(crate) fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into());
+    std::mem::forget(payload);
+    what
+}
+
 /// A NUL-terminated copy of `s` in malloc'd memory, for C++ to `free`.
-fn malloc_message(s: &str) -> *mut c_char {
+pub(crate) fn malloc_message(s: &str) -> *mut c_char {
     let bytes = s.as_bytes();
     // SAFETY: malloc of len + 1 bytes; on success we write exactly that many.
     unsafe {
@@ -202,7 +205,7 @@ fn malloc_message(s: &str) -> *mut c_char {
         if p.is_null() {
             // C++ treats NULL as success; a static message cannot be freed. Abort rather than
             // silently dropping the panic.
-            eprintln!("fabbrica-torch-ext: out of memory reporting a panic in a grad-ready hook: {s}");
+            eprintln!("fabbrica-torch-ext: out of memory reporting a panic in a callback from libtorch: {s}");
             std::process::abort();
         }
         ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());

@@ -1,7 +1,9 @@
 //! Safe wrappers over `csrc/shim.cpp`: libtorch functions that tch 0.24 does not bind.
-//! [`hooks`] wraps `csrc/hooks.cpp`: autograd gradient-ready hooks and `.grad` as a bucket view.
+//! [`hooks`] wraps `csrc/hooks.cpp`: autograd gradient-ready hooks and `.grad` as a bucket view;
+//! [`recompute`] wraps `csrc/recompute.cpp`: activation recompute (checkpointing) of a region.
 
 pub mod hooks;
+pub mod recompute;
 
 use std::ffi::{c_char, c_int, CStr};
 use tch::Tensor;

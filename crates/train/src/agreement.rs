@@ -352,7 +352,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.txt");
         std::fs::write(&p, text).unwrap();
-        fabbrica_data::load(&p, fabbrica_data::TokenizerKind::Char, 8, 0.1).unwrap()
+        fabbrica_data::load(&p, &fabbrica_data::TokenizerSpec::Char, 8, 0.1).unwrap()
     }
 
     #[test]

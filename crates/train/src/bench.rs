@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use fabbrica_models::{flops_per_token, Gpt};
+use fabbrica_models::{flops_per_token, Model};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::Config;
@@ -26,7 +26,7 @@ pub struct BenchResult {
 
 /// A model, optimizer and fixed random batch, ready to step.
 pub struct BenchState {
-    model: Gpt,
+    model: Model,
     params: Vec<(String, Tensor)>,
     opt: AdamW,
     x: Tensor,
@@ -45,7 +45,7 @@ impl BenchState {
 
     /// One full training step (forward, backward, clip, AdamW, zero grads); not synchronised.
     pub fn step(&mut self) -> Tensor {
-        let loss = tch::autocast(self.bf16, || Gpt::loss(&self.model.forward(&self.x, true), &self.y));
+        let loss = tch::autocast(self.bf16, || Model::loss(&self.model.forward(&self.x, true), &self.y));
         loss.backward();
         let _ = clip_grad_norm(&self.params, self.clip);
         self.opt.step(1e-4).expect("AdamW step");
@@ -55,14 +55,14 @@ impl BenchState {
         loss.detach()
     }
 
-    pub fn model(&self) -> &Gpt {
+    pub fn model(&self) -> &Model {
         &self.model
     }
 }
 
 /// A model built as the trainer builds it, and a fixed random batch (seeded by `batch_seed`).
 struct BenchModel {
-    model: Gpt,
+    model: Model,
     device: Device,
     bf16: bool,
     x: Tensor,
@@ -80,17 +80,17 @@ fn bench_model_on(cfg: &Config, cuda_ordinal: usize, batch_seed: i64) -> Result<
         tch::set_num_threads(cfg.run.threads as i32);
     }
     let mut mcfg = cfg.model.clone();
-    if mcfg.vocab_size == 0 {
-        mcfg.vocab_size = 256;
+    if mcfg.vocab_size() == 0 {
+        mcfg.set_vocab_size(256);
     }
     tch::manual_seed(cfg.run.seed as i64);
-    let model = Gpt::new(&mcfg, device)?;
+    let model = Model::new(&mcfg, device)?;
     if batch_seed != 0 {
         tch::manual_seed(cfg.run.seed as i64 + batch_seed);
     }
-    let shape = [cfg.train.batch_size as i64, mcfg.block_size as i64];
-    let x = Tensor::randint(mcfg.vocab_size as i64, shape, (Kind::Int64, device));
-    let y = Tensor::randint(mcfg.vocab_size as i64, shape, (Kind::Int64, device));
+    let shape = [cfg.train.batch_size as i64, mcfg.block_size() as i64];
+    let x = Tensor::randint(mcfg.vocab_size() as i64, shape, (Kind::Int64, device));
+    let y = Tensor::randint(mcfg.vocab_size() as i64, shape, (Kind::Int64, device));
     Ok(BenchModel { model, device, bf16, x, y })
 }
 
@@ -116,7 +116,7 @@ pub fn run(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchResult, Tra
         return Err(TrainError::Torch(format!("benchmark loss became {loss}")));
     }
     let mcfg = st.model().config().clone();
-    let tokens = (cfg.train.batch_size * mcfg.block_size * steps) as f64;
+    let tokens = (cfg.train.batch_size * mcfg.block_size() * steps) as f64;
     let tps = tokens / secs;
     let peak = if cfg.train.peak_flops > 0.0 {
         Some(cfg.train.peak_flops)
@@ -132,11 +132,11 @@ pub fn run(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchResult, Tra
         },
         params: st.model().num_params(),
         batch: cfg.train.batch_size,
-        block: mcfg.block_size,
+        block: mcfg.block_size(),
         steps,
         step_ms: 1e3 * secs / steps as f64,
         tokens_per_s: tps,
-        mfu: peak.map(|p| flops_per_token(&mcfg, mcfg.block_size) * tps / p),
+        mfu: peak.map(|p| flops_per_token(&mcfg, mcfg.block_size()) * tps / p),
         peak_mem_bytes: peak_memory_bytes(device),
     })
 }
@@ -180,7 +180,7 @@ impl DdpBenchResult {
 /// A model with DDP applied over `comm`, and its optimizer, stepping on a fixed random batch
 /// (different on every rank).
 struct DdpBenchState {
-    model: Gpt,
+    model: Model,
     ddp: fabbrica_ddp::Ddp,
     opt: AdamW,
     x: Tensor,
@@ -191,7 +191,7 @@ struct DdpBenchState {
 
 impl DdpBenchState {
     fn step(&mut self) -> Result<Tensor, TrainError> {
-        let loss = tch::autocast(self.bf16, || Gpt::loss(&self.model.forward(&self.x, true), &self.y));
+        let loss = tch::autocast(self.bf16, || Model::loss(&self.model.forward(&self.x, true), &self.y));
         self.ddp.begin_micro_step(true);
         loss.backward();
         let err = |e: fabbrica_ddp::DdpError| TrainError::Comm(e.to_string());
@@ -265,7 +265,7 @@ pub fn run_ddp(
         }
     }
     st.ddp.set_mode(true, true);
-    let tokens_per_step = (t.batch_size * mcfg.block_size * n) as f64;
+    let tokens_per_step = (t.batch_size * mcfg.block_size() * n) as f64;
     let results = modes
         .iter()
         .zip(times)
@@ -284,7 +284,7 @@ pub fn run_ddp(
         },
         params: st.model.num_params(),
         batch: t.batch_size,
-        block: mcfg.block_size,
+        block: mcfg.block_size(),
         buckets,
         steps,
         rounds,

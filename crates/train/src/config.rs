@@ -6,15 +6,18 @@
 
 use std::path::{Path, PathBuf};
 
-use fabbrica_models::{GptConfig, PRESET_NAMES};
+use fabbrica_models::{ModelConfig, Recompute, PRESET_NAMES};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, Result};
 
+mod model_section;
+pub use model_section::ModelSection;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub model: GptConfig,
+    pub model: ModelSection,
     pub data: DataConfig,
     pub train: TrainConfig,
     pub run: RunConfig,
@@ -96,7 +99,8 @@ impl Default for CommConfig {
 pub struct DataConfig {
     /// A UTF-8 text file (tokenized at start) or a directory from `fabbrica prepare`.
     pub path: PathBuf,
-    /// Tokenizer for a text file: `char` or `gpt2` (a prepared directory names its own).
+    /// Tokenizer for a text file: `char`, `gpt2` or `hf:PATH` (a Hugging Face tokenizer.json);
+    /// a prepared directory names its own.
     pub tokenizer: String,
     /// Fraction of a text file held out for evaluation.
     pub val_fraction: f64,
@@ -138,6 +142,9 @@ pub struct TrainConfig {
     pub nonfinite: String,
     /// With `nonfinite = "skip"`: more skipped steps than this in one run stop it as `stop` would.
     pub max_skipped_steps: u64,
+    /// Activation recompute: `none`, `full` (keep each block's input, recompute the block in
+    /// backward) or `selective` (recompute only the attention core, Korthikanti et al. 2022).
+    pub recompute: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -246,6 +253,7 @@ impl Default for TrainConfig {
             peak_flops: 0.0,
             nonfinite: "stop".into(),
             max_skipped_steps: 10,
+            recompute: "none".into(),
         }
     }
 }
@@ -274,16 +282,34 @@ impl Default for RunConfig {
 impl Config {
     /// The named preset: model shape plus batch and schedule settings that suit it.
     pub fn preset(name: &str) -> Result<Config> {
-        let model = GptConfig::preset(name).ok_or_else(|| ConfigError::UnknownPreset { name: printable(name), valid: PRESET_NAMES.join(", ") })?;
+        let model = ModelConfig::preset(name).ok_or_else(|| ConfigError::UnknownPreset { name: printable(name), valid: PRESET_NAMES.join(", ") })?;
         let mut c = Config {
-            model,
+            model: model.into(),
             data: DataConfig::default(),
             train: TrainConfig::default(),
             run: RunConfig::default(),
             parallel: ParallelConfig::default(),
             comm: CommConfig::default(),
         };
-        if name != "tiny" {
+        if name.starts_with("llama3") {
+            // Llama 3 recipes at laptop scale of the batch: BPE tokens (a Hugging Face tokenizer
+            // file for real runs: data.tokenizer="hf:PATH"), 3e-4 peak, 0.95 beta2.
+            c.data.tokenizer = "gpt2".into();
+            c.train = TrainConfig {
+                max_steps: 5000,
+                batch_size: 1,
+                grad_accum: 8,
+                lr: 3e-4,
+                min_lr: 3e-5,
+                warmup_steps: 200,
+                beta2: 0.95,
+                eval_interval: 500,
+                ..TrainConfig::default()
+            };
+            c.run.out_dir = PathBuf::from(format!("runs/{name}"));
+        } else if name == "llama-tiny" {
+            c.run.out_dir = PathBuf::from("runs/llama-tiny");
+        } else if name != "tiny" {
             // GPT-2 recipes (nanoGPT's train_gpt2 defaults): BPE tokens, 6e-4 peak, 0.95 beta2.
             c.data.tokenizer = "gpt2".into();
             c.train = TrainConfig {
@@ -306,13 +332,19 @@ impl Config {
     /// Resolves preset ← file ← overrides into a validated config.
     pub fn resolve(preset: Option<&str>, file: Option<&Path>, sets: &[String]) -> Result<Config> {
         let base = Config::preset(preset.unwrap_or("tiny"))?;
-        let schema = toml::Value::try_from(&base).expect("config serializes");
+        let mut schema = toml::Value::try_from(&base).expect("config serializes");
+        model_section::widen_schema(&mut schema, &base.model);
         let mut merged = schema.clone();
+        // The [model] keys as the user wrote them (file, then --set), for model_section::finish.
+        let mut user_model = toml::value::Table::new();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io { path: path.to_path_buf(), why: e.to_string() })?;
             let table: toml::Value =
                 toml::from_str(&text).map_err(|e| ConfigError::Toml { path: path.to_path_buf(), why: one_line(&e.to_string()) })?;
             merge_checked(&schema, &mut merged, &table, "")?;
+            if let Some(toml::Value::Table(m)) = table.get("model") {
+                overlay(&mut user_model, m);
+            }
         }
         for set in sets {
             let (key, mut value, raw) = parse_set(set)?;
@@ -320,10 +352,14 @@ impl Config {
             if matches!(lookup(&schema, &key), Some(toml::Value::String(_))) && !value.is_str() {
                 value = toml::Value::String(raw);
             }
-            let mut overlay = toml::value::Table::new();
-            insert_dotted(&mut overlay, &key, value);
-            merge_checked(&schema, &mut merged, &toml::Value::Table(overlay), "")?;
+            let mut layer = toml::value::Table::new();
+            insert_dotted(&mut layer, &key, value);
+            merge_checked(&schema, &mut merged, &toml::Value::Table(layer.clone()), "")?;
+            if let Some(toml::Value::Table(m)) = layer.get("model") {
+                overlay(&mut user_model, m);
+            }
         }
+        model_section::finish(&mut merged, &user_model, &base.model)?;
         let config: Config = merged.try_into().map_err(|e: toml::de::Error| ConfigError::Type { why: one_line(&e.to_string()) })?;
         config.validate()?;
         Ok(config)
@@ -339,16 +375,17 @@ impl Config {
         let invalid_str = |key: &str, value: &str, why: &str| {
             Err(ConfigError::Invalid { key: key.to_string(), value: printable(&format!("{value:?}")), why: why.to_string() })
         };
-        let mut model = self.model.clone();
-        if model.vocab_size == 0 {
-            model.vocab_size = 1; // resolved from the tokenizer later; check the other fields now
+        let mut model = self.model.arch.clone();
+        if model.vocab_size() == 0 {
+            model.set_vocab_size(1); // resolved from the tokenizer later; check the other fields now
         }
         model.validate().map_err(|e| ConfigError::Model(e.to_string()))?;
         let t = &self.train;
         let r = &self.run;
         let p = &self.parallel;
-        if !matches!(self.data.tokenizer.as_str(), "char" | "gpt2") {
-            return invalid_str("data.tokenizer", &self.data.tokenizer, "use `char` or `gpt2`");
+        // `hf:PATH` names a Hugging Face tokenizer.json; the file itself is read with the data.
+        if self.data.tokenizer.parse::<fabbrica_data::TokenizerSpec>().is_err() {
+            return invalid_str("data.tokenizer", &self.data.tokenizer, "use `char`, `gpt2` or `hf:PATH/tokenizer.json`");
         }
         if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
             return invalid("data.val_fraction", &self.data.val_fraction, "must be between 0 and 1 (exclusive), e.g. data.val_fraction=0.1");
@@ -357,7 +394,7 @@ impl Config {
         check_int("train.batch_size", t.batch_size as u64, 1, MAX_BATCH, "train.batch_size=32")?;
         check_int("train.grad_accum", t.grad_accum as u64, 1, MAX_BATCH, "train.grad_accum=1")?;
         check_int("parallel.dp", p.dp as u64, 0, MAX_RANKS, "parallel.dp=0 (all ranks)")?;
-        let per_rank = t.batch_size as u128 * t.grad_accum as u128 * self.model.block_size as u128;
+        let per_rank = t.batch_size as u128 * t.grad_accum as u128 * self.model.block_size() as u128;
         if per_rank > MAX_TOKENS_PER_RANK_STEP as u128 {
             return invalid(
                 "train.batch_size",
@@ -394,6 +431,13 @@ impl Config {
         check_int("train.eval_iters", t.eval_iters, 1, MAX_EVAL_ITERS, "train.eval_iters=20")?;
         check_float("train.peak_flops", t.peak_flops, 0.0, true, MAX_PEAK_FLOPS, "train.peak_flops=0 (detect)")?;
         check_int("train.max_skipped_steps", t.max_skipped_steps, 0, MAX_STEPS, "train.max_skipped_steps=10")?;
+        if t.recompute.parse::<Recompute>().is_err() {
+            return invalid_str(
+                "train.recompute",
+                &t.recompute,
+                "use `none`, `full` (recompute each block in backward) or `selective` (only attention)",
+            );
+        }
         if !matches!(r.device.as_str(), "auto" | "cpu" | "cuda") {
             return invalid_str("run.device", &r.device, "use `auto`, `cpu` or `cuda`");
         }
@@ -501,17 +545,22 @@ impl Config {
             other => bad("parallel.schedule", p.schedule.clone(), other.to_string()),
         })?;
         let stages = p.pp * p.virtual_stages;
-        let mut model = self.model.clone();
-        if model.vocab_size == 0 {
-            model.vocab_size = 256; // only the split's cost estimate reads it
+        let mut model = self.model.arch.clone();
+        if model.vocab_size() == 0 {
+            model.set_vocab_size(256); // only the split's cost estimate reads it
         }
         let layers = if p.stage_layers.is_empty() {
-            fabbrica_models::balanced_split(&model, model.block_size, stages)
+            fabbrica_models::balanced_split(&model, model.block_size(), stages)
         } else {
             fabbrica_models::check_split(&model, &p.stage_layers, stages).map(|()| p.stage_layers.clone())
         }
         .map_err(|e| ConfigError::Model(e.to_string()))?;
         Ok(Some((schedule, layers)))
+    }
+
+    /// `train.recompute`, parsed (validated by [`Config::validate`]).
+    pub fn recompute(&self) -> Recompute {
+        self.train.recompute.parse().unwrap_or_default()
     }
 
     /// Whether this run may continue an earlier one (`run.resume` true or auto, or `run.resume_from`).
@@ -642,6 +691,18 @@ fn lookup<'a>(schema: &'a toml::Value, key: &str) -> Option<&'a toml::Value> {
     key.split('.').try_fold(schema, |v, k| v.as_table()?.get(k))
 }
 
+/// Overlays `src` on `dst`, sub-tables key by key.
+fn overlay(dst: &mut toml::value::Table, src: &toml::value::Table) {
+    for (k, v) in src {
+        match (dst.get_mut(k), v) {
+            (Some(toml::Value::Table(d)), toml::Value::Table(s)) => overlay(d, s),
+            _ => {
+                dst.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
 fn insert_dotted(table: &mut toml::value::Table, key: &str, value: toml::Value) {
     match key.split_once('.') {
         None => {
@@ -728,10 +789,50 @@ mod tests {
         let c = Config::resolve(Some("tiny"), Some(&f), &sets(&["train.max_steps=9", "run.device=cpu"])).unwrap();
         assert_eq!(c.train.lr, 1e-3);
         assert_eq!(c.train.max_steps, 9);
-        assert_eq!(c.model.n_layer, 2);
+        assert_eq!(c.model.n_layer(), 2);
         assert_eq!(c.run.device, "cpu");
         let g = Config::resolve(Some("gpt2-124m"), None, &[]).unwrap();
-        assert_eq!((g.model.n_layer, g.model.n_embd, g.data.tokenizer.as_str()), (12, 768, "gpt2"));
+        assert_eq!((g.model.n_layer(), g.model.n_embd(), g.data.tokenizer.as_str()), (12, 768, "gpt2"));
+    }
+
+    #[test]
+    fn the_architecture_is_a_tagged_choice_and_the_other_ones_keys_are_refused() {
+        let l =
+            Config::resolve(Some("llama-tiny"), None, &sets(&["model.n_kv_head=1", "model.rope_scaling.kind=llama3", "model.rope_scaling.factor=8"]))
+                .unwrap();
+        let ModelConfig::Llama(m) = &l.model.arch else { panic!("llama-tiny is a llama") };
+        assert_eq!((m.n_kv_head, m.rope_scaling.kind.as_str(), m.rope_scaling.factor), (1, "llama3", 8.0));
+        // Switching arch on a GPT preset starts from llama's defaults, then the user's keys.
+        let s = Config::resolve(Some("tiny"), None, &sets(&["model.arch=llama", "model.n_layer=2"])).unwrap();
+        assert!(matches!(&s.model.arch, ModelConfig::Llama(m) if m.n_layer == 2 && m.n_kv_head == 2));
+        // The same from a file.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("l.toml");
+        std::fs::write(&f, "[model]\narch = \"llama\"\nn_kv_head = 4\n[model.rope_scaling]\nkind = \"llama3\"\n").unwrap();
+        let c = Config::resolve(None, Some(&f), &[]).unwrap();
+        assert!(matches!(&c.model.arch, ModelConfig::Llama(m) if m.n_kv_head == 4 && m.rope_scaling.kind == "llama3"));
+        // The resolved config round-trips through its TOML (checkpoints store it).
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+        // A key of the other architecture is refused, naming it and the way out.
+        for (preset, set, key) in [
+            ("tiny", "model.n_kv_head=2", "model.n_kv_head"),
+            ("llama-tiny", "model.bias=false", "model.bias"),
+            ("tiny", "model.rope_scaling.factor=2", "model.rope_scaling"),
+        ] {
+            let e = Config::resolve(Some(preset), None, &sets(&[set])).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("model.arch"), "{set}: {e}");
+        }
+        let e = Config::resolve(None, None, &sets(&["model.arch=mamba"])).unwrap_err().to_string();
+        assert!(e.contains("model.arch") && e.contains("llama"), "{e}");
+        let e = Config::resolve(Some("llama-tiny"), None, &sets(&["model.n_kv_head=3"])).unwrap_err().to_string();
+        assert!(e.contains("model.n_kv_head") && e.contains("multiple"), "{e}");
+        let e = Config::resolve(None, None, &sets(&["train.recompute=some"])).unwrap_err().to_string();
+        assert!(e.contains("train.recompute") && e.contains("selective"), "{e}");
+        // Every preset resolves.
+        for name in PRESET_NAMES {
+            Config::resolve(Some(name), None, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
     }
 
     #[test]
@@ -806,7 +907,7 @@ mod tests {
             ("parallel.dp=9223372036854775807", "parallel.dp", "1048576"),
             ("model.n_layer=100000", "model.n_layer", "1024"),
             ("model.block_size=9223372036854775807", "model.block_size", "1048576"),
-            ("model.vocab_size=70000", "model.vocab_size", "uint16"),
+            ("model.vocab_size=16777217", "model.vocab_size", "16777216"),
             ("model.dropout=1", "model.dropout", "[0, 1)"),
         ];
         for (set, key, range) in cases {

@@ -9,15 +9,12 @@ use std::time::Duration;
 
 use fabbrica_comm::{Communicator, ReduceOp};
 use fabbrica_ddp::{clip_coef, Ddp, DdpOptions, OptParam};
-use fabbrica_models::Gpt;
+use fabbrica_models::Model;
 use fabbrica_torch_ext::hooks::set_grad;
 use tch::{Kind, Tensor};
 
 use crate::error::TrainError;
 use crate::grid::Grid;
-
-/// The tied embedding's name (both copies).
-pub const TIED: &str = "transformer.wte.weight";
 
 fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
     TrainError::Comm(e.to_string())
@@ -59,6 +56,8 @@ pub struct Grads {
     /// One reducer per model part, in the order of the rank's parts.
     pub ddps: Vec<Ddp>,
     tied: Option<Tied>,
+    /// The token embedding's name (`ModelConfig::embedding_name`).
+    tied_name: &'static str,
     /// Sums the squared norms over the pipeline (pp > 1).
     pp: Option<Arc<dyn Communicator>>,
 }
@@ -66,14 +65,14 @@ pub struct Grads {
 impl Grads {
     /// Applies data parallelism over `grid.dp` to each part; with pp > 1 the tied embedding is
     /// kept out of the buckets and reduced over the embedding group instead.
-    pub fn apply(parts: &[&Gpt], grid: &Grid, opts: DdpOptions) -> Result<Grads, TrainError> {
+    pub fn apply(parts: &[&Model], grid: &Grid, opts: DdpOptions) -> Result<Grads, TrainError> {
         let pipelined = grid.dims.pp > 1;
         let mut tied = None;
         let mut ddps = Vec::with_capacity(parts.len());
         for model in parts {
             let mut params = model.parameter_handles();
-            if pipelined && model.config().tie_embeddings {
-                if let Some(i) = params.iter().position(|(n, _)| n == TIED) {
+            if pipelined && model.config().tie_embeddings() {
+                if let Some(i) = params.iter().position(|(n, _)| n == model.config().embedding_name()) {
                     let (_, p) = params.remove(i);
                     let comm = grid
                         .embedding
@@ -88,7 +87,8 @@ impl Grads {
             }
             ddps.push(Ddp::apply(&params, grid.dp.clone(), opts).map_err(ddp_err)?);
         }
-        Ok(Grads { ddps, tied, pp: pipelined.then(|| grid.pp.clone()) })
+        let tied_name = parts.first().map_or("", |m| m.config().embedding_name());
+        Ok(Grads { ddps, tied, tied_name, pp: pipelined.then(|| grid.pp.clone()) })
     }
 
     /// After the last backward: every reducer's remaining communication, then the tied copies'.
@@ -166,7 +166,7 @@ impl Grads {
         let mut out: Vec<OptParam> = self.ddps.iter().flat_map(|d| d.optimizer_params()).collect();
         if let Some(t) = &self.tied {
             out.push(OptParam {
-                name: TIED.into(),
+                name: self.tied_name.into(),
                 param: t.param.shallow_clone(),
                 grad: t.grad.shallow_clone(),
                 decay: true,

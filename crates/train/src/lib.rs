@@ -11,6 +11,7 @@ pub mod device;
 pub mod error;
 pub mod grads;
 pub mod grid;
+pub mod hf;
 pub mod lr_schedule;
 pub mod memory;
 pub mod metrics;

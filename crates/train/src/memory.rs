@@ -47,13 +47,22 @@ fn gib(b: u64) -> String {
 pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
     let cfg = &s.cfg;
     // libtorch's CPU attention kernel has no dropout: with dropout it takes the math path.
-    let materialised = s.device == Device::Cpu && cfg.model.dropout > 0.0;
+    let materialised = s.device == Device::Cpu && cfg.model.dropout() > 0.0;
     let mut e = match &s.pipeline {
-        None => memory_estimate_with(&cfg.model, cfg.train.batch_size, cfg.model.block_size, s.bf16, materialised),
+        None => memory_estimate_with(&cfg.model, cfg.train.batch_size, cfg.model.block_size(), s.bf16, materialised, cfg.recompute()),
         Some(pl) => {
             let rank = pl.schedule.rank_of_stage(s.parts[0].stage);
             let specs: Vec<StageSpec> = s.parts.iter().map(|p| p.model.stage().clone()).collect();
-            stage_memory_estimate(&cfg.model, &specs, cfg.train.batch_size, cfg.model.block_size, s.bf16, materialised, in_flight(&pl.schedule)[rank])
+            stage_memory_estimate(
+                &cfg.model,
+                &specs,
+                cfg.train.batch_size,
+                cfg.model.block_size(),
+                s.bf16,
+                materialised,
+                cfg.recompute(),
+                in_flight(&pl.schedule)[rank],
+            )
         }
     };
     if cfg.parallel.zero == 1 && dp > 1 {
@@ -86,7 +95,7 @@ pub struct RankPlan {
 /// bubble, from the same code the trainer runs. `model` has its vocabulary resolved.
 pub fn pipeline_plan(
     cfg: &crate::config::Config,
-    model: &fabbrica_models::GptConfig,
+    model: &fabbrica_models::ModelConfig,
     bf16: bool,
     materialised: bool,
     dp: usize,
@@ -98,7 +107,16 @@ pub fn pipeline_plan(
     let mut plans = Vec::new();
     for r in 0..schedule.pp {
         let mine: Vec<StageSpec> = (0..specs.len()).filter(|&st| schedule.rank_of_stage(st) == r).map(|st| specs[st].clone()).collect();
-        let mut memory = stage_memory_estimate(model, &mine, cfg.train.batch_size, model.block_size, bf16, materialised, timeline.peak_in_flight[r]);
+        let mut memory = stage_memory_estimate(
+            model,
+            &mine,
+            cfg.train.batch_size,
+            model.block_size(),
+            bf16,
+            materialised,
+            cfg.recompute(),
+            timeline.peak_in_flight[r],
+        );
         if cfg.parallel.zero == 1 && dp > 1 {
             memory.optimizer = memory.optimizer.div_ceil(dp as u64);
         }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use fabbrica_comm::{Communicator, ReduceOp, Work};
 use fabbrica_data::{Sampler, Split};
-use fabbrica_models::Gpt;
+use fabbrica_models::Model;
 use fabbrica_pipeline::{execute, Action, Op, Runner, Schedule, Trace};
 use tch::{Device, Kind, Tensor};
 
@@ -125,7 +125,7 @@ impl StageRunner<'_> {
         Ok(())
     }
 
-    fn model(&self, stage: usize) -> &Gpt {
+    fn model(&self, stage: usize) -> &Model {
         &self.s.parts[self.part_of[&stage]].model
     }
 
@@ -135,7 +135,7 @@ impl StageRunner<'_> {
 
     /// Tokens and targets of micro-batch `micro` of this step.
     fn batch(&self, micro: usize) -> (Tensor, Tensor) {
-        let (b, t) = (self.s.cfg.train.batch_size, self.s.cfg.model.block_size);
+        let (b, t) = (self.s.cfg.train.batch_size, self.s.cfg.model.block_size());
         let global = (self.first_micro + micro) as u64;
         let (x, y) = self.sampler.batch(&self.s.data.train, Split::Train, self.step, global * b as u64, b, t);
         (to_tensor(x, b, t, self.s.device), to_tensor(y, b, t, self.s.device))
@@ -163,7 +163,7 @@ impl Runner for StageRunner<'_> {
         let model = self.model(stage);
         let out = tch::autocast(bf16, || model.forward_stage(&input, true));
         let out = if self.last_stage(stage) {
-            let mut loss = Gpt::loss(&out, &self.batch(micro).1);
+            let mut loss = Model::loss(&out, &self.batch(micro).1);
             if self.inject_nan && micro == 0 {
                 loss *= f64::NAN;
             }
@@ -275,7 +275,7 @@ pub fn forward_backward(
         sends: Vec::new(),
         loss_sum: Tensor::zeros([], (Kind::Float, s.device)),
         inject_nan,
-        shape: [s.cfg.train.batch_size as i64, s.cfg.model.block_size as i64, s.cfg.model.n_embd as i64],
+        shape: [s.cfg.train.batch_size as i64, s.cfg.model.block_size() as i64, s.cfg.model.n_embd() as i64],
         rank,
         next: 0,
         posted: std::collections::VecDeque::new(),
@@ -309,7 +309,7 @@ pub fn eval_sum(
 ) -> Result<f64, TrainError> {
     let pl = s.pipeline.as_ref().expect("a pipelined setup");
     let stages = pl.schedule.stages();
-    let (b, t, c) = (s.cfg.train.batch_size, s.cfg.model.block_size, s.cfg.model.n_embd);
+    let (b, t, c) = (s.cfg.train.batch_size, s.cfg.model.block_size(), s.cfg.model.n_embd());
     let src = s.data.source(split);
     let comm_err = |e: fabbrica_comm::CommError| TrainError::Comm(e.to_string());
     tch::no_grad(|| {
@@ -333,7 +333,7 @@ pub fn eval_sum(
                 };
                 let out = tch::autocast(s.bf16, || part.model.forward_stage(&input, false));
                 if stage + 1 == stages {
-                    let loss = tch::autocast(s.bf16, || Gpt::loss(&out, &to_tensor(y.clone(), b, t, s.device)));
+                    let loss = tch::autocast(s.bf16, || Model::loss(&out, &to_tensor(y.clone(), b, t, s.device)));
                     sum += loss.double_value(&[]);
                 } else {
                     let h = out.to_kind(Kind::Float).contiguous();

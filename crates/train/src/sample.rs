@@ -3,29 +3,38 @@
 use std::path::Path;
 
 use fabbrica_data::Tokenizer;
-use fabbrica_models::Gpt;
+use fabbrica_models::Model;
 use tch::{Device, Tensor};
 
 use crate::checkpoint;
 use crate::device::resolve_device;
 use crate::error::TrainError;
 
-/// Samples `tokens` tokens after `prompt` (empty: start from a newline for char models, or
-/// GPT-2's end-of-text token). Deterministic for a given seed.
-pub fn sample_text(model: &Gpt, tok: &Tokenizer, prompt: &str, tokens: usize, temperature: f64, top_k: Option<i64>, seed: u64) -> String {
-    let ids: Vec<i64> = if prompt.is_empty() {
-        let start = tok.eot().map(|e| e as i64).or_else(|| tok.encode("\n").ok().and_then(|v| v.first().map(|&x| x as i64)));
-        vec![start.unwrap_or(0)]
-    } else {
-        tok.encode(prompt).map(|v| v.into_iter().map(i64::from).collect()).unwrap_or_else(|_| vec![0])
-    };
+/// Samples `tokens` tokens after `prompt` and returns the prompt followed by them. The prompt is
+/// encoded as the tokenizer does (a Hugging Face tokenizer adds what its file says, e.g. Llama 3's
+/// `<|begin_of_text|>`); when that gives no token (an empty prompt with char or GPT-2), sampling
+/// starts from the end-of-text token, else a newline. Deterministic for a given seed.
+pub fn sample_text(model: &Model, tok: &Tokenizer, prompt: &str, tokens: usize, temperature: f64, top_k: Option<i64>, seed: u64) -> String {
+    let mut ids: Vec<i64> = tok.encode(prompt).map(|v| v.into_iter().map(i64::from).collect()).unwrap_or_default();
+    if ids.is_empty() {
+        let start = tok.eot().or_else(|| tok.encode("\n").ok().and_then(|v| v.first().copied()));
+        ids.push(start.map_or(0, i64::from));
+    }
     tch::manual_seed(seed as i64);
     let idx = Tensor::from_slice(&ids).view([1, -1]).to_device(model.device());
     let out = model.generate(&idx, tokens, temperature, top_k);
     let gen: Vec<i64> = Vec::try_from(out.view([-1]).to_device(Device::Cpu)).unwrap_or_default();
-    let skip = if prompt.is_empty() { 1 } else { 0 };
-    let toks: Vec<u16> = gen.iter().skip(skip).map(|&x| x as u16).collect();
-    format!("{prompt}{}", tok.decode(&toks))
+    // `generate` returns the context too. What follows it is the decoding of everything past the
+    // decoding of the context, when that is a prefix: tokenizers that join words with spaces or
+    // drop a leading one (WordLevel, SentencePiece) decode a continuation alone differently.
+    let all: Vec<u32> = gen.iter().map(|&x| u32::try_from(x).unwrap_or(u32::MAX)).collect();
+    let context = tok.decode(&all[..ids.len().min(all.len())]);
+    let text = tok.decode(&all);
+    let continuation = match text.strip_prefix(context.as_str()) {
+        Some(rest) => rest.to_owned(),
+        None => tok.decode(all.get(ids.len()..).unwrap_or_default()),
+    };
+    format!("{prompt}{continuation}")
 }
 
 pub struct SampleArgs<'a> {
@@ -55,7 +64,7 @@ pub fn sample_from_checkpoint(a: &SampleArgs) -> Result<String, TrainError> {
             dir.display()
         )));
     }
-    let model = Gpt::new(&ck.state.config.model, device)?;
+    let model = Model::new(&ck.state.config.model, device)?;
     model.load_parameters(&ck.model)?;
     Ok(sample_text(&model, &tok, a.prompt, a.tokens, a.temperature, a.top_k, a.seed))
 }

@@ -18,7 +18,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, CheckpointState, FORMAT_VERSION};
 use crate::error::TrainError;
-use crate::grads::{Grads, TIED};
+use crate::grads::Grads;
 use crate::grid::Grid;
 use crate::metrics::{MetricsLog, Record};
 use crate::optim::AdamW;
@@ -145,10 +145,11 @@ type Named = Vec<(String, Tensor)>;
 /// the last stage's copy of the tied embedding left out (the first stage's is the same), and
 /// under ZeRO-1 the moments gathered from the data-parallel shards (a collective over `grid.dp`).
 fn local_state(s: &Setup, grads: &Grads, opt: &AdamW, zero1: bool) -> Result<(Named, Named), TrainError> {
+    let tied = s.cfg.model.embedding_name();
     let copy_here = s.parts.iter().any(|p| p.model.holds_tied_copy());
     let mut model: Vec<(String, Tensor)> = Vec::new();
     for p in &s.parts {
-        model.extend(p.model.parameter_handles().into_iter().filter(|(n, _)| !(p.model.holds_tied_copy() && n == TIED)));
+        model.extend(p.model.parameter_handles().into_iter().filter(|(n, _)| !(p.model.holds_tied_copy() && n == tied)));
     }
     let optim: Vec<(String, Tensor)> = if zero1 {
         let mut v = Vec::new();
@@ -156,11 +157,11 @@ fn local_state(s: &Setup, grads: &Grads, opt: &AdamW, zero1: bool) -> Result<(Na
             v.extend(d.gather_state(opt.steps_taken()).map_err(ddp_err)?);
         }
         if grads.holds_tied() && !copy_here {
-            v.extend(opt.state_where(|n| n == TIED));
+            v.extend(opt.state_where(|n| n == tied));
         }
         v
     } else {
-        opt.state_where(|n| !(copy_here && n == TIED))
+        opt.state_where(|n| !(copy_here && n == tied))
     };
     Ok((model, optim))
 }
@@ -197,19 +198,20 @@ pub(crate) fn save_checkpoint(
     // What this rank writes: its stages' weights (the first data-parallel rank of each stage) and
     // optimizer state: under ZeRO-1 every rank its own shard, named by slice (`name[a..b].exp_avg`),
     // so nothing is gathered; otherwise the first data-parallel rank the whole state.
+    let tied = s.cfg.model.embedding_name();
     let copy_here = s.parts.iter().any(|p| p.model.holds_tied_copy());
     let first = grid.coords.dp == 0;
     let model: Vec<(String, Tensor)> = if first {
-        s.parts.iter().flat_map(|p| p.model.parameter_handles().into_iter().filter(|(n, _)| !(p.model.holds_tied_copy() && n == TIED))).collect()
+        s.parts.iter().flat_map(|p| p.model.parameter_handles().into_iter().filter(|(n, _)| !(p.model.holds_tied_copy() && n == tied))).collect()
     } else {
         Vec::new()
     };
     let optim: Option<Vec<(String, Tensor)>> = if zero1 {
         // The reducers' shard pieces, and the tied embedding's whole state (kept out of the
         // buckets, replicated on every data-parallel rank: the first writes it).
-        Some(opt.state_where(|n| n != TIED || (first && !copy_here)))
+        Some(opt.state_where(|n| n != tied || (first && !copy_here)))
     } else {
-        first.then(|| opt.state_where(|n| !(copy_here && n == TIED)))
+        first.then(|| opt.state_where(|n| !(copy_here && n == tied)))
     };
     let diff = tied_check(s, grid, &model)?;
     if let (Some(d), Some(log)) = (diff, log.as_mut()) {
@@ -296,6 +298,7 @@ pub(crate) fn save_checkpoint(
 /// bits, and copies that differ anywhere almost surely do not. Returns the largest relative
 /// difference of the fingerprints (0 when equal).
 fn tied_check(s: &Setup, grid: &Grid, model: &[(String, Tensor)]) -> Result<Option<f64>, TrainError> {
+    let tied = s.cfg.model.embedding_name();
     let last =
         grid.dims.rank_of(fabbrica_topology::Coords { dp: 0, pp: grid.dims.pp - 1, tp: 0 }).map_err(|e| TrainError::Parallel(e.to_string()))?;
     if grid.rank != 0 && grid.rank != last {
@@ -309,7 +312,7 @@ fn tied_check(s: &Setup, grid: &Grid, model: &[(String, Tensor)]) -> Result<Opti
         })
     };
     if grid.rank == last {
-        let copy = s.parts.iter().flat_map(|p| p.model.parameter_handles()).find(|(n, _)| n == TIED);
+        let copy = s.parts.iter().flat_map(|p| p.model.parameter_handles()).find(|(n, _)| n == tied);
         let bits: Vec<i64> = match copy {
             Some((_, t)) => fingerprint(&t).iter().map(|v| v.to_bits() as i64).collect(),
             None => vec![],
@@ -322,7 +325,7 @@ fn tied_check(s: &Setup, grid: &Grid, model: &[(String, Tensor)]) -> Result<Opti
         .filter_map(|b| b.parse::<i64>().ok())
         .map(|b| f64::from_bits(b as u64))
         .collect();
-    let Some((_, ours)) = model.iter().find(|(n, _)| n == TIED) else { return Ok(None) };
+    let Some((_, ours)) = model.iter().find(|(n, _)| n == tied) else { return Ok(None) };
     if theirs.len() != 3 {
         return Ok(None); // untied: the last stage holds no copy
     }

@@ -12,15 +12,15 @@ use std::time::{Duration, Instant};
 use fabbrica_comm::{BackendChoice, Communicator, InitOptions, LaunchEnv, ReduceOp, World};
 use fabbrica_ddp::Ddp;
 
-use fabbrica_data::{Dataset, Sampler, Split, TokenizerKind};
-use fabbrica_models::{flops_per_token, Gpt, StageSpec};
+use fabbrica_data::{Dataset, Sampler, Split, TokenizerSpec};
+use fabbrica_models::{flops_per_token, Model, StageSpec};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint;
 use crate::config::{Config, Resume};
 use crate::device::{gpu_name, peak_flops_for, peak_memory_bytes, resolve_bf16, resolve_device};
 use crate::error::{io_err, TrainError};
-use crate::grads::{Grads, TIED};
+use crate::grads::Grads;
 use crate::grid::Grid;
 use crate::lr_schedule::CosineSchedule;
 use crate::metrics::{MetricsLog, Progress, Record, StageReport, Stragglers};
@@ -69,7 +69,7 @@ pub struct Setup {
 /// One model part: pipeline stage `stage` (0 for the whole model).
 pub struct Part {
     pub stage: usize,
-    pub model: Gpt,
+    pub model: Model,
 }
 
 /// A pipeline's shape: the schedule every pipeline rank runs (lowered: with its sends and
@@ -81,7 +81,7 @@ pub struct Pipeline {
 
 impl Setup {
     /// The whole model (a run without pipeline parallelism).
-    pub fn model(&self) -> &Gpt {
+    pub fn model(&self) -> &Model {
         assert!(self.pipeline.is_none() && self.parts.len() == 1, "the whole model exists only without pipeline parallelism");
         &self.parts[0].model
     }
@@ -112,15 +112,15 @@ pub fn setup_stage(cfg: &Config, cuda_ordinal: usize, pp_rank: usize) -> Result<
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);
     }
-    let kind: TokenizerKind = cfg.data.tokenizer.parse()?;
-    let data = fabbrica_data::load(&cfg.data.path, kind, cfg.model.block_size, cfg.data.val_fraction)?;
+    let kind: TokenizerSpec = cfg.data.tokenizer.parse()?;
+    let data = fabbrica_data::load(&cfg.data.path, &kind, cfg.model.block_size(), cfg.data.val_fraction)?;
     let vocab = data.tokenizer.vocab_size();
-    if cfg.model.vocab_size == 0 {
-        cfg.model.vocab_size = vocab;
-    } else if cfg.model.vocab_size < vocab {
+    if cfg.model.vocab_size() == 0 {
+        cfg.model.set_vocab_size(vocab);
+    } else if cfg.model.vocab_size() < vocab {
         return Err(TrainError::Config(crate::ConfigError::Invalid {
             key: "model.vocab_size".into(),
-            value: cfg.model.vocab_size.to_string(),
+            value: cfg.model.vocab_size().to_string(),
             why: format!(
                 "the {} tokenizer of {} has {vocab} tokens: set it to at least {vocab}, or 0 to take it from the data",
                 data.tokenizer.kind().as_str(),
@@ -129,17 +129,29 @@ pub fn setup_stage(cfg: &Config, cuda_ordinal: usize, pp_rank: usize) -> Result<
         }));
     }
     let (parts, pipeline) = match cfg.pipeline_shape()? {
-        None => (vec![Part { stage: 0, model: Gpt::build(&cfg.model, device, &StageSpec::whole(cfg.model.n_layer), cfg.run.seed)? }], None),
+        None => (vec![Part { stage: 0, model: Model::build(&cfg.model, device, &StageSpec::whole(cfg.model.n_layer()), cfg.run.seed)? }], None),
         Some((schedule, layers)) => {
             let specs = StageSpec::split(&layers);
             let schedule = fabbrica_pipeline::lower(&schedule);
             let parts = (0..specs.len())
                 .filter(|&st| schedule.rank_of_stage(st) == pp_rank)
-                .map(|st| Ok(Part { stage: st, model: Gpt::build(&cfg.model, device, &specs[st], cfg.run.seed)? }))
+                .map(|st| Ok(Part { stage: st, model: Model::build(&cfg.model, device, &specs[st], cfg.run.seed)? }))
                 .collect::<Result<Vec<_>, TrainError>>()?;
             (parts, Some(Pipeline { schedule, layers }))
         }
     };
+    let mut parts = parts;
+    for p in &mut parts {
+        p.model.set_recompute(cfg.recompute());
+    }
+    if !cfg.model.init_from.as_os_str().is_empty() {
+        // Transfer learning: the published weights replace the random init (each stage takes its own).
+        let weights = crate::hf::read_weights(&cfg.model.init_from, &cfg.model)
+            .map_err(|e| TrainError::Checkpoint(format!("model.init_from = {}: {e}", cfg.model.init_from.display())))?;
+        for p in &parts {
+            p.model.load_own_parameters(&weights)?;
+        }
+    }
     Ok(Setup { cfg, data, parts, device, bf16, pipeline })
 }
 
@@ -160,14 +172,14 @@ pub fn evaluate(s: &Setup, sampler: &Sampler, split: Split, iters: u64) -> f64 {
 
 /// Sum of the losses of the batches `k < iters` with `k % ranks == rank`.
 fn eval_sum(s: &Setup, sampler: &Sampler, split: Split, iters: u64, rank: usize, ranks: usize) -> f64 {
-    let (b, t) = (s.cfg.train.batch_size, s.cfg.model.block_size);
+    let (b, t) = (s.cfg.train.batch_size, s.cfg.model.block_size());
     let src = s.data.source(split);
     tch::no_grad(|| {
         let mut sum = 0.0;
         for k in (rank as u64..iters).step_by(ranks) {
             let (x, y) = sampler.batch(src, split, EVAL_STEP, k * b as u64, b, t);
             let (x, y) = (to_tensor(x, b, t, s.device), to_tensor(y, b, t, s.device));
-            let loss = tch::autocast(s.bf16, || Gpt::loss(&s.model().forward(&x, false), &y));
+            let loss = tch::autocast(s.bf16, || Model::loss(&s.model().forward(&x, false), &y));
             sum += loss.double_value(&[]);
         }
         sum
@@ -208,14 +220,14 @@ pub fn accumulate_grads(
     ddp: Option<&Ddp>,
     inject_nan: bool,
 ) -> Result<Tensor, TrainError> {
-    let (b, t) = (s.cfg.train.batch_size, s.cfg.model.block_size);
+    let (b, t) = (s.cfg.train.batch_size, s.cfg.model.block_size());
     let mut loss_sum = Tensor::zeros([], (Kind::Float, s.device));
     for m in 0..grad_accum {
         let micro = (first_micro + m) as u64;
         tch::manual_seed(mix(mix(s.cfg.run.seed, step) as u64, micro));
         let (x, y) = sampler.batch(&s.data.train, Split::Train, step, micro * b as u64, b, t);
         let (x, y) = (to_tensor(x, b, t, s.device), to_tensor(y, b, t, s.device));
-        let mut loss = tch::autocast(s.bf16, || Gpt::loss(&s.model().forward(&x, true), &y));
+        let mut loss = tch::autocast(s.bf16, || Model::loss(&s.model().forward(&x, true), &y));
         if inject_nan && m == 0 {
             loss *= f64::NAN;
         }
@@ -344,7 +356,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let grid = Grid::new(world, dims)?;
 
     let ddp_opts = crate::grads::ddp_options(cfg, world.debug());
-    let models: Vec<&Gpt> = s.parts.iter().map(|p| &p.model).collect();
+    let models: Vec<&Model> = s.parts.iter().map(|p| &p.model).collect();
     let grads = Grads::apply(&models, &grid, ddp_opts)?;
     let zero1 = cfg.parallel.zero == 1;
     let adam = AdamWConfig {
@@ -374,7 +386,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
             }
             opt.set_steps(ck.state.step);
             if grads.holds_tied() {
-                opt.load_state_where(&ck.optim, ck.state.step, |n| n == TIED).map_err(bad)?;
+                opt.load_state_where(&ck.optim, ck.state.step, |n| n == s.cfg.model.embedding_name()).map_err(bad)?;
             }
         } else {
             opt.load_state(&ck.optim, ck.state.step).map_err(bad)?;
@@ -392,8 +404,8 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let sched = CosineSchedule { lr: cfg.train.lr, min_lr: cfg.train.min_lr, warmup_steps: cfg.train.warmup_steps, decay_steps: cfg.decay_steps() };
     let sampler = Sampler::new(cfg.run.seed);
     let global_batch = cfg.train.batch_size * cfg.train.grad_accum * dp;
-    let tokens_per_step = (global_batch * cfg.model.block_size) as f64;
-    let flops_tok = flops_per_token(&cfg.model, cfg.model.block_size);
+    let tokens_per_step = (global_batch * cfg.model.block_size()) as f64;
+    let flops_tok = flops_per_token(&cfg.model, cfg.model.block_size());
     let peak = if cfg.train.peak_flops > 0.0 {
         Some(cfg.train.peak_flops)
     } else {

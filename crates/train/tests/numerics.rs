@@ -11,7 +11,7 @@ mod common;
 use std::collections::HashMap;
 use std::process::Command;
 
-use fabbrica_models::{Gpt, GptConfig};
+use fabbrica_models::{GptConfig, Model, ModelConfig};
 use fabbrica_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use tch::{Device, Tensor};
 
@@ -34,8 +34,18 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 fn check(bias: bool, fused: bool) {
     let r = reference(bias);
-    let cfg = GptConfig { vocab_size: 65, block_size: 16, n_layer: 2, n_head: 2, n_embd: 32, dropout: 0.0, bias, tie_embeddings: true };
-    let model = Gpt::new(&cfg, Device::Cpu).unwrap();
+    let cfg = GptConfig {
+        vocab_size: 65,
+        block_size: 16,
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 32,
+        dropout: 0.0,
+        bias,
+        tie_embeddings: true,
+        ..GptConfig::default()
+    };
+    let model = Model::new(&ModelConfig::Gpt(cfg.clone()), Device::Cpu).unwrap();
     let names: Vec<String> = model.parameters().iter().map(|(n, _)| n.clone()).collect();
     let weights: Vec<(String, Tensor)> = names.iter().map(|n| (n.clone(), r[n].shallow_clone())).collect();
     model.load_parameters(&weights).unwrap();
@@ -46,7 +56,7 @@ fn check(bias: bool, fused: bool) {
     let (x, y) = (&r["x"], &r["y"]);
     let logits = model.forward(x, true);
     assert!(max_diff(&logits, &r["logits"]) < 2e-5, "logits differ by {}", max_diff(&logits, &r["logits"]));
-    let loss = Gpt::loss(&logits, y);
+    let loss = Model::loss(&logits, y);
     assert!(max_diff(&loss, &r["loss"]) < 2e-5, "loss {} vs {}", loss.double_value(&[]), r["loss"].double_value(&[]));
     loss.backward();
     for (n, p) in model.parameters() {
@@ -66,7 +76,7 @@ fn check(bias: bool, fused: bool) {
             for (_, p) in &params {
                 p.shallow_clone().zero_grad();
             }
-            let l = Gpt::loss(&model.forward(x, true), y);
+            let l = Model::loss(&model.forward(x, true), y);
             let want = losses.double_value(&[i]);
             assert!((l.double_value(&[]) - want).abs() < 5e-5, "step {i}: loss {} vs PyTorch {want}", l.double_value(&[]));
             l.backward();

@@ -9,6 +9,10 @@ use fabbrica_train::metrics::{read, Record};
 use fabbrica_train::{train, Config, TrainOptions};
 
 fn config(out: &Path, sets: &[&str]) -> Config {
+    config_for("tiny", out, sets)
+}
+
+fn config_for(preset: &str, out: &Path, sets: &[&str]) -> Config {
     let mut all: Vec<String> = vec![
         format!("data.path={}", common::corpus().display()),
         format!("run.out_dir={}", out.display()),
@@ -16,7 +20,7 @@ fn config(out: &Path, sets: &[&str]) -> Config {
         "run.sample_tokens=0".into(),
     ];
     all.extend(sets.iter().map(|s| s.to_string()));
-    Config::resolve(Some("tiny"), None, &all).unwrap()
+    Config::resolve(Some(preset), None, &all).unwrap()
 }
 
 fn train_losses(out: &Path) -> Vec<(u64, f64)> {
@@ -39,6 +43,20 @@ fn tiny_preset_loss_falls_well_below_its_start() {
 }
 
 #[test]
+fn llama_tiny_preset_loss_falls_well_below_its_start() {
+    let _g = common::torch_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg =
+        config_for("llama-tiny", dir.path(), &["train.max_steps=150", "train.log_interval=1", "train.eval_iters=5", "train.eval_interval=1000"]);
+    let out = train(&cfg, &TrainOptions::default()).unwrap();
+    let first = train_losses(dir.path()).first().unwrap().1;
+    // The same bar as GPT's tiny: from ln(101) ≈ 4.6 to well below the unigram 3.3.
+    assert!(first > 4.0, "first loss {first}");
+    assert!(out.val_loss < 0.6 * first, "val loss {} did not fall well below the start {first}", out.val_loss);
+    assert!(out.train_loss < 2.6, "train loss {}", out.train_loss);
+}
+
+#[test]
 fn resume_continues_bitwise_identically() {
     let _g = common::torch_lock();
     // Dropout on, so the per-step RNG state matters too.
@@ -54,8 +72,15 @@ fn resume_continues_bitwise_identically() {
         "train.eval_iters=2",
         "train.grad_accum=2",
     ];
+    for preset in ["tiny", "llama-tiny"] {
+        resume_bitwise(preset, &sets);
+    }
+}
+
+fn resume_bitwise(preset: &str, sets: &[&str]) {
+    let config = |out: &Path, sets: &[&str]| config_for(preset, out, sets);
     let a = tempfile::tempdir().unwrap();
-    train(&config(a.path(), &sets), &TrainOptions::default()).unwrap();
+    train(&config(a.path(), sets), &TrainOptions::default()).unwrap();
 
     let b = tempfile::tempdir().unwrap();
     let mut first: Vec<&str> = sets.to_vec();
