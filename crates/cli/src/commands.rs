@@ -169,6 +169,24 @@ fn dry_run(cfg: &Config) -> Result<()> {
         println!("# model.vocab_size = 0 is taken from the tokenizer at start; figures below assume 256");
     }
     let seqs = t.batch_size * t.grad_accum * dims.dp;
+    let shape = match &*m {
+        fabbrica_models::ModelConfig::Gpt(g) => format!("gpt: {} layers, {} heads, width {}, {}", g.n_layer, g.n_head, g.n_embd, g.activation),
+        fabbrica_models::ModelConfig::Llama(l) => format!(
+            "llama: {} layers, {} query heads over {} key-value heads, width {}, SwiGLU {}, rope theta {}{}",
+            l.n_layer,
+            l.n_head,
+            l.n_kv_head,
+            l.n_embd,
+            l.ffn_hidden(),
+            l.rope_theta,
+            if l.rope_scaling.kind == "llama3" { format!(" (llama3 scaling x{})", l.rope_scaling.factor) } else { String::new() }
+        ),
+    };
+    let init = if m.init_from.as_os_str().is_empty() { String::new() } else { format!(", weights from {}", m.init_from.display()) };
+    println!("model:             {shape}{}{init}", if m.tie_embeddings() { ", tied embeddings" } else { "" });
+    if cfg.recompute() != fabbrica_models::Recompute::None {
+        println!("recompute:         {} (the memory below accounts for it)", t.recompute);
+    }
     println!("parameters:        {n} ({:.1}M)", n as f64 / 1e6);
     println!("flops per token:   {fpt:.4e} (6N + 12·L·H·Q·T, T = {})", m.block_size());
     let layout = if dims.pp > 1 {

@@ -314,6 +314,11 @@ fn prepare_train_sample_with_a_hugging_face_tokenizer() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with(prompt) && !stdout[prompt.len()..].contains(prompt), "prompt once, then the sample\n{}", describe(&out));
     assert_success(&sample(&run, "", 8));
+    // The export carries the tokenizer file, byte for byte.
+    let exported = dir.path().join("exported");
+    assert_success(&fabbrica(&["export".as_ref(), "--checkpoint".as_ref(), run.as_os_str(), "--out".as_ref(), exported.as_os_str()]));
+    assert_eq!(std::fs::read(exported.join("tokenizer.json")).unwrap(), std::fs::read(&tk).unwrap());
+    assert!(exported.join("config.json").is_file() && exported.join("model.safetensors").is_file());
 
     // train straight from the text file with data.tokenizer = hf:PATH.
     let run_text = dir.path().join("run_text");

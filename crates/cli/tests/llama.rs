@@ -83,17 +83,24 @@ fn same(name: &str, got: &HashMap<u64, (f64, f64)>, want: &HashMap<u64, (f64, f6
     }
 }
 
-/// Data parallelism (DDP, ZeRO-1) and pipeline stages: the same losses, gradient norms and
-/// final weights as one process with the same global batch, within 1e-5 relative.
+/// Data parallelism (DDP, ZeRO-1) and pipeline stages (with recompute too): the same losses,
+/// gradient norms and final weights as one process with the same global batch, within 1e-5
+/// relative.
 #[test]
 fn llama_layouts_train_like_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let ref_out = dir.path().join("reference");
     let want = run(0, &ref_out, &["train.grad_accum=4"]);
-    let layouts: [(&str, usize, &[&str]); 3] = [
+    let layouts: [(&str, usize, &[&str]); 4] = [
         ("dp2", 2, &["train.grad_accum=2"]),
         ("dp2-zero1", 2, &["train.grad_accum=2", "parallel.zero=1"]),
         ("pp2-1f1b", 2, &["train.grad_accum=4", "parallel.pp=2"]),
+        // Recompute inside pipeline stages (backward from a received gradient).
+        (
+            "pp2-interleaved-recompute",
+            2,
+            &["train.grad_accum=4", "parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2", "train.recompute=full"],
+        ),
     ];
     for (name, np, sets) in layouts {
         let out = dir.path().join(name);
