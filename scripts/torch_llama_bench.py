@@ -15,6 +15,7 @@ for k, d in [("layers", 4), ("heads", 4), ("kv-heads", 2), ("embd", 128), ("ffn"
              ("batch", 32), ("steps", 20), ("warmup", 3), ("threads", 0)]:
     ap.add_argument(f"--{k}", type=int, default=d)
 ap.add_argument("--tied", action="store_true")
+ap.add_argument("--fused-adamw", action="store_true", help="torch.optim.AdamW(fused=True) instead of the single-tensor default")
 a = ap.parse_args()
 if a.threads:
     torch.set_num_threads(a.threads)
@@ -27,7 +28,8 @@ model.config._attn_implementation = "sdpa"
 model.train()
 decay = [p for p in model.parameters() if p.dim() >= 2]
 no_decay = [p for p in model.parameters() if p.dim() < 2]
-opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.95), foreach=False)
+opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.95),
+                        **({"fused": True} if a.fused_adamw else {"foreach": False}))
 x = torch.randint(0, a.vocab, (a.batch, a.block))
 y = torch.randint(0, a.vocab, (a.batch, a.block))
 
@@ -48,5 +50,5 @@ t0 = time.perf_counter()
 for _ in range(a.steps):
     loss = step()
 secs = time.perf_counter() - t0
-print(json.dumps(dict(impl="transformers-llama-eager-cpu", threads=torch.get_num_threads(), params=sum(p.numel() for p in model.parameters()),
+print(json.dumps(dict(impl="transformers-llama-eager-cpu" + ("-fused-adamw" if a.fused_adamw else ""), threads=torch.get_num_threads(), params=sum(p.numel() for p in model.parameters()),
                       step_ms=1e3 * secs / a.steps, tokens_per_s=a.batch * a.block * a.steps / secs, loss=round(loss.item(), 4))))

@@ -95,7 +95,8 @@ pub fn memory_estimate_with(
 struct ActivationParts {
     /// What each block keeps until its backward.
     per_layer: u64,
-    /// With full recompute, one block's activations rebuilt during its backward.
+    /// With full recompute, one block's activations rebuilt during its backward, and their
+    /// gradients.
     recompute_peak: u64,
     /// Embedding sum and its dropout's noise (the first stage).
     embed: u64,
@@ -147,8 +148,10 @@ fn activation_parts(
         Recompute::None => (block + core, 0),
         // Only the attention core is rebuilt, one layer at a time.
         Recompute::Selective => (block, core),
-        // Only the block's input (the fp32 residual stream) is kept; one block is rebuilt at a time.
-        Recompute::Full => (4 * sbh, block + core),
+        // Only the block's input (the fp32 residual stream) is kept; one block is rebuilt at a
+        // time, and its nested backward's gradients coexist with it (measured: about twice the
+        // block, docs/BENCHMARKS.md).
+        Recompute::Full => (4 * sbh, 2 * (block + core)),
     };
     let btv = b * t * v;
     // Embedding sum and final norm input/output (the residual stream is fp32), plus the

@@ -84,7 +84,8 @@ fn bench_model_on(cfg: &Config, cuda_ordinal: usize, batch_seed: i64) -> Result<
         mcfg.set_vocab_size(256);
     }
     tch::manual_seed(cfg.run.seed as i64);
-    let model = Model::new(&mcfg, device)?;
+    let mut model = Model::new(&mcfg, device)?;
+    model.set_recompute(cfg.recompute());
     if batch_seed != 0 {
         tch::manual_seed(cfg.run.seed as i64 + batch_seed);
     }
