@@ -29,7 +29,7 @@ fn user(message: String) -> Failure {
 pub struct PlanArgs {
     #[command(subcommand)]
     pub command: Option<PlanCommand>,
-    /// A trainer preset: tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b.
+    /// A trainer preset: tiny, gpt2-124m ... gpt2-1.5b, llama-tiny, llama3.2-1b ... llama3.1-405b.
     #[arg(long, value_name = "NAME")]
     pub model: Option<String>,
     /// A trainer config file ([model] section over the preset, as `fabbrica train --config`).
