@@ -4,18 +4,20 @@
 # each layout compare the planner's step time (`plan --explain`) with the measured one (the median
 # step_ms of a real `fabbrica train` under mpirun, steps after the first 5).
 #
-#   scripts/plan_validate.sh [OUT_DIR]     # default runs/plan-validate; about 10 minutes on 2 cores
+#   scripts/plan_validate.sh [OUT_DIR]     # default runs/plan-validate; about 3 minutes on 2 cores
+#   FAB=path/to/fabbrica CORPUS=file.txt scripts/plan_validate.sh OUT   # e.g. on the GPU machine (16 cores: pp × dp too)
 #
 # Writes OUT_DIR/cpu.toml (the calibrated cluster) and OUT_DIR/own_runs.csv
 # (layout,ranks,measured_s,predicted_s,error). Every rank gets one core: layouts of at most
 # `nproc` ranks are run (more would time-share cores, which the planner does not model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/env.sh
+[ -n "${FAB:-}" ] || source scripts/env.sh
 OUT=${1:-runs/plan-validate}
 mkdir -p "$OUT"
-B=./target/release/fabbrica
+B=${FAB:-./target/release/fabbrica}
 [ -x "$B" ] || cargo build --release -p fabbrica-cli
+CORPUS=${CORPUS:-data/pystdlib.txt}
 MPI=(mpirun --oversubscribe --allow-run-as-root)
 CORES=$(nproc)
 # Any python3 does (json and statistics only): the venv's here, the system's on the GPU machine.
@@ -50,7 +52,7 @@ run_layout() {
   rm -rf "$dir"
   local sets=(--set run.device=cpu --set run.threads=1 --set "train.batch_size=$MB" --set train.max_steps=25 --set train.log_interval=1
     --set train.eval_interval=1000 --set train.eval_iters=1 --set run.sample_tokens=0 --set run.checkpoint_interval=0
-    --set "run.out_dir=$dir" --set data.path=data/pystdlib.txt "$@")
+    --set "run.out_dir=$dir" --set "data.path=$CORPUS" "$@")
   if [ "$np" -gt 1 ]; then
     "${MPI[@]}" -np "$np" "$B" train "${CFG[@]}" "${sets[@]}" >/dev/null
   else

@@ -3,7 +3,7 @@
 # (10 minutes). Run scripts/device/pack.sh here first and carry .device; on the device:
 #
 #   bash scripts/device/check.sh correctness   # NCCL backend tests, CUDA training, 2-rank host staging
-#   bash scripts/device/check.sh collectives   # bench collectives: NCCL at world 1, MPI np=2,4,8
+#   bash scripts/device/check.sh collectives   # bench collectives: NCCL at world 1, MPI np=2,4,8; planner vs CPU runs
 #   bash scripts/device/check.sh throughput    # gpt2-124m vs PyTorch eager; DDP weak scaling np=1..8
 #
 # Each part writes $OUT/PART.log (every command and its output) and $OUT/PART.tar.gz (JSON, tables,
@@ -120,6 +120,10 @@ collectives)
     step "MPI $op, np=$np8" "${MPIRUN[@]}" -np "$np8" "$FAB" bench collectives --op "$op" --max-bytes 64M \
       --json "$WORK/files/mpi-$op-np$np8.json"
   done
+  # The planner against real CPU runs with a core per rank, pp × dp on 4 ranks included
+  # (docs/PLANNER.md; the 2-core development machine cannot run that layout).
+  [ "$QUICK" = 1 ] || step "planner vs measured CPU runs (scripts/plan_validate.sh)" env FAB="$FAB" CORPUS="$ROOT/.device/pystdlib.txt" \
+    bash scripts/plan_validate.sh "$WORK/files/plan-validate"
   ;;
 throughput)
   if [ "$QUICK" = 1 ]; then b=(--preset tiny --steps 5 --warmup 1); p=(--layers 4 --heads 4 --embd 128 --vocab 128 --block 128 --batch 4 --steps 5 --warmup 1)
