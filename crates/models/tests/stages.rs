@@ -1,8 +1,17 @@
 //! A model built as stages computes what the whole model computes, from the same weights, for
 //! both architectures; recompute changes memory, not results.
 
+use std::sync::{Mutex, MutexGuard};
+
 use fabbrica_models::{GptConfig, LlamaConfig, Model, ModelConfig, Recompute, StageSpec};
 use tch::{Device, Kind, Tensor};
+
+/// libtorch's RNG is process-global and the tests of this file run on parallel threads: each
+/// holds this lock, so that another test's seeding cannot land between its seed and its draws.
+fn rng_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn gpt(tie: bool) -> ModelConfig {
     ModelConfig::Gpt(GptConfig { vocab_size: 37, block_size: 16, n_layer: 5, n_head: 2, n_embd: 16, tie_embeddings: tie, ..GptConfig::default() })
@@ -24,6 +33,7 @@ fn llama(tie: bool) -> ModelConfig {
 
 #[test]
 fn stages_chained_equal_the_whole_model_and_share_its_initial_weights() {
+    let _rng = rng_lock();
     for c in [gpt(true), llama(true)] {
         let whole = Model::build(&c, Device::Cpu, &StageSpec::whole(5), 42).unwrap();
         let stages: Vec<Model> = StageSpec::split(&[2, 1, 2]).iter().map(|s| Model::build(&c, Device::Cpu, s, 42).unwrap()).collect();
@@ -53,6 +63,7 @@ fn stages_chained_equal_the_whole_model_and_share_its_initial_weights() {
 
 #[test]
 fn a_stage_loads_its_own_tensors_from_a_whole_model() {
+    let _rng = rng_lock();
     for (c, layer4) in [(gpt(true), "transformer.h.4.mlp"), (llama(true), "model.layers.4.mlp")] {
         let whole = Model::build(&c, Device::Cpu, &StageSpec::whole(5), 1).unwrap();
         let stage = Model::build(&c, Device::Cpu, &StageSpec { embed: false, blocks: 3..5, head: true }, 2).unwrap();
@@ -71,6 +82,7 @@ fn a_stage_loads_its_own_tensors_from_a_whole_model() {
 
 #[test]
 fn an_untied_model_has_its_own_head_on_the_last_stage_only() {
+    let _rng = rng_lock();
     for c in [gpt(false), llama(false)] {
         let emb = c.embedding_name();
         let whole = Model::build(&c, Device::Cpu, &StageSpec::whole(5), 9).unwrap();
@@ -113,6 +125,7 @@ fn loss_and_grads(c: &ModelConfig, r: Recompute) -> (f64, Vec<(String, Tensor)>)
 
 #[test]
 fn recompute_gives_the_same_loss_and_gradients_with_and_without_dropout() {
+    let _rng = rng_lock();
     for base in [gpt(true), llama(false)] {
         for dropout in [0.0, 0.2] {
             let c = match base.clone() {

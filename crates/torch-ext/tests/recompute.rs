@@ -2,7 +2,7 @@
 //! with the same dropout masks, and fires each parameter's grad-ready hook once.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use fabbrica_torch_ext::hooks::register_grad_ready_hook;
 use fabbrica_torch_ext::recompute::recompute;
@@ -12,12 +12,20 @@ fn region(w: &Tensor, x: &Tensor, p: f64) -> Tensor {
     x.linear(w, None::<&Tensor>).gelu("none").dropout(p, true) * 2.0
 }
 
+/// libtorch's RNG is process-global and tests run on parallel threads: each test holds this lock,
+/// so that another test's seeding cannot land between its seed and its draws.
+fn rng_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn leaf(t: &Tensor) -> Tensor {
     t.detach().copy().set_requires_grad(true)
 }
 
 #[test]
 fn gradients_equal_the_direct_run_with_the_same_dropout_masks() {
+    let _rng = rng_lock();
     let opts = (Kind::Float, Device::Cpu);
     tch::manual_seed(1);
     let (w0, x0) = (Tensor::randn([6, 5], opts), Tensor::randn([4, 5], opts));
@@ -48,6 +56,7 @@ fn gradients_equal_the_direct_run_with_the_same_dropout_masks() {
 
 #[test]
 fn parameters_fire_their_hook_once_and_chained_regions_compose() {
+    let _rng = rng_lock();
     let opts = (Kind::Float, Device::Cpu);
     tch::manual_seed(2);
     let w0 = Tensor::randn([5, 5], opts);
@@ -76,6 +85,7 @@ fn parameters_fire_their_hook_once_and_chained_regions_compose() {
 
 #[test]
 fn a_panicking_region_is_an_error_not_an_abort() {
+    let _rng = rng_lock();
     let x = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let e = recompute(&[&x], |_| panic!("boom")).unwrap_err();
     assert!(e.contains("boom"), "{e}");
