@@ -6,9 +6,12 @@
 //! binary prepares, trains a few tiny CPU steps and samples with them, including a vocabulary of
 //! more than 65536 ids (uint32 token files).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::describe;
 use serde_json::Value;
 
 fn repo_root() -> PathBuf {
@@ -31,15 +34,6 @@ fn fabbrica<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
         .env_remove("CUDA_VISIBLE_DEVICES")
         .output()
         .expect("cannot run the fabbrica binary")
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "exit status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn assert_success(out: &Output) {
