@@ -1,7 +1,9 @@
 //! Safe wrappers over `csrc/shim.cpp`: libtorch functions that tch 0.24 does not bind.
 //! [`hooks`] wraps `csrc/hooks.cpp`: autograd gradient-ready hooks and `.grad` as a bucket view;
-//! [`recompute`] wraps `csrc/recompute.cpp`: activation recompute (checkpointing) of a region.
+//! [`recompute`] wraps `csrc/recompute.cpp`: activation recompute (checkpointing) of a region;
+//! [`function`] wraps `csrc/function.cpp`: custom autograd functions written in Rust.
 
+pub mod function;
 pub mod hooks;
 pub mod recompute;
 
