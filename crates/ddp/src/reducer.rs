@@ -591,6 +591,58 @@ impl Ddp {
         })
     }
 
+    /// The reduced gradients this rank holds of the parameters whose names `keep` accepts: whole
+    /// `.grad`s, or under ZeRO-1 the pieces of them inside this rank's shards (views: changing
+    /// them changes the gradients). Tensor parallelism with sequence parallelism sums those of
+    /// the parameters every tensor-parallel rank holds whole over its group.
+    pub fn grads_where(&self, keep: &dyn Fn(&str) -> bool) -> Result<Vec<Tensor>> {
+        let st = self.shared.state();
+        let mut grads: Vec<Tensor> = Vec::new();
+        if self.shared.sharded() {
+            let r = self.shared.comm.rank();
+            for (b, buf) in self.assignment.buckets.iter().zip(&st.bufs) {
+                let (lo, hi) = (r * buf.shard, (r + 1) * buf.shard);
+                for e in &b.entries {
+                    let (a, z) = (e.offset.max(lo), (e.offset + e.numel).min(hi));
+                    if a < z && keep(&self.params[e.param].0) {
+                        grads.push(buf.grad.narrow(0, a as i64, (z - a) as i64));
+                    }
+                }
+            }
+        } else {
+            for (name, p) in self.params.iter().filter(|(n, _)| keep(n)) {
+                let g = p.grad();
+                if !g.defined() {
+                    return Err(DdpError::NoGradient { param: name.clone() });
+                }
+                grads.push(g);
+            }
+        }
+        Ok(grads)
+    }
+
+    /// As [`Ddp::grad_sq_sum`], over the parameters whose names `keep` accepts (under ZeRO-1,
+    /// the pieces of them in this rank's shards). Tensor parallelism counts a parameter every
+    /// tensor-parallel rank holds whole on one rank only, and the slices of split ones on all.
+    pub fn grad_sq_sum_where(&self, keep: &dyn Fn(&str) -> bool) -> Result<Tensor> {
+        let grads = self.grads_where(keep)?;
+        let sum_across = self.shared.sharded() && self.shared.state().grad_comm;
+        tch::no_grad(|| {
+            let sq = grads.iter().map(|g| g.f_to_kind(Kind::Float)?.f_square()?.f_sum(Kind::Float)).collect::<std::result::Result<Vec<_>, _>>();
+            let total_sq = sq.and_then(|sq| if sq.is_empty() { Ok(Tensor::from(0f32)) } else { Tensor::f_stack(&sq, 0)?.f_sum(Kind::Float) });
+            let mut total_sq = total_sq.map_err(torch_err("summing the squared gradients"))?;
+            if sum_across {
+                total_sq = total_sq.reshape([1]);
+                self.shared.comm.all_reduce(&total_sq, ReduceOp::Sum).map_err(|source| DdpError::Collective {
+                    what: "summing the squared gradients of the ZeRO-1 shards across the data-parallel ranks".into(),
+                    source,
+                })?;
+                total_sq = total_sq.reshape([]);
+            }
+            Ok(total_sq)
+        })
+    }
+
     /// Multiplies the reduced gradients this rank holds (its shards under ZeRO-1) by `coef`.
     ///
     /// # Panics

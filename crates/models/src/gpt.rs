@@ -6,6 +6,7 @@ use tch::Tensor;
 
 use crate::config::GptConfig;
 use crate::layers::{LayerNorm, Linear, Params};
+use crate::tp::{enter, TensorParallel};
 
 /// One block: `x + attn(ln_1(x))`, then `h + mlp(ln_2(h))`.
 pub struct GptBlock {
@@ -20,16 +21,18 @@ pub struct GptBlock {
 impl GptBlock {
     /// Registers block `i`'s parameters under `transformer.h.{i}` (nanoGPT's and Hugging Face's
     /// names): N(0, std) weights, residual projections (`c_proj`) at `proj_std`, zero biases.
+    /// With tensor parallelism `c_attn` (by heads, of q, k and v each) and `c_fc` are
+    /// column-parallel, the two `c_proj` row-parallel.
     pub fn new(ps: &mut Params, p: &tch::nn::Path, cfg: &GptConfig, std: f64, proj_std: f64) -> GptBlock {
         let c = cfg.n_embd as i64;
         let (a, m) = (p.sub("attn"), p.sub("mlp"));
         GptBlock {
             ln_1: LayerNorm::new(ps, &p.sub("ln_1"), c, cfg.bias),
-            c_attn: Linear::new(ps, &a.sub("c_attn"), c, 3 * c, cfg.bias, std),
-            attn_proj: Linear::new(ps, &a.sub("c_proj"), c, c, cfg.bias, proj_std),
+            c_attn: Linear::column(ps, &a.sub("c_attn"), c, 3 * c, cfg.bias, std, 3),
+            attn_proj: Linear::row(ps, &a.sub("c_proj"), c, c, cfg.bias, proj_std),
             ln_2: LayerNorm::new(ps, &p.sub("ln_2"), c, cfg.bias),
-            c_fc: Linear::new(ps, &m.sub("c_fc"), c, 4 * c, cfg.bias, std),
-            mlp_proj: Linear::new(ps, &m.sub("c_proj"), 4 * c, c, cfg.bias, proj_std),
+            c_fc: Linear::column(ps, &m.sub("c_fc"), c, 4 * c, cfg.bias, std, 1),
+            mlp_proj: Linear::row(ps, &m.sub("c_proj"), 4 * c, c, cfg.bias, proj_std),
         }
     }
 
@@ -45,23 +48,27 @@ impl GptBlock {
         }
     }
 
-    /// Queries, keys and values, each (B, nh, T, hs).
-    pub fn qkv(&self, cfg: &GptConfig, x: &Tensor) -> (Tensor, Tensor, Tensor) {
-        let (b, t, c) = x.size3().expect("x is (B, T, C)");
-        let nh = cfg.n_head as i64;
-        let qkv = self.c_attn.forward(&self.ln_1.forward(x)).split(c, 2); // 3 × (B, T, C)
+    /// Queries, keys and values, each (B, nh, T, hs): with tensor parallelism this rank's
+    /// nh/tp heads, over the whole sequence.
+    pub fn qkv(&self, cfg: &GptConfig, x: &Tensor, tp: Option<&TensorParallel>) -> (Tensor, Tensor, Tensor) {
+        let h = enter(tp, &self.ln_1.forward(x));
+        let (b, t, _) = h.size3().expect("x is (B, T, C)");
+        let n = tp.map_or(1, |p| p.size) as i64;
+        let (nh, c) = (cfg.n_head as i64 / n, cfg.n_embd as i64 / n);
+        let qkv = self.c_attn.forward(&h).split(c, 2); // 3 × (B, T, C/tp)
         let heads = |z: &Tensor| z.view([b, t, nh, c / nh]).transpose(1, 2);
         (heads(&qkv[0]), heads(&qkv[1]), heads(&qkv[2]))
     }
 
     /// The rest of the block after the attention core `y` (B, nh, T, hs): projection, residual
     /// dropout and add, MLP.
-    pub fn finish(&self, cfg: &GptConfig, x: &Tensor, y: &Tensor, train: bool) -> Tensor {
-        let (b, t, c) = x.size3().expect("x is (B, T, C)");
-        let y = y.transpose(1, 2).contiguous().view([b, t, c]);
-        let h = x + self.attn_proj.forward(&y).dropout(cfg.dropout, train);
+    pub fn finish(&self, cfg: &GptConfig, x: &Tensor, y: &Tensor, train: bool, tp: Option<&TensorParallel>) -> Tensor {
+        let (b, nh, t, hs) = y.size4().expect("y is (B, nh, T, hs)");
+        let y = y.transpose(1, 2).contiguous().view([b, t, nh * hs]);
+        let h = x + self.attn_proj.row_forward(&y, tp).dropout(cfg.dropout, train);
         let approximate = if cfg.activation == "gelu_tanh" { "tanh" } else { "none" };
-        let m = self.mlp_proj.forward(&self.c_fc.forward(&self.ln_2.forward(&h)).gelu(approximate)).dropout(cfg.dropout, train);
+        let inner = self.c_fc.forward(&enter(tp, &self.ln_2.forward(&h))).gelu(approximate);
+        let m = self.mlp_proj.row_forward(&inner, tp).dropout(cfg.dropout, train);
         h + m
     }
 }

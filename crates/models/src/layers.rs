@@ -3,6 +3,8 @@
 
 use tch::{nn::Init, nn::Path, Tensor};
 
+use crate::tp::{exit, Shard, TensorParallel};
+
 /// What [`Params::seeded`] installs.
 type Reseed = Box<dyn Fn(&str)>;
 
@@ -14,8 +16,13 @@ pub struct Params {
     reseed: Option<Reseed>,
     /// Record names and shapes only (`shapes`), allocating nothing.
     pub dry: bool,
-    /// The shape of each parameter of `list`, in order.
+    /// The shape of each parameter of `list`, in order (this rank's slice of a split one).
     pub shapes: Vec<Vec<i64>>,
+    /// Tensor parallelism: (this rank, the degree). Parameters registered with a [`Shard`] hold
+    /// this rank's slice of the whole-model tensor.
+    pub tp: Option<(usize, usize)>,
+    /// How each parameter of `list` is split (`None`: whole on every tensor-parallel rank).
+    pub shards: Vec<Option<Shard>>,
 }
 
 impl Params {
@@ -25,7 +32,31 @@ impl Params {
     }
 
     pub fn var(&mut self, p: &Path, name: &str, dims: &[i64], init: Init) -> Tensor {
-        self.shapes.push(dims.to_vec());
+        self.var_split(p, name, dims, init, None)
+    }
+
+    /// A parameter split over the tensor-parallel ranks by `shard` (whole without tensor
+    /// parallelism). The whole tensor is drawn as the one-process model draws it and this rank
+    /// keeps its slice, so every layout starts from the same weights.
+    pub fn var_split(&mut self, p: &Path, name: &str, dims: &[i64], init: Init, shard: Option<Shard>) -> Tensor {
+        let split = match (shard, self.tp) {
+            (Some(s), Some((rank, size))) if size > 1 => Some((s, rank, size)),
+            _ => None,
+        };
+        self.shards.push(split.map(|(s, _, _)| s));
+        let local = split.map_or_else(|| dims.to_vec(), |(s, _, size)| s.local_shape(dims, size));
+        self.shapes.push(local);
+        if let Some((s, rank, size)) = split {
+            if !self.dry {
+                if let Some(f) = &self.reseed {
+                    f(&p.path(name));
+                }
+                let full = tch::nn::init(init, dims, p.device());
+                let t = p.var_copy(name, &s.slice(&full, rank, size));
+                self.list.push((p.path(name), t.shallow_clone()));
+                return t;
+            }
+        }
         if self.dry {
             let t = Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu));
             self.list.push((p.path(name), t.shallow_clone()));
@@ -46,14 +77,38 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(ps: &mut Params, p: &Path, d_in: i64, d_out: i64, bias: bool, std: f64) -> Self {
-        let weight = ps.var(p, "weight", &[d_out, d_in], Init::Randn { mean: 0.0, stdev: std });
+    /// Column-parallel: each tensor-parallel rank holds a slice of the output features (of each
+    /// of `parts` stacked blocks), weight and bias alike. Its input comes through `tp::enter`.
+    pub fn column(ps: &mut Params, p: &Path, d_in: i64, d_out: i64, bias: bool, std: f64, parts: usize) -> Self {
+        let shard = Some(Shard { dim: 0, parts });
+        let weight = ps.var_split(p, "weight", &[d_out, d_in], Init::Randn { mean: 0.0, stdev: std }, shard);
+        let bias = bias.then(|| ps.var_split(p, "bias", &[d_out], Init::Const(0.0), shard));
+        Linear { weight, bias }
+    }
+
+    /// Row-parallel: each tensor-parallel rank holds a slice of the input features; the bias is
+    /// whole and added once, after the partial products are reduced ([`Linear::row_forward`]).
+    pub fn row(ps: &mut Params, p: &Path, d_in: i64, d_out: i64, bias: bool, std: f64) -> Self {
+        let weight = ps.var_split(p, "weight", &[d_out, d_in], Init::Randn { mean: 0.0, stdev: std }, Some(Shard::COLUMNS));
         let bias = bias.then(|| ps.var(p, "bias", &[d_out], Init::Const(0.0)));
         Linear { weight, bias }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, self.bias.as_ref())
+    }
+
+    /// A row-parallel layer's forward: the partial product, out of the region (`tp::exit`), then
+    /// the bias. Without tensor parallelism, [`Linear::forward`].
+    pub fn row_forward(&self, x: &Tensor, tp: Option<&TensorParallel>) -> Tensor {
+        if tp.is_none() {
+            return self.forward(x);
+        }
+        let y = exit(tp, &x.linear(&self.weight, None::<&Tensor>));
+        match &self.bias {
+            Some(b) => y + b,
+            None => y,
+        }
     }
 
     /// A handle to the same parameters.

@@ -1,6 +1,7 @@
 //! Reference models: GPT-2 and the Llama family, built whole or by pipeline stage. This crate
 //! knows nothing about communication: data and pipeline parallelism are applied to a model from
-//! outside (see the `ddp` and `pipeline` crates).
+//! outside (see the `ddp` and `pipeline` crates), and tensor parallelism through a plan of
+//! operators ([`tp`]) that never exposes a communicator.
 
 mod arch;
 mod config;
@@ -11,6 +12,7 @@ mod layers;
 mod llama;
 mod model;
 pub mod stages;
+pub mod tp;
 
 pub use arch::{ModelConfig, GPT_ONLY_KEYS, LLAMA_ONLY_KEYS, PRESET_NAMES};
 pub use config::{GptConfig, MAX_VOCAB_SIZE};
@@ -19,3 +21,4 @@ pub use flops::{flops_per_token, memory_estimate, stage_memory_estimate, MemoryE
 pub use llama::{LlamaConfig, RopeScaling};
 pub use model::{Model, Recompute, StageSpec};
 pub use stages::{balanced_split, check_split, stage_params, PartCosts};
+pub use tp::{Shard, TensorParallel, TpOps};

@@ -8,6 +8,7 @@ use tch::{Kind, Tensor};
 use crate::config::{MAX_BLOCK_SIZE, MAX_EMBD, MAX_HEADS, MAX_LAYERS, MAX_VOCAB_SIZE};
 use crate::error::{ModelError, Result};
 use crate::layers::{Linear, Params};
+use crate::tp::{enter, TensorParallel};
 
 /// Llama hyper-parameters; names follow ours where GPT has the same key, Hugging Face's
 /// `LlamaConfig` otherwise (`config.json` maps onto this, see `hf`).
@@ -279,20 +280,22 @@ pub struct LlamaBlock {
 
 impl LlamaBlock {
     /// Registers layer `i`'s parameters under `model.layers.{i}` (Hugging Face's names):
-    /// N(0, std) weights, the residual projections (o, down) at `proj_std`, norms at 1.
+    /// N(0, std) weights, the residual projections (o, down) at `proj_std`, norms at 1. With
+    /// tensor parallelism q/k/v (by heads: every rank holds whole key-value heads) and gate/up
+    /// are column-parallel, o and down row-parallel.
     pub fn new(ps: &mut Params, p: &tch::nn::Path, cfg: &LlamaConfig, std: f64, proj_std: f64) -> LlamaBlock {
         let (c, kv, f) = (cfg.n_embd as i64, (cfg.n_kv_head * cfg.head_size()) as i64, cfg.ffn_hidden() as i64);
         let (a, m) = (p.sub("self_attn"), p.sub("mlp"));
         LlamaBlock {
             input_layernorm: RmsNorm::new(ps, &p.sub("input_layernorm"), c, cfg.norm_eps),
-            q_proj: Linear::new(ps, &a.sub("q_proj"), c, c, false, std),
-            k_proj: Linear::new(ps, &a.sub("k_proj"), c, kv, false, std),
-            v_proj: Linear::new(ps, &a.sub("v_proj"), c, kv, false, std),
-            o_proj: Linear::new(ps, &a.sub("o_proj"), c, c, false, proj_std),
+            q_proj: Linear::column(ps, &a.sub("q_proj"), c, c, false, std, 1),
+            k_proj: Linear::column(ps, &a.sub("k_proj"), c, kv, false, std, 1),
+            v_proj: Linear::column(ps, &a.sub("v_proj"), c, kv, false, std, 1),
+            o_proj: Linear::row(ps, &a.sub("o_proj"), c, c, false, proj_std),
             post_attention_layernorm: RmsNorm::new(ps, &p.sub("post_attention_layernorm"), c, cfg.norm_eps),
-            gate_proj: Linear::new(ps, &m.sub("gate_proj"), c, f, false, std),
-            up_proj: Linear::new(ps, &m.sub("up_proj"), c, f, false, std),
-            down_proj: Linear::new(ps, &m.sub("down_proj"), f, c, false, proj_std),
+            gate_proj: Linear::column(ps, &m.sub("gate_proj"), c, f, false, std, 1),
+            up_proj: Linear::column(ps, &m.sub("up_proj"), c, f, false, std, 1),
+            down_proj: Linear::row(ps, &m.sub("down_proj"), f, c, false, proj_std),
         }
     }
 
@@ -312,12 +315,14 @@ impl LlamaBlock {
     }
 
     /// Queries, keys and values (B, heads, T, hs) with rotary embeddings applied; keys and values
-    /// have `n_kv_head` heads.
-    pub fn qkv(&self, cfg: &LlamaConfig, x: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
-        let (b, t, _c) = x.size3().expect("x is (B, T, C)");
+    /// have `n_kv_head` heads (with tensor parallelism this rank's `n_head/tp` and `n_kv_head/tp`,
+    /// over the whole sequence).
+    pub fn qkv(&self, cfg: &LlamaConfig, x: &Tensor, cos: &Tensor, sin: &Tensor, tp: Option<&TensorParallel>) -> (Tensor, Tensor, Tensor) {
+        let h = enter(tp, &self.input_layernorm.forward(x));
+        let (b, t, _c) = h.size3().expect("x is (B, T, C)");
         let hs = cfg.head_size() as i64;
-        let h = self.input_layernorm.forward(x);
-        let heads = |z: Tensor, n: usize| z.view([b, t, n as i64, hs]).transpose(1, 2);
+        let n = tp.map_or(1, |p| p.size);
+        let heads = |z: Tensor, heads: usize| z.view([b, t, (heads / n) as i64, hs]).transpose(1, 2);
         let q = heads(self.q_proj.forward(&h), cfg.n_head);
         let k = heads(self.k_proj.forward(&h), cfg.n_kv_head);
         let v = heads(self.v_proj.forward(&h), cfg.n_kv_head);
@@ -325,12 +330,12 @@ impl LlamaBlock {
     }
 
     /// The rest of the layer after the attention core: output projection, residual, MLP.
-    pub fn finish(&self, x: &Tensor, y: &Tensor) -> Tensor {
-        let (b, t, c) = x.size3().expect("x is (B, T, C)");
-        let y = y.transpose(1, 2).contiguous().view([b, t, c]);
-        let h = x + self.o_proj.forward(&y);
-        let n = self.post_attention_layernorm.forward(&h);
-        let mlp = self.down_proj.forward(&(self.gate_proj.forward(&n).silu() * self.up_proj.forward(&n)));
+    pub fn finish(&self, x: &Tensor, y: &Tensor, tp: Option<&TensorParallel>) -> Tensor {
+        let (b, nh, t, hs) = y.size4().expect("y is (B, H, T, hs)");
+        let y = y.transpose(1, 2).contiguous().view([b, t, nh * hs]);
+        let h = x + self.o_proj.row_forward(&y, tp);
+        let n = enter(tp, &self.post_attention_layernorm.forward(&h));
+        let mlp = self.down_proj.row_forward(&(self.gate_proj.forward(&n).silu() * self.up_proj.forward(&n)), tp);
         h + mlp
     }
 }

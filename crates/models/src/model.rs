@@ -13,6 +13,7 @@ use crate::error::{ModelError, Result};
 use crate::gpt::GptBlock;
 use crate::layers::{LayerNorm, Params};
 use crate::llama::{LlamaBlock, RmsNorm};
+use crate::tp::{enter, exit, Shard, TensorParallel};
 
 /// Which part of the model a [`Model`] holds: the embeddings, blocks `blocks` (global layer
 /// indices), and the final norm with the output projection. The whole model holds all three; a
@@ -113,6 +114,7 @@ struct BlockCtx {
     recompute: Recompute,
     /// Llama's rotary tables for this sequence length.
     rope: Option<(Tensor, Tensor)>,
+    tp: Option<TensorParallel>,
 }
 
 impl BlockCtx {
@@ -122,6 +124,7 @@ impl BlockCtx {
             train: self.train,
             recompute: self.recompute,
             rope: self.rope.as_ref().map(|(c, s)| (c.shallow_clone(), s.shallow_clone())),
+            tp: self.tp.clone(),
         }
     }
 
@@ -144,15 +147,16 @@ impl BlockCtx {
                 f(&q, &k, &v, p)
             }
         };
+        let tp = self.tp.as_ref();
         match (block, &self.cfg) {
             (Block::Gpt(b), ModelConfig::Gpt(cfg)) => {
-                let (q, k, v) = b.qkv(cfg, x);
-                b.finish(cfg, x, &core(q, k, v, crate::gpt::attention_core), self.train)
+                let (q, k, v) = b.qkv(cfg, x, tp);
+                b.finish(cfg, x, &core(q, k, v, crate::gpt::attention_core), self.train, tp)
             }
             (Block::Llama(b), ModelConfig::Llama(cfg)) => {
                 let (cos, sin) = self.rope.as_ref().expect("rotary tables for a Llama block");
-                let (q, k, v) = b.qkv(cfg, x, cos, sin);
-                b.finish(x, &core(q, k, v, crate::llama::attention_core))
+                let (q, k, v) = b.qkv(cfg, x, cos, sin, tp);
+                b.finish(x, &core(q, k, v, crate::llama::attention_core), tp)
             }
             _ => unreachable!("blocks are built from the model's own config"),
         }
@@ -175,6 +179,10 @@ pub struct Model {
     blocks: Vec<Block>,
     norm: Option<Norm>,
     recompute: Recompute,
+    /// Tensor parallelism: this rank's slices of the split parameters, the region operators.
+    tp: Option<TensorParallel>,
+    /// How each parameter of `params` is split over the tensor-parallel ranks, in order.
+    shards: Vec<Option<Shard>>,
 }
 
 /// FNV-1a over a parameter's name: with the run's seed, the seed of that parameter's init.
@@ -200,20 +208,67 @@ impl Model {
     /// equals the first stage's. The draws use libtorch's global RNG, which this reseeds (and
     /// leaves reseeded); builds in one process are serialised so that they do not interleave.
     pub fn build(cfg: &ModelConfig, device: Device, spec: &StageSpec, seed: u64) -> Result<Self> {
-        Self::assemble(cfg, device, spec, seed, false).map(|(m, _)| m)
+        Self::assemble(cfg, device, spec, seed, false, None).map(|(m, _)| m)
+    }
+
+    /// As [`Model::build`], holding this tensor-parallel rank's part of each layer (`tp`: see
+    /// [`crate::tp`]). Each split parameter is drawn whole, as the one-process model draws it,
+    /// and sliced, so a tensor-parallel run starts from the one-process run's weights. Refuses
+    /// a degree that does not divide the heads (query and key-value), the MLP width or the
+    /// vocabulary, naming `parallel.tp`.
+    pub fn build_tp(cfg: &ModelConfig, device: Device, spec: &StageSpec, seed: u64, tp: Option<TensorParallel>) -> Result<Self> {
+        Self::assemble(cfg, device, spec, seed, false, tp.filter(|p| p.size > 1)).map(|(m, _)| m)
+    }
+
+    /// Whether tensor parallelism of degree `tp` can split `cfg`: the first reason it cannot, as
+    /// the error of [`Model::build_tp`].
+    pub fn check_tensor_parallel(cfg: &ModelConfig, tp: usize) -> Result<()> {
+        if tp <= 1 {
+            return Ok(());
+        }
+        let bad = |why: String| Err(ModelError::InvalidConfig { key: "parallel.tp", value: tp.to_string(), why });
+        let heads = match cfg {
+            ModelConfig::Gpt(g) => g.n_head,
+            ModelConfig::Llama(m) => m.n_head,
+        };
+        if !heads.is_multiple_of(tp) {
+            return bad(format!("each tensor-parallel rank holds whole attention heads, and model.n_head = {heads} is not a multiple of it: use a divisor of {heads}"));
+        }
+        if let ModelConfig::Llama(m) = cfg {
+            if !m.n_kv_head.is_multiple_of(tp) {
+                return bad(format!(
+                    "each tensor-parallel rank holds whole key-value heads (they are split, not replicated), and model.n_kv_head = {} is not a multiple of it: use parallel.tp ≤ {} dividing it",
+                    m.n_kv_head, m.n_kv_head
+                ));
+            }
+        }
+        if !cfg.ffn_hidden().is_multiple_of(tp) {
+            return bad(format!("the MLP width ({}) is not a multiple of it: use a divisor of {}", cfg.ffn_hidden(), cfg.ffn_hidden()));
+        }
+        let v = cfg.vocab_size();
+        if !v.is_multiple_of(tp) {
+            let up = v.div_ceil(tp) * tp;
+            return bad(format!(
+                "the embedding and output layer are split by vocabulary, and model.vocab_size = {v} is not a multiple of it: set model.vocab_size={up} (padding; the extra entries are never targets) or use a divisor of {v}"
+            ));
+        }
+        Ok(())
     }
 
     /// The names and shapes of the parameters of part `spec`, in order, allocating nothing (a
     /// 405B model's list is as cheap as a tiny one's).
     pub fn parameter_shapes(cfg: &ModelConfig, spec: &StageSpec) -> Result<Vec<(String, Vec<i64>)>> {
-        let (m, shapes) = Self::assemble(cfg, Device::Cpu, spec, 0, true)?;
+        let (m, shapes) = Self::assemble(cfg, Device::Cpu, spec, 0, true, None)?;
         Ok(m.params.into_iter().map(|(n, _)| n).zip(shapes).collect())
     }
 
-    fn assemble(cfg: &ModelConfig, device: Device, spec: &StageSpec, seed: u64, dry: bool) -> Result<(Self, Vec<Vec<i64>>)> {
+    fn assemble(cfg: &ModelConfig, device: Device, spec: &StageSpec, seed: u64, dry: bool, tp: Option<TensorParallel>) -> Result<(Self, Vec<Vec<i64>>)> {
         static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one_at_a_time = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
         cfg.validate()?;
+        if let Some(p) = &tp {
+            Self::check_tensor_parallel(cfg, p.size)?;
+        }
         let l = cfg.n_layer();
         if spec.blocks.end > l || spec.blocks.start > spec.blocks.end {
             return Err(ModelError::InvalidConfig {
@@ -229,6 +284,7 @@ impl Model {
         let proj_std = 0.02 / ((2 * l) as f64).sqrt();
         let mut ps = Params::default();
         ps.dry = dry;
+        ps.tp = tp.as_ref().map(|p| (p.rank, p.size));
         ps.seeded(move |name| tch::manual_seed((splitmix64(seed ^ name_hash(name)) >> 1) as i64));
         let normal = Init::Randn { mean: 0.0, stdev: std };
         let tied = cfg.tie_embeddings();
@@ -236,7 +292,7 @@ impl Model {
         let (wte, wpe, blocks, norm) = match cfg {
             ModelConfig::Gpt(g) => {
                 let tr = root.sub("transformer");
-                let wte = has_wte.then(|| ps.var(&tr.sub("wte"), "weight", &[v, c], normal));
+                let wte = has_wte.then(|| ps.var_split(&tr.sub("wte"), "weight", &[v, c], normal, Some(Shard::ROWS)));
                 let wpe = spec.embed.then(|| ps.var(&tr.sub("wpe"), "weight", &[g.block_size as i64, c], normal));
                 let h = tr.sub("h");
                 let blocks = spec.blocks.clone().map(|i| Block::Gpt(GptBlock::new(&mut ps, &h.sub(i), g, std, proj_std))).collect();
@@ -245,15 +301,28 @@ impl Model {
             }
             ModelConfig::Llama(m) => {
                 let md = root.sub("model");
-                let wte = has_wte.then(|| ps.var(&md.sub("embed_tokens"), "weight", &[v, c], normal));
+                let wte = has_wte.then(|| ps.var_split(&md.sub("embed_tokens"), "weight", &[v, c], normal, Some(Shard::ROWS)));
                 let h = md.sub("layers");
                 let blocks = spec.blocks.clone().map(|i| Block::Llama(LlamaBlock::new(&mut ps, &h.sub(i), m, std, proj_std))).collect();
                 let norm = spec.head.then(|| Norm::Rms(RmsNorm::new(&mut ps, &md.sub("norm"), c, m.norm_eps)));
                 (wte, None, blocks, norm)
             }
         };
-        let lm_head = (spec.head && !tied).then(|| ps.var(&root.sub("lm_head"), "weight", &[v, c], normal));
-        let model = Model { cfg: cfg.clone(), spec: spec.clone(), vs, params: ps.list, wte, lm_head, wpe, blocks, norm, recompute: Recompute::None };
+        let lm_head = (spec.head && !tied).then(|| ps.var_split(&root.sub("lm_head"), "weight", &[v, c], normal, Some(Shard::ROWS)));
+        let model = Model {
+            cfg: cfg.clone(),
+            spec: spec.clone(),
+            vs,
+            params: ps.list,
+            wte,
+            lm_head,
+            wpe,
+            blocks,
+            norm,
+            recompute: Recompute::None,
+            tp,
+            shards: ps.shards,
+        };
         Ok((model, ps.shapes))
     }
 
@@ -279,6 +348,17 @@ impl Model {
 
     pub fn device(&self) -> Device {
         self.vs.device()
+    }
+
+    /// The tensor parallelism this was built with (`None`: every layer whole).
+    pub fn tensor_parallel(&self) -> Option<&TensorParallel> {
+        self.tp.as_ref()
+    }
+
+    /// How parameter `name` is split over the tensor-parallel ranks (`None`: whole on each, or no
+    /// such parameter).
+    pub fn shard_of(&self, name: &str) -> Option<Shard> {
+        self.params.iter().position(|(n, _)| n == name).and_then(|i| self.shards[i])
     }
 
     /// Parameters in registration order (embeddings first, then block by block) with their
@@ -308,15 +388,41 @@ impl Model {
     /// This part's forward: from token ids (B, T) on a stage with the embeddings, else from the
     /// previous stage's hidden states (B, T, C); to logits (B, T, V) on a stage with the head,
     /// else to hidden states (B, T, C).
+    ///
+    /// With tensor parallelism the logits are this rank's vocabulary slice (B, T, V/tp) (see
+    /// [`Model::loss`]), and with sequence parallelism the hidden states between stages are this
+    /// rank's sequence shard (B, T/tp, C).
     pub fn forward_stage(&self, input: &Tensor, train: bool) -> Tensor {
-        let t = input.size()[1];
+        let tp = self.tp.as_ref();
+        let sp = tp.is_some_and(|p| p.sequence_parallel);
+        // The whole sequence's length (the hidden states of a sequence-parallel stage are a shard).
+        let t = if sp && !self.spec.embed { input.size()[1] * tp.map_or(1, |p| p.size) as i64 } else { input.size()[1] };
         let mut x = match &self.wte {
             Some(wte) if self.spec.embed => {
                 assert!(t as usize <= self.cfg.block_size(), "sequence length {t} exceeds block_size");
-                let tok_emb = Tensor::embedding(wte, input, -1, false, false); // (B, T, C)
+                let tok_emb = match tp {
+                    None => Tensor::embedding(wte, input, -1, false, false), // (B, T, C)
+                    Some(p) => {
+                        // Vocabulary-parallel: this rank's rows, zeros for tokens held elsewhere,
+                        // summed over the ranks (reduce-scattered along the sequence with SP).
+                        let rows = wte.size()[0];
+                        let local = input - p.rank as i64 * rows;
+                        let inside = local.ge(0).logical_and(&local.lt(rows));
+                        let ids = local.where_self(&inside, &local.zeros_like());
+                        let e = Tensor::embedding(wte, &ids, -1, false, false) * inside.unsqueeze(-1).to_kind(wte.kind());
+                        exit(tp, &e)
+                    }
+                };
                 match &self.wpe {
                     Some(wpe) => {
-                        let pos = Tensor::arange(t, (Kind::Int64, input.device()));
+                        let (from, len) = match tp {
+                            Some(p) if sp => {
+                                let shard = t / p.size as i64;
+                                (p.rank as i64 * shard, shard)
+                            }
+                            _ => (0, t),
+                        };
+                        let pos = Tensor::arange_start(from, from + len, (Kind::Int64, input.device()));
                         (tok_emb + Tensor::embedding(wpe, &pos, -1, false, false)).dropout(self.cfg.dropout(), train)
                     }
                     None => tok_emb,
@@ -328,6 +434,7 @@ impl Model {
             cfg: self.cfg.clone(),
             train,
             recompute: self.recompute,
+            tp: self.tp.clone(),
             rope: match &self.cfg {
                 ModelConfig::Llama(m) if !self.blocks.is_empty() => Some(crate::llama::rope_tables(m, t, input.device())),
                 _ => None,
@@ -343,13 +450,29 @@ impl Model {
             };
         }
         match (&self.norm, self.lm_head.as_ref().or(self.wte.as_ref())) {
-            (Some(norm), Some(head)) => norm.forward(&x).linear(head, None::<&Tensor>), // (B, T, V)
+            (Some(norm), Some(head)) => enter(tp, &norm.forward(&x)).linear(head, None::<&Tensor>), // (B, T, V or V/tp)
             _ => x,
         }
     }
 
+    /// Mean cross-entropy (fp32) of this model's logits against targets (B, T): of the whole
+    /// vocabulary's logits [`Model::cross_entropy`]; of a tensor-parallel rank's slice, the
+    /// vocabulary-parallel cross-entropy (the same value on every rank of the group).
+    pub fn loss(&self, logits: &Tensor, targets: &Tensor) -> Tensor {
+        match &self.tp {
+            None => Self::cross_entropy(logits, targets),
+            Some(p) => {
+                let rows = logits.size().last().copied().expect("logits have a vocab dim");
+                let targets = targets.reshape([-1]);
+                let per_token = p.ops.vocab_parallel_cross_entropy(&logits.reshape([-1, rows]).to_kind(Kind::Float), &targets, p.rank as i64 * rows);
+                let valid = targets.ne(-100).to_kind(Kind::Float);
+                per_token.sum(Kind::Float) / valid.sum(Kind::Float)
+            }
+        }
+    }
+
     /// Mean cross-entropy of logits (B, T, V) against targets (B, T), computed in fp32.
-    pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
+    pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
         let v = logits.size().last().copied().expect("logits have a vocab dim");
         logits.view([-1, v]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::Mean, -100, 0.0)
     }
@@ -357,7 +480,7 @@ impl Model {
     /// Autoregressive sampling: appends `new_tokens` tokens to `idx` (1, T0), cropping the
     /// context to the last block_size tokens. `top_k` limits sampling to the k likeliest tokens.
     pub fn generate(&self, idx: &Tensor, new_tokens: usize, temperature: f64, top_k: Option<i64>) -> Tensor {
-        assert!(self.spec.is_whole(self.cfg.n_layer()), "generate needs the whole model");
+        assert!(self.spec.is_whole(self.cfg.n_layer()) && self.tp.is_none(), "generate needs the whole model");
         tch::no_grad(|| {
             let mut idx = idx.shallow_clone();
             let bs = self.cfg.block_size() as i64;
@@ -390,7 +513,9 @@ impl Model {
     }
 
     /// Copies named tensors into the parameters, checking that the names and shapes match
-    /// exactly (so a checkpoint of another model shape is refused with the offending name).
+    /// exactly (so a checkpoint of another model shape is refused with the offending name). A
+    /// tensor-parallel rank takes its slice of a whole tensor, so any layout loads a whole
+    /// model's weights.
     pub fn load_parameters(&self, tensors: &[(String, Tensor)]) -> Result<()> {
         let by_name: std::collections::HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         if let Some((extra, _)) = tensors.iter().find(|(n, _)| !self.params.iter().any(|(p, _)| p == n)) {
@@ -398,16 +523,25 @@ impl Model {
         }
         // Check every name and shape before copying anything: a refused checkpoint changes nothing.
         let mut pairs = Vec::with_capacity(self.params.len());
-        for (name, p) in &self.params {
+        for ((name, p), shard) in self.params.iter().zip(&self.shards) {
             let src = *by_name.get(name.as_str()).ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
-            if src.size() != p.size() {
-                return Err(ModelError::ShapeMismatch { name: name.clone(), expected: p.size(), found: src.size() });
-            }
+            let src = match (shard, &self.tp) {
+                (Some(s), Some(tp)) if src.size() != p.size() => {
+                    let mut full = p.size();
+                    full[s.dim] *= tp.size as i64;
+                    if src.size() != full {
+                        return Err(ModelError::ShapeMismatch { name: name.clone(), expected: full, found: src.size() });
+                    }
+                    s.slice(src, tp.rank, tp.size)
+                }
+                _ if src.size() != p.size() => return Err(ModelError::ShapeMismatch { name: name.clone(), expected: p.size(), found: src.size() }),
+                _ => src.shallow_clone(),
+            };
             pairs.push((p, src));
         }
         tch::no_grad(|| {
             for (p, src) in pairs {
-                p.shallow_clone().f_copy_(src)?;
+                p.shallow_clone().f_copy_(&src)?;
             }
             Ok(())
         })

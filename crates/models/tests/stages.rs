@@ -116,7 +116,7 @@ fn loss_and_grads(c: &ModelConfig, r: Recompute) -> (f64, Vec<(String, Tensor)>)
     let idx = Tensor::randint(37, [2, 16], (Kind::Int64, Device::Cpu));
     let tgt = Tensor::randint(37, [2, 16], (Kind::Int64, Device::Cpu));
     tch::manual_seed(12);
-    let loss = Model::loss(&m.forward(&idx, true), &tgt);
+    let loss = Model::cross_entropy(&m.forward(&idx, true), &tgt);
     // Draws between forward and backward must not change the recomputed dropout masks.
     let _ = Tensor::rand([64], (Kind::Float, Device::Cpu));
     loss.backward();

@@ -45,7 +45,7 @@ impl BenchState {
 
     /// One full training step (forward, backward, clip, AdamW, zero grads); not synchronised.
     pub fn step(&mut self) -> Tensor {
-        let loss = tch::autocast(self.bf16, || Model::loss(&self.model.forward(&self.x, true), &self.y));
+        let loss = tch::autocast(self.bf16, || self.model.loss(&self.model.forward(&self.x, true), &self.y));
         loss.backward();
         let _ = clip_grad_norm(&self.params, self.clip);
         self.opt.step(1e-4).expect("AdamW step");
@@ -192,7 +192,7 @@ struct DdpBenchState {
 
 impl DdpBenchState {
     fn step(&mut self) -> Result<Tensor, TrainError> {
-        let loss = tch::autocast(self.bf16, || Model::loss(&self.model.forward(&self.x, true), &self.y));
+        let loss = tch::autocast(self.bf16, || self.model.loss(&self.model.forward(&self.x, true), &self.y));
         self.ddp.begin_micro_step(true);
         loss.backward();
         let err = |e: fabbrica_ddp::DdpError| TrainError::Comm(e.to_string());

@@ -35,6 +35,14 @@ pub struct ParallelConfig {
     pub dp: usize,
     /// Pipeline stages: ranks each holding a contiguous part of the model's layers.
     pub pp: usize,
+    /// Tensor-parallel ranks: every layer split over them (Megatron-LM: attention by heads, the
+    /// MLP by its width, the embedding and output layer by vocabulary). Consecutive ranks, so
+    /// they share a node.
+    pub tp: usize,
+    /// With `tp > 1`: the norms, dropout and residual stream between the tensor-parallel regions
+    /// work on a 1/tp shard of the sequence (Korthikanti et al. 2022): all-gather and
+    /// reduce-scatter replace the all-reduces, activation memory there drops by tp.
+    pub sequence_parallel: bool,
     /// Pipeline schedule: `gpipe`, `1f1b` (Megatron's) or `interleaved` (Megatron's interleaved
     /// 1F1B, with `virtual_stages` model chunks per rank).
     pub schedule: String,
@@ -64,6 +72,8 @@ impl Default for ParallelConfig {
         ParallelConfig {
             dp: 0,
             pp: 1,
+            tp: 1,
+            sequence_parallel: false,
             schedule: "1f1b".into(),
             virtual_stages: 1,
             stage_layers: Vec::new(),
@@ -464,6 +474,20 @@ impl Config {
         }
         check_int("parallel.pp", p.pp as u64, 1, MAX_PP as u64, "parallel.pp=2 (1 = no pipeline)")?;
         check_int("parallel.virtual_stages", p.virtual_stages as u64, 1, MAX_PP as u64, "parallel.virtual_stages=2 (interleaved only)")?;
+        check_int("parallel.tp", p.tp as u64, 1, MAX_TP as u64, "parallel.tp=8 (1 = no tensor parallelism)")?;
+        if p.sequence_parallel && p.tp == 1 {
+            return invalid("parallel.sequence_parallel", &p.sequence_parallel, "splits the sequence over the tensor-parallel ranks: set parallel.tp > 1, or parallel.sequence_parallel=false");
+        }
+        if p.sequence_parallel && !self.model.block_size().is_multiple_of(p.tp) {
+            return Err(ConfigError::Invalid {
+                key: "model.block_size".into(),
+                value: self.model.block_size().to_string(),
+                why: format!(
+                    "parallel.sequence_parallel splits each sequence into parallel.tp = {} shards: use a multiple of {}, or parallel.sequence_parallel=false",
+                    p.tp, p.tp
+                ),
+            });
+        }
         self.pipeline_shape()?;
         if r.trace && p.pp == 1 {
             return invalid("run.trace", &r.trace, "the trace records a pipeline's schedule: set parallel.pp > 1, or run.trace=false");
@@ -606,6 +630,8 @@ pub const MAX_TOKENS_PER_RANK_STEP: u64 = 1 << 40;
 pub const MAX_RANKS: u64 = 1 << 20;
 /// Largest `parallel.pp` and `parallel.virtual_stages`.
 pub const MAX_PP: usize = 1024;
+/// Largest `parallel.tp` (a node of a gigafactory has at most a few dozen GPUs behind one switch).
+pub const MAX_TP: usize = 1024;
 /// Largest pipeline schedule (`pp × virtual_stages × grad_accum` stage-micro-batches).
 pub const MAX_PIPELINE_ACTIONS: u64 = 1 << 22;
 /// `train.eval_iters`.

@@ -60,6 +60,12 @@ pub struct Grads {
     tied_name: &'static str,
     /// Sums the squared norms over the pipeline (pp > 1).
     pp: Option<Arc<dyn Communicator>>,
+    /// Tensor parallelism: the group the squared norms are summed over, this rank's place in
+    /// it, and the parameters split over it (the others, whole on every rank, count on rank 0).
+    tp: Option<(Arc<dyn Communicator>, usize, std::collections::HashSet<String>)>,
+    /// Sequence parallelism: the gradients of the parameters held whole (norms, row-parallel
+    /// biases, positions) are partial sums over this rank's sequence shard, summed over `tp`.
+    sequence_parallel: bool,
 }
 
 impl Grads {
@@ -88,7 +94,12 @@ impl Grads {
             ddps.push(Ddp::apply(&params, grid.dp.clone(), opts).map_err(ddp_err)?);
         }
         let tied_name = parts.first().map_or("", |m| m.config().embedding_name());
-        Ok(Grads { ddps, tied, tied_name, pp: pipelined.then(|| grid.pp.clone()) })
+        let tp = (grid.dims.tp > 1).then(|| {
+            let split = parts.iter().flat_map(|m| m.parameters().iter().filter(|(n, _)| m.shard_of(n).is_some()).map(|(n, _)| n.clone())).collect();
+            (grid.tp.clone(), grid.coords.tp, split)
+        });
+        let sequence_parallel = parts.iter().any(|m| m.tensor_parallel().is_some_and(|p| p.sequence_parallel));
+        Ok(Grads { ddps, tied, tied_name, pp: pipelined.then(|| grid.pp.clone()), tp, sequence_parallel })
     }
 
     /// After the last backward: every reducer's remaining communication, then the tied copies'.
@@ -97,6 +108,30 @@ impl Grads {
         let mut waited = Duration::ZERO;
         for d in &self.ddps {
             waited += d.finish().map_err(ddp_err)?;
+        }
+        if let (true, Some((tp, _, split))) = (self.sequence_parallel, &self.tp) {
+            // One all-reduce of the whole-parameter gradients, flattened (Megatron's
+            // `allreduce_sequence_parallel_grads`). The ranks of a tensor-parallel group hold the
+            // same parameters in the same buckets, so under ZeRO-1 the same pieces.
+            let start = std::time::Instant::now();
+            let mut grads = Vec::new();
+            for d in &self.ddps {
+                grads.extend(d.grads_where(&|n| !split.contains(n)).map_err(ddp_err)?);
+            }
+            if !grads.is_empty() {
+                tch::no_grad(|| -> Result<(), TrainError> {
+                    let flat = Tensor::cat(&grads.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0);
+                    tp.all_reduce(&flat, ReduceOp::Sum).map_err(comm_err)?;
+                    let mut at = 0;
+                    for g in &grads {
+                        let n = g.numel() as i64;
+                        g.shallow_clone().copy_(&flat.narrow(0, at, n).view_as(g));
+                        at += n;
+                    }
+                    Ok(())
+                })?;
+            }
+            waited += start.elapsed();
         }
         if let Some(t) = &self.tied {
             let start = std::time::Instant::now();
@@ -116,12 +151,22 @@ impl Grads {
     pub fn clip(&self, max_norm: f64) -> Result<Tensor, TrainError> {
         let mut sq: Vec<Tensor> = Vec::with_capacity(self.ddps.len() + 1);
         for d in &self.ddps {
-            sq.push(d.grad_sq_sum().map_err(ddp_err)?);
+            sq.push(match &self.tp {
+                None => d.grad_sq_sum(),
+                Some((_, rank, split)) => d.grad_sq_sum_where(&|n| *rank == 0 || split.contains(n)),
+            }
+            .map_err(ddp_err)?);
         }
         if let Some(t) = self.tied.as_ref().filter(|t| t.in_norm) {
+            // Split by vocabulary under tensor parallelism: every rank's slice counts.
             sq.push(tch::no_grad(|| t.grad.to_kind(Kind::Float).square().sum(Kind::Float)));
         }
         let mut total_sq = Tensor::stack(&sq, 0).sum(Kind::Float);
+        if let Some((tp, _, _)) = &self.tp {
+            let t = total_sq.reshape([1]);
+            tp.all_reduce(&t, ReduceOp::Sum).map_err(comm_err)?;
+            total_sq = t.reshape([]);
+        }
         if let Some(pp) = &self.pp {
             let t = total_sq.reshape([1]);
             pp.all_reduce(&t, ReduceOp::Sum).map_err(comm_err)?;

@@ -20,6 +20,8 @@ pub struct Grid {
     pub dp: Arc<dyn Communicator>,
     /// This replica's pipeline, in stage order (its rank is the pipeline coordinate).
     pub pp: Arc<dyn Communicator>,
+    /// The ranks holding the other slices of the same layers (tensor parallelism), in tp order.
+    pub tp: Arc<dyn Communicator>,
     /// With pp > 1, on the ranks of the first and the last stage of every replica: the tied
     /// embedding's gradient is summed over it (Megatron's embedding group). `None` elsewhere.
     pub embedding: Option<Arc<dyn Communicator>>,
@@ -30,11 +32,10 @@ fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
 }
 
 /// The grid `cfg.parallel` describes over `nranks` ranks (validated: one line naming the key):
-/// the one place the degrees (tensor parallelism: 1 until it exists) and the rank order are read,
-/// for the trainer and `--dry-run` alike.
+/// the one place the degrees and the rank order are read, for the trainer and `--dry-run` alike.
 pub fn dims(cfg: &Config, nranks: usize) -> Result<ParallelDims, TrainError> {
     let order: RankOrder = cfg.parallel.order.parse().map_err(|e: fabbrica_topology::TopologyError| TrainError::Parallel(e.to_string()))?;
-    Ok(ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, 1, nranks).map_err(|e| TrainError::Parallel(e.to_string()))?.with_order(order))
+    Ok(ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, nranks).map_err(|e| TrainError::Parallel(e.to_string()))?.with_order(order))
 }
 
 impl Grid {
@@ -51,14 +52,21 @@ impl Grid {
         };
         let dp = split(dims.dp_groups(), "dp")?;
         let pp = split(dims.pp_groups(), "pp")?;
+        let tp = split(dims.tp_groups(), "tp")?;
         let embedding = if dims.pp > 1 {
-            let ends: Vec<usize> =
-                (0..dims.world_size).filter(|&r| dims.coords(r).map(|c| c.pp == 0 || c.pp + 1 == dims.pp).unwrap_or(false)).collect();
-            w.split_groups(&[ends], "embedding").map_err(comm_err)?
+            // Per tensor-parallel coordinate: the ends' slices of the tied embedding are the same rows.
+            let ends: Vec<Vec<usize>> = (0..dims.tp)
+                .map(|t| {
+                    (0..dims.world_size)
+                        .filter(|&r| dims.coords(r).map(|c| c.tp == t && (c.pp == 0 || c.pp + 1 == dims.pp)).unwrap_or(false))
+                        .collect()
+                })
+                .collect();
+            w.split_groups(&ends, "embedding").map_err(comm_err)?
         } else {
             None
         };
-        Ok(Grid { dims, coords, rank, world: w, dp, pp, embedding })
+        Ok(Grid { dims, coords, rank, world: w, dp, pp, tp, embedding })
     }
 
     pub fn is_first_stage(&self) -> bool {

@@ -20,6 +20,7 @@ pub mod pipelined;
 pub mod sample;
 pub(crate) mod saver;
 pub mod signals;
+pub mod tensor_parallel;
 pub mod trace;
 pub mod trainer;
 

@@ -325,7 +325,8 @@ pub fn torch_error(step: u64, e: tch::TchError) -> TrainError {
 }
 
 /// Runs `f` (a training step at `step`); a libtorch allocation failure inside it (a panic in
-/// tch) becomes [`TrainError::OutOfMemory`], any other panic continues unwinding. While `f` runs
+/// tch) becomes [`TrainError::OutOfMemory`], a failed tensor-parallel collective
+/// [`TrainError::Comm`], any other panic continues unwinding. While `f` runs
 /// the panic hook (installed by the binary, see [`panic_is_handled`]) does not print
 /// allocation failures.
 pub fn guard_alloc<T>(step: u64, f: impl FnOnce() -> T) -> Result<T, TrainError> {
@@ -334,10 +335,18 @@ pub fn guard_alloc<T>(step: u64, f: impl FnOnce() -> T) -> Result<T, TrainError>
     GUARDED.with(|g| g.set(before));
     match r {
         Ok(v) => Ok(v),
-        Err(payload) => match panic_text(&*payload).and_then(alloc_failure) {
-            Some((bytes, device)) => Err(TrainError::OutOfMemory { step, bytes, device }),
-            None => panic::resume_unwind(payload),
-        },
+        Err(payload) => {
+            let text = panic_text(&*payload);
+            if let Some((bytes, device)) = text.and_then(alloc_failure) {
+                return Err(TrainError::OutOfMemory { step, bytes, device });
+            }
+            // A tensor-parallel collective inside the model's forward (the operators panic: a
+            // forward returns tensors, not results).
+            match text.filter(|t| t.starts_with("tensor-parallel")) {
+                Some(t) => Err(TrainError::Comm(format!("step {step}: {}", t.lines().next().unwrap_or(t)))),
+                None => panic::resume_unwind(payload),
+            }
+        }
     }
 }
 

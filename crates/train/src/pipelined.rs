@@ -163,7 +163,7 @@ impl Runner for StageRunner<'_> {
         let model = self.model(stage);
         let out = tch::autocast(bf16, || model.forward_stage(&input, true));
         let out = if self.last_stage(stage) {
-            let mut loss = Model::loss(&out, &self.batch(micro).1);
+            let mut loss = model.loss(&out, &self.batch(micro).1);
             if self.inject_nan && micro == 0 {
                 loss *= f64::NAN;
             }
@@ -275,7 +275,7 @@ pub fn forward_backward(
         sends: Vec::new(),
         loss_sum: Tensor::zeros([], (Kind::Float, s.device)),
         inject_nan,
-        shape: [s.cfg.train.batch_size as i64, s.cfg.model.block_size() as i64, s.cfg.model.n_embd() as i64],
+        shape: hidden_shape(s),
         rank,
         next: 0,
         posted: std::collections::VecDeque::new(),
@@ -309,7 +309,7 @@ pub fn eval_sum(
 ) -> Result<f64, TrainError> {
     let pl = s.pipeline.as_ref().expect("a pipelined setup");
     let stages = pl.schedule.stages();
-    let (b, t, c) = (s.cfg.train.batch_size, s.cfg.model.block_size(), s.cfg.model.n_embd());
+    let (b, t) = (s.cfg.train.batch_size, s.cfg.model.block_size());
     let src = s.data.source(split);
     let comm_err = |e: fabbrica_comm::CommError| TrainError::Comm(e.to_string());
     tch::no_grad(|| {
@@ -325,7 +325,7 @@ pub fn eval_sum(
                     match carry.take() {
                         Some(h) => h,
                         None => {
-                            let h = Tensor::zeros([b as i64, t as i64, c as i64], (Kind::Float, s.device));
+                            let h = Tensor::zeros(hidden_shape(s), (Kind::Float, s.device));
                             pp.recv(&h, pl.schedule.rank_of_stage(stage - 1)).map_err(comm_err)?;
                             h
                         }
@@ -333,7 +333,7 @@ pub fn eval_sum(
                 };
                 let out = tch::autocast(s.bf16, || part.model.forward_stage(&input, false));
                 if stage + 1 == stages {
-                    let loss = tch::autocast(s.bf16, || Model::loss(&out, &to_tensor(y.clone(), b, t, s.device)));
+                    let loss = tch::autocast(s.bf16, || part.model.loss(&out, &to_tensor(y.clone(), b, t, s.device)));
                     sum += loss.double_value(&[]);
                 } else {
                     let h = out.to_kind(Kind::Float).contiguous();
@@ -343,4 +343,12 @@ pub fn eval_sum(
         }
         Ok(sum)
     })
+}
+
+/// The hidden states one stage sends the next, (B, T, C): with sequence parallelism this tensor-
+/// parallel rank's shard of the sequence, (B, T/tp, C).
+fn hidden_shape(s: &Setup) -> [i64; 3] {
+    let p = &s.cfg.parallel;
+    let t = if p.sequence_parallel { s.cfg.model.block_size() / p.tp } else { s.cfg.model.block_size() };
+    [s.cfg.train.batch_size as i64, t as i64, s.cfg.model.n_embd() as i64]
 }

@@ -189,7 +189,7 @@ pub(crate) fn save_checkpoint(
     log: &mut Option<MetricsLog>,
 ) -> Result<Vec<Completed>, TrainError> {
     let zero1 = s.cfg.parallel.zero == 1;
-    if s.pipeline.is_none() {
+    if s.pipeline.is_none() && grid.dims.tp == 1 {
         let snap = snapshot(s, grid, grads, opt, zero1)?;
         return saver.save(s, snap, step, val_loss);
     }
@@ -214,6 +214,30 @@ pub(crate) fn save_checkpoint(
         first.then(|| opt.state_where(|n| !(copy_here && n == tied)))
     };
     let diff = tied_check(s, grid, &model)?;
+    // Tensor parallelism: this rank's slices are stored by slice name, whole-on-every-rank
+    // tensors by the first tensor-parallel rank only; the index records how each split one joins.
+    let (tp, tpc) = (grid.dims.tp, grid.coords.tp);
+    let mut tp_slices = std::collections::BTreeMap::new();
+    let mut slice_names = |tensors: Vec<(String, Tensor)>| -> Vec<(String, Tensor)> {
+        if tp == 1 {
+            return tensors;
+        }
+        tensors
+            .into_iter()
+            .filter_map(|(key, t)| {
+                let param = checkpoint::param_of(&key);
+                match s.parts.iter().find_map(|p| p.model.shard_of(param)) {
+                    Some(sh) => {
+                        tp_slices.insert(param.to_string(), checkpoint::sharded::TpSlice { dim: sh.dim, parts: sh.parts, size: tp });
+                        Some((format!("{}{}", checkpoint::sharded::tp_slice_name(param, tpc), &key[param.len()..]), t))
+                    }
+                    None => (tpc == 0).then_some((key, t)),
+                }
+            })
+            .collect()
+    };
+    let model = slice_names(model);
+    let optim = optim.map(&mut slice_names);
     if let (Some(d), Some(log)) = (diff, log.as_mut()) {
         log.write(&Record { kind: "tied_embedding".into(), step, tied_fingerprint_diff: Some(d), ..empty_record() })?;
     }
@@ -235,13 +259,19 @@ pub(crate) fn save_checkpoint(
     let tmp = std::path::PathBuf::from(tmp);
     use checkpoint::sharded::{shard_name, write_shard, ShardInfo};
     let (pp, dp) = (grid.dims.pp, grid.dims.dp);
-    // Weights: one shard per stage. Optimizer: one per stage, or one per rank under ZeRO-1.
-    let optim_index = |c: fabbrica_topology::Coords| if zero1 { c.pp * dp + c.dp } else { c.pp };
-    let optim_files = if zero1 { pp * dp } else { pp };
+    // Weights: one shard per (stage, tensor-parallel rank). Optimizer: the same, or one per rank
+    // under ZeRO-1.
+    let model_index = |c: fabbrica_topology::Coords| c.pp * tp + c.tp;
+    let optim_index = |c: fabbrica_topology::Coords| if zero1 { model_index(c) * dp + c.dp } else { model_index(c) };
+    let optim_files = if zero1 { pp * tp * dp } else { pp * tp };
     let written = (first || optim.is_some()).then(|| -> Result<(Option<ShardInfo>, Option<ShardInfo>), TrainError> {
-        let m = if first { Some(write_shard(&tmp, &shard_name("model", grid.coords.pp, pp), &model, step)?) } else { None };
+        let with_slices = |mut info: ShardInfo| {
+            info.tp_slices = tp_slices.clone();
+            info
+        };
+        let m = if first { Some(with_slices(write_shard(&tmp, &shard_name("model", model_index(grid.coords), pp * tp), &model, step)?)) } else { None };
         let o = match &optim {
-            Some(o) => Some(write_shard(&tmp, &shard_name("optim", optim_index(grid.coords), optim_files), o, step)?),
+            Some(o) => Some(with_slices(write_shard(&tmp, &shard_name("optim", optim_index(grid.coords), optim_files), o, step)?)),
             None => None,
         };
         Ok((m, o))
@@ -258,7 +288,7 @@ pub(crate) fn save_checkpoint(
     }
     // Rank 0: its own shards, then every other writer's report (in rank order), then the commit.
     let writers: Vec<usize> = (1..grid.dims.world_size).filter(|&r| grid.dims.coords(r).map(|c| c.dp == 0 || zero1).unwrap_or(false)).collect();
-    let mut models = Vec::with_capacity(pp);
+    let mut models = Vec::with_capacity(pp * tp);
     let mut optims = Vec::with_capacity(optim_files);
     let mut failure: Option<TrainError> = None;
     let mut take = |pair: (Option<ShardInfo>, Option<ShardInfo>)| {
@@ -299,6 +329,9 @@ pub(crate) fn save_checkpoint(
 /// difference of the fingerprints (0 when equal).
 fn tied_check(s: &Setup, grid: &Grid, model: &[(String, Tensor)]) -> Result<Option<f64>, TrainError> {
     let tied = s.cfg.model.embedding_name();
+    if grid.dims.pp == 1 {
+        return Ok(None); // one copy (tensor parallelism without a pipeline)
+    }
     let last =
         grid.dims.rank_of(fabbrica_topology::Coords { dp: 0, pp: grid.dims.pp - 1, tp: 0 }).map_err(|e| TrainError::Parallel(e.to_string()))?;
     if grid.rank != 0 && grid.rank != last {
@@ -337,3 +370,4 @@ fn tied_check(s: &Setup, grid: &Grid, model: &[(String, Tensor)]) -> Result<Opti
             .fold(0.0, f64::max),
     ))
 }
+

@@ -13,7 +13,7 @@ use fabbrica_comm::{BackendChoice, Communicator, InitOptions, LaunchEnv, ReduceO
 use fabbrica_ddp::Ddp;
 
 use fabbrica_data::{Dataset, Sampler, Split, TokenizerSpec};
-use fabbrica_models::{flops_per_token, Model, StageSpec};
+use fabbrica_models::{flops_per_token, Model, StageSpec, TensorParallel};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint;
@@ -99,12 +99,12 @@ pub fn setup(cfg: &Config) -> Result<Setup, TrainError> {
 
 /// As [`setup`], on CUDA device `cuda_ordinal` when the run uses a GPU (each rank its local one).
 pub fn setup_on(cfg: &Config, cuda_ordinal: usize) -> Result<Setup, TrainError> {
-    setup_stage(cfg, cuda_ordinal, 0)
+    setup_stage(cfg, cuda_ordinal, 0, None)
 }
 
 /// As [`setup_on`], building only the stages of pipeline rank `pp_rank` (all of the model
-/// without pipeline parallelism).
-pub fn setup_stage(cfg: &Config, cuda_ordinal: usize, pp_rank: usize) -> Result<Setup, TrainError> {
+/// without pipeline parallelism), and with `tp` only this tensor-parallel rank's slices.
+pub fn setup_stage(cfg: &Config, cuda_ordinal: usize, pp_rank: usize, tp: Option<TensorParallel>) -> Result<Setup, TrainError> {
     let mut cfg = cfg.clone();
     cfg.validate()?;
     let device = resolve_device(&cfg.run.device, cuda_ordinal)?;
@@ -128,14 +128,16 @@ pub fn setup_stage(cfg: &Config, cuda_ordinal: usize, pp_rank: usize) -> Result<
             ),
         }));
     }
+    Model::check_tensor_parallel(&cfg.model, cfg.parallel.tp)?;
+    let build = |spec: &StageSpec| Model::build_tp(&cfg.model, device, spec, cfg.run.seed, tp.clone());
     let (parts, pipeline) = match cfg.pipeline_shape()? {
-        None => (vec![Part { stage: 0, model: Model::build(&cfg.model, device, &StageSpec::whole(cfg.model.n_layer()), cfg.run.seed)? }], None),
+        None => (vec![Part { stage: 0, model: build(&StageSpec::whole(cfg.model.n_layer()))? }], None),
         Some((schedule, layers)) => {
             let specs = StageSpec::split(&layers);
             let schedule = fabbrica_pipeline::lower(&schedule);
             let parts = (0..specs.len())
                 .filter(|&st| schedule.rank_of_stage(st) == pp_rank)
-                .map(|st| Ok(Part { stage: st, model: Model::build(&cfg.model, device, &specs[st], cfg.run.seed)? }))
+                .map(|st| Ok(Part { stage: st, model: build(&specs[st])? }))
                 .collect::<Result<Vec<_>, TrainError>>()?;
             (parts, Some(Pipeline { schedule, layers }))
         }
@@ -179,7 +181,7 @@ fn eval_sum(s: &Setup, sampler: &Sampler, split: Split, iters: u64, rank: usize,
         for k in (rank as u64..iters).step_by(ranks) {
             let (x, y) = sampler.batch(src, split, EVAL_STEP, k * b as u64, b, t);
             let (x, y) = (to_tensor(x, b, t, s.device), to_tensor(y, b, t, s.device));
-            let loss = tch::autocast(s.bf16, || Model::loss(&s.model().forward(&x, false), &y));
+            let loss = tch::autocast(s.bf16, || s.model().loss(&s.model().forward(&x, false), &y));
             sum += loss.double_value(&[]);
         }
         sum
@@ -227,7 +229,7 @@ pub fn accumulate_grads(
         tch::manual_seed(mix(mix(s.cfg.run.seed, step) as u64, micro));
         let (x, y) = sampler.batch(&s.data.train, Split::Train, step, micro * b as u64, b, t);
         let (x, y) = (to_tensor(x, b, t, s.device), to_tensor(y, b, t, s.device));
-        let mut loss = tch::autocast(s.bf16, || Model::loss(&s.model().forward(&x, true), &y));
+        let mut loss = tch::autocast(s.bf16, || s.model().loss(&s.model().forward(&x, true), &y));
         if inject_nan && m == 0 {
             loss *= f64::NAN;
         }
@@ -275,8 +277,17 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let ordinal = fabbrica_comm::cuda_device_for(local, tch::Cuda::device_count() as usize).unwrap_or(local);
     // Everything that can fail on bad input, on every rank, before the first collective that
     // would wait for a failed rank: data, model, device, output directory, checkpoint.
+    // Tensor parallelism: the model holds the region operators; their group is bound below, once
+    // every rank's setup has succeeded.
+    let region = Arc::new(crate::tensor_parallel::TpRegion::default());
+    let plan = (dims.tp > 1).then(|| TensorParallel {
+        rank: coords.tp,
+        size: dims.tp,
+        sequence_parallel: cfg.parallel.sequence_parallel,
+        ops: region.clone(),
+    });
     let preflight = (|| -> Result<(Setup, Option<checkpoint::Resume>), TrainError> {
-        let s = setup_stage(cfg, ordinal, coords.pp)?;
+        let s = setup_stage(cfg, ordinal, coords.pp, plan.clone())?;
         crate::memory::check_fits(&s, world.launch().local_world_size, dp)?;
         let out = &s.cfg.run.out_dir;
         if rank0 {
@@ -354,6 +365,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         _ => String::new(),
     };
     let grid = Grid::new(world, dims)?;
+    region.bind(grid.tp.clone());
 
     let ddp_opts = crate::grads::ddp_options(cfg, world.debug());
     let models: Vec<&Model> = s.parts.iter().map(|p| &p.model).collect();
@@ -380,6 +392,10 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
             }
         }
         let bad = |e: String| TrainError::Checkpoint(format!("{}: {e}: the checkpoint was written by a different model", dir.display()));
+        // Whole tensors (any layout writes them so, or slices that loading joined): a
+        // tensor-parallel rank's optimizer state is its slice of them.
+        let optim = tp_local(ck.optim, &s.parts);
+        let ck = checkpoint::Loaded { optim, ..ck };
         if zero1 {
             for d in &grads.ddps {
                 d.scatter_state(&ck.optim).map_err(bad)?;
@@ -625,9 +641,9 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     }
     let sample = if rank0 && cfg.run.sample_tokens > 0 {
         match &s.pipeline {
-            None => Some(sample_text(s.model(), &s.data.tokenizer, "", cfg.run.sample_tokens, 0.8, Some(200), cfg.run.seed)),
-            // Rank 0 holds only its stages: it samples from the whole model in the checkpoint.
-            Some(_) => Some(crate::sample::sample_from_checkpoint(&crate::sample::SampleArgs {
+            None if dims.tp == 1 => Some(sample_text(s.model(), &s.data.tokenizer, "", cfg.run.sample_tokens, 0.8, Some(200), cfg.run.seed)),
+            // Rank 0 holds only its stages or slices: it samples from the whole model in the checkpoint.
+            _ => Some(crate::sample::sample_from_checkpoint(&crate::sample::SampleArgs {
                 checkpoint: &checkpoint,
                 prompt: "",
                 tokens: cfg.run.sample_tokens,
@@ -653,6 +669,8 @@ fn evaluate_grid(s: &Setup, sampler: &Sampler, grid: &Grid, split: Split, iters:
         return evaluate_dp(s, sampler, split, iters, &*grid.dp);
     }
     let local = crate::pipelined::eval_sum(s, sampler, &*grid.pp, split, iters, EVAL_STEP, grid.coords.dp, grid.dims.dp)?;
+    // The tensor-parallel ranks of a last stage hold the same loss: one of them counts it.
+    let local = if grid.coords.tp == 0 { local } else { 0.0 };
     // Only the last stages hold losses; every rank learns their sum.
     let t = Tensor::from_slice(&[local as f32]);
     grid.world.all_reduce(&t, ReduceOp::Sum).map_err(comm_err)?;
@@ -854,4 +872,20 @@ fn settled(done: Completed, last: bool, cfg: &Config, progress: &Progress, log: 
         }
         Err(e) => Err(e),
     }
+}
+
+/// The tensor-parallel slice of each whole optimizer tensor this rank's parts split (others pass
+/// through): what a rank of any tensor-parallel degree loads from a checkpoint of any other.
+fn tp_local(tensors: Vec<(String, Tensor)>, parts: &[Part]) -> Vec<(String, Tensor)> {
+    tensors
+        .into_iter()
+        .map(|(key, t)| {
+            let param = checkpoint::param_of(&key);
+            let found = parts.iter().find_map(|p| Some((p.model.shard_of(param)?, p.model.tensor_parallel()?.clone())));
+            match found {
+                Some((sh, tp)) if t.dim() > sh.dim && sh.divides(&t.size(), tp.size) => (key, sh.slice(&t, tp.rank, tp.size).contiguous()),
+                _ => (key, t),
+            }
+        })
+        .collect()
 }

@@ -45,7 +45,7 @@ fn check_against_reference(dir: &Path) -> ModelConfig {
     // fp32 throughout; the two implementations order some sums differently.
     let dl = rel_diff(&logits, &get(&r, "logits"));
     assert!(dl < 1e-5, "{}: logits differ by {dl:e} (relative)", cfg.arch());
-    let loss = Model::loss(&logits, &get(&r, "targets"));
+    let loss = Model::cross_entropy(&logits, &get(&r, "targets"));
     let want = get(&r, "loss").double_value(&[0]);
     assert!((loss.double_value(&[]) - want).abs() < 1e-5 * want.abs(), "loss {} vs {want}", loss.double_value(&[]));
     loss.backward();

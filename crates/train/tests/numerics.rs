@@ -56,7 +56,7 @@ fn check(bias: bool, fused: bool) {
     let (x, y) = (&r["x"], &r["y"]);
     let logits = model.forward(x, true);
     assert!(max_diff(&logits, &r["logits"]) < 2e-5, "logits differ by {}", max_diff(&logits, &r["logits"]));
-    let loss = Model::loss(&logits, y);
+    let loss = Model::cross_entropy(&logits, y);
     assert!(max_diff(&loss, &r["loss"]) < 2e-5, "loss {} vs {}", loss.double_value(&[]), r["loss"].double_value(&[]));
     loss.backward();
     for (n, p) in model.parameters() {
@@ -76,7 +76,7 @@ fn check(bias: bool, fused: bool) {
             for (_, p) in &params {
                 p.shallow_clone().zero_grad();
             }
-            let l = Model::loss(&model.forward(x, true), y);
+            let l = Model::cross_entropy(&model.forward(x, true), y);
             let want = losses.double_value(&[i]);
             assert!((l.double_value(&[]) - want).abs() < 5e-5, "step {i}: loss {} vs PyTorch {want}", l.double_value(&[]));
             l.backward();

@@ -62,16 +62,50 @@ pub fn max_weight_diff(a: &std::path::Path, b: &std::path::Path) -> (String, f64
     assert_eq!(wa.iter().map(|t| &t.0).collect::<Vec<_>>(), wb.iter().map(|t| &t.0).collect::<Vec<_>>(), "different tensor sets");
     let mut worst = (String::new(), 0.0f64);
     for ((n, x), (_, y)) in wa.iter().zip(wb.iter()) {
-        let (x, y) = if n.ends_with("attn.c_attn.bias") {
-            let c = x.size()[0] / 3;
-            (tch::Tensor::cat(&[x.narrow(0, 0, c), x.narrow(0, 2 * c, c)], 0), tch::Tensor::cat(&[y.narrow(0, 0, c), y.narrow(0, 2 * c, c)], 0))
-        } else {
-            (x.shallow_clone(), y.shallow_clone())
-        };
+        let (x, y) = (without_key_bias(n, x), without_key_bias(n, y));
         let d = (&x - &y).abs().max().double_value(&[]) / x.abs().max().double_value(&[]).max(1e-12);
         if d > worst.1 {
             worst = (n.clone(), d);
         }
     }
     worst
+}
+
+/// The final checkpoints of two runs, compared tensor by tensor by the relative error of the
+/// whole tensor, ‖a − b‖ / ‖b‖: the name and value of the worst. Layouts that change the order
+/// of floating-point sums (tensor parallelism splits every matmul's reduction) move a gradient
+/// element that is nearly zero by rounding, and Adam turns that into a step of up to lr in one
+/// element; this measure weighs such an element by its share of the tensor instead of letting
+/// it stand for the tensor (which [`max_weight_diff`] does). Panics if the two hold different
+/// tensors.
+pub fn max_weight_norm_diff(a: &std::path::Path, b: &std::path::Path) -> (String, f64) {
+    use fabbrica_train::checkpoint;
+    let load = |out: &std::path::Path| {
+        let dir = checkpoint::latest(out).unwrap().expect("a checkpoint");
+        let mut m = checkpoint::load(&dir).unwrap().model;
+        m.sort_by(|a, b| a.0.cmp(&b.0));
+        m
+    };
+    let (wa, wb) = (load(a), load(b));
+    assert_eq!(wa.iter().map(|t| &t.0).collect::<Vec<_>>(), wb.iter().map(|t| &t.0).collect::<Vec<_>>(), "different tensor sets");
+    let mut worst = (String::new(), 0.0f64);
+    for ((n, x), (_, y)) in wa.iter().zip(wb.iter()) {
+        let (x, y) = (without_key_bias(n, x), without_key_bias(n, y));
+        let d = (&x - &y).norm().double_value(&[]) / y.norm().double_value(&[]).max(1e-12);
+        if d > worst.1 {
+            worst = (n.clone(), d);
+        }
+    }
+    worst
+}
+
+/// A tensor as the weight comparisons see it: GPT's `c_attn.bias` without its key third, whose
+/// true gradient is exactly zero (softmax ignores a constant added to a row's scores).
+fn without_key_bias(name: &str, t: &tch::Tensor) -> tch::Tensor {
+    if name.ends_with("attn.c_attn.bias") {
+        let c = t.size()[0] / 3;
+        tch::Tensor::cat(&[t.narrow(0, 0, c), t.narrow(0, 2 * c, c)], 0)
+    } else {
+        t.shallow_clone()
+    }
 }

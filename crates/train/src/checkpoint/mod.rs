@@ -218,9 +218,10 @@ pub fn load(dir: &Path) -> Result<Loaded, TrainError> {
         Tensor::read_safetensors(&path).map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {}", path.display(), one_line(&e.to_string()))))
     };
     let (model, optim) = if state.sha256.contains_key(sharded::MODEL_INDEX) {
-        let model = sharded::read_indexed(dir, &state, sharded::MODEL_INDEX)?;
-        let optim = sharded::assemble_slices(sharded::read_indexed(dir, &state, sharded::OPTIM_INDEX)?, &model, dir)?;
-        (model, optim)
+        let (model, slices) = sharded::read_indexed(dir, &state, sharded::MODEL_INDEX)?;
+        let optim = sharded::assemble_slices(sharded::read_indexed(dir, &state, sharded::OPTIM_INDEX)?.0, &model, dir)?;
+        // Tensor-parallel slices (pieces of one ZeRO-1 shard first, then slices) become whole tensors.
+        (sharded::join_tp_slices(model, &slices, dir)?, sharded::join_tp_slices(optim, &slices, dir)?)
     } else {
         (read(MODEL_FILE)?, read(OPTIM_FILE)?)
     };
@@ -362,3 +363,17 @@ pub(crate) fn prune(root: &Path, keep: usize, run_id: &str, current: u64) -> Res
 
 #[cfg(test)]
 mod tests;
+
+/// The parameter a stored tensor belongs to: `name` of `name`, `name.exp_avg` and
+/// `name[a..b].exp_avg` (a ZeRO-1 piece), where `name` is a parameter's (dotted) name.
+pub fn param_of(key: &str) -> &str {
+    for suffix in [".exp_avg_sq", ".exp_avg", ".step"] {
+        if let Some(base) = key.strip_suffix(suffix) {
+            return match base.strip_suffix(']').and_then(|b| b.rsplit_once('[')) {
+                Some((param, _)) => param,
+                None => base,
+            };
+        }
+    }
+    key
+}

@@ -37,13 +37,34 @@ pub struct ShardInfo {
     pub sha256: String,
     pub bytes: u64,
     pub names: Vec<String>,
+    /// Tensor-parallel slices in this shard: whole-model name → how it is split.
+    #[serde(default)]
+    pub tp_slices: BTreeMap<String, TpSlice>,
 }
 
-/// Hugging Face's index: which file holds each tensor.
+/// How a parameter was split over `size` tensor-parallel ranks (`fabbrica_models::Shard`): rank
+/// r's slice is stored as `{name}#tp{r}` (its optimizer state as `{name}#tp{r}.exp_avg`, …), and
+/// the index records the split, so any tensor-parallel degree reassembles and re-slices it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TpSlice {
+    pub dim: usize,
+    pub parts: usize,
+    pub size: usize,
+}
+
+/// `{name}#tp{rank}`: the stored name of a tensor-parallel rank's slice of `name`.
+pub fn tp_slice_name(name: &str, rank: usize) -> String {
+    format!("{name}#tp{rank}")
+}
+
+/// Hugging Face's index: which file holds each tensor (and, beyond Hugging Face's format, how
+/// tensor-parallel slices reassemble).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Index {
     metadata: IndexMeta,
     weight_map: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    tp_slices: BTreeMap<String, TpSlice>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,7 +117,13 @@ pub fn write_shard(tmp: &Path, file: &str, tensors: &[(String, Tensor)], step: u
     Tensor::write_safetensors(&cpu, &path).map_err(|e| io(one_line(&e.to_string())))?;
     files::fsync_path(&path)?;
     let bytes = fs::metadata(&path).map_err(|e| io(e.to_string()))?.len();
-    Ok(ShardInfo { file: file.to_string(), sha256: files::sha256_file(&path)?, bytes, names: tensors.iter().map(|(n, _)| n.clone()).collect() })
+    Ok(ShardInfo {
+        file: file.to_string(),
+        sha256: files::sha256_file(&path)?,
+        bytes,
+        names: tensors.iter().map(|(n, _)| n.clone()).collect(),
+        tp_slices: BTreeMap::new(),
+    })
 }
 
 /// Rank 0, once every shard is in `tmp`: writes the two indexes and state.json (every file's
@@ -118,7 +145,13 @@ pub fn commit(
     let written = (|| -> Result<(), String> {
         for (index, shards) in [(MODEL_INDEX, model), (OPTIM_INDEX, optim)] {
             let mut weight_map = BTreeMap::new();
+            let mut tp_slices = BTreeMap::new();
             for s in shards {
+                for (n, t) in &s.tp_slices {
+                    if tp_slices.insert(n.clone(), *t).is_some_and(|before| before != *t) {
+                        return Err(format!("tensor {n} is split two ways"));
+                    }
+                }
                 state.sha256.insert(s.file.clone(), s.sha256.clone());
                 for n in &s.names {
                     if weight_map.insert(n.clone(), s.file.clone()).is_some() {
@@ -127,7 +160,7 @@ pub fn commit(
                 }
             }
             let total_size = shards.iter().map(|s| s.bytes).sum();
-            let json = serde_json::to_vec_pretty(&Index { metadata: IndexMeta { total_size }, weight_map }).expect("index serializes");
+            let json = serde_json::to_vec_pretty(&Index { metadata: IndexMeta { total_size }, weight_map, tp_slices }).expect("index serializes");
             let path = tmp.join(index);
             fs::write(&path, &json).map_err(|e| e.to_string())?;
             files::fsync_path(&path).map_err(|e| e.to_string())?;
@@ -151,7 +184,7 @@ pub fn commit(
 /// Reads the tensors an index lists, each file verified against state.json's checksum. File
 /// names come from the index: only plain names of files in this directory that state.json
 /// lists are read (a name with a path, `..` or unknown to state.json is refused).
-pub fn read_indexed(dir: &Path, state: &CheckpointState, index: &str) -> Result<Vec<(String, Tensor)>, TrainError> {
+pub fn read_indexed(dir: &Path, state: &CheckpointState, index: &str) -> Result<(Vec<(String, Tensor)>, BTreeMap<String, TpSlice>), TrainError> {
     let corrupt =
         |why: String| TrainError::Checkpoint(format!("{}: {why}: resume from an earlier checkpoint (run.resume_from)", dir.join(index).display()));
     let path = dir.join(index);
@@ -195,6 +228,52 @@ pub fn read_indexed(dir: &Path, state: &CheckpointState, index: &str) -> Result<
             }
         }
         out.extend(tensors);
+    }
+    Ok((out, idx.tp_slices))
+}
+
+/// `name#tp3.exp_avg` → (`name`, 3, `.exp_avg`); `name#tp0` → (`name`, 0, ``).
+fn tp_slice_of(key: &str) -> Option<(&str, usize, &str)> {
+    let (param, rest) = key.rsplit_once("#tp")?;
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let (rank, suffix) = rest.split_at(digits);
+    if digits == 0 || !(suffix.is_empty() || suffix.starts_with('.')) {
+        return None;
+    }
+    Some((param, rank.parse().ok()?, suffix))
+}
+
+/// Whole tensors from tensor-parallel slices (`{name}#tp{r}{suffix}`, split as `slices[name]`
+/// says); other tensors pass through. Every slice of a tensor must be there, once, with the
+/// same shape.
+pub fn join_tp_slices(tensors: Vec<(String, Tensor)>, slices: &BTreeMap<String, TpSlice>, dir: &Path) -> Result<Vec<(String, Tensor)>, TrainError> {
+    let corrupt = |why: String| TrainError::Checkpoint(format!("{}: {why}: resume from an earlier checkpoint (run.resume_from)", dir.display()));
+    let mut out = Vec::new();
+    let mut groups: BTreeMap<(String, String), BTreeMap<usize, Tensor>> = BTreeMap::new();
+    for (name, t) in tensors {
+        match tp_slice_of(&name) {
+            Some((param, rank, suffix)) if suffix != ".step" => {
+                if groups.entry((param.to_string(), suffix.to_string())).or_default().insert(rank, t).is_some() {
+                    return Err(corrupt(format!("slice {rank} of {param}{suffix} is stored twice")));
+                }
+            }
+            // The optimizer's step count of a slice: the same on every slice.
+            Some((param, 0, suffix)) => out.push((format!("{param}{suffix}"), t)),
+            Some(_) => {}
+            None => out.push((name, t)),
+        }
+    }
+    for ((param, suffix), parts) in groups {
+        let how = slices.get(&param).ok_or_else(|| corrupt(format!("{param} is stored in slices, but the index does not say how it was split")))?;
+        if parts.len() != how.size || parts.keys().copied().ne(0..how.size) {
+            return Err(corrupt(format!("{param}{suffix} has slices {:?} of {}", parts.keys().collect::<Vec<_>>(), how.size)));
+        }
+        let ordered: Vec<Tensor> = parts.into_values().collect();
+        let shard = fabbrica_models::Shard { dim: how.dim, parts: how.parts };
+        if ordered.iter().any(|t| t.size() != ordered[0].size()) || ordered[0].dim() <= how.dim {
+            return Err(corrupt(format!("the slices of {param}{suffix} differ in shape")));
+        }
+        out.push((format!("{param}{suffix}"), shard.join(&ordered)));
     }
     Ok(out)
 }
