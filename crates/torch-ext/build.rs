@@ -9,7 +9,12 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/hooks.cpp");
     println!("cargo:rerun-if-changed=csrc/recompute.cpp");
     println!("cargo:rerun-if-changed=csrc/function.cpp");
-    torch_cxx::cxx_build().file("csrc/shim.cpp").file("csrc/hooks.cpp").file("csrc/recompute.cpp").file("csrc/function.cpp").compile("fabbrica_torch_ext");
+    torch_cxx::cxx_build()
+        .file("csrc/shim.cpp")
+        .file("csrc/hooks.cpp")
+        .file("csrc/recompute.cpp")
+        .file("csrc/function.cpp")
+        .compile("fabbrica_torch_ext");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
 }

@@ -144,6 +144,7 @@ fn dry_run(cfg: &Config) -> Result<()> {
     let launch = fabbrica_comm::launch::detect().map_err(|e| Failure { user: true, message: e.to_string() })?;
     // The trainer's own grid (degrees, rank order), for the world the launcher describes.
     let dims = fabbrica_train::grid::dims(cfg, launch.world_size).map_err(|e| once(Failure::from(e)))?;
+    fabbrica_train::grid::check_tp_fits_node(dims.tp, launch.local_world_size, launch.world_size).map_err(|e| once(Failure::from(e)))?;
     if launch.rank != 0 {
         return Ok(());
     }
@@ -153,6 +154,9 @@ fn dry_run(cfg: &Config) -> Result<()> {
     if auto_vocab {
         m.set_vocab_size(256); // placeholder: the real size comes from the data's tokenizer
     }
+    if !auto_vocab {
+        fabbrica_models::Model::check_tensor_parallel(&m, cfg.parallel.tp).map_err(|e| once(Failure { user: true, message: e.to_string() }))?;
+    }
     let t = &cfg.train;
     let n = fabbrica_models::flops::total_params(&m);
     let fpt = flops_per_token(&m, m.block_size());
@@ -160,7 +164,19 @@ fn dry_run(cfg: &Config) -> Result<()> {
     let device = fabbrica_train::device::planned_device(&cfg.run.device);
     let bf16 = fabbrica_train::device::resolve_bf16(&t.dtype, device).map_err(|e| once(Failure { user: true, message: e.to_string() }))?;
     let materialised = device == tch::Device::Cpu && m.dropout() > 0.0;
-    let mut mem = fabbrica_models::flops::memory_estimate_with(&m, t.batch_size, m.block_size(), bf16, materialised, cfg.recompute());
+    let p = &cfg.parallel;
+    let mut mem = fabbrica_models::flops::stage_memory_estimate_tp(
+        &m,
+        &[fabbrica_models::StageSpec::whole(m.n_layer())],
+        t.batch_size,
+        m.block_size(),
+        bf16,
+        materialised,
+        cfg.recompute(),
+        1,
+        p.tp,
+        p.sequence_parallel,
+    );
     if cfg.parallel.zero == 1 {
         mem.optimizer = mem.optimizer.div_ceil(dims.dp as u64); // ZeRO-1: each rank keeps its shard of the moments
     }
@@ -189,10 +205,15 @@ fn dry_run(cfg: &Config) -> Result<()> {
     }
     println!("parameters:        {n} ({:.1}M)", n as f64 / 1e6);
     println!("flops per token:   {fpt:.4e} (6N + 12·L·H·Q·T, T = {})", m.block_size());
+    let tensor = match (dims.tp, p.sequence_parallel) {
+        (1, _) => String::new(),
+        (tp, false) => format!("tensor parallel {tp} × "),
+        (tp, true) => format!("tensor parallel {tp} (sequence parallel) × "),
+    };
     let layout = if dims.pp > 1 {
-        format!("pipeline {} × data parallel {} ({})", dims.pp, dims.dp, dims.order)
+        format!("{tensor}pipeline {} × data parallel {} ({})", dims.pp, dims.dp, dims.order)
     } else {
-        format!("data parallel {}", dims.dp)
+        format!("{tensor}data parallel {}", dims.dp)
     };
     println!("ranks:             {} ({}), {layout}{}", launch.world_size, launch.launcher, if cfg.parallel.zero == 1 { ", ZeRO-1" } else { "" });
     println!(

@@ -147,11 +147,46 @@ fn a_tensor_parallel_checkpoint_resumes_at_other_degrees() {
         assert_eq!(first.len(), 4, "{name}: the first half stops at step 4");
         let index = std::fs::read_to_string(out.join("checkpoints/step_00000004/model.safetensors.index.json")).unwrap();
         assert!(index.contains("\"model.layers.0.self_attn.q_proj.weight#tp1\"") && index.contains("\"tp_slices\""), "{index}");
+        if np == 0 {
+            // The Hugging Face export of a tensor-parallel checkpoint holds whole tensors.
+            let hf = dir.path().join("hf");
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_fabbrica"))
+                .args(["export", "--checkpoint", out.to_str().unwrap(), "--out", hf.to_str().unwrap()])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", describe(&o));
+            let tensors = tch::Tensor::read_safetensors(hf.join("model.safetensors")).unwrap();
+            assert!(tensors.iter().all(|(n, _)| !n.contains("#tp")), "{:?}", tensors.iter().map(|t| &t.0).collect::<Vec<_>>());
+            let q = &tensors.iter().find(|(n, _)| n == "model.layers.0.self_attn.q_proj.weight").unwrap().1;
+            assert_eq!(q.size(), vec![64, 64]);
+            let e = &tensors.iter().find(|(n, _)| n == "model.embed_tokens.weight").unwrap().1;
+            assert_eq!(e.size(), vec![104, 64]);
+        }
         let second = run("llama", np, &out, &["train.grad_accum=2", tp, "run.resume=true"]);
         let tail: HashMap<u64, (f64, f64)> = want.iter().filter(|(s, _)| **s > 4).map(|(s, v)| (*s, *v)).collect();
         same(name, &second.into_iter().filter(|(s, _)| *s > 4).collect(), &tail, 1e-5);
         let (tensor, d) = common::max_weight_norm_diff(&out, &ref_out);
         assert!(d <= 1e-5, "{name}: final weights differ by {d:.2e} relative ({tensor})");
+    }
+}
+
+/// With dropout, each rank draws its own masks inside the tensor-parallel regions (and on its
+/// sequence shard) and the same masks where activations are replicated: `comm.debug` checks at
+/// every checkpoint that the parameters every rank holds whole are still identical on all of
+/// them (they drift apart at once otherwise), and the loss falls.
+#[test]
+fn dropout_keeps_replicated_parameters_identical_across_tensor_parallel_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, sets) in [
+        ("tp2", &["parallel.tp=2"][..]),
+        ("tp2-sp", &["parallel.tp=2", "parallel.sequence_parallel=true"][..]),
+        ("tp2-sp-recompute", &["parallel.tp=2", "parallel.sequence_parallel=true", "train.recompute=full"][..]),
+    ] {
+        let out = dir.path().join(name);
+        let mut all = vec!["train.grad_accum=2", "model.dropout=0.1", "comm.debug=true", "run.checkpoint_interval=2", "train.lr=3e-3"];
+        all.extend_from_slice(sets);
+        let losses = run("gpt", 2, &out, &all);
+        assert!(losses[&STEPS].0 < losses[&1].0 - 0.2, "{name}: loss {} → {}", losses[&1].0, losses[&STEPS].0);
     }
 }
 

@@ -146,6 +146,23 @@ impl ModelConfig {
         }
     }
 
+    /// Parameters of one block that tensor parallelism does not split (every tensor-parallel
+    /// rank holds them whole): the norms, and GPT's row-parallel biases (added once, after the
+    /// reduction).
+    pub fn block_replicated_params(&self) -> u64 {
+        let c = self.n_embd() as u64;
+        match self {
+            ModelConfig::Gpt(g) => {
+                if g.bias {
+                    6 * c
+                } else {
+                    2 * c
+                }
+            }
+            ModelConfig::Llama(_) => 2 * c,
+        }
+    }
+
     /// The token embedding's parameter name (the tied output projection's too).
     pub fn embedding_name(&self) -> &'static str {
         match self {

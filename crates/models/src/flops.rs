@@ -92,6 +92,7 @@ pub fn memory_estimate_with(
 }
 
 /// Activation bytes of one micro-batch by part of the model (see [`memory_estimate_with`]).
+#[derive(Debug, Clone, Copy)]
 struct ActivationParts {
     /// What each block keeps until its backward.
     per_layer: u64,
@@ -118,6 +119,33 @@ fn block_values_per_token(cfg: &ModelConfig) -> f64 {
             let c = cfg.n_embd() as f64;
             let r = (cfg.n_kv_head() * cfg.head_size()) as f64 / c;
             12.0 + 4.0 * r + 4.0 * cfg.ffn_hidden() as f64 / c
+        }
+    }
+}
+
+impl ActivationParts {
+    /// One tensor-parallel rank's share (see [`stage_memory_estimate_tp`]).
+    fn split(self, cfg: &ModelConfig, batch: usize, seq_len: usize, tp: usize, sp: bool, recompute: Recompute) -> ActivationParts {
+        if tp <= 1 {
+            return self;
+        }
+        let t = tp as u64;
+        // Of a block's 34 bytes per token and channel, 24 are inside the regions; the other 10
+        // (norms, dropout masks, the residual) are whole on every rank without sequence parallelism.
+        let block = |x: u64| if sp { x / t } else { (x as f64 * (10.0 + 24.0 / t as f64) / 34.0) as u64 };
+        let stream = |x: u64| if sp { x / t } else { x };
+        let sbh = (batch * seq_len * cfg.n_embd()) as u64;
+        let per_layer = match recompute {
+            // Only the block input is kept: the residual stream.
+            Recompute::Full => stream(4 * sbh),
+            _ => block(self.per_layer),
+        };
+        ActivationParts {
+            per_layer,
+            recompute_peak: block(self.recompute_peak),
+            embed: stream(self.embed),
+            head: stream(self.head),
+            logits: self.logits / t,
         }
     }
 }
@@ -182,10 +210,41 @@ pub fn stage_memory_estimate(
     recompute: Recompute,
     in_flight: usize,
 ) -> MemoryEstimate {
-    let n: u64 = specs.iter().map(|s| crate::stages::stage_params(cfg, s)).sum();
-    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention, recompute);
-    let (b, t, v) = (batch as u64, seq_len as u64, cfg.vocab_size() as u64);
+    stage_memory_estimate_tp(cfg, specs, batch, seq_len, half_precision_activations, materialised_attention, recompute, in_flight, 1, false)
+}
+
+/// As [`stage_memory_estimate`], for one rank of `tp` tensor-parallel ranks (with
+/// `sequence_parallel` or not): weights, gradients and optimizer state of the rank's slices
+/// ([`crate::stage_params_tp`]); the activations inside the tensor-parallel regions divided by
+/// tp, those outside (norm inputs and outputs, dropout masks, the residual stream: 10 of the 34
+/// bytes per token and channel of Korthikanti et al. 2022, Table 2) whole unless the sequence
+/// is split too (the T×T attention scores, where kept, are counted with the block); the
+/// vocabulary-parallel logits divided by tp.
+#[allow(clippy::too_many_arguments)]
+pub fn stage_memory_estimate_tp(
+    cfg: &ModelConfig,
+    specs: &[StageSpec],
+    batch: usize,
+    seq_len: usize,
+    half_precision_activations: bool,
+    materialised_attention: bool,
+    recompute: Recompute,
+    in_flight: usize,
+    tp: usize,
+    sequence_parallel: bool,
+) -> MemoryEstimate {
+    let n: u64 = specs.iter().map(|s| crate::stages::stage_params_tp(cfg, s, tp)).sum();
+    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention, recompute).split(
+        cfg,
+        batch,
+        seq_len,
+        tp,
+        sequence_parallel,
+        recompute,
+    );
+    let (b, t, v) = (batch as u64, seq_len as u64, (cfg.vocab_size() / tp.max(1)) as u64);
     // The most expensive chunk bounds what one micro-batch in flight holds.
+    // The fp32 log-softmax the loss keeps (this rank's vocabulary slice).
     let per_micro = specs
         .iter()
         .map(|s| s.blocks.len() as u64 * a.per_layer + if s.embed { a.embed } else { 0 } + if s.head { a.head + 4 * b * t * v } else { 0 })
@@ -231,6 +290,28 @@ mod tests {
             let w = if half { 2 * (one.params / 4) } else { 0 };
             assert_eq!(four.activations - w, 4 * (one.activations - w));
         }
+    }
+
+    #[test]
+    fn tensor_and_sequence_parallelism_divide_what_they_split() {
+        let g = gpt(GptConfig::preset("gpt2-124m").unwrap());
+        let whole = [StageSpec::whole(12)];
+        let est = |tp, sp| stage_memory_estimate_tp(&g, &whole, 4, 1024, true, false, Recompute::None, 1, tp, sp);
+        let (one, tp4, sp4) = (est(1, false), est(4, false), est(4, true));
+        assert_eq!(one, stage_memory_estimate(&g, &whole, 4, 1024, true, false, Recompute::None, 1));
+        // Weights: about a quarter (norms, row-parallel biases and positions stay whole).
+        let n = total_params(&g);
+        assert_eq!(tp4.params / 4, crate::stages::stage_params_tp(&g, &whole[0], 4));
+        assert!(tp4.params > one.params / 4 && (tp4.params as f64) < one.params as f64 / 4.0 * 1.03, "{} of {}", tp4.params, 4 * n);
+        // Activations: sequence parallelism divides the rest of them too (Korthikanti et al.:
+        // 10 + 24/t of 34 without, 34/t with).
+        assert!(sp4.activations < tp4.activations && tp4.activations < one.activations);
+        let block = |e: MemoryEstimate| e.activations - 2 * (e.params / 4); // minus the bf16 weight copies
+        let ratio = block(tp4) as f64 / block(one) as f64;
+        // Blocks keep (10 + 24/4)/34 = 0.47; the vocabulary-parallel logits a quarter.
+        assert!((0.25..0.5).contains(&ratio), "tp 4 keeps {ratio:.2} of the activations");
+        assert!(block(sp4) as f64 / block(one) as f64 <= 0.26);
+        assert_eq!((sp4.params, sp4.grads, sp4.optimizer), (tp4.params, tp4.grads, tp4.optimizer));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use tch::Tensor;
 
 use crate::config::GptConfig;
 use crate::layers::{LayerNorm, Linear, Params};
-use crate::tp::{enter, TensorParallel};
+use crate::tp::{enter, outer_dropout, TensorParallel};
 
 /// One block: `x + attn(ln_1(x))`, then `h + mlp(ln_2(h))`.
 pub struct GptBlock {
@@ -65,10 +65,10 @@ impl GptBlock {
     pub fn finish(&self, cfg: &GptConfig, x: &Tensor, y: &Tensor, train: bool, tp: Option<&TensorParallel>) -> Tensor {
         let (b, nh, t, hs) = y.size4().expect("y is (B, nh, T, hs)");
         let y = y.transpose(1, 2).contiguous().view([b, t, nh * hs]);
-        let h = x + self.attn_proj.row_forward(&y, tp).dropout(cfg.dropout, train);
+        let h = x + outer_dropout(tp, &self.attn_proj.row_forward(&y, tp), cfg.dropout, train);
         let approximate = if cfg.activation == "gelu_tanh" { "tanh" } else { "none" };
         let inner = self.c_fc.forward(&enter(tp, &self.ln_2.forward(&h))).gelu(approximate);
-        let m = self.mlp_proj.row_forward(&inner, tp).dropout(cfg.dropout, train);
+        let m = outer_dropout(tp, &self.mlp_proj.row_forward(&inner, tp), cfg.dropout, train);
         h + m
     }
 }

@@ -20,5 +20,5 @@ pub use error::{ModelError, Result};
 pub use flops::{flops_per_token, memory_estimate, stage_memory_estimate, MemoryEstimate};
 pub use llama::{LlamaConfig, RopeScaling};
 pub use model::{Model, Recompute, StageSpec};
-pub use stages::{balanced_split, check_split, stage_params, PartCosts};
+pub use stages::{balanced_split, check_split, stage_params, stage_params_tp, PartCosts};
 pub use tp::{Shard, TensorParallel, TpOps};

@@ -13,7 +13,7 @@ use crate::error::{ModelError, Result};
 use crate::gpt::GptBlock;
 use crate::layers::{LayerNorm, Params};
 use crate::llama::{LlamaBlock, RmsNorm};
-use crate::tp::{enter, exit, Shard, TensorParallel};
+use crate::tp::{enter, exit, fork_rng, outer_dropout, Shard, TensorParallel};
 
 /// Which part of the model a [`Model`] holds: the embeddings, blocks `blocks` (global layer
 /// indices), and the final norm with the output projection. The whole model holds all three; a
@@ -139,13 +139,16 @@ impl BlockCtx {
     /// One block; with `Selective`, its attention core is a recomputed region.
     fn block(&self, block: &Block, x: &Tensor) -> Tensor {
         let p = self.attention_dropout();
+        // Inside the region each rank holds other heads: its own dropout stream.
         let core = |q: Tensor, k: Tensor, v: Tensor, f: fn(&Tensor, &Tensor, &Tensor, f64) -> Tensor| {
-            if self.recompute == Recompute::Selective && self.train {
-                let out = fabbrica_torch_ext::recompute::recompute(&[&q, &k, &v], move |i| vec![f(&i[0], &i[1], &i[2], p)]);
-                out.map(|mut o| o.remove(0)).unwrap_or_else(|e| panic!("selective recompute: {e}"))
-            } else {
-                f(&q, &k, &v, p)
-            }
+            fork_rng(self.tp.as_ref(), p > 0.0, || {
+                if self.recompute == Recompute::Selective && self.train {
+                    let out = fabbrica_torch_ext::recompute::recompute(&[&q, &k, &v], move |i| vec![f(&i[0], &i[1], &i[2], p)]);
+                    out.map(|mut o| o.remove(0)).unwrap_or_else(|e| panic!("selective recompute: {e}"))
+                } else {
+                    f(&q, &k, &v, p)
+                }
+            })
         };
         let tp = self.tp.as_ref();
         match (block, &self.cfg) {
@@ -232,7 +235,9 @@ impl Model {
             ModelConfig::Llama(m) => m.n_head,
         };
         if !heads.is_multiple_of(tp) {
-            return bad(format!("each tensor-parallel rank holds whole attention heads, and model.n_head = {heads} is not a multiple of it: use a divisor of {heads}"));
+            return bad(format!(
+                "each tensor-parallel rank holds whole attention heads, and model.n_head = {heads} is not a multiple of it: use a divisor of {heads}"
+            ));
         }
         if let ModelConfig::Llama(m) = cfg {
             if !m.n_kv_head.is_multiple_of(tp) {
@@ -262,7 +267,14 @@ impl Model {
         Ok(m.params.into_iter().map(|(n, _)| n).zip(shapes).collect())
     }
 
-    fn assemble(cfg: &ModelConfig, device: Device, spec: &StageSpec, seed: u64, dry: bool, tp: Option<TensorParallel>) -> Result<(Self, Vec<Vec<i64>>)> {
+    fn assemble(
+        cfg: &ModelConfig,
+        device: Device,
+        spec: &StageSpec,
+        seed: u64,
+        dry: bool,
+        tp: Option<TensorParallel>,
+    ) -> Result<(Self, Vec<Vec<i64>>)> {
         static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one_at_a_time = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
         cfg.validate()?;
@@ -423,7 +435,7 @@ impl Model {
                             _ => (0, t),
                         };
                         let pos = Tensor::arange_start(from, from + len, (Kind::Int64, input.device()));
-                        (tok_emb + Tensor::embedding(wpe, &pos, -1, false, false)).dropout(self.cfg.dropout(), train)
+                        outer_dropout(tp, &(tok_emb + Tensor::embedding(wpe, &pos, -1, false, false)), self.cfg.dropout(), train)
                     }
                     None => tok_emb,
                 }

@@ -122,6 +122,21 @@ pub fn stage_params(cfg: &ModelConfig, spec: &StageSpec) -> u64 {
     n
 }
 
+/// The parameters one tensor-parallel rank of `tp` holds of stage `spec`: the split ones' 1/tp
+/// slice (attention, MLP, the vocabulary matrices), and whole the norms, GPT's row-parallel
+/// biases and its position embeddings.
+pub fn stage_params_tp(cfg: &ModelConfig, spec: &StageSpec, tp: usize) -> u64 {
+    let tp = tp.max(1) as u64;
+    let mut whole = spec.blocks.len() as u64 * cfg.block_replicated_params();
+    if spec.embed {
+        whole += cfg.lookup_only_params();
+    }
+    if spec.head {
+        whole += cfg.final_norm_params();
+    }
+    (stage_params(cfg, spec) - whole) / tp + whole
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

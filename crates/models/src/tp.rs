@@ -77,6 +77,33 @@ pub fn exit(tp: Option<&TensorParallel>, x: &Tensor) -> Tensor {
     }
 }
 
+/// Runs `f` (which draws dropout masks) on this tensor-parallel rank's own random stream, as
+/// Megatron-LM's model-parallel RNG tracker does: inside the regions (attention dropout: each
+/// rank drops its own heads) and, with sequence parallelism, on the sequence shards, the ranks
+/// must not draw the same masks. Everywhere else they must, and do: two numbers are drawn from
+/// the global generator, whose state is the same on every rank of the group — one seeds the
+/// region's stream with this rank's place mixed in, the other reseeds the global generator
+/// after it, so the group leaves in step. Deterministic in (global state, rank): a recomputed
+/// region draws the forward's masks. Without tensor parallelism, or when `active` is false
+/// (no dropout), `f` runs as it is.
+pub fn fork_rng<T>(tp: Option<&TensorParallel>, active: bool, f: impl FnOnce() -> T) -> T {
+    let Some(p) = tp.filter(|p| active && p.size > 1) else { return f() };
+    let draws = Tensor::randint(i64::MAX, [2], (tch::Kind::Int64, tch::Device::Cpu));
+    let (region, after) = (draws.int64_value(&[0]) as u64, draws.int64_value(&[1]));
+    tch::manual_seed((fabbrica_data::splitmix64(region ^ (p.rank as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 1) as i64);
+    let out = f();
+    tch::manual_seed(after);
+    out
+}
+
+/// Dropout of activations outside the tensor-parallel regions: the same masks on every rank
+/// without sequence parallelism (the activations are replicated), each rank its own with it
+/// (they are shards of the sequence).
+pub fn outer_dropout(tp: Option<&TensorParallel>, x: &Tensor, p: f64, train: bool) -> Tensor {
+    let split = tp.is_some_and(|t| t.sequence_parallel);
+    fork_rng(tp.filter(|_| split), train && p > 0.0, || x.dropout(p, train))
+}
+
 /// How a parameter is split over the tensor-parallel ranks: along `dim`, where that dimension
 /// holds `parts` equal blocks each split the same way (GPT-2's fused `c_attn` stacks q, k and v:
 /// rank r holds heads r·H/tp.. of each). Rank r's slice is the r-th of `size` equal pieces of

@@ -73,7 +73,17 @@ pub fn apply<F: Function>(inputs: &[&Tensor], f: F) -> Result<Vec<Tensor>, Strin
     // handles it keeps); `ctx` is a `Box<F>` whose ownership passes to C++ in every case, with
     // trampolines instantiated for the same `F`; `outs` has room for MAX_TENSORS pointers.
     let err = unsafe {
-        fab_function_apply(ptrs.as_ptr(), ptrs.len(), call_forward::<F>, call_backward::<F>, ctx, drop_function::<F>, outs.as_mut_ptr(), MAX_TENSORS, &mut n_out)
+        fab_function_apply(
+            ptrs.as_ptr(),
+            ptrs.len(),
+            call_forward::<F>,
+            call_backward::<F>,
+            ctx,
+            drop_function::<F>,
+            outs.as_mut_ptr(),
+            MAX_TENSORS,
+            &mut n_out,
+        )
     };
     if let Some(m) = take_message(err) {
         return Err(m);
@@ -104,7 +114,9 @@ unsafe fn exchange(
         })
         .collect();
     match catch_unwind(AssertUnwindSafe(|| body(&ins))) {
-        Ok(Ok(outs)) if outs.len() > cap => malloc_message(&format!("custom function {what} returned {} tensors, at most {cap} are allowed", outs.len())),
+        Ok(Ok(outs)) if outs.len() > cap => {
+            malloc_message(&format!("custom function {what} returned {} tensors, at most {cap} are allowed", outs.len()))
+        }
         Ok(Ok(outs)) => {
             let n = outs.len();
             for (i, mut t) in outs.into_iter().enumerate() {

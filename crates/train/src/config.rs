@@ -476,7 +476,11 @@ impl Config {
         check_int("parallel.virtual_stages", p.virtual_stages as u64, 1, MAX_PP as u64, "parallel.virtual_stages=2 (interleaved only)")?;
         check_int("parallel.tp", p.tp as u64, 1, MAX_TP as u64, "parallel.tp=8 (1 = no tensor parallelism)")?;
         if p.sequence_parallel && p.tp == 1 {
-            return invalid("parallel.sequence_parallel", &p.sequence_parallel, "splits the sequence over the tensor-parallel ranks: set parallel.tp > 1, or parallel.sequence_parallel=false");
+            return invalid(
+                "parallel.sequence_parallel",
+                &p.sequence_parallel,
+                "splits the sequence over the tensor-parallel ranks: set parallel.tp > 1, or parallel.sequence_parallel=false",
+            );
         }
         if p.sequence_parallel && !self.model.block_size().is_multiple_of(p.tp) {
             return Err(ConfigError::Invalid {

@@ -151,11 +151,13 @@ impl Grads {
     pub fn clip(&self, max_norm: f64) -> Result<Tensor, TrainError> {
         let mut sq: Vec<Tensor> = Vec::with_capacity(self.ddps.len() + 1);
         for d in &self.ddps {
-            sq.push(match &self.tp {
-                None => d.grad_sq_sum(),
-                Some((_, rank, split)) => d.grad_sq_sum_where(&|n| *rank == 0 || split.contains(n)),
-            }
-            .map_err(ddp_err)?);
+            sq.push(
+                match &self.tp {
+                    None => d.grad_sq_sum(),
+                    Some((_, rank, split)) => d.grad_sq_sum_where(&|n| *rank == 0 || split.contains(n)),
+                }
+                .map_err(ddp_err)?,
+            );
         }
         if let Some(t) = self.tied.as_ref().filter(|t| t.in_norm) {
             // Split by vocabulary under tensor parallelism: every rank's slice counts.

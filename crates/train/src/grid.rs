@@ -35,7 +35,25 @@ fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
 /// the one place the degrees and the rank order are read, for the trainer and `--dry-run` alike.
 pub fn dims(cfg: &Config, nranks: usize) -> Result<ParallelDims, TrainError> {
     let order: RankOrder = cfg.parallel.order.parse().map_err(|e: fabbrica_topology::TopologyError| TrainError::Parallel(e.to_string()))?;
-    Ok(ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, nranks).map_err(|e| TrainError::Parallel(e.to_string()))?.with_order(order))
+    Ok(ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, nranks)
+        .map_err(|e| TrainError::Parallel(e.to_string()))?
+        .with_order(order))
+}
+
+/// Tensor-parallel groups are consecutive ranks, meant to share a node: with the launcher's
+/// ranks per node (`local_world_size`, when the job spans more than one node), refuses a degree
+/// that is larger than a node or does not divide it (a group would straddle two nodes and run
+/// every layer's collectives over the network).
+pub fn check_tp_fits_node(tp: usize, local_world_size: usize, world_size: usize) -> Result<(), TrainError> {
+    if tp <= 1 || local_world_size == 0 || local_world_size >= world_size {
+        return Ok(());
+    }
+    if tp > local_world_size || !local_world_size.is_multiple_of(tp) {
+        return Err(TrainError::Parallel(format!(
+            "parallel.tp = {tp} does not fit the {local_world_size} ranks per node the launcher reports: a tensor-parallel group communicates in every layer and must lie inside one node; use a parallel.tp that divides {local_world_size}, and pipeline or data parallelism across nodes"
+        )));
+    }
+    Ok(())
 }
 
 impl Grid {
@@ -221,4 +239,24 @@ pub fn broadcast_text(comm: &dyn Communicator, root: usize, text: &str) -> Resul
     }
     let v: Vec<i64> = Vec::try_from(&t).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?;
     String::from_utf8(v.into_iter().map(|b| b as u8).collect()).map_err(|_| TrainError::Comm(format!("text from rank {root} is not UTF-8")))
+}
+
+#[cfg(test)]
+mod node_tests {
+    use super::check_tp_fits_node;
+
+    #[test]
+    fn tensor_parallel_groups_must_fit_a_node() {
+        // 4 nodes of 8: tp 8, 4, 2 fit; 16 spans two nodes; 3 straddles node boundaries.
+        for tp in [1, 2, 4, 8] {
+            check_tp_fits_node(tp, 8, 32).unwrap();
+        }
+        for tp in [16, 3] {
+            let msg = check_tp_fits_node(tp, 8, 32).unwrap_err().to_string();
+            assert!(msg.contains(&format!("parallel.tp = {tp}")) && msg.contains("8 ranks per node"), "{msg}");
+        }
+        // One node (or a launcher that does not say): nothing to check.
+        check_tp_fits_node(16, 16, 16).unwrap();
+        check_tp_fits_node(3, 0, 12).unwrap();
+    }
 }

@@ -14,8 +14,8 @@
 use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
 
-use fabbrica_models::flops::memory_estimate_with;
-use fabbrica_models::{stage_memory_estimate, MemoryEstimate, StageSpec};
+use fabbrica_models::flops::stage_memory_estimate_tp;
+use fabbrica_models::{MemoryEstimate, StageSpec};
 use fabbrica_pipeline::{simulate, Costs, Schedule};
 use tch::Device;
 
@@ -41,7 +41,8 @@ fn gib(b: u64) -> String {
     format!("{:.1}", b as f64 / (1u64 << 30) as f64)
 }
 
-/// The estimate for the run `s` describes, per rank: ZeRO-1 (`parallel.zero = 1`) divides the
+/// The estimate for the run `s` describes, per rank: tensor parallelism divides what its layers
+/// hold (and sequence parallelism the rest of the activations); ZeRO-1 (`parallel.zero = 1`) divides the
 /// AdamW moments among the `dp` data-parallel ranks; a pipeline rank holds its stages' weights
 /// and the activations of the micro-batches its schedule keeps in flight.
 pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
@@ -49,11 +50,22 @@ pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
     // libtorch's CPU attention kernel has no dropout: with dropout it takes the math path.
     let materialised = s.device == Device::Cpu && cfg.model.dropout() > 0.0;
     let mut e = match &s.pipeline {
-        None => memory_estimate_with(&cfg.model, cfg.train.batch_size, cfg.model.block_size(), s.bf16, materialised, cfg.recompute()),
+        None => stage_memory_estimate_tp(
+            &cfg.model,
+            &[StageSpec::whole(cfg.model.n_layer())],
+            cfg.train.batch_size,
+            cfg.model.block_size(),
+            s.bf16,
+            materialised,
+            cfg.recompute(),
+            1,
+            cfg.parallel.tp,
+            cfg.parallel.sequence_parallel,
+        ),
         Some(pl) => {
             let rank = pl.schedule.rank_of_stage(s.parts[0].stage);
             let specs: Vec<StageSpec> = s.parts.iter().map(|p| p.model.stage().clone()).collect();
-            stage_memory_estimate(
+            stage_memory_estimate_tp(
                 &cfg.model,
                 &specs,
                 cfg.train.batch_size,
@@ -62,6 +74,8 @@ pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
                 materialised,
                 cfg.recompute(),
                 in_flight(&pl.schedule)[rank],
+                cfg.parallel.tp,
+                cfg.parallel.sequence_parallel,
             )
         }
     };
@@ -107,7 +121,7 @@ pub fn pipeline_plan(
     let mut plans = Vec::new();
     for r in 0..schedule.pp {
         let mine: Vec<StageSpec> = (0..specs.len()).filter(|&st| schedule.rank_of_stage(st) == r).map(|st| specs[st].clone()).collect();
-        let mut memory = stage_memory_estimate(
+        let mut memory = stage_memory_estimate_tp(
             model,
             &mine,
             cfg.train.batch_size,
@@ -116,6 +130,8 @@ pub fn pipeline_plan(
             materialised,
             cfg.recompute(),
             timeline.peak_in_flight[r],
+            cfg.parallel.tp,
+            cfg.parallel.sequence_parallel,
         );
         if cfg.parallel.zero == 1 && dp > 1 {
             memory.optimizer = memory.optimizer.div_ceil(dp as u64);
@@ -124,7 +140,7 @@ pub fn pipeline_plan(
             pp_rank: r,
             stages: (0..specs.len())
                 .filter(|&st| schedule.rank_of_stage(st) == r)
-                .map(|st| (st, specs[st].blocks.clone(), fabbrica_models::stage_params(model, &specs[st])))
+                .map(|st| (st, specs[st].blocks.clone(), fabbrica_models::stage_params_tp(model, &specs[st], cfg.parallel.tp)))
                 .collect(),
             in_flight: timeline.peak_in_flight[r],
             memory,

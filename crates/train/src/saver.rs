@@ -189,6 +189,9 @@ pub(crate) fn save_checkpoint(
     log: &mut Option<MetricsLog>,
 ) -> Result<Vec<Completed>, TrainError> {
     let zero1 = s.cfg.parallel.zero == 1;
+    if s.cfg.comm.debug && grid.dims.tp > 1 {
+        check_tp_replicas(s, grid)?;
+    }
     if s.pipeline.is_none() && grid.dims.tp == 1 {
         let snap = snapshot(s, grid, grads, opt, zero1)?;
         return saver.save(s, snap, step, val_loss);
@@ -269,7 +272,8 @@ pub(crate) fn save_checkpoint(
             info.tp_slices = tp_slices.clone();
             info
         };
-        let m = if first { Some(with_slices(write_shard(&tmp, &shard_name("model", model_index(grid.coords), pp * tp), &model, step)?)) } else { None };
+        let m =
+            if first { Some(with_slices(write_shard(&tmp, &shard_name("model", model_index(grid.coords), pp * tp), &model, step)?)) } else { None };
         let o = match &optim {
             Some(o) => Some(with_slices(write_shard(&tmp, &shard_name("optim", optim_index(grid.coords), optim_files), o, step)?)),
             None => None,
@@ -371,3 +375,40 @@ fn tied_check(s: &Setup, grid: &Grid, model: &[(String, Tensor)]) -> Result<Opti
     ))
 }
 
+/// `comm.debug` with tensor parallelism, at each checkpoint (collective over `grid.tp`): the
+/// parameters every tensor-parallel rank holds whole (norms, row-parallel biases, positions)
+/// must be identical on all of them, since only the first writes them. They drift apart if
+/// replicated activations drew different dropout masks, or a sequence-parallel gradient was not
+/// summed. Compares exact fingerprints (sum and sum of squares in f64, sent as their bits).
+fn check_tp_replicas(s: &Setup, grid: &Grid) -> Result<(), TrainError> {
+    let mut names: Vec<&str> = Vec::new();
+    let mut bits: Vec<i64> = Vec::new();
+    tch::no_grad(|| {
+        for p in &s.parts {
+            for (n, t) in p.model.parameters().iter().filter(|(n, _)| p.model.shard_of(n).is_none()) {
+                let x = t.to_kind(Kind::Double);
+                names.push(n);
+                bits.push(x.sum(Kind::Double).double_value(&[]).to_bits() as i64);
+                bits.push(x.square().sum(Kind::Double).double_value(&[]).to_bits() as i64);
+            }
+        }
+    });
+    if bits.is_empty() {
+        return Ok(());
+    }
+    let tp = grid.dims.tp;
+    let all = Tensor::zeros([(bits.len() * tp) as i64], (Kind::Int64, Device::Cpu));
+    grid.tp.all_gather(&all, &Tensor::from_slice(&bits)).map_err(|e| TrainError::Comm(e.to_string()))?;
+    let all: Vec<i64> = Vec::try_from(&all).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?;
+    for r in 1..tp {
+        let theirs = &all[r * bits.len()..(r + 1) * bits.len()];
+        if let Some(i) = (0..bits.len()).find(|&i| theirs[i] != all[i]) {
+            return Err(TrainError::Parallel(format!(
+                "comm.debug: tensor-parallel rank {r} of group {} holds a different {} than rank 0, though every rank holds it whole: replicated activations drew different dropout masks or a gradient was not summed over the group (a fabbrica bug: please report it with this run's config)",
+                grid.tp.name(),
+                names[i / 2]
+            )));
+        }
+    }
+    Ok(())
+}

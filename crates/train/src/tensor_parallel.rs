@@ -148,8 +148,12 @@ impl Function for VocabParallelCe {
         Ok(vec![loss])
     }
     fn backward(&self, g: &[Tensor]) -> Result<Vec<Tensor>, String> {
-        let (softmax, index, here, valid) =
-            self.saved.lock().map_err(|_| "vocab-parallel cross-entropy state poisoned".to_string())?.take().ok_or("vocab-parallel cross-entropy: backward ran twice")?;
+        let (softmax, index, here, valid) = self
+            .saved
+            .lock()
+            .map_err(|_| "vocab-parallel cross-entropy state poisoned".to_string())?
+            .take()
+            .ok_or("vocab-parallel cross-entropy: backward ran twice")?;
         let onehot = softmax.zeros_like().scatter(1, &index.unsqueeze(1), &here.to_kind(Kind::Float).unsqueeze(1));
         let scale = (&g[0] * valid.to_kind(Kind::Float)).unsqueeze(1);
         Ok(vec![(softmax - onehot) * scale, Tensor::new()])

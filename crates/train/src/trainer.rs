@@ -268,6 +268,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     // Flight recorder dumps (a hang, a communication error, SIGUSR2) go to run.out_dir/flight/.
     fabbrica_comm::flight::set_dump_dir(&cfg.run.out_dir);
     let dims = crate::grid::dims(cfg, nranks)?;
+    crate::grid::check_tp_fits_node(dims.tp, world.launch().local_world_size, nranks)?;
     let coords = dims.coords(rank).map_err(|e| TrainError::Parallel(e.to_string()))?;
     let (dp, pp) = (dims.dp, dims.pp);
     let rank0 = rank == 0;
