@@ -170,6 +170,50 @@ fn a_tensor_parallel_checkpoint_resumes_at_other_degrees() {
     }
 }
 
+/// The bytes a tensor-parallel group moves, counted by the communicator, are Megatron-LM's
+/// formula exactly. Per layer and micro-batch of b·s tokens of width h: one all-reduce of b·s·h
+/// per block (attention, MLP) and direction, 4·b·s·h; with sequence parallelism each becomes an
+/// all-gather and a reduce-scatter of b·s·h. Once per micro-batch: the vocabulary-parallel
+/// embedding's reduction (forward) and the head's input (backward), b·s·h each, and the
+/// vocabulary-parallel cross-entropy's three all-reduces of b·s values (maximum, target logit,
+/// normaliser). Once per step: the gradient norm (1 value) and, with sequence parallelism, the
+/// gradients of the parameters every rank holds whole.
+#[test]
+fn tensor_parallel_traffic_is_megatrons_formula() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, b, s, m) = (2u64, 2u64, 32u64, 2u64);
+    for (arch, h, whole_params, sets) in [
+        // GPT: per block ln_1, ln_2 (weight and bias) and the two row-parallel biases; ln_f; positions.
+        ("gpt", 32u64, l * 6 * 32 + 2 * 32 + 32 * 32, &["parallel.tp=2"][..]),
+        ("gpt", 32, l * 6 * 32 + 2 * 32 + 32 * 32, &["parallel.tp=2", "parallel.sequence_parallel=true"][..]),
+        // Llama: two RMSNorms per block and the final one.
+        ("llama", 64, l * 2 * 64 + 64, &["parallel.tp=4", "parallel.sequence_parallel=true"][..]),
+        ("llama", 64, l * 2 * 64 + 64, &["parallel.tp=4"][..]),
+    ] {
+        let name = format!("{arch}-{}", sets.join("-"));
+        let out = dir.path().join(&name);
+        let mut all = vec!["train.grad_accum=2"];
+        all.extend_from_slice(sets);
+        let np = if sets.contains(&"parallel.tp=4") { 4 } else { 2 };
+        run(arch, np, &out, &all);
+        let sp = sets.contains(&"parallel.sequence_parallel=true");
+        let bsh = b * s * h;
+        let (ar, ag, rs) = if sp {
+            (m * 3 * b * s + 1 + whole_params, m * (4 * l + 2) * bsh, m * (4 * l + 2) * bsh)
+        } else {
+            (m * (4 * l * bsh + 2 * bsh + 3 * b * s) + 1, 0, 0)
+        };
+        let records = read(&out.join("metrics.jsonl")).unwrap();
+        let train: Vec<_> = records.iter().filter(|r| r.kind == "train").collect();
+        assert_eq!(train.len(), STEPS as usize);
+        for r in train {
+            let t = r.tp_traffic.unwrap_or_else(|| panic!("{name}: no tp_traffic at step {}", r.step));
+            assert_eq!((t.all_reduce_elements, t.all_gather_elements, t.reduce_scatter_elements), (ar, ag, rs), "{name} step {}", r.step);
+            assert_eq!(t.bytes, 4 * (ar + ag + rs), "{name}: fp32 throughout");
+        }
+    }
+}
+
 /// With dropout, each rank draws its own masks inside the tensor-parallel regions (and on its
 /// sequence shard) and the same masks where activations are replicated: `comm.debug` checks at
 /// every checkpoint that the parameters every rank holds whole are still identical on all of

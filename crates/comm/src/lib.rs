@@ -13,6 +13,7 @@ pub mod launch;
 pub mod mpi;
 pub mod nccl;
 pub mod single;
+pub mod traffic;
 pub mod types;
 pub mod watchdog;
 pub mod work;

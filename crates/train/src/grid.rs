@@ -20,8 +20,10 @@ pub struct Grid {
     pub dp: Arc<dyn Communicator>,
     /// This replica's pipeline, in stage order (its rank is the pipeline coordinate).
     pub pp: Arc<dyn Communicator>,
-    /// The ranks holding the other slices of the same layers (tensor parallelism), in tp order.
+    /// The ranks holding the other slices of the same layers (tensor parallelism), in tp order;
+    /// its traffic is counted in `tp_traffic`.
     pub tp: Arc<dyn Communicator>,
+    pub tp_traffic: Arc<fabbrica_comm::traffic::Traffic>,
     /// With pp > 1, on the ranks of the first and the last stage of every replica: the tied
     /// embedding's gradient is summed over it (Megatron's embedding group). `None` elsewhere.
     pub embedding: Option<Arc<dyn Communicator>>,
@@ -70,7 +72,9 @@ impl Grid {
         };
         let dp = split(dims.dp_groups(), "dp")?;
         let pp = split(dims.pp_groups(), "pp")?;
-        let tp = split(dims.tp_groups(), "tp")?;
+        let tp = fabbrica_comm::traffic::CountingComm::new(split(dims.tp_groups(), "tp")?);
+        let tp_traffic = tp.traffic();
+        let tp: Arc<dyn Communicator> = Arc::new(tp);
         let embedding = if dims.pp > 1 {
             // Per tensor-parallel coordinate: the ends' slices of the tied embedding are the same rows.
             let ends: Vec<Vec<usize>> = (0..dims.tp)
@@ -84,7 +88,7 @@ impl Grid {
         } else {
             None
         };
-        Ok(Grid { dims, coords, rank, world: w, dp, pp, tp, embedding })
+        Ok(Grid { dims, coords, rank, world: w, dp, pp, tp, tp_traffic, embedding })
     }
 
     pub fn is_first_stage(&self) -> bool {

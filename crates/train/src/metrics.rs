@@ -42,6 +42,11 @@ pub struct Record {
     /// its measured idle fraction (bubble plus communication) over the log window.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub pipeline: Option<Vec<StageReport>>,
+    /// Tensor-parallel runs: what rank 0's tensor-parallel group moved per training step
+    /// (forward, backward, the sequence-parallel gradient sum and the norm), as counted by the
+    /// communicator, by collective.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tp_traffic: Option<TpTraffic>,
     /// `tied_embedding` lines (pipelines, at each checkpoint): how far the last stage's copy of the
     /// tied embedding is from the first stage's, as the largest relative difference of their
     /// fingerprints (sums computed where they live); exactly 0 when the copies are equal.
@@ -51,6 +56,16 @@ pub struct Record {
     /// lines: what happened, naming step and ranks.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub note: Option<String>,
+}
+
+/// Elements and bytes a tensor-parallel group moved in one training step (`Record::tp_traffic`):
+/// all-reduces count their tensor, all-gathers their gathered output, reduce-scatters their input.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TpTraffic {
+    pub all_reduce_elements: u64,
+    pub all_gather_elements: u64,
+    pub reduce_scatter_elements: u64,
+    pub bytes: u64,
 }
 
 /// One pipeline rank's measured share of a step (`Record::pipeline`).

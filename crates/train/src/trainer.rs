@@ -471,6 +471,18 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let mut stage_times = StageTimes::default(); // pipeline: measured in the window
     let mut tracelog = crate::trace::TraceLog::default(); // run.trace
     let mut last_val: Option<f64> = None;
+    let mut tp_window = crate::metrics::TpTraffic::default(); // tensor parallelism: per step, summed over the window
+    let tp_now = || {
+        use fabbrica_comm::traffic::Counted::*;
+        let t = &grid.tp_traffic;
+        let (ar, ag, rs) = (t.get(AllReduce), t.get(AllGather), t.get(ReduceScatter));
+        crate::metrics::TpTraffic {
+            all_reduce_elements: ar.elements,
+            all_gather_elements: ag.elements,
+            reduce_scatter_elements: rs.elements,
+            bytes: ar.bytes + ag.bytes + rs.bytes,
+        }
+    };
     let mut step = start;
     let world_comm: &dyn Communicator = &*grid.world;
     let eval = |split: Split| evaluate_grid(&s, &sampler, &grid, split, cfg.train.eval_iters);
@@ -480,6 +492,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         let lr = sched.lr_at(step);
         // Steps are numbered from 1 in logs, metrics and messages (`step` updates done after it).
         let poison = inject == Some((step + 1, rank));
+        let tp_before = tp_now();
         let loss = crate::memory::guard_alloc(step + 1, || -> Result<Tensor, TrainError> {
             if s.pipeline.is_some() {
                 let origin = crate::trace::wall_us();
@@ -495,6 +508,11 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         })??;
         waited += grads.finish()?;
         let norm = grads.clip(cfg.train.grad_clip)?;
+        let tp_after = tp_now();
+        tp_window.all_reduce_elements += tp_after.all_reduce_elements - tp_before.all_reduce_elements;
+        tp_window.all_gather_elements += tp_after.all_gather_elements - tp_before.all_gather_elements;
+        tp_window.reduce_scatter_elements += tp_after.reduce_scatter_elements - tp_before.reduce_scatter_elements;
+        tp_window.bytes += tp_after.bytes - tp_before.bytes;
         // Every rank sees every rank's loss, the norm and any stop signal: all take the same branch.
         let check = check_step(world_comm, &loss, &norm, step + 1)?;
         if let Some(bad) = check.nonfinite {
@@ -564,6 +582,15 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
                     peak_mem_bytes: Some(peak_memory_bytes(s.device)),
                     stragglers,
                     pipeline,
+                    tp_traffic: (dims.tp > 1).then(|| {
+                        let n = window.1.max(1);
+                        crate::metrics::TpTraffic {
+                            all_reduce_elements: tp_window.all_reduce_elements / n,
+                            all_gather_elements: tp_window.all_gather_elements / n,
+                            reduce_scatter_elements: tp_window.reduce_scatter_elements / n,
+                            bytes: tp_window.bytes / n,
+                        }
+                    }),
                     ..empty_record()
                 };
                 log.write(&rec)?;
@@ -572,6 +599,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
             window = (Instant::now(), 0);
             waited = Duration::ZERO;
             stage_times = StageTimes::default();
+            tp_window = crate::metrics::TpTraffic::default();
         } else {
             progress.step(step, None);
         }
@@ -588,6 +616,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
             window = (Instant::now(), 0); // evaluation time is not training throughput
             waited = Duration::ZERO;
             stage_times = StageTimes::default();
+            tp_window = crate::metrics::TpTraffic::default();
         }
         if (cfg.run.checkpoint_interval > 0 && step.is_multiple_of(cfg.run.checkpoint_interval)) || last {
             for done in save_checkpoint(&s, &grid, &grads, &opt, &mut saver, step, last_val, &mut log)? {
@@ -855,6 +884,7 @@ pub(crate) fn empty_record() -> Record {
         stragglers: None,
         pipeline: None,
         tied_fingerprint_diff: None,
+        tp_traffic: None,
         note: None,
     }
 }
