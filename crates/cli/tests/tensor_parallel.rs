@@ -173,7 +173,9 @@ fn a_tensor_parallel_checkpoint_resumes_at_other_degrees() {
 /// The bytes a tensor-parallel group moves, counted by the communicator, are Megatron-LM's
 /// formula exactly. Per layer and micro-batch of b·s tokens of width h: one all-reduce of b·s·h
 /// per block (attention, MLP) and direction, 4·b·s·h; with sequence parallelism each becomes an
-/// all-gather and a reduce-scatter of b·s·h. Once per micro-batch: the vocabulary-parallel
+/// all-gather and a reduce-scatter of b·s·h, and each column-parallel layer gathers its input
+/// again in backward instead of keeping it (Megatron's sequence-parallel linear), one more
+/// all-gather of b·s·h per block (the head's input too). Once per micro-batch: the vocabulary-parallel
 /// embedding's reduction (forward) and the head's input (backward), b·s·h each, and the
 /// vocabulary-parallel cross-entropy's three all-reduces of b·s values (maximum, target logit,
 /// normaliser). Once per step: the gradient norm (1 value) and, with sequence parallelism, the
@@ -199,7 +201,7 @@ fn tensor_parallel_traffic_is_megatrons_formula() {
         let sp = sets.contains(&"parallel.sequence_parallel=true");
         let bsh = b * s * h;
         let (ar, ag, rs) = if sp {
-            (m * 3 * b * s + 1 + whole_params, m * (4 * l + 2) * bsh, m * (4 * l + 2) * bsh)
+            (m * 3 * b * s + 1 + whole_params, m * (6 * l + 3) * bsh, m * (4 * l + 2) * bsh)
         } else {
             (m * (4 * l * bsh + 2 * bsh + 3 * b * s) + 1, 0, 0)
         };
@@ -232,6 +234,43 @@ fn dropout_keeps_replicated_parameters_identical_across_tensor_parallel_ranks() 
         let losses = run("gpt", 2, &out, &all);
         assert!(losses[&STEPS].0 < losses[&1].0 - 0.2, "{name}: loss {} → {}", losses[&1].0, losses[&STEPS].0);
     }
+}
+
+/// A tensor-parallel group larger than a node is refused: `--dry-run` reads the launch
+/// environment Open MPI gives rank 0 of a 16-rank job on 4 nodes of 4 (the planning path reads
+/// it without starting MPI), and the same rule guards training.
+#[test]
+fn a_tensor_parallel_group_larger_than_a_node_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_with = |tp: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fabbrica"));
+        cmd.args([
+            "train",
+            "--dry-run",
+            "--set",
+            "model.arch=llama",
+            "--set",
+            "model.n_head=8",
+            "--set",
+            "model.n_kv_head=8",
+            "--set",
+            "model.n_embd=64",
+        ])
+        .args(["--set", tp, "--set", &format!("run.out_dir={}", dir.path().join("x").display()), "--set", &common::corpus_set()]);
+        for (k, v) in
+            [("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "16"), ("OMPI_COMM_WORLD_LOCAL_RANK", "0"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "4")]
+        {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let o = run_with("parallel.tp=8");
+    assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.lines().any(|l| l.starts_with("error:") && l.contains("parallel.tp = 8") && l.contains("4 ranks per node")), "{err}");
+    let o = run_with("parallel.tp=4");
+    assert!(o.status.success(), "{}", describe(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("tensor parallel 4 × data parallel 4"), "{}", describe(&o));
 }
 
 /// Each invalid layout: one line naming the key and what to change, exit 2, before any step.

@@ -6,7 +6,7 @@ use tch::Tensor;
 
 use crate::config::GptConfig;
 use crate::layers::{LayerNorm, Linear, Params};
-use crate::tp::{enter, outer_dropout, TensorParallel};
+use crate::tp::{column_forward, outer_dropout, TensorParallel};
 
 /// One block: `x + attn(ln_1(x))`, then `h + mlp(ln_2(h))`.
 pub struct GptBlock {
@@ -51,11 +51,11 @@ impl GptBlock {
     /// Queries, keys and values, each (B, nh, T, hs): with tensor parallelism this rank's
     /// nh/tp heads, over the whole sequence.
     pub fn qkv(&self, cfg: &GptConfig, x: &Tensor, tp: Option<&TensorParallel>) -> (Tensor, Tensor, Tensor) {
-        let h = enter(tp, &self.ln_1.forward(x));
-        let (b, t, _) = h.size3().expect("x is (B, T, C)");
+        let fused = column_forward(tp, &self.ln_1.forward(x), &[&self.c_attn]).remove(0); // (B, T, 3C/tp)
+        let (b, t, _) = fused.size3().expect("x is (B, T, C)");
         let n = tp.map_or(1, |p| p.size) as i64;
         let (nh, c) = (cfg.n_head as i64 / n, cfg.n_embd as i64 / n);
-        let qkv = self.c_attn.forward(&h).split(c, 2); // 3 × (B, T, C/tp)
+        let qkv = fused.split(c, 2); // 3 × (B, T, C/tp)
         let heads = |z: &Tensor| z.view([b, t, nh, c / nh]).transpose(1, 2);
         (heads(&qkv[0]), heads(&qkv[1]), heads(&qkv[2]))
     }
@@ -67,7 +67,7 @@ impl GptBlock {
         let y = y.transpose(1, 2).contiguous().view([b, t, nh * hs]);
         let h = x + outer_dropout(tp, &self.attn_proj.row_forward(&y, tp), cfg.dropout, train);
         let approximate = if cfg.activation == "gelu_tanh" { "tanh" } else { "none" };
-        let inner = self.c_fc.forward(&enter(tp, &self.ln_2.forward(&h))).gelu(approximate);
+        let inner = column_forward(tp, &self.ln_2.forward(&h), &[&self.c_fc]).remove(0).gelu(approximate);
         let m = outer_dropout(tp, &self.mlp_proj.row_forward(&inner, tp), cfg.dropout, train);
         h + m
     }

@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 use crate::config::{MAX_BLOCK_SIZE, MAX_EMBD, MAX_HEADS, MAX_LAYERS, MAX_VOCAB_SIZE};
 use crate::error::{ModelError, Result};
 use crate::layers::{Linear, Params};
-use crate::tp::{enter, TensorParallel};
+use crate::tp::{column_forward, TensorParallel};
 
 /// Llama hyper-parameters; names follow ours where GPT has the same key, Hugging Face's
 /// `LlamaConfig` otherwise (`config.json` maps onto this, see `hf`).
@@ -318,14 +318,14 @@ impl LlamaBlock {
     /// have `n_kv_head` heads (with tensor parallelism this rank's `n_head/tp` and `n_kv_head/tp`,
     /// over the whole sequence).
     pub fn qkv(&self, cfg: &LlamaConfig, x: &Tensor, cos: &Tensor, sin: &Tensor, tp: Option<&TensorParallel>) -> (Tensor, Tensor, Tensor) {
-        let h = enter(tp, &self.input_layernorm.forward(x));
-        let (b, t, _c) = h.size3().expect("x is (B, T, C)");
+        let mut qkv = column_forward(tp, &self.input_layernorm.forward(x), &[&self.q_proj, &self.k_proj, &self.v_proj]);
+        let (b, t, _c) = qkv[0].size3().expect("x is (B, T, C)");
         let hs = cfg.head_size() as i64;
         let n = tp.map_or(1, |p| p.size);
         let heads = |z: Tensor, heads: usize| z.view([b, t, (heads / n) as i64, hs]).transpose(1, 2);
-        let q = heads(self.q_proj.forward(&h), cfg.n_head);
-        let k = heads(self.k_proj.forward(&h), cfg.n_kv_head);
-        let v = heads(self.v_proj.forward(&h), cfg.n_kv_head);
+        let v = heads(qkv.remove(2), cfg.n_kv_head);
+        let k = heads(qkv.remove(1), cfg.n_kv_head);
+        let q = heads(qkv.remove(0), cfg.n_head);
         (apply_rope(&q, cos, sin), apply_rope(&k, cos, sin), v)
     }
 
@@ -334,8 +334,8 @@ impl LlamaBlock {
         let (b, nh, t, hs) = y.size4().expect("y is (B, H, T, hs)");
         let y = y.transpose(1, 2).contiguous().view([b, t, nh * hs]);
         let h = x + self.o_proj.row_forward(&y, tp);
-        let n = enter(tp, &self.post_attention_layernorm.forward(&h));
-        let mlp = self.down_proj.row_forward(&(self.gate_proj.forward(&n).silu() * self.up_proj.forward(&n)), tp);
+        let gate_up = column_forward(tp, &self.post_attention_layernorm.forward(&h), &[&self.gate_proj, &self.up_proj]);
+        let mlp = self.down_proj.row_forward(&(gate_up[0].silu() * &gate_up[1]), tp);
         h + mlp
     }
 }

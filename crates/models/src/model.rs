@@ -462,7 +462,10 @@ impl Model {
             };
         }
         match (&self.norm, self.lm_head.as_ref().or(self.wte.as_ref())) {
-            (Some(norm), Some(head)) => enter(tp, &norm.forward(&x)).linear(head, None::<&Tensor>), // (B, T, V or V/tp)
+            (Some(norm), Some(head)) => match tp {
+                Some(p) if p.sequence_parallel => p.ops.gather_linear(&norm.forward(&x), head, None), // (B, T, V/tp)
+                _ => enter(tp, &norm.forward(&x)).linear(head, None::<&Tensor>),                      // (B, T, V or V/tp)
+            },
             _ => x,
         }
     }
@@ -492,14 +495,21 @@ impl Model {
     /// Autoregressive sampling: appends `new_tokens` tokens to `idx` (1, T0), cropping the
     /// context to the last block_size tokens. `top_k` limits sampling to the k likeliest tokens.
     pub fn generate(&self, idx: &Tensor, new_tokens: usize, temperature: f64, top_k: Option<i64>) -> Tensor {
+        self.generate_within(idx, new_tokens, temperature, top_k, self.cfg.vocab_size())
+    }
+
+    /// As [`Model::generate`], drawing only token ids below `vocab` (a vocabulary padded beyond
+    /// its tokenizer's, e.g. to split it over tensor-parallel ranks, never samples a padding row).
+    pub fn generate_within(&self, idx: &Tensor, new_tokens: usize, temperature: f64, top_k: Option<i64>, vocab: usize) -> Tensor {
         assert!(self.spec.is_whole(self.cfg.n_layer()) && self.tp.is_none(), "generate needs the whole model");
+        let vocab = vocab.clamp(1, self.cfg.vocab_size()) as i64;
         tch::no_grad(|| {
             let mut idx = idx.shallow_clone();
             let bs = self.cfg.block_size() as i64;
             for _ in 0..new_tokens {
                 let t = idx.size()[1];
                 let ctx = if t > bs { idx.narrow(1, t - bs, bs) } else { idx.shallow_clone() };
-                let logits = self.forward(&ctx, false).select(1, -1).to_kind(Kind::Float) / temperature.max(1e-6);
+                let logits = self.forward(&ctx, false).select(1, -1).narrow(1, 0, vocab).to_kind(Kind::Float) / temperature.max(1e-6);
                 let logits = match top_k {
                     Some(k) if k < logits.size()[1] => {
                         let (vals, _) = logits.topk(k, -1, true, true);

@@ -33,6 +33,11 @@ pub trait TpOps: Send + Sync {
     /// Sequence parallelism's exit (`reduce_scatter_to_sequence_parallel_region`): reduce-scatter
     /// along dim 1 forward, all-gather of the gradient backward.
     fn reduce_scatter_seq(&self, x: &Tensor) -> Tensor;
+    /// Sequence parallelism's column-parallel linear, `all_gather(x)·Wᵀ + b` for a shard x
+    /// (B, T/tp, in) (Megatron's `LinearWithGradAccumulationAndAsyncCommunication` with
+    /// `sequence_parallel`): only the shard is kept for backward, which gathers it again for
+    /// W's gradient and reduce-scatters x's, so the gathered input never stays in memory.
+    fn gather_linear(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor;
     /// Per-token cross-entropy (N) of this rank's logits (N, V/tp), fp32, which hold the
     /// vocabulary entries `vocab_start..vocab_start + V/tp`, against global targets (N); a target
     /// of -100 gives 0 and no gradient. Megatron's `vocab_parallel_cross_entropy`.
@@ -102,6 +107,38 @@ pub fn fork_rng<T>(tp: Option<&TensorParallel>, active: bool, f: impl FnOnce() -
 pub fn outer_dropout(tp: Option<&TensorParallel>, x: &Tensor, p: f64, train: bool) -> Tensor {
     let split = tp.is_some_and(|t| t.sequence_parallel);
     fork_rng(tp.filter(|_| split), train && p > 0.0, || x.dropout(p, train))
+}
+
+/// Column-parallel layers sharing one input `x` (GPT's fused q/k/v is one; Llama's q, k, v, or
+/// gate and up, are several): into the region once, then each layer's slice. With sequence
+/// parallelism the layers' weights are stacked for one [`TpOps::gather_linear`], so the
+/// sequence is gathered once and not kept.
+pub fn column_forward(tp: Option<&TensorParallel>, x: &Tensor, layers: &[&crate::layers::Linear]) -> Vec<Tensor> {
+    match tp {
+        Some(p) if p.sequence_parallel => {
+            let sizes: Vec<i64> = layers.iter().map(|l| l.weight.size()[0]).collect();
+            let (w, b) = if layers.len() == 1 {
+                (layers[0].weight.shallow_clone(), layers[0].bias.as_ref().map(Tensor::shallow_clone))
+            } else {
+                let w = Tensor::cat(&layers.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0);
+                let b = layers
+                    .iter()
+                    .all(|l| l.bias.is_some())
+                    .then(|| Tensor::cat(&layers.iter().filter_map(|l| l.bias.as_ref()).collect::<Vec<_>>(), 0));
+                (w, b)
+            };
+            let y = p.ops.gather_linear(x, &w, b.as_ref());
+            if layers.len() == 1 {
+                vec![y]
+            } else {
+                y.split_with_sizes(sizes.as_slice(), -1)
+            }
+        }
+        _ => {
+            let h = enter(tp, x);
+            layers.iter().map(|l| l.forward(&h)).collect()
+        }
+    }
 }
 
 /// How a parameter is split over the tensor-parallel ranks: along `dim`, where that dimension

@@ -24,6 +24,9 @@ impl TpOps for NotCalled {
     fn reduce_scatter_seq(&self, _: &Tensor) -> Tensor {
         unreachable!("building a model communicates nothing")
     }
+    fn gather_linear(&self, _: &Tensor, _: &Tensor, _: Option<&Tensor>) -> Tensor {
+        unreachable!("building a model communicates nothing")
+    }
     fn vocab_parallel_cross_entropy(&self, _: &Tensor, _: &Tensor, _: i64) -> Tensor {
         unreachable!("building a model communicates nothing")
     }

@@ -229,7 +229,7 @@ pub fn estimate(
     let tp_s = m as f64 * l.v as f64 * tp_stage;
     let compute_s = pipe.busy_s - tp_s;
 
-    let rank_params = map.params.iter().copied().fold(0.0, f64::max) / l.tp as f64;
+    let rank_params = (0..l.pp).map(|r| map.rank_params_tp(model, r, l.tp)).fold(0.0, f64::max);
     // Data parallelism: ranks of a dp group are tp apart (rank order tp-dp-pp).
     let g = group(l.dp, l.tp, c.gpus_per_node);
     let grads = rank_params * x.grad_wire_bytes;

@@ -74,6 +74,15 @@ impl StageMap {
         }
         StageMap { stage_layers: stage_layers.to_vec(), params, chunk, last_rank: (stages.max(1) - 1) % pp }
     }
+
+    /// Parameters one tensor-parallel rank of pipeline rank `r` holds: the trainer's own count
+    /// (`fabbrica_models::stage_params_tp`: the split matrices' 1/tp slice, the norms, GPT's
+    /// row-parallel biases and positions whole).
+    pub fn rank_params_tp(&self, model: &ModelShape, r: usize, tp: usize) -> f64 {
+        let pp = self.params.len().max(1);
+        let specs = fabbrica_models::StageSpec::split(&self.stage_layers);
+        specs.iter().enumerate().filter(|(s, _)| s % pp == r).map(|(_, spec)| fabbrica_models::stage_params_tp(&model.model, spec, tp) as f64).sum()
+    }
 }
 
 /// The memory of the fullest pipeline rank, and which rank that is.
@@ -96,7 +105,7 @@ pub fn per_gpu(model: &ModelShape, l: &Layout, map: &StageMap, in_flight: &[usiz
     let shard = |stage: u8| if l.zero >= stage { dp } else { 1.0 };
     let mut worst = (Memory::default(), 0);
     for r in 0..l.pp {
-        let p = map.params[r] / tp;
+        let p = map.rank_params_tp(model, r, l.tp);
         let mut act = in_flight.get(r).copied().unwrap_or(1).max(1) as f64 * map.chunk[r] as f64 * per_layer + rebuilt;
         if r == 0 {
             act += 2.0 * model.hidden as f64 * tokens / tp;

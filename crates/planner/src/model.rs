@@ -40,7 +40,7 @@ pub struct ModelShape {
     pub layer_params: u64,
     /// Training FLOPs per token (`flops::flops_per_token` at `seq`): the MFU numerator.
     pub flops_per_token: f64,
-    model: ModelConfig,
+    pub(crate) model: ModelConfig,
 }
 
 /// Activation recomputation (Korthikanti et al. 2022).

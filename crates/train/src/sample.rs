@@ -22,7 +22,7 @@ pub fn sample_text(model: &Model, tok: &Tokenizer, prompt: &str, tokens: usize, 
     }
     tch::manual_seed(seed as i64);
     let idx = Tensor::from_slice(&ids).view([1, -1]).to_device(model.device());
-    let out = model.generate(&idx, tokens, temperature, top_k);
+    let out = model.generate_within(&idx, tokens, temperature, top_k, tok.vocab_size());
     let gen: Vec<i64> = Vec::try_from(out.view([-1]).to_device(Device::Cpu)).unwrap_or_default();
     // `generate` returns the context too. What follows it is the decoding of everything past the
     // decoding of the context, when that is a prefix: tokenizers that join words with spaces or

@@ -117,6 +117,44 @@ impl Function for ReduceScatterSeq {
     }
 }
 
+/// Sequence parallelism's column-parallel linear: y = gather(x)·Wᵀ + b, keeping the shard x and
+/// gathering it again in backward (the gathered input is never held between the passes).
+struct GatherLinear {
+    comm: Arc<dyn Communicator>,
+    saved: Mutex<Option<(Tensor, Tensor, bool)>>,
+}
+
+impl Function for GatherLinear {
+    fn forward(&self, x: &[Tensor]) -> Result<Vec<Tensor>, String> {
+        let (shard, w) = (&x[0], &x[1]);
+        let total = gather_dim1(&*self.comm, shard)?;
+        let y = total.matmul(&w.tr());
+        let y = match x.get(2) {
+            Some(b) => y + b,
+            None => y,
+        };
+        *self.saved.lock().map_err(|_| "gather-linear state poisoned".to_string())? = Some((shard.shallow_clone(), w.shallow_clone(), x.len() > 2));
+        Ok(vec![y])
+    }
+    fn backward(&self, g: &[Tensor]) -> Result<Vec<Tensor>, String> {
+        let (shard, w, has_bias) =
+            self.saved.lock().map_err(|_| "gather-linear state poisoned".to_string())?.take().ok_or("gather-linear: backward ran twice")?;
+        let g = &g[0];
+        let kind = g.kind();
+        let total = gather_dim1(&*self.comm, &shard)?.to_kind(kind);
+        let (out_f, in_f) = (w.size()[0], w.size()[1]);
+        let g2 = g.reshape([-1, out_f]);
+        let grad_w = g2.tr().matmul(&total.reshape([-1, in_f])).to_kind(w.kind());
+        let grad_total = g.matmul(&w.to_kind(kind));
+        let grad_x = reduce_scatter_dim1(&*self.comm, &grad_total)?.to_kind(shard.kind());
+        let mut out = vec![grad_x, grad_w];
+        if has_bias {
+            out.push(g2.sum_dim_intlist(0, false, kind).to_kind(w.kind()));
+        }
+        Ok(out)
+    }
+}
+
 /// Megatron's `_VocabParallelCrossEntropy`: the softmax's maximum and normaliser and the target's
 /// logit are reduced over the group (three all-reduces of N values), never the logits.
 struct VocabParallelCe {
@@ -172,6 +210,13 @@ impl TpOps for TpRegion {
     }
     fn reduce_scatter_seq(&self, x: &Tensor) -> Tensor {
         self.run(&[x], ReduceScatterSeq(self.comm()), "reduce-scatter to sequence shards")
+    }
+    fn gather_linear(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+        let f = GatherLinear { comm: self.comm(), saved: Mutex::new(None) };
+        match bias {
+            Some(b) => self.run(&[x, weight, b], f, "column-parallel linear over the sequence shards"),
+            None => self.run(&[x, weight], f, "column-parallel linear over the sequence shards"),
+        }
     }
     fn vocab_parallel_cross_entropy(&self, logits: &Tensor, targets: &Tensor, vocab_start: i64) -> Tensor {
         let f = VocabParallelCe { comm: self.comm(), vocab_start, saved: Mutex::new(None) };
