@@ -28,7 +28,7 @@ fn main() {
     let mut first = f64::NAN;
     let mut last = f64::NAN;
     for step in 0..200 {
-        let loss = Model::loss(&model.forward(&x, true), &y);
+        let loss = Model::cross_entropy(&model.forward(&x, true), &y);
         loss.backward();
         let _ = clip_grad_norm(&params, 1.0);
         opt.step(3e-3).expect("AdamW step");
