@@ -50,9 +50,10 @@ impl GptBlock {
 
     /// Queries, keys and values, each (B, nh, T, hs): with tensor parallelism this rank's
     /// nh/tp heads, over the whole sequence.
-    pub fn qkv(&self, cfg: &GptConfig, x: &Tensor, tp: Option<&TensorParallel>) -> (Tensor, Tensor, Tensor) {
-        let fused = column_forward(tp, &self.ln_1.forward(x), &[&self.c_attn]).remove(0); // (B, T, 3C/tp)
-        let (b, t, _) = fused.size3().expect("x is (B, T, C)");
+    /// `bt` = (B, T): with sequence parallelism `x` is this rank's (B·T/tp, C) token shard.
+    pub fn qkv(&self, cfg: &GptConfig, x: &Tensor, tp: Option<&TensorParallel>, bt: (i64, i64)) -> (Tensor, Tensor, Tensor) {
+        let fused = column_forward(tp, &self.ln_1.forward(x), &[&self.c_attn], bt).remove(0); // (B, T, 3C/tp)
+        let (b, t) = bt;
         let n = tp.map_or(1, |p| p.size) as i64;
         let (nh, c) = (cfg.n_head as i64 / n, cfg.n_embd as i64 / n);
         let qkv = fused.split(c, 2); // 3 × (B, T, C/tp)
@@ -62,12 +63,12 @@ impl GptBlock {
 
     /// The rest of the block after the attention core `y` (B, nh, T, hs): projection, residual
     /// dropout and add, MLP.
-    pub fn finish(&self, cfg: &GptConfig, x: &Tensor, y: &Tensor, train: bool, tp: Option<&TensorParallel>) -> Tensor {
+    pub fn finish(&self, cfg: &GptConfig, x: &Tensor, y: &Tensor, train: bool, tp: Option<&TensorParallel>, bt: (i64, i64)) -> Tensor {
         let (b, nh, t, hs) = y.size4().expect("y is (B, nh, T, hs)");
         let y = y.transpose(1, 2).contiguous().view([b, t, nh * hs]);
         let h = x + outer_dropout(tp, &self.attn_proj.row_forward(&y, tp), cfg.dropout, train);
         let approximate = if cfg.activation == "gelu_tanh" { "tanh" } else { "none" };
-        let inner = column_forward(tp, &self.ln_2.forward(&h), &[&self.c_fc]).remove(0).gelu(approximate);
+        let inner = column_forward(tp, &self.ln_2.forward(&h), &[&self.c_fc], bt).remove(0).gelu(approximate);
         let m = outer_dropout(tp, &self.mlp_proj.row_forward(&inner, tp), cfg.dropout, train);
         h + m
     }

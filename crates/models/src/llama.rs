@@ -317,9 +317,10 @@ impl LlamaBlock {
     /// Queries, keys and values (B, heads, T, hs) with rotary embeddings applied; keys and values
     /// have `n_kv_head` heads (with tensor parallelism this rank's `n_head/tp` and `n_kv_head/tp`,
     /// over the whole sequence).
-    pub fn qkv(&self, cfg: &LlamaConfig, x: &Tensor, cos: &Tensor, sin: &Tensor, tp: Option<&TensorParallel>) -> (Tensor, Tensor, Tensor) {
-        let mut qkv = column_forward(tp, &self.input_layernorm.forward(x), &[&self.q_proj, &self.k_proj, &self.v_proj]);
-        let (b, t, _c) = qkv[0].size3().expect("x is (B, T, C)");
+    /// `bt` = (B, T): with sequence parallelism `x` is this rank's (B·T/tp, C) token shard.
+    pub fn qkv(&self, cfg: &LlamaConfig, x: &Tensor, cos: &Tensor, sin: &Tensor, tp: Option<&TensorParallel>, bt: (i64, i64)) -> (Tensor, Tensor, Tensor) {
+        let mut qkv = column_forward(tp, &self.input_layernorm.forward(x), &[&self.q_proj, &self.k_proj, &self.v_proj], bt);
+        let (b, t) = bt;
         let hs = cfg.head_size() as i64;
         let n = tp.map_or(1, |p| p.size);
         let heads = |z: Tensor, heads: usize| z.view([b, t, (heads / n) as i64, hs]).transpose(1, 2);
@@ -330,11 +331,11 @@ impl LlamaBlock {
     }
 
     /// The rest of the layer after the attention core: output projection, residual, MLP.
-    pub fn finish(&self, x: &Tensor, y: &Tensor, tp: Option<&TensorParallel>) -> Tensor {
+    pub fn finish(&self, x: &Tensor, y: &Tensor, tp: Option<&TensorParallel>, bt: (i64, i64)) -> Tensor {
         let (b, nh, t, hs) = y.size4().expect("y is (B, H, T, hs)");
         let y = y.transpose(1, 2).contiguous().view([b, t, nh * hs]);
         let h = x + self.o_proj.row_forward(&y, tp);
-        let gate_up = column_forward(tp, &self.post_attention_layernorm.forward(&h), &[&self.gate_proj, &self.up_proj]);
+        let gate_up = column_forward(tp, &self.post_attention_layernorm.forward(&h), &[&self.gate_proj, &self.up_proj], bt);
         let mlp = self.down_proj.row_forward(&(gate_up[0].silu() * &gate_up[1]), tp);
         h + mlp
     }

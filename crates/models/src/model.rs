@@ -115,6 +115,8 @@ struct BlockCtx {
     /// Llama's rotary tables for this sequence length.
     rope: Option<(Tensor, Tensor)>,
     tp: Option<TensorParallel>,
+    /// The micro-batch's (B, T) (a sequence-parallel block sees a shard of its tokens).
+    bt: (i64, i64),
 }
 
 impl BlockCtx {
@@ -125,6 +127,7 @@ impl BlockCtx {
             recompute: self.recompute,
             rope: self.rope.as_ref().map(|(c, s)| (c.shallow_clone(), s.shallow_clone())),
             tp: self.tp.clone(),
+            bt: self.bt,
         }
     }
 
@@ -153,13 +156,13 @@ impl BlockCtx {
         let tp = self.tp.as_ref();
         match (block, &self.cfg) {
             (Block::Gpt(b), ModelConfig::Gpt(cfg)) => {
-                let (q, k, v) = b.qkv(cfg, x, tp);
-                b.finish(cfg, x, &core(q, k, v, crate::gpt::attention_core), self.train, tp)
+                let (q, k, v) = b.qkv(cfg, x, tp, self.bt);
+                b.finish(cfg, x, &core(q, k, v, crate::gpt::attention_core), self.train, tp, self.bt)
             }
             (Block::Llama(b), ModelConfig::Llama(cfg)) => {
                 let (cos, sin) = self.rope.as_ref().expect("rotary tables for a Llama block");
-                let (q, k, v) = b.qkv(cfg, x, cos, sin, tp);
-                b.finish(x, &core(q, k, v, crate::llama::attention_core), tp)
+                let (q, k, v) = b.qkv(cfg, x, cos, sin, tp, self.bt);
+                b.finish(x, &core(q, k, v, crate::llama::attention_core), tp, self.bt)
             }
             _ => unreachable!("blocks are built from the model's own config"),
         }
@@ -403,12 +406,17 @@ impl Model {
     ///
     /// With tensor parallelism the logits are this rank's vocabulary slice (B, T, V/tp) (see
     /// [`Model::loss`]), and with sequence parallelism the hidden states between stages are this
-    /// rank's sequence shard (B, T/tp, C).
+    /// rank's shard of the micro-batch's tokens (B·T/tp, C), of sequences of `block_size`.
     pub fn forward_stage(&self, input: &Tensor, train: bool) -> Tensor {
         let tp = self.tp.as_ref();
         let sp = tp.is_some_and(|p| p.sequence_parallel);
-        // The whole sequence's length (the hidden states of a sequence-parallel stage are a shard).
-        let t = if sp && !self.spec.embed { input.size()[1] * tp.map_or(1, |p| p.size) as i64 } else { input.size()[1] };
+        // The micro-batch's (B, T): a sequence-parallel stage's hidden states are a token shard.
+        let (b, t) = if sp && !self.spec.embed {
+            let t = self.cfg.block_size() as i64;
+            (input.size()[0] * tp.map_or(1, |p| p.size) as i64 / t, t)
+        } else {
+            (input.size()[0], input.size()[1])
+        };
         let mut x = match &self.wte {
             Some(wte) if self.spec.embed => {
                 assert!(t as usize <= self.cfg.block_size(), "sequence length {t} exceeds block_size");
@@ -427,14 +435,14 @@ impl Model {
                 };
                 match &self.wpe {
                     Some(wpe) => {
-                        let (from, len) = match tp {
+                        let pos = match tp {
+                            // Token i of the micro-batch is at position i mod T.
                             Some(p) if sp => {
-                                let shard = t / p.size as i64;
-                                (p.rank as i64 * shard, shard)
+                                let shard = b * t / p.size as i64;
+                                Tensor::arange_start(p.rank as i64 * shard, (p.rank as i64 + 1) * shard, (Kind::Int64, input.device())).remainder(t)
                             }
-                            _ => (0, t),
+                            _ => Tensor::arange(t, (Kind::Int64, input.device())),
                         };
-                        let pos = Tensor::arange_start(from, from + len, (Kind::Int64, input.device()));
                         outer_dropout(tp, &(tok_emb + Tensor::embedding(wpe, &pos, -1, false, false)), self.cfg.dropout(), train)
                     }
                     None => tok_emb,
@@ -447,6 +455,7 @@ impl Model {
             train,
             recompute: self.recompute,
             tp: self.tp.clone(),
+            bt: (b, t),
             rope: match &self.cfg {
                 ModelConfig::Llama(m) if !self.blocks.is_empty() => Some(crate::llama::rope_tables(m, t, input.device())),
                 _ => None,
@@ -463,7 +472,7 @@ impl Model {
         }
         match (&self.norm, self.lm_head.as_ref().or(self.wte.as_ref())) {
             (Some(norm), Some(head)) => match tp {
-                Some(p) if p.sequence_parallel => p.ops.gather_linear(&norm.forward(&x), head, None), // (B, T, V/tp)
+                Some(p) if p.sequence_parallel => p.ops.gather_linear(&norm.forward(&x), head, None).view([b, t, -1]), // (B, T, V/tp)
                 _ => enter(tp, &norm.forward(&x)).linear(head, None::<&Tensor>),                      // (B, T, V or V/tp)
             },
             _ => x,

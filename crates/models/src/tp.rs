@@ -28,13 +28,16 @@ pub trait TpOps: Send + Sync {
     /// `reduce_from_tensor_model_parallel_region`: all-reduce (sum) forward, identity backward.
     fn reduce_from(&self, x: &Tensor) -> Tensor;
     /// Sequence parallelism's entry (`gather_from_sequence_parallel_region`): all-gather of
-    /// (B, T/tp, C) shards along dim 1 forward, reduce-scatter of the gradient backward.
+    /// the (B·T/tp, C) token shards into (B·T, C) forward, reduce-scatter of the gradient
+    /// backward. A shard is a contiguous block of the micro-batch's tokens (Megatron splits the s
+    /// of its [s, b, h] layout: the same contiguous split in s-major order).
     fn gather_seq(&self, x: &Tensor) -> Tensor;
     /// Sequence parallelism's exit (`reduce_scatter_to_sequence_parallel_region`): reduce-scatter
-    /// along dim 1 forward, all-gather of the gradient backward.
+    /// of (…, C) partial sums into this rank's (B·T/tp, C) token shard forward, all-gather of
+    /// the gradient backward.
     fn reduce_scatter_seq(&self, x: &Tensor) -> Tensor;
-    /// Sequence parallelism's column-parallel linear, `all_gather(x)·Wᵀ + b` for a shard x
-    /// (B, T/tp, in) (Megatron's `LinearWithGradAccumulationAndAsyncCommunication` with
+    /// Sequence parallelism's column-parallel linear, `all_gather(x)·Wᵀ + b` (B·T, out) for a
+    /// token shard x (B·T/tp, in) (Megatron's `LinearWithGradAccumulationAndAsyncCommunication` with
     /// `sequence_parallel`): only the shard is kept for backward, which gathers it again for
     /// W's gradient and reduce-scatters x's, so the gathered input never stays in memory.
     fn gather_linear(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor;
@@ -51,7 +54,8 @@ pub struct TensorParallel {
     pub rank: usize,
     /// `parallel.tp`.
     pub size: usize,
-    /// `parallel.sequence_parallel`: the residual stream between the regions is (B, T/tp, C).
+    /// `parallel.sequence_parallel`: the residual stream between the regions is this rank's
+    /// (B·T/tp, C) shard of the tokens.
     pub sequence_parallel: bool,
     pub ops: Arc<dyn TpOps>,
 }
@@ -113,7 +117,8 @@ pub fn outer_dropout(tp: Option<&TensorParallel>, x: &Tensor, p: f64, train: boo
 /// gate and up, are several): into the region once, then each layer's slice. With sequence
 /// parallelism the layers' weights are stacked for one [`TpOps::gather_linear`], so the
 /// sequence is gathered once and not kept.
-pub fn column_forward(tp: Option<&TensorParallel>, x: &Tensor, layers: &[&crate::layers::Linear]) -> Vec<Tensor> {
+/// Outputs are (B, T, out) for `bt` = (B, T).
+pub fn column_forward(tp: Option<&TensorParallel>, x: &Tensor, layers: &[&crate::layers::Linear], bt: (i64, i64)) -> Vec<Tensor> {
     match tp {
         Some(p) if p.sequence_parallel => {
             let sizes: Vec<i64> = layers.iter().map(|l| l.weight.size()[0]).collect();
@@ -127,7 +132,7 @@ pub fn column_forward(tp: Option<&TensorParallel>, x: &Tensor, layers: &[&crate:
                     .then(|| Tensor::cat(&layers.iter().filter_map(|l| l.bias.as_ref()).collect::<Vec<_>>(), 0));
                 (w, b)
             };
-            let y = p.ops.gather_linear(x, &w, b.as_ref());
+            let y = p.ops.gather_linear(x, &w, b.as_ref()).view([bt.0, bt.1, -1]);
             if layers.len() == 1 {
                 vec![y]
             } else {

@@ -79,7 +79,7 @@ struct StageRunner<'a> {
     loss_sum: Tensor,
     inject_nan: bool,
     /// (B, T, C) of every activation on the wire.
-    shape: [i64; 3],
+    shape: Vec<i64>,
     /// This rank's pipeline coordinate, and the position in its action list of the call running.
     rank: usize,
     next: usize,
@@ -118,7 +118,7 @@ impl StageRunner<'_> {
                 Op::RecvB => self.schedule.rank_of_stage(a.stage + 1),
                 _ => continue,
             };
-            let t = Tensor::zeros(self.shape, (Kind::Float, self.s.device));
+            let t = Tensor::zeros(self.shape.as_slice(), (Kind::Float, self.s.device));
             let w = self.comm.recv_async(&t, peer).map_err(err)?;
             self.posted.push_back((a, w, t));
         }
@@ -221,7 +221,7 @@ impl Runner for StageRunner<'_> {
                 t
             }
             _ => {
-                let t = Tensor::zeros(self.shape, (Kind::Float, self.s.device));
+                let t = Tensor::zeros(self.shape.as_slice(), (Kind::Float, self.s.device));
                 self.comm.recv(&t, peer).map_err(err)?;
                 t
             }
@@ -325,7 +325,7 @@ pub fn eval_sum(
                     match carry.take() {
                         Some(h) => h,
                         None => {
-                            let h = Tensor::zeros(hidden_shape(s), (Kind::Float, s.device));
+                            let h = Tensor::zeros(hidden_shape(s).as_slice(), (Kind::Float, s.device));
                             pp.recv(&h, pl.schedule.rank_of_stage(stage - 1)).map_err(comm_err)?;
                             h
                         }
@@ -346,9 +346,13 @@ pub fn eval_sum(
 }
 
 /// The hidden states one stage sends the next, (B, T, C): with sequence parallelism this tensor-
-/// parallel rank's shard of the sequence, (B, T/tp, C).
-fn hidden_shape(s: &Setup) -> [i64; 3] {
+/// parallel rank's shard of the micro-batch's tokens, (B·T/tp, C).
+fn hidden_shape(s: &Setup) -> Vec<i64> {
     let p = &s.cfg.parallel;
-    let t = if p.sequence_parallel { s.cfg.model.block_size() / p.tp } else { s.cfg.model.block_size() };
-    [s.cfg.train.batch_size as i64, t as i64, s.cfg.model.n_embd() as i64]
+    let (b, t, c) = (s.cfg.train.batch_size as i64, s.cfg.model.block_size() as i64, s.cfg.model.n_embd() as i64);
+    if p.sequence_parallel {
+        vec![b * t / p.tp as i64, c]
+    } else {
+        vec![b, t, c]
+    }
 }

@@ -4,9 +4,10 @@
 //! communicator; the group is bound once the grid exists ([`TpRegion::bind`]), after every
 //! rank's setup has succeeded.
 //!
-//! Sequence-parallel shards are along dim 1 of (B, T, C) activations: the communicator gathers
-//! and scatters contiguous rank-ordered blocks, so the sequence dimension is moved to the front
-//! around each collective.
+//! Sequence-parallel shards are contiguous blocks of a micro-batch's B·T tokens, (B·T/tp, C):
+//! Megatron splits the s of its [s, b, h] layout, which is the same contiguous split of the
+//! tokens in s-major order; in fabbrica's [b, s, h] layout the contiguous split is the one that
+//! gathers and scatters without copies.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -52,29 +53,28 @@ fn all_reduce_sum(comm: &dyn Communicator, x: &Tensor) -> Result<Tensor, String>
     Ok(y)
 }
 
-/// (B, T/n, C...) shards in rank order → (B, T, C...).
-fn gather_dim1(comm: &dyn Communicator, x: &Tensor) -> Result<Tensor, String> {
+/// Token shards (N, C) in rank order → all the tokens (n·N, C).
+fn gather_tokens(comm: &dyn Communicator, x: &Tensor) -> Result<Tensor, String> {
     let n = comm.size() as i64;
-    let front = x.transpose(0, 1).contiguous(); // (T/n, B, C)
-    let mut shape = front.size();
-    let out = Tensor::empty([n * shape[0]].iter().chain(&shape[1..]).copied().collect::<Vec<_>>().as_slice(), (front.kind(), front.device()));
-    collective(comm, "all-gather", comm.all_gather(&out, &front))?;
-    shape[0] *= n;
-    Ok(out.view(shape.as_slice()).transpose(0, 1).contiguous())
+    let c = x.size().last().copied().unwrap_or(1);
+    let shard = x.reshape([-1, c]).contiguous();
+    let out = Tensor::empty([n * shard.size()[0], c], (shard.kind(), shard.device()));
+    collective(comm, "all-gather", comm.all_gather(&out, &shard))?;
+    Ok(out)
 }
 
-/// (B, T, C...) partial sums → this rank's (B, T/n, C...) block of their sum.
-fn reduce_scatter_dim1(comm: &dyn Communicator, x: &Tensor) -> Result<Tensor, String> {
+/// Partial sums over all the tokens (…, C) → this rank's token shard (tokens/n, C) of their sum.
+fn reduce_scatter_tokens(comm: &dyn Communicator, x: &Tensor) -> Result<Tensor, String> {
     let n = comm.size() as i64;
-    let front = x.transpose(0, 1).contiguous(); // (T, B, C)
-    let mut shape = front.size();
-    if shape[0] % n != 0 {
-        return Err(format!("the sequence ({}) does not split into {n} shards", shape[0]));
+    let c = x.size().last().copied().unwrap_or(1);
+    let all = x.reshape([-1, c]).contiguous();
+    let tokens = all.size()[0];
+    if tokens % n != 0 {
+        return Err(format!("the micro-batch's {tokens} tokens do not split into {n} shards"));
     }
-    shape[0] /= n;
-    let out = Tensor::empty(shape.as_slice(), (front.kind(), front.device()));
-    collective(comm, "reduce-scatter", comm.reduce_scatter(&out, &front, ReduceOp::Sum))?;
-    Ok(out.transpose(0, 1).contiguous())
+    let out = Tensor::empty([tokens / n, c], (all.kind(), all.device()));
+    collective(comm, "reduce-scatter", comm.reduce_scatter(&out, &all, ReduceOp::Sum))?;
+    Ok(out)
 }
 
 struct CopyTo(Arc<dyn Communicator>);
@@ -100,20 +100,22 @@ impl Function for ReduceFrom {
 struct GatherSeq(Arc<dyn Communicator>);
 impl Function for GatherSeq {
     fn forward(&self, x: &[Tensor]) -> Result<Vec<Tensor>, String> {
-        Ok(vec![gather_dim1(&*self.0, &x[0])?])
+        Ok(vec![gather_tokens(&*self.0, &x[0])?])
     }
     fn backward(&self, g: &[Tensor]) -> Result<Vec<Tensor>, String> {
-        Ok(vec![reduce_scatter_dim1(&*self.0, &g[0])?])
+        Ok(vec![reduce_scatter_tokens(&*self.0, &g[0])?])
     }
 }
 
-struct ReduceScatterSeq(Arc<dyn Communicator>);
+struct ReduceScatterSeq(Arc<dyn Communicator>, Mutex<Vec<i64>>);
 impl Function for ReduceScatterSeq {
     fn forward(&self, x: &[Tensor]) -> Result<Vec<Tensor>, String> {
-        Ok(vec![reduce_scatter_dim1(&*self.0, &x[0])?])
+        *self.1.lock().map_err(|_| "reduce-scatter state poisoned".to_string())? = x[0].size();
+        Ok(vec![reduce_scatter_tokens(&*self.0, &x[0])?])
     }
     fn backward(&self, g: &[Tensor]) -> Result<Vec<Tensor>, String> {
-        Ok(vec![gather_dim1(&*self.0, &g[0])?])
+        let shape = self.1.lock().map_err(|_| "reduce-scatter state poisoned".to_string())?.clone();
+        Ok(vec![gather_tokens(&*self.0, &g[0])?.reshape(shape.as_slice())])
     }
 }
 
@@ -127,7 +129,7 @@ struct GatherLinear {
 impl Function for GatherLinear {
     fn forward(&self, x: &[Tensor]) -> Result<Vec<Tensor>, String> {
         let (shard, w) = (&x[0], &x[1]);
-        let total = gather_dim1(&*self.comm, shard)?;
+        let total = gather_tokens(&*self.comm, shard)?;
         let y = total.matmul(&w.tr());
         let y = match x.get(2) {
             Some(b) => y + b,
@@ -141,12 +143,12 @@ impl Function for GatherLinear {
             self.saved.lock().map_err(|_| "gather-linear state poisoned".to_string())?.take().ok_or("gather-linear: backward ran twice")?;
         let g = &g[0];
         let kind = g.kind();
-        let total = gather_dim1(&*self.comm, &shard)?.to_kind(kind);
+        let total = gather_tokens(&*self.comm, &shard)?.to_kind(kind);
         let (out_f, in_f) = (w.size()[0], w.size()[1]);
         let g2 = g.reshape([-1, out_f]);
         let grad_w = g2.tr().matmul(&total.reshape([-1, in_f])).to_kind(w.kind());
         let grad_total = g.matmul(&w.to_kind(kind));
-        let grad_x = reduce_scatter_dim1(&*self.comm, &grad_total)?.to_kind(shard.kind());
+        let grad_x = reduce_scatter_tokens(&*self.comm, &grad_total)?.to_kind(shard.kind());
         let mut out = vec![grad_x, grad_w];
         if has_bias {
             out.push(g2.sum_dim_intlist(0, false, kind).to_kind(w.kind()));
@@ -209,7 +211,7 @@ impl TpOps for TpRegion {
         self.run(&[x], GatherSeq(self.comm()), "all-gather of the sequence shards")
     }
     fn reduce_scatter_seq(&self, x: &Tensor) -> Tensor {
-        self.run(&[x], ReduceScatterSeq(self.comm()), "reduce-scatter to sequence shards")
+        self.run(&[x], ReduceScatterSeq(self.comm(), Mutex::new(Vec::new())), "reduce-scatter to sequence shards")
     }
     fn gather_linear(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
         let f = GatherLinear { comm: self.comm(), saved: Mutex::new(None) };
