@@ -318,7 +318,15 @@ impl LlamaBlock {
     /// have `n_kv_head` heads (with tensor parallelism this rank's `n_head/tp` and `n_kv_head/tp`,
     /// over the whole sequence).
     /// `bt` = (B, T): with sequence parallelism `x` is this rank's (B·T/tp, C) token shard.
-    pub fn qkv(&self, cfg: &LlamaConfig, x: &Tensor, cos: &Tensor, sin: &Tensor, tp: Option<&TensorParallel>, bt: (i64, i64)) -> (Tensor, Tensor, Tensor) {
+    pub fn qkv(
+        &self,
+        cfg: &LlamaConfig,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        tp: Option<&TensorParallel>,
+        bt: (i64, i64),
+    ) -> (Tensor, Tensor, Tensor) {
         let mut qkv = column_forward(tp, &self.input_layernorm.forward(x), &[&self.q_proj, &self.k_proj, &self.v_proj], bt);
         let (b, t) = bt;
         let hs = cfg.head_size() as i64;

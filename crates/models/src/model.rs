@@ -473,7 +473,7 @@ impl Model {
         match (&self.norm, self.lm_head.as_ref().or(self.wte.as_ref())) {
             (Some(norm), Some(head)) => match tp {
                 Some(p) if p.sequence_parallel => p.ops.gather_linear(&norm.forward(&x), head, None).view([b, t, -1]), // (B, T, V/tp)
-                _ => enter(tp, &norm.forward(&x)).linear(head, None::<&Tensor>),                      // (B, T, V or V/tp)
+                _ => enter(tp, &norm.forward(&x)).linear(head, None::<&Tensor>),                                       // (B, T, V or V/tp)
             },
             _ => x,
         }

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 use fabbrica_comm::{BackendChoice, Communicator, InitOptions, LaunchEnv, ReduceOp, World};
 use fabbrica_ddp::Ddp;
 
-use fabbrica_data::{Dataset, Sampler, Split, TokenizerSpec};
-use fabbrica_models::{flops_per_token, Model, StageSpec, TensorParallel};
+use fabbrica_data::{Sampler, Split};
+use fabbrica_models::{flops_per_token, Model, TensorParallel};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint;
 use crate::config::{Config, Resume};
-use crate::device::{gpu_name, peak_flops_for, peak_memory_bytes, resolve_bf16, resolve_device};
+use crate::device::{gpu_name, peak_flops_for, peak_memory_bytes};
 use crate::error::{io_err, TrainError};
 use crate::grads::Grads;
 use crate::grid::Grid;
@@ -28,9 +28,11 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::pipelined::StageTimes;
 use crate::sample::sample_text;
 use crate::saver::{save_checkpoint, Completed, RunState, Saver};
+use crate::setup::tp_local;
+pub use crate::setup::{setup, setup_on, setup_stage, Part, Pipeline, Setup};
 
-/// Evaluation batches use this step index, so every evaluation sees the same windows.
-const EVAL_STEP: u64 = u64::MAX;
+pub use crate::evaluate::evaluate;
+use crate::evaluate::evaluate_grid;
 
 #[derive(Debug, Clone, Default)]
 pub struct TrainOptions {
@@ -53,110 +55,6 @@ pub struct TrainOutcome {
     pub skipped_steps: u64,
 }
 
-/// Everything resolved before the first step.
-pub struct Setup {
-    pub cfg: Config,
-    pub data: Dataset,
-    /// The model parts this rank holds, in stage order: the whole model without pipeline
-    /// parallelism, else this rank's stages (one per virtual stage).
-    pub parts: Vec<Part>,
-    pub device: Device,
-    pub bf16: bool,
-    /// With `parallel.pp > 1`: the lowered schedule and the split.
-    pub pipeline: Option<Pipeline>,
-}
-
-/// One model part: pipeline stage `stage` (0 for the whole model).
-pub struct Part {
-    pub stage: usize,
-    pub model: Model,
-}
-
-/// A pipeline's shape: the schedule every pipeline rank runs (lowered: with its sends and
-/// receives) and the layers of each stage.
-pub struct Pipeline {
-    pub schedule: fabbrica_pipeline::Schedule,
-    pub layers: Vec<usize>,
-}
-
-impl Setup {
-    /// The whole model (a run without pipeline parallelism).
-    pub fn model(&self) -> &Model {
-        assert!(self.pipeline.is_none() && self.parts.len() == 1, "the whole model exists only without pipeline parallelism");
-        &self.parts[0].model
-    }
-
-    /// Parameters this rank holds (the tied embedding's pipeline copy counted).
-    pub fn num_params(&self) -> i64 {
-        self.parts.iter().map(|p| p.model.num_params()).sum()
-    }
-}
-
-/// Loads data and builds the model: every input error surfaces here, before any step.
-pub fn setup(cfg: &Config) -> Result<Setup, TrainError> {
-    setup_on(cfg, 0)
-}
-
-/// As [`setup`], on CUDA device `cuda_ordinal` when the run uses a GPU (each rank its local one).
-pub fn setup_on(cfg: &Config, cuda_ordinal: usize) -> Result<Setup, TrainError> {
-    setup_stage(cfg, cuda_ordinal, 0, None)
-}
-
-/// As [`setup_on`], building only the stages of pipeline rank `pp_rank` (all of the model
-/// without pipeline parallelism), and with `tp` only this tensor-parallel rank's slices.
-pub fn setup_stage(cfg: &Config, cuda_ordinal: usize, pp_rank: usize, tp: Option<TensorParallel>) -> Result<Setup, TrainError> {
-    let mut cfg = cfg.clone();
-    cfg.validate()?;
-    let device = resolve_device(&cfg.run.device, cuda_ordinal)?;
-    let bf16 = resolve_bf16(&cfg.train.dtype, device)?;
-    if cfg.run.threads > 0 {
-        tch::set_num_threads(cfg.run.threads as i32);
-    }
-    let kind: TokenizerSpec = cfg.data.tokenizer.parse()?;
-    let data = fabbrica_data::load(&cfg.data.path, &kind, cfg.model.block_size(), cfg.data.val_fraction)?;
-    let vocab = data.tokenizer.vocab_size();
-    if cfg.model.vocab_size() == 0 {
-        cfg.model.set_vocab_size(vocab);
-    } else if cfg.model.vocab_size() < vocab {
-        return Err(TrainError::Config(crate::ConfigError::Invalid {
-            key: "model.vocab_size".into(),
-            value: cfg.model.vocab_size().to_string(),
-            why: format!(
-                "the {} tokenizer of {} has {vocab} tokens: set it to at least {vocab}, or 0 to take it from the data",
-                data.tokenizer.kind().as_str(),
-                cfg.data.path.display()
-            ),
-        }));
-    }
-    Model::check_tensor_parallel(&cfg.model, cfg.parallel.tp)?;
-    let build = |spec: &StageSpec| Model::build_tp(&cfg.model, device, spec, cfg.run.seed, tp.clone());
-    let (parts, pipeline) = match cfg.pipeline_shape()? {
-        None => (vec![Part { stage: 0, model: build(&StageSpec::whole(cfg.model.n_layer()))? }], None),
-        Some((schedule, layers)) => {
-            let specs = StageSpec::split(&layers);
-            let schedule = fabbrica_pipeline::lower(&schedule);
-            let parts = (0..specs.len())
-                .filter(|&st| schedule.rank_of_stage(st) == pp_rank)
-                .map(|st| Ok(Part { stage: st, model: build(&specs[st])? }))
-                .collect::<Result<Vec<_>, TrainError>>()?;
-            (parts, Some(Pipeline { schedule, layers }))
-        }
-    };
-    let mut parts = parts;
-    for p in &mut parts {
-        p.model.set_recompute(cfg.recompute());
-    }
-    if !cfg.model.init_from.as_os_str().is_empty() {
-        // Transfer learning: the published weights replace the random init (each stage takes its own).
-        let weights = crate::hf::read_weights(&cfg.model.init_from, &cfg.model)
-            .map_err(|e| TrainError::Checkpoint(format!("model.init_from = {}: {e}", cfg.model.init_from.display())))?;
-        for p in &parts {
-            p.model.load_own_parameters(&weights)?;
-        }
-    }
-    Ok(Setup { cfg, data, parts, device, bf16, pipeline })
-}
-
 /// Decorrelates per-step (and per-micro-batch) seeds drawn from one base seed: splitmix64 of
 /// the seed and the step's odd-multiplier spread (the data crate's one implementation).
 pub(crate) fn mix(seed: u64, step: u64) -> i64 {
@@ -165,37 +63,6 @@ pub(crate) fn mix(seed: u64, step: u64) -> i64 {
 
 pub(crate) fn to_tensor(v: Vec<i64>, b: usize, t: usize, device: Device) -> Tensor {
     Tensor::from_slice(&v).view([b as i64, t as i64]).to_device(device)
-}
-
-/// Mean loss over `iters` fixed batches of `split`.
-pub fn evaluate(s: &Setup, sampler: &Sampler, split: Split, iters: u64) -> f64 {
-    eval_sum(s, sampler, split, iters, 0, 1) / iters as f64
-}
-
-/// Sum of the losses of the batches `k < iters` with `k % ranks == rank`.
-fn eval_sum(s: &Setup, sampler: &Sampler, split: Split, iters: u64, rank: usize, ranks: usize) -> f64 {
-    let (b, t) = (s.cfg.train.batch_size, s.cfg.model.block_size());
-    let src = s.data.source(split);
-    tch::no_grad(|| {
-        let mut sum = 0.0;
-        for k in (rank as u64..iters).step_by(ranks) {
-            let (x, y) = sampler.batch(src, split, EVAL_STEP, k * b as u64, b, t);
-            let (x, y) = (to_tensor(x, b, t, s.device), to_tensor(y, b, t, s.device));
-            let loss = tch::autocast(s.bf16, || s.model().loss(&s.model().forward(&x, false), &y));
-            sum += loss.double_value(&[]);
-        }
-        sum
-    })
-}
-
-/// Evaluation with the batches spread over the data-parallel ranks: the same value as
-/// [`evaluate`] on one rank (up to the order of a floating-point sum).
-fn evaluate_dp(s: &Setup, sampler: &Sampler, split: Split, iters: u64, comm: &dyn Communicator) -> Result<f64, TrainError> {
-    let local = eval_sum(s, sampler, split, iters, comm.rank(), comm.size());
-    // f32 on the wire (communicators move f32, bf16, f16 and i64): about 7 significant digits.
-    let t = Tensor::from_slice(&[local as f32]);
-    comm.all_reduce(&t, ReduceOp::Sum).map_err(comm_err)?;
-    Ok(t.double_value(&[0]) / iters as f64)
 }
 
 fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
@@ -432,11 +299,19 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         }
     };
     let progress = Progress::new(cfg.train.max_steps, start, opts.progress && rank0);
+    let tensor = match (dims.tp, cfg.parallel.sequence_parallel) {
+        (1, _) => String::new(),
+        (t, false) => format!("tp {t} x "),
+        (t, true) => format!("tp {t} (sequence parallel) x "),
+    };
     let layout = match &s.pipeline {
-        None => format!("{nranks} ranks (dp {dp})"),
-        Some(pl) => {
-            format!("{nranks} ranks (pp {pp} x dp {dp}, {} schedule, {} stages of {:?} layers)", pl.schedule.kind, pl.schedule.stages(), pl.layers)
-        }
+        None => format!("{nranks} ranks ({tensor}dp {dp})"),
+        Some(pl) => format!(
+            "{nranks} ranks ({tensor}pp {pp} x dp {dp}, {} schedule, {} stages of {:?} layers)",
+            pl.schedule.kind,
+            pl.schedule.stages(),
+            pl.layers
+        ),
     };
     progress.println(&format!(
         "training {} parameters on {:?} ({}), {layout}, global batch {global_batch} = micro {} x accum {} x dp {dp} ({} tokens/step), {} buckets{grads_over}{}, steps {}..{}",
@@ -691,22 +566,6 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     Ok(TrainOutcome { steps: step, train_loss, val_loss, sample, out_dir: out, checkpoint, notes, skipped_steps: saver.run.skipped_steps })
 }
 
-/// Mean evaluation loss over `iters` fixed batches of `split`, spread over the data-parallel
-/// ranks (and, with a pipeline, through its stages): the value [`evaluate`] gives on one rank,
-/// up to the order of a floating-point sum. Known on every rank.
-fn evaluate_grid(s: &Setup, sampler: &Sampler, grid: &Grid, split: Split, iters: u64) -> Result<f64, TrainError> {
-    if s.pipeline.is_none() {
-        return evaluate_dp(s, sampler, split, iters, &*grid.dp);
-    }
-    let local = crate::pipelined::eval_sum(s, sampler, &*grid.pp, split, iters, EVAL_STEP, grid.coords.dp, grid.dims.dp)?;
-    // The tensor-parallel ranks of a last stage hold the same loss: one of them counts it.
-    let local = if grid.coords.tp == 0 { local } else { 0.0 };
-    // Only the last stages hold losses; every rank learns their sum.
-    let t = Tensor::from_slice(&[local as f32]);
-    grid.world.all_reduce(&t, ReduceOp::Sum).map_err(comm_err)?;
-    Ok(t.double_value(&[0]) / iters as f64)
-}
-
 /// Every pipeline rank's compute, wait and idle fraction per step over the log window, gathered
 /// from the first replica's stages (every rank takes part: a collective over the world).
 fn pipeline_report(grid: &Grid, t: &StageTimes, steps: u64) -> Result<Vec<StageReport>, TrainError> {
@@ -903,20 +762,4 @@ fn settled(done: Completed, last: bool, cfg: &Config, progress: &Progress, log: 
         }
         Err(e) => Err(e),
     }
-}
-
-/// The tensor-parallel slice of each whole optimizer tensor this rank's parts split (others pass
-/// through): what a rank of any tensor-parallel degree loads from a checkpoint of any other.
-fn tp_local(tensors: Vec<(String, Tensor)>, parts: &[Part]) -> Vec<(String, Tensor)> {
-    tensors
-        .into_iter()
-        .map(|(key, t)| {
-            let param = checkpoint::param_of(&key);
-            let found = parts.iter().find_map(|p| Some((p.model.shard_of(param)?, p.model.tensor_parallel()?.clone())));
-            match found {
-                Some((sh, tp)) if t.dim() > sh.dim && sh.divides(&t.size(), tp.size) => (key, sh.slice(&t, tp.rank, tp.size).contiguous()),
-                _ => (key, t),
-            }
-        })
-        .collect()
 }

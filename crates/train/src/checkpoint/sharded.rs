@@ -52,6 +52,9 @@ pub struct TpSlice {
     pub size: usize,
 }
 
+/// Tensors by name.
+pub type Named = Vec<(String, Tensor)>;
+
 /// `{name}#tp{rank}`: the stored name of a tensor-parallel rank's slice of `name`.
 pub fn tp_slice_name(name: &str, rank: usize) -> String {
     format!("{name}#tp{rank}")
@@ -184,7 +187,7 @@ pub fn commit(
 /// Reads the tensors an index lists, each file verified against state.json's checksum. File
 /// names come from the index: only plain names of files in this directory that state.json
 /// lists are read (a name with a path, `..` or unknown to state.json is refused).
-pub fn read_indexed(dir: &Path, state: &CheckpointState, index: &str) -> Result<(Vec<(String, Tensor)>, BTreeMap<String, TpSlice>), TrainError> {
+pub fn read_indexed(dir: &Path, state: &CheckpointState, index: &str) -> Result<(Named, BTreeMap<String, TpSlice>), TrainError> {
     let corrupt =
         |why: String| TrainError::Checkpoint(format!("{}: {why}: resume from an earlier checkpoint (run.resume_from)", dir.join(index).display()));
     let path = dir.join(index);
