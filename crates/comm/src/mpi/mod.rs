@@ -8,7 +8,7 @@
 
 use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use mpi::ffi;
 use tch::{Device, Tensor};
@@ -17,13 +17,12 @@ use crate::communicator::Communicator;
 use crate::debug::{mismatch_detail, Sig};
 use crate::engine::{Engine, Job};
 use crate::error::{CommError, OpContext, Result};
-use crate::flight::{OpDesc, Rec, Recorder};
+use crate::flight::{OpDesc, Recorder};
 use crate::types::{Backend, DType, OpCounter, OpKind, ReduceOp};
 use crate::watchdog;
-use crate::work::{Work, WorkImpl};
+use crate::work::Work;
 
 extern "C" {
-    fn fabbrica_mpi_in_place() -> *mut c_void;
     fn fabbrica_mpi_cuda_aware() -> c_int;
 }
 
@@ -83,178 +82,15 @@ pub struct MpiComm {
     registry: Arc<Registry>,
 }
 
-// ---------------------------------------------------------------------------------------------
-// Datatypes and reductions
+mod ops;
+mod p2p;
+mod staging;
 
-struct UserOps([ffi::MPI_Op; 6]);
-// SAFETY: opaque MPI_Op handles, created once by `create_user_ops` and never freed or changed.
-// MPI is initialised at MPI_THREAD_MULTIPLE (`world::init_with` asks for `Threading::Multiple` and
-// returns an error for any lower level; every `MpiComm` descends from `MpiComm::world`, which only
-// `init_with` calls, after that check), so they may be used from any thread.
-unsafe impl Send for UserOps {}
-// SAFETY: as for `Send`: shared use is read-only (handles passed by value to MPI calls), which
-// MPI_THREAD_MULTIPLE allows from several threads at once.
-unsafe impl Sync for UserOps {}
-static USER_OPS: OnceLock<UserOps> = OnceLock::new();
-
-macro_rules! half_op {
-    ($name:ident, $ty:ty, $f:expr) => {
-        /// An `MPI_User_function` over 16-bit words (public for raw-MPI baselines).
-        ///
-        /// # Safety
-        /// MPI's contract for user operations: `invec` and `inout` point to `*len` 16-bit
-        /// elements each, `len` is valid.
-        pub unsafe extern "C" fn $name(invec: *mut c_void, inout: *mut c_void, len: *mut c_int, _dt: *mut ffi::MPI_Datatype) {
-            let n = *len as usize;
-            let a = std::slice::from_raw_parts(invec as *const u16, n);
-            let b = std::slice::from_raw_parts_mut(inout as *mut u16, n);
-            let f: fn(f32, f32) -> f32 = $f;
-            for (y, &x) in b.iter_mut().zip(a) {
-                let v = f(<$ty>::from_bits(x).to_f32(), <$ty>::from_bits(*y).to_f32());
-                *y = <$ty>::from_f32(v).to_bits();
-            }
-        }
-    };
-}
-half_op!(bf16_sum, half::bf16, |a, b| a + b);
-half_op!(bf16_max, half::bf16, |a, b| if a.is_nan() || a > b { a } else { b });
-half_op!(bf16_min, half::bf16, |a, b| if a.is_nan() || a < b { a } else { b });
-half_op!(f16_sum, half::f16, |a, b| a + b);
-half_op!(f16_max, half::f16, |a, b| if a.is_nan() || a > b { a } else { b });
-half_op!(f16_min, half::f16, |a, b| if a.is_nan() || a < b { a } else { b });
-
-pub(crate) fn create_user_ops() -> std::result::Result<(), String> {
-    if USER_OPS.get().is_some() {
-        return Ok(());
-    }
-    type F = unsafe extern "C" fn(*mut c_void, *mut c_void, *mut c_int, *mut ffi::MPI_Datatype);
-    let fns: [F; 6] = [bf16_sum, bf16_max, bf16_min, f16_sum, f16_max, f16_min];
-    // SAFETY: MPI_Op is a C handle (a pointer or an int): all-zero is a valid value, and each is
-    // overwritten by MPI_Op_create before use.
-    let mut ops: [ffi::MPI_Op; 6] = unsafe { std::mem::zeroed() };
-    for (op, f) in ops.iter_mut().zip(fns) {
-        // SAFETY: called from `MpiComm::world`, after MPI_Init; `f` is an `MPI_User_function`
-        // (commutative, hence the 1), `op` a valid out-pointer into `ops`.
-        let rc = unsafe { ffi::MPI_Op_create(Some(f), 1, op) };
-        if rc != 0 {
-            return Err(format!("MPI_Op_create failed: {}", error_string(rc)));
-        }
-    }
-    let _ = USER_OPS.set(UserOps(ops));
-    Ok(())
-}
-
-fn datatype(d: DType) -> ffi::MPI_Datatype {
-    // SAFETY: reads of rsmpi's extern statics, C `const` handles (rsmpi.c: `const MPI_Datatype
-    // RSMPI_FLOAT = MPI_FLOAT;` ...) that are initialised at load and never written.
-    unsafe {
-        match d {
-            DType::F32 => ffi::RSMPI_FLOAT,
-            DType::I64 => ffi::RSMPI_INT64_T,
-            DType::Bf16 | DType::F16 => ffi::RSMPI_UINT16_T,
-        }
-    }
-}
-
-fn reduction(d: DType, op: ReduceOp) -> ffi::MPI_Op {
-    let idx = match op {
-        ReduceOp::Sum | ReduceOp::Avg => 0,
-        ReduceOp::Max => 1,
-        ReduceOp::Min => 2,
-    };
-    // SAFETY: reads of rsmpi's extern statics, C `const` MPI_Op handles (rsmpi.c) that are
-    // initialised at load and never written.
-    unsafe {
-        match d {
-            DType::F32 | DType::I64 => [ffi::RSMPI_SUM, ffi::RSMPI_MAX, ffi::RSMPI_MIN][idx],
-            DType::Bf16 => USER_OPS.get().expect("user ops created at init").0[idx],
-            DType::F16 => USER_OPS.get().expect("user ops created at init").0[3 + idx],
-        }
-    }
-}
-
-pub(crate) fn error_string(code: c_int) -> String {
-    let mut buf = vec![0u8; 1024];
-    let mut len: c_int = 0;
-    // SAFETY: `buf` holds 1024 bytes, at least MPI_MAX_ERROR_STRING (256 in Open MPI, 1024 in
-    // MPICH), which is all MPI_Error_string writes; `len` is a valid out-pointer.
-    unsafe {
-        if ffi::MPI_Error_string(code, buf.as_mut_ptr() as *mut _, &mut len) != 0 {
-            return format!("MPI error {code}");
-        }
-    }
-    buf.truncate(len.max(0) as usize);
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
-fn ok(rc: c_int, ctx: &OpContext, call: &str) -> Result<()> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(CommError::Backend { ctx: ctx.clone(), detail: format!("{call} failed: {}", error_string(rc)) })
-    }
-}
-
-/// `MPI_IN_PLACE` (a macro in mpi.h, so rsmpi's bindings do not have it).
-pub fn in_place() -> *mut c_void {
-    // SAFETY: csrc/mpi_consts.c: takes nothing and returns the constant MPI_IN_PLACE.
-    unsafe { fabbrica_mpi_in_place() }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Staging
-
-/// The contiguous buffer MPI reads or writes, and the caller's tensor to copy it back into.
-struct Staged {
-    buf: Tensor,
-    back: Option<Tensor>,
-}
-
-impl Staged {
-    fn ptr(&self) -> *mut c_void {
-        self.buf.data_ptr()
-    }
-    /// Writes the result back into the caller's tensor (non-contiguous or device tensors).
-    fn finish(self, ctx: &OpContext) -> Result<()> {
-        if let Some(mut back) = self.back {
-            // no_grad is per thread and this may run on the worker: the destination can be a
-            // parameter (a leaf that requires grad), which refuses in-place writes under grad mode.
-            tch::no_grad(|| back.f_copy_(&self.buf))
-                .map_err(|e| CommError::Backend { ctx: ctx.clone(), detail: format!("copying the result back into the tensor failed: {e}") })?;
-        }
-        Ok(())
-    }
-}
-
-// SAFETY: tensors are reference-counted handles; the operation owns its buffers until it ends.
-unsafe impl Send for Staged {}
-
-/// Turns the sum MPI left in `buf` into the average over `size` ranks (MPI has no average op),
-/// in place. A failure is the operation's error: ignoring it would hand back the sum as if it
-/// were the average. Under no_grad, as in [`Staged::finish`]: `buf` can be the caller's own
-/// tensor, a parameter (a leaf that requires grad), which refuses in-place writes under grad mode
-/// (and this may run on the worker thread, where grad mode is on whatever the caller set).
-///
-/// The divisor is a 0-dim f64 tensor, which divides exactly as the scalar of `div_scalar_`
-/// (same result dtype, same arithmetic), rather than a `tch::Scalar`: tch frees a temporary
-/// `Scalar` before it reads the call's error, and that free panics on the pending error, so a
-/// failing `f_div_scalar_` panics instead of returning its `Err`.
-fn divide(buf: &Tensor, size: usize, ctx: &OpContext) -> Result<()> {
-    let mut b = buf.shallow_clone();
-    let divisor = Tensor::from(size as f64);
-    tch::no_grad(|| b.f_div_(&divisor))
-        .map(drop)
-        .map_err(|e| CommError::Backend { ctx: ctx.clone(), detail: format!("dividing the sum by the {size} ranks for the average failed: {e}") })
-}
-
-fn byte_range(t: &Tensor, dt: DType) -> (usize, usize) {
-    let p = t.data_ptr() as usize;
-    (p, p + t.numel() * dt.size())
-}
-
-fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
-    a.0 < b.1 && b.0 < a.1
-}
+pub use ops::in_place;
+pub(crate) use ops::{create_user_ops, error_string};
+use ops::{datatype, ok, reduction};
+use p2p::P2pWork;
+use staging::{byte_range, divide, overlaps, Staged};
 
 impl MpiComm {
     /// The world: a duplicate of MPI_COMM_WORLD (so that raw MPI calls elsewhere, e.g. the
@@ -676,101 +512,6 @@ impl MpiComm {
         self.submit(ctx, sig, job, true).wait()?;
         let comm = out.lock().unwrap().take();
         Ok(comm.map(|c| Arc::new(c) as Arc<dyn Communicator>))
-    }
-}
-
-struct P2pWork {
-    req: ffi::MPI_Request,
-    staged: Option<Staged>,
-    dt: DType,
-    n: c_int,
-    ctx: OpContext,
-    _guard: watchdog::Guard,
-    rec: Rec,
-    done: Option<Result<()>>,
-}
-
-// SAFETY: what needs this is the MPI_Request handle (a raw pointer in Open MPI); `staged` is `Send`
-// (above). MPI is initialised at MPI_THREAD_MULTIPLE (`world::init_with` asks for
-// `Threading::Multiple` and returns an error for any lower level; every `MpiComm` descends from
-// `MpiComm::world`, which only `init_with` calls, after that check), so a request started on one
-// thread may be waited on or tested on another; `WorkImpl` methods take `&mut self`, so one thread at
-// a time touches it.
-unsafe impl Send for P2pWork {}
-
-impl P2pWork {
-    fn complete(&mut self, status: &ffi::MPI_Status) -> Result<()> {
-        if self.ctx.op == OpKind::Recv {
-            let mut got: c_int = 0;
-            // SAFETY: `status` is the one MPI_Wait/MPI_Test filled for this receive; `got` a local.
-            unsafe { ffi::MPI_Get_count(status, datatype(self.dt), &mut got) };
-            if got != self.n {
-                return Err(CommError::InvalidArgument {
-                    ctx: self.ctx.clone(),
-                    what: format!("received {got} elements into a tensor of {}; send and recv sizes must match", self.n),
-                });
-            }
-        }
-        match self.staged.take() {
-            Some(s) => s.finish(&self.ctx),
-            None => Ok(()),
-        }
-    }
-}
-
-impl WorkImpl for P2pWork {
-    fn wait(&mut self) -> Result<()> {
-        if let Some(r) = self.done.take() {
-            self.done = Some(Ok(()));
-            return r;
-        }
-        // SAFETY: MPI_Status is a plain C struct of integers: all-zero is a valid value.
-        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
-        // SAFETY: `req` is the active request from MPI_Isend/MPI_Irecv (not completed: `done` is
-        // None), its buffer alive in `self.staged`; `status` is a local.
-        let rc = unsafe { ffi::MPI_Wait(&mut self.req, &mut status) };
-        let r = ok(rc, &self.ctx, "MPI_Wait").and_then(|_| self.complete(&status));
-        self.rec.finish(&r);
-        self.done = Some(Ok(()));
-        r
-    }
-    fn is_completed(&mut self) -> bool {
-        if self.done.is_some() {
-            return true;
-        }
-        let mut flag: c_int = 0;
-        // SAFETY: MPI_Status is a plain C struct of integers: all-zero is a valid value.
-        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
-        // SAFETY: `req` is the active request (not completed: `done` is None), its buffer alive in
-        // `self.staged`; `flag` and `status` are locals.
-        let rc = unsafe { ffi::MPI_Test(&mut self.req, &mut flag, &mut status) };
-        if rc != 0 {
-            let r = ok(rc, &self.ctx, "MPI_Test");
-            self.rec.finish(&r);
-            self.done = Some(r);
-            return true;
-        }
-        if flag != 0 {
-            let r = self.complete(&status);
-            self.rec.finish(&r);
-            self.done = Some(r);
-        }
-        flag != 0
-    }
-}
-
-impl Drop for P2pWork {
-    fn drop(&mut self) {
-        // The buffers must outlive the transfer.
-        if self.done.is_none() {
-            // SAFETY: MPI_Status is a plain C struct of integers: all-zero is a valid value.
-            let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
-            // SAFETY: `req` is still active (`done` is None) and its buffer is alive in
-            // `self.staged`, which is only dropped after this wait.
-            let rc = unsafe { ffi::MPI_Wait(&mut self.req, &mut status) };
-            let r = self.complete(&status);
-            self.rec.finish(&ok(rc, &self.ctx, "MPI_Wait").and(r));
-        }
     }
 }
 
