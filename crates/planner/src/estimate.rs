@@ -257,7 +257,7 @@ pub fn estimate(
     let gpus = l.gpus();
     let tokens_per_s = (w.global_batch * model.seq) as f64 / step_s;
     let flops = tokens_per_s * model.flops_per_token;
-    let (memory, fullest_rank) = per_gpu(model, l, map, &pipe.peak_in_flight, x.materialised_attention);
+    let (memory, fullest_rank) = per_gpu(model, l, map, &pipe.peak_in_flight, x.materialised_attention, x.sequence_parallel);
     Ok(Estimate {
         layout: *l,
         schedule: kind.name(),

@@ -92,13 +92,20 @@ impl StageMap {
 /// adds its embedding output (2h per token), the last the logits of one micro-batch (bf16 logits,
 /// fp32 log-softmax and its gradient: 10 bytes per vocabulary entry and token, over tp). Full
 /// recomputation adds one block's whole activations, rebuilt for its backward.
-pub fn per_gpu(model: &ModelShape, l: &Layout, map: &StageMap, in_flight: &[usize], materialised_attention: bool) -> (Memory, usize) {
+pub fn per_gpu(
+    model: &ModelShape,
+    l: &Layout,
+    map: &StageMap,
+    in_flight: &[usize],
+    materialised_attention: bool,
+    sequence_parallel: bool,
+) -> (Memory, usize) {
     let tp = l.tp as f64;
     let dp = l.dp as f64;
     let tokens = (l.mb * model.seq) as f64;
-    let per_layer = model.activation_bytes_per_token(l.recompute, l.tp, materialised_attention) * tokens;
+    let per_layer = model.activation_bytes_per_token(l.recompute, l.tp, materialised_attention, sequence_parallel) * tokens;
     let rebuilt = if l.recompute == Recompute::Full {
-        model.activation_bytes_per_token(Recompute::Selective, l.tp, materialised_attention) * tokens
+        model.activation_bytes_per_token(Recompute::Selective, l.tp, materialised_attention, sequence_parallel) * tokens
     } else {
         0.0
     };
@@ -108,7 +115,7 @@ pub fn per_gpu(model: &ModelShape, l: &Layout, map: &StageMap, in_flight: &[usiz
         let p = map.rank_params_tp(model, r, l.tp);
         let mut act = in_flight.get(r).copied().unwrap_or(1).max(1) as f64 * map.chunk[r] as f64 * per_layer + rebuilt;
         if r == 0 {
-            act += 2.0 * model.hidden as f64 * tokens / tp;
+            act += 2.0 * model.hidden as f64 * tokens / if sequence_parallel { tp } else { 1.0 };
         }
         if map.last_rank == r {
             act += 10.0 * model.vocab as f64 * tokens / tp;

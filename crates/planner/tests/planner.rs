@@ -56,6 +56,48 @@ fn weights_and_optimizer_are_the_bytes_the_trainer_allocates() {
     }
 }
 
+/// Under tensor and pipeline parallelism the planner's gradients and optimizer state per GPU are
+/// the trainer's per-rank figures (`stage_memory_estimate_tp`, which `--dry-run` prints), and its
+/// activations follow the same split rule: without sequence parallelism 10 of Korthikanti's 34
+/// bytes per token and channel stay whole on every rank.
+#[test]
+fn per_rank_memory_is_the_trainers_under_tensor_parallelism() {
+    use fabbrica_models::flops::stage_memory_estimate_tp;
+    use fabbrica_models::{Recompute as ModelRecompute, StageSpec};
+    for name in ["gpt2-350m", "llama3.2-1b"] {
+        let cfg = any_preset(name);
+        let seq = cfg.block_size().min(2048);
+        let m = ModelShape::from_config(name, &cfg, seq).unwrap();
+        let c = Cluster::preset("h100-sxm").unwrap();
+        for (tp, pp) in [(1, 1), (2, 1), (4, 2), (8, 4)] {
+            let mut p = Planner::new(&m, &c, Workload { global_batch: 64 }, Execution::default());
+            let f = Forced { tp: Some(tp), pp: Some(pp), dp: Some(1), v: Some(1), mb: Some(1), zero: Some(0), ..Forced::default() };
+            let e = p.search(tp * pp, &f, 1).unwrap().best.remove(0);
+            // The fullest rank's parameters, as the trainer counts them for each pipeline rank.
+            let layers = m.stage_layers(pp).unwrap();
+            let specs = StageSpec::split(&layers);
+            let trainer = (0..pp)
+                .map(|r| stage_memory_estimate_tp(&cfg, &specs[r..r + 1], 1, seq, true, false, ModelRecompute::None, 1, tp, true))
+                .max_by_key(|x| x.grads)
+                .unwrap();
+            assert_eq!(e.memory.grads.round() as u64, trainer.grads, "{name} tp {tp} pp {pp}");
+            assert_eq!(e.memory.optimizer.round() as u64, trainer.optimizer, "{name} tp {tp} pp {pp}");
+        }
+    }
+    // The activation split rule (GPT with dropout: Korthikanti's 34h per token).
+    let mut g = preset("gpt2-1.5b");
+    g.dropout = 0.1;
+    let m = ModelShape::from_config("gpt", &ModelConfig::Gpt(g), 1024).unwrap();
+    let one = m.activation_bytes_per_token(fabbrica_planner::Recompute::Selective, 1, false, true);
+    assert_eq!(one, 34.0 * 1600.0);
+    for t in [2usize, 4, 8] {
+        let sp = m.activation_bytes_per_token(fabbrica_planner::Recompute::Selective, t, false, true);
+        let plain = m.activation_bytes_per_token(fabbrica_planner::Recompute::Selective, t, false, false);
+        assert_eq!(sp, one / t as f64);
+        assert!((plain / one - (10.0 + 24.0 / t as f64) / 34.0).abs() < 1e-12, "tp {t}");
+    }
+}
+
 #[test]
 fn proposed_layouts_are_valid_and_fit_and_their_bubble_is_the_simulators() {
     let cfg = GptConfig { n_layer: 48, n_head: 32, n_embd: 4096, ..preset("gpt2-1.5b") };
