@@ -216,7 +216,7 @@ fn gather_i64(comm: &dyn Communicator, mine: &[i64], per_rank: usize) -> Result<
     let (all, input) = tch::no_grad(|| -> Result<(Tensor, Tensor), tch::TchError> {
         Ok((Tensor::f_zeros([(per_rank * comm.size()) as i64], (Kind::Int64, Device::Cpu))?, Tensor::f_from_slice(mine)?))
     })?;
-    comm.all_gather(&all, &input).map_err(|e| TrainError::Comm(e.to_string()))?;
+    comm.all_gather(&all, &input).map_err(TrainError::from)?;
     Ok(Vec::<i64>::try_from(&all)?)
 }
 

@@ -195,7 +195,7 @@ impl DdpBenchState {
         let loss = tch::autocast(self.bf16, || self.model.loss(&self.model.forward(&self.x, true), &self.y));
         self.ddp.begin_micro_step(true);
         loss.backward();
-        let err = |e: fabbrica_ddp::DdpError| TrainError::Comm(e.to_string());
+        let err = TrainError::Ddp;
         self.ddp.finish().map_err(err)?;
         let _ = self.ddp.clip_grad_norm(self.clip).map_err(err)?;
         self.opt.step(1e-4).map_err(TrainError::Torch)?;
@@ -230,7 +230,7 @@ pub fn run_ddp(
         // Overlap and communication are switched per mode below.
         fabbrica_ddp::DdpOptions { overlap: true, grad_comm: true, ..crate::grads::ddp_options(cfg, false) },
     )
-    .map_err(|e| TrainError::Comm(e.to_string()))?;
+    .map_err(TrainError::from)?;
     let t = &cfg.train;
     let opt = AdamW::from_parts(ddp.optimizer_params(), adamw_config(cfg));
     let buckets = ddp.assignment().buckets.len();
@@ -261,7 +261,7 @@ pub fn run_ddp(
             timed(&mut st, &mut plain, if round == 0 { warmup.max(1) } else { 1 })?;
             let secs = timed(&mut st, &mut plain, steps)?;
             let m = Tensor::from_slice(&[(1e3 * secs / steps as f64) as f32]);
-            comm.all_reduce(&m, ReduceOp::Max).map_err(|e| TrainError::Comm(e.to_string()))?;
+            comm.all_reduce(&m, ReduceOp::Max).map_err(TrainError::from)?;
             times[mi].push(m.double_value(&[0]));
         }
     }

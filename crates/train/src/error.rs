@@ -52,7 +52,16 @@ pub enum TrainError {
     /// A data-parallel layout that does not fit the world (`parallel.*`).
     #[error("{0}")]
     Parallel(String),
-    /// Communication failed (a collective's error names rank, operation, group and backend).
+    /// A collective or point-to-point operation failed: the communicator's error, kept whole
+    /// (it names rank, operation, group and backend) so that callers can match on its kind.
+    #[error(transparent)]
+    Collective(#[from] fabbrica_comm::CommError),
+    /// Data parallelism failed (a bucket's collective, a hook, replicas that disagree): the
+    /// reducer's error, kept whole.
+    #[error(transparent)]
+    Ddp(#[from] fabbrica_ddp::DdpError),
+    /// Communication went wrong in a way no single operation reports (a peer's message that
+    /// does not parse, a tensor-parallel collective inside the model's forward).
     #[error("{0}")]
     Comm(String),
     /// A pipeline stage's action failed (the message names the rank, the action and why).
@@ -116,8 +125,14 @@ impl TrainError {
         }
         !matches!(
             self,
-            TrainError::Torch(_) | TrainError::Io { .. } | TrainError::Comm(_) | TrainError::Pipeline(_) | TrainError::CheckpointWrite { .. }
+            TrainError::Torch(_)
+                | TrainError::Io { .. }
+                | TrainError::Comm(_)
+                | TrainError::Collective(_)
+                | TrainError::Pipeline(_)
+                | TrainError::CheckpointWrite { .. }
         ) && !matches!(self, TrainError::Model(fabbrica_models::ModelError::Torch(_)))
+            && !matches!(self, TrainError::Ddp(e) if !matches!(e, fabbrica_ddp::DdpError::BadBucketCap { .. }))
     }
 }
 
@@ -158,5 +173,29 @@ fn checkpoint_write_message(
             "cannot write the checkpoint of step {step} to {}: {why}: fix the directory (permissions, mount) and resume with run.resume=true; {kept}",
             dir.display()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fabbrica_comm::{CommError, Communicator};
+
+    /// A communicator's and a reducer's errors reach the trainer's callers whole: matchable by
+    /// kind, with the same one-line message, and not counted as the user's.
+    #[test]
+    fn communication_errors_keep_their_cause() {
+        let comm = fabbrica_comm::single::SingleComm::new("world", 0);
+        let x = tch::Tensor::zeros([3], (tch::Kind::Float, tch::Device::Cpu));
+        let wrong = tch::Tensor::zeros([5], (tch::Kind::Float, tch::Device::Cpu));
+        let e = comm.all_gather(&wrong, &x).unwrap_err();
+        let line = e.to_string();
+        let t: TrainError = e.into();
+        assert!(matches!(&t, TrainError::Collective(CommError::InvalidArgument { .. })), "{t:?}");
+        assert_eq!(t.to_string(), line);
+        assert!(!t.is_user_error());
+        let bad_cap = fabbrica_ddp::DdpError::BadBucketCap { key: "parallel.bucket_mb", got: "0".into(), default: "25" };
+        let t: TrainError = bad_cap.into();
+        assert!(matches!(t, TrainError::Ddp(fabbrica_ddp::DdpError::BadBucketCap { .. })) && t.is_user_error());
     }
 }

@@ -15,7 +15,7 @@ use crate::trainer::to_tensor;
 pub(crate) const EVAL_STEP: u64 = u64::MAX;
 
 fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
-    TrainError::Comm(e.to_string())
+    TrainError::Collective(e)
 }
 
 /// Mean loss over `iters` fixed batches of `split`.

@@ -17,11 +17,11 @@ use crate::error::TrainError;
 use crate::grid::Grid;
 
 fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
-    TrainError::Comm(e.to_string())
+    TrainError::Collective(e)
 }
 
 fn ddp_err(e: fabbrica_ddp::DdpError) -> TrainError {
-    TrainError::Comm(e.to_string())
+    TrainError::Ddp(e)
 }
 
 /// The data-parallel options `cfg.parallel` sets: the one place the trainer and the benchmarks

@@ -30,7 +30,7 @@ pub struct Grid {
 }
 
 fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
-    TrainError::Comm(e.to_string())
+    TrainError::Collective(e)
 }
 
 /// The grid `cfg.parallel` describes over `nranks` ranks (validated: one line naming the key):

@@ -286,7 +286,7 @@ pub fn forward_backward(
     };
     let trace = execute(schedule, rank, &mut runner).map_err(|e| TrainError::Pipeline(e.to_string()))?;
     let loss = (runner.loss_sum.to_device(Device::Cpu) / schedule.microbatches as f64).reshape([1]);
-    pp.all_reduce(&loss, ReduceOp::Sum).map_err(|e| TrainError::Comm(e.to_string()))?;
+    pp.all_reduce(&loss, ReduceOp::Sum).map_err(TrainError::from)?;
     let times = StageTimes::from_trace(&trace, start.elapsed());
     Ok((loss.reshape([]), times, trace))
 }
@@ -311,7 +311,7 @@ pub fn eval_sum(
     let stages = pl.schedule.stages();
     let (b, t) = (s.cfg.train.batch_size, s.cfg.model.block_size());
     let src = s.data.source(split);
-    let comm_err = |e: fabbrica_comm::CommError| TrainError::Comm(e.to_string());
+    let comm_err = TrainError::Collective;
     tch::no_grad(|| {
         let mut sum = 0.0;
         for k in (rank as u64..iters).step_by(ranks) {

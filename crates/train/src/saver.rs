@@ -398,7 +398,7 @@ fn check_tp_replicas(s: &Setup, grid: &Grid) -> Result<(), TrainError> {
     }
     let tp = grid.dims.tp;
     let all = Tensor::zeros([(bits.len() * tp) as i64], (Kind::Int64, Device::Cpu));
-    grid.tp.all_gather(&all, &Tensor::from_slice(&bits)).map_err(|e| TrainError::Comm(e.to_string()))?;
+    grid.tp.all_gather(&all, &Tensor::from_slice(&bits)).map_err(TrainError::from)?;
     let all: Vec<i64> = Vec::try_from(&all).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?;
     for r in 1..tp {
         let theirs = &all[r * bits.len()..(r + 1) * bits.len()];

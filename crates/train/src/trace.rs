@@ -51,7 +51,7 @@ impl TraceLog {
     /// the merged file's path on rank 0.
     pub fn write(&self, grid: &Grid, out: &Path, simulated_svg: Option<String>) -> Result<Option<std::path::PathBuf>, TrainError> {
         let comm = &*grid.world;
-        let comm_err = |e: fabbrica_comm::CommError| TrainError::Comm(e.to_string());
+        let comm_err = TrainError::Collective;
         let flat: Vec<i64> = self.events.iter().flatten().copied().collect();
         if grid.rank != 0 {
             comm.send(&Tensor::from_slice(&[flat.len() as i64]), 0).map_err(comm_err)?;

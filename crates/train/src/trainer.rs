@@ -66,11 +66,11 @@ pub(crate) fn to_tensor(v: Vec<i64>, b: usize, t: usize, device: Device) -> Tens
 }
 
 fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
-    TrainError::Comm(e.to_string())
+    TrainError::Collective(e)
 }
 
 pub(crate) fn ddp_err(e: fabbrica_ddp::DdpError) -> TrainError {
-    TrainError::Comm(e.to_string())
+    TrainError::Ddp(e)
 }
 
 /// One optimizer step's forward/backward over `grad_accum` micro-batches: global micro-batches

@@ -86,7 +86,7 @@ mod ops;
 mod p2p;
 mod staging;
 
-pub use ops::in_place;
+pub use ops::{bf16_sum, in_place};
 pub(crate) use ops::{create_user_ops, error_string};
 use ops::{datatype, ok, reduction};
 use p2p::P2pWork;
