@@ -7,8 +7,8 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 use std::sync::Mutex;
 
 use common::{describe, train_command};
@@ -21,10 +21,6 @@ use tch::{Device, Kind, Tensor};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const STEPS: u64 = 8;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
 
 /// A small Llama: 4 layers, 4 query heads over 2 key-value heads, untied.
 fn base(out: &Path) -> Vec<String> {
@@ -143,16 +139,7 @@ fn recompute_changes_no_result_under_data_parallelism() {
     }
 }
 
-fn python(args: &[&str]) -> String {
-    let out = Command::new(repo().join(".venv/bin/python")).arg(repo().join("crates/train/tests/hf_reference.py")).args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "hf_reference.py {args:?}:\n{text}");
-    text
-}
-
-fn fabbrica(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fabbrica")).args(args).env("RUST_BACKTRACE", "1").output().unwrap()
-}
+use common::{fabbrica, hf_reference as python};
 
 /// Transfer learning: a `LlamaForCausalLM` made by transformers is the starting point
 /// (`model.init_from`); fabbrica fine-tunes it on the corpus, samples from it, exports it, and

@@ -150,10 +150,7 @@ fn a_tensor_parallel_checkpoint_resumes_at_other_degrees() {
         if np == 0 {
             // The Hugging Face export of a tensor-parallel checkpoint holds whole tensors.
             let hf = dir.path().join("hf");
-            let o = std::process::Command::new(env!("CARGO_BIN_EXE_fabbrica"))
-                .args(["export", "--checkpoint", out.to_str().unwrap(), "--out", hf.to_str().unwrap()])
-                .output()
-                .unwrap();
+            let o = common::fabbrica(&["export", "--checkpoint", out.to_str().unwrap(), "--out", hf.to_str().unwrap()]);
             assert!(o.status.success(), "{}", describe(&o));
             let tensors = tch::Tensor::read_safetensors(hf.join("model.safetensors")).unwrap();
             assert!(tensors.iter().all(|(n, _)| !n.contains("#tp")), "{:?}", tensors.iter().map(|t| &t.0).collect::<Vec<_>>());

@@ -6,22 +6,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use fabbrica_models::{Model, ModelConfig, StageSpec};
 use fabbrica_train::hf;
 use tch::{Device, Kind, Tensor};
 
-fn script() -> std::path::PathBuf {
-    common::repo_root().join("crates/train/tests/hf_reference.py")
-}
-
-fn python(args: &[&str]) -> String {
-    let out = Command::new(common::venv_python()).arg(script()).args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "hf_reference.py {args:?} failed:\n{text}");
-    text
-}
+use common::hf_reference as python;
 
 fn get(ts: &[(String, Tensor)], name: &str) -> Tensor {
     ts.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}")).1.shallow_clone()

@@ -109,3 +109,13 @@ fn without_key_bias(name: &str, t: &tch::Tensor) -> tch::Tensor {
         t.shallow_clone()
     }
 }
+
+#[path = "../../../train/tests/common/hf_reference.rs"]
+mod hf_reference;
+#[allow(unused_imports)] // not every test file calls transformers
+pub use hf_reference::hf_reference;
+
+/// The `fabbrica` binary with `args`, run to completion (backtraces on, should it panic).
+pub fn fabbrica(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fabbrica")).args(args).env("RUST_BACKTRACE", "1").output().unwrap()
+}

@@ -32,3 +32,7 @@ pub fn corpus() -> PathBuf {
     }
     p
 }
+
+mod hf_reference;
+#[allow(unused_imports)] // not every test file calls transformers
+pub use hf_reference::hf_reference;
