@@ -270,6 +270,16 @@ fn a_tensor_parallel_group_larger_than_a_node_is_refused() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("tensor parallel 4 × data parallel 4"), "{}", describe(&o));
 }
 
+/// The benchmarks time one whole model per rank: a tensor-parallel layout is refused, not
+/// silently measured as one process.
+#[test]
+fn bench_train_refuses_a_tensor_parallel_layout() {
+    let o = common::fabbrica(&["bench", "train", "--preset", "tiny", "--set", "parallel.tp=2", "--steps", "1", "--warmup", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.lines().any(|l| l.starts_with("error:") && l.contains("parallel.tp") && l.contains("fabbrica train")), "{err}");
+}
+
 /// Each invalid layout: one line naming the key and what to change, exit 2, before any step.
 #[test]
 fn invalid_tensor_parallel_layouts_are_refused_with_one_line() {

@@ -74,6 +74,7 @@ fn bench_model(cfg: &Config, batch_seed: i64) -> Result<BenchModel, TrainError> 
 }
 
 fn bench_model_on(cfg: &Config, cuda_ordinal: usize, batch_seed: i64) -> Result<BenchModel, TrainError> {
+    only_data_parallel(cfg)?;
     let device = resolve_device(&cfg.run.device, cuda_ordinal)?;
     let bf16 = resolve_bf16(&cfg.train.dtype, device)?;
     if cfg.run.threads > 0 {
@@ -93,6 +94,22 @@ fn bench_model_on(cfg: &Config, cuda_ordinal: usize, batch_seed: i64) -> Result<
     let x = Tensor::randint(mcfg.vocab_size() as i64, shape, (Kind::Int64, device));
     let y = Tensor::randint(mcfg.vocab_size() as i64, shape, (Kind::Int64, device));
     Ok(BenchModel { model, device, bf16, x, y })
+}
+
+/// The benchmarks time one whole model per rank (data parallelism at most): a layout they would
+/// not run is refused rather than silently measured as something else.
+fn only_data_parallel(cfg: &Config) -> Result<(), TrainError> {
+    let p = &cfg.parallel;
+    for (key, v) in [("parallel.tp", p.tp), ("parallel.pp", p.pp)] {
+        if v > 1 {
+            return Err(TrainError::Config(crate::ConfigError::Invalid {
+                key: key.into(),
+                value: v.to_string(),
+                why: "the benchmarks time one whole model per rank: measure tensor and pipeline layouts with `fabbrica train` (step_ms and tp_traffic in metrics.jsonl; scripts/tp_bench.sh, scripts/pipeline_bench.sh), or set it to 1".into(),
+            }));
+        }
+    }
+    Ok(())
 }
 
 fn adamw_config(cfg: &Config) -> AdamWConfig {
