@@ -28,20 +28,8 @@ impl Ddp {
         let st = self.shared.state();
         let sum_across = self.shared.sharded() && st.grad_comm;
         let grads = self.grads(&st)?;
-        tch::no_grad(|| {
-            let sq = grads.iter().map(|g| g.f_to_kind(Kind::Float)?.f_square()?.f_sum(Kind::Float)).collect::<std::result::Result<Vec<_>, _>>();
-            let total_sq = sq.and_then(|sq| if sq.is_empty() { Ok(Tensor::from(0f32)) } else { Tensor::f_stack(&sq, 0)?.f_sum(Kind::Float) });
-            let mut total_sq = total_sq.map_err(torch_err("summing the squared gradients"))?;
-            if sum_across {
-                total_sq = total_sq.reshape([1]);
-                self.shared.comm.all_reduce(&total_sq, ReduceOp::Sum).map_err(|source| DdpError::Collective {
-                    what: "summing the squared gradients of the ZeRO-1 shards across the data-parallel ranks".into(),
-                    source,
-                })?;
-                total_sq = total_sq.reshape([]);
-            }
-            Ok(total_sq)
-        })
+        drop(st);
+        self.sq_sum(&grads, sum_across)
     }
 
     /// The reduced gradients this rank holds of the parameters whose names `keep` accepts: whole
@@ -80,6 +68,12 @@ impl Ddp {
     pub fn grad_sq_sum_where(&self, keep: &dyn Fn(&str) -> bool) -> Result<Tensor> {
         let grads = self.grads_where(keep)?;
         let sum_across = self.shared.sharded() && self.shared.state().grad_comm;
+        self.sq_sum(&grads, sum_across)
+    }
+
+    /// Σ g² over `grads` (fp32), summed across the data-parallel ranks when `sum_across` (the
+    /// ZeRO-1 shards).
+    fn sq_sum(&self, grads: &[Tensor], sum_across: bool) -> Result<Tensor> {
         tch::no_grad(|| {
             let sq = grads.iter().map(|g| g.f_to_kind(Kind::Float)?.f_square()?.f_sum(Kind::Float)).collect::<std::result::Result<Vec<_>, _>>();
             let total_sq = sq.and_then(|sq| if sq.is_empty() { Ok(Tensor::from(0f32)) } else { Tensor::f_stack(&sq, 0)?.f_sum(Kind::Float) });
