@@ -87,11 +87,12 @@ pub fn run(a: PipelineArgs) -> Result<(), Failure> {
             dp,
             v,
             m,
-            schedule: if pp > 1 { cfg.parallel.schedule.clone() } else { "-".into() },
+            schedule: if pp > 1 { cfg.parallel.schedule.to_string() } else { "-".into() },
             tps: median(train.iter().filter_map(|r| r.tokens_per_s).collect()),
             step_ms: median(train.iter().filter_map(|r| r.step_ms).collect()),
             bubble: (!bubbles.is_empty()).then(|| bubbles.iter().sum::<f64>() / bubbles.len() as f64),
-            theory: (pp > 1).then(|| (p - 1.0) / (mf + p - 1.0) / if cfg.parallel.schedule == "interleaved" { v as f64 } else { 1.0 }),
+            theory: (pp > 1)
+                .then(|| (p - 1.0) / (mf + p - 1.0) / if cfg.parallel.schedule == fabbrica_pipeline::Kind::Interleaved1F1B { v as f64 } else { 1.0 }),
         });
     }
     let mut table = String::from("| run | pp × dp | schedule | v | micro-batches | tokens/s | step ms | measured bubble | theory | measured / theory |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n");

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use fabbrica_data::TokenizerSpec;
 use fabbrica_models::flops_per_token;
+use fabbrica_train::config::DeviceChoice;
 use fabbrica_train::sample::{sample_from_checkpoint, SampleArgs as LibSampleArgs};
 use fabbrica_train::{Config, TrainError, TrainOptions};
 
@@ -161,8 +162,8 @@ fn dry_run(cfg: &Config) -> Result<()> {
     let n = fabbrica_models::flops::total_params(&m);
     let fpt = flops_per_token(&m, m.block_size());
     // The trainer's own rule (run.device, train.dtype), on the device it would get.
-    let device = fabbrica_train::device::planned_device(&cfg.run.device);
-    let bf16 = fabbrica_train::device::resolve_bf16(&t.dtype, device).map_err(|e| once(Failure { user: true, message: e.to_string() }))?;
+    let device = fabbrica_train::device::planned_device(cfg.run.device);
+    let bf16 = fabbrica_train::device::resolve_bf16(t.dtype, device).map_err(|e| once(Failure { user: true, message: e.to_string() }))?;
     let materialised = device == tch::Device::Cpu && m.dropout() > 0.0;
     let p = &cfg.parallel;
     let mut mem = fabbrica_models::flops::stage_memory_estimate_tp(
@@ -329,8 +330,8 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
     /// auto, cpu or cuda.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<DeviceChoice>().map_err(|e| e.to_string()))]
+    pub device: DeviceChoice,
 }
 
 pub fn sample(a: SampleArgs) -> Result<()> {
@@ -340,9 +341,6 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     if a.top_k < 0 {
         return Err(Failure { user: true, message: format!("--top-k {} must be >= 0 (0 = no limit)", a.top_k) });
     }
-    if !matches!(a.device.as_str(), "auto" | "cpu" | "cuda") {
-        return Err(Failure { user: true, message: format!("--device {} is not one of auto, cpu, cuda", a.device) });
-    }
     let text = sample_from_checkpoint(&LibSampleArgs {
         checkpoint: &a.checkpoint,
         prompt: &a.prompt,
@@ -350,7 +348,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         temperature: a.temperature,
         top_k: (a.top_k > 0).then_some(a.top_k),
         seed: a.seed,
-        device: &a.device,
+        device: a.device,
     })?;
     println!("{text}");
     Ok(())

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use fabbrica_pipeline::{lower, simulate, summary, to_svg, to_text, Costs, Kind, Schedule, MAX_COST};
+use fabbrica_pipeline::{lower, simulate, summary, to_svg, to_text, Costs, Kind, Schedule, KEY_SCHEDULE, MAX_COST};
 
 use crate::commands::Failure;
 
@@ -67,7 +67,7 @@ fn parse_costs(text: &str) -> Result<Costs, Failure> {
 }
 
 pub fn run(a: ScheduleArgs) -> Result<(), Failure> {
-    let kind: Kind = a.schedule.parse().map_err(|e: fabbrica_pipeline::ScheduleError| user(e.to_string()))?;
+    let kind: Kind = a.schedule.parse().map_err(|e: fabbrica_pipeline::ScheduleError| user(format!("{KEY_SCHEDULE} {e}")))?;
     let v = a.virtual_stages.unwrap_or(if kind == Kind::Interleaved1F1B { 2 } else { 1 });
     let costs = parse_costs(&a.costs)?;
     let compute = Schedule::new(kind, a.pp, v, a.microbatches).map_err(|e| user(e.to_string()))?;

@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Output;
 use std::sync::Mutex;
 
-use common::{describe, train_command};
+use common::{assert_same_curve, describe, train_command, train_curve, Curve};
 use fabbrica_models::{Model, StageSpec};
 use fabbrica_train::checkpoint;
 use fabbrica_train::metrics::read;
@@ -54,29 +53,15 @@ fn launch(np: usize, sets: Vec<String>) -> Output {
     train_command(np, &[], sets).output().unwrap()
 }
 
-fn run(np: usize, out: &Path, sets: &[&str]) -> HashMap<u64, (f64, f64)> {
+fn run(np: usize, out: &Path, sets: &[&str]) -> Curve {
     let all: Vec<String> = base(out).into_iter().chain(sets.iter().map(|s| s.to_string())).collect();
     let o = launch(np, all);
     assert!(o.status.success(), "np={np} {sets:?}\n{}", describe(&o));
-    read(&out.join("metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.kind == "train")
-        .map(|r| (r.step, (r.loss.unwrap(), r.grad_norm.unwrap())))
-        .collect()
+    train_curve(out)
 }
 
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs().max(1e-12)
-}
-
-fn same(name: &str, got: &HashMap<u64, (f64, f64)>, want: &HashMap<u64, (f64, f64)>, tol: f64) {
-    assert_eq!(got.len(), STEPS as usize, "{name}");
-    for (step, (loss, norm)) in got {
-        let (wl, wn) = want[step];
-        assert!(rel(*loss, wl) <= tol, "{name} step {step}: loss {loss} vs {wl}");
-        assert!(rel(*norm, wn) <= tol, "{name} step {step}: grad norm {norm} vs {wn}");
-    }
+fn same(name: &str, got: &Curve, want: &Curve, tol: f64) {
+    assert_same_curve(name, got, want, STEPS as usize, tol);
 }
 
 /// Data parallelism (DDP, ZeRO-1) and pipeline stages (with recompute too): the same losses,
@@ -123,13 +108,7 @@ fn recompute_changes_no_result_under_data_parallelism() {
         let outcome = |r: &str| {
             let o = launch(2, sets(r));
             assert!(o.status.success(), "{arch} dropout {dropout} recompute {r}\n{}", describe(&o));
-            let out = dir.path().join(format!("{arch}-{dropout}-{r}"));
-            read(&out.join("metrics.jsonl"))
-                .unwrap()
-                .into_iter()
-                .filter(|r| r.kind == "train")
-                .map(|r| (r.step, (r.loss.unwrap(), r.grad_norm.unwrap())))
-                .collect::<HashMap<_, _>>()
+            train_curve(&dir.path().join(format!("{arch}-{dropout}-{r}")))
         };
         let none = outcome("none");
         for r in ["full", "selective"] {

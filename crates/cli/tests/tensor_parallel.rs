@@ -9,12 +9,11 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Output;
 use std::sync::Mutex;
 
-use common::{describe, train_command};
+use common::{assert_same_curve, describe, train_command, train_curve, Curve};
 use fabbrica_train::metrics::read;
 
 /// One job at a time: 2 cores, and Open MPI's session directories race between launches.
@@ -58,29 +57,15 @@ fn launch(np: usize, sets: Vec<String>) -> Output {
     train_command(np, &[], sets).output().unwrap()
 }
 
-fn run(arch: &str, np: usize, out: &Path, sets: &[&str]) -> HashMap<u64, (f64, f64)> {
+fn run(arch: &str, np: usize, out: &Path, sets: &[&str]) -> Curve {
     let all: Vec<String> = base(arch, out).into_iter().chain(sets.iter().map(|s| s.to_string())).collect();
     let o = launch(np, all);
     assert!(o.status.success(), "{arch} np={np} {sets:?}\n{}", describe(&o));
-    read(&out.join("metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.kind == "train")
-        .map(|r| (r.step, (r.loss.unwrap(), r.grad_norm.unwrap())))
-        .collect()
+    train_curve(out)
 }
 
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs().max(1e-12)
-}
-
-fn same(name: &str, got: &HashMap<u64, (f64, f64)>, want: &HashMap<u64, (f64, f64)>, tol: f64) {
-    assert_eq!(got.len(), want.len(), "{name}");
-    for (step, (loss, norm)) in got {
-        let (wl, wn) = want[step];
-        assert!(rel(*loss, wl) <= tol, "{name} step {step}: loss {loss} vs {wl}");
-        assert!(rel(*norm, wn) <= tol, "{name} step {step}: grad norm {norm} vs {wn}");
-    }
+fn same(name: &str, got: &Curve, want: &Curve, tol: f64) {
+    assert_same_curve(name, got, want, STEPS as usize, tol);
 }
 
 fn layouts_match(arch: &str, layouts: &[(&str, usize, &[&str])]) {
@@ -160,8 +145,8 @@ fn a_tensor_parallel_checkpoint_resumes_at_other_degrees() {
             assert_eq!(e.size(), vec![104, 64]);
         }
         let second = run("llama", np, &out, &["train.grad_accum=2", tp, "run.resume=true"]);
-        let tail: HashMap<u64, (f64, f64)> = want.iter().filter(|(s, _)| **s > 4).map(|(s, v)| (*s, *v)).collect();
-        same(name, &second.into_iter().filter(|(s, _)| *s > 4).collect(), &tail, 1e-5);
+        let tail: Curve = second.into_iter().filter(|(s, _)| *s > 4).collect();
+        assert_same_curve(name, &tail, &want, STEPS as usize - 4, 1e-5);
         let (tensor, d) = common::max_weight_norm_diff(&out, &ref_out);
         assert!(d <= 1e-5, "{name}: final weights differ by {d:.2e} relative ({tensor})");
     }

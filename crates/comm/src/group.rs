@@ -25,13 +25,32 @@ pub enum BackendChoice {
 }
 
 impl BackendChoice {
-    pub fn parse(s: &str) -> Option<BackendChoice> {
-        match s {
-            "auto" => Some(BackendChoice::Auto),
-            "mpi" => Some(BackendChoice::Mpi),
-            "nccl" => Some(BackendChoice::Nccl),
-            _ => None,
+    /// Every choice, in the order the help lists them.
+    pub const ALL: [BackendChoice; 3] = [BackendChoice::Auto, BackendChoice::Mpi, BackendChoice::Nccl];
+
+    /// The config spelling (`comm.backend`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Mpi => "mpi",
+            BackendChoice::Nccl => "nccl",
         }
+    }
+}
+
+impl std::fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = &'static str;
+    fn from_str(s: &str) -> std::result::Result<Self, &'static str> {
+        BackendChoice::ALL
+            .into_iter()
+            .find(|b| b.as_str() == s)
+            .ok_or("use `auto` (NCCL for CUDA tensors when it loads, MPI otherwise), `mpi` or `nccl`")
     }
 }
 

@@ -54,10 +54,15 @@ pub enum DdpError {
     #[error("parameter '{param}' has no gradient (was its .grad set to None?): it must stay a view of the reducer's bucket; zero gradients with Ddp::zero_grad")]
     NoGradient { param: String },
 
-    /// A ZeRO-1 operation (optimizer state gather or scatter) was called on a reducer applied
-    /// without ZeRO-1.
+    /// A ZeRO-1 operation (gathering per-piece tensors) was called on a reducer applied without
+    /// ZeRO-1.
     #[error("{op}: the optimizer state is sharded only with ZeRO-1 (parallel.zero = 1); without it the optimizer holds its own state")]
     NotSharded { op: &'static str },
+
+    /// `Ddp::gather_pieces` was given no tensor (or one of the wrong size) for a piece of this
+    /// rank's shard.
+    #[error("gathering {what}: no tensor of the piece's size for ZeRO-1 piece '{piece}' of this rank's shard")]
+    MissingPiece { what: String, piece: String },
 }
 
 /// The first line of `s` (libtorch's messages go on with a C++ backtrace), marked when cut.

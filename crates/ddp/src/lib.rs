@@ -3,8 +3,8 @@
 //! [`buckets`] assigns gradients to buckets (a pure function); [`reducer`] applies data
 //! parallelism to a parameter list: parameters' `.grad` become views into bucket storage
 //! (`fabbrica_torch_ext::hooks::set_grad`), each bucket is all-reduced from the gradient-ready
-//! hooks (`fabbrica_torch_ext::hooks`) while backward is still running, and ZeRO-1 shards the
-//! optimizer state.
+//! hooks (`fabbrica_torch_ext::hooks`) while backward is still running, and under ZeRO-1 the
+//! optimizer is handed only this rank's shard of each bucket to update and keep state for.
 //!
 //! # Bucketing rule, and why
 //!
@@ -56,4 +56,4 @@ pub mod reducer;
 
 pub use buckets::{assign_buckets, Bucket, BucketAssignment, BucketCaps, BucketEntry, ParamSpec, Slot};
 pub use error::{DdpError, Result};
-pub use reducer::{clip_coef, Ddp, DdpOptions, OptParam};
+pub use reducer::{clip_coef, AllReduce, Bf16Compress, CommHook, Ddp, DdpOptions, HookBucket, HookError, OptParam, Piece};

@@ -11,11 +11,17 @@
 //!   sequence) it is all-reduced (average) asynchronously while backward continues.
 //! - **Accumulation:** hooks are armed only on the last micro-step; earlier ones communicate
 //!   nothing and simply accumulate into the buckets.
-//! - **bf16 reduction:** a bucket is copied into a bf16 twin, reduced, and copied back.
+//! - **How a bucket is reduced** is a communication hook ([`CommHook`], PyTorch DDP's
+//!   `register_comm_hook`): by default an average in the gradients' dtype ([`AllReduce`]);
+//!   `parallel.reduce_dtype = bf16` is [`Bf16Compress`] (copied into a bf16 twin, reduced, copied
+//!   back); [`Ddp::apply_with_hook`] takes any other.
 //! - **ZeRO-1:** buckets are padded to a multiple of the dp size and split into dp contiguous
-//!   shards. Gradients are reduce-scattered, each rank's optimizer updates only its shard (its
-//!   moments exist only for the shard), and the updated shards are all-gathered straight into
-//!   the parameters, which are views of flat per-bucket parameter storage.
+//!   shards. Gradients are reduce-scattered, each rank's optimizer updates only its shard (the
+//!   optimizer allocates its moments for the [`Piece`]s handed to it, so they exist only for the
+//!   shard), and the updated shards are all-gathered straight into the parameters, which are
+//!   views of flat per-bucket parameter storage. The reducer holds no optimizer state: for a
+//!   checkpoint, [`Ddp::gather_pieces`] gathers any per-piece tensors (the optimizer's moments)
+//!   into whole per-parameter tensors.
 //!
 //! # Failures
 //!
@@ -45,7 +51,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use fabbrica_comm::{Communicator, ReduceOp, Work};
+use fabbrica_comm::{Communicator, Work};
 use fabbrica_torch_ext::hooks::{register_grad_ready_hook, set_grad, GradReadyHook};
 use tch::{Kind, TchError, Tensor};
 
@@ -58,7 +64,8 @@ pub struct DdpOptions {
     pub bucket_mb: f64,
     /// Cap of the first bucket in MiB: small, so the first all-reduce starts early in backward.
     pub first_bucket_mb: f64,
-    /// Reduce in bf16 (`parallel.reduce_dtype = bf16`).
+    /// Reduce in bf16 (`parallel.reduce_dtype = bf16`): [`Ddp::apply`] then uses the
+    /// [`Bf16Compress`] hook instead of [`AllReduce`]. [`Ddp::apply_with_hook`] ignores it.
     pub reduce_bf16: bool,
     /// Launch each bucket from backward (`parallel.overlap`); otherwise all after backward.
     pub overlap: bool,
@@ -76,27 +83,38 @@ impl Default for DdpOptions {
     }
 }
 
-/// A tensor the optimizer updates, with its gradient and (under ZeRO-1) the state tensors the
-/// reducer owns. Without ZeRO-1 these are whole parameters and the optimizer makes its own state.
+/// A tensor the optimizer updates, with its gradient: a whole parameter, or under ZeRO-1 the
+/// piece of one that lies in this rank's shard of a bucket. The optimizer makes its own state
+/// for it, shaped like `param`.
 pub struct OptParam {
+    /// The parameter's name, or a piece's `name[a..b]` (elements `a..b` of the flattened
+    /// parameter).
     pub name: String,
     pub param: Tensor,
     pub grad: Tensor,
     /// nanoGPT's rule: tensors of 2+ dimensions are weight-decayed.
     pub decay: bool,
-    pub exp_avg: Option<Tensor>,
-    pub exp_avg_sq: Option<Tensor>,
+    /// ZeRO-1: where this piece lies in its whole parameter; `None` for a whole parameter.
+    pub piece: Option<Piece>,
+}
+
+/// Where a ZeRO-1 piece lies: elements `offset..offset + len` of the flattened parameter `param`,
+/// whose whole shape is `shape` (what a checkpoint stores, and what loading slices the piece's
+/// state from).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub param: String,
+    pub shape: Vec<i64>,
+    pub offset: usize,
+    pub len: usize,
 }
 
 struct Buf {
     grad: Tensor,
-    /// bf16 twin of `grad` for reduction.
-    stage: Option<Tensor>,
-    /// ZeRO-1: flat parameter storage (parameters are views of it) and the optimizer moments of
-    /// this rank's shard.
+    /// What the communication hook prepared for this bucket (the bf16 hook's twin of `grad`).
+    scratch: Option<Tensor>,
+    /// ZeRO-1: flat parameter storage (parameters are views of it).
     param: Option<Tensor>,
-    exp_avg: Option<Tensor>,
-    exp_avg_sq: Option<Tensor>,
     /// Elements including ZeRO-1 padding, and the shard length.
     padded: usize,
     shard: usize,
@@ -171,6 +189,7 @@ struct Shared {
     names: Vec<String>,
     buckets: Vec<String>,
     opts: DdpOptions,
+    hook: Arc<dyn CommHook>,
     state: Mutex<State>,
 }
 
@@ -249,32 +268,21 @@ impl Shared {
     }
 
     fn try_launch(&self, buf: &Buf, b: usize, origin: Origin) -> Result<Work> {
-        let src = match &buf.stage {
-            Some(stage) => {
-                tch::no_grad(|| stage.shallow_clone().f_copy_(&buf.grad))
-                    .map_err(|e| self.torch_err(b, "copying the gradients into the bf16 buffer to reduce", e))?;
-                stage.shallow_clone()
-            }
-            None => buf.grad.shallow_clone(),
-        };
-        let res = if self.sharded() {
-            // In range: the bucket is padded to size × shard elements.
-            let out = src.narrow(0, self.comm.rank() as i64 * buf.shard as i64, buf.shard as i64);
-            self.comm.reduce_scatter_async(&out, &src, ReduceOp::Avg)
-        } else {
-            self.comm.all_reduce_async(&src, ReduceOp::Avg)
-        };
-        res.map_err(|source| DdpError::Collective {
-            what: format!("{}: {} could not be launched {origin}", self.buckets[b], self.collective()),
-            source,
-        })
+        self.hook.launch(&*self.comm, &self.hook_bucket(buf)).map_err(|e| self.hook_err(b, &format!("could not be launched {origin}"), e))
+    }
+
+    /// Bucket `buf` as the communication hook sees it.
+    fn hook_bucket<'a>(&self, buf: &'a Buf) -> HookBucket<'a> {
+        // In range: a sharded bucket is padded to size × shard elements.
+        let shard = self.sharded().then(|| (self.comm.rank() as i64 * buf.shard as i64, buf.shard as i64));
+        HookBucket { grad: &buf.grad, scratch: buf.scratch.as_ref(), shard }
     }
 
     /// Waits for every collective in flight and copies bf16 results back; failures are recorded.
     fn wait_all(&self, st: &mut State) {
         for (b, w) in std::mem::take(&mut st.works) {
             let res = match w.wait() {
-                Ok(()) => self.unstage(&st.bufs[b], b),
+                Ok(()) => self.hook.complete(&self.hook_bucket(&st.bufs[b])).map_err(|e| self.hook_err(b, "could not be completed", e)),
                 Err(source) => Err(DdpError::Collective { what: format!("{}: {} failed", self.buckets[b], self.collective()), source }),
             };
             if let Err(e) = res {
@@ -283,24 +291,12 @@ impl Shared {
         }
     }
 
-    /// A libtorch error of bucket `b`.
-    fn torch_err(&self, b: usize, doing: &str, e: TchError) -> DdpError {
-        DdpError::Torch(format!("{}: {doing}: {}", self.buckets[b], first_line(&e)))
-    }
-
-    /// Copies a bucket's reduced bf16 twin back into its gradients (this rank's shard of them
-    /// under ZeRO-1).
-    fn unstage(&self, buf: &Buf, b: usize) -> Result<()> {
-        let Some(stage) = &buf.stage else { return Ok(()) };
-        tch::no_grad(|| {
-            if self.sharded() {
-                let (o, l) = (self.comm.rank() as i64 * buf.shard as i64, buf.shard as i64);
-                buf.grad.narrow(0, o, l).f_copy_(&stage.narrow(0, o, l))
-            } else {
-                buf.grad.shallow_clone().f_copy_(stage)
-            }
-        })
-        .map_err(|e| self.torch_err(b, "copying the reduced bf16 gradients back", e))
+    /// A hook's failure on bucket `b`, `doing` what (for the collective's message).
+    fn hook_err(&self, b: usize, doing: &str, e: HookError) -> DdpError {
+        match e {
+            HookError::Comm(source) => DdpError::Collective { what: format!("{}: {} {doing}", self.buckets[b], self.collective()), source },
+            HookError::Torch(what) => DdpError::Torch(format!("{}: {what}", self.buckets[b])),
+        }
     }
 }
 
@@ -336,13 +332,23 @@ pub struct Ddp {
     _hooks: Vec<GradReadyHook>,
 }
 
+mod hook;
 mod norm;
+pub use hook::{AllReduce, Bf16Compress, CommHook, HookBucket, HookError};
 pub use norm::clip_coef;
 
 impl Ddp {
     /// Applies data parallelism over `comm` (the data-parallel group) to `params` (registration
-    /// order, as the model lists them).
+    /// order, as the model lists them), each bucket reduced by the built-in hook `opts` selects
+    /// ([`Bf16Compress`] with `reduce_bf16`, else [`AllReduce`]).
     pub fn apply(params: &[(String, Tensor)], comm: Arc<dyn Communicator>, opts: DdpOptions) -> Result<Ddp> {
+        let hook: Arc<dyn CommHook> = if opts.reduce_bf16 { Arc::new(Bf16Compress) } else { Arc::new(AllReduce) };
+        Ddp::apply_with_hook(params, comm, opts, hook)
+    }
+
+    /// As [`Ddp::apply`], with `hook` deciding how each bucket is reduced (PyTorch's
+    /// `DistributedDataParallel.register_comm_hook`).
+    pub fn apply_with_hook(params: &[(String, Tensor)], comm: Arc<dyn Communicator>, opts: DdpOptions, hook: Arc<dyn CommHook>) -> Result<Ddp> {
         let n = comm.size();
         let params: Vec<(String, Tensor)> = params.iter().map(|(k, p)| (k.clone(), p.shallow_clone())).collect();
         // Same weights everywhere: rank 0's.
@@ -379,8 +385,8 @@ impl Ddp {
                 Tensor::f_zeros([len as i64], (kind, dev)).map_err(torch_err(format_args!("{desc}: allocating {what}")))
             };
             let grad = zeros(padded, kind, "its gradient storage")?;
-            let stage = if opts.reduce_bf16 { Some(zeros(padded, Kind::BFloat16, "its bf16 reduction buffer")?) } else { None };
-            let mut buf = Buf { grad, stage, param: None, exp_avg: None, exp_avg_sq: None, padded, shard };
+            let scratch = hook.prepare(&grad).map_err(torch_err(format_args!("{desc}: the communication hook's buffer")))?;
+            let mut buf = Buf { grad, scratch, param: None, padded, shard };
             if opts.zero1 {
                 let flat = zeros(padded, kind, "its flat parameter storage")?;
                 tch::no_grad(|| -> Result<()> {
@@ -395,8 +401,6 @@ impl Ddp {
                     Ok(())
                 })?;
                 buf.param = Some(flat);
-                buf.exp_avg = Some(zeros(shard, kind, "its exp_avg shard")?);
-                buf.exp_avg_sq = Some(zeros(shard, kind, "its exp_avg_sq shard")?);
             }
             for e in &b.entries {
                 let (name, p) = &params[e.param];
@@ -419,6 +423,7 @@ impl Ddp {
             names: params.iter().map(|(k, _)| k.clone()).collect(),
             buckets: descriptions,
             opts,
+            hook,
             state: Mutex::new(State {
                 bufs,
                 armed: false,
@@ -516,7 +521,8 @@ impl Ddp {
     }
 
     /// What the optimizer updates: whole parameters, or under ZeRO-1 the pieces of parameters
-    /// inside this rank's shard of each bucket (with the moments this reducer owns).
+    /// inside this rank's shard of each bucket (in bucket order, then bucket entry order: the
+    /// order [`Ddp::gather_pieces`] reads them in).
     pub fn optimizer_params(&self) -> Vec<OptParam> {
         let st = self.shared.state();
         let r = self.shared.comm.rank();
@@ -524,20 +530,13 @@ impl Ddp {
             return self
                 .params
                 .iter()
-                .map(|(name, p)| OptParam {
-                    name: name.clone(),
-                    param: p.shallow_clone(),
-                    grad: p.grad(),
-                    decay: p.dim() >= 2,
-                    exp_avg: None,
-                    exp_avg_sq: None,
-                })
+                .map(|(name, p)| OptParam { name: name.clone(), param: p.shallow_clone(), grad: p.grad(), decay: p.dim() >= 2, piece: None })
                 .collect();
         }
         let mut out = Vec::new();
         for (b, buf) in self.assignment.buckets.iter().zip(&st.bufs) {
             let (lo, hi) = (r * buf.shard, (r + 1) * buf.shard);
-            let (flat, exp_avg, exp_avg_sq) = zero1_buffers(buf);
+            let flat = zero1_flat(buf);
             for e in &b.entries {
                 let (a, z) = (e.offset.max(lo), (e.offset + e.numel).min(hi));
                 if a >= z {
@@ -545,14 +544,12 @@ impl Ddp {
                 }
                 let (name, p) = &self.params[e.param];
                 let len = (z - a) as i64;
-                let s = (a - lo) as i64;
                 out.push(OptParam {
-                    name: format!("{name}[{}..{}]", a - e.offset, z - e.offset),
+                    name: piece_name(name, a - e.offset, z - e.offset),
                     param: flat.narrow(0, a as i64, len),
                     grad: buf.grad.narrow(0, a as i64, len),
                     decay: p.dim() >= 2,
-                    exp_avg: Some(exp_avg.narrow(0, s, len)),
-                    exp_avg_sq: Some(exp_avg_sq.narrow(0, s, len)),
+                    piece: Some(Piece { param: name.clone(), shape: p.size(), offset: a - e.offset, len: z - a }),
                 });
             }
         }
@@ -573,7 +570,7 @@ impl Ddp {
         let mut works = Vec::with_capacity(st.bufs.len());
         let mut first_err = None;
         for (bi, b) in st.bufs.iter().enumerate() {
-            let (flat, _, _) = zero1_buffers(b);
+            let flat = zero1_flat(b);
             match self.shared.comm.all_gather_async(flat, &flat.narrow(0, r * b.shard as i64, b.shard as i64)) {
                 Ok(w) => works.push((bi, w)),
                 Err(source) => {
@@ -591,83 +588,61 @@ impl Ddp {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// ZeRO-1: the whole optimizer state (`<param>.exp_avg`, `<param>.exp_avg_sq`, `<param>.step`),
-    /// gathered from every rank's shard, in the format of the unsharded optimizer, so that a
-    /// checkpoint loads with or without ZeRO-1 and at any dp size. An error without ZeRO-1.
-    pub fn gather_state(&self, steps_taken: u64) -> Result<Vec<(String, Tensor)>> {
+    /// ZeRO-1: whole per-parameter tensors from tensors given per piece of this rank's shards
+    /// (a collective over the data-parallel group: every rank calls it with the same pieces'
+    /// values of its own shard). `value_of` receives each piece's name as
+    /// [`Ddp::optimizer_params`] names it (`name[a..b]`) and returns its tensor of `len`
+    /// elements: the optimizer's state for it. Returns `(parameter name, whole tensor)` for every
+    /// parameter, in registration order of the buckets, each shaped like its parameter, with the
+    /// kind of its gradient bucket. A checkpoint stores these, so that it loads with or without
+    /// ZeRO-1 and at any dp size.
+    ///
+    /// # Errors
+    ///
+    /// [`DdpError::NotSharded`] without ZeRO-1, [`DdpError::MissingPiece`] where `value_of`
+    /// has no tensor for a piece (or one of the wrong size), and the gather's failure.
+    pub fn gather_pieces(&self, what: &str, value_of: &dyn Fn(&str) -> Option<Tensor>) -> Result<Vec<(String, Tensor)>> {
         if !self.shared.opts.zero1 {
-            return Err(DdpError::NotSharded { op: "Ddp::gather_state" });
+            return Err(DdpError::NotSharded { op: "Ddp::gather_pieces" });
         }
         let st = self.shared.state();
+        let r = self.shared.comm.rank();
         let mut out = Vec::new();
         for (bi, (b, buf)) in self.assignment.buckets.iter().zip(&st.bufs).enumerate() {
-            let (_, exp_avg, exp_avg_sq) = zero1_buffers(buf);
-            let mut full = Vec::new();
-            for (suffix, shard) in [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] {
-                let what = format!("{}: gathering the ZeRO-1 optimizer state {suffix}", self.shared.buckets[bi]);
-                let all = Tensor::f_zeros([buf.padded as i64], (shard.kind(), shard.device())).map_err(torch_err(&what))?;
-                self.shared.comm.all_gather(&all, shard).map_err(|source| DdpError::Collective { what, source })?;
-                full.push((suffix, all));
+            let (lo, hi) = (r * buf.shard, (r + 1) * buf.shard);
+            let doing = format!("{}: gathering the ZeRO-1 shards of {what}", self.shared.buckets[bi]);
+            let opts = (buf.grad.kind(), buf.grad.device());
+            let mine = Tensor::f_zeros([buf.shard as i64], opts).map_err(torch_err(&doing))?;
+            for e in &b.entries {
+                let (a, z) = (e.offset.max(lo), (e.offset + e.numel).min(hi));
+                if a >= z {
+                    continue;
+                }
+                let piece = piece_name(&self.params[e.param].0, a - e.offset, z - e.offset);
+                let v = value_of(&piece).filter(|v| v.numel() == z - a).ok_or_else(|| DdpError::MissingPiece { what: what.to_string(), piece })?;
+                tch::no_grad(|| mine.narrow(0, (a - lo) as i64, (z - a) as i64).f_copy_(&v.f_reshape([-1])?)).map_err(torch_err(&doing))?;
             }
+            let all = Tensor::f_zeros([buf.padded as i64], opts).map_err(torch_err(&doing))?;
+            self.shared.comm.all_gather(&all, &mine).map_err(|source| DdpError::Collective { what: doing, source })?;
             for e in &b.entries {
                 let (name, p) = &self.params[e.param];
-                for (suffix, all) in &full {
-                    out.push((format!("{name}.{suffix}"), all.narrow(0, e.offset as i64, e.numel as i64).view(p.size().as_slice())));
-                }
-                out.push((format!("{name}.step"), Tensor::from(steps_taken as f32).to_device(p.device())));
+                out.push((name.clone(), all.narrow(0, e.offset as i64, e.numel as i64).view(p.size().as_slice())));
             }
         }
         Ok(out)
     }
-
-    /// ZeRO-1: loads this rank's shard from a whole optimizer state (see `gather_state`). An error
-    /// without ZeRO-1, or where `tensors` lacks a tensor or has one of the wrong shape.
-    pub fn scatter_state(&self, tensors: &[(String, Tensor)]) -> std::result::Result<(), String> {
-        if !self.shared.opts.zero1 {
-            return Err(DdpError::NotSharded { op: "Ddp::scatter_state" }.to_string());
-        }
-        let map: std::collections::HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let st = self.shared.state();
-        let r = self.shared.comm.rank();
-        tch::no_grad(|| {
-            for (b, buf) in self.assignment.buckets.iter().zip(&st.bufs) {
-                let (lo, hi) = (r * buf.shard, (r + 1) * buf.shard);
-                let (_, exp_avg, exp_avg_sq) = zero1_buffers(buf);
-                for e in &b.entries {
-                    let (a, z) = (e.offset.max(lo), (e.offset + e.numel).min(hi));
-                    let (name, p) = &self.params[e.param];
-                    for (suffix, shard) in [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] {
-                        let key = format!("{name}.{suffix}");
-                        let t = map.get(key.as_str()).ok_or_else(|| format!("optimizer state has no tensor '{key}'"))?;
-                        if t.size() != p.size() {
-                            return Err(format!("optimizer tensor '{key}' has shape {:?}, expected {:?}", t.size(), p.size()));
-                        }
-                        if a < z {
-                            let (from, len) = ((a - e.offset) as i64, (z - a) as i64);
-                            let copied = t
-                                .f_reshape([-1])
-                                .and_then(|flat| flat.f_narrow(0, from, len))
-                                .and_then(|src| src.f_to_device(p.device()))
-                                .and_then(|src| shard.narrow(0, (a - lo) as i64, len).f_copy_(&src));
-                            copied.map_err(|x| format!("optimizer tensor '{key}': {}", first_line(&x)))?;
-                        }
-                    }
-                }
-            }
-            Ok(())
-        })
-    }
 }
 
-/// A ZeRO-1 bucket's flat parameter storage and moment shards.
-fn zero1_buffers(buf: &Buf) -> (&Tensor, &Tensor, &Tensor) {
-    // Invariant: `apply` allocates all three for every bucket under ZeRO-1, and callers check
+/// A ZeRO-1 piece's name: elements `a..b` of the flattened parameter `name`.
+fn piece_name(name: &str, a: usize, b: usize) -> String {
+    format!("{name}[{a}..{b}]")
+}
+
+/// A ZeRO-1 bucket's flat parameter storage.
+fn zero1_flat(buf: &Buf) -> &Tensor {
+    // Invariant: `apply` allocates it for every bucket under ZeRO-1, and callers check
     // `opts.zero1` first.
-    (
-        buf.param.as_ref().expect("ZeRO-1 bucket without flat parameter storage"),
-        buf.exp_avg.as_ref().expect("ZeRO-1 bucket without an exp_avg shard"),
-        buf.exp_avg_sq.as_ref().expect("ZeRO-1 bucket without an exp_avg_sq shard"),
-    )
+    buf.param.as_ref().expect("ZeRO-1 bucket without flat parameter storage")
 }
 
 fn device_key(d: tch::Device) -> u64 {

@@ -53,28 +53,47 @@ impl StageSpec {
     }
 }
 
-/// `train.recompute`: which activations backward recomputes instead of keeping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// `train.recompute` (and the planner's `recompute=`): which activations backward recomputes
+/// instead of keeping (Korthikanti et al. 2022). Ordered by the compute it adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Recompute {
     /// Keep every activation.
     #[default]
     None,
+    /// Recompute only the attention core (softmax(QKᵀ)V and its dropout), the activations that
+    /// grow with T² when attention is not fused.
+    Selective,
     /// Keep only each block's input; recompute the whole block in backward.
     Full,
-    /// Recompute only the attention core (softmax(QKᵀ)V and its dropout), the activations that
-    /// grow with T² when attention is not fused (Korthikanti et al. 2022).
-    Selective,
+}
+
+impl Recompute {
+    /// All, cheapest compute first.
+    pub const ALL: [Recompute; 3] = [Recompute::None, Recompute::Selective, Recompute::Full];
+
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Recompute::None => "none",
+            Recompute::Full => "full",
+            Recompute::Selective => "selective",
+        }
+    }
+}
+
+impl std::fmt::Display for Recompute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl std::str::FromStr for Recompute {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "none" => Ok(Recompute::None),
-            "full" => Ok(Recompute::Full),
-            "selective" => Ok(Recompute::Selective),
-            _ => Err("use none, full or selective".into()),
-        }
+        Recompute::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| "use `none`, `full` (recompute each block in backward) or `selective` (only the attention core)".into())
     }
 }
 

@@ -108,8 +108,9 @@ pub enum ScheduleError {
     #[error("{}", too_many_actions(*kind, *pp, *v, *m))]
     TooManyActions { kind: Kind, pp: usize, v: usize, m: usize },
 
-    /// Not one of `gpipe`, `1f1b`, `interleaved`.
-    #[error("{KEY_SCHEDULE} {text:?} is not a schedule: use gpipe, 1f1b or interleaved")]
+    /// Not one of `gpipe`, `1f1b`, `interleaved`. The message names no key: the value comes from
+    /// `--schedule` or from `parallel.schedule`, and the caller says which.
+    #[error("{text:?} is not a schedule: use gpipe, 1f1b or interleaved")]
     UnknownKind { text: String },
 }
 
@@ -287,7 +288,8 @@ mod tests {
         let err = "zero-bubble".parse::<Kind>().unwrap_err();
         assert_eq!(err, ScheduleError::UnknownKind { text: "zero-bubble".into() });
         let msg = err.to_string();
-        assert!(msg.contains("--schedule \"zero-bubble\"") && msg.contains("1f1b"), "{msg}");
+        // The caller names the key (`--schedule` or `parallel.schedule`).
+        assert!(msg.starts_with("\"zero-bubble\" is not a schedule") && msg.contains("1f1b"), "{msg}");
     }
 
     #[test]

@@ -137,7 +137,7 @@ pub fn parse(text: &str) -> Result<Vec<Run>, PlanError> {
         let opt = |k: usize| if get(k).is_empty() { Ok(None) } else { n(k).map(Some) };
         let recompute = match get(15) {
             "" => None,
-            r => Some(Recompute::parse(r).ok_or_else(|| bad(15))?),
+            r => Some(r.parse::<Recompute>().map_err(|_| bad(15))?),
         };
         runs.push(Run {
             source: get(0).into(),

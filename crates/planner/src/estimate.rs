@@ -114,7 +114,7 @@ fn ser_layout<S: serde::Serializer>(l: &Layout, s: S) -> Result<S::Ok, S::Error>
     m.serialize_entry("dp", &l.dp)?;
     m.serialize_entry("v", &l.v)?;
     m.serialize_entry("mb", &l.mb)?;
-    m.serialize_entry("recompute", l.recompute.name())?;
+    m.serialize_entry("recompute", l.recompute.as_str())?;
     m.serialize_entry("zero", &l.zero)?;
     m.end()
 }

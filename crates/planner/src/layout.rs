@@ -39,7 +39,7 @@ impl Layout {
 
     /// `tp=8,pp=8,dp=16,v=2,mb=1,recompute=selective,zero=1`: the form `--explain` takes.
     pub fn spec(&self) -> String {
-        format!("tp={},pp={},dp={},v={},mb={},recompute={},zero={}", self.tp, self.pp, self.dp, self.v, self.mb, self.recompute.name(), self.zero)
+        format!("tp={},pp={},dp={},v={},mb={},recompute={},zero={}", self.tp, self.pp, self.dp, self.v, self.mb, self.recompute.as_str(), self.zero)
     }
 }
 
@@ -84,7 +84,7 @@ impl Forced {
                 "v" => f.v = Some(number()?),
                 "mb" => f.mb = Some(number()?),
                 "recompute" => {
-                    f.recompute = Some(Recompute::parse(value).ok_or_else(|| bad(format!("recompute={value} is not none, selective or full")))?)
+                    f.recompute = Some(value.parse::<Recompute>().map_err(|_| bad(format!("recompute={value} is not none, selective or full")))?)
                 }
                 "zero" => {
                     f.zero = Some(match value {

@@ -43,35 +43,9 @@ pub struct ModelShape {
     pub(crate) model: ModelConfig,
 }
 
-/// Activation recomputation (Korthikanti et al. 2022).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Recompute {
-    /// Keep every activation backward needs.
-    None,
-    /// Recompute attention's core (scores, softmax, dropout) in backward.
-    Selective,
-    /// Keep only each block's input; recompute the whole block's forward in backward.
-    Full,
-}
-
-impl Recompute {
-    /// All, cheapest compute first.
-    pub const ALL: [Recompute; 3] = [Recompute::None, Recompute::Selective, Recompute::Full];
-
-    /// The `--explain` spelling.
-    pub fn name(self) -> &'static str {
-        match self {
-            Recompute::None => "none",
-            Recompute::Selective => "selective",
-            Recompute::Full => "full",
-        }
-    }
-
-    /// Parses the `--explain` spelling.
-    pub fn parse(s: &str) -> Option<Recompute> {
-        Recompute::ALL.into_iter().find(|r| r.name() == s)
-    }
-}
+/// Activation recomputation: the trainer's own type (`train.recompute`), so that the two never
+/// disagree on what exists or how it is spelled.
+pub use fabbrica_models::Recompute;
 
 impl ModelShape {
     /// A trainer model config (preset or `--config` file), planned at sequence length `seq`.

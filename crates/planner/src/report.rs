@@ -100,7 +100,7 @@ pub fn row(i: usize, e: &Estimate, cost: Option<&TrainCost>) -> String {
         l.dp,
         l.v,
         l.mb,
-        l.recompute.name(),
+        l.recompute.as_str(),
         l.zero,
         e.gpus,
         human_time(e.step_s),

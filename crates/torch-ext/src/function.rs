@@ -93,12 +93,15 @@ pub fn apply<F: Function>(inputs: &[&Tensor], f: F) -> Result<Vec<Tensor>, Strin
     Ok(outs[..n_out.min(MAX_TENSORS)].iter().map(|&p| unsafe { Tensor::from_ptr(p) }).collect())
 }
 
-/// Calls `body` with the tensors C++ passed and hands the results back. Never unwinds.
+/// Calls `body` with the tensors C++ passed and hands the results back: the one Rust side of
+/// every C++ → Rust tensor call (custom functions here, recompute regions in `recompute`).
+/// `what` names the callee in messages (`custom function forward`). An undefined output goes
+/// back as a null pointer, which C++ reads as an undefined tensor. Never unwinds.
 ///
 /// # Safety
 /// `inputs` holds `n_in` pointers, each a `new at::Tensor` whose ownership passes here;
 /// `outputs` has room for `cap` pointers; `n_out` points to C++'s count.
-unsafe fn exchange(
+pub(crate) unsafe fn exchange(
     inputs: *mut *mut torch_sys::C_tensor,
     n_in: usize,
     outputs: *mut *mut torch_sys::C_tensor,
@@ -114,9 +117,7 @@ unsafe fn exchange(
         })
         .collect();
     match catch_unwind(AssertUnwindSafe(|| body(&ins))) {
-        Ok(Ok(outs)) if outs.len() > cap => {
-            malloc_message(&format!("custom function {what} returned {} tensors, at most {cap} are allowed", outs.len()))
-        }
+        Ok(Ok(outs)) if outs.len() > cap => malloc_message(&format!("{what} returned {} tensors, at most {cap} are allowed", outs.len())),
         Ok(Ok(outs)) => {
             let n = outs.len();
             for (i, mut t) in outs.into_iter().enumerate() {
@@ -136,7 +137,7 @@ unsafe fn exchange(
             std::ptr::null_mut()
         }
         Ok(Err(msg)) => malloc_message(&msg),
-        Err(payload) => malloc_message(&format!("custom function {what} panicked: {}", panic_text(payload))),
+        Err(payload) => malloc_message(&format!("{what} panicked: {}", panic_text(payload))),
     }
 }
 
@@ -151,7 +152,7 @@ unsafe extern "C" fn call_forward<F: Function>(
     // SAFETY: `ctx` is the `Box<F>` handed to C++, alive until `drop_function`.
     let f = unsafe { &*(ctx as *const F) };
     // SAFETY: C++ keeps the contract of `exchange`.
-    unsafe { exchange(inputs, n_in, outputs, cap, n_out, "forward", |ins| f.forward(ins)) }
+    unsafe { exchange(inputs, n_in, outputs, cap, n_out, "custom function forward", |ins| f.forward(ins)) }
 }
 
 unsafe extern "C" fn call_backward<F: Function>(
@@ -165,7 +166,7 @@ unsafe extern "C" fn call_backward<F: Function>(
     // SAFETY: `ctx` is the `Box<F>` handed to C++, alive until `drop_function`.
     let f = unsafe { &*(ctx as *const F) };
     // SAFETY: C++ keeps the contract of `exchange`.
-    unsafe { exchange(inputs, n_in, outputs, cap, n_out, "backward", |grads| f.backward(grads)) }
+    unsafe { exchange(inputs, n_in, outputs, cap, n_out, "custom function backward", |grads| f.backward(grads)) }
 }
 
 /// Drops the function behind `ctx`. Never unwinds.

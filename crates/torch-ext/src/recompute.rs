@@ -16,7 +16,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use tch::Tensor;
 
-use crate::hooks::{malloc_message, panic_text};
+use crate::function::exchange;
 use crate::take_message;
 
 type RecomputeFn = unsafe extern "C" fn(
@@ -70,7 +70,8 @@ where
     Ok(outs[..n_out.min(MAX_OUTPUTS)].iter().map(|&p| unsafe { Tensor::from_ptr(p) }).collect())
 }
 
-/// Trampoline from C++ into the closure. Never unwinds.
+/// Trampoline from C++ into the closure (through `function::exchange`, as custom functions).
+/// Never unwinds.
 unsafe extern "C" fn call_closure<F: Fn(&[Tensor]) -> Vec<Tensor>>(
     ctx: *mut c_void,
     inputs: *mut *mut torch_sys::C_tensor,
@@ -81,29 +82,8 @@ unsafe extern "C" fn call_closure<F: Fn(&[Tensor]) -> Vec<Tensor>>(
 ) -> *mut c_char {
     // SAFETY: `ctx` is the `Box<F>` handed to C++, alive until `drop_closure`.
     let f = unsafe { &*(ctx as *const F) };
-    let ins: Vec<Tensor> = (0..n_in)
-        .map(|i| {
-            // SAFETY: C++ passes `n_in` pointers, each a `new at::Tensor` whose ownership passes
-            // to us (tch frees it on drop).
-            unsafe { Tensor::from_ptr(*inputs.add(i)) }
-        })
-        .collect();
-    match catch_unwind(AssertUnwindSafe(|| f(&ins))) {
-        Ok(outs) if outs.len() > cap => malloc_message(&format!("recompute: the region returned {} outputs, at most {cap} are allowed", outs.len())),
-        Ok(outs) => {
-            let n = outs.len();
-            for (i, mut t) in outs.into_iter().enumerate() {
-                // SAFETY: `outputs` has room for `cap` ≥ n pointers; ownership of each tensor
-                // passes to C++, which deletes it after copying the handle.
-                unsafe { *outputs.add(i) = t.as_mut_ptr() };
-                std::mem::forget(t);
-            }
-            // SAFETY: `n_out` points to C++'s count.
-            unsafe { *n_out = n };
-            std::ptr::null_mut()
-        }
-        Err(payload) => malloc_message(&format!("recompute region panicked: {}", panic_text(payload))),
-    }
+    // SAFETY: C++ (`RustFn::call`) keeps the contract of `exchange`.
+    unsafe { exchange(inputs, n_in, outputs, cap, n_out, "recompute region", |ins| Ok(f(ins))) }
 }
 
 /// Drops the closure behind `ctx`. Never unwinds.

@@ -6,12 +6,17 @@
 
 use std::path::{Path, PathBuf};
 
+use fabbrica_comm::BackendChoice;
 use fabbrica_models::{ModelConfig, Recompute, PRESET_NAMES};
+use fabbrica_pipeline::Kind as ScheduleKind;
+use fabbrica_topology::RankOrder;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, Result};
 
+mod choices;
 mod model_section;
+pub use choices::{CheckpointFailure, DeviceChoice, Dtype, Fused, IfExists, Nonfinite, NotAChoice, ReduceDtype};
 pub use model_section::ModelSection;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,7 +50,8 @@ pub struct ParallelConfig {
     pub sequence_parallel: bool,
     /// Pipeline schedule: `gpipe`, `1f1b` (Megatron's) or `interleaved` (Megatron's interleaved
     /// 1F1B, with `virtual_stages` model chunks per rank).
-    pub schedule: String,
+    #[serde(with = "choices::text")]
+    pub schedule: ScheduleKind,
     /// Model chunks per pipeline rank (`interleaved` only; 1 otherwise).
     pub virtual_stages: usize,
     /// Layers of each of the `pp × virtual_stages` stages, in order; empty = the balanced split
@@ -53,11 +59,13 @@ pub struct ParallelConfig {
     pub stage_layers: Vec<usize>,
     /// Rank order on the grid, fastest-varying first: `tp-dp-pp` (Megatron's: pipeline
     /// outermost, so data-parallel groups are compact) or `tp-pp-dp`.
-    pub order: String,
+    #[serde(with = "choices::text")]
+    pub order: RankOrder,
     /// Gradient bucket size cap in MiB (PyTorch DDP's default is 25).
     pub bucket_mb: f64,
     /// Dtype gradients travel in: `fp32` (the gradients' own) or `bf16` (half the bytes).
-    pub reduce_dtype: String,
+    #[serde(with = "choices::text")]
+    pub reduce_dtype: ReduceDtype,
     /// 0: every rank holds the whole optimizer state; 1: ZeRO-1, state sharded across dp ranks.
     pub zero: u8,
     /// All-reduce each bucket as soon as backward has produced its gradients.
@@ -74,12 +82,12 @@ impl Default for ParallelConfig {
             pp: 1,
             tp: 1,
             sequence_parallel: false,
-            schedule: "1f1b".into(),
+            schedule: ScheduleKind::OneFOneB,
             virtual_stages: 1,
             stage_layers: Vec::new(),
-            order: "tp-dp-pp".into(),
+            order: RankOrder::TpDpPp,
             bucket_mb: 25.0,
-            reduce_dtype: "fp32".into(),
+            reduce_dtype: ReduceDtype::Fp32,
             zero: 0,
             overlap: true,
             grad_comm: true,
@@ -91,7 +99,8 @@ impl Default for ParallelConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CommConfig {
     /// `auto` (NCCL for CUDA tensors when it loads, MPI otherwise), `mpi` or `nccl`.
-    pub backend: String,
+    #[serde(with = "choices::text")]
+    pub backend: BackendChoice,
     /// A collective running longer than this ends the job with a report (env FABBRICA_COMM_TIMEOUT wins).
     pub timeout_s: f64,
     /// Check before each collective that all ranks call the same one (env FABBRICA_COMM_DEBUG wins).
@@ -100,7 +109,7 @@ pub struct CommConfig {
 
 impl Default for CommConfig {
     fn default() -> Self {
-        CommConfig { backend: "auto".into(), timeout_s: 600.0, debug: false }
+        CommConfig { backend: BackendChoice::Auto, timeout_s: 600.0, debug: false }
     }
 }
 
@@ -138,9 +147,11 @@ pub struct TrainConfig {
     /// Clip the global gradient norm to this value (0 = off).
     pub grad_clip: f64,
     /// `auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32` or `bf16`.
-    pub dtype: String,
+    #[serde(with = "choices::text")]
+    pub dtype: Dtype,
     /// `auto`/`on`: ATen's fused AdamW kernel (CPU and CUDA); `off`: tensor-op reference path.
-    pub fused_adamw: String,
+    #[serde(with = "choices::text")]
+    pub fused_adamw: Fused,
     pub log_interval: u64,
     pub eval_interval: u64,
     /// Batches per split per evaluation.
@@ -149,12 +160,14 @@ pub struct TrainConfig {
     pub peak_flops: f64,
     /// A NaN/Inf loss or gradient norm on any rank: `stop` (no checkpoint is written; the job
     /// exits naming step and rank) or `skip` (that update is dropped, optimizer state untouched).
-    pub nonfinite: String,
+    #[serde(with = "choices::text")]
+    pub nonfinite: Nonfinite,
     /// With `nonfinite = "skip"`: more skipped steps than this in one run stop it as `stop` would.
     pub max_skipped_steps: u64,
     /// Activation recompute: `none`, `full` (keep each block's input, recompute the block in
     /// backward) or `selective` (recompute only the attention core, Korthikanti et al. 2022).
-    pub recompute: String,
+    #[serde(with = "choices::text")]
+    pub recompute: Recompute,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,7 +176,8 @@ pub struct RunConfig {
     pub out_dir: PathBuf,
     pub seed: u64,
     /// `auto`, `cpu`, `cuda`.
-    pub device: String,
+    #[serde(with = "choices::text")]
+    pub device: DeviceChoice,
     /// `true`: continue from the newest valid checkpoint in `out_dir/checkpoints` (`latest` is a
     /// hint; a corrupt newest checkpoint falls back to the one before); nothing to resume is an
     /// error. `"auto"`: resume when `out_dir` holds checkpoints, start fresh otherwise (one job
@@ -175,7 +189,8 @@ pub struct RunConfig {
     /// A fresh run (`resume = false`) into an `out_dir` that holds an earlier run's checkpoints:
     /// `refuse` (say so and stop before training) or `archive` (move that run's checkpoints,
     /// metrics and config into `out_dir/archive/<time>/` first).
-    pub if_exists: String,
+    #[serde(with = "choices::text")]
+    pub if_exists: IfExists,
     /// Write checkpoints from a background thread while training goes on (the step only copies
     /// the state to host memory; at most one write in flight). Falls back to writing at once
     /// when a host copy would not fit in half the available memory.
@@ -185,7 +200,8 @@ pub struct RunConfig {
     pub trace: bool,
     /// A checkpoint that cannot be written (disk full, I/O error): `stop` the job, or `continue`
     /// training and try again at the next checkpoint interval (the previous checkpoint is kept).
-    pub checkpoint_failure: String,
+    #[serde(with = "choices::text")]
+    pub checkpoint_failure: CheckpointFailure,
     /// Steps between checkpoints (0 = only at the end).
     pub checkpoint_interval: u64,
     /// Checkpoints kept in `out_dir/checkpoints` (older ones are deleted).
@@ -255,15 +271,15 @@ impl Default for TrainConfig {
             beta2: 0.99,
             eps: 1e-8,
             grad_clip: 1.0,
-            dtype: "auto".into(),
-            fused_adamw: "auto".into(),
+            dtype: Dtype::Auto,
+            fused_adamw: Fused::Auto,
             log_interval: 10,
             eval_interval: 200,
             eval_iters: 20,
             peak_flops: 0.0,
-            nonfinite: "stop".into(),
+            nonfinite: Nonfinite::Stop,
             max_skipped_steps: 10,
-            recompute: "none".into(),
+            recompute: Recompute::None,
         }
     }
 }
@@ -273,13 +289,13 @@ impl Default for RunConfig {
         RunConfig {
             out_dir: PathBuf::from("runs/tiny"),
             seed: 1337,
-            device: "auto".into(),
+            device: DeviceChoice::Auto,
             resume: Resume::No,
             resume_from: PathBuf::new(),
-            if_exists: "refuse".into(),
+            if_exists: IfExists::Refuse,
             async_checkpoint: true,
             trace: false,
-            checkpoint_failure: "stop".into(),
+            checkpoint_failure: CheckpointFailure::Stop,
             checkpoint_interval: 0,
             keep_checkpoints: 2,
             threads: 0,
@@ -370,7 +386,7 @@ impl Config {
             }
         }
         model_section::finish(&mut merged, &user_model, &base.model)?;
-        let config: Config = merged.try_into().map_err(|e: toml::de::Error| ConfigError::Type { why: one_line(&e.to_string()) })?;
+        let config: Config = merged.clone().try_into().map_err(|e: toml::de::Error| type_error(&e, &merged))?;
         config.validate()?;
         Ok(config)
     }
@@ -428,12 +444,6 @@ impl Config {
         }
         check_float("train.eps", t.eps, 0.0, false, 1.0, "train.eps=1e-8")?;
         check_float("train.grad_clip", t.grad_clip, 0.0, true, MAX_GRAD_CLIP, "train.grad_clip=1.0 (0 turns clipping off)")?;
-        if !matches!(t.dtype.as_str(), "auto" | "fp32" | "bf16") {
-            return invalid_str("train.dtype", &t.dtype, "use `auto`, `fp32` or `bf16`");
-        }
-        if !matches!(t.fused_adamw.as_str(), "auto" | "on" | "off") {
-            return invalid_str("train.fused_adamw", &t.fused_adamw, "use `auto`, `on` or `off`");
-        }
         check_int("train.warmup_steps", t.warmup_steps, 0, MAX_STEPS, "train.warmup_steps=100")?;
         check_int("train.lr_decay_steps", t.lr_decay_steps, 0, MAX_STEPS, "train.lr_decay_steps=0 (= train.max_steps)")?;
         check_int("train.log_interval", t.log_interval, 1, MAX_STEPS, "train.log_interval=10")?;
@@ -441,29 +451,6 @@ impl Config {
         check_int("train.eval_iters", t.eval_iters, 1, MAX_EVAL_ITERS, "train.eval_iters=20")?;
         check_float("train.peak_flops", t.peak_flops, 0.0, true, MAX_PEAK_FLOPS, "train.peak_flops=0 (detect)")?;
         check_int("train.max_skipped_steps", t.max_skipped_steps, 0, MAX_STEPS, "train.max_skipped_steps=10")?;
-        if t.recompute.parse::<Recompute>().is_err() {
-            return invalid_str(
-                "train.recompute",
-                &t.recompute,
-                "use `none`, `full` (recompute each block in backward) or `selective` (only attention)",
-            );
-        }
-        if !matches!(r.device.as_str(), "auto" | "cpu" | "cuda") {
-            return invalid_str("run.device", &r.device, "use `auto`, `cpu` or `cuda`");
-        }
-        if !matches!(t.nonfinite.as_str(), "stop" | "skip") {
-            return invalid_str(
-                "train.nonfinite",
-                &t.nonfinite,
-                "use `stop` (end the job at a NaN/Inf loss or gradient) or `skip` (drop that update)",
-            );
-        }
-        if !matches!(r.if_exists.as_str(), "refuse" | "archive") {
-            return invalid_str("run.if_exists", &r.if_exists, "use `refuse` or `archive` (move the earlier run into out_dir/archive/)");
-        }
-        if !matches!(r.checkpoint_failure.as_str(), "stop" | "continue") {
-            return invalid_str("run.checkpoint_failure", &r.checkpoint_failure, "use `stop` or `continue` (retry at the next checkpoint interval)");
-        }
         check_int("run.checkpoint_interval", r.checkpoint_interval, 0, MAX_STEPS, "run.checkpoint_interval=1000 (0 = only at the end)")?;
         check_int("run.keep_checkpoints", r.keep_checkpoints as u64, 1, MAX_KEEP_CHECKPOINTS, "run.keep_checkpoints=2")?;
         check_int("run.threads", r.threads as u64, 0, MAX_THREADS, "run.threads=0 (libtorch's default)")?;
@@ -496,20 +483,9 @@ impl Config {
         if r.trace && p.pp == 1 {
             return invalid("run.trace", &r.trace, "the trace records a pipeline's schedule: set parallel.pp > 1, or run.trace=false");
         }
-        p.order.parse::<fabbrica_topology::RankOrder>().map_err(|e| ConfigError::Invalid {
-            key: "parallel.order".into(),
-            value: printable(&p.order),
-            why: e.to_string(),
-        })?;
         check_float("parallel.bucket_mb", p.bucket_mb, MIN_BUCKET_MB, true, MAX_BUCKET_MB, "parallel.bucket_mb=25 (PyTorch's default)")?;
-        if !matches!(p.reduce_dtype.as_str(), "fp32" | "bf16") {
-            return invalid_str("parallel.reduce_dtype", &p.reduce_dtype, "use `fp32` or `bf16`");
-        }
         if p.zero > 1 {
             return invalid("parallel.zero", &p.zero, "use 0 (off) or 1 (ZeRO-1: optimizer state sharded)");
-        }
-        if !matches!(self.comm.backend.as_str(), "auto" | "mpi" | "nccl") {
-            return invalid_str("comm.backend", &self.comm.backend, "use `auto`, `mpi` or `nccl`");
         }
         check_timeout_s(self.comm.timeout_s)?;
         Ok(())
@@ -522,8 +498,7 @@ impl Config {
         use fabbrica_pipeline::{Kind, Schedule, ScheduleError};
         let p = &self.parallel;
         let bad = |key: &str, value: String, why: String| ConfigError::Invalid { key: key.into(), value: printable(&value), why };
-        let kind: Kind =
-            p.schedule.parse().map_err(|_| bad("parallel.schedule", format!("{:?}", p.schedule), "use gpipe, 1f1b or interleaved".into()))?;
+        let kind: Kind = p.schedule;
         if p.pp == 1 {
             if p.virtual_stages != 1 {
                 return Err(bad(
@@ -570,7 +545,7 @@ impl Config {
                     format!("the micro-batches of a pipeline step are train.grad_accum, and parallel.schedule = interleaved runs them in groups of parallel.pp = {pp}: set train.grad_accum={near}, or use parallel.schedule=1f1b (any count)"),
                 )
             }
-            other => bad("parallel.schedule", p.schedule.clone(), other.to_string()),
+            other => bad("parallel.schedule", p.schedule.to_string(), other.to_string()),
         })?;
         let stages = p.pp * p.virtual_stages;
         let mut model = self.model.arch.clone();
@@ -586,9 +561,9 @@ impl Config {
         Ok(Some((schedule, layers)))
     }
 
-    /// `train.recompute`, parsed (validated by [`Config::validate`]).
+    /// `train.recompute`.
     pub fn recompute(&self) -> Recompute {
-        self.train.recompute.parse().unwrap_or_default()
+        self.train.recompute
     }
 
     /// Whether this run may continue an earlier one (`run.resume` true or auto, or `run.resume_from`).
@@ -604,7 +579,7 @@ impl Config {
     /// it for CPU and CUDA, it matches PyTorch as closely as the reference path (tests/numerics.rs),
     /// and on the CPU it is 1.3x faster per gpt2-124m step (docs/BENCHMARKS.md).
     pub fn fused_adamw(&self) -> bool {
-        self.train.fused_adamw != "off"
+        self.train.fused_adamw != Fused::Off
     }
 
     /// Steps of cosine decay (the `lr_decay_steps` default).
@@ -614,6 +589,26 @@ impl Config {
         } else {
             self.train.lr_decay_steps
         }
+    }
+}
+
+/// A value the schema's types refuse (an enum-valued key's unknown value, say): toml's message
+/// ends with the key's path (`in \`parallel.reduce_dtype\``), so the error names the key, the value
+/// and the type's own advice (what to set); a message that already names its key stays as it is.
+fn type_error(e: &toml::de::Error, merged: &toml::Value) -> ConfigError {
+    let text = e.to_string();
+    let key = text.lines().last().and_then(|l| l.strip_prefix("in `")).and_then(|l| l.strip_suffix('`'));
+    let why = one_line(text.lines().next().unwrap_or_default());
+    match key {
+        Some(key) if !why.contains(key) => {
+            let value = match lookup(merged, key) {
+                Some(toml::Value::String(s)) => format!("{s:?}"),
+                Some(v) => v.to_string(),
+                None => String::new(),
+            };
+            ConfigError::Invalid { key: key.to_string(), value: printable(&value), why }
+        }
+        _ => ConfigError::Type { why },
     }
 }
 

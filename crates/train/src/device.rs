@@ -2,18 +2,19 @@
 
 use tch::Device;
 
+use crate::config::{DeviceChoice, Dtype};
 use crate::error::TrainError;
 
 /// Resolves `run.device` (`auto|cpu|cuda`) to a libtorch device; `cuda_ordinal` is the local
 /// rank's GPU (0 without a launcher).
-pub fn resolve_device(name: &str, cuda_ordinal: usize) -> Result<Device, TrainError> {
+pub fn resolve_device(choice: DeviceChoice, cuda_ordinal: usize) -> Result<Device, TrainError> {
     let have_cuda = tch::Cuda::is_available();
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" if !have_cuda => Err(TrainError::Device(
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda if !have_cuda => Err(TrainError::Device(
             "run.device = cuda but libtorch sees no CUDA device: use run.device=auto or cpu, or check the driver (nvidia-smi)".into(),
         )),
-        "cuda" | "auto" if have_cuda => {
+        DeviceChoice::Cuda | DeviceChoice::Auto if have_cuda => {
             let n = tch::Cuda::device_count() as usize;
             if cuda_ordinal >= n {
                 return Err(TrainError::Device(format!(
@@ -30,22 +31,22 @@ pub fn resolve_device(name: &str, cuda_ordinal: usize) -> Result<Device, TrainEr
 /// (for `--dry-run` and planning on another machine): `cuda` is CUDA even where none is visible,
 /// `auto` is CUDA where libtorch sees a GPU. Training itself uses [`resolve_device`], the same
 /// rule plus the checks.
-pub fn planned_device(name: &str) -> Device {
-    match name {
-        "cuda" => Device::Cuda(0),
-        "auto" if tch::Cuda::is_available() => Device::Cuda(0),
+pub fn planned_device(choice: DeviceChoice) -> Device {
+    match choice {
+        DeviceChoice::Cuda => Device::Cuda(0),
+        DeviceChoice::Auto if tch::Cuda::is_available() => Device::Cuda(0),
         _ => Device::Cpu,
     }
 }
 
 /// Resolves `train.dtype`: bf16 autocast on CUDA, fp32 on the CPU (where tch's autocast is a
 /// no-op). Returns whether bf16 autocast is on.
-pub fn resolve_bf16(dtype: &str, device: Device) -> Result<bool, TrainError> {
+pub fn resolve_bf16(dtype: Dtype, device: Device) -> Result<bool, TrainError> {
     match (dtype, device) {
-        ("bf16", Device::Cpu) => Err(TrainError::Device(
+        (Dtype::Bf16, Device::Cpu) => Err(TrainError::Device(
             "train.dtype = bf16 needs a CUDA device (bf16 autocast is CUDA-only here): use train.dtype=fp32 or auto on the CPU".into(),
         )),
-        ("bf16", _) | ("auto", Device::Cuda(_)) => Ok(true),
+        (Dtype::Bf16, _) | (Dtype::Auto, Device::Cuda(_)) => Ok(true),
         _ => Ok(false),
     }
 }
@@ -109,13 +110,15 @@ mod tests {
 
     #[test]
     fn cpu_resolution_and_bf16_refusal() {
-        assert_eq!(resolve_device("cpu", 0).unwrap(), Device::Cpu);
-        assert!(!resolve_bf16("auto", Device::Cpu).unwrap());
-        let e = resolve_bf16("bf16", Device::Cpu).unwrap_err().to_string();
+        assert_eq!(resolve_device(DeviceChoice::Cpu, 0).unwrap(), Device::Cpu);
+        assert!(!resolve_bf16(Dtype::Auto, Device::Cpu).unwrap());
+        assert!(!resolve_bf16(Dtype::Fp32, Device::Cuda(0)).unwrap());
+        assert!(resolve_bf16(Dtype::Auto, Device::Cuda(0)).unwrap());
+        let e = resolve_bf16(Dtype::Bf16, Device::Cpu).unwrap_err().to_string();
         assert!(e.contains("train.dtype"), "{e}");
         if !tch::Cuda::is_available() {
-            assert_eq!(resolve_device("auto", 0).unwrap(), Device::Cpu);
-            assert!(resolve_device("cuda", 0).unwrap_err().to_string().contains("run.device"));
+            assert_eq!(resolve_device(DeviceChoice::Auto, 0).unwrap(), Device::Cpu);
+            assert!(resolve_device(DeviceChoice::Cuda, 0).unwrap_err().to_string().contains("run.device"));
         }
         assert!(peak_memory_bytes(Device::Cpu) > 0);
     }

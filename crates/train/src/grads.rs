@@ -32,7 +32,7 @@ pub fn ddp_options(cfg: &crate::config::Config, check_params: bool) -> DdpOption
     DdpOptions {
         bucket_mb: p.bucket_mb,
         first_bucket_mb: p.bucket_mb.min(1.0),
-        reduce_bf16: p.reduce_dtype == "bf16",
+        reduce_bf16: p.reduce_dtype == crate::config::ReduceDtype::Bf16,
         overlap: p.overlap,
         zero1: p.zero == 1,
         grad_comm: p.grad_comm,
@@ -163,18 +163,13 @@ impl Grads {
             // Split by vocabulary under tensor parallelism: every rank's slice counts.
             sq.push(tch::no_grad(|| t.grad.to_kind(Kind::Float).square().sum(Kind::Float)));
         }
-        let mut total_sq = Tensor::stack(&sq, 0).sum(Kind::Float);
-        if let Some((tp, _, _)) = &self.tp {
-            let t = total_sq.reshape([1]);
-            tp.all_reduce(&t, ReduceOp::Sum).map_err(comm_err)?;
-            total_sq = t.reshape([]);
+        // Summed over every group the model is split across (the ZeRO-1 shards are summed by
+        // the reducers over the data-parallel group).
+        let total_sq = Tensor::stack(&sq, 0).sum(Kind::Float).reshape([1]);
+        for group in self.split_groups() {
+            group.all_reduce(&total_sq, ReduceOp::Sum).map_err(comm_err)?;
         }
-        if let Some(pp) = &self.pp {
-            let t = total_sq.reshape([1]);
-            pp.all_reduce(&t, ReduceOp::Sum).map_err(comm_err)?;
-            total_sq = t.reshape([]);
-        }
-        let total = total_sq.sqrt();
+        let total = total_sq.reshape([]).sqrt();
         if max_norm > 0.0 {
             let coef = clip_coef(&total, max_norm);
             for d in &self.ddps {
@@ -187,6 +182,12 @@ impl Grads {
             }
         }
         Ok(total)
+    }
+
+    /// The groups the model's parameters are split across, whose squared gradient norms add up
+    /// to the whole model's: tensor-parallel slices, then pipeline stages.
+    fn split_groups(&self) -> impl Iterator<Item = &Arc<dyn Communicator>> {
+        self.tp.as_ref().map(|(tp, _, _)| tp).into_iter().chain(&self.pp)
     }
 
     pub fn zero_grad(&self) {
@@ -217,11 +218,31 @@ impl Grads {
                 param: t.param.shallow_clone(),
                 grad: t.grad.shallow_clone(),
                 decay: true,
-                exp_avg: None,
-                exp_avg_sq: None,
+                piece: None,
             });
         }
         out
+    }
+
+    /// ZeRO-1: the optimizer's state of every reducer's pieces, gathered whole over the
+    /// data-parallel group (collective): `<param>.exp_avg`, `<param>.exp_avg_sq` and
+    /// `<param>.step`, as an unsharded optimizer names them, so that the checkpoint loads at any
+    /// dp size, with or without ZeRO-1.
+    pub fn gather_optimizer_state(&self, opt: &crate::optim::AdamW) -> Result<Vec<(String, Tensor)>, TrainError> {
+        let state: std::collections::HashMap<String, Tensor> = opt.state().into_iter().collect();
+        let steps = opt.steps_taken();
+        let mut out = Vec::new();
+        for d in &self.ddps {
+            let gather = |m: &str| d.gather_pieces(m, &|piece| state.get(&format!("{piece}.{m}")).map(Tensor::shallow_clone)).map_err(ddp_err);
+            let (avg, sq) = (gather("exp_avg")?, gather("exp_avg_sq")?);
+            for ((name, m), (_, v)) in avg.into_iter().zip(sq) {
+                let device = m.device();
+                out.push((format!("{name}.exp_avg"), m));
+                out.push((format!("{name}.exp_avg_sq"), v));
+                out.push((format!("{name}.step"), Tensor::from(steps as f32).to_device(device)));
+            }
+        }
+        Ok(out)
     }
 
     /// Whether the tied embedding's copy here is kept out of the buckets (its optimizer state is

@@ -36,7 +36,7 @@ fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
 /// The grid `cfg.parallel` describes over `nranks` ranks (validated: one line naming the key):
 /// the one place the degrees and the rank order are read, for the trainer and `--dry-run` alike.
 pub fn dims(cfg: &Config, nranks: usize) -> Result<ParallelDims, TrainError> {
-    let order: RankOrder = cfg.parallel.order.parse().map_err(|e: fabbrica_topology::TopologyError| TrainError::Parallel(e.to_string()))?;
+    let order: RankOrder = cfg.parallel.order;
     Ok(ParallelDims::new(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, nranks)
         .map_err(|e| TrainError::Parallel(e.to_string()))?
         .with_order(order))

@@ -6,8 +6,13 @@
 //! - `fused`: ATen's `_fused_adamw_` kernel through the torch-ext shim (what
 //!   `torch.optim.AdamW(fused=True)` runs): one kernel per group instead of ~6 per parameter.
 //!
-//! The optimizer state (moments, step) is plain tensors, so checkpoints and ZeRO-1 sharding own it.
+//! The optimizer owns its state (moments, step) as plain tensors, one set per tensor it updates:
+//! whole parameters, or under ZeRO-1 the pieces of this rank's shards that the data-parallel
+//! reducer hands it (so the moments exist only for the shard). Loading slices a piece's state
+//! from the whole tensors a checkpoint stores; saving a sharded state gathers it through the
+//! reducer (`Ddp::gather_pieces`).
 
+use fabbrica_ddp::Piece;
 use fabbrica_torch_ext::{fused_adamw, AdamWArgs};
 use tch::{Kind, Tensor};
 
@@ -32,6 +37,8 @@ struct Slot {
     /// A gradient given explicitly (ZeRO-1 shard pieces, which have no `.grad` of their own);
     /// otherwise the parameter's `.grad`.
     grad: Option<Tensor>,
+    /// ZeRO-1: where this piece lies in its whole parameter (a checkpoint holds the whole one).
+    piece: Option<Piece>,
 }
 
 impl Slot {
@@ -67,37 +74,29 @@ impl AdamW {
                 step: Tensor::zeros([], (Kind::Float, p.device())),
                 decay: decays(p),
                 grad: None,
+                piece: None,
             })
             .collect();
         AdamW { cfg, slots, steps_taken: 0 }
     }
 
     /// From what the data-parallel reducer hands out: whole parameters, or ZeRO-1 shard pieces
-    /// with explicit gradients and moments the reducer owns.
+    /// with explicit gradients. The moments are allocated here, shaped like each tensor handed.
     pub fn from_parts(parts: Vec<fabbrica_ddp::OptParam>, cfg: AdamWConfig) -> Self {
         let slots = parts
             .into_iter()
             .map(|o| Slot {
-                exp_avg: o.exp_avg.unwrap_or_else(|| o.param.zeros_like().detach()),
-                exp_avg_sq: o.exp_avg_sq.unwrap_or_else(|| o.param.zeros_like().detach()),
+                exp_avg: o.param.zeros_like().detach(),
+                exp_avg_sq: o.param.zeros_like().detach(),
                 step: Tensor::zeros([], (Kind::Float, o.param.device())),
                 name: o.name,
                 decay: o.decay,
                 grad: Some(o.grad),
                 param: o.param,
+                piece: o.piece,
             })
             .collect();
         AdamW { cfg, slots, steps_taken: 0 }
-    }
-
-    /// Sets the step count of every slot (ZeRO-1 resume, where the moments come from elsewhere).
-    pub fn set_steps(&mut self, steps: u64) {
-        tch::no_grad(|| {
-            for s in &self.slots {
-                let _ = s.step.shallow_clone().fill_(steps as f64);
-            }
-        });
-        self.steps_taken = steps;
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -158,7 +157,9 @@ impl AdamW {
         Ok(())
     }
 
-    /// State as named tensors for a checkpoint: `<param>.exp_avg`, `<param>.exp_avg_sq`, `<param>.step`.
+    /// State as named tensors: `<name>.exp_avg`, `<name>.exp_avg_sq`, `<name>.step`, where a
+    /// ZeRO-1 piece's name is `<param>[a..b]` (a pipeline checkpoint stores pieces so, and
+    /// loading joins them; a single writer gathers them whole with `Ddp::gather_pieces`).
     pub fn state(&self) -> Vec<(String, Tensor)> {
         self.state_where(|_| true)
     }
@@ -178,28 +179,44 @@ impl AdamW {
             .collect()
     }
 
-    /// Restores `state()` output; every tensor must be present with the right shape.
+    /// Restores state from whole tensors (`<param>.exp_avg`, ...: what `state()` gives for whole
+    /// parameters, and what loading a checkpoint gives for any layout); a ZeRO-1 piece takes its
+    /// elements of its parameter's tensors. Every tensor must be present with the parameter's
+    /// shape.
     pub fn load_state(&mut self, tensors: &[(String, Tensor)], steps_taken: u64) -> Result<(), String> {
         self.load_state_where(tensors, steps_taken, |_| true)
     }
 
     /// As [`AdamW::load_state`], for the slots whose name `which` accepts (the others keep their
-    /// state: under ZeRO-1 the reducer loads the shards it owns).
+    /// state).
     pub fn load_state_where(&mut self, tensors: &[(String, Tensor)], steps_taken: u64, which: impl Fn(&str) -> bool) -> Result<(), String> {
         let map: std::collections::HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let get = |key: String, like: &Tensor| -> Result<Tensor, String> {
+        // A whole tensor, or a piece's elements of one.
+        let get = |key: String, like: &Tensor, piece: Option<&Piece>| -> Result<Tensor, String> {
             let t = map.get(key.as_str()).ok_or_else(|| format!("optimizer state has no tensor '{key}'"))?;
-            if t.size() != like.size() {
-                return Err(format!("optimizer tensor '{key}' has shape {:?}, expected {:?}", t.size(), like.size()));
+            let expected = piece.map_or_else(|| like.size(), |p| p.shape.clone());
+            if t.size() != expected {
+                return Err(format!("optimizer tensor '{key}' has shape {:?}, expected {expected:?}", t.size()));
             }
+            let t = match piece {
+                Some(p) => t
+                    .f_reshape([-1])
+                    .and_then(|f| f.f_narrow(0, p.offset as i64, p.len as i64))
+                    .map_err(|e| format!("optimizer tensor '{key}': {}", e.to_string().lines().next().unwrap_or("")))?,
+                None => t.shallow_clone(),
+            };
             Ok(t.to_device(like.device()))
         };
         let mut loaded = Vec::with_capacity(self.slots.len());
         for s in self.slots.iter().filter(|s| which(&s.name)) {
+            let (base, piece) = match &s.piece {
+                Some(p) => (p.param.as_str(), Some(p)),
+                None => (s.name.as_str(), None),
+            };
             loaded.push((
-                get(format!("{}.exp_avg", s.name), &s.exp_avg)?,
-                get(format!("{}.exp_avg_sq", s.name), &s.exp_avg_sq)?,
-                get(format!("{}.step", s.name), &s.step)?,
+                get(format!("{base}.exp_avg"), &s.exp_avg, piece)?,
+                get(format!("{base}.exp_avg_sq"), &s.exp_avg_sq, piece)?,
+                get(format!("{base}.step"), &s.step, None)?,
             ));
         }
         tch::no_grad(|| {

@@ -44,7 +44,7 @@ pub struct SampleArgs<'a> {
     pub temperature: f64,
     pub top_k: Option<i64>,
     pub seed: u64,
-    pub device: &'a str,
+    pub device: crate::config::DeviceChoice,
 }
 
 /// Loads a checkpoint (or a run directory's latest) and samples from it.

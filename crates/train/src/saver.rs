@@ -22,7 +22,7 @@ use crate::grads::Grads;
 use crate::grid::Grid;
 use crate::metrics::{MetricsLog, Record};
 use crate::optim::AdamW;
-use crate::trainer::{ddp_err, empty_record, Setup};
+use crate::trainer::{empty_record, Setup};
 
 /// The whole model's parameters and optimizer state by name, as rank 0 writes them.
 pub(crate) struct Snapshot {
@@ -152,10 +152,7 @@ fn local_state(s: &Setup, grads: &Grads, opt: &AdamW, zero1: bool) -> Result<(Na
         model.extend(p.model.parameter_handles().into_iter().filter(|(n, _)| !(p.model.holds_tied_copy() && n == tied)));
     }
     let optim: Vec<(String, Tensor)> = if zero1 {
-        let mut v = Vec::new();
-        for d in &grads.ddps {
-            v.extend(d.gather_state(opt.steps_taken()).map_err(ddp_err)?);
-        }
+        let mut v = grads.gather_optimizer_state(opt)?;
         if grads.holds_tied() && !copy_here {
             v.extend(opt.state_where(|n| n == tied));
         }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fabbrica_comm::{BackendChoice, Communicator, InitOptions, LaunchEnv, ReduceOp, World};
+use fabbrica_comm::{Communicator, InitOptions, LaunchEnv, ReduceOp, World};
 use fabbrica_ddp::Ddp;
 
 use fabbrica_data::{Sampler, Split};
@@ -17,7 +17,7 @@ use fabbrica_models::{flops_per_token, Model, TensorParallel};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint;
-use crate::config::{Config, Resume};
+use crate::config::{CheckpointFailure, Config, IfExists, Nonfinite, Resume};
 use crate::device::{gpu_name, peak_flops_for, peak_memory_bytes};
 use crate::error::{io_err, TrainError};
 use crate::grads::Grads;
@@ -69,10 +69,6 @@ fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
     TrainError::Collective(e)
 }
 
-pub(crate) fn ddp_err(e: fabbrica_ddp::DdpError) -> TrainError {
-    TrainError::Ddp(e)
-}
-
 /// One optimizer step's forward/backward over `grad_accum` micro-batches: global micro-batches
 /// `first_micro + m` (sample indices from `(first_micro + m)·batch_size`, libtorch's RNG — dropout —
 /// reseeded from (seed, step, global micro-batch)), so N data-parallel ranks with accumulation
@@ -118,7 +114,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
 
 /// The communicator settings of `cfg` (`comm.*`), with the environment's overrides.
 pub fn comm_options(cfg: &Config) -> Result<InitOptions, TrainError> {
-    let backend = BackendChoice::parse(&cfg.comm.backend).unwrap_or(BackendChoice::Auto);
+    let backend = cfg.comm.backend;
     // Config::validate bounds it too; a Config built in code may not have been validated.
     crate::config::check_timeout_s(cfg.comm.timeout_s)?;
     InitOptions { timeout: Duration::from_secs_f64(cfg.comm.timeout_s), debug: cfg.comm.debug, backend }
@@ -178,7 +174,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         if resume.as_ref().is_none_or(|r| !r.in_run) {
             let earlier = checkpoint::earlier_run(out)?;
             if let Some(newest) = earlier.last() {
-                if s.cfg.run.if_exists != "archive" {
+                if s.cfg.run.if_exists != IfExists::Archive {
                     return Err(TrainError::Checkpoint(format!(
                         "run.out_dir = {} already holds checkpoints of an earlier run (newest: {}): continue it with run.resume=true, keep it and start anew with run.if_exists=archive (moves it to {}/archive/), or choose another run.out_dir",
                         out.display(),
@@ -264,17 +260,8 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         // tensor-parallel rank's optimizer state is its slice of them.
         let optim = tp_local(ck.optim, &s.parts);
         let ck = checkpoint::Loaded { optim, ..ck };
-        if zero1 {
-            for d in &grads.ddps {
-                d.scatter_state(&ck.optim).map_err(bad)?;
-            }
-            opt.set_steps(ck.state.step);
-            if grads.holds_tied() {
-                opt.load_state_where(&ck.optim, ck.state.step, |n| n == s.cfg.model.embedding_name()).map_err(bad)?;
-            }
-        } else {
-            opt.load_state(&ck.optim, ck.state.step).map_err(bad)?;
-        }
+        // Whole tensors, any layout: a ZeRO-1 piece takes its elements of them.
+        opt.load_state(&ck.optim, ck.state.step).map_err(bad)?;
         start = ck.state.step;
     }
     let mut log = if rank0 {
@@ -392,7 +379,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         let check = check_step(world_comm, &loss, &norm, step + 1)?;
         if let Some(bad) = check.nonfinite {
             saver.run.skipped_steps += 1;
-            if cfg.train.nonfinite == "stop" || saver.run.skipped_steps > cfg.train.max_skipped_steps {
+            if cfg.train.nonfinite == Nonfinite::Stop || saver.run.skipped_steps > cfg.train.max_skipped_steps {
                 // A background write of an earlier step finishes first, so the message can name it.
                 if let Some(done) = saver.settle() {
                     settled(done, true, cfg, &progress, &mut log)?;
@@ -401,7 +388,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
                     Some(p) => format!("the last one is {}", p.display()),
                     None => "none was written before".into(),
                 };
-                let why = if cfg.train.nonfinite == "stop" {
+                let why = if cfg.train.nonfinite == Nonfinite::Stop {
                     "train.nonfinite = stop".to_string()
                 } else {
                     format!("{} steps skipped, more than train.max_skipped_steps = {}", saver.run.skipped_steps, cfg.train.max_skipped_steps)
@@ -555,7 +542,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
                 temperature: 0.8,
                 top_k: Some(200),
                 seed: cfg.run.seed,
-                device: "cpu",
+                device: crate::config::DeviceChoice::Cpu,
             })?),
         }
     } else {
@@ -674,7 +661,7 @@ fn tidy(out: &std::path::Path, cfg: &Config, resume: Option<&checkpoint::Resume>
             let metrics = out.join("metrics.jsonl");
             let logged = std::fs::metadata(&metrics).map(|m| m.len() > 0).unwrap_or(false);
             // With run.if_exists = refuse, preflight has already refused a directory with checkpoints.
-            if cfg.run.if_exists == "archive" && (!earlier.is_empty() || logged) {
+            if cfg.run.if_exists == IfExists::Archive && (!earlier.is_empty() || logged) {
                 let a = checkpoint::archive_run(out, &earlier, true)?;
                 let n = earlier.len();
                 notes.push(format!(
@@ -753,7 +740,7 @@ pub(crate) fn empty_record() -> Record {
 fn settled(done: Completed, last: bool, cfg: &Config, progress: &Progress, log: &mut Option<MetricsLog>) -> Result<(), TrainError> {
     match done.result {
         Ok(_) => Ok(()),
-        Err(e @ TrainError::CheckpointWrite { .. }) if cfg.run.checkpoint_failure == "continue" && !last => {
+        Err(e @ TrainError::CheckpointWrite { .. }) if cfg.run.checkpoint_failure == CheckpointFailure::Continue && !last => {
             progress.println(&format!("warning: {e} (run.checkpoint_failure = continue: training on, trying again at the next interval)"));
             if let Some(log) = log.as_mut() {
                 log.write(&Record { kind: "checkpoint_failed".into(), step: done.step, note: Some(e.to_string()), ..empty_record() })?;

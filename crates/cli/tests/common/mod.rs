@@ -119,3 +119,32 @@ pub use hf_reference::hf_reference;
 pub fn fabbrica(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_fabbrica")).args(args).env("RUST_BACKTRACE", "1").output().unwrap()
 }
+
+/// A run's training curve: loss and gradient norm by step, from its `metrics.jsonl`.
+pub type Curve = std::collections::HashMap<u64, (f64, f64)>;
+
+/// The training curve a run wrote into `out`.
+pub fn train_curve(out: &std::path::Path) -> Curve {
+    fabbrica_train::metrics::read(&out.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == "train")
+        .map(|r| (r.step, (r.loss.unwrap(), r.grad_norm.unwrap())))
+        .collect()
+}
+
+/// |a - b| relative to b.
+pub fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+/// `got` has `steps` steps, and each one's loss and gradient norm are within `tol` (relative) of
+/// `want`'s.
+pub fn assert_same_curve(name: &str, got: &Curve, want: &Curve, steps: usize, tol: f64) {
+    assert_eq!(got.len(), steps, "{name}: steps logged");
+    for (step, (loss, norm)) in got {
+        let (wl, wn) = want[step];
+        assert!(rel(*loss, wl) <= tol, "{name} step {step}: loss {loss} vs {wl}");
+        assert!(rel(*norm, wn) <= tol, "{name} step {step}: grad norm {norm} vs {wn}");
+    }
+}

@@ -14,7 +14,7 @@ fn layers_apply_in_order() {
     assert_eq!(c.train.lr, 1e-3);
     assert_eq!(c.train.max_steps, 9);
     assert_eq!(c.model.n_layer(), 2);
-    assert_eq!(c.run.device, "cpu");
+    assert_eq!(c.run.device, DeviceChoice::Cpu);
     let g = Config::resolve(Some("gpt2-124m"), None, &[]).unwrap();
     assert_eq!((g.model.n_layer(), g.model.n_embd(), g.data.tokenizer.as_str()), (12, 768, "gpt2"));
 }
@@ -214,4 +214,69 @@ fn round_trips_through_toml() {
     let c = Config::resolve(Some("gpt2-350m"), None, &sets(&["train.lr=3e-4"])).unwrap();
     let back: Config = toml::from_str(&c.to_toml()).unwrap();
     assert_eq!(c, back);
+}
+
+/// Every enum-valued key is parsed once, into its type, when the config is read: a good value
+/// arrives typed (and is written back as its spelling), a bad one is one line naming the key,
+/// the value as given and what to set.
+#[test]
+fn enum_valued_keys_are_parsed_once_with_one_line_errors() {
+    let c = Config::resolve(
+        None,
+        None,
+        &sets(&[
+            "train.dtype=fp32",
+            "run.device=cpu",
+            "parallel.reduce_dtype=bf16",
+            "train.fused_adamw=off",
+            "train.nonfinite=skip",
+            "run.if_exists=archive",
+            "run.checkpoint_failure=continue",
+            "comm.backend=mpi",
+            "train.recompute=selective",
+            "parallel.order=tp-pp-dp",
+            "parallel.schedule=gpipe",
+        ]),
+    )
+    .unwrap();
+    assert_eq!((c.train.dtype, c.run.device, c.parallel.reduce_dtype), (Dtype::Fp32, DeviceChoice::Cpu, ReduceDtype::Bf16));
+    assert_eq!((c.train.fused_adamw, c.train.nonfinite), (Fused::Off, Nonfinite::Skip));
+    assert_eq!((c.run.if_exists, c.run.checkpoint_failure), (IfExists::Archive, CheckpointFailure::Continue));
+    assert_eq!(c.comm.backend, fabbrica_comm::BackendChoice::Mpi);
+    assert_eq!(c.train.recompute, Recompute::Selective);
+    assert_eq!(c.parallel.order, fabbrica_topology::RankOrder::TpPpDp);
+    assert_eq!(c.parallel.schedule, fabbrica_pipeline::Kind::GPipe);
+    assert!(!c.fused_adamw());
+    // Written back as the spellings, and read again to the same config.
+    let text = c.to_toml();
+    for line in ["dtype = \"fp32\"", "reduce_dtype = \"bf16\"", "recompute = \"selective\"", "order = \"tp-pp-dp\"", "schedule = \"gpipe\""] {
+        assert!(text.contains(line), "{line} missing in\n{text}");
+    }
+    let back: Config = toml::from_str(&text).unwrap();
+    assert_eq!(back, c);
+
+    for (set, key, advice) in [
+        ("train.dtype=fp16", "train.dtype", "`bf16`"),
+        ("run.device=tpu", "run.device", "`cuda`"),
+        ("parallel.reduce_dtype=fp8", "parallel.reduce_dtype", "`bf16`"),
+        ("train.fused_adamw=yes", "train.fused_adamw", "`off`"),
+        ("train.nonfinite=ignore", "train.nonfinite", "`skip`"),
+        ("run.if_exists=overwrite", "run.if_exists", "`archive`"),
+        ("run.checkpoint_failure=retry", "run.checkpoint_failure", "`continue`"),
+        ("comm.backend=gloo", "comm.backend", "`nccl`"),
+        ("train.recompute=some", "train.recompute", "`selective`"),
+        ("parallel.order=pp-tp", "parallel.order", "\"tp-pp-dp\""),
+        ("parallel.schedule=zigzag", "parallel.schedule", "interleaved"),
+    ] {
+        let e = err_line(&[set]);
+        let value = set.split_once('=').unwrap().1;
+        assert!(e.contains(key) && e.contains(value) && e.contains(advice), "{set}: {e}");
+        assert_eq!(e.matches(key).count(), 1, "{set}: the key once: {e}");
+    }
+    // The same from a file.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.toml");
+    std::fs::write(&f, "[train]\ndtype = \"half\"\n").unwrap();
+    let e = Config::resolve(None, Some(&f), &[]).unwrap_err().to_string();
+    assert!(e.contains("train.dtype") && e.contains("half") && e.contains("`fp32`") && !e.contains('\n'), "{e}");
 }
