@@ -423,7 +423,7 @@ pub fn bench(b: BenchCommand) -> Result<()> {
             "device": r.device, "params": r.params, "batch": r.batch, "block": r.block, "steps": r.steps,
             "step_ms": r.step_ms, "tokens_per_s": r.tokens_per_s, "mfu": r.mfu, "peak_mem_bytes": r.peak_mem_bytes,
         });
-        std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap())
+        crate::files::write_bytes(&path, serde_json::to_string_pretty(&v).unwrap().as_bytes())
             .map_err(|e| Failure { user: true, message: format!("cannot write {}: {e}", path.display()) })?;
     }
     Ok(())

@@ -1,36 +1,22 @@
 //! Output files whole or not at all: written to a temporary file beside the target (same
-//! directory, so the rename is atomic), synced, then renamed over it. An interrupted or failed
-//! write leaves the previous file, never half of a new one.
+//! directory, so the rename is atomic), synced, then renamed over it (`fabbrica_data::atomic`).
+//! An interrupted or failed write leaves the previous file, never half of a new one.
 
 use std::path::{Path, PathBuf};
 
-/// `dir/.name.tmp-<pid>.ext`: same directory as `path`, same extension (image encoders pick the
-/// format by it).
-pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}{ext}", std::process::id()))
-}
-
-/// Creates the temporary file, lets `fill` write it, syncs and renames it over `path`.
-pub fn write_atomic(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> std::io::Result<()> {
-    let tmp = temp_path(path);
-    let r = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        fill(&mut f)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+/// The temporary a library writes `path` through: `fabbrica_data::atomic`'s name, with
+/// `path`'s extension after it (image encoders pick the format by it).
+fn temp_path(path: &Path) -> PathBuf {
+    let tmp = fabbrica_data::atomic::temp_path(path);
+    match path.extension() {
+        Some(ext) => PathBuf::from(format!("{}.{}", tmp.display(), ext.to_string_lossy())),
+        None => tmp,
     }
-    r
 }
 
-/// `write_atomic` of a byte string.
+/// `path` written whole or not at all (`fabbrica_data::atomic`, the one implementation).
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_atomic(path, |f| std::io::Write::write_all(f, bytes))
+    fabbrica_data::atomic::write(path, bytes)
 }
 
 /// For files a library writes itself (a PNG encoder given a path): `draw` writes the temporary

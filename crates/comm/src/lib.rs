@@ -5,7 +5,6 @@
 mod agree;
 pub mod communicator;
 mod debug;
-mod engine;
 pub mod error;
 pub mod flight;
 pub mod group;
@@ -17,8 +16,10 @@ pub mod traffic;
 pub mod types;
 pub mod watchdog;
 pub mod work;
+mod worker;
 pub mod world;
 
+pub use agree::gather_status;
 pub use communicator::Communicator;
 pub use error::{CommError, OpContext, Result};
 pub use group::{BackendChoice, Group};

@@ -13,7 +13,7 @@
 //!
 //! All errors are [`DataError`]s whose `Display` is one user-facing line.
 
-mod atomic;
+pub mod atomic;
 pub mod dataset;
 pub mod error;
 pub mod hf;

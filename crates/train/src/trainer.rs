@@ -19,7 +19,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint;
 use crate::config::{CheckpointFailure, Config, IfExists, Nonfinite, Resume};
 use crate::device::{gpu_name, peak_flops_for, peak_memory_bytes};
-use crate::error::{io_err, TrainError};
+use crate::error::TrainError;
 use crate::grads::Grads;
 use crate::grid::Grid;
 use crate::lr_schedule::CosineSchedule;
@@ -266,7 +266,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     }
     let mut log = if rank0 {
         let log = MetricsLog::open(&out, resumed.then_some(start))?;
-        std::fs::write(out.join("config.toml"), cfg.to_toml()).map_err(io_err(out.join("config.toml")))?;
+        checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
         Some(log)
     } else {
         None
@@ -691,9 +691,7 @@ fn agree<T>(comm: &dyn Communicator, r: Result<T, TrainError>) -> Result<T, Trai
         Err(e) if e.is_user_error() => 1,
         Err(_) => 2,
     };
-    let flags = Tensor::zeros([n as i64], (Kind::Int64, Device::Cpu));
-    comm.all_gather(&flags, &Tensor::from_slice(&[mine as i64])).map_err(comm_err)?;
-    let flags: Vec<i64> = Vec::try_from(flags).map_err(|e: tch::TchError| TrainError::Torch(e.to_string()))?;
+    let flags = fabbrica_comm::gather_status(comm, mine).map_err(TrainError::Comm)?;
     let Some(first) = flags.iter().position(|&f| f != 0) else { return r };
     let everyone = flags.iter().all(|&f| f != 0);
     match r {

@@ -25,7 +25,6 @@
 //! (CUDA tensors) and in a world of one process there is no raw baseline.
 
 use std::ffi::c_void;
-use std::io::Write;
 use std::os::raw::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -485,8 +484,7 @@ fn bench(plan: &Plan) -> Result<()> {
                 })).collect::<Vec<_>>(),
             });
             let text = serde_json::to_string_pretty(&v).unwrap() + "\n";
-            crate::files::write_atomic(p, |f| f.write_all(text.as_bytes()))
-                .map_err(|e| user(format!("--json {}: cannot write: {e}", p.display())))?;
+            crate::files::write_bytes(p, text.as_bytes()).map_err(|e| user(format!("--json {}: cannot write: {e}", p.display())))?;
         }
         if let Some(p) = &plan.plot {
             plot(p, &rows, plan, n).map_err(|e| Failure { user: false, message: format!("--plot {}: {e}", p.display()) })?;

@@ -1,7 +1,7 @@
 //! What rank 0 shows and writes: progress, atomic files, the bandwidth plot.
 
 use super::*;
-use crate::files::{write_atomic, write_via};
+use crate::files::{write_bytes, write_via};
 // ---------------------------------------------------------------------------------------------
 // Progress (rank 0, on a terminal only)
 
@@ -153,7 +153,7 @@ pub(super) fn plot(path: &Path, rows: &[Row], plan: &Plan, n: usize) -> std::res
         } else {
             let mut svg = String::new();
             draw(SVGBackend::with_string(&mut svg, size).into_drawing_area(), &chart, text)?;
-            write_atomic(path, |f| f.write_all(svg.as_bytes())).map_err(|e| format!("cannot write: {e}"))
+            write_bytes(path, svg.as_bytes()).map_err(|e| format!("cannot write: {e}"))
         }
     };
     // Font lookup fails with an error, or (fontconfig missing, loaded at run time) with a panic:

@@ -15,12 +15,12 @@ use tch::{Device, Tensor};
 
 use crate::communicator::Communicator;
 use crate::debug::{mismatch_detail, Sig};
-use crate::engine::{Engine, Job};
 use crate::error::{CommError, OpContext, Result};
 use crate::flight::{OpDesc, Recorder};
 use crate::types::{Backend, DType, OpCounter, OpKind, ReduceOp};
 use crate::watchdog;
 use crate::work::Work;
+use crate::worker::{Job, Worker};
 
 extern "C" {
     fn fabbrica_mpi_cuda_aware() -> c_int;
@@ -44,18 +44,18 @@ impl RawComm {
     }
 }
 
-/// Engines of every communicator, so the world can drain and stop them before MPI_Finalize.
+/// Workers of every communicator, so the world can drain and stop them before MPI_Finalize.
 #[derive(Default)]
 pub(crate) struct Registry {
-    engines: Mutex<Vec<Weak<Engine>>>,
+    workers: Mutex<Vec<Weak<Worker>>>,
 }
 
 impl Registry {
-    fn add(&self, e: &Arc<Engine>) {
-        self.engines.lock().unwrap().push(Arc::downgrade(e));
+    fn add(&self, e: &Arc<Worker>) {
+        self.workers.lock().unwrap().push(Arc::downgrade(e));
     }
     pub(crate) fn shutdown_all(&self) {
-        for e in self.engines.lock().unwrap().drain(..) {
+        for e in self.workers.lock().unwrap().drain(..) {
             if let Some(e) = e.upgrade() {
                 e.shutdown();
             }
@@ -74,7 +74,7 @@ pub struct MpiComm {
     /// Unique across the job and equal on every member: how the watchdog names the group to peers.
     id: String,
     members: Arc<Vec<usize>>,
-    engine: Arc<Engine>,
+    worker: Arc<Worker>,
     ops: OpCounter,
     flight: Recorder,
     splits: AtomicU64,
@@ -145,8 +145,8 @@ impl MpiComm {
         } else {
             None
         };
-        let engine = Engine::new(&name);
-        registry.add(&engine);
+        let worker = Worker::new(&name);
+        registry.add(&worker);
         let flight = Recorder::new(&name, &id, Backend::Mpi, rank, size, &members);
         Ok(MpiComm {
             raw: RawComm(raw),
@@ -156,7 +156,7 @@ impl MpiComm {
             name,
             id,
             members,
-            engine,
+            worker,
             ops: OpCounter::default(),
             flight,
             splits: AtomicU64::new(0),
@@ -244,7 +244,7 @@ impl MpiComm {
             rec.finish(&r);
             r
         });
-        self.engine.submit(wrapped, ctx, blocking)
+        self.worker.submit(wrapped, ctx, blocking)
     }
 
     fn invalid(ctx: &OpContext, what: impl Into<String>) -> CommError {

@@ -1,13 +1,14 @@
 //! File-system pieces of checkpointing: checksums, fsync, atomic replacement, the names of
 //! in-progress temporaries (and removing those whose writer is dead), free space.
 //!
-//! A temporary is named `.<final name>.tmp-<pid>@<host>`: the writer's process id and host, so a
-//! later run can tell a crashed writer's leftovers (pid not alive on this host) from a live
-//! writer's (another rank's, another job's) and never touches the latter. Names written before
-//! the host was added (`.tmp-<pid>`) are taken as this host's.
+//! A temporary is named `.<final name>.tmp-<pid>@<host>` (`fabbrica_data::atomic`, the one
+//! implementation of atomic writes): the writer's process id and host, so a later run can tell a
+//! crashed writer's leftovers (pid not alive on this host) from a live writer's (another rank's,
+//! another job's) and never touches the latter. Names written before the host was added
+//! (`.tmp-<pid>`) are taken as this host's.
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -40,50 +41,17 @@ pub(crate) fn fsync_path(path: &Path) -> Result<(), TrainError> {
     File::open(path).and_then(|f| f.sync_all()).map_err(io_err(path))
 }
 
-/// This host's name (for temporaries' names); `localhost` if it cannot be read.
-pub(crate) fn host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into the buffer we own.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    let name = if rc == 0 { String::from_utf8_lossy(&buf[..end]).into_owned() } else { String::new() };
-    // Only characters that are safe in a file name and cannot be confused with the separators.
-    let clean: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
-    if clean.is_empty() {
-        "localhost".into()
-    } else {
-        clean
-    }
-}
+pub(crate) use fabbrica_data::atomic::host_name;
 
 /// `dir/.<name>.tmp-<pid>@<host>`: the temporary this process writes `dir/<name>` through.
 pub(crate) fn temp_path(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!(".{name}.tmp-{}@{}", std::process::id(), host_name()))
+    fabbrica_data::atomic::temp_path(&dir.join(name))
 }
 
 /// Writes `bytes` to `path` atomically (temp file in the same directory, fsync, rename, fsync dir).
 /// On failure the temp file is removed and `path` is untouched.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let tmp = temp_path(dir, &name);
-    let written = (|| -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err(path)(e));
-    }
-    if let Err(e) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err(path)(e));
-    }
-    fsync_path(dir)
+    fabbrica_data::atomic::write(path, bytes).map_err(io_err(path))
 }
 
 /// Bytes available to this user on the file system holding `path` (None if it cannot be asked).
@@ -106,19 +74,7 @@ pub(crate) fn disk_usage(path: &Path) -> u64 {
     fs::read_dir(path).map(|rd| rd.filter_map(|e| e.ok()).map(|e| disk_usage(&e.path())).sum()).unwrap_or(0)
 }
 
-/// Who wrote a temporary, from its name: `(pid, host)`; `None` for names that are not ours.
-fn writer_of(name: &str) -> Option<(i32, Option<&str>)> {
-    if !name.starts_with('.') {
-        return None;
-    }
-    let (_, tail) = name.rsplit_once(".tmp-")?;
-    let (pid, host) = match tail.split_once('@') {
-        Some((p, h)) => (p, Some(h)),
-        None => (tail, None),
-    };
-    let pid: i32 = pid.parse().ok().filter(|&p| p > 0)?;
-    Some((pid, host))
-}
+use fabbrica_data::atomic::writer_of;
 
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists and may be signalled.

@@ -25,7 +25,7 @@ struct Inner {
     cv: Condvar,
 }
 
-pub(crate) struct Engine {
+pub(crate) struct Worker {
     inner: Arc<Inner>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -44,13 +44,13 @@ fn run_job(job: Job, ctx: &OpContext) -> Result<()> {
     }
 }
 
-impl Engine {
-    pub(crate) fn new(name: &str) -> Arc<Engine> {
+impl Worker {
+    pub(crate) fn new(name: &str) -> Arc<Worker> {
         let inner = Arc::new(Inner { q: Mutex::new(Queue { jobs: VecDeque::new(), busy: false, stop: false }), cv: Condvar::new() });
         let worker = inner.clone();
         let handle =
             std::thread::Builder::new().name(format!("comm:{name}")).spawn(move || worker_loop(&worker)).expect("spawn communicator worker thread");
-        Arc::new(Engine { inner, thread: Mutex::new(Some(handle)) })
+        Arc::new(Worker { inner, thread: Mutex::new(Some(handle)) })
     }
 
     /// Runs `job` after every job submitted before it. `blocking` callers get a completed `Work`.
@@ -100,7 +100,7 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
+impl Drop for Worker {
     fn drop(&mut self) {
         self.shutdown();
     }
