@@ -196,7 +196,11 @@ fn dry_run(cfg: &Config) -> Result<()> {
             l.n_embd,
             l.ffn_hidden(),
             l.rope_theta,
-            if l.rope_scaling.kind == "llama3" { format!(" (llama3 scaling x{})", l.rope_scaling.factor) } else { String::new() }
+            if l.rope_scaling.kind == fabbrica_models::RopeKind::Llama3 {
+                format!(" (llama3 scaling x{})", l.rope_scaling.factor)
+            } else {
+                String::new()
+            }
         ),
     };
     let init = if m.init_from.as_os_str().is_empty() { String::new() } else { format!(", weights from {}", m.init_from.display()) };

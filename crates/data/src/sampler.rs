@@ -129,6 +129,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn splitmix64_is_the_reference_generator() {
+        // Vigna's splitmix64.c from state 0: its first three outputs are the finalizer of
+        // 1, 2 and 3 steps of the golden-ratio increment, i.e. of 0, γ and 2γ here.
+        const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+        assert_eq!(splitmix64(0), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(splitmix64(GAMMA), 0x6E78_9E6A_A1B9_65F4);
+        assert_eq!(splitmix64(GAMMA.wrapping_mul(2)), 0x06C4_5D18_8009_454F);
+    }
+
+    #[test]
     fn deterministic() {
         let a = Sampler::new(42);
         let b = Sampler::new(42);

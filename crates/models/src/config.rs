@@ -26,16 +26,83 @@ pub struct GptConfig {
     pub tie_embeddings: bool,
     /// The MLP's GELU: `gelu` (exact, nanoGPT's `nn.GELU()`) or `gelu_tanh` (the tanh
     /// approximation, Hugging Face GPT-2's `gelu_new`, which its published checkpoints use).
-    #[serde(default = "exact_gelu")]
-    pub activation: String,
+    #[serde(default)]
+    pub activation: Activation,
+}
+
+/// A model config value stored as its spelling: `as_str`, `Display`, a `FromStr` whose error says
+/// what to set, and serde through the spelling (so a bad value fails deserialisation with that
+/// advice, which the trainer's config reports with the key).
+macro_rules! spelled {
+    ($(#[$m:meta])* $name:ident, $help:literal, { $($(#[$vm:meta])* $var:ident = $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub enum $name {
+            $($(#[$vm])* $var),+
+        }
+
+        impl $name {
+            /// The config spelling.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$var => $text),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                [$($name::$var),+].into_iter().find(|v| v.as_str() == s).ok_or_else(|| $help.into())
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(s: String) -> std::result::Result<Self, String> {
+                s.parse()
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.as_str().into()
+            }
+        }
+    };
+}
+pub(crate) use spelled;
+
+spelled!(
+    /// `model.activation`: the MLP's GELU.
+    Activation, "use \"gelu\" (exact) or \"gelu_tanh\" (Hugging Face GPT-2's gelu_new)", {
+        /// Exact (nanoGPT's `nn.GELU()`).
+        #[default]
+        Gelu = "gelu",
+        /// The tanh approximation (Hugging Face GPT-2's `gelu_new`).
+        GeluTanh = "gelu_tanh",
+    }
+);
+
+impl Activation {
+    /// ATen's `approximate` argument of `gelu`.
+    pub fn approximate(self) -> &'static str {
+        match self {
+            Activation::Gelu => "none",
+            Activation::GeluTanh => "tanh",
+        }
+    }
 }
 
 fn yes() -> bool {
     true
-}
-
-fn exact_gelu() -> String {
-    "gelu".into()
 }
 
 impl Default for GptConfig {
@@ -59,7 +126,7 @@ impl GptConfig {
             dropout: 0.0,
             bias: true,
             tie_embeddings: true,
-            activation: exact_gelu(),
+            activation: Activation::Gelu,
         };
         Some(match name {
             // A char-level model that learns visible structure in a few CPU minutes.
@@ -72,7 +139,7 @@ impl GptConfig {
                 dropout: 0.0,
                 bias: true,
                 tie_embeddings: true,
-                activation: exact_gelu(),
+                activation: Activation::Gelu,
             },
             "gpt2-124m" => gpt2(12, 12, 768),
             "gpt2-350m" => gpt2(24, 16, 1024),
@@ -118,13 +185,6 @@ impl GptConfig {
                 key: "model.n_embd",
                 value: self.n_embd.to_string(),
                 why: format!("must be a positive multiple of model.n_head ({})", self.n_head),
-            });
-        }
-        if !matches!(self.activation.as_str(), "gelu" | "gelu_tanh") {
-            return Err(ModelError::InvalidConfig {
-                key: "model.activation",
-                value: format!("{:?}", self.activation),
-                why: "use \"gelu\" (exact) or \"gelu_tanh\" (Hugging Face GPT-2's gelu_new)".into(),
             });
         }
         if !(0.0..1.0).contains(&self.dropout) {

@@ -67,7 +67,7 @@ impl GptBlock {
         let (b, nh, t, hs) = y.size4().expect("y is (B, nh, T, hs)");
         let y = y.transpose(1, 2).contiguous().view([b, t, nh * hs]);
         let h = x + outer_dropout(tp, &self.attn_proj.row_forward(&y, tp), cfg.dropout, train);
-        let approximate = if cfg.activation == "gelu_tanh" { "tanh" } else { "none" };
+        let approximate = cfg.activation.approximate();
         let inner = column_forward(tp, &self.ln_2.forward(&h), &[&self.c_fc], bt).remove(0).gelu(approximate);
         let m = outer_dropout(tp, &self.mlp_proj.row_forward(&inner, tp), cfg.dropout, train);
         h + m

@@ -15,10 +15,10 @@ pub mod stages;
 pub mod tp;
 
 pub use arch::{ModelConfig, GPT_ONLY_KEYS, LLAMA_ONLY_KEYS, PRESET_NAMES};
-pub use config::{GptConfig, MAX_VOCAB_SIZE};
+pub use config::{Activation, GptConfig, MAX_VOCAB_SIZE};
 pub use error::{ModelError, Result};
 pub use flops::{flops_per_token, memory_estimate, stage_memory_estimate, MemoryEstimate};
-pub use llama::{LlamaConfig, RopeScaling};
+pub use llama::{LlamaConfig, RopeKind, RopeScaling};
 pub use model::{Model, Recompute, StageSpec};
 pub use stages::{balanced_split, check_split, stage_params, stage_params_tp, PartCosts};
 pub use tp::{Shard, TensorParallel, TpOps};

@@ -47,22 +47,31 @@ pub struct LlamaConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RopeScaling {
     /// `none` or `llama3`.
-    pub kind: String,
+    pub kind: RopeKind,
     pub factor: f64,
     pub low_freq_factor: f64,
     pub high_freq_factor: f64,
     pub original_max_position_embeddings: usize,
 }
 
+crate::config::spelled!(
+    /// `model.rope_scaling.kind`: how RoPE frequencies are scaled for long contexts.
+    RopeKind, "use \"none\" or \"llama3\" (Llama 3.1's frequency-dependent scaling)", {
+        #[default]
+        None = "none",
+        Llama3 = "llama3",
+    }
+);
+
 impl Default for RopeScaling {
     fn default() -> Self {
-        RopeScaling { kind: "none".into(), factor: 1.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 }
+        RopeScaling { kind: RopeKind::None, factor: 1.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 }
     }
 }
 
 impl RopeScaling {
     fn llama3(factor: f64) -> RopeScaling {
-        RopeScaling { kind: "llama3".into(), factor, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 }
+        RopeScaling { kind: RopeKind::Llama3, factor, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 }
     }
 }
 
@@ -175,9 +184,9 @@ impl LlamaConfig {
             return bad("model.dropout", self.dropout.to_string(), "must be in [0, 1); set e.g. model.dropout=0.0".into());
         }
         let s = &self.rope_scaling;
-        match s.kind.as_str() {
-            "none" => {}
-            "llama3" => {
+        match s.kind {
+            RopeKind::None => {}
+            RopeKind::Llama3 => {
                 if !(s.factor.is_finite() && s.factor >= 1.0 && s.factor <= 1e6) {
                     return bad("model.rope_scaling.factor", s.factor.to_string(), "must be in [1, 1e6]; set e.g. 8".into());
                 }
@@ -194,7 +203,6 @@ impl LlamaConfig {
                 }
                 range("model.rope_scaling.original_max_position_embeddings", s.original_max_position_embeddings, 1, MAX_BLOCK_SIZE, "8192")?;
             }
-            other => return bad("model.rope_scaling.kind", format!("{other:?}"), "use \"none\" or \"llama3\"".into()),
         }
         Ok(())
     }
@@ -206,7 +214,7 @@ impl LlamaConfig {
         let exps = Tensor::arange_start_step(0, hs, 2, (Kind::Int64, tch::Device::Cpu)).to_kind(Kind::Float) / hs as f64;
         let inv = Tensor::from(self.rope_theta as f32).pow(&exps).reciprocal();
         let s = &self.rope_scaling;
-        if s.kind != "llama3" {
+        if s.kind != RopeKind::Llama3 {
             return inv;
         }
         let old = s.original_max_position_embeddings as f64;
@@ -385,7 +393,6 @@ mod tests {
             ("model.n_embd", LlamaConfig { n_embd: 130, ..ok.clone() }),
             ("model.rope_theta", LlamaConfig { rope_theta: f64::NAN, ..ok.clone() }),
             ("model.norm_eps", LlamaConfig { norm_eps: 0.0, ..ok.clone() }),
-            ("model.rope_scaling.kind", LlamaConfig { rope_scaling: RopeScaling { kind: "yarn".into(), ..RopeScaling::default() }, ..ok.clone() }),
             ("model.rope_scaling.factor", LlamaConfig { rope_scaling: RopeScaling { factor: 0.5, ..RopeScaling::llama3(8.0) }, ..ok.clone() }),
             ("model.vocab_size", LlamaConfig { vocab_size: 0, ..ok.clone() }),
         ];

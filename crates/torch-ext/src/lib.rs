@@ -124,3 +124,21 @@ pub fn fused_adamw(
         Some(m) => Err(m),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shims return `fab_oom_message()` where malloc fails (never NULL, which reads as
+    /// success): it is read like any message and, being static, never freed (freeing it would
+    /// abort the process; reading it twice shows it was not).
+    #[test]
+    fn the_out_of_memory_message_reads_as_an_error_and_is_never_freed() {
+        for _ in 0..2 {
+            // SAFETY: plain C call returning the address of a static buffer.
+            let oom = unsafe { fab_oom_message() };
+            let msg = take_message(oom).expect("a message, not success");
+            assert!(msg.contains("memory"), "{msg}");
+        }
+    }
+}

@@ -33,6 +33,8 @@ pub struct BenchState {
     y: Tensor,
     bf16: bool,
     clip: f64,
+    seed: u64,
+    steps: u64,
 }
 
 impl BenchState {
@@ -40,24 +42,40 @@ impl BenchState {
         let BenchModel { model, device, bf16, x, y } = bench_model(cfg, 0)?;
         let params: Vec<(String, Tensor)> = model.parameter_handles();
         let opt = AdamW::new(&params, adamw_config(cfg));
-        Ok((BenchState { model, params, opt, x, y, bf16, clip: cfg.train.grad_clip }, device))
+        Ok((BenchState { model, params, opt, x, y, bf16, clip: cfg.train.grad_clip, seed: cfg.run.seed, steps: 0 }, device))
     }
 
-    /// One full training step (forward, backward, clip, AdamW, zero grads); not synchronised.
-    pub fn step(&mut self) -> Tensor {
-        let loss = tch::autocast(self.bf16, || self.model.loss(&self.model.forward(&self.x, true), &self.y));
-        loss.backward();
+    /// One full training step (the trainer's local forward-backward, clip, AdamW, zero grads)
+    /// on the fixed batch; not synchronised.
+    pub fn step(&mut self) -> Result<Tensor, TrainError> {
+        let loss = bench_forward_backward(&self.model, self.bf16, None, self.seed, self.steps, &self.x, &self.y)?;
+        self.steps += 1;
         let _ = clip_grad_norm(&self.params, self.clip);
-        self.opt.step(1e-4).expect("AdamW step");
+        self.opt.step(1e-4).map_err(TrainError::Torch)?;
         for (_, p) in &self.params {
             p.shallow_clone().zero_grad();
         }
-        loss.detach()
+        Ok(loss)
     }
 
     pub fn model(&self) -> &Model {
         &self.model
     }
+}
+
+/// The trainer's local forward-backward ([`crate::step::forward_backward_local`]) on one fixed
+/// micro-batch, dropout seeded from (seed, step) as the trainer seeds it.
+fn bench_forward_backward(
+    model: &Model,
+    bf16: bool,
+    ddp: Option<&fabbrica_ddp::Ddp>,
+    seed: u64,
+    step: u64,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<Tensor, TrainError> {
+    let seed_of = |m: usize| crate::trainer::mix(crate::trainer::mix(seed, step) as u64, m as u64);
+    crate::step::forward_backward_local(model, bf16, 1, ddp, step, false, &seed_of, &mut |_| (x.shallow_clone(), y.shallow_clone()))
 }
 
 /// A model built as the trainer builds it, and a fixed random batch (seeded by `batch_seed`).
@@ -121,12 +139,12 @@ fn adamw_config(cfg: &Config) -> AdamWConfig {
 pub fn run(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchResult, TrainError> {
     let (mut st, device) = BenchState::new(cfg)?;
     for _ in 0..warmup {
-        st.step().double_value(&[]);
+        st.step()?.double_value(&[]);
     }
     let t0 = Instant::now();
     let mut last = Tensor::zeros([], (Kind::Float, device));
     for _ in 0..steps {
-        last = st.step();
+        last = st.step()?;
     }
     let loss = last.double_value(&[]); // waits for the device
     let secs = t0.elapsed().as_secs_f64();
@@ -205,20 +223,21 @@ struct DdpBenchState {
     y: Tensor,
     bf16: bool,
     clip: f64,
+    seed: u64,
+    steps: u64,
 }
 
 impl DdpBenchState {
     fn step(&mut self) -> Result<Tensor, TrainError> {
-        let loss = tch::autocast(self.bf16, || self.model.loss(&self.model.forward(&self.x, true), &self.y));
-        self.ddp.begin_micro_step(true);
-        loss.backward();
+        let loss = bench_forward_backward(&self.model, self.bf16, Some(&self.ddp), self.seed, self.steps, &self.x, &self.y)?;
+        self.steps += 1;
         let err = TrainError::Ddp;
         self.ddp.finish().map_err(err)?;
         let _ = self.ddp.clip_grad_norm(self.clip).map_err(err)?;
         self.opt.step(1e-4).map_err(TrainError::Torch)?;
         self.ddp.after_step().map_err(err)?;
         self.ddp.zero_grad();
-        Ok(loss.detach())
+        Ok(loss)
     }
 }
 
@@ -251,7 +270,7 @@ pub fn run_ddp(
     let t = &cfg.train;
     let opt = AdamW::from_parts(ddp.optimizer_params(), adamw_config(cfg));
     let buckets = ddp.assignment().buckets.len();
-    let mut st = DdpBenchState { model, ddp, opt, x, y, bf16, clip: t.grad_clip };
+    let mut st = DdpBenchState { model, ddp, opt, x, y, bf16, clip: t.grad_clip, seed: cfg.run.seed, steps: 0 };
     let mut plain = if n == 1 { Some(BenchState::new(cfg)?.0) } else { None };
 
     let mut modes: Vec<&str> = vec!["overlap", "no-overlap", "no-comm"];
@@ -266,7 +285,7 @@ pub fn run_ddp(
                 let mut last = Tensor::zeros([], (Kind::Float, device));
                 for _ in 0..k {
                     last = match (mode, plain.as_mut()) {
-                        ("plain", Some(pl)) => pl.step(),
+                        ("plain", Some(pl)) => pl.step()?,
                         _ => st.step()?,
                     };
                 }

@@ -386,7 +386,7 @@ impl Config {
             }
         }
         model_section::finish(&mut merged, &user_model, &base.model)?;
-        let config: Config = merged.clone().try_into().map_err(|e: toml::de::Error| type_error(&e, &merged))?;
+        let config: Config = merged.clone().try_into().map_err(|e: toml::de::Error| type_error(&e, &merged, ""))?;
         config.validate()?;
         Ok(config)
     }
@@ -595,18 +595,20 @@ impl Config {
 /// A value the schema's types refuse (an enum-valued key's unknown value, say): toml's message
 /// ends with the key's path (`in \`parallel.reduce_dtype\``), so the error names the key, the value
 /// and the type's own advice (what to set); a message that already names its key stays as it is.
-fn type_error(e: &toml::de::Error, merged: &toml::Value) -> ConfigError {
+/// `root` is the value deserialised, whose keys are named with `prefix` (`model.` for the model
+/// section deserialised alone).
+fn type_error(e: &toml::de::Error, root: &toml::Value, prefix: &str) -> ConfigError {
     let text = e.to_string();
     let key = text.lines().last().and_then(|l| l.strip_prefix("in `")).and_then(|l| l.strip_suffix('`'));
     let why = one_line(text.lines().next().unwrap_or_default());
     match key {
         Some(key) if !why.contains(key) => {
-            let value = match lookup(merged, key) {
+            let value = match lookup(root, key) {
                 Some(toml::Value::String(s)) => format!("{s:?}"),
                 Some(v) => v.to_string(),
                 None => String::new(),
             };
-            ConfigError::Invalid { key: key.to_string(), value: printable(&value), why }
+            ConfigError::Invalid { key: format!("{prefix}{key}"), value: printable(&value), why }
         }
         _ => ConfigError::Type { why },
     }

@@ -45,8 +45,13 @@ pub enum TrainError {
     Checkpoint(String),
     #[error("{0}")]
     Device(String),
-    #[error("I/O error on {path}: {why}")]
-    Io { path: PathBuf, why: String },
+    /// A file operation failed; the OS error is kept as the source (callers match on its kind).
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("libtorch: {0}")]
     Torch(String),
     /// A data-parallel layout that does not fit the world (`parallel.*`).
@@ -144,7 +149,7 @@ impl From<tch::TchError> for TrainError {
 
 pub fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
     let path = path.into();
-    move |e| TrainError::Io { path, why: e.to_string() }
+    move |source| TrainError::Io { path, source }
 }
 
 fn checkpoint_write_message(
@@ -180,6 +185,17 @@ fn checkpoint_write_message(
 mod tests {
     use super::*;
     use fabbrica_comm::{CommError, Communicator};
+
+    /// An I/O failure keeps the OS error as its source, under a one-line message naming the file.
+    #[test]
+    fn io_errors_keep_their_cause() {
+        let e = io_err("/data/run/metrics.jsonl")(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        let source = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>()).expect("the OS error as source");
+        assert_eq!(source.kind(), std::io::ErrorKind::StorageFull);
+        let line = e.to_string();
+        assert!(line.contains("/data/run/metrics.jsonl") && !line.contains('\n'), "{line}");
+        assert!(!e.is_user_error());
+    }
 
     /// A communicator's and a reducer's errors reach the trainer's callers whole: matchable by
     /// kind, with the same one-line message, and not counted as the user's.

@@ -69,8 +69,8 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, String> {
         "gpt2" => {
             let act = obj.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new");
             let activation = match act {
-                "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => "gelu_tanh",
-                "gelu" => "gelu",
+                "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => fabbrica_models::Activation::GeluTanh,
+                "gelu" => fabbrica_models::Activation::Gelu,
                 other => return refuse("activation_function", &format!("is {other:?}")),
             };
             if int_or("n_inner", 0)? != 0 && int_or("n_inner", 0)? != 4 * int("n_embd")? {
@@ -91,7 +91,7 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, String> {
                 dropout: 0.0,
                 bias: true,
                 tie_embeddings: flag("tie_word_embeddings", true),
-                activation: activation.into(),
+                activation,
             })
         }
         "llama" => {
@@ -113,7 +113,7 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, String> {
             let rope_scaling = match rope_type {
                 "default" => RopeScaling::default(),
                 "llama3" => RopeScaling {
-                    kind: "llama3".into(),
+                    kind: fabbrica_models::RopeKind::Llama3,
                     factor: rope_num("factor", 8.0),
                     low_freq_factor: rope_num("low_freq_factor", 1.0),
                     high_freq_factor: rope_num("high_freq_factor", 4.0),
@@ -238,7 +238,7 @@ pub fn config_json(cfg: &ModelConfig, dtype: &str) -> Value {
             "n_layer": g.n_layer,
             "n_head": g.n_head,
             "n_inner": null,
-            "activation_function": if g.activation == "gelu_tanh" { "gelu_new" } else { "gelu" },
+            "activation_function": if g.activation == fabbrica_models::Activation::GeluTanh { "gelu_new" } else { "gelu" },
             "layer_norm_epsilon": 1e-5,
             "resid_pdrop": g.dropout, "embd_pdrop": g.dropout, "attn_pdrop": g.dropout,
             "scale_attn_weights": true,
@@ -248,7 +248,7 @@ pub fn config_json(cfg: &ModelConfig, dtype: &str) -> Value {
         ModelConfig::Llama(l) => {
             let mut rope = Map::new();
             rope.insert("rope_theta".into(), json!(l.rope_theta));
-            if l.rope_scaling.kind == "llama3" {
+            if l.rope_scaling.kind == fabbrica_models::RopeKind::Llama3 {
                 let s = &l.rope_scaling;
                 rope.insert("rope_type".into(), json!("llama3"));
                 rope.insert("factor".into(), json!(s.factor));
@@ -308,8 +308,11 @@ pub fn export(
         })
         .collect();
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = out.file_name().ok_or_else(|| format!("{}: not a directory name", out.display()))?.to_string_lossy().to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if out.file_name().is_none() {
+        return Err(format!("{}: not a directory name", out.display()));
+    }
+    // Named as every temporary is (`fabbrica_data::atomic`): `.<name>.tmp-<pid>@<host>`.
+    let tmp = fabbrica_data::atomic::temp_path(out);
     let result = (|| -> Result<(), String> {
         fs::create_dir_all(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
         let io = |p: &Path, e: std::io::Error| format!("cannot write {}: {e}", p.display());
@@ -348,7 +351,14 @@ pub fn export(
             let p = tmp.join(name);
             fs::write(&p, bytes).map_err(|e| io(&p, e))?;
         }
-        fs::rename(&tmp, out).map_err(|e| format!("cannot move {} to {}: {e}", tmp.display(), out.display()))
+        // Every file on disk before the directory is published, and the rename itself after.
+        let sync = |p: &Path| fs::File::open(p).and_then(|f| f.sync_all()).map_err(|e| format!("cannot sync {}: {e}", p.display()));
+        for entry in fs::read_dir(&tmp).map_err(|e| format!("cannot list {}: {e}", tmp.display()))? {
+            sync(&entry.map_err(|e| format!("cannot list {}: {e}", tmp.display()))?.path())?;
+        }
+        sync(&tmp)?;
+        fs::rename(&tmp, out).map_err(|e| format!("cannot move {} to {}: {e}", tmp.display(), out.display()))?;
+        sync(parent)
     })();
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);

@@ -1,5 +1,5 @@
 //! The trainer: config, one training loop over a grid of pipeline stages and data-parallel
-//! replicas (`grid`, `pipelined`, `grads`), AdamW, LR schedule, checkpoints, metrics, sampling.
+//! replicas (`grid`, `pipelined`, `grads`) driving a forward-backward strategy (`step`), AdamW, LR schedule, checkpoints, metrics, sampling.
 //! The model (`fabbrica-models`) never sees a communicator: data parallelism (`fabbrica-ddp`)
 //! and pipeline stages are applied to it from here.
 
@@ -22,6 +22,7 @@ pub mod sample;
 pub(crate) mod saver;
 pub mod setup;
 pub mod signals;
+pub mod step;
 pub mod tensor_parallel;
 pub mod trace;
 pub mod trainer;

@@ -131,7 +131,10 @@ pub fn read(path: &Path) -> Result<Vec<Record>, TrainError> {
         .filter(|l| l.as_ref().map(|s| !s.trim().is_empty()).unwrap_or(true))
         .map(|l| {
             let l = l.map_err(io_err(path))?;
-            serde_json::from_str(&l).map_err(|e| TrainError::Io { path: path.to_path_buf(), why: format!("bad metrics line: {e}") })
+            serde_json::from_str(&l).map_err(|e| TrainError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad metrics line: {e}")),
+            })
         })
         .collect()
 }

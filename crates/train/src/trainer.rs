@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fabbrica_comm::{Communicator, InitOptions, LaunchEnv, ReduceOp, World};
-use fabbrica_ddp::Ddp;
 
 use fabbrica_data::{Sampler, Split};
 use fabbrica_models::{flops_per_token, Model, TensorParallel};
@@ -30,6 +29,7 @@ use crate::sample::sample_text;
 use crate::saver::{save_checkpoint, Completed, RunState, Saver};
 use crate::setup::tp_local;
 pub use crate::setup::{setup, setup_on, setup_stage, Part, Pipeline, Setup};
+use crate::step::{ForwardBackward, Local, Pipelined};
 
 pub use crate::evaluate::evaluate;
 use crate::evaluate::evaluate_grid;
@@ -67,43 +67,6 @@ pub(crate) fn to_tensor(v: Vec<i64>, b: usize, t: usize, device: Device) -> Tens
 
 fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
     TrainError::Collective(e)
-}
-
-/// One optimizer step's forward/backward over `grad_accum` micro-batches: global micro-batches
-/// `first_micro + m` (sample indices from `(first_micro + m)·batch_size`, libtorch's RNG — dropout —
-/// reseeded from (seed, step, global micro-batch)), so N data-parallel ranks with accumulation
-/// `a` compute exactly what one rank with accumulation `N·a` does. `ddp`, when given, is told which
-/// micro-step is the last (the only one that communicates). Leaves the gradients of the mean loss
-/// over this rank's micro-batches in `.grad` and returns that loss as a device scalar.
-/// `inject_nan` poisons this rank's first micro-batch loss (fault injection for tests).
-pub fn accumulate_grads(
-    s: &Setup,
-    sampler: &Sampler,
-    step: u64,
-    first_micro: usize,
-    grad_accum: usize,
-    ddp: Option<&Ddp>,
-    inject_nan: bool,
-) -> Result<Tensor, TrainError> {
-    let (b, t) = (s.cfg.train.batch_size, s.cfg.model.block_size());
-    let mut loss_sum = Tensor::zeros([], (Kind::Float, s.device));
-    for m in 0..grad_accum {
-        let micro = (first_micro + m) as u64;
-        tch::manual_seed(mix(mix(s.cfg.run.seed, step) as u64, micro));
-        let (x, y) = sampler.batch(&s.data.train, Split::Train, step, micro * b as u64, b, t);
-        let (x, y) = (to_tensor(x, b, t, s.device), to_tensor(y, b, t, s.device));
-        let mut loss = tch::autocast(s.bf16, || s.model().loss(&s.model().forward(&x, true), &y));
-        if inject_nan && m == 0 {
-            loss *= f64::NAN;
-        }
-        if let Some(d) = ddp {
-            d.begin_micro_step(m + 1 == grad_accum);
-        }
-        // A failure in backward (an allocation, a gradient hook) is an error, not a panic.
-        (&loss / grad_accum as f64).f_backward().map_err(|e| crate::memory::torch_error(step + 1, e))?;
-        loss_sum += loss.detach();
-    }
-    Ok(loss_sum / grad_accum as f64)
 }
 
 /// Trains in this process alone (a world of one, no launcher).
@@ -350,24 +313,25 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let eval = |split: Split| evaluate_grid(&s, &sampler, &grid, split, cfg.train.eval_iters);
     // This replica's micro-batches are the global ones from its data-parallel coordinate on.
     let first_micro = coords.dp * cfg.train.grad_accum;
+    // The step's forward and backward: chosen once, from the layout.
+    let mut fb: Box<dyn ForwardBackward> = if s.pipeline.is_some() {
+        Box::new(Pipelined { setup: &s, sampler: &sampler, grads: &grads, pp: &*grid.pp, first_micro, last: None })
+    } else {
+        Box::new(Local { setup: &s, sampler: &sampler, grads: &grads, first_micro })
+    };
     while step < stop_at {
         let lr = sched.lr_at(step);
         // Steps are numbered from 1 in logs, metrics and messages (`step` updates done after it).
         let poison = inject == Some((step + 1, rank));
         let tp_before = tp_now();
-        let loss = crate::memory::guard_alloc(step + 1, || -> Result<Tensor, TrainError> {
-            if s.pipeline.is_some() {
-                let origin = crate::trace::wall_us();
-                let (loss, times, trace) = crate::pipelined::forward_backward(&s, &sampler, &grads, &*grid.pp, step, first_micro, poison)?;
-                stage_times.add(&times);
-                if cfg.run.trace {
-                    tracelog.record(step + 1, origin, &trace);
-                }
-                Ok(loss)
-            } else {
-                accumulate_grads(&s, &sampler, step, first_micro, cfg.train.grad_accum, Some(&grads.ddps[0]), poison)
+        let origin = crate::trace::wall_us();
+        let loss = crate::memory::guard_alloc(step + 1, || fb.run(step, poison))??;
+        if let Some((times, trace)) = fb.pipeline_report() {
+            stage_times.add(&times);
+            if cfg.run.trace {
+                tracelog.record(step + 1, origin, &trace);
             }
-        })??;
+        }
         waited += grads.finish()?;
         let norm = grads.clip(cfg.train.grad_clip)?;
         let tp_after = tp_now();

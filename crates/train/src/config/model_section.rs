@@ -148,6 +148,17 @@ pub(super) fn finish(merged: &mut toml::Value, user: &toml::value::Table, base: 
     if !init_from.is_empty() {
         table.insert("init_from".into(), toml::Value::String(init_from));
     }
+    // The architecture's own struct, alone: a value it refuses (`model.activation = "relu"`) is
+    // then reported with its key, which the tagged enum's error would not name.
+    let mut fields = table.clone();
+    fields.remove("arch");
+    fields.remove("init_from");
+    let fields = toml::Value::Table(fields);
+    let checked = match start {
+        ModelConfig::Gpt(_) => fields.clone().try_into::<fabbrica_models::GptConfig>().map(drop),
+        ModelConfig::Llama(_) => fields.clone().try_into::<fabbrica_models::LlamaConfig>().map(drop),
+    };
+    checked.map_err(|e| super::type_error(&e, &fields, "model."))?;
     *model = table;
     Ok(())
 }

@@ -28,12 +28,17 @@ fn the_architecture_is_a_tagged_choice_and_the_other_ones_keys_are_refused() {
     // Switching arch on a GPT preset starts from llama's defaults, then the user's keys.
     let s = Config::resolve(Some("tiny"), None, &sets(&["model.arch=llama", "model.n_layer=2"])).unwrap();
     assert!(matches!(&s.model.arch, ModelConfig::Llama(m) if m.n_layer == 2 && m.n_kv_head == 2));
+    // A key of the model's architecture section, typed there too.
+    let e = Config::resolve(Some("llama-tiny"), None, &sets(&["model.rope_scaling.kind=yarn"])).unwrap_err().to_string();
+    assert!(e.starts_with("`model.rope_scaling.kind = \"yarn\"` is invalid") && e.contains("\"llama3\""), "{e}");
+    let c = Config::resolve(Some("tiny"), None, &sets(&["model.activation=gelu_tanh"])).unwrap();
+    assert!(matches!(&c.model.arch, ModelConfig::Gpt(g) if g.activation == fabbrica_models::Activation::GeluTanh));
     // The same from a file.
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("l.toml");
     std::fs::write(&f, "[model]\narch = \"llama\"\nn_kv_head = 4\n[model.rope_scaling]\nkind = \"llama3\"\n").unwrap();
     let c = Config::resolve(None, Some(&f), &[]).unwrap();
-    assert!(matches!(&c.model.arch, ModelConfig::Llama(m) if m.n_kv_head == 4 && m.rope_scaling.kind == "llama3"));
+    assert!(matches!(&c.model.arch, ModelConfig::Llama(m) if m.n_kv_head == 4 && m.rope_scaling.kind == fabbrica_models::RopeKind::Llama3));
     // The resolved config round-trips through its TOML (checkpoints store it).
     let back: Config = toml::from_str(&c.to_toml()).unwrap();
     assert_eq!(back, c);
@@ -267,12 +272,18 @@ fn enum_valued_keys_are_parsed_once_with_one_line_errors() {
         ("train.recompute=some", "train.recompute", "`selective`"),
         ("parallel.order=pp-tp", "parallel.order", "\"tp-pp-dp\""),
         ("parallel.schedule=zigzag", "parallel.schedule", "interleaved"),
+        ("model.activation=relu", "model.activation", "\"gelu_tanh\""),
     ] {
         let e = err_line(&[set]);
         let value = set.split_once('=').unwrap().1;
         assert!(e.contains(key) && e.contains(value) && e.contains(advice), "{set}: {e}");
         assert_eq!(e.matches(key).count(), 1, "{set}: the key once: {e}");
     }
+    // A key of the model's architecture section, typed there too.
+    let e = Config::resolve(Some("llama-tiny"), None, &sets(&["model.rope_scaling.kind=yarn"])).unwrap_err().to_string();
+    assert!(e.starts_with("`model.rope_scaling.kind = \"yarn\"` is invalid") && e.contains("\"llama3\""), "{e}");
+    let c = Config::resolve(Some("tiny"), None, &sets(&["model.activation=gelu_tanh"])).unwrap();
+    assert!(matches!(&c.model.arch, ModelConfig::Gpt(g) if g.activation == fabbrica_models::Activation::GeluTanh));
     // The same from a file.
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("c.toml");
