@@ -71,6 +71,7 @@ fn is_setup_error(e: &TrainError) -> bool {
             | TrainError::Data(_)
             | TrainError::Parallel(_)
             | TrainError::Checkpoint(_)
+            | TrainError::CheckpointFile { .. }
             | TrainError::Device(_)
             | TrainError::Model(_)
             | TrainError::Disagreement(_)

@@ -41,8 +41,17 @@ pub enum TrainError {
     Data(#[from] fabbrica_data::DataError),
     #[error(transparent)]
     Model(#[from] fabbrica_models::ModelError),
+    /// A checkpoint (or the run directory) cannot be used as it is: what to change.
     #[error("{0}")]
     Checkpoint(String),
+    /// As [`TrainError::Checkpoint`], caused by a file operation: the OS error is kept as the
+    /// source (the message already says it, and what to do).
+    #[error("{message}")]
+    CheckpointFile {
+        message: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Device(String),
     /// A file operation failed; the OS error is kept as the source (callers match on its kind).
@@ -147,6 +156,12 @@ impl From<tch::TchError> for TrainError {
     }
 }
 
+/// A [`TrainError::CheckpointFile`]: `message(e)` is the one line (naming the file, the OS error
+/// and what to do), `e` its source.
+pub(crate) fn checkpoint_file(message: impl FnOnce(&std::io::Error) -> String) -> impl FnOnce(std::io::Error) -> TrainError {
+    move |source| TrainError::CheckpointFile { message: message(&source), source }
+}
+
 pub fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
     let path = path.into();
     move |source| TrainError::Io { path, source }
@@ -185,6 +200,18 @@ fn checkpoint_write_message(
 mod tests {
     use super::*;
     use fabbrica_comm::{CommError, Communicator};
+
+    /// A checkpoint file that cannot be read is the user's to fix (exit 2), and keeps the OS
+    /// error as its source.
+    #[test]
+    fn checkpoint_file_errors_keep_their_cause() {
+        let path = std::path::Path::new("/nonexistent/step_00000010/model.safetensors");
+        let e = std::fs::read(path).map_err(checkpoint_file(|e| format!("cannot read {}: {e}", path.display()))).unwrap_err();
+        let source = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>()).expect("the OS error as source");
+        assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        assert!(e.to_string().starts_with("cannot read /nonexistent/step_00000010/model.safetensors: "), "{e}");
+        assert!(e.is_user_error());
+    }
 
     /// An I/O failure keeps the OS error as its source, under a one-line message naming the file.
     #[test]

@@ -90,7 +90,9 @@ impl Saver {
             let handle = std::thread::Builder::new()
                 .name("checkpoint-writer".into())
                 .spawn(move || checkpoint::save(&out, state, &model, &optim, keep))
-                .map_err(|e| TrainError::Checkpoint(format!("cannot start the checkpoint writer thread ({e}): set run.async_checkpoint=false")))?;
+                .map_err(crate::error::checkpoint_file(|e| {
+                    format!("cannot start the checkpoint writer thread ({e}): set run.async_checkpoint=false")
+                }))?;
             self.inflight = Some(Inflight { step, handle });
         } else {
             let result = checkpoint::save(&out, state, &model, &optim, keep);

@@ -118,9 +118,9 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         crate::memory::check_fits(&s, world.launch().local_world_size, dp)?;
         let out = &s.cfg.run.out_dir;
         if rank0 {
-            std::fs::create_dir_all(out).map_err(|e| {
-                TrainError::Checkpoint(format!("cannot use run.out_dir = {} ({e}): set run.out_dir to a writable directory", out.display()))
-            })?;
+            std::fs::create_dir_all(out).map_err(crate::error::checkpoint_file(|e| {
+                format!("cannot use run.out_dir = {} ({e}): set run.out_dir to a writable directory", out.display())
+            }))?;
         }
         let explicit = Some(s.cfg.run.resume_from.as_path()).filter(|p| !p.as_os_str().is_empty());
         let wanted = explicit.is_some()

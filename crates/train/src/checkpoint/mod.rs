@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::config::Config;
-use crate::error::{io_err, TrainError};
+use crate::error::{checkpoint_file, io_err, TrainError};
 
 pub use files::{remove_stale_temporaries, write_atomic, Sweep};
 pub use select::{archive_run, earlier_run, find_resume, new_run_id, Archived, Resume};
@@ -163,11 +163,11 @@ pub fn read_state(dir: &Path) -> Result<CheckpointState, TrainError> {
     let corrupt = |why: String| {
         TrainError::Checkpoint(format!("{} is corrupt or truncated ({why}): resume from an earlier checkpoint (run.resume_from)", path.display()))
     };
-    let size = fs::metadata(&path).map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {e}", path.display())))?.len();
+    let size = fs::metadata(&path).map_err(checkpoint_file(|e| format!("cannot read {}: {e}", path.display())))?.len();
     if size > MAX_STATE_BYTES {
         return Err(corrupt(format!("{size} bytes, a state.json is well under {MAX_STATE_BYTES}")));
     }
-    let bytes = fs::read(&path).map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {e}", path.display())))?;
+    let bytes = fs::read(&path).map_err(checkpoint_file(|e| format!("cannot read {}: {e}", path.display())))?;
     // The version first, so that a newer format is named as such rather than as corrupt.
     #[derive(Deserialize)]
     struct Version {

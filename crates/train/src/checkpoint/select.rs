@@ -95,7 +95,8 @@ pub fn archive_run(out_dir: &Path, dirs: &[PathBuf], whole_run: bool) -> Result<
         dest = base.join(format!("{stamp}-{n}"));
     }
     let cant = |what: &Path, e: std::io::Error| {
-        TrainError::Checkpoint(format!("cannot move {} into {} ({e}): move or remove it by hand", what.display(), dest.display()))
+        let message = format!("cannot move {} into {} ({e}): move or remove it by hand", what.display(), dest.display());
+        TrainError::CheckpointFile { message, source: e }
     };
     let ck = dest.join("checkpoints");
     fs::create_dir_all(&ck).map_err(|e| cant(&ck, e))?;
