@@ -7,7 +7,7 @@ use fabbrica_models::{flops_per_token, Model};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::Config;
-use crate::device::{gpu_name, peak_flops_for, peak_memory_bytes, resolve_bf16, resolve_device};
+use crate::device::{gpu_name, peak_memory_bytes, resolve_bf16, resolve_device};
 use crate::error::TrainError;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 
@@ -154,13 +154,7 @@ pub fn run(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchResult, Tra
     let mcfg = st.model().config().clone();
     let tokens = (cfg.train.batch_size * mcfg.block_size() * steps) as f64;
     let tps = tokens / secs;
-    let peak = if cfg.train.peak_flops > 0.0 {
-        Some(cfg.train.peak_flops)
-    } else if let Device::Cuda(i) = device {
-        gpu_name(i).as_deref().and_then(peak_flops_for)
-    } else {
-        None
-    };
+    let peak = crate::device::peak_flops(cfg.train.peak_flops, device);
     Ok(BenchResult {
         device: match device {
             Device::Cuda(i) => gpu_name(i).unwrap_or_else(|| format!("cuda:{i}")),

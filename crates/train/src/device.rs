@@ -51,6 +51,18 @@ pub fn resolve_bf16(dtype: Dtype, device: Device) -> Result<bool, TrainError> {
     }
 }
 
+/// The peak FLOP/s MFU is reported against: `train.peak_flops` when set (> 0), else the dense
+/// bf16 peak of a known GPU, else none (MFU is then not reported).
+pub fn peak_flops(configured: f64, device: Device) -> Option<f64> {
+    if configured > 0.0 {
+        return Some(configured);
+    }
+    match device {
+        Device::Cuda(i) => gpu_name(i).as_deref().and_then(peak_flops_for),
+        _ => None,
+    }
+}
+
 /// The GPU's marketing name through the CUDA driver API, if a driver is present.
 pub fn gpu_name(ordinal: usize) -> Option<String> {
     // SAFETY: is_culib_present only tries to dlopen libcuda and drops the handle.

@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint;
 use crate::config::{CheckpointFailure, Config, IfExists, Nonfinite, Resume};
-use crate::device::{gpu_name, peak_flops_for, peak_memory_bytes};
+use crate::device::peak_memory_bytes;
 use crate::error::TrainError;
 use crate::grads::Grads;
 use crate::grid::Grid;
@@ -96,7 +96,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let dims = crate::grid::dims(cfg, nranks)?;
     crate::grid::check_tp_fits_node(dims.tp, world.launch().local_world_size, nranks)?;
     let coords = dims.coords(rank).map_err(|e| TrainError::Parallel(e.to_string()))?;
-    let (dp, pp) = (dims.dp, dims.pp);
+    let dp = dims.dp;
     let rank0 = rank == 0;
     // Local rank i takes cuda:i; a rank that sees a single GPU (srun --gpus-per-task=1, or
     // CUDA_VISIBLE_DEVICES set per rank) takes that one.
@@ -207,26 +207,11 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     };
     let mut opt = AdamW::from_parts(grads.optimizer_params(), adam);
 
-    let mut start = 0u64;
     let resumed = resume_from.is_some();
-    if let Some(resume) = resume_from {
-        let (dir, ck) = (resume.loaded.dir.clone(), resume.loaded);
-        for p in &s.parts {
-            if s.pipeline.is_some() {
-                p.model.load_own_parameters(&ck.model)?;
-            } else {
-                p.model.load_parameters(&ck.model)?;
-            }
-        }
-        let bad = |e: String| TrainError::Checkpoint(format!("{}: {e}: the checkpoint was written by a different model", dir.display()));
-        // Whole tensors (any layout writes them so, or slices that loading joined): a
-        // tensor-parallel rank's optimizer state is its slice of them.
-        let optim = tp_local(ck.optim, &s.parts);
-        let ck = checkpoint::Loaded { optim, ..ck };
-        // Whole tensors, any layout: a ZeRO-1 piece takes its elements of them.
-        opt.load_state(&ck.optim, ck.state.step).map_err(bad)?;
-        start = ck.state.step;
-    }
+    let start = match resume_from {
+        Some(resume) => restore(&s, &mut opt, resume.loaded)?,
+        None => 0,
+    };
     let mut log = if rank0 {
         let log = MetricsLog::open(&out, resumed.then_some(start))?;
         checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
@@ -240,29 +225,9 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let global_batch = cfg.train.batch_size * cfg.train.grad_accum * dp;
     let tokens_per_step = (global_batch * cfg.model.block_size()) as f64;
     let flops_tok = flops_per_token(&cfg.model, cfg.model.block_size());
-    let peak = if cfg.train.peak_flops > 0.0 {
-        Some(cfg.train.peak_flops)
-    } else {
-        match s.device {
-            Device::Cuda(i) => gpu_name(i).as_deref().and_then(peak_flops_for),
-            _ => None,
-        }
-    };
+    let peak = crate::device::peak_flops(cfg.train.peak_flops, s.device);
     let progress = Progress::new(cfg.train.max_steps, start, opts.progress && rank0);
-    let tensor = match (dims.tp, cfg.parallel.sequence_parallel) {
-        (1, _) => String::new(),
-        (t, false) => format!("tp {t} x "),
-        (t, true) => format!("tp {t} (sequence parallel) x "),
-    };
-    let layout = match &s.pipeline {
-        None => format!("{nranks} ranks ({tensor}dp {dp})"),
-        Some(pl) => format!(
-            "{nranks} ranks ({tensor}pp {pp} x dp {dp}, {} schedule, {} stages of {:?} layers)",
-            pl.schedule.kind,
-            pl.schedule.stages(),
-            pl.layers
-        ),
-    };
+    let layout = layout_line(&s, &grid);
     progress.println(&format!(
         "training {} parameters on {:?} ({}), {layout}, global batch {global_batch} = micro {} x accum {} x dp {dp} ({} tokens/step), {} buckets{grads_over}{}, steps {}..{}",
         fabbrica_models::flops::total_params(&cfg.model),
@@ -637,6 +602,46 @@ fn tidy(out: &std::path::Path, cfg: &Config, resume: Option<&checkpoint::Resume>
         }
     }
     Ok(notes)
+}
+
+/// Loads a checkpoint's weights into this rank's parts and its optimizer state into `opt`, from
+/// whole tensors (any layout writes them so, or slices that loading joined): a tensor-parallel
+/// rank takes its slices, a ZeRO-1 piece its elements. Returns the step to continue from.
+fn restore(s: &Setup, opt: &mut AdamW, ck: checkpoint::Loaded) -> Result<u64, TrainError> {
+    for p in &s.parts {
+        if s.pipeline.is_some() {
+            p.model.load_own_parameters(&ck.model)?;
+        } else {
+            p.model.load_parameters(&ck.model)?;
+        }
+    }
+    let dir = ck.dir.clone();
+    let bad = |e: String| TrainError::Checkpoint(format!("{}: {e}: the checkpoint was written by a different model", dir.display()));
+    let optim = tp_local(ck.optim, &s.parts);
+    opt.load_state(&optim, ck.state.step).map_err(bad)?;
+    Ok(ck.state.step)
+}
+
+/// The run's layout for the first line it prints: ranks, and how they split the work.
+fn layout_line(s: &Setup, grid: &Grid) -> String {
+    let d = &grid.dims;
+    let tensor = match (d.tp, s.cfg.parallel.sequence_parallel) {
+        (1, _) => String::new(),
+        (t, false) => format!("tp {t} x "),
+        (t, true) => format!("tp {t} (sequence parallel) x "),
+    };
+    match &s.pipeline {
+        None => format!("{} ranks ({tensor}dp {})", d.world_size, d.dp),
+        Some(pl) => format!(
+            "{} ranks ({tensor}pp {} x dp {}, {} schedule, {} stages of {:?} layers)",
+            d.world_size,
+            d.pp,
+            d.dp,
+            pl.schedule.kind,
+            pl.schedule.stages(),
+            pl.layers
+        ),
+    }
 }
 
 /// Makes every rank agree on a result that may have failed on some ranks only (a file missing on
