@@ -184,12 +184,6 @@ impl AdamW {
     /// elements of its parameter's tensors. Every tensor must be present with the parameter's
     /// shape.
     pub fn load_state(&mut self, tensors: &[(String, Tensor)], steps_taken: u64) -> Result<(), String> {
-        self.load_state_where(tensors, steps_taken, |_| true)
-    }
-
-    /// As [`AdamW::load_state`], for the slots whose name `which` accepts (the others keep their
-    /// state).
-    pub fn load_state_where(&mut self, tensors: &[(String, Tensor)], steps_taken: u64, which: impl Fn(&str) -> bool) -> Result<(), String> {
         let map: std::collections::HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         // A whole tensor, or a piece's elements of one.
         let get = |key: String, like: &Tensor, piece: Option<&Piece>| -> Result<Tensor, String> {
@@ -208,7 +202,7 @@ impl AdamW {
             Ok(t.to_device(like.device()))
         };
         let mut loaded = Vec::with_capacity(self.slots.len());
-        for s in self.slots.iter().filter(|s| which(&s.name)) {
+        for s in &self.slots {
             let (base, piece) = match &s.piece {
                 Some(p) => (p.param.as_str(), Some(p)),
                 None => (s.name.as_str(), None),
@@ -220,7 +214,7 @@ impl AdamW {
             ));
         }
         tch::no_grad(|| {
-            for (s, (m, v, st)) in self.slots.iter_mut().filter(|s| which(&s.name)).zip(loaded) {
+            for (s, (m, v, st)) in self.slots.iter_mut().zip(loaded) {
                 s.exp_avg.copy_(&m);
                 s.exp_avg_sq.copy_(&v);
                 s.step.copy_(&st);
