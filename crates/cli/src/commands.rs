@@ -164,8 +164,8 @@ fn dry_run(cfg: &Config) -> Result<()> {
     let fpt = flops_per_token(&m, m.block_size());
     // The trainer's own rule (run.device, train.dtype), on the device it would get.
     let device = fabbrica_train::device::planned_device(cfg.run.device);
-    let bf16 = fabbrica_train::device::resolve_bf16(t.dtype, device).map_err(|e| once(Failure { user: true, message: e.to_string() }))?;
-    let materialised = device == tch::Device::Cpu && m.dropout() > 0.0;
+    let bf16 = fabbrica_train::device::resolve_bf16(t.dtype, device);
+    let materialised = fabbrica_train::memory::materialised_attention(device, &m);
     let p = &cfg.parallel;
     let mut mem = fabbrica_models::flops::stage_memory_estimate_tp(
         &m,
@@ -182,6 +182,7 @@ fn dry_run(cfg: &Config) -> Result<()> {
     if cfg.parallel.zero == 1 {
         mem.optimizer = mem.optimizer.div_ceil(dims.dp as u64); // ZeRO-1: each rank keeps its shard of the moments
     }
+    let mem = fabbrica_train::memory::on_device(mem, device);
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     if auto_vocab {
         println!("# model.vocab_size = 0 is taken from the tokenizer at start; figures below assume 256");
@@ -231,7 +232,7 @@ fn dry_run(cfg: &Config) -> Result<()> {
     );
     println!("flops per step:    {:.4e}", fpt * (seqs * m.block_size()) as f64);
     let dtype = if bf16 { "bf16" } else { "fp32" };
-    match fabbrica_train::memory::pipeline_plan(cfg, &m, bf16, materialised, dims.dp)? {
+    match fabbrica_train::memory::pipeline_plan(cfg, &m, bf16, device, dims.dp)? {
         None => println!(
             "memory per device: {:.2} GiB (params {:.2}, grads {:.2}, AdamW {:.2}, activations {:.2} at micro-batch {}, {dtype})",
             gib(mem.total()),

@@ -44,7 +44,19 @@ impl MemoryEstimate {
     pub fn total(&self) -> u64 {
         self.params + self.grads + self.optimizer + self.activations
     }
+
+    /// What the process holds on the CPU for what libtorch allocates: glibc's malloc and
+    /// oneDNN's workspaces keep about [`CPU_ACTIVATION_OVERHEAD`] resident bytes per allocated
+    /// byte of activations (fitted on measured peak RSS, `memory_estimate_matches_measured_cpu_training`).
+    /// The estimate itself is what the allocator hands out, as CUDA's `max_memory_allocated`.
+    pub fn resident_on_cpu(self) -> MemoryEstimate {
+        MemoryEstimate { activations: (self.activations as f64 * CPU_ACTIVATION_OVERHEAD) as u64, ..self }
+    }
 }
+
+/// Peak resident bytes per allocated byte of activations on the CPU (see
+/// [`MemoryEstimate::resident_on_cpu`]).
+pub const CPU_ACTIVATION_OVERHEAD: f64 = 1.28;
 
 /// Estimate for fp32 master weights and grads, two fp32 AdamW moments, and the activations of a
 /// training micro-step at `batch` × `seq_len`, with the attention kernel libtorch picks for
@@ -61,13 +73,13 @@ pub fn memory_estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, half_pre
 /// CPU when dropout is on, since its fused kernel has no dropout; fused kernels keep only the
 /// output and a log-sum-exp).
 ///
-/// Activations, per layer, `s·b·h` bytes × 82 in fp32 (41 for 16-bit autocast): measured peak
-/// RSS of fp32 CPU training (tiny and gpt2-124m shapes, libtorch 2.11) gives 20.5 fp32 values
-/// per token and channel — the 17 tensors of Korthikanti et al. (2022) (input, LayerNorm outputs,
-/// q/k/v, attention output and its contiguous copy, MLP 4h input and GELU output) plus about
-/// 3.5 of kernel workspace and the backward pass's transient gradients. Dropout adds the two
-/// residual dropouts' masks (fp32 on the CPU). Once per model: the embedding sum and the final
-/// LayerNorm, and the logits, whose peak is in backward where the saved log-softmax, the NLL
+/// Activations are what libtorch's allocator hands out (CUDA's `max_memory_allocated`; on the CPU
+/// see [`MemoryEstimate::resident_on_cpu`]): per layer, the tensors autograd keeps
+/// ([`block_bytes_per_token`]: 64 bytes per token and channel for GPT in fp32, 36 under bf16
+/// autocast), and with the math attention path the scores' softmax, dropout noise and product.
+/// Dropout adds the two residual dropouts' masks (fp32 on the CPU). Once per model: the gradients
+/// in flight during backward, the embedding sum and the final norm's input, and the logits, whose
+/// peak is in backward where the saved log-softmax, the NLL
 /// gradient and the log-softmax gradient (three B·T·V fp32 tensors, the loss is computed in fp32
 /// even under autocast) coexist, or later the logits' gradient and the tied embedding's V×C
 /// gradient, whichever is larger. Under autocast, the bf16 copies of the weights.
@@ -81,13 +93,13 @@ pub fn memory_estimate_with(
 ) -> MemoryEstimate {
     let n = total_params(cfg);
     let l = cfg.n_layer() as u64;
-    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention, recompute);
+    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention, recompute, 1, false);
     let weight_copies = if half_precision_activations { 2 * matmul_params(cfg) } else { 0 };
     MemoryEstimate {
         params: 4 * n,
         grads: 4 * n,
         optimizer: 8 * n,
-        activations: l * a.per_layer + a.recompute_peak + a.embed + a.head + a.logits + weight_copies,
+        activations: l * a.per_layer + a.recompute_peak + a.backward + a.embed + a.head + a.logits + weight_copies,
     }
 }
 
@@ -105,51 +117,43 @@ struct ActivationParts {
     head: u64,
     /// Peak of the logits and their gradients (the last stage).
     logits: u64,
+    /// Gradients in flight during backward, once.
+    backward: u64,
 }
 
-/// Values per token kept by one block, in units of C, counted tensor by tensor as Korthikanti et
-/// al. (2022) do: GPT's 17 (input, LayerNorm outputs, q/k/v, attention output and its contiguous
-/// copy, MLP 4h input and GELU output). Llama: input, RMSNorm input and scaled output (fp32) twice,
-/// q/k/v (C + 2·kv), rotated q and k and their rotate-half copies (2·(C + kv)), attention output
-/// and copy, the residual sum, and SwiGLU's gate, up, SiLU and product (4·F).
-fn block_values_per_token(cfg: &ModelConfig) -> f64 {
+/// Bytes per token one block keeps for backward, (outside, inside) the tensor-parallel regions,
+/// counted tensor by tensor as libtorch's autograd saves them (Korthikanti et al. 2022 count the
+/// same way for Megatron's kernels) and checked against libtorch's allocator
+/// (`tests/activation_memory.rs`). C is the width, F the MLP's hidden width; fp32, or bf16
+/// autocast (norms and the residual stream stay fp32, matmul inputs and outputs are bf16):
+///
+/// - GPT: the two LayerNorm inputs (fp32) and the copies of their outputs that `c_attn` and
+///   `c_fc` keep (bf16 under autocast) — outside the regions; q/k/v (one tensor), the attention
+///   output (also `c_proj`'s input: the fused kernel writes it token-major), GELU's input and
+///   output — inside. fp32: 4·(4C) + 4·(4C + 2F); bf16: 12C + 2·(4C + 2F).
+/// - Llama: each RMSNorm's input and normalised value (fp32), and its weighted output (fp32), or
+///   under autocast its one bf16 copy shared by q/k/v and by gate/up — outside; the rotated
+///   queries, the keys and values repeated to the query heads (grouped-query attention
+///   materialises them; without it they are the projections), the attention output, and
+///   SwiGLU's gate, SiLU, up and product — inside. fp32: 4·(6C) + 4·(4C + 4F); bf16: 20C +
+///   2·(4C + 4F).
+///
+/// Without a fused attention kernel the B·H·T×T scores are kept too ([`memory_estimate_with`]).
+pub fn block_bytes_per_token(cfg: &ModelConfig, half: bool) -> (f64, f64) {
+    let c = cfg.n_embd() as f64;
+    let (f, w) = (cfg.ffn_hidden() as f64, if half { 2.0 } else { 4.0 });
     match cfg {
-        ModelConfig::Gpt(_) => 17.0,
-        ModelConfig::Llama(_) => {
-            let c = cfg.n_embd() as f64;
-            let r = (cfg.n_kv_head() * cfg.head_size()) as f64 / c;
-            12.0 + 4.0 * r + 4.0 * cfg.ffn_hidden() as f64 / c
-        }
+        ModelConfig::Gpt(_) => (8.0 * c + 2.0 * w * c, w * (4.0 * c + 2.0 * f)),
+        ModelConfig::Llama(_) => (16.0 * c + 2.0 * w * c, w * (4.0 * c + 4.0 * f)),
     }
 }
 
-impl ActivationParts {
-    /// One tensor-parallel rank's share (see [`stage_memory_estimate_tp`]).
-    fn split(self, cfg: &ModelConfig, batch: usize, seq_len: usize, tp: usize, sp: bool, recompute: Recompute) -> ActivationParts {
-        if tp <= 1 {
-            return self;
-        }
-        let t = tp as u64;
-        // Of a block's 34 bytes per token and channel, 24 are inside the regions; the other 10
-        // (norms, dropout masks, the residual) are whole on every rank without sequence parallelism.
-        let block = |x: u64| if sp { x / t } else { (x as f64 * (10.0 + 24.0 / t as f64) / 34.0) as u64 };
-        let stream = |x: u64| if sp { x / t } else { x };
-        let sbh = (batch * seq_len * cfg.n_embd()) as u64;
-        let per_layer = match recompute {
-            // Only the block input is kept: the residual stream.
-            Recompute::Full => stream(4 * sbh),
-            _ => block(self.per_layer),
-        };
-        ActivationParts {
-            per_layer,
-            recompute_peak: block(self.recompute_peak),
-            embed: stream(self.embed),
-            head: stream(self.head),
-            logits: self.logits / t,
-        }
-    }
-}
-
+/// What one micro-batch's activations take on one rank, by part (see [`memory_estimate_with`]),
+/// with `tp`-way tensor parallelism (and `sp`, sequence parallelism): the tensors inside the
+/// regions, the attention scores and the vocabulary-parallel logits are divided by tp; those
+/// outside (norm inputs and outputs, dropout masks, the residual stream) are whole on every rank
+/// unless the sequence is split too.
+#[allow(clippy::too_many_arguments)]
 fn activation_parts(
     cfg: &ModelConfig,
     batch: usize,
@@ -157,39 +161,59 @@ fn activation_parts(
     half: bool,
     materialised_attention: bool,
     recompute: Recompute,
+    tp: usize,
+    sp: bool,
 ) -> ActivationParts {
     let (b, t, c, v) = (batch as u64, seq_len as u64, cfg.n_embd() as u64, cfg.vocab_size() as u64);
-    let sbh = b * t * c;
+    let tokens = (b * t) as f64;
+    let tp = tp.max(1) as f64;
+    let sbh = (b * t * c) as f64;
     let dropout = cfg.dropout() > 0.0;
     let gpt = matches!(cfg, ModelConfig::Gpt(_));
-    // 82 bytes per token and channel in fp32 for GPT's 17 values (measured: 20.5 values with
-    // kernel workspace and transient gradients), scaled by the values each architecture keeps.
-    let scale = block_values_per_token(cfg) / 17.0;
-    let mut block = ((if half { 41.0 } else { 82.0 }) * scale * sbh as f64) as u64;
+    // Whole on every rank unless the sequence is split; inside a region always split.
+    let outside = |x: f64| if sp { x / tp } else { x };
+    let (out, ins) = block_bytes_per_token(cfg, half);
+    let mut out = out * tokens;
     if dropout && gpt {
-        // Two residual dropouts: fp32 noise on the CPU's path, bool masks in the fused kernel.
-        block += if half { 2 * sbh } else { 8 * sbh };
+        // Two residual dropouts: on the CPU (where dropout means the math attention path) noise
+        // of the activations' dtype, on CUDA bool masks.
+        out += 2.0
+            * sbh
+            * if !materialised_attention {
+                1.0
+            } else if half {
+                2.0
+            } else {
+                4.0
+            };
     }
-    // Scores, softmax, dropout noise and its product, and a backward temporary: 5 fp32 copies.
-    let core = if materialised_attention { 20 * b * cfg.n_head() as u64 * t * t } else { 0 };
+    let block = outside(out) + ins * tokens / tp;
+    // Per score: the softmax output, the dropout noise and the dropped-out product (fp32; with
+    // bf16 inputs the math path keeps the softmax in fp32 besides; measured 13.5 bytes).
+    let per_score = if half { 13.5 } else { 12.0 };
+    let core = if materialised_attention { per_score * (b * cfg.n_head() as u64 * t * t) as f64 / tp } else { 0.0 };
+    // The fp32 residual stream (a block's input, the embedding sum, the final norm's input).
+    let stream = outside(4.0 * sbh);
     let (per_layer, recompute_peak) = match recompute {
-        Recompute::None => (block + core, 0),
+        Recompute::None => (block + core, 0.0),
         // Only the attention core is rebuilt, one layer at a time.
         Recompute::Selective => (block, core),
-        // Only the block's input (the fp32 residual stream) is kept; one block is rebuilt at a
-        // time, and its nested backward's gradients coexist with it (measured: about twice the
-        // block, docs/BENCHMARKS.md).
-        Recompute::Full => (4 * sbh, 2 * (block + core)),
+        // Only the block's input is kept; one block is rebuilt at a time, and its nested
+        // backward's gradients coexist with it (measured: about twice the block,
+        // docs/BENCHMARKS.md).
+        Recompute::Full => (stream, 2.0 * (block + core)),
     };
-    let btv = b * t * v;
-    // Embedding sum and final norm input/output (the residual stream is fp32), plus the
-    // embedding dropout's noise.
+    let btv = (b * t * v) as f64;
     ActivationParts {
-        per_layer,
-        recompute_peak,
-        embed: sbh * 4 * (1 + (dropout && gpt) as u64),
-        head: sbh * 4,
-        logits: (3 * btv).max(btv + v * c) * 4,
+        per_layer: per_layer as u64,
+        recompute_peak: recompute_peak as u64,
+        // Plus the embedding dropout's noise.
+        embed: (stream * if dropout && gpt { 2.0 } else { 1.0 }) as u64,
+        head: stream as u64,
+        // The backward pass's gradients in flight (measured: about three fp32 B·T·C tensors
+        // beyond what the blocks keep).
+        backward: (stream * 3.0) as u64,
+        logits: ((3.0 * btv).max(btv + (v * c) as f64) * 4.0 / tp) as u64,
     }
 }
 
@@ -213,13 +237,24 @@ pub fn stage_memory_estimate(
     stage_memory_estimate_tp(cfg, specs, batch, seq_len, half_precision_activations, materialised_attention, recompute, in_flight, 1, false)
 }
 
+/// The bf16 copies of the matmul weights autocast keeps for backward (counted with the
+/// activations), for the stages `specs` on one of `tp` ranks; none without autocast. Position
+/// embeddings are a lookup.
+pub fn stage_weight_copy_bytes(cfg: &ModelConfig, specs: &[StageSpec], tp: usize, half_precision_activations: bool) -> u64 {
+    if !half_precision_activations {
+        return 0;
+    }
+    let n: u64 = specs.iter().map(|s| crate::stages::stage_params_tp(cfg, s, tp)).sum();
+    let wpe = if specs.iter().any(|s| s.embed) { cfg.lookup_only_params() } else { 0 };
+    2 * (n - wpe)
+}
+
 /// As [`stage_memory_estimate`], for one rank of `tp` tensor-parallel ranks (with
 /// `sequence_parallel` or not): weights, gradients and optimizer state of the rank's slices
 /// ([`crate::stage_params_tp`]); the activations inside the tensor-parallel regions divided by
-/// tp, those outside (norm inputs and outputs, dropout masks, the residual stream: 10 of the 34
-/// bytes per token and channel of Korthikanti et al. 2022, Table 2) whole unless the sequence
-/// is split too (the T×T attention scores, where kept, are counted with the block); the
-/// vocabulary-parallel logits divided by tp.
+/// tp, those outside (norm inputs and outputs, dropout masks, the residual stream; see
+/// [`block_bytes_per_token`]) whole unless the sequence is split too; the T×T attention scores,
+/// where kept, and the vocabulary-parallel logits divided by tp.
 #[allow(clippy::too_many_arguments)]
 pub fn stage_memory_estimate_tp(
     cfg: &ModelConfig,
@@ -234,14 +269,7 @@ pub fn stage_memory_estimate_tp(
     sequence_parallel: bool,
 ) -> MemoryEstimate {
     let n: u64 = specs.iter().map(|s| crate::stages::stage_params_tp(cfg, s, tp)).sum();
-    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention, recompute).split(
-        cfg,
-        batch,
-        seq_len,
-        tp,
-        sequence_parallel,
-        recompute,
-    );
+    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention, recompute, tp, sequence_parallel);
     let (b, t, v) = (batch as u64, seq_len as u64, (cfg.vocab_size() / tp.max(1)) as u64);
     // The most expensive chunk bounds what one micro-batch in flight holds.
     // The fp32 log-softmax the loss keeps (this rank's vocabulary slice).
@@ -251,10 +279,8 @@ pub fn stage_memory_estimate_tp(
         .max()
         .unwrap_or(0);
     let transient = if specs.iter().any(|s| s.head) { a.logits.saturating_sub(4 * b * t * v) } else { 0 };
-    let transient = transient + if specs.iter().any(|s| !s.blocks.is_empty()) { a.recompute_peak } else { 0 };
-    // bf16 copies of the matmul weights (position embeddings are a lookup).
-    let wpe = if specs.iter().any(|s| s.embed) { cfg.lookup_only_params() } else { 0 };
-    let weight_copies = if half_precision_activations { 2 * (n - wpe) } else { 0 };
+    let transient = transient + if specs.iter().any(|s| !s.blocks.is_empty()) { a.recompute_peak + a.backward } else { 0 };
+    let weight_copies = stage_weight_copy_bytes(cfg, specs, tp, half_precision_activations);
     MemoryEstimate { params: 4 * n, grads: 4 * n, optimizer: 8 * n, activations: in_flight.max(1) as u64 * per_micro + transient + weight_copies }
 }
 
@@ -284,11 +310,12 @@ mod tests {
                 specs.iter().map(|s| stage_memory_estimate(&g, std::slice::from_ref(s), 4, 1024, half, !half, r, 1)).collect();
             let params: u64 = parts.iter().map(|p| p.params).sum();
             assert_eq!(params, whole.params + 4 * (g0.vocab_size * g0.n_embd) as u64);
-            // More micro-batches in flight hold proportionally more (1F1B's first stage holds pp).
+            // More micro-batches in flight hold proportionally more (1F1B's first stage holds pp),
+            // beside what one backward has in flight and the weights' bf16 copies.
             let four = stage_memory_estimate(&g, &specs[1..2], 4, 1024, half, !half, r, 4);
             let one = &parts[1];
-            let w = if half { 2 * (one.params / 4) } else { 0 };
-            assert_eq!(four.activations - w, 4 * (one.activations - w));
+            let once = stage_weight_copy_bytes(&g, &specs[1..2], 1, half) + 3 * 4 * 4 * 1024 * g0.n_embd as u64;
+            assert_eq!(four.activations - once, 4 * (one.activations - once));
         }
     }
 
@@ -366,18 +393,19 @@ mod tests {
             (&g124_char, 4, 2470.0),
             (&g124_1, 8, 2532.0),
         ];
+        let mut errors = Vec::new();
         for (cfg, b, rss_mib) in runs {
             let measured = rss_mib * (1u64 << 20) as f64 - gib(0.4);
-            let est = memory_estimate(&gpt(cfg.clone()), b, cfg.block_size, false).total() as f64;
+            let est = memory_estimate(&gpt(cfg.clone()), b, cfg.block_size, false).resident_on_cpu().total() as f64;
             let err = (est - measured) / measured;
-            assert!(
-                err.abs() < 0.15,
-                "{cfg:?} at batch {b}: estimate {:.2} GiB, measured {:.2} GiB ({:+.0}%)",
-                est / gib(1.0),
-                measured / gib(1.0),
-                100.0 * err
-            );
+            let line =
+                format!("{cfg:?} at batch {b}: estimate {:.2} GiB, measured {:.2} GiB ({:+.0}%)", est / gib(1.0), measured / gib(1.0), 100.0 * err);
+            println!("{line}");
+            if err.abs() >= 0.15 {
+                errors.push(line);
+            }
         }
+        assert!(errors.is_empty(), "{errors:#?}");
     }
 
     #[test]

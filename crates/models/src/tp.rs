@@ -140,7 +140,13 @@ pub fn column_forward(tp: Option<&TensorParallel>, x: &Tensor, layers: &[&crate:
             }
         }
         _ => {
-            let h = enter(tp, x);
+            let mut h = enter(tp, x);
+            // Under autocast each linear would cast an fp32 input to bf16 and keep its own copy
+            // for backward (three for Llama's q/k/v, two for gate/up): cast once, keep one.
+            let (on, kind) = fabbrica_torch_ext::amp::autocast_state(h.device());
+            if on && layers.len() > 1 && h.kind() == tch::Kind::Float {
+                h = h.to_kind(kind);
+            }
             layers.iter().map(|l| l.forward(&h)).collect()
         }
     }

@@ -1,8 +1,10 @@
 //! Safe wrappers over `csrc/shim.cpp`: libtorch functions that tch 0.24 does not bind.
+//! [`amp`] wraps `csrc/amp.cpp`: bf16 autocast on CPU and CUDA, and CPU allocation statistics;
 //! [`hooks`] wraps `csrc/hooks.cpp`: autograd gradient-ready hooks and `.grad` as a bucket view;
 //! [`recompute`] wraps `csrc/recompute.cpp`: activation recompute (checkpointing) of a region;
 //! [`function`] wraps `csrc/function.cpp`: custom autograd functions written in Rust.
 
+pub mod amp;
 pub mod function;
 pub mod hooks;
 pub mod recompute;

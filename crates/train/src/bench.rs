@@ -94,7 +94,7 @@ fn bench_model(cfg: &Config, batch_seed: i64) -> Result<BenchModel, TrainError> 
 fn bench_model_on(cfg: &Config, cuda_ordinal: usize, batch_seed: i64) -> Result<BenchModel, TrainError> {
     only_data_parallel(cfg)?;
     let device = resolve_device(cfg.run.device, cuda_ordinal)?;
-    let bf16 = resolve_bf16(cfg.train.dtype, device)?;
+    let bf16 = resolve_bf16(cfg.train.dtype, device);
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);
     }

@@ -146,7 +146,7 @@ pub struct TrainConfig {
     pub eps: f64,
     /// Clip the global gradient norm to this value (0 = off).
     pub grad_clip: f64,
-    /// `auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32` or `bf16`.
+    /// `auto` (bf16 autocast on CUDA, fp32 on the CPU), `fp32` or `bf16` (bf16 autocast on either).
     #[serde(with = "choices::text")]
     pub dtype: Dtype,
     /// `auto`/`on`: ATen's fused AdamW kernel (CPU and CUDA); `off`: tensor-op reference path.

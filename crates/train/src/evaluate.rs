@@ -4,6 +4,7 @@
 
 use fabbrica_comm::{Communicator, ReduceOp};
 use fabbrica_data::{Sampler, Split};
+use fabbrica_torch_ext::amp::autocast;
 use tch::Tensor;
 
 use crate::error::TrainError;
@@ -32,7 +33,7 @@ fn eval_sum(s: &Setup, sampler: &Sampler, split: Split, iters: u64, rank: usize,
         for k in (rank as u64..iters).step_by(ranks) {
             let (x, y) = sampler.batch(src, split, EVAL_STEP, k * b as u64, b, t);
             let (x, y) = (to_tensor(x, b, t, s.device), to_tensor(y, b, t, s.device));
-            let loss = tch::autocast(s.bf16, || s.model().loss(&s.model().forward(&x, false), &y));
+            let loss = autocast(s.device, s.bf16, || s.model().loss(&s.model().forward(&x, false), &y));
             sum += loss.double_value(&[]);
         }
         sum

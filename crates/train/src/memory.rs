@@ -47,8 +47,7 @@ fn gib(b: u64) -> String {
 /// and the activations of the micro-batches its schedule keeps in flight.
 pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
     let cfg = &s.cfg;
-    // libtorch's CPU attention kernel has no dropout: with dropout it takes the math path.
-    let materialised = s.device == Device::Cpu && cfg.model.dropout() > 0.0;
+    let materialised = materialised_attention(s.device, &cfg.model);
     let mut e = match &s.pipeline {
         None => stage_memory_estimate_tp(
             &cfg.model,
@@ -82,7 +81,24 @@ pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
     if cfg.parallel.zero == 1 && dp > 1 {
         e.optimizer = e.optimizer.div_ceil(dp as u64);
     }
-    e
+    on_device(e, s.device)
+}
+
+/// Whether attention keeps its B·H·T×T scores: libtorch's CPU attention kernel has no dropout,
+/// so with dropout it takes the math path.
+pub fn materialised_attention(device: Device, model: &fabbrica_models::ModelConfig) -> bool {
+    device == Device::Cpu && model.dropout() > 0.0
+}
+
+/// The estimate as the device holds it: what libtorch allocates on a GPU (its caching
+/// allocator's `max_memory_allocated`), resident memory on the CPU
+/// ([`MemoryEstimate::resident_on_cpu`]).
+pub fn on_device(e: MemoryEstimate, device: Device) -> MemoryEstimate {
+    if device == Device::Cpu {
+        e.resident_on_cpu()
+    } else {
+        e
+    }
 }
 
 /// Micro-batches whose activations each pipeline rank holds at its peak, from the schedule's
@@ -111,9 +127,10 @@ pub fn pipeline_plan(
     cfg: &crate::config::Config,
     model: &fabbrica_models::ModelConfig,
     bf16: bool,
-    materialised: bool,
+    device: Device,
     dp: usize,
 ) -> Result<Option<Vec<RankPlan>>, TrainError> {
+    let materialised = materialised_attention(device, model);
     let Some((schedule, layers)) = cfg.pipeline_shape()? else { return Ok(None) };
     let lowered = fabbrica_pipeline::lower(&schedule);
     let timeline = simulate(&lowered, Costs { f: 1, b: 2, comm: 0 }).map_err(|d| TrainError::Pipeline(d.to_string()))?;
@@ -143,7 +160,7 @@ pub fn pipeline_plan(
                 .map(|st| (st, specs[st].blocks.clone(), fabbrica_models::stage_params_tp(model, &specs[st], cfg.parallel.tp)))
                 .collect(),
             in_flight: timeline.peak_in_flight[r],
-            memory,
+            memory: on_device(memory, device),
             bubble: timeline.bubble[r],
         });
     }

@@ -8,6 +8,7 @@
 //! not depend on the layout. The first stage reads its tokens, the last stage its targets, both
 //! from the same counter-based sampler: no data moves between stages.
 
+use fabbrica_torch_ext::amp::autocast;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -161,7 +162,7 @@ impl Runner for StageRunner<'_> {
         };
         let bf16 = self.s.bf16;
         let model = self.model(stage);
-        let out = tch::autocast(bf16, || model.forward_stage(&input, true));
+        let out = autocast(self.s.device, bf16, || model.forward_stage(&input, true));
         let out = if self.last_stage(stage) {
             let mut loss = model.loss(&out, &self.batch(micro).1);
             if self.inject_nan && micro == 0 {
@@ -331,9 +332,9 @@ pub fn eval_sum(
                         }
                     }
                 };
-                let out = tch::autocast(s.bf16, || part.model.forward_stage(&input, false));
+                let out = autocast(s.device, s.bf16, || part.model.forward_stage(&input, false));
                 if stage + 1 == stages {
-                    let loss = tch::autocast(s.bf16, || part.model.loss(&out, &to_tensor(y.clone(), b, t, s.device)));
+                    let loss = autocast(s.device, s.bf16, || part.model.loss(&out, &to_tensor(y.clone(), b, t, s.device)));
                     sum += loss.double_value(&[]);
                 } else {
                     let h = out.to_kind(Kind::Float).contiguous();

@@ -66,7 +66,7 @@ pub fn setup_stage(cfg: &Config, cuda_ordinal: usize, pp_rank: usize, tp: Option
     let mut cfg = cfg.clone();
     cfg.validate()?;
     let device = resolve_device(cfg.run.device, cuda_ordinal)?;
-    let bf16 = resolve_bf16(cfg.train.dtype, device)?;
+    let bf16 = resolve_bf16(cfg.train.dtype, device);
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);
     }

@@ -12,6 +12,7 @@
 use fabbrica_data::{Sampler, Split};
 use fabbrica_ddp::Ddp;
 use fabbrica_models::Model;
+use fabbrica_torch_ext::amp::autocast;
 use tch::{Kind, Tensor};
 
 use crate::error::TrainError;
@@ -53,7 +54,7 @@ pub fn forward_backward_local(
     for m in 0..grad_accum {
         tch::manual_seed(seed(m));
         let (x, y) = batch(m);
-        let mut loss = tch::autocast(bf16, || model.loss(&model.forward(&x, true), &y));
+        let mut loss = autocast(model.device(), bf16, || model.loss(&model.forward(&x, true), &y));
         if inject_nan && m == 0 {
             loss *= f64::NAN;
         }

@@ -84,7 +84,7 @@ macro_rules! choice {
 
 choice!(
     /// `train.dtype`: what the forward and backward compute in.
-    Dtype, "use `auto` (bf16 autocast on CUDA, fp32 on the CPU), `fp32` or `bf16`", {
+    Dtype, "use `auto` (bf16 autocast on CUDA, fp32 on the CPU), `fp32` or `bf16` (bf16 autocast on either)", {
         Auto = "auto",
         Fp32 = "fp32",
         Bf16 = "bf16",
@@ -160,6 +160,9 @@ mod tests {
         check(Nonfinite::ALL);
         check(IfExists::ALL);
         check(CheckpointFailure::ALL);
-        assert_eq!("BF16".parse::<Dtype>(), Err(NotAChoice("use `auto` (bf16 autocast on CUDA, fp32 on the CPU), `fp32` or `bf16`")));
+        assert_eq!(
+            "BF16".parse::<Dtype>(),
+            Err(NotAChoice("use `auto` (bf16 autocast on CUDA, fp32 on the CPU), `fp32` or `bf16` (bf16 autocast on either)"))
+        );
     }
 }
