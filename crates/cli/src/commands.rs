@@ -165,7 +165,7 @@ fn dry_run(cfg: &Config) -> Result<()> {
     // The trainer's own rule (run.device, train.dtype), on the device it would get.
     let device = fabbrica_train::device::planned_device(cfg.run.device);
     let bf16 = fabbrica_train::device::resolve_bf16(t.dtype, device);
-    let materialised = fabbrica_train::memory::materialised_attention(device, &m);
+    let attention = fabbrica_train::memory::attention_kernel(device, &m);
     let p = &cfg.parallel;
     let mut mem = fabbrica_models::flops::stage_memory_estimate_tp(
         &m,
@@ -173,7 +173,7 @@ fn dry_run(cfg: &Config) -> Result<()> {
         t.batch_size,
         m.block_size(),
         bf16,
-        materialised,
+        attention,
         cfg.recompute(),
         1,
         p.tp,

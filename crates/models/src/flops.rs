@@ -58,18 +58,48 @@ impl MemoryEstimate {
 /// [`MemoryEstimate::resident_on_cpu`]).
 pub const CPU_ACTIVATION_OVERHEAD: f64 = 1.28;
 
+/// How attention keeps what its backward needs: whether the B·H·T×T scores stay, and how many
+/// bytes each takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attention {
+    /// A fused kernel (flash attention, SDPA's fused paths, on CUDA also with dropout): the
+    /// output and a log-sum-exp per row, nothing per score.
+    Fused,
+    /// libtorch's math path, which the CPU takes when dropout is on: per score the softmax
+    /// output, the dropout noise and the dropped-out product, fp32 (12 bytes; with bf16 inputs
+    /// the softmax is kept in fp32 besides: 13.5 bytes, measured by `tests/activation_memory.rs`).
+    Math,
+    /// A GPU's attention before flash attention, with a fused softmax-dropout kernel
+    /// (Megatron-LM 2021): 16-bit scores, a 1-byte mask and the 16-bit dropout output, 5 bytes
+    /// per score (Korthikanti et al. 2022, Table 2); 10 in fp32.
+    Unfused,
+}
+
+impl Attention {
+    /// Bytes kept per attention score (0 for a fused kernel).
+    pub fn bytes_per_score(self, half: bool) -> f64 {
+        match (self, half) {
+            (Attention::Fused, _) => 0.0,
+            (Attention::Math, false) => 12.0,
+            (Attention::Math, true) => 13.5,
+            (Attention::Unfused, true) => 5.0,
+            (Attention::Unfused, false) => 10.0,
+        }
+    }
+}
+
 /// Estimate for fp32 master weights and grads, two fp32 AdamW moments, and the activations of a
 /// training micro-step at `batch` × `seq_len`, with the attention kernel libtorch picks for
 /// `half_precision_activations` (see [`memory_estimate_with`]: CPU training with dropout keeps the
 /// T×T attention matrix). Excludes the process's own footprint (libtorch, data; about 0.4 GiB on
 /// the CPU).
 pub fn memory_estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, half_precision_activations: bool) -> MemoryEstimate {
-    let materialised = !half_precision_activations && cfg.dropout() > 0.0;
-    memory_estimate_with(cfg, batch, seq_len, half_precision_activations, materialised, Recompute::None)
+    let attention = if !half_precision_activations && cfg.dropout() > 0.0 { Attention::Math } else { Attention::Fused };
+    memory_estimate_with(cfg, batch, seq_len, half_precision_activations, attention, Recompute::None)
 }
 
 /// As [`memory_estimate`], saying whether attention runs through libtorch's math path, which
-/// keeps the B·H·T×T scores, softmax and dropout for backward (`materialised_attention`: on the
+/// keeps the B·H·T×T scores, softmax and dropout for backward ([`Attention::Math`]: on the
 /// CPU when dropout is on, since its fused kernel has no dropout; fused kernels keep only the
 /// output and a log-sum-exp).
 ///
@@ -88,12 +118,12 @@ pub fn memory_estimate_with(
     batch: usize,
     seq_len: usize,
     half_precision_activations: bool,
-    materialised_attention: bool,
+    attention: Attention,
     recompute: Recompute,
 ) -> MemoryEstimate {
     let n = total_params(cfg);
     let l = cfg.n_layer() as u64;
-    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention, recompute, 1, false);
+    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, attention, recompute, 1, false);
     let weight_copies = if half_precision_activations { 2 * matmul_params(cfg) } else { 0 };
     MemoryEstimate {
         params: 4 * n,
@@ -159,7 +189,7 @@ fn activation_parts(
     batch: usize,
     seq_len: usize,
     half: bool,
-    materialised_attention: bool,
+    attention: Attention,
     recompute: Recompute,
     tp: usize,
     sp: bool,
@@ -179,7 +209,7 @@ fn activation_parts(
         // of the activations' dtype, on CUDA bool masks.
         out += 2.0
             * sbh
-            * if !materialised_attention {
+            * if attention != Attention::Math {
                 1.0
             } else if half {
                 2.0
@@ -188,10 +218,7 @@ fn activation_parts(
             };
     }
     let block = outside(out) + ins * tokens / tp;
-    // Per score: the softmax output, the dropout noise and the dropped-out product (fp32; with
-    // bf16 inputs the math path keeps the softmax in fp32 besides; measured 13.5 bytes).
-    let per_score = if half { 13.5 } else { 12.0 };
-    let core = if materialised_attention { per_score * (b * cfg.n_head() as u64 * t * t) as f64 / tp } else { 0.0 };
+    let core = attention.bytes_per_score(half) * (b * cfg.n_head() as u64 * t * t) as f64 / tp;
     // The fp32 residual stream (a block's input, the embedding sum, the final norm's input).
     let stream = outside(4.0 * sbh);
     let (per_layer, recompute_peak) = match recompute {
@@ -230,11 +257,11 @@ pub fn stage_memory_estimate(
     batch: usize,
     seq_len: usize,
     half_precision_activations: bool,
-    materialised_attention: bool,
+    attention: Attention,
     recompute: Recompute,
     in_flight: usize,
 ) -> MemoryEstimate {
-    stage_memory_estimate_tp(cfg, specs, batch, seq_len, half_precision_activations, materialised_attention, recompute, in_flight, 1, false)
+    stage_memory_estimate_tp(cfg, specs, batch, seq_len, half_precision_activations, attention, recompute, in_flight, 1, false)
 }
 
 /// The bf16 copies of the matmul weights autocast keeps for backward (counted with the
@@ -262,14 +289,14 @@ pub fn stage_memory_estimate_tp(
     batch: usize,
     seq_len: usize,
     half_precision_activations: bool,
-    materialised_attention: bool,
+    attention: Attention,
     recompute: Recompute,
     in_flight: usize,
     tp: usize,
     sequence_parallel: bool,
 ) -> MemoryEstimate {
     let n: u64 = specs.iter().map(|s| crate::stages::stage_params_tp(cfg, s, tp)).sum();
-    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, materialised_attention, recompute, tp, sequence_parallel);
+    let a = activation_parts(cfg, batch, seq_len, half_precision_activations, attention, recompute, tp, sequence_parallel);
     let (b, t, v) = (batch as u64, seq_len as u64, (cfg.vocab_size() / tp.max(1)) as u64);
     // The most expensive chunk bounds what one micro-batch in flight holds.
     // The fp32 log-softmax the loss keeps (this rank's vocabulary slice).
@@ -294,6 +321,14 @@ mod tests {
         ModelConfig::Gpt(c)
     }
 
+    fn math(on: bool) -> Attention {
+        if on {
+            Attention::Math
+        } else {
+            Attention::Fused
+        }
+    }
+
     #[test]
     fn a_whole_model_stage_estimates_like_the_model_and_stages_split_it() {
         let mut g0 = GptConfig::preset("gpt2-124m").unwrap();
@@ -301,18 +336,18 @@ mod tests {
         let g = gpt(g0.clone());
         let r = Recompute::None;
         for half in [false, true] {
-            let whole = memory_estimate_with(&g, 4, 1024, half, !half, r);
-            assert_eq!(stage_memory_estimate(&g, &[StageSpec::whole(12)], 4, 1024, half, !half, r, 1), whole);
+            let whole = memory_estimate_with(&g, 4, 1024, half, math(!half), r);
+            assert_eq!(stage_memory_estimate(&g, &[StageSpec::whole(12)], 4, 1024, half, math(!half), r, 1), whole);
             // Four stages, one micro-batch each in flight: weights add up to the model plus the
             // tied copy, activations to about the model's (each stage's own part).
             let specs = StageSpec::split(&[3, 3, 3, 3]);
             let parts: Vec<MemoryEstimate> =
-                specs.iter().map(|s| stage_memory_estimate(&g, std::slice::from_ref(s), 4, 1024, half, !half, r, 1)).collect();
+                specs.iter().map(|s| stage_memory_estimate(&g, std::slice::from_ref(s), 4, 1024, half, math(!half), r, 1)).collect();
             let params: u64 = parts.iter().map(|p| p.params).sum();
             assert_eq!(params, whole.params + 4 * (g0.vocab_size * g0.n_embd) as u64);
             // More micro-batches in flight hold proportionally more (1F1B's first stage holds pp),
             // beside what one backward has in flight and the weights' bf16 copies.
-            let four = stage_memory_estimate(&g, &specs[1..2], 4, 1024, half, !half, r, 4);
+            let four = stage_memory_estimate(&g, &specs[1..2], 4, 1024, half, math(!half), r, 4);
             let one = &parts[1];
             let once = stage_weight_copy_bytes(&g, &specs[1..2], 1, half) + 3 * 4 * 4 * 1024 * g0.n_embd as u64;
             assert_eq!(four.activations - once, 4 * (one.activations - once));
@@ -323,9 +358,9 @@ mod tests {
     fn tensor_and_sequence_parallelism_divide_what_they_split() {
         let g = gpt(GptConfig::preset("gpt2-124m").unwrap());
         let whole = [StageSpec::whole(12)];
-        let est = |tp, sp| stage_memory_estimate_tp(&g, &whole, 4, 1024, true, false, Recompute::None, 1, tp, sp);
+        let est = |tp, sp| stage_memory_estimate_tp(&g, &whole, 4, 1024, true, Attention::Fused, Recompute::None, 1, tp, sp);
         let (one, tp4, sp4) = (est(1, false), est(4, false), est(4, true));
-        assert_eq!(one, stage_memory_estimate(&g, &whole, 4, 1024, true, false, Recompute::None, 1));
+        assert_eq!(one, stage_memory_estimate(&g, &whole, 4, 1024, true, Attention::Fused, Recompute::None, 1));
         // Weights: about a quarter (norms, row-parallel biases and positions stay whole).
         let n = total_params(&g);
         assert_eq!(tp4.params / 4, crate::stages::stage_params_tp(&g, &whole[0], 4));
@@ -442,11 +477,11 @@ mod tests {
             gpt(GptConfig { vocab_size: 65, dropout: 0.1, ..GptConfig::default() }),
             ModelConfig::Llama(LlamaConfig { vocab_size: 65, dropout: 0.1, ..LlamaConfig::default() }),
         ] {
-            let est = |r| memory_estimate_with(&cfg, 8, 128, false, true, r).activations;
+            let est = |r| memory_estimate_with(&cfg, 8, 128, false, Attention::Math, r).activations;
             let (none, sel, full) = (est(Recompute::None), est(Recompute::Selective), est(Recompute::Full));
             assert!(full < sel && sel < none, "{cfg:?}: {full} {sel} {none}");
             // Without a materialised T×T attention there is nothing for selective to save.
-            let fused = |r| memory_estimate_with(&cfg, 8, 128, false, false, r).activations;
+            let fused = |r| memory_estimate_with(&cfg, 8, 128, false, Attention::Fused, r).activations;
             assert_eq!(fused(Recompute::Selective), fused(Recompute::None));
         }
     }

@@ -75,9 +75,9 @@ impl Run {
     /// How the source's runtime executed (see the module docs).
     pub fn execution(&self) -> Execution {
         if self.source.starts_with("narayanan2021") {
-            Execution { materialised_attention: true, sequence_parallel: false, dp_overlap: false, ..Execution::default() }
+            Execution { materialised_attention: true, sequence_parallel: false, dp_overlap: false, megatron_state: true, ..Execution::default() }
         } else {
-            Execution::default()
+            Execution { megatron_state: true, ..Execution::default() }
         }
     }
 

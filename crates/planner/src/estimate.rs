@@ -39,11 +39,17 @@ pub struct Execution {
     pub dp_overlap: bool,
     /// Bytes per gradient element on the wire (fp32: Megatron's and fabbrica's default).
     pub grad_wire_bytes: f64,
+    /// Megatron-LM's mixed precision instead of fabbrica's: bf16 weights (2 bytes per
+    /// parameter), fp32 main gradients (4), and the fp32 master copy with AdamW's moments (12)
+    /// in the optimizer state, where fabbrica keeps fp32 weights with autocast's bf16 copies (6),
+    /// fp32 gradients (4) and the moments (8). For published Megatron runs; a fabbrica plan is
+    /// the trainer's own per-rank figure.
+    pub megatron_state: bool,
 }
 
 impl Default for Execution {
     fn default() -> Self {
-        Execution { materialised_attention: false, sequence_parallel: true, dp_overlap: true, grad_wire_bytes: 4.0 }
+        Execution { materialised_attention: false, sequence_parallel: true, dp_overlap: true, grad_wire_bytes: 4.0, megatron_state: false }
     }
 }
 
@@ -257,7 +263,7 @@ pub fn estimate(
     let gpus = l.gpus();
     let tokens_per_s = (w.global_batch * model.seq) as f64 / step_s;
     let flops = tokens_per_s * model.flops_per_token;
-    let (memory, fullest_rank) = per_gpu(model, l, map, &pipe.peak_in_flight, x.materialised_attention, x.sequence_parallel);
+    let (memory, fullest_rank) = per_gpu(model, l, map, &pipe.peak_in_flight, x);
     Ok(Estimate {
         layout: *l,
         schedule: kind.name(),

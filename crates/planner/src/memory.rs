@@ -10,7 +10,7 @@
 use serde::Serialize;
 
 use crate::layout::Layout;
-use crate::model::{ModelShape, Recompute};
+use crate::model::ModelShape;
 
 /// Bytes per parameter of each kind.
 pub const WEIGHT_BYTES: f64 = 6.0;
@@ -85,46 +85,42 @@ impl StageMap {
     }
 }
 
-/// The memory of the fullest pipeline rank, and which rank that is.
-///
-/// Activations per (stage, micro-batch) in flight: the blocks of the rank's largest chunk times
-/// [`ModelShape::activation_bytes_per_token`] times the micro-batch's tokens; the first stage
-/// adds its embedding output (2h per token), the last the logits of one micro-batch (bf16 logits,
-/// fp32 log-softmax and its gradient: 10 bytes per vocabulary entry and token, over tp). Full
-/// recomputation adds one block's whole activations, rebuilt for its backward.
-pub fn per_gpu(
-    model: &ModelShape,
-    l: &Layout,
-    map: &StageMap,
-    in_flight: &[usize],
-    materialised_attention: bool,
-    sequence_parallel: bool,
-) -> (Memory, usize) {
-    let tp = l.tp as f64;
+/// The memory of the fullest pipeline rank, and which rank that is: for each rank, the trainer's
+/// own per-rank estimate (`fabbrica_models::flops::stage_memory_estimate_tp`, which `train
+/// --dry-run` prints for the same layout on CUDA) of the stages it holds, under bf16 autocast,
+/// with the micro-batches its schedule keeps in flight (`in_flight`, from the simulator). The
+/// bf16 weight copies autocast keeps are counted with the weights here; ZeRO divides the
+/// optimizer state (1), the gradients (2) and the weights (3) by dp. For a published Megatron
+/// run ([`crate::estimate::Execution::megatron_state`]) the weights and optimizer state are
+/// Megatron's.
+pub fn per_gpu(model: &ModelShape, l: &Layout, map: &StageMap, in_flight: &[usize], x: &crate::estimate::Execution) -> (Memory, usize) {
+    use fabbrica_models::flops::{stage_memory_estimate_tp, stage_weight_copy_bytes, Attention};
+    let specs = fabbrica_models::StageSpec::split(&map.stage_layers);
     let dp = l.dp as f64;
-    let tokens = (l.mb * model.seq) as f64;
-    let per_layer = model.activation_bytes_per_token(l.recompute, l.tp, materialised_attention, sequence_parallel) * tokens;
-    let rebuilt = if l.recompute == Recompute::Full {
-        model.activation_bytes_per_token(Recompute::Selective, l.tp, materialised_attention, sequence_parallel) * tokens
-    } else {
-        0.0
-    };
     let shard = |stage: u8| if l.zero >= stage { dp } else { 1.0 };
     let mut worst = (Memory::default(), 0);
     for r in 0..l.pp {
-        let p = map.rank_params_tp(model, r, l.tp);
-        let mut act = in_flight.get(r).copied().unwrap_or(1).max(1) as f64 * map.chunk[r] as f64 * per_layer + rebuilt;
-        if r == 0 {
-            act += 2.0 * model.hidden as f64 * tokens / if sequence_parallel { tp } else { 1.0 };
-        }
-        if map.last_rank == r {
-            act += 10.0 * model.vocab as f64 * tokens / tp;
-        }
+        let mine: Vec<fabbrica_models::StageSpec> = specs.iter().enumerate().filter(|(s, _)| s % l.pp == r).map(|(_, s)| s.clone()).collect();
+        let e = stage_memory_estimate_tp(
+            &model.model,
+            &mine,
+            l.mb,
+            model.seq,
+            true,
+            if x.materialised_attention { Attention::Unfused } else { Attention::Fused },
+            l.recompute,
+            in_flight.get(r).copied().unwrap_or(1).max(1),
+            l.tp,
+            x.sequence_parallel,
+        );
+        let copies = stage_weight_copy_bytes(&model.model, &mine, l.tp, true);
+        let p = (e.params / 4) as f64;
+        let (weights, optimizer) = if x.megatron_state { (2.0 * p, 12.0 * p) } else { ((e.params + copies) as f64, e.optimizer as f64) };
         let m = Memory {
-            weights: WEIGHT_BYTES * p / shard(3),
-            grads: GRAD_BYTES * p / shard(2),
-            optimizer: OPTIMIZER_BYTES * p / shard(1),
-            activations: act,
+            weights: weights / shard(3),
+            grads: e.grads as f64 / shard(2),
+            optimizer: optimizer / shard(1),
+            activations: (e.activations - copies) as f64,
         };
         if m.total() > worst.0.total() {
             worst = (m, r);

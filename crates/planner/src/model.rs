@@ -132,41 +132,6 @@ impl ModelShape {
             + if self.tied { self.vocab as u64 * self.hidden as u64 } else { 0 }
     }
 
-    /// Activation bytes one block stores per token for backward, on one GPU of a tensor-parallel
-    /// group of `tp`, 16-bit activations: with sequence parallelism every term divided by `tp`;
-    /// without it the terms outside the tensor-parallel regions — the two norms' inputs 4h, the
-    /// QKV and MLP inputs 2h each, the two residual dropout masks — whole on every rank (the
-    /// paper's `10 + 24/t`; the same rule as the trainer's `stage_memory_estimate_tp`).
-    ///
-    /// Korthikanti et al. 2022, §4.1 (Table 2), generalised to grouped-query attention and gated
-    /// MLPs: attention `7h + 4·h_kv` (QKV input 2h, Q 2h, K and V 2·h_kv each, projection input
-    /// 2h, dropout mask h) plus `5·a·s` for a materialised softmax (scores 2as, dropout mask as,
-    /// its output 2as); MLP `3h + 4f` (input 2h, activation input and output 2f each, dropout
-    /// mask h) or, gated, `2h + 8f` (input, gate, up, activation, product); two norms' inputs 4h.
-    /// For GPT (h_kv = h, f = 4h) with dropout that is the paper's `34h + 5as`. Selective
-    /// recomputation drops the `5as` term; full recomputation keeps only the block input, 2h.
-    pub fn activation_bytes_per_token(&self, recompute: Recompute, tp: usize, materialised_attention: bool, sequence_parallel: bool) -> f64 {
-        let (h, a, s, f) = (self.hidden as f64, self.heads as f64, self.seq as f64, self.ffn_hidden as f64);
-        let hkv = h * self.kv_heads as f64 / self.heads as f64;
-        let mask = if self.dropout { 1.0 } else { 0.0 };
-        let attention = 6.0 * h + 4.0 * hkv + mask * h;
-        let mlp = if self.glu { 2.0 * h + 8.0 * f } else { 2.0 * h + 4.0 * f } + mask * h;
-        let norms = 4.0 * h;
-        let softmax = if materialised_attention { 2.0 * a * s + mask * 3.0 * a * s } else { 0.0 };
-        let (all, outside) = match recompute {
-            Recompute::None => (attention + mlp + norms + softmax, norms + 4.0 * h + 2.0 * mask * h),
-            Recompute::Selective => (attention + mlp + norms, norms + 4.0 * h + 2.0 * mask * h),
-            // The block input is the residual stream: split only with sequence parallelism.
-            Recompute::Full => (2.0 * h, 2.0 * h),
-        };
-        let t = tp as f64;
-        if sequence_parallel {
-            all / t
-        } else {
-            outside + (all - outside) / t
-        }
-    }
-
     /// Blocks per pipeline stage for `parts` stages (the trainer's balanced split: the
     /// embedding and the head count as work).
     pub fn stage_layers(&self, parts: usize) -> Result<Vec<usize>, PlanError> {

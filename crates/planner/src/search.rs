@@ -147,7 +147,7 @@ impl<'a> Planner<'a> {
         let most = map.chunk.iter().copied().max().unwrap_or(0) as f64;
         let bound = m as f64 * l.v as f64 * most * (bt.f + bt.b);
         let in_flight = self.sim.peak_in_flight(kind_for(l.v), l.pp, l.v, in_flight_microbatches(l.pp, m))?;
-        let (mem, _) = per_gpu(self.model, l, &map, &in_flight, self.execution.materialised_attention, self.execution.sequence_parallel);
+        let (mem, _) = per_gpu(self.model, l, &map, &in_flight, &self.execution);
         Ok((bound, mem))
     }
 

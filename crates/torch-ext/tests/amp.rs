@@ -19,7 +19,7 @@ fn cpu_autocast_runs_matmuls_in_bf16_and_keeps_norms_and_the_residual_in_fp32() 
     assert_eq!(normed.kind(), Kind::Float);
     assert_eq!(sum.kind(), Kind::Float);
     // Off again afterwards, and a disabled region changes nothing.
-    assert_eq!(autocast_state(Device::Cpu).0, false);
+    assert!(!autocast_state(Device::Cpu).0);
     assert_eq!(x.linear::<Tensor>(&w, None).kind(), Kind::Float);
     assert_eq!(autocast(Device::Cpu, false, || x.linear::<Tensor>(&w, None)).kind(), Kind::Float);
 }
@@ -44,7 +44,7 @@ fn cuda_autocast_is_bf16_where_tch_would_turn_on_fp16() {
 fn a_panic_inside_autocast_leaves_it_off() {
     let r = std::panic::catch_unwind(|| autocast(Device::Cpu, true, || panic!("inside")));
     assert!(r.is_err());
-    assert_eq!(autocast_state(Device::Cpu).0, false);
+    assert!(!autocast_state(Device::Cpu).0);
 }
 
 #[test]

@@ -14,7 +14,7 @@
 use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
 
-use fabbrica_models::flops::stage_memory_estimate_tp;
+use fabbrica_models::flops::{stage_memory_estimate_tp, Attention};
 use fabbrica_models::{MemoryEstimate, StageSpec};
 use fabbrica_pipeline::{simulate, Costs, Schedule};
 use tch::Device;
@@ -47,7 +47,7 @@ fn gib(b: u64) -> String {
 /// and the activations of the micro-batches its schedule keeps in flight.
 pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
     let cfg = &s.cfg;
-    let materialised = materialised_attention(s.device, &cfg.model);
+    let attention = attention_kernel(s.device, &cfg.model);
     let mut e = match &s.pipeline {
         None => stage_memory_estimate_tp(
             &cfg.model,
@@ -55,7 +55,7 @@ pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
             cfg.train.batch_size,
             cfg.model.block_size(),
             s.bf16,
-            materialised,
+            attention,
             cfg.recompute(),
             1,
             cfg.parallel.tp,
@@ -70,7 +70,7 @@ pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
                 cfg.train.batch_size,
                 cfg.model.block_size(),
                 s.bf16,
-                materialised,
+                attention,
                 cfg.recompute(),
                 in_flight(&pl.schedule)[rank],
                 cfg.parallel.tp,
@@ -84,10 +84,14 @@ pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
     on_device(e, s.device)
 }
 
-/// Whether attention keeps its B·H·T×T scores: libtorch's CPU attention kernel has no dropout,
-/// so with dropout it takes the math path.
-pub fn materialised_attention(device: Device, model: &fabbrica_models::ModelConfig) -> bool {
-    device == Device::Cpu && model.dropout() > 0.0
+/// The attention kernel libtorch runs: fused, except on the CPU with dropout, where it takes the
+/// math path (its fused CPU kernel has no dropout) and keeps the B·H·T×T scores.
+pub fn attention_kernel(device: Device, model: &fabbrica_models::ModelConfig) -> Attention {
+    if device == Device::Cpu && model.dropout() > 0.0 {
+        Attention::Math
+    } else {
+        Attention::Fused
+    }
 }
 
 /// The estimate as the device holds it: what libtorch allocates on a GPU (its caching
@@ -130,7 +134,7 @@ pub fn pipeline_plan(
     device: Device,
     dp: usize,
 ) -> Result<Option<Vec<RankPlan>>, TrainError> {
-    let materialised = materialised_attention(device, model);
+    let attention = attention_kernel(device, model);
     let Some((schedule, layers)) = cfg.pipeline_shape()? else { return Ok(None) };
     let lowered = fabbrica_pipeline::lower(&schedule);
     let timeline = simulate(&lowered, Costs { f: 1, b: 2, comm: 0 }).map_err(|d| TrainError::Pipeline(d.to_string()))?;
@@ -144,7 +148,7 @@ pub fn pipeline_plan(
             cfg.train.batch_size,
             model.block_size(),
             bf16,
-            materialised,
+            attention,
             cfg.recompute(),
             timeline.peak_in_flight[r],
             cfg.parallel.tp,
