@@ -85,6 +85,15 @@ correctness)
     "$FAB" train "${tiny[@]}" --set run.device=cuda --set run.out_dir="$WORK/r-cuda"
   gpu_step "  its loss falls" falls "$WORK/r-cuda"
   gpu_step "  its gradients went over NCCL" grep -q "buckets over nccl" "$LOG"
+  # A CUDA run starts from the weights a CPU run of the same seed starts from (drawn on the CPU's
+  # generator), so its first steps match a CPU fp32 run: in bf16 autocast within bf16's rounding
+  # (2e-2 relative), in fp32 within 1e-3. Dropout off: CUDA draws other masks.
+  same=(--preset tiny --set "$DATA" --set train.max_steps=20 --set train.log_interval=5 --set model.dropout=0.0)
+  step "CPU fp32 reference, 20 steps" "$FAB" train "${same[@]}" --set run.device=cpu --set train.dtype=fp32 --set run.out_dir="$WORK/c32"
+  gpu_step "CUDA bf16 autocast, same seed" "$FAB" train "${same[@]}" --set run.device=cuda --set train.dtype=bf16 --set run.out_dir="$WORK/g16"
+  gpu_step "  CUDA bf16 matches CPU fp32 (2e-2)" same_losses "$WORK/c32" "$WORK/g16" 2e-2
+  gpu_step "CUDA fp32, same seed" "$FAB" train "${same[@]}" --set run.device=cuda --set train.dtype=fp32 --set run.out_dir="$WORK/g32"
+  gpu_step "  CUDA fp32 matches CPU fp32 (1e-3)" same_losses "$WORK/c32" "$WORK/g32" 1e-3
   # fp32 on the GPU: 2 ranks (MPI host staging; NCCL refuses two ranks on one GPU) against 1 rank
   # with 2 accumulation steps. Same global batch and dropout seeds, so the same losses up to the
   # GPU's reduction order.
@@ -129,6 +138,8 @@ throughput)
   if [ "$QUICK" = 1 ]; then b=(--preset tiny --steps 5 --warmup 1); p=(--layers 4 --heads 4 --embd 128 --vocab 128 --block 128 --batch 4 --steps 5 --warmup 1)
   else b=(--preset gpt2-124m --batch 16 --steps 30 --warmup 5); p=(--preset gpt2-124m --batch 16 --steps 30 --warmup 5); fi
   gpu_step "fabbrica bench train ${b[*]}" "$FAB" bench train "${b[@]}" --set run.device=cuda --json "$WORK/files/fabbrica-train.json"
+  # The memory estimate (--dry-run, the planner) against CUDA's peak allocated bytes of that run.
+  gpu_step "  --dry-run's estimate for it" sh -c "\"$FAB\" train --dry-run ${b[*]:0:2} --set train.batch_size=${b[3]:-16} --set run.device=cuda | grep -i -A6 memory"
   gpu_step "PyTorch eager ${p[*]}" sh -c "\"$PY\" .device/torch_gpt_bench.py ${p[*]} > \"$WORK/files/torch-train.json\""
   if [ "$GPU" = 1 ]; then
     "$PY" - "$WORK/files/fabbrica-train.json" "$WORK/files/torch-train.json" <<'PYEOF' | tee -a "$LOG"

@@ -51,7 +51,7 @@ impl Params {
                 if let Some(f) = &self.reseed {
                     f(&p.path(name));
                 }
-                let full = tch::nn::init(init, dims, p.device());
+                let full = tch::nn::init(init, dims, tch::Device::Cpu);
                 let t = p.var_copy(name, &s.slice(&full, rank, size));
                 self.list.push((p.path(name), t.shallow_clone()));
                 return t;
@@ -65,7 +65,9 @@ impl Params {
         if let Some(f) = &self.reseed {
             f(&p.path(name));
         }
-        let t = p.var(name, dims, init);
+        // Drawn on the CPU's generator whatever the device, so that a CUDA run starts from the
+        // weights a CPU run of the same seed starts from (CUDA's generator draws other numbers).
+        let t = p.var_copy(name, &tch::nn::init(init, dims, tch::Device::Cpu));
         self.list.push((p.path(name), t.shallow_clone()));
         t
     }

@@ -46,6 +46,22 @@ pub fn resolve_bf16(dtype: Dtype, device: Device) -> bool {
     matches!((dtype, device), (Dtype::Bf16, _) | (Dtype::Auto, Device::Cuda(_)))
 }
 
+/// Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo's flags);
+/// without it libtorch emulates bf16 matmuls, many times slower than fp32. True where the flags
+/// cannot be read (no note rather than a wrong one).
+pub fn cpu_has_bf16() -> bool {
+    use std::io::Read;
+    let mut text = String::new();
+    // Bounded: the flags are on the first processor's lines.
+    match std::fs::File::open("/proc/cpuinfo").and_then(|f| f.take(1 << 16).read_to_string(&mut text)) {
+        Ok(_) => match text.lines().find(|l| l.starts_with("flags")) {
+            Some(flags) => flags.split_whitespace().any(|f| f == "avx512_bf16" || f == "amx_bf16"),
+            None => true,
+        },
+        Err(_) => true,
+    }
+}
+
 /// The peak FLOP/s MFU is reported against: `train.peak_flops` when set (> 0), else the dense
 /// bf16 peak of a known GPU, else none (MFU is then not reported).
 pub fn peak_flops(configured: f64, device: Device) -> Option<f64> {

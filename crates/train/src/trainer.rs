@@ -241,6 +241,9 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         start,
         cfg.train.max_steps
     ));
+    if s.bf16 && s.device == tch::Device::Cpu && !crate::device::cpu_has_bf16() {
+        progress.println("note: this CPU has no bf16 instructions (avx512_bf16, amx_bf16): bf16 autocast runs emulated, many times slower than fp32 (train.dtype=fp32 or auto)");
+    }
 
     let stop_at = if cfg.run.stop_at > 0 { cfg.run.stop_at.min(cfg.train.max_steps) } else { cfg.train.max_steps };
     let inject = nan_injection()?;
