@@ -424,10 +424,17 @@ pub fn bench(b: BenchCommand) -> Result<()> {
     println!("throughput    {:.0} tokens/s", r.tokens_per_s);
     println!("mfu           {mfu}");
     println!("peak memory   {:.2} GiB", r.peak_mem_bytes as f64 / (1u64 << 30) as f64);
+    if let Some(b) = r.peak_allocated_bytes {
+        println!(
+            "peak allocated {:.2} GiB (libtorch's allocator: what train --dry-run estimates, before the CPU's resident overhead)",
+            b as f64 / (1u64 << 30) as f64
+        );
+    }
     if let Some(path) = a.json {
         let v = serde_json::json!({
             "device": r.device, "params": r.params, "batch": r.batch, "block": r.block, "steps": r.steps,
             "step_ms": r.step_ms, "tokens_per_s": r.tokens_per_s, "mfu": r.mfu, "peak_mem_bytes": r.peak_mem_bytes,
+            "peak_allocated_bytes": r.peak_allocated_bytes,
         });
         crate::files::write_bytes(&path, serde_json::to_string_pretty(&v).unwrap().as_bytes())
             .map_err(|e| Failure { user: true, message: format!("cannot write {}: {e}", path.display()) })?;

@@ -115,3 +115,57 @@ fn runs_that_fit_are_not_refused() {
     assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("finished 2 steps"), "{}", describe(&o));
 }
+
+/// `bench train` on the CPU reports the peak that libtorch's allocator handed out (weights,
+/// gradients, AdamW state, batch and activations), and the estimate `--dry-run` and the memory
+/// check start from is that figure within 10%, for GPT and Llama.
+#[test]
+fn bench_train_reports_the_allocators_peak_and_the_estimate_is_that_peak() {
+    use fabbrica_models::flops::{memory_estimate_with, Attention};
+    use fabbrica_models::{GptConfig, LlamaConfig, ModelConfig, Recompute};
+    let dir = tempfile::tempdir().unwrap();
+    let gpt =
+        ModelConfig::Gpt(GptConfig { vocab_size: 101, block_size: 128, n_layer: 4, n_head: 4, n_embd: 128, dropout: 0.0, ..GptConfig::default() });
+    let llama = ModelConfig::Llama(LlamaConfig {
+        vocab_size: 101,
+        block_size: 128,
+        n_layer: 4,
+        n_head: 8,
+        n_kv_head: 4,
+        n_embd: 128,
+        ffn_hidden: 352,
+        ..LlamaConfig::default()
+    });
+    for (name, preset, cfg) in [("gpt", "tiny", &gpt), ("llama", "llama-tiny", &llama)] {
+        let json = dir.path().join(format!("{name}.json"));
+        let mut args = vec!["bench".to_string(), "train".into(), "--preset".into(), preset.into()];
+        let mut sets = vec![
+            format!("model.vocab_size={}", cfg.vocab_size()),
+            format!("model.n_layer={}", cfg.n_layer()),
+            format!("model.n_head={}", cfg.n_head()),
+            format!("model.n_embd={}", cfg.n_embd()),
+            "model.dropout=0.0".into(),
+            "run.device=cpu".into(),
+            "train.dtype=fp32".into(),
+        ];
+        if name == "llama" {
+            sets.extend(["model.n_kv_head=4".into(), "model.ffn_hidden=352".into()]);
+        }
+        for s in sets {
+            args.extend(["--set".into(), s]);
+        }
+        args.extend(["--batch", "16", "--block", "128", "--steps", "2", "--warmup", "1", "--json"].map(String::from));
+        args.push(json.display().to_string());
+        let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let o = common::fabbrica(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{}", describe(&o));
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(stdout.contains("peak allocated"), "{stdout}");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let measured = v["peak_allocated_bytes"].as_u64().expect("peak_allocated_bytes on the CPU") as f64;
+        let est = memory_estimate_with(cfg, 16, 128, false, Attention::Fused, Recompute::None).total() as f64;
+        let err = (est - measured) / measured;
+        println!("{name}: estimate {est} bytes, allocated {measured} ({:+.1}%)", 100.0 * err);
+        assert!(err.abs() < 0.10, "{name}: estimate {est} bytes, libtorch allocated at most {measured} ({:+.1}%)", 100.0 * err);
+    }
+}

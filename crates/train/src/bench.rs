@@ -22,6 +22,10 @@ pub struct BenchResult {
     pub tokens_per_s: f64,
     pub mfu: Option<f64>,
     pub peak_mem_bytes: u64,
+    /// Peak bytes libtorch's allocator handed out (what `--dry-run` estimates before the CPU's
+    /// resident overhead): CUDA's `max_memory_allocated`, or on the CPU the counting allocator's
+    /// peak (`fabbrica_torch_ext::amp`).
+    pub peak_allocated_bytes: Option<u64>,
 }
 
 /// A model, optimizer and fixed random batch, ready to step.
@@ -137,6 +141,10 @@ fn adamw_config(cfg: &Config) -> AdamWConfig {
 
 /// Times `steps` training steps after `warmup` untimed ones.
 pub fn run(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchResult, TrainError> {
+    if crate::device::planned_device(cfg.run.device) == Device::Cpu {
+        // Counts from here: the weights, gradients, AdamW state, batch and activations.
+        fabbrica_torch_ext::amp::count_cpu_allocations();
+    }
     let (mut st, device) = BenchState::new(cfg)?;
     for _ in 0..warmup {
         st.step()?.double_value(&[]);
@@ -168,6 +176,10 @@ pub fn run(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchResult, Tra
         tokens_per_s: tps,
         mfu: peak.map(|p| flops_per_token(&mcfg, mcfg.block_size()) * tps / p),
         peak_mem_bytes: peak_memory_bytes(device),
+        peak_allocated_bytes: match device {
+            Device::Cuda(i) => fabbrica_torch_ext::cuda_peak_allocated_bytes(i),
+            _ => Some(fabbrica_torch_ext::amp::cpu_peak_allocated_bytes()).filter(|&b| b > 0),
+        },
     })
 }
 
