@@ -89,9 +89,9 @@ impl Attention {
 }
 
 /// Estimate for fp32 master weights and grads, two fp32 AdamW moments, and the activations of a
-/// training micro-step at `batch` × `seq_len`, with the attention kernel libtorch picks for
-/// `half_precision_activations` (see [`memory_estimate_with`]: CPU training with dropout keeps the
-/// T×T attention matrix). Excludes the process's own footprint (libtorch, data; about 0.4 GiB on
+/// training micro-step at `batch` × `seq_len`, with the attention kernel libtorch picks for each
+/// device's default precision: fp32 on the CPU, where dropout means the math path that keeps the
+/// T×T scores, and bf16 on CUDA, fused (see [`memory_estimate_with`] for any other pairing). Excludes the process's own footprint (libtorch, data; about 0.4 GiB on
 /// the CPU).
 pub fn memory_estimate(cfg: &ModelConfig, batch: usize, seq_len: usize, half_precision_activations: bool) -> MemoryEstimate {
     let attention = if !half_precision_activations && cfg.dropout() > 0.0 { Attention::Math } else { Attention::Fused };
@@ -265,15 +265,24 @@ pub fn stage_memory_estimate(
 }
 
 /// The bf16 copies of the matmul weights autocast keeps for backward (counted with the
-/// activations), for the stages `specs` on one of `tp` ranks; none without autocast. Position
-/// embeddings are a lookup.
+/// activations), for the stages `specs` on one of `tp` ranks; none without autocast. Lookups
+/// are not cast: GPT's position table, and the token embedding of a stage that holds it only to
+/// look tokens up (untied, or tied on a first stage without the head).
 pub fn stage_weight_copy_bytes(cfg: &ModelConfig, specs: &[StageSpec], tp: usize, half_precision_activations: bool) -> u64 {
     if !half_precision_activations {
         return 0;
     }
-    let n: u64 = specs.iter().map(|s| crate::stages::stage_params_tp(cfg, s, tp)).sum();
-    let wpe = if specs.iter().any(|s| s.embed) { cfg.lookup_only_params() } else { 0 };
-    2 * (n - wpe)
+    let rows = (cfg.vocab_size() / tp.max(1)) as u64;
+    let cast: u64 = specs
+        .iter()
+        .map(|s| {
+            let n = crate::stages::stage_params_tp(cfg, s, tp);
+            let wte_looked_up = s.embed && !(s.head && cfg.tie_embeddings());
+            let lookups = if s.embed { cfg.lookup_only_params() + if wte_looked_up { rows * cfg.n_embd() as u64 } else { 0 } } else { 0 };
+            n - lookups
+        })
+        .sum();
+    2 * cast
 }
 
 /// As [`stage_memory_estimate`], for one rank of `tp` tensor-parallel ranks (with

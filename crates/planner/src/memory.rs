@@ -1,23 +1,18 @@
 //! Memory per GPU: weights, gradients, optimizer state (ZeRO 0/1, and 2/3 as what-if) and
 //! activations times the micro-batches each pipeline rank holds in flight (from the simulator).
 //!
-//! Bytes per parameter follow what fabbrica's trainer allocates (`models::flops::memory_estimate`):
-//! fp32 weights (4) and their bf16 copies under autocast (2), fp32 gradients (4), AdamW's two fp32
-//! moments (8): 18 bytes, as Megatron-LM's mixed precision (Korthikanti et al. 2022 §2;
-//! Rajbhandari et al. 2020, ZeRO §3: 16 bytes + the fp16 copy). ZeRO-1 divides the optimizer state
-//! by dp, ZeRO-2 the gradients too, ZeRO-3 the weights too.
+//! Every figure is the trainer's own per-rank estimate (`models::flops::stage_memory_estimate_tp`,
+//! what `train --dry-run` prints for the layout on CUDA): fp32 weights (4 bytes per parameter)
+//! and the bf16 copies autocast keeps of the matmul weights (2), fp32 gradients (4), AdamW's two
+//! fp32 moments (8) — 18 bytes, as Megatron-LM's mixed precision (Korthikanti et al. 2022 §2;
+//! Rajbhandari et al. 2020, ZeRO §3: 16 bytes + the 16-bit copy) — and the activations counted as
+//! libtorch keeps them. ZeRO-1 divides the optimizer state by dp, ZeRO-2 the gradients too,
+//! ZeRO-3 the weights too.
 
 use serde::Serialize;
 
 use crate::layout::Layout;
 use crate::model::ModelShape;
-
-/// Bytes per parameter of each kind.
-pub const WEIGHT_BYTES: f64 = 6.0;
-/// fp32 gradients.
-pub const GRAD_BYTES: f64 = 4.0;
-/// AdamW's two fp32 moments.
-pub const OPTIMIZER_BYTES: f64 = 8.0;
 
 /// Bytes on one GPU by kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]

@@ -5,29 +5,26 @@
 // autocast at all. These entry points set the device type's autocast dtype explicitly.
 //
 // Counting CPU allocator: libtorch keeps no statistics for CPU tensors (there is no CPU
-// `max_memory_allocated`). Once installed, this allocator wraps libtorch's default CPU allocator
-// and counts the bytes of every CPU tensor allocated afterwards that is still alive, and the peak
-// of that count, as the CUDA caching allocator's `allocated_bytes` does. Each block carries its
-// size in a 64-byte header (keeping libtorch's 64-byte alignment), so `raw_allocate` and
-// `raw_deleter` work as they do on the default allocator.
+// `max_memory_allocated`). Once installed, this allocator hands out blocks of libtorch's own
+// `alloc_cpu` and counts the bytes of every block it handed out that is still alive, and the peak
+// of that count, as the CUDA caching allocator's `allocated_bytes` does. Sizes are kept in a side
+// table, so a block it did not hand out (allocated before installation, e.g. by oneDNN through
+// `raw_allocate`, and freed after) is freed as the default allocator would and not counted.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
-#include <c10/core/alignment.h>
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <unordered_map>
 
 namespace {
 
 at::DeviceType device_type(int cuda) { return cuda ? at::kCUDA : at::kCPU; }
-
-constexpr size_t kHeader = c10::gAlignment;  // 64: the data stays 64-byte aligned
-static_assert(kHeader >= sizeof(size_t), "header holds the size");
 
 std::atomic<int64_t> g_current{0};
 std::atomic<int64_t> g_peak{0};
@@ -39,23 +36,43 @@ void count(int64_t delta) {
   }
 }
 
+// Block address -> size, sharded to keep allocations from different threads apart.
+constexpr size_t kShards = 64;
+struct Shard {
+  std::mutex mu;
+  std::unordered_map<void *, size_t> sizes;
+};
+// Never destroyed: tensors freed during static destruction still find it.
+Shard *const g_shards = new Shard[kShards];
+Shard &shard_of(void *p) { return g_shards[(reinterpret_cast<uintptr_t>(p) >> 6) % kShards]; }
+
 void counted_free(void *data) {
   if (!data) return;
-  char *base = static_cast<char *>(data) - kHeader;
+  Shard &s = shard_of(data);
   size_t n = 0;
-  std::memcpy(&n, base, sizeof(n));
-  count(-static_cast<int64_t>(n));
-  c10::free_cpu(base);
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    auto it = s.sizes.find(data);
+    if (it != s.sizes.end()) {
+      n = it->second;
+      s.sizes.erase(it);
+    }
+  }
+  if (n) count(-static_cast<int64_t>(n));
+  c10::free_cpu(data);
 }
 
 struct CountingCpuAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
-    // alloc_cpu(0) returns nullptr, and libtorch hands out empty storages that way too.
-    if (n == 0) return {nullptr, nullptr, &counted_free, at::Device(at::kCPU)};
-    char *base = static_cast<char *>(c10::alloc_cpu(n + kHeader));
-    std::memcpy(base, &n, sizeof(n));
-    count(static_cast<int64_t>(n));
-    void *data = base + kHeader;
+    void *data = c10::alloc_cpu(n);  // nullptr for n == 0, as the default allocator
+    if (data && n) {
+      Shard &s = shard_of(data);
+      {
+        std::lock_guard<std::mutex> lock(s.mu);
+        s.sizes[data] = n;
+      }
+      count(static_cast<int64_t>(n));
+    }
     return {data, data, &counted_free, at::Device(at::kCPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &counted_free; }
@@ -74,14 +91,34 @@ extern "C" {
 // dtype, and enters one autocast nesting level when switching on. Writes the previous enabled
 // flag and dtype to `prev_enabled` and `prev_dtype` for `fab_autocast_exit`.
 // These setters only store thread-local flags; the try blocks keep any C++ exception out of Rust.
-void fab_autocast_enter(int cuda, int enabled, int *prev_enabled, int *prev_dtype) {
+// Returns 1, or 0 if libtorch refused (then nothing changed).
+int fab_autocast_enter(int cuda, int enabled, int *prev_enabled, int *prev_dtype) {
   try {
     auto t = device_type(cuda);
     *prev_enabled = at::autocast::is_autocast_enabled(t);
     *prev_dtype = static_cast<int>(at::autocast::get_autocast_dtype(t));
-    at::autocast::set_autocast_enabled(t, enabled != 0);
     at::autocast::set_autocast_dtype(t, at::kBFloat16);
+    at::autocast::set_autocast_enabled(t, enabled != 0);
     if (enabled) at::autocast::increment_nesting();
+    return 1;
+  } catch (...) {
+    return 0;
+  }
+}
+
+// Holds the autocast weight-cast cache across regions: while held, leaving the outermost
+// autocast region keeps the bf16 copies of the weights, so the micro-batches of one step (and a
+// pipeline's micro-batches in flight) share one copy of each weight instead of casting it again
+// and keeping one copy per micro-batch. `fab_release_casts` frees them (before the weights change).
+void fab_hold_casts() {
+  try {
+    at::autocast::increment_nesting();
+  } catch (...) {
+  }
+}
+void fab_release_casts() {
+  try {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
   } catch (...) {
   }
 }

@@ -3,6 +3,7 @@
 //! - [`autocast`]: bf16 autocast on the CPU or on CUDA. `tch::autocast` switches CUDA autocast on
 //!   with libtorch's default CUDA dtype, which is float16 (as `torch.autocast("cuda")`), and has
 //!   no CPU autocast; this sets bfloat16 explicitly for the device the model runs on.
+//!   [`hold_casts`] keeps autocast's bf16 weight copies across the micro-batches of one step.
 //! - [`count_cpu_allocations`], [`cpu_allocated_bytes`], [`cpu_peak_allocated_bytes`],
 //!   [`reset_cpu_peak`]: what `torch.cuda.memory_allocated` / `max_memory_allocated` report on
 //!   CUDA, for CPU tensors, through a counting wrapper of libtorch's CPU allocator.
@@ -11,7 +12,9 @@ use std::ffi::c_int;
 use tch::{Device, Kind};
 
 extern "C" {
-    fn fab_autocast_enter(cuda: c_int, enabled: c_int, prev_enabled: *mut c_int, prev_dtype: *mut c_int);
+    fn fab_autocast_enter(cuda: c_int, enabled: c_int, prev_enabled: *mut c_int, prev_dtype: *mut c_int) -> c_int;
+    fn fab_hold_casts();
+    fn fab_release_casts();
     fn fab_autocast_exit(cuda: c_int, entered: c_int, prev_enabled: c_int, prev_dtype: c_int);
     fn fab_autocast_state(cuda: c_int, dtype: *mut c_int) -> c_int;
     fn fab_count_cpu_allocations();
@@ -36,8 +39,9 @@ impl Drop for Guard {
 
 /// Runs `f` with bf16 autocast on for `device`'s type when `enabled` (matmuls and attention in
 /// bf16, reductions and norms in fp32, as `torch.autocast(device_type, dtype=torch.bfloat16)`);
-/// just runs `f` otherwise. Restores the previous state afterwards, and frees the cached bf16
-/// weight copies when the outermost autocast region ends.
+/// just runs `f` otherwise (an enclosing autocast region stays as it is). Restores the previous
+/// state afterwards, and frees the cached bf16 weight copies when the outermost autocast region
+/// ends, unless [`hold_casts`] keeps them.
 pub fn autocast<T>(device: Device, enabled: bool, f: impl FnOnce() -> T) -> T {
     if !enabled {
         return f();
@@ -45,8 +49,34 @@ pub fn autocast<T>(device: Device, enabled: bool, f: impl FnOnce() -> T) -> T {
     let cuda = matches!(device, Device::Cuda(_)) as c_int;
     let (mut prev_enabled, mut prev_dtype) = (0, 0);
     // SAFETY: plain C call writing two ints we own; the shim catches every exception.
-    unsafe { fab_autocast_enter(cuda, 1, &mut prev_enabled, &mut prev_dtype) };
-    let _guard = Guard { cuda, prev_enabled, prev_dtype };
+    let entered = unsafe { fab_autocast_enter(cuda, 1, &mut prev_enabled, &mut prev_dtype) } == 1;
+    // libtorch only stores thread-local flags here; if it ever refused, run unchanged.
+    let _guard = entered.then_some(Guard { cuda, prev_enabled, prev_dtype });
+    f()
+}
+
+/// Releases what [`hold_casts`] held, also when its closure panics.
+struct Held;
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // SAFETY: plain C call on thread-local autocast state; the shim catches every exception.
+        unsafe { fab_release_casts() };
+    }
+}
+
+/// Runs `f` (when `enabled`) keeping the bf16 copies that autocast makes of the weights from one
+/// autocast region to the next, and frees them when `f` returns: the micro-batches of one
+/// optimizer step (and a pipeline's micro-batches in flight) then share one copy of each weight,
+/// cast once, instead of one each. Backward passes inside `f` run outside autocast, as they
+/// should. The weights must not change inside `f` (the optimizer steps after it).
+pub fn hold_casts<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    if !enabled {
+        return f();
+    }
+    // SAFETY: plain C call on thread-local autocast state; the shim catches every exception.
+    unsafe { fab_hold_casts() };
+    let _held = Held;
     f()
 }
 

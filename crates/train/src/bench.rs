@@ -144,6 +144,7 @@ pub fn run(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchResult, Tra
     if crate::device::planned_device(cfg.run.device) == Device::Cpu {
         // Counts from here: the weights, gradients, AdamW state, batch and activations.
         fabbrica_torch_ext::amp::count_cpu_allocations();
+        fabbrica_torch_ext::amp::reset_cpu_peak();
     }
     let (mut st, device) = BenchState::new(cfg)?;
     for _ in 0..warmup {

@@ -12,7 +12,7 @@
 use fabbrica_data::{Sampler, Split};
 use fabbrica_ddp::Ddp;
 use fabbrica_models::Model;
-use fabbrica_torch_ext::amp::autocast;
+use fabbrica_torch_ext::amp::{autocast, hold_casts};
 use tch::{Kind, Tensor};
 
 use crate::error::TrainError;
@@ -41,6 +41,21 @@ pub trait ForwardBackward {
 /// panic. Returns the mean loss as a device scalar.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward_local(
+    model: &Model,
+    bf16: bool,
+    grad_accum: usize,
+    ddp: Option<&Ddp>,
+    step: u64,
+    inject_nan: bool,
+    seed: &dyn Fn(usize) -> i64,
+    batch: &mut dyn FnMut(usize) -> (Tensor, Tensor),
+) -> Result<Tensor, TrainError> {
+    // One bf16 copy of each weight for all the step's micro-batches.
+    hold_casts(bf16, || micro_steps(model, bf16, grad_accum, ddp, step, inject_nan, seed, batch))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn micro_steps(
     model: &Model,
     bf16: bool,
     grad_accum: usize,
@@ -106,8 +121,10 @@ pub struct Pipelined<'a> {
 
 impl ForwardBackward for Pipelined<'_> {
     fn run(&mut self, step: u64, inject_nan: bool) -> Result<Tensor, TrainError> {
-        let (loss, times, trace) =
-            crate::pipelined::forward_backward(self.setup, self.sampler, self.grads, self.pp, step, self.first_micro, inject_nan)?;
+        // One bf16 copy of each weight however many micro-batches are in flight.
+        let (loss, times, trace) = hold_casts(self.setup.bf16, || {
+            crate::pipelined::forward_backward(self.setup, self.sampler, self.grads, self.pp, step, self.first_micro, inject_nan)
+        })?;
         self.last = Some((times, trace));
         Ok(loss)
     }
