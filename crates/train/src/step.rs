@@ -51,35 +51,23 @@ pub fn forward_backward_local(
     batch: &mut dyn FnMut(usize) -> (Tensor, Tensor),
 ) -> Result<Tensor, TrainError> {
     // One bf16 copy of each weight for all the step's micro-batches.
-    hold_casts(bf16, || micro_steps(model, bf16, grad_accum, ddp, step, inject_nan, seed, batch))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn micro_steps(
-    model: &Model,
-    bf16: bool,
-    grad_accum: usize,
-    ddp: Option<&Ddp>,
-    step: u64,
-    inject_nan: bool,
-    seed: &dyn Fn(usize) -> i64,
-    batch: &mut dyn FnMut(usize) -> (Tensor, Tensor),
-) -> Result<Tensor, TrainError> {
-    let mut loss_sum = Tensor::zeros([], (Kind::Float, model.device()));
-    for m in 0..grad_accum {
-        tch::manual_seed(seed(m));
-        let (x, y) = batch(m);
-        let mut loss = autocast(model.device(), bf16, || model.loss(&model.forward(&x, true), &y));
-        if inject_nan && m == 0 {
-            loss *= f64::NAN;
+    hold_casts(bf16, || {
+        let mut loss_sum = Tensor::zeros([], (Kind::Float, model.device()));
+        for m in 0..grad_accum {
+            tch::manual_seed(seed(m));
+            let (x, y) = batch(m);
+            let mut loss = autocast(model.device(), bf16, || model.loss(&model.forward(&x, true), &y));
+            if inject_nan && m == 0 {
+                loss *= f64::NAN;
+            }
+            if let Some(d) = ddp {
+                d.begin_micro_step(m + 1 == grad_accum);
+            }
+            (&loss / grad_accum as f64).f_backward().map_err(|e| crate::memory::torch_error(step + 1, e))?;
+            loss_sum += loss.detach();
         }
-        if let Some(d) = ddp {
-            d.begin_micro_step(m + 1 == grad_accum);
-        }
-        (&loss / grad_accum as f64).f_backward().map_err(|e| crate::memory::torch_error(step + 1, e))?;
-        loss_sum += loss.detach();
-    }
-    Ok(loss_sum / grad_accum as f64)
+        Ok(loss_sum / grad_accum as f64)
+    })
 }
 
 /// The whole model on this rank: the trainer's micro-batches `first_micro + m` from the sampler
