@@ -9,7 +9,7 @@ fn tiny_step(c: &mut Criterion) {
     let mut cfg = Config::preset("tiny").expect("tiny preset");
     cfg.run.device = fabbrica_train::config::DeviceChoice::Cpu;
     cfg.model.set_vocab_size(128);
-    let (mut st, _) = BenchState::new(&cfg).expect("bench state");
+    let (mut st, _) = BenchState::new(&cfg, false).expect("bench state");
     c.bench_function("tiny_train_step_cpu", |b| b.iter(|| st.step().expect("a training step").double_value(&[])));
 }
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Packs what the lent GPU machine needs into .device/ (git-ignored), for the device tool's `carry`:
 # stripped release binaries (fabbrica, comm_selftest, the NCCL test binary), shared/device/env.sh,
-# the PyTorch throughput anchor and this folder's check script. The GPU machine has no Rust: build
-# here, carry .device, run scripts/device/check.sh there. About 10 MB.
+# the PyTorch throughput anchor, the default corpus, and (scripts/device/pack_mpi.sh) a relocatable
+# Open MPI runtime with mpirun and the libraries a bare image may lack. The GPU machine has no
+# Rust: build here, carry .device, run scripts/device/check.sh there. About 30 MB.
 #
 #   scripts/device/pack.sh            then, on the device:  bash scripts/device/check.sh PART
 set -euo pipefail
@@ -15,7 +16,7 @@ for f in "$SHARED/device/env.sh" "$SHARED/anchors/torch_gpt_bench.py"; do
 done
 cargo build --release -q -p fabbrica-cli -p fabbrica-comm --bins
 # The NCCL test binary's path, from cargo's own report (its name carries a hash).
-nccl_test=$(cargo test --release -q -p fabbrica-comm --test nccl --no-run --message-format=json 2>/dev/null |
+nccl_test=$(cargo test --release -q -p fabbrica-comm --test nccl --no-run --message-format=json |
   python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
@@ -30,5 +31,7 @@ cp "$SHARED/device/env.sh" "$SHARED/anchors/torch_gpt_bench.py" .device/
 # The default corpus (git-ignored data/, made by setup from the venv's stdlib) for the CUDA runs.
 [ -f data/pystdlib.txt ] || .venv/bin/python scripts/make_corpus.py --out data/pystdlib.txt
 cp data/pystdlib.txt .device/
-git rev-parse --short HEAD > .device/commit
+# The binaries' own libraries (libmpi, libfreetype, ...) and mpirun, for an image without them.
+scripts/device/pack_mpi.sh .device target/release/fabbrica target/release/comm_selftest "$nccl_test"
+git describe --always --dirty > .device/commit
 du -sh .device | sed 's/^/packed: /'

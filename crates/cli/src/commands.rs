@@ -392,6 +392,15 @@ pub struct BenchTrainArgs {
     /// Untimed steps first (allocator, kernels, caches).
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// Free the gradients after each step, as PyTorch's `zero_grad(set_to_none=True)` (what
+    /// ../shared/anchors/torch_gpt_bench.py runs); by default they are zeroed in place and stay
+    /// allocated, as the trainer's gradient buckets do (4 bytes per parameter more at the peak).
+    #[arg(long)]
+    pub free_grads: bool,
+    /// After the timed steps, profile this many more: the device synchronised after each phase
+    /// (forward, backward, clip, optimizer, zero grad), mean milliseconds per phase.
+    #[arg(long, value_name = "STEPS", default_value_t = 0)]
+    pub profile: usize,
     /// Also write the result as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -416,7 +425,8 @@ pub fn bench(b: BenchCommand) -> Result<()> {
         return Err(Failure { user: true, message: "--steps must be at least 1".into() });
     }
     let cfg = Config::resolve(a.cfg.preset.as_deref(), a.cfg.config.as_deref(), &sets)?;
-    let r = fabbrica_train::bench::run(&cfg, a.steps, a.warmup)?;
+    let opts = fabbrica_train::bench::BenchOptions { steps: a.steps, warmup: a.warmup, free_grads: a.free_grads, profile_steps: a.profile };
+    let r = fabbrica_train::bench::run(&cfg, opts)?;
     let mfu = r.mfu.map(|m| format!("{:.1}%", 100.0 * m)).unwrap_or_else(|| "n/a (set train.peak_flops)".into());
     println!("device        {}", r.device);
     println!("model         {} parameters, batch {} × block {}, {}", r.params, r.batch, r.block, cfg.train.dtype);
@@ -430,11 +440,25 @@ pub fn bench(b: BenchCommand) -> Result<()> {
             b as f64 / (1u64 << 30) as f64
         );
     }
+    if let Some(p) = &r.profile {
+        let phases = [
+            ("forward", p.forward_ms),
+            ("backward", p.backward_ms),
+            ("clip", p.clip_ms),
+            ("optimizer", p.optimizer_ms),
+            ("zero grad", p.zero_grad_ms),
+        ];
+        let total: f64 = phases.iter().map(|(_, ms)| ms).sum();
+        println!("profile       {} steps, the device synchronised after each phase:", p.steps);
+        for (name, ms) in phases {
+            println!("  {name:<12}{ms:9.2} ms  {:5.1}%", 100.0 * ms / total.max(f64::MIN_POSITIVE));
+        }
+    }
     if let Some(path) = a.json {
         let v = serde_json::json!({
             "device": r.device, "params": r.params, "batch": r.batch, "block": r.block, "steps": r.steps,
             "step_ms": r.step_ms, "tokens_per_s": r.tokens_per_s, "mfu": r.mfu, "peak_mem_bytes": r.peak_mem_bytes,
-            "peak_allocated_bytes": r.peak_allocated_bytes,
+            "peak_allocated_bytes": r.peak_allocated_bytes, "free_grads": a.free_grads, "profile": r.profile,
         });
         crate::files::write_bytes(&path, serde_json::to_string_pretty(&v).unwrap().as_bytes())
             .map_err(|e| Failure { user: true, message: format!("cannot write {}: {e}", path.display()) })?;

@@ -169,3 +169,32 @@ fn bench_train_reports_the_allocators_peak_and_the_estimate_is_that_peak() {
         assert!(err.abs() < 0.10, "{name}: estimate {est} bytes, libtorch allocated at most {measured} ({:+.1}%)", 100.0 * err);
     }
 }
+
+/// `bench train --free-grads` drops the gradients after each step as PyTorch's
+/// `zero_grad(set_to_none=True)` does (the anchor `torch_gpt_bench.py`'s step): its peak is the
+/// default's (gradients zeroed in place, resident as the trainer's buckets keep them) less the
+/// fp32 gradients, 4 bytes per parameter.
+#[test]
+fn bench_train_free_grads_lowers_the_peak_by_the_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: Option<&str>| -> serde_json::Value {
+        let json = dir.path().join(format!("{}.json", extra.unwrap_or("default")));
+        let mut args = vec!["bench", "train", "--preset", "tiny", "--set", "model.vocab_size=101", "--set", "model.dropout=0.0"];
+        args.extend(["--set", "run.device=cpu", "--set", "train.dtype=fp32", "--batch", "16", "--block", "128", "--steps", "2", "--warmup", "1"]);
+        args.extend(extra);
+        let path = json.display().to_string();
+        args.extend(["--json", path.as_str()]);
+        let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let o = common::fabbrica(&args);
+        assert!(o.status.success(), "{}", describe(&o));
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    };
+    let (kept, freed) = (run(None), run(Some("--free-grads")));
+    assert_eq!(kept["free_grads"], false);
+    assert_eq!(freed["free_grads"], true);
+    let peak = |v: &serde_json::Value| v["peak_allocated_bytes"].as_u64().expect("peak_allocated_bytes on the CPU") as f64;
+    let grads = 4.0 * kept["params"].as_f64().unwrap();
+    let saved = peak(&kept) - peak(&freed);
+    println!("peak {} kept, {} freed: {saved} bytes saved, gradients {grads}", peak(&kept), peak(&freed));
+    assert!((saved - grads).abs() < 0.02 * grads, "freeing the gradients saved {saved} bytes at the peak, the gradients are {grads}");
+}

@@ -28,7 +28,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::nccl::sys::{ncclDataType_t, ncclRedOp_t};
 
 pub use comm::NcclComm;
-pub use library::{library_candidates, torch_lib_dir, version_string};
+pub use library::{library_candidates, torch_lib_dir, torch_lib_in_maps, version_string};
 
 use crate::communicator::Communicator;
 use crate::error::Result;

@@ -53,6 +53,23 @@ fn library_candidates_follow_libtorch_rpath_and_never_the_unversioned_name() {
     assert!(c.iter().all(|p| p.file_name().is_some_and(|n| n == "libnccl.so.2")), "{c:?}");
 }
 
+/// The torch lib folder is the one this process runs on (a binary carried to the GPU machine
+/// finds that machine's wheel), taken from the mapped `libtorch_cpu.so`.
+#[test]
+fn torch_lib_dir_is_where_libtorch_is_mapped() {
+    let maps = "7f00-7f10 r-xp 00000000 08:01 12 /usr/lib/x86_64-linux-gnu/libc.so.6\n\
+                7f20-7f30 r--p 00000000 08:01 13 /opt/venv/lib/python3.12/site-packages/torch/lib/libtorch_cpu.so\n\
+                7f40-7f50 rw-p 00000000 00:00 0 \n\
+                7f60-7f70 r--p 00000000 08:01 14 /other/torch/lib/libtorch_cpu.so.bak\n";
+    assert_eq!(nccl::torch_lib_in_maps(maps), Some(Path::new("/opt/venv/lib/python3.12/site-packages/torch/lib").to_path_buf()));
+    assert_eq!(nccl::torch_lib_in_maps("7f40-7f50 rw-p 00000000 00:00 0 [heap]\n"), None);
+    // This test binary links libtorch: the folder holds it (whatever machine the binary is on).
+    let _ = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+    let dir = nccl::torch_lib_dir();
+    assert!(dir.join("libtorch_cpu.so").exists(), "{}", dir.display());
+    assert!(dir.join("libc10.so").exists(), "{}", dir.display());
+}
+
 /// The critical fact: a machine may hold a system libnccl.so beside the wheel's libnccl.so.2 that
 /// libtorch_cuda loads, and only the latter works on libtorch's tensors. Needs no GPU: the test
 /// binary links libtorch_cuda, which loads its NCCL at start-up.
@@ -60,7 +77,7 @@ fn library_candidates_follow_libtorch_rpath_and_never_the_unversioned_name() {
 fn library_resolves_to_the_copy_libtorch_loaded() {
     let torch_lib = nccl::torch_lib_dir();
     if !torch_lib.join("libtorch_cuda.so").exists() {
-        println!("SKIPPED: CPU-only libtorch has no NCCL");
+        println!("SKIPPED: CPU-only libtorch has no NCCL ({} holds no libtorch_cuda.so)", torch_lib.display());
         if let Ok(log) = std::env::var("FABBRICA_SKIP_LOG") {
             use std::io::Write;
             if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {

@@ -54,6 +54,50 @@ char *fab_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **exp_
   }
 }
 
+// `torch._foreach_norm(xs)` (L2): one launch for the whole list on CUDA where the per-tensor path
+// launches one per tensor; the CPU runs the per-tensor norms. `out` receives `n` new tensors
+// (heap `at::Tensor`s, as tch's own tensors are), which the caller owns.
+char *fab_foreach_norm(at::Tensor **xs, int n, at::Tensor **out) {
+  try {
+    auto norms = at::_foreach_norm(gather(xs, n), 2);
+    for (int i = 0; i < n; ++i) out[i] = new at::Tensor(std::move(norms[i]));
+    return nullptr;
+  } catch (const std::exception &e) {
+    return dup_message(e.what());
+  }
+}
+
+// `torch._foreach_mul_(xs, scalar)`, the scalar a 0-dim tensor (a clip coefficient left on the
+// device: no host sync).
+char *fab_foreach_mul_tensor_(at::Tensor **xs, int n, at::Tensor *scalar) {
+  try {
+    at::_foreach_mul_(gather(xs, n), *scalar);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return dup_message(e.what());
+  }
+}
+
+// `torch._foreach_add_(xs, value)`.
+char *fab_foreach_add_scalar_(at::Tensor **xs, int n, double value) {
+  try {
+    at::_foreach_add_(gather(xs, n), value);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return dup_message(e.what());
+  }
+}
+
+// `torch._foreach_zero_(xs)`.
+char *fab_foreach_zero_(at::Tensor **xs, int n) {
+  try {
+    at::_foreach_zero_(gather(xs, n));
+    return nullptr;
+  } catch (const std::exception &e) {
+    return dup_message(e.what());
+  }
+}
+
 // Peak bytes allocated by libtorch's caching allocator on CUDA device `device` since the start
 // (what `torch.cuda.max_memory_allocated` reports). -1 where no CUDA allocator is registered.
 int64_t fab_cuda_peak_allocated_bytes(int device) {

@@ -26,6 +26,10 @@ extern "C" {
         weight_decay: f64,
         eps: f64,
     ) -> *mut c_char;
+    fn fab_foreach_norm(xs: *const *mut torch_sys::C_tensor, n: c_int, out: *mut *mut torch_sys::C_tensor) -> *mut c_char;
+    fn fab_foreach_mul_tensor_(xs: *const *mut torch_sys::C_tensor, n: c_int, scalar: *mut torch_sys::C_tensor) -> *mut c_char;
+    fn fab_foreach_add_scalar_(xs: *const *mut torch_sys::C_tensor, n: c_int, value: f64) -> *mut c_char;
+    fn fab_foreach_zero_(xs: *const *mut torch_sys::C_tensor, n: c_int) -> *mut c_char;
     fn fab_cuda_peak_allocated_bytes(device: c_int) -> i64;
     fn fab_oom_message() -> *mut c_char;
     fn fab_backward_with_grad(out: *mut torch_sys::C_tensor, grad: *mut torch_sys::C_tensor) -> *mut c_char;
@@ -101,7 +105,7 @@ pub fn fused_adamw(
     if n == 0 {
         return Ok(());
     }
-    let ptrs = |ts: &[Tensor]| ts.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect::<Vec<_>>();
+    let ptrs = tensor_ptrs;
     let (p, g, m, v, s) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(steps));
     // SAFETY: every pointer comes from a live `tch::Tensor` borrowed for this call (tch's C_tensor
     // is a heap `at::Tensor`), the arrays hold exactly `n` entries, and the shim copies the
@@ -125,6 +129,63 @@ pub fn fused_adamw(
         None => Ok(()),
         Some(m) => Err(m),
     }
+}
+
+fn tensor_ptrs(ts: &[Tensor]) -> Vec<*mut torch_sys::C_tensor> {
+    ts.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect()
+}
+
+/// `torch._foreach_norm(ts)`: each tensor's L2 norm, one kernel launch for the list on CUDA (the
+/// per-tensor loop launches one per tensor, and a GPT-2 has ~150 of them). An empty list gives
+/// an empty vector; libtorch's message where it refuses (tensors on several devices, integers).
+pub fn foreach_norm(ts: &[Tensor]) -> Result<Vec<Tensor>, String> {
+    if ts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let xs = tensor_ptrs(ts);
+    let mut out: Vec<*mut torch_sys::C_tensor> = vec![std::ptr::null_mut(); ts.len()];
+    // SAFETY: `xs` holds `n` pointers to live tensors borrowed for the call; `out` has room for
+    // `n` results, which the shim fills with new heap tensors only when it returns success.
+    let err = unsafe { fab_foreach_norm(xs.as_ptr(), ts.len() as c_int, out.as_mut_ptr()) };
+    if let Some(m) = take_message(err) {
+        return Err(m);
+    }
+    // SAFETY: each entry is a fresh `new at::Tensor`, owned by nobody else: tch frees it on drop.
+    Ok(out.into_iter().map(|p| unsafe { Tensor::from_ptr(p) }).collect())
+}
+
+/// `torch._foreach_mul_(ts, scalar)` in place, `scalar` a 0-dim tensor (on the tensors' device,
+/// or the CPU).
+pub fn foreach_mul_(ts: &[Tensor], scalar: &Tensor) -> Result<(), String> {
+    if ts.is_empty() {
+        return Ok(());
+    }
+    let xs = tensor_ptrs(ts);
+    // SAFETY: live tensors borrowed for the call; the shim keeps no pointer past it.
+    let err = unsafe { fab_foreach_mul_tensor_(xs.as_ptr(), ts.len() as c_int, scalar.as_ptr() as *mut torch_sys::C_tensor) };
+    take_message(err).map_or(Ok(()), Err)
+}
+
+/// `torch._foreach_add_(ts, value)` in place (AdamW's step counters: one launch, not one each).
+pub fn foreach_add_(ts: &[Tensor], value: f64) -> Result<(), String> {
+    if ts.is_empty() {
+        return Ok(());
+    }
+    let xs = tensor_ptrs(ts);
+    // SAFETY: live tensors borrowed for the call; the shim keeps no pointer past it.
+    let err = unsafe { fab_foreach_add_scalar_(xs.as_ptr(), ts.len() as c_int, value) };
+    take_message(err).map_or(Ok(()), Err)
+}
+
+/// `torch._foreach_zero_(ts)` in place (gradients between steps, where they stay allocated).
+pub fn foreach_zero_(ts: &[Tensor]) -> Result<(), String> {
+    if ts.is_empty() {
+        return Ok(());
+    }
+    let xs = tensor_ptrs(ts);
+    // SAFETY: live tensors borrowed for the call; the shim keeps no pointer past it.
+    let err = unsafe { fab_foreach_zero_(xs.as_ptr(), ts.len() as c_int) };
+    take_message(err).map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

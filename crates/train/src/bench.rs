@@ -10,6 +10,9 @@ use crate::config::Config;
 use crate::device::{gpu_name, peak_memory_bytes, resolve_bf16, resolve_device};
 use crate::error::TrainError;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use fabbrica_torch_ext::amp::{autocast, hold_casts};
+use fabbrica_torch_ext::foreach_zero_;
+use fabbrica_torch_ext::hooks::set_grad;
 
 #[derive(Debug, Clone)]
 pub struct BenchResult {
@@ -26,6 +29,8 @@ pub struct BenchResult {
     /// resident overhead): CUDA's `max_memory_allocated`, or on the CPU the counting allocator's
     /// peak (`fabbrica_torch_ext::amp`).
     pub peak_allocated_bytes: Option<u64>,
+    /// Where a step's time goes, when asked for.
+    pub profile: Option<PhaseProfile>,
 }
 
 /// A model, optimizer and fixed random batch, ready to step.
@@ -39,14 +44,18 @@ pub struct BenchState {
     clip: f64,
     seed: u64,
     steps: u64,
+    free_grads: bool,
 }
 
 impl BenchState {
-    pub fn new(cfg: &Config) -> Result<(Self, Device), TrainError> {
+    /// `free_grads`: drop the gradients after each step, as PyTorch's
+    /// `zero_grad(set_to_none=True)` does, instead of zeroing them in place as the trainer's
+    /// gradient buckets are (which keeps them resident: 4 bytes per parameter more at the peak).
+    pub fn new(cfg: &Config, free_grads: bool) -> Result<(Self, Device), TrainError> {
         let BenchModel { model, device, bf16, x, y } = bench_model(cfg, 0)?;
         let params: Vec<(String, Tensor)> = model.parameter_handles();
         let opt = AdamW::new(&params, adamw_config(cfg));
-        Ok((BenchState { model, params, opt, x, y, bf16, clip: cfg.train.grad_clip, seed: cfg.run.seed, steps: 0 }, device))
+        Ok((BenchState { model, params, opt, x, y, bf16, clip: cfg.train.grad_clip, seed: cfg.run.seed, steps: 0, free_grads }, device))
     }
 
     /// One full training step (the trainer's local forward-backward, clip, AdamW, zero grads)
@@ -56,15 +65,83 @@ impl BenchState {
         self.steps += 1;
         let _ = clip_grad_norm(&self.params, self.clip);
         self.opt.step(1e-4).map_err(TrainError::Torch)?;
-        for (_, p) in &self.params {
-            p.shallow_clone().zero_grad();
-        }
+        self.clear_grads()?;
         Ok(loss)
     }
 
     pub fn model(&self) -> &Model {
         &self.model
     }
+
+    /// Where a step's time goes: `steps` steps with the device synchronised after each phase
+    /// (forward with the loss, backward, clip, AdamW, zeroing or freeing the gradients), mean
+    /// milliseconds per phase. The synchronisations cost a little overlap, so the phases add up
+    /// to somewhat more than an unprofiled step.
+    pub fn profile(&mut self, steps: usize, device: Device) -> Result<PhaseProfile, TrainError> {
+        let sync = || {
+            if let Device::Cuda(i) = device {
+                tch::Cuda::synchronize(i as i64);
+            }
+        };
+        let mut ms = [0f64; 5];
+        let mut lap = |i: usize, t: &mut Instant| {
+            sync();
+            ms[i] += t.elapsed().as_secs_f64() * 1e3;
+            *t = Instant::now();
+        };
+        sync();
+        for _ in 0..steps {
+            let mut t = Instant::now();
+            let (model, bf16) = (&self.model, self.bf16);
+            hold_casts(bf16, || -> Result<(), TrainError> {
+                tch::manual_seed(crate::trainer::mix(crate::trainer::mix(self.seed, self.steps) as u64, 0));
+                let loss = autocast(device, bf16, || model.loss(&model.forward(&self.x, true), &self.y));
+                lap(0, &mut t);
+                loss.f_backward().map_err(|e| crate::memory::torch_error(self.steps + 1, e))?;
+                lap(1, &mut t);
+                Ok(())
+            })?;
+            self.steps += 1;
+            let _ = clip_grad_norm(&self.params, self.clip);
+            lap(2, &mut t);
+            self.opt.step(1e-4).map_err(TrainError::Torch)?;
+            lap(3, &mut t);
+            self.clear_grads()?;
+            lap(4, &mut t);
+        }
+        let n = steps.max(1) as f64;
+        Ok(PhaseProfile {
+            steps,
+            forward_ms: ms[0] / n,
+            backward_ms: ms[1] / n,
+            clip_ms: ms[2] / n,
+            optimizer_ms: ms[3] / n,
+            zero_grad_ms: ms[4] / n,
+        })
+    }
+
+    fn clear_grads(&self) -> Result<(), TrainError> {
+        if self.free_grads {
+            for (_, p) in &self.params {
+                set_grad(p, None).map_err(|e| TrainError::Torch(e.to_string()))?;
+            }
+            Ok(())
+        } else {
+            let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).filter(Tensor::defined).collect();
+            tch::no_grad(|| foreach_zero_(&grads)).map_err(TrainError::Torch)
+        }
+    }
+}
+
+/// Mean milliseconds per phase of a training step ([`BenchState::profile`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PhaseProfile {
+    pub steps: usize,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub clip_ms: f64,
+    pub optimizer_ms: f64,
+    pub zero_grad_ms: f64,
 }
 
 /// The trainer's local forward-backward ([`crate::step::forward_backward_local`]) on one fixed
@@ -139,14 +216,28 @@ fn adamw_config(cfg: &Config) -> AdamWConfig {
     AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, fused: cfg.fused_adamw() }
 }
 
-/// Times `steps` training steps after `warmup` untimed ones.
-pub fn run(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchResult, TrainError> {
+/// What `fabbrica bench train` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    /// Timed steps.
+    pub steps: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// See [`BenchState::new`].
+    pub free_grads: bool,
+    /// After the timed steps, this many profiled ones ([`BenchState::profile`]); 0: none.
+    pub profile_steps: usize,
+}
+
+/// Times `steps` training steps after `warmup` untimed ones, then profiles `profile_steps`.
+pub fn run(cfg: &Config, o: BenchOptions) -> Result<BenchResult, TrainError> {
+    let BenchOptions { steps, warmup, free_grads, profile_steps } = o;
     if crate::device::planned_device(cfg.run.device) == Device::Cpu {
         // Counts from here: the weights, gradients, AdamW state, batch and activations.
         fabbrica_torch_ext::amp::count_cpu_allocations();
         fabbrica_torch_ext::amp::reset_cpu_peak();
     }
-    let (mut st, device) = BenchState::new(cfg)?;
+    let (mut st, device) = BenchState::new(cfg, free_grads)?;
     for _ in 0..warmup {
         st.step()?.double_value(&[]);
     }
@@ -160,6 +251,7 @@ pub fn run(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchResult, Tra
     if !loss.is_finite() {
         return Err(TrainError::Torch(format!("benchmark loss became {loss}")));
     }
+    let profile = if profile_steps > 0 { Some(st.profile(profile_steps, device)?) } else { None };
     let mcfg = st.model().config().clone();
     let tokens = (cfg.train.batch_size * mcfg.block_size() * steps) as f64;
     let tps = tokens / secs;
@@ -181,6 +273,7 @@ pub fn run(cfg: &Config, steps: usize, warmup: usize) -> Result<BenchResult, Tra
             Device::Cuda(i) => fabbrica_torch_ext::cuda_peak_allocated_bytes(i),
             _ => Some(fabbrica_torch_ext::amp::cpu_peak_allocated_bytes()).filter(|&b| b > 0),
         },
+        profile,
     })
 }
 
@@ -278,7 +371,7 @@ pub fn run_ddp(
     let opt = AdamW::from_parts(ddp.optimizer_params(), adamw_config(cfg));
     let buckets = ddp.assignment().buckets.len();
     let mut st = DdpBenchState { model, ddp, opt, x, y, bf16, clip: t.grad_clip, seed: cfg.run.seed, steps: 0 };
-    let mut plain = if n == 1 { Some(BenchState::new(cfg)?.0) } else { None };
+    let mut plain = if n == 1 { Some(BenchState::new(cfg, false)?.0) } else { None };
 
     let mut modes: Vec<&str> = vec!["overlap", "no-overlap", "no-comm"];
     if plain.is_some() {

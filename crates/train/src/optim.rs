@@ -13,7 +13,7 @@
 //! reducer (`Ddp::gather_pieces`).
 
 use fabbrica_ddp::Piece;
-use fabbrica_torch_ext::{fused_adamw, AdamWArgs};
+use fabbrica_torch_ext::{foreach_add_, foreach_mul_, foreach_norm, fused_adamw, AdamWArgs};
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -139,11 +139,10 @@ impl AdamW {
             if group.is_empty() {
                 continue; // e.g. a ZeRO-1 shard holding no bias or LayerNorm piece
             }
-            // As torch.optim.AdamW(fused=True) does: the kernel reads the step, the caller bumps it.
-            for s in &group {
-                let _ = s.step.shallow_clone().g_add_scalar_(1.0);
-            }
+            // As torch.optim.AdamW(fused=True) does: the kernel reads the step, the caller bumps
+            // it (one foreach launch for the group).
             let list = |f: fn(&Slot) -> Tensor| group.iter().map(|s| f(s)).collect::<Vec<_>>();
+            foreach_add_(&list(|s| s.step.shallow_clone()), 1.0)?;
             let args = AdamWArgs { lr, beta1: c.beta1, beta2: c.beta2, weight_decay: if decay { c.weight_decay } else { 0.0 }, eps: c.eps };
             fused_adamw(
                 &list(|s| s.param.shallow_clone()),
@@ -233,14 +232,19 @@ pub fn clip_grad_norm(params: &[(String, Tensor)], max_norm: f64) -> Tensor {
     tch::no_grad(|| {
         let grads: Vec<Tensor> = params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
         if grads.is_empty() {
-            return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
+            let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+            return Tensor::zeros([], (Kind::Float, device));
         }
-        let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+        // The foreach kernels PyTorch's clip uses on CUDA: one launch for all the norms and one
+        // for the scaling, not one per tensor (libtorch's CPU path is the per-tensor loop).
+        let norms = foreach_norm(&grads).unwrap_or_else(|_| grads.iter().map(|g| g.norm()).collect());
         let total = Tensor::stack(&norms, 0).norm();
         if max_norm > 0.0 {
             let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
-            for mut g in grads {
-                let _ = g.g_mul_(&coef);
+            if foreach_mul_(&grads, &coef).is_err() {
+                for mut g in grads {
+                    let _ = g.g_mul_(&coef);
+                }
             }
         }
         total

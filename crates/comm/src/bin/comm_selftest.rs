@@ -263,6 +263,26 @@ fn avg(comm: &fabbrica_comm::Group, rank: usize) {
     check(&out, &want, "reduce_scatter avg into a parameter");
 }
 
+/// `ops cuda` is a check of the NCCL backend: if CUDA tensors were routed to host staging instead
+/// (NCCL failed to load, or a rank voted it down), every op would still pass, so say so and fail.
+fn require_nccl(comm: &fabbrica_comm::Group, dev: Device) {
+    if !tch::Cuda::is_available() {
+        eprintln!("error: `ops cuda` needs a CUDA device and libtorch sees none; run `ops cpu` here");
+        std::process::exit(2)
+    }
+    let probe = Tensor::zeros([1], (Kind::Float, dev));
+    let backend = comm.route(&probe, fabbrica_comm::OpKind::AllReduce).map(|c| c.backend());
+    match (backend, fabbrica_comm::nccl::library_info()) {
+        (Ok(fabbrica_comm::Backend::Nccl), Some((path, version))) => {
+            println!("selftest: CUDA tensors go through NCCL {version} ({})", path.display())
+        }
+        (backend, lib) => {
+            eprintln!("error: `ops cuda` checks the NCCL backend, but CUDA tensors are routed to {backend:?} (NCCL library: {lib:?}); run `ops cuda-mpi` for host staging");
+            std::process::exit(1)
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = args.get(1).map(String::as_str).unwrap_or("ops");
@@ -302,6 +322,9 @@ fn main() {
             } else {
                 Device::Cpu
             };
+            if dev_arg == "cuda" {
+                require_nccl(&comm, dev);
+            }
             ops(&comm, dev);
         }
         "watchdog" => {

@@ -75,9 +75,31 @@ pub fn library_candidates(torch_lib: &Path) -> Vec<PathBuf> {
     vec![torch_lib.join("..").join("..").join("nvidia").join("nccl").join("lib").join("libnccl.so.2"), torch_lib.join("libnccl.so.2")]
 }
 
-/// The torch lib directory this crate was built against (torch-sys's `DEP_TCH_LIBTORCH_LIB`).
+/// The torch lib directory of the libtorch this process runs on: where `libtorch_cpu.so` is
+/// mapped (a binary carried to another machine finds that machine's wheel through
+/// `LD_LIBRARY_PATH`), else the one this crate was built against (torch-sys's
+/// `DEP_TCH_LIBTORCH_LIB`).
 pub fn torch_lib_dir() -> PathBuf {
-    PathBuf::from(env!("FABBRICA_TORCH_LIB"))
+    loaded_torch_lib_dir().unwrap_or_else(|| PathBuf::from(env!("FABBRICA_TORCH_LIB")))
+}
+
+/// The folder of the `libtorch_cpu.so` mapped into this process, from `/proc/self/maps` (read
+/// up to 16 MiB: a process maps a few thousand files at most).
+fn loaded_torch_lib_dir() -> Option<PathBuf> {
+    use std::io::Read;
+    let mut maps = String::new();
+    std::fs::File::open("/proc/self/maps").ok()?.take(16 << 20).read_to_string(&mut maps).ok()?;
+    torch_lib_in_maps(&maps)
+}
+
+/// The folder of the first `libtorch_cpu.so` in a `/proc/PID/maps` text.
+pub fn torch_lib_in_maps(maps: &str) -> Option<PathBuf> {
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .map(Path::new)
+        .find(|p| p.is_absolute() && p.file_name().is_some_and(|n| n == "libtorch_cpu.so"))
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
 }
 
 static NCCL: OnceLock<Result<Nccl, String>> = OnceLock::new();

@@ -7,6 +7,7 @@ use tch::{Kind, Tensor};
 use super::{torch_err, Ddp, State};
 use crate::error::{DdpError, Result};
 use fabbrica_comm::ReduceOp;
+use fabbrica_torch_ext::{foreach_mul_, foreach_norm};
 
 impl Ddp {
     /// Global gradient L2 norm, then clipping to `max_norm` (0 = no clip), as
@@ -75,9 +76,17 @@ impl Ddp {
     /// ZeRO-1 shards).
     fn sq_sum(&self, grads: &[Tensor], sum_across: bool) -> Result<Tensor> {
         tch::no_grad(|| {
-            let sq = grads.iter().map(|g| g.f_to_kind(Kind::Float)?.f_square()?.f_sum(Kind::Float)).collect::<std::result::Result<Vec<_>, _>>();
-            let total_sq = sq.and_then(|sq| if sq.is_empty() { Ok(Tensor::from(0f32)) } else { Tensor::f_stack(&sq, 0)?.f_sum(Kind::Float) });
-            let mut total_sq = total_sq.map_err(torch_err("summing the squared gradients"))?;
+            let what = "summing the squared gradients";
+            let mut total_sq = if grads.is_empty() {
+                // On the parameters' device, where the other groups' sums are stacked with it.
+                let device = self.params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+                Tensor::zeros([], (Kind::Float, device))
+            } else {
+                // Each gradient's norm in one foreach launch (on CUDA; one per tensor otherwise).
+                let fp32 = grads.iter().map(|g| g.f_to_kind(Kind::Float)).collect::<std::result::Result<Vec<_>, _>>().map_err(torch_err(what))?;
+                let norms = foreach_norm(&fp32).map_err(|e| DdpError::Torch(format!("{what}: {e}")))?;
+                Tensor::f_stack(&norms, 0).and_then(|n| n.f_square()?.f_sum(Kind::Float)).map_err(torch_err(what))?
+            };
             if sum_across {
                 total_sq = total_sq.reshape([1]);
                 self.shared.comm.all_reduce(&total_sq, ReduceOp::Sum).map_err(|source| DdpError::Collective {
@@ -108,7 +117,7 @@ impl Ddp {
     pub fn f_scale_grads(&self, coef: &Tensor) -> Result<()> {
         let st = self.shared.state();
         let grads = self.grads(&st)?;
-        tch::no_grad(|| grads.into_iter().try_for_each(|mut g| g.f_mul_(coef).map(drop))).map_err(torch_err("scaling the gradients"))
+        tch::no_grad(|| foreach_mul_(&grads, coef)).map_err(|e| DdpError::Torch(format!("scaling the gradients: {e}")))
     }
 
     /// The reduced gradients this rank holds: every parameter's, or under ZeRO-1 its shards.
