@@ -4,7 +4,8 @@
 # scripts/device/pack.sh here first and carry .device; on the device:
 #
 #   bash scripts/device/check.sh            # all parts, in this order, until DEADLINE:
-#     correctness   NCCL backend tests, `ops cuda`, tiny preset on CUDA in bf16, CUDA vs CPU fp32
+#     correctness   NCCL backend tests, `ops cuda`, foreach kernels, tiny preset on CUDA in bf16,
+#                   CUDA vs CPU fp32
 #     throughput    gpt2-124m (batch 16) and gpt2-774m (batch 8) against PyTorch eager, with a
 #                   phase profile of both sides
 #     mpi           CUDA tensors through MPI host staging: selftest, 2 ranks vs 1, ZeRO-1, pp = 2
@@ -89,7 +90,11 @@ step() {
   fi
   echo "== $name: $*" >> "$LOG"
   local t0=$SECONDS rc
-  timeout -k 10 "$limit" "$@" > "$WORK/last.out" 2>&1; rc=$?
+  if declare -F "$1" > /dev/null; then
+    timeout -k 10 "$limit" bash -c '"$@"' step "$@" > "$WORK/last.out" 2>&1; rc=$?
+  else
+    timeout -k 10 "$limit" "$@" > "$WORK/last.out" 2>&1; rc=$?
+  fi
   cat "$WORK/last.out" >> "$LOG"
   if [ $rc -eq 0 ]; then
     passed=$((passed + 1)); say "ok     $name ($((SECONDS - t0)) s)"
@@ -103,6 +108,16 @@ step() {
 }
 gpu_step() {
   if [ "$GPU" = 1 ]; then step "$@"; else skipped=$((skipped + 1)); say "== $1: skipped (no GPU)"; return 1; fi
+}
+# needs FILE... -- STEP_FUNCTION NAME LIMIT CMD...: the step, or a skip where the run it checks
+# left nothing to check (skipped or failed: that step already counted).
+needs() {
+  local missing=()
+  while [ "$1" != "--" ]; do [ -e "$1" ] || missing+=("$1"); shift; done; shift
+  if [ ${#missing[@]} -gt 0 ]; then
+    skipped=$((skipped + 1)); say "== $2: skipped (nothing to check: ${missing[*]##*/} missing)"; return 1
+  fi
+  "$@"
 }
 # keep RUN_DIR NAME: its metrics and config go into the results.
 keep() { mkdir -p "$FILES/runs/$2" && cp "$1"/metrics.jsonl "$1"/config.toml "$FILES/runs/$2/" 2>/dev/null; true; }
@@ -135,6 +150,7 @@ PYEOF
 # no_skips: the tests just run skipped nothing (on the GPU machine a skip hides a missing piece).
 no_skips() { if [ -s "$FABBRICA_SKIP_LOG" ]; then cat "$FABBRICA_SKIP_LOG"; rm -f "$FABBRICA_SKIP_LOG"; return 1; fi; }
 nccl_tests() { .device/bin/nccl_test --test-threads=1 --nocapture && no_skips; }
+foreach_tests() { .device/bin/foreach_test --test-threads=1 --nocapture && no_skips; }
 # compare NAME: fabbrica's and PyTorch's JSON for NAME side by side, ratios in NAME-compare.json.
 compare() {
   "$PY" - "$FILES/$1-fabbrica.json" "$FILES/$1-pytorch.json" "$FILES/$1-compare.json" <<'PYEOF'
@@ -158,30 +174,39 @@ json.dump(out, open(sys.argv[3], "w"), indent=1)
 PYEOF
 }
 
+# `timeout` runs programs, not shell functions: the steps that are functions run in a child bash.
+export -f same_losses falls no_skips nccl_tests foreach_tests compare
+export PY FILES WORK
+
 has() { local p; for p in "${PARTS[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 
 # ---- 1. correctness on the GPU ------------------------------------------------------------------
 if has correctness; then
   gpu_step "NCCL backend tests (world of one), none skipped" 60 nccl_tests
   gpu_step "selftest: every op through NCCL" 60 .device/bin/comm_selftest ops cuda
+  gpu_step "foreach kernels on CUDA give what the CPU gives, none skipped" 60 foreach_tests
   tiny=(--preset tiny --set "$DATA" --set train.max_steps=300 --set train.eval_interval=150 --set run.sample_tokens=100)
   gpu_step "train tiny on the GPU (bf16, gradients over NCCL at world 1)" 120 \
     "$FAB" train "${tiny[@]}" --set run.device=cuda --set run.out_dir="$WORK/r-cuda" \
     && { cp "$WORK/last.out" "$WORK/r-cuda.out"; keep "$WORK/r-cuda" tiny-cuda-bf16; }
-  gpu_step "  its loss falls" 30 falls "$WORK/r-cuda"
-  gpu_step "  its gradients went over NCCL" 10 grep -q "buckets over nccl" "$WORK/r-cuda.out"
+  needs "$WORK/r-cuda/metrics.jsonl" -- gpu_step "  its loss falls" 30 falls "$WORK/r-cuda"
+  needs "$WORK/r-cuda.out" -- gpu_step "  its gradients went over NCCL" 10 grep -q "buckets over nccl" "$WORK/r-cuda.out"
   # A CUDA run starts from the weights a CPU run of the same seed starts from (drawn on the CPU's
   # generator), so its first steps match a CPU fp32 run: in bf16 autocast within bf16's rounding
   # (2e-2 relative), in fp32 within 1e-3 (TF32 is off). Dropout off: CUDA draws other masks.
   same=(--preset tiny --set "$DATA" --set train.max_steps=20 --set train.log_interval=5 --set model.dropout=0.0 --set run.sample_tokens=0)
   step "CPU fp32 reference, 20 steps" 90 "$FAB" train "${same[@]}" --set run.device=cpu --set train.dtype=fp32 --set run.out_dir="$WORK/c32" \
     && keep "$WORK/c32" same-cpu-fp32
+  if [ "$QUICK" = 1 ]; then  # here: the comparison itself, on two CPU runs of the same seed
+    step "CPU fp32 again, same seed" 90 "$FAB" train "${same[@]}" --set run.device=cpu --set train.dtype=fp32 --set run.out_dir="$WORK/c32b"
+    needs "$WORK/c32/metrics.jsonl" "$WORK/c32b/metrics.jsonl" -- step "  the two CPU runs match (1e-6)" 30 same_losses "$WORK/c32" "$WORK/c32b" 1e-6
+  fi
   gpu_step "CUDA bf16 autocast, same seed" 60 "$FAB" train "${same[@]}" --set run.device=cuda --set train.dtype=bf16 --set run.out_dir="$WORK/g16" \
     && keep "$WORK/g16" same-cuda-bf16
-  gpu_step "  CUDA bf16 matches CPU fp32 (2e-2)" 30 same_losses "$WORK/c32" "$WORK/g16" 2e-2
+  needs "$WORK/c32/metrics.jsonl" "$WORK/g16/metrics.jsonl" -- gpu_step "  CUDA bf16 matches CPU fp32 (2e-2)" 30 same_losses "$WORK/c32" "$WORK/g16" 2e-2
   gpu_step "CUDA fp32, same seed" 60 "$FAB" train "${same[@]}" --set run.device=cuda --set train.dtype=fp32 --set run.out_dir="$WORK/g32" \
     && keep "$WORK/g32" same-cuda-fp32
-  gpu_step "  CUDA fp32 matches CPU fp32 (1e-3)" 30 same_losses "$WORK/c32" "$WORK/g32" 1e-3
+  needs "$WORK/c32/metrics.jsonl" "$WORK/g32/metrics.jsonl" -- gpu_step "  CUDA fp32 matches CPU fp32 (1e-3)" 30 same_losses "$WORK/c32" "$WORK/g32" 1e-3
 fi
 
 # ---- 2. throughput against PyTorch eager, same model, batch, block, bf16 ------------------------
@@ -197,8 +222,9 @@ if has throughput; then
       --json "$FILES/$name-fabbrica.json" && cat "$WORK/last.out"
     gpu_step "PyTorch eager $name" 150 sh -c "\"$PY\" .device/torch_gpt_bench.py ${pa[*]} > \"$FILES/$name-pytorch.json\"" \
       && cat "$FILES/$name-pytorch.json"
-    gpu_step "  $name: fabbrica / PyTorch eager" 30 compare "$name" && cat "$WORK/last.out"
-    gpu_step "  $name: phase profile of both sides" 120 "$PY" scripts/device/torch_phases.py --anchor .device/torch_gpt_bench.py \
+    needs "$FILES/$name-fabbrica.json" "$FILES/$name-pytorch.json" -- gpu_step "  $name: fabbrica / PyTorch eager" 30 compare "$name" \
+      && cat "$WORK/last.out"
+    needs "$FILES/$name-fabbrica.json" -- gpu_step "  $name: phase profile of both sides" 120 "$PY" scripts/device/torch_phases.py --anchor .device/torch_gpt_bench.py \
       --fabbrica "$FILES/$name-fabbrica.json" --json "$FILES/$name-phases.json" "${pa[@]}" --profile-steps 10 && cat "$WORK/last.out"
   }
   if [ "$QUICK" = 1 ]; then
@@ -223,27 +249,27 @@ if has mpi; then
   gpu_step "fp32, 1 rank x accum 2" 60 "$FAB" train "${eq[@]}" --set train.grad_accum=2 --set run.out_dir="$WORK/r1"
   gpu_step "fp32, 2 ranks x accum 1 (comm.backend=mpi)" 90 \
     "${MPIRUN[@]}" -np 2 "$FAB" train "${eq[@]}" --set comm.backend=mpi --set run.out_dir="$WORK/r2"
-  gpu_step "  2 ranks match 1 rank" 30 same_losses "$WORK/r1" "$WORK/r2" 1e-4
+  needs "$WORK/r1/metrics.jsonl" "$WORK/r2/metrics.jsonl" -- gpu_step "  2 ranks match 1 rank" 30 same_losses "$WORK/r1" "$WORK/r2" 1e-4
   gpu_step "fp32, 2 ranks with ZeRO-1" 90 \
     "${MPIRUN[@]}" -np 2 "$FAB" train "${eq[@]}" --set comm.backend=mpi --set parallel.zero=1 --set run.out_dir="$WORK/r2z"
-  gpu_step "  ZeRO-1 matches 1 rank" 30 same_losses "$WORK/r1" "$WORK/r2z" 1e-4
+  needs "$WORK/r1/metrics.jsonl" "$WORK/r2z/metrics.jsonl" -- gpu_step "  ZeRO-1 matches 1 rank" 30 same_losses "$WORK/r1" "$WORK/r2z" 1e-4
   # Pipeline stages on the GPU: pp = 2 (CUDA activations and gradients through MPI host staging)
   # against 1 rank with the same 4 micro-batches; dropout off (its masks are per stage).
   eqp=(--preset tiny --set "$DATA" --set train.max_steps=30 --set train.dtype=fp32 --set run.device=cuda --set model.dropout=0.0 --set train.grad_accum=4 --set run.sample_tokens=0)
   gpu_step "fp32 pipeline reference, 1 rank x accum 4" 60 "$FAB" train "${eqp[@]}" --set run.out_dir="$WORK/p1"
   gpu_step "fp32, pp=2 on 2 ranks (comm.backend=mpi)" 90 \
     "${MPIRUN[@]}" -np 2 "$FAB" train "${eqp[@]}" --set parallel.pp=2 --set comm.backend=mpi --set run.out_dir="$WORK/p2"
-  gpu_step "  the pipeline matches 1 rank" 30 same_losses "$WORK/p1" "$WORK/p2" 1e-4
+  needs "$WORK/p1/metrics.jsonl" "$WORK/p2/metrics.jsonl" -- gpu_step "  the pipeline matches 1 rank" 30 same_losses "$WORK/p1" "$WORK/p2" 1e-4
 fi
 
 # ---- 4. collectives -----------------------------------------------------------------------------
 if has collectives; then
-  max=256M; [ "$QUICK" = 1 ] && max=1M
+  max=256M mpimax=64M; [ "$QUICK" = 1 ] && max=1M mpimax=1M
   gpu_step "NCCL all_reduce, world 1" 60 "$FAB" bench collectives --backend nccl --op all_reduce --max-bytes "$max" \
     --json "$FILES/nccl-all_reduce-np1.json" --plot "$FILES/nccl-all_reduce-np1.svg"
   nps=(2 4 8); [ "$QUICK" = 1 ] && nps=(2)
   for np in "${nps[@]}"; do
-    step "MPI all_reduce, np=$np" 90 "${MPIRUN[@]}" -np "$np" "$FAB" bench collectives --op all_reduce --max-bytes 64M \
+    step "MPI all_reduce, np=$np" 90 "${MPIRUN[@]}" -np "$np" "$FAB" bench collectives --op all_reduce --max-bytes "$mpimax" \
       --rounds 3 --json "$FILES/mpi-all_reduce-np$np.json" --plot "$FILES/mpi-all_reduce-np$np.svg"
   done
 fi

@@ -65,7 +65,10 @@ fn torch_lib_dir_is_where_libtorch_is_mapped() {
     assert_eq!(nccl::torch_lib_in_maps("7f40-7f50 rw-p 00000000 00:00 0 [heap]\n"), None);
     // This test binary links libtorch: the folder holds it (whatever machine the binary is on).
     let _ = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let mapped = nccl::torch_lib_in_maps(&maps).expect("libtorch_cpu.so is mapped into this test");
     let dir = nccl::torch_lib_dir();
+    assert_eq!(dir, mapped);
     assert!(dir.join("libtorch_cpu.so").exists(), "{}", dir.display());
     assert!(dir.join("libc10.so").exists(), "{}", dir.display());
 }

@@ -112,7 +112,7 @@ impl Ddp {
 
     /// Multiplies the reduced gradients this rank holds (its shards under ZeRO-1) by `coef`, a
     /// scalar on the gradients' device (as [`clip_coef`] returns it); an error where libtorch
-    /// refuses it (another device, a shape that does not broadcast) or a parameter has no
+    /// refuses it (another CUDA device, not a 0-dim tensor) or a parameter has no
     /// gradient.
     pub fn f_scale_grads(&self, coef: &Tensor) -> Result<()> {
         let st = self.shared.state();
