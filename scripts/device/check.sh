@@ -4,11 +4,11 @@
 # scripts/device/pack.sh here first and carry .device; on the device:
 #
 #   bash scripts/device/check.sh            # all parts, in this order, until DEADLINE:
-#     correctness   NCCL backend tests, `ops cuda`, foreach kernels, tiny preset on CUDA in bf16,
-#                   CUDA vs CPU fp32
+#     correctness   NCCL backend tests, `ops cuda`, foreach kernels, `ops cuda-mpi` (2 ranks through
+#                   MPI host staging), tiny preset on CUDA in bf16, CUDA vs CPU fp32
 #     throughput    gpt2-124m (batch 16) and gpt2-774m (batch 8) against PyTorch eager, with a
 #                   phase profile of both sides
-#     mpi           CUDA tensors through MPI host staging: selftest, 2 ranks vs 1, ZeRO-1, pp = 2
+#     mpi           CUDA training through MPI host staging: 2 ranks vs 1, ZeRO-1, pp = 2
 #     collectives   bench collectives: NCCL at world 1, MPI at np = 2, 4, 8
 #     issues        what issues 10 and 12 wait for: planner vs measured CPU runs (pp x dp on 4
 #                   ranks), pipeline bubble and layouts on 16 cores
@@ -185,6 +185,7 @@ if has correctness; then
   gpu_step "NCCL backend tests (world of one), none skipped" 60 nccl_tests
   gpu_step "selftest: every op through NCCL" 60 .device/bin/comm_selftest ops cuda
   gpu_step "foreach kernels on CUDA give what the CPU gives, none skipped" 60 foreach_tests
+  gpu_step "selftest: 2 ranks, CUDA tensors through MPI host staging" 60 "${MPIRUN[@]}" -np 2 .device/bin/comm_selftest ops cuda-mpi
   tiny=(--preset tiny --set "$DATA" --set train.max_steps=300 --set train.eval_interval=150 --set run.sample_tokens=100)
   gpu_step "train tiny on the GPU (bf16, gradients over NCCL at world 1)" 120 \
     "$FAB" train "${tiny[@]}" --set run.device=cuda --set run.out_dir="$WORK/r-cuda" \
@@ -242,7 +243,6 @@ fi
 
 # ---- 3. CUDA tensors through MPI host staging (NCCL refuses two ranks on one GPU) ---------------
 if has mpi; then
-  gpu_step "selftest: 2 ranks, CUDA tensors through MPI host staging" 60 "${MPIRUN[@]}" -np 2 .device/bin/comm_selftest ops cuda-mpi
   # fp32: 2 ranks against 1 rank with 2 accumulation steps. Same global batch and dropout seeds,
   # so the same losses up to the GPU's reduction order.
   eq=(--preset tiny --set "$DATA" --set train.max_steps=30 --set train.dtype=fp32 --set run.device=cuda --set model.dropout=0.1 --set run.sample_tokens=0)
