@@ -94,7 +94,7 @@ impl BenchState {
             let mut t = Instant::now();
             let (model, bf16) = (&self.model, self.bf16);
             hold_casts(bf16, || -> Result<(), TrainError> {
-                tch::manual_seed(crate::trainer::mix(crate::trainer::mix(self.seed, self.steps) as u64, 0));
+                tch::manual_seed(dropout_seed(self.seed, self.steps, 0));
                 let loss = autocast(device, bf16, || model.loss(&model.forward(&self.x, true), &self.y));
                 lap(0, &mut t);
                 loss.f_backward().map_err(|e| crate::memory::torch_error(self.steps + 1, e))?;
@@ -144,6 +144,11 @@ pub struct PhaseProfile {
     pub zero_grad_ms: f64,
 }
 
+/// Micro-batch `m`'s dropout seed at `step`, as the trainer seeds it.
+fn dropout_seed(seed: u64, step: u64, m: usize) -> i64 {
+    crate::trainer::mix(crate::trainer::mix(seed, step) as u64, m as u64)
+}
+
 /// The trainer's local forward-backward ([`crate::step::forward_backward_local`]) on one fixed
 /// micro-batch, dropout seeded from (seed, step) as the trainer seeds it.
 fn bench_forward_backward(
@@ -155,7 +160,7 @@ fn bench_forward_backward(
     x: &Tensor,
     y: &Tensor,
 ) -> Result<Tensor, TrainError> {
-    let seed_of = |m: usize| crate::trainer::mix(crate::trainer::mix(seed, step) as u64, m as u64);
+    let seed_of = |m: usize| dropout_seed(seed, step, m);
     crate::step::forward_backward_local(model, bf16, 1, ddp, step, false, &seed_of, &mut |_| (x.shallow_clone(), y.shallow_clone()))
 }
 
