@@ -4,8 +4,9 @@
 # scripts/device/pack.sh here first and carry .device; on the device:
 #
 #   bash scripts/device/check.sh            # all parts, in this order, until DEADLINE:
-#     correctness   NCCL backend tests, `ops cuda`, foreach kernels, `ops cuda-mpi` (2 ranks through
-#                   MPI host staging), tiny preset on CUDA in bf16, CUDA vs CPU fp32
+#     correctness   NCCL backend tests, `ops cuda`, foreach kernels, the TF32 flag and pinned copies,
+#                   `ops cuda-mpi` (2 ranks through MPI host staging), tiny preset on CUDA in bf16,
+#                   CUDA (bf16, fp32, TF32) vs CPU fp32
 #     throughput    gpt2-124m (batch 16) and gpt2-774m (batch 8) against PyTorch eager, with a
 #                   phase profile of both sides
 #     mpi           CUDA training through MPI host staging: 2 ranks vs 1, ZeRO-1, pp = 2
@@ -151,6 +152,7 @@ PYEOF
 no_skips() { if [ -s "$FABBRICA_SKIP_LOG" ]; then cat "$FABBRICA_SKIP_LOG"; rm -f "$FABBRICA_SKIP_LOG"; return 1; fi; }
 nccl_tests() { .device/bin/nccl_test --test-threads=1 --nocapture && no_skips; }
 foreach_tests() { .device/bin/foreach_test --test-threads=1 --nocapture && no_skips; }
+precision_tests() { .device/bin/precision_test --test-threads=1 --nocapture && no_skips; }
 # compare NAME: fabbrica's and PyTorch's JSON for NAME side by side, ratios in NAME-compare.json.
 compare() {
   "$PY" - "$FILES/$1-fabbrica.json" "$FILES/$1-pytorch.json" "$FILES/$1-compare.json" <<'PYEOF'
@@ -175,7 +177,7 @@ PYEOF
 }
 
 # `timeout` runs programs, not shell functions: the steps that are functions run in a child bash.
-export -f same_losses falls no_skips nccl_tests foreach_tests compare
+export -f same_losses falls no_skips nccl_tests foreach_tests precision_tests compare
 export PY FILES WORK
 
 has() { local p; for p in "${PARTS[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
@@ -185,6 +187,7 @@ if has correctness; then
   gpu_step "NCCL backend tests (world of one), none skipped" 60 nccl_tests
   gpu_step "selftest: every op through NCCL" 60 .device/bin/comm_selftest ops cuda
   gpu_step "foreach kernels on CUDA give what the CPU gives, none skipped" 60 foreach_tests
+  gpu_step "TF32 flag reaches cuBLAS; pinned micro-batch copies arrive intact, none skipped" 60 precision_tests
   gpu_step "selftest: 2 ranks, CUDA tensors through MPI host staging" 60 "${MPIRUN[@]}" -np 2 .device/bin/comm_selftest ops cuda-mpi
   tiny=(--preset tiny --set "$DATA" --set train.max_steps=300 --set train.eval_interval=150 --set run.sample_tokens=100)
   gpu_step "train tiny on the GPU (bf16, gradients over NCCL at world 1)" 120 \
@@ -194,7 +197,8 @@ if has correctness; then
   needs "$WORK/r-cuda.out" -- gpu_step "  its gradients went over NCCL" 10 grep -q "buckets over nccl" "$WORK/r-cuda.out"
   # A CUDA run starts from the weights a CPU run of the same seed starts from (drawn on the CPU's
   # generator), so its first steps match a CPU fp32 run: in bf16 autocast within bf16's rounding
-  # (2e-2 relative), in fp32 within 1e-3 (TF32 is off). Dropout off: CUDA draws other masks.
+  # (2e-2 relative), in fp32 with IEEE matmuls (train.tf32=false) within 1e-3, with TF32 matmuls
+  # (the default) within 1e-2. Dropout off: CUDA draws other masks.
   same=(--preset tiny --set "$DATA" --set train.max_steps=20 --set train.log_interval=5 --set model.dropout=0.0 --set run.sample_tokens=0)
   step "CPU fp32 reference, 20 steps" 90 "$FAB" train "${same[@]}" --set run.device=cpu --set train.dtype=fp32 --set run.out_dir="$WORK/c32" \
     && keep "$WORK/c32" same-cpu-fp32
@@ -205,9 +209,12 @@ if has correctness; then
   gpu_step "CUDA bf16 autocast, same seed" 60 "$FAB" train "${same[@]}" --set run.device=cuda --set train.dtype=bf16 --set run.out_dir="$WORK/g16" \
     && keep "$WORK/g16" same-cuda-bf16
   needs "$WORK/c32/metrics.jsonl" "$WORK/g16/metrics.jsonl" -- gpu_step "  CUDA bf16 matches CPU fp32 (2e-2)" 30 same_losses "$WORK/c32" "$WORK/g16" 2e-2
-  gpu_step "CUDA fp32, same seed" 60 "$FAB" train "${same[@]}" --set run.device=cuda --set train.dtype=fp32 --set run.out_dir="$WORK/g32" \
-    && keep "$WORK/g32" same-cuda-fp32
+  gpu_step "CUDA fp32 (IEEE matmuls), same seed" 60 "$FAB" train "${same[@]}" --set run.device=cuda --set train.dtype=fp32 --set train.tf32=false \
+    --set run.out_dir="$WORK/g32" && keep "$WORK/g32" same-cuda-fp32
   needs "$WORK/c32/metrics.jsonl" "$WORK/g32/metrics.jsonl" -- gpu_step "  CUDA fp32 matches CPU fp32 (1e-3)" 30 same_losses "$WORK/c32" "$WORK/g32" 1e-3
+  gpu_step "CUDA fp32 with TF32 matmuls (the default), same seed" 60 "$FAB" train "${same[@]}" --set run.device=cuda --set train.dtype=fp32 \
+    --set run.out_dir="$WORK/gtf" && keep "$WORK/gtf" same-cuda-tf32
+  needs "$WORK/c32/metrics.jsonl" "$WORK/gtf/metrics.jsonl" -- gpu_step "  CUDA TF32 matches CPU fp32 (1e-2)" 30 same_losses "$WORK/c32" "$WORK/gtf" 1e-2
 fi
 
 # ---- 2. throughput against PyTorch eager, same model, batch, block, bf16 ------------------------
@@ -245,7 +252,7 @@ fi
 if has mpi; then
   # fp32: 2 ranks against 1 rank with 2 accumulation steps. Same global batch and dropout seeds,
   # so the same losses up to the GPU's reduction order.
-  eq=(--preset tiny --set "$DATA" --set train.max_steps=30 --set train.dtype=fp32 --set run.device=cuda --set model.dropout=0.1 --set run.sample_tokens=0)
+  eq=(--preset tiny --set "$DATA" --set train.max_steps=30 --set train.dtype=fp32 --set train.tf32=false --set run.device=cuda --set model.dropout=0.1 --set run.sample_tokens=0)
   gpu_step "fp32, 1 rank x accum 2" 60 "$FAB" train "${eq[@]}" --set train.grad_accum=2 --set run.out_dir="$WORK/r1"
   gpu_step "fp32, 2 ranks x accum 1 (comm.backend=mpi)" 90 \
     "${MPIRUN[@]}" -np 2 "$FAB" train "${eq[@]}" --set comm.backend=mpi --set run.out_dir="$WORK/r2"
@@ -255,7 +262,7 @@ if has mpi; then
   needs "$WORK/r1/metrics.jsonl" "$WORK/r2z/metrics.jsonl" -- gpu_step "  ZeRO-1 matches 1 rank" 30 same_losses "$WORK/r1" "$WORK/r2z" 1e-4
   # Pipeline stages on the GPU: pp = 2 (CUDA activations and gradients through MPI host staging)
   # against 1 rank with the same 4 micro-batches; dropout off (its masks are per stage).
-  eqp=(--preset tiny --set "$DATA" --set train.max_steps=30 --set train.dtype=fp32 --set run.device=cuda --set model.dropout=0.0 --set train.grad_accum=4 --set run.sample_tokens=0)
+  eqp=(--preset tiny --set "$DATA" --set train.max_steps=30 --set train.dtype=fp32 --set train.tf32=false --set run.device=cuda --set model.dropout=0.0 --set train.grad_accum=4 --set run.sample_tokens=0)
   gpu_step "fp32 pipeline reference, 1 rank x accum 4" 60 "$FAB" train "${eqp[@]}" --set run.out_dir="$WORK/p1"
   gpu_step "fp32, pp=2 on 2 ranks (comm.backend=mpi)" 90 \
     "${MPIRUN[@]}" -np 2 "$FAB" train "${eqp[@]}" --set parallel.pp=2 --set comm.backend=mpi --set run.out_dir="$WORK/p2"

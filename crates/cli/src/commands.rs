@@ -429,7 +429,7 @@ pub fn bench(b: BenchCommand) -> Result<()> {
     let r = fabbrica_train::bench::run(&cfg, opts)?;
     let mfu = r.mfu.map(|m| format!("{:.1}%", 100.0 * m)).unwrap_or_else(|| "n/a (set train.peak_flops)".into());
     println!("device        {}", r.device);
-    println!("model         {} parameters, batch {} × block {}, {}", r.params, r.batch, r.block, cfg.train.dtype);
+    println!("model         {} parameters, batch {} × block {}, {}", r.params, r.batch, r.block, r.precision);
     println!("step          {:.2} ms (mean of {} steps after {} warm-up)", r.step_ms, r.steps, a.warmup);
     println!("throughput    {:.0} tokens/s", r.tokens_per_s);
     println!("mfu           {mfu}");
@@ -458,7 +458,7 @@ pub fn bench(b: BenchCommand) -> Result<()> {
         let v = serde_json::json!({
             "device": r.device, "params": r.params, "batch": r.batch, "block": r.block, "steps": r.steps,
             "step_ms": r.step_ms, "tokens_per_s": r.tokens_per_s, "mfu": r.mfu, "peak_mem_bytes": r.peak_mem_bytes,
-            "peak_allocated_bytes": r.peak_allocated_bytes, "free_grads": a.free_grads, "profile": r.profile,
+            "precision": r.precision, "peak_allocated_bytes": r.peak_allocated_bytes, "free_grads": a.free_grads, "profile": r.profile,
         });
         crate::files::write_bytes(&path, serde_json::to_string_pretty(&v).unwrap().as_bytes())
             .map_err(|e| Failure { user: true, message: format!("cannot write {}: {e}", path.display()) })?;

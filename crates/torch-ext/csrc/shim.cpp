@@ -111,4 +111,49 @@ int64_t fab_cuda_peak_allocated_bytes(int device) {
   }
 }
 
+// `src.pin_memory().to(cuda:device, non_blocking=True)`: a host tensor copied to the GPU without
+// waiting. A copy from pageable memory first waits for every kernel already queued on the stream
+// (CUDA's documented behaviour for pageable host-to-device copies); from pinned memory it is queued
+// like a kernel. libtorch's caching host allocator records an event on the copy's stream and does
+// not reuse the pinned block before it, so the staging copy may be dropped at once.
+char *fab_to_cuda_pinned(at::Tensor *src, int device, at::Tensor **out) {
+  try {
+    if (!src || !src->defined()) return dup_message("to_cuda_pinned: undefined tensor");
+    if (!src->is_cpu()) return dup_message("to_cuda_pinned: the source must be a CPU tensor");
+    auto pinned = src->is_pinned() ? *src : src->pin_memory();
+    auto dev = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
+    *out = new at::Tensor(pinned.to(dev, /*non_blocking=*/true));
+    return nullptr;
+  } catch (const c10::Error &e) {
+    return dup_message(e.what_without_backtrace());
+  } catch (const std::exception &e) {
+    return dup_message(e.what());
+  }
+}
+
+// Whether float32 matmuls on CUDA run on TF32 tensor cores (`torch.backends.cuda.matmul.
+// fp32_precision = "tf32"`, formerly `allow_tf32 = True`) or in IEEE float32. The flag is the one
+// cuBLAS and cuBLASLt read; it changes nothing on the CPU.
+char *fab_set_cuda_matmul_tf32(int on) {
+  try {
+    at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL,
+                                            on ? at::Float32Precision::TF32 : at::Float32Precision::IEEE);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return dup_message(e.what());
+  }
+}
+
+// 1 when float32 matmuls on CUDA run in TF32, 0 when not, -1 where the flag cannot be read.
+int fab_cuda_matmul_tf32() {
+  try {
+    return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+                   at::Float32Precision::TF32
+               ? 1
+               : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
 }  // extern "C"

@@ -31,6 +31,9 @@ extern "C" {
     fn fab_foreach_add_scalar_(xs: *const *mut torch_sys::C_tensor, n: c_int, value: f64) -> *mut c_char;
     fn fab_foreach_zero_(xs: *const *mut torch_sys::C_tensor, n: c_int) -> *mut c_char;
     fn fab_cuda_peak_allocated_bytes(device: c_int) -> i64;
+    fn fab_to_cuda_pinned(src: *mut torch_sys::C_tensor, device: c_int, out: *mut *mut torch_sys::C_tensor) -> *mut c_char;
+    fn fab_set_cuda_matmul_tf32(on: c_int) -> *mut c_char;
+    fn fab_cuda_matmul_tf32() -> c_int;
     fn fab_oom_message() -> *mut c_char;
     fn fab_backward_with_grad(out: *mut torch_sys::C_tensor, grad: *mut torch_sys::C_tensor) -> *mut c_char;
 }
@@ -73,6 +76,46 @@ pub fn cuda_peak_allocated_bytes(device: usize) -> Option<u64> {
     // SAFETY: plain C call; the shim catches every C++ exception.
     let v = unsafe { fab_cuda_peak_allocated_bytes(device as c_int) };
     (v >= 0).then_some(v as u64)
+}
+
+/// Copies a CPU tensor to CUDA device `device` through pinned memory, without waiting: what
+/// `t.pin_memory().to(device, non_blocking=True)` does. A copy from pageable memory (`to_device`)
+/// first waits for every kernel already queued, so a training loop that copies each micro-batch
+/// that way drains the GPU once per micro-batch. Fails (with libtorch's message) where CUDA is
+/// unavailable; callers fall back to `to_device`.
+pub fn to_cuda_pinned(src: &Tensor, device: usize) -> Result<Tensor, String> {
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    // SAFETY: `src` is a live tensor borrowed for the call (the shim copies its handle); `out`
+    // receives a fresh heap tensor only on success. The shim catches every C++ exception.
+    let err = unsafe { fab_to_cuda_pinned(src.as_ptr() as *mut torch_sys::C_tensor, device as c_int, &mut out) };
+    if let Some(m) = take_message(err) {
+        return Err(m);
+    }
+    // SAFETY: a fresh `new at::Tensor`, owned by nobody else: tch frees it on drop.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// Makes float32 matmuls on CUDA run on TF32 tensor cores (`on`) or in IEEE float32: what
+/// `torch.backends.cuda.matmul.fp32_precision` sets (`allow_tf32` before PyTorch 2.9). TF32
+/// keeps float32's range with a 10-bit mantissa, about 1e-3 relative per product; under bf16
+/// autocast it only reaches the few matmuls left in float32. Process-wide; nothing changes on the CPU.
+pub fn set_cuda_matmul_tf32(on: bool) -> Result<(), String> {
+    // SAFETY: plain C call; the shim catches every C++ exception.
+    match take_message(unsafe { fab_set_cuda_matmul_tf32(c_int::from(on)) }) {
+        None => Ok(()),
+        Some(m) => Err(m),
+    }
+}
+
+/// Whether float32 matmuls on CUDA run in TF32 ([`set_cuda_matmul_tf32`]); `None` where
+/// libtorch cannot say.
+pub fn cuda_matmul_tf32() -> Option<bool> {
+    // SAFETY: plain C call; the shim catches every C++ exception.
+    match unsafe { fab_cuda_matmul_tf32() } {
+        0 => Some(false),
+        1 => Some(true),
+        _ => None,
+    }
 }
 
 /// Hyper-parameters of one AdamW group update.

@@ -25,6 +25,8 @@ pub struct BenchResult {
     pub tokens_per_s: f64,
     pub mfu: Option<f64>,
     pub peak_mem_bytes: u64,
+    /// How the matmuls ran: `bf16 autocast`, `fp32` (CPU), `fp32, TF32 matmuls` (CUDA), ...
+    pub precision: &'static str,
     /// Peak bytes libtorch's allocator handed out (what `--dry-run` estimates before the CPU's
     /// resident overhead): CUDA's `max_memory_allocated`, or on the CPU the counting allocator's
     /// peak (`fabbrica_torch_ext::amp`).
@@ -71,6 +73,11 @@ impl BenchState {
 
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// Whether the model runs under bf16 autocast.
+    pub fn bf16(&self) -> bool {
+        self.bf16
     }
 
     /// Where a step's time goes: `steps` steps with the device synchronised after each phase
@@ -181,6 +188,7 @@ fn bench_model_on(cfg: &Config, cuda_ordinal: usize, batch_seed: i64) -> Result<
     only_data_parallel(cfg)?;
     let device = resolve_device(cfg.run.device, cuda_ordinal)?;
     let bf16 = resolve_bf16(cfg.train.dtype, device);
+    crate::device::apply_tf32(cfg.train.tf32)?;
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);
     }
@@ -274,6 +282,7 @@ pub fn run(cfg: &Config, o: BenchOptions) -> Result<BenchResult, TrainError> {
         tokens_per_s: tps,
         mfu: peak.map(|p| flops_per_token(&mcfg, mcfg.block_size()) * tps / p),
         peak_mem_bytes: peak_memory_bytes(device),
+        precision: crate::device::precision_label(st.bf16(), cfg.train.tf32, device),
         peak_allocated_bytes: match device {
             Device::Cuda(i) => fabbrica_torch_ext::cuda_peak_allocated_bytes(i),
             _ => Some(fabbrica_torch_ext::amp::cpu_peak_allocated_bytes()).filter(|&b| b > 0),

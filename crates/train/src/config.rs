@@ -149,6 +149,10 @@ pub struct TrainConfig {
     /// `auto` (bf16 autocast on CUDA, fp32 on the CPU), `fp32` or `bf16` (bf16 autocast on either).
     #[serde(with = "choices::text")]
     pub dtype: Dtype,
+    /// Float32 matmuls on CUDA on TF32 tensor cores (`true`, as nanoGPT, llm.c and the PyTorch
+    /// anchor set it) or in IEEE float32 (`false`, PyTorch's default). Under bf16 autocast it only
+    /// reaches the few matmuls autocast leaves in float32; nothing changes on the CPU.
+    pub tf32: bool,
     /// `auto`/`on`: ATen's fused AdamW kernel (CPU and CUDA); `off`: tensor-op reference path.
     #[serde(with = "choices::text")]
     pub fused_adamw: Fused,
@@ -272,6 +276,7 @@ impl Default for TrainConfig {
             eps: 1e-8,
             grad_clip: 1.0,
             dtype: Dtype::Auto,
+            tf32: true,
             fused_adamw: Fused::Auto,
             log_interval: 10,
             eval_interval: 200,

@@ -27,6 +27,24 @@ pub fn resolve_device(choice: DeviceChoice, cuda_ordinal: usize) -> Result<Devic
     }
 }
 
+/// Sets how float32 matmuls run on CUDA (`train.tf32`): TF32 tensor cores or IEEE float32.
+/// Process-wide in libtorch, so every setup sets it (a process that trains twice gets what each
+/// run asked for). Nothing changes on the CPU.
+pub fn apply_tf32(tf32: bool) -> Result<(), TrainError> {
+    fabbrica_torch_ext::set_cuda_matmul_tf32(tf32).map_err(|e| TrainError::Torch(format!("setting train.tf32 = {tf32}: {e}")))
+}
+
+/// How a run's float32 matmuls run, for the start line: `fp32` on the CPU, with the TF32 setting
+/// on CUDA; bf16 autocast leaves few float32 matmuls, so it is not mentioned there.
+pub fn precision_label(bf16: bool, tf32: bool, device: Device) -> &'static str {
+    match (bf16, device) {
+        (true, _) => "bf16 autocast",
+        (false, Device::Cuda(_)) if tf32 => "fp32, TF32 matmuls",
+        (false, Device::Cuda(_)) => "fp32, IEEE matmuls",
+        (false, _) => "fp32",
+    }
+}
+
 /// The device a run configured with `run.device = name` would train on, without asking for one
 /// (for `--dry-run` and planning on another machine): `cuda` is CUDA even where none is visible,
 /// `auto` is CUDA where libtorch sees a GPU. Training itself uses [`resolve_device`], the same

@@ -67,6 +67,7 @@ pub fn setup_stage(cfg: &Config, cuda_ordinal: usize, pp_rank: usize, tp: Option
     cfg.validate()?;
     let device = resolve_device(cfg.run.device, cuda_ordinal)?;
     let bf16 = resolve_bf16(cfg.train.dtype, device);
+    crate::device::apply_tf32(cfg.train.tf32)?;
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);
     }

@@ -61,8 +61,15 @@ pub(crate) fn mix(seed: u64, step: u64) -> i64 {
     (fabbrica_data::splitmix64(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 1) as i64
 }
 
+/// A micro-batch's tokens as a `[b, t]` tensor on `device`. To a GPU through pinned memory, so the
+/// copy does not wait for the kernels already queued (`torch_ext::to_cuda_pinned`); through
+/// pageable memory where pinning fails.
 pub(crate) fn to_tensor(v: Vec<i64>, b: usize, t: usize, device: Device) -> Tensor {
-    Tensor::from_slice(&v).view([b as i64, t as i64]).to_device(device)
+    let host = Tensor::from_slice(&v).view([b as i64, t as i64]);
+    match device {
+        Device::Cuda(i) => fabbrica_torch_ext::to_cuda_pinned(&host, i).unwrap_or_else(|_| host.to_device(device)),
+        _ => host,
+    }
 }
 
 fn comm_err(e: fabbrica_comm::CommError) -> TrainError {
@@ -232,7 +239,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         "training {} parameters on {:?} ({}), {layout}, global batch {global_batch} = micro {} x accum {} x dp {dp} ({} tokens/step), {} buckets{grads_over}{}, steps {}..{}",
         fabbrica_models::flops::total_params(&cfg.model),
         s.device,
-        if s.bf16 { "bf16 autocast" } else { "fp32" },
+        crate::device::precision_label(s.bf16, cfg.train.tf32, s.device),
         cfg.train.batch_size,
         cfg.train.grad_accum,
         tokens_per_step,

@@ -103,3 +103,24 @@ fn resume_bitwise(preset: &str, sets: &[&str]) {
     let ck = |d: &Path| fabbrica_train::checkpoint::read_state(&fabbrica_train::checkpoint::latest(d).unwrap().unwrap()).unwrap();
     assert_eq!(ck(a.path()).sha256["model.safetensors"], ck(b.path()).sha256["model.safetensors"]);
 }
+
+/// `train.tf32` reaches libtorch's process-wide flag in every setup (on by default, off when
+/// asked), and the bench says how its matmuls ran. On the CPU the flag changes no result
+/// (torch-ext's precision tests); on CUDA it is what cuBLAS reads.
+#[test]
+fn train_tf32_sets_libtorch_flag_in_setup_and_bench() {
+    let _g = common::torch_lock();
+    let dir = tempfile::tempdir().unwrap();
+    fabbrica_torch_ext::set_cuda_matmul_tf32(false).unwrap();
+    fabbrica_train::setup::setup(&config(dir.path(), &[])).unwrap();
+    assert_eq!(fabbrica_torch_ext::cuda_matmul_tf32(), Some(true), "the default is on");
+    fabbrica_train::setup::setup(&config(dir.path(), &["train.tf32=false"])).unwrap();
+    assert_eq!(fabbrica_torch_ext::cuda_matmul_tf32(), Some(false));
+    let opts = fabbrica_train::bench::BenchOptions { steps: 1, warmup: 0, free_grads: false, profile_steps: 0 };
+    let r = fabbrica_train::bench::run(&config(dir.path(), &["train.tf32=true", "train.batch_size=2"]), opts).unwrap();
+    assert_eq!(fabbrica_torch_ext::cuda_matmul_tf32(), Some(true));
+    assert_eq!(r.precision, "fp32");
+    assert_eq!(fabbrica_train::device::precision_label(false, true, tch::Device::Cuda(0)), "fp32, TF32 matmuls");
+    assert_eq!(fabbrica_train::device::precision_label(false, false, tch::Device::Cuda(0)), "fp32, IEEE matmuls");
+    assert_eq!(fabbrica_train::device::precision_label(true, true, tch::Device::Cuda(0)), "bf16 autocast");
+}

@@ -252,6 +252,11 @@ fn enum_valued_keys_are_parsed_once_with_one_line_errors() {
     assert_eq!(c.parallel.order, fabbrica_topology::RankOrder::TpPpDp);
     assert_eq!(c.parallel.schedule, fabbrica_pipeline::Kind::GPipe);
     assert!(!c.fused_adamw());
+    // train.tf32: on by default (as the PyTorch anchor sets it), a plain boolean.
+    assert!(Config::resolve(None, None, &[]).unwrap().train.tf32);
+    assert!(!Config::resolve(None, None, &sets(&["train.tf32=false"])).unwrap().train.tf32);
+    let e = err_line(&["train.tf32=maybe"]);
+    assert!(e.contains("train.tf32") && e.contains("maybe") && e.contains("true or false"), "{e}");
     // Written back as the spellings, and read again to the same config.
     let text = c.to_toml();
     for line in ["dtype = \"fp32\"", "reduce_dtype = \"bf16\"", "recompute = \"selective\"", "order = \"tp-pp-dp\"", "schedule = \"gpipe\""] {
