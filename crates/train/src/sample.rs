@@ -56,6 +56,8 @@ pub fn sample_from_checkpoint(a: &SampleArgs) -> Result<String, TrainError> {
         tok.encode(a.prompt)?; // a prompt the tokenizer cannot encode is the user's to fix
     }
     let device = resolve_device(a.device, 0)?;
+    // Float32 matmuls on a GPU as the run trained them (`train.tf32`).
+    crate::device::apply_tf32(ck.state.config.train.tf32)?;
     // Checkpoints are never written with NaN/Inf weights any more; older ones may hold them, and
     // sampling from those would fail inside the multinomial draw.
     if let Some((name, _)) = ck.model.iter().find(|(_, t)| t.is_floating_point() && !bool::try_from(t.isfinite().all()).unwrap_or(false)) {
