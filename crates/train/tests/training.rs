@@ -123,4 +123,20 @@ fn train_tf32_sets_libtorch_flag_in_setup_and_bench() {
     assert_eq!(fabbrica_train::device::precision_label(false, true, tch::Device::Cuda(0)), "fp32, TF32 matmuls");
     assert_eq!(fabbrica_train::device::precision_label(false, false, tch::Device::Cuda(0)), "fp32, IEEE matmuls");
     assert_eq!(fabbrica_train::device::precision_label(true, true, tch::Device::Cuda(0)), "bf16 autocast");
+    // Sampling runs its matmuls as the run trained them.
+    let run = dir.path().join("run");
+    let c = config(&run, &["train.tf32=false", "train.max_steps=1", "train.batch_size=2", "train.eval_iters=1"]);
+    train(&c, &TrainOptions::default()).unwrap();
+    fabbrica_torch_ext::set_cuda_matmul_tf32(true).unwrap();
+    let a = fabbrica_train::sample::SampleArgs {
+        checkpoint: &run,
+        prompt: "def ",
+        tokens: 4,
+        temperature: 1.0,
+        top_k: None,
+        seed: 1,
+        device: fabbrica_train::config::DeviceChoice::Cpu,
+    };
+    fabbrica_train::sample::sample_from_checkpoint(&a).unwrap();
+    assert_eq!(fabbrica_torch_ext::cuda_matmul_tf32(), Some(false));
 }
