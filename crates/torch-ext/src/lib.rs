@@ -81,8 +81,9 @@ pub fn cuda_peak_allocated_bytes(device: usize) -> Option<u64> {
 /// Copies a CPU tensor to CUDA device `device` through pinned memory, without waiting: what
 /// `t.pin_memory().to(device, non_blocking=True)` does. A copy from pageable memory (`to_device`)
 /// first waits for every kernel already queued, so a training loop that copies each micro-batch
-/// that way drains the GPU once per micro-batch. Fails (with libtorch's message) where CUDA is
-/// unavailable; callers fall back to `to_device`.
+/// that way drains the GPU once per micro-batch. A `src` that is already pinned is copied from
+/// directly, so it must not be written until the copy has run. Fails (with libtorch's message)
+/// where CUDA is unavailable; callers fall back to `to_device`.
 pub fn to_cuda_pinned(src: &Tensor, device: usize) -> Result<Tensor, String> {
     let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
     // SAFETY: `src` is a live tensor borrowed for the call (the shim copies its handle); `out`
