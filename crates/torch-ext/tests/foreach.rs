@@ -1,6 +1,8 @@
 //! The `_foreach_*` shims against the per-tensor ops they replace (on the CPU libtorch runs the
 //! per-tensor loop, so results are bit-identical there; on CUDA one kernel serves the list).
 
+mod common;
+
 use fabbrica_torch_ext::{foreach_add_, foreach_mul_, foreach_norm, foreach_zero_};
 use tch::{Device, Kind, Tensor};
 
@@ -67,14 +69,7 @@ fn foreach_refusals_are_libtorch_messages_not_crashes() {
 /// CPU, and fp32 or bf16 tensors. Needs a GPU (scripts/device/check.sh runs it there).
 #[test]
 fn on_cuda_the_fused_kernels_give_what_the_cpu_gives() {
-    if !tch::Cuda::is_available() {
-        println!("SKIPPED: no CUDA device");
-        if let Ok(log) = std::env::var("FABBRICA_SKIP_LOG") {
-            use std::io::Write;
-            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
-                let _ = writeln!(f, "torch-ext::foreach on_cuda_the_fused_kernels_give_what_the_cpu_gives: no CUDA device");
-            }
-        }
+    if !common::cuda_or_skip("foreach on_cuda_the_fused_kernels_give_what_the_cpu_gives") {
         return;
     }
     let gpu = Device::Cuda(0);

@@ -2,22 +2,13 @@
 //! trainer's micro-batches. The flag and the refusals are checked here; what they do to a GPU
 //! is checked on one (scripts/device/check.sh runs this binary there).
 
+mod common;
+
 use fabbrica_torch_ext::{cuda_matmul_tf32, set_cuda_matmul_tf32, to_cuda_pinned};
 use tch::{Device, Kind, Tensor};
 
 /// The TF32 flag is process-wide and tests run on threads: the tests that set it take turns.
 static FLAG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Records a GPU test skipped for want of a GPU (the device check fails on any skip).
-fn skipped(test: &str) {
-    println!("SKIPPED: no CUDA device");
-    if let Ok(log) = std::env::var("FABBRICA_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
-            let _ = writeln!(f, "torch-ext::precision {test}: no CUDA device");
-        }
-    }
-}
 
 /// Largest absolute difference from a float64 product, over the largest entry of the product.
 fn matmul_error(a: &Tensor, b: &Tensor) -> f64 {
@@ -69,8 +60,7 @@ fn the_pinned_copy_refuses_with_a_message_not_a_crash() {
 /// work on the device, each arrive with their own contents.
 #[test]
 fn on_cuda_tf32_reaches_cublas_and_pinned_copies_arrive_intact() {
-    if !tch::Cuda::is_available() {
-        skipped("on_cuda_tf32_reaches_cublas_and_pinned_copies_arrive_intact");
+    if !common::cuda_or_skip("precision on_cuda_tf32_reaches_cublas_and_pinned_copies_arrive_intact") {
         return;
     }
     let _flag = FLAG.lock().unwrap_or_else(|p| p.into_inner());

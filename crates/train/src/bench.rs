@@ -75,11 +75,6 @@ impl BenchState {
         &self.model
     }
 
-    /// Whether the model runs under bf16 autocast.
-    pub fn bf16(&self) -> bool {
-        self.bf16
-    }
-
     /// Where a step's time goes: `steps` steps with the device synchronised after each phase
     /// (forward with the loss, backward, clip, AdamW, zeroing or freeing the gradients), mean
     /// milliseconds per phase. The synchronisations cost a little overlap, so the phases add up
@@ -282,7 +277,7 @@ pub fn run(cfg: &Config, o: BenchOptions) -> Result<BenchResult, TrainError> {
         tokens_per_s: tps,
         mfu: peak.map(|p| flops_per_token(&mcfg, mcfg.block_size()) * tps / p),
         peak_mem_bytes: peak_memory_bytes(device),
-        precision: crate::device::precision_label(st.bf16(), cfg.train.tf32, device),
+        precision: crate::device::precision_label(resolve_bf16(cfg.train.dtype, device), cfg.train.tf32, device),
         peak_allocated_bytes: match device {
             Device::Cuda(i) => fabbrica_torch_ext::cuda_peak_allocated_bytes(i),
             _ => Some(fabbrica_torch_ext::amp::cpu_peak_allocated_bytes()).filter(|&b| b > 0),
