@@ -116,7 +116,8 @@ pub fn scaling(a: ScalingArgs) -> Result<(), Failure> {
     }
     let mut pts: Vec<(usize, f64, Option<f64>)> = Vec::new();
     for f in &a.inputs {
-        let text = std::fs::read_to_string(f).map_err(|e| user(format!("cannot read --inputs {}: {e}", f.display())))?;
+        let text = fabbrica_data::bounded::read_to_string(f, crate::files::MAX_INPUT_BYTES)
+            .map_err(|e| user(format!("cannot read --inputs {}: {e}", f.display())))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| user(format!("--inputs {} is not JSON from `fabbrica bench ddp --json`: {e}", f.display())))?;
         let n = v["world_size"]

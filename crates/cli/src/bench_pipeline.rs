@@ -61,7 +61,7 @@ pub fn run(a: PipelineArgs) -> Result<(), Failure> {
     let mut rows = Vec::new();
     for dir in &a.runs {
         let cfg_path = dir.join("config.toml");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+        let text = fabbrica_data::bounded::read_to_string(&cfg_path, fabbrica_train::config::MAX_CONFIG_BYTES).map_err(|e| {
             user(format!("--runs {}: cannot read {} ({e}): give run directories of `fabbrica train`", dir.display(), cfg_path.display()))
         })?;
         let cfg: Config = toml::from_str(&text)

@@ -4,6 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+/// The largest input table read (`--inputs`, calibration inputs: a `--json` output of a few KB).
+pub const MAX_INPUT_BYTES: u64 = 64 << 20;
+
 /// The temporary a library writes `path` through: `fabbrica_data::atomic`'s name, with
 /// `path`'s extension after it (image encoders pick the format by it).
 fn temp_path(path: &Path) -> PathBuf {

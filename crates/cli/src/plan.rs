@@ -293,7 +293,9 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     if a.collectives.is_empty() && a.inter.is_empty() && a.train.is_empty() {
         return Err(user("nothing to calibrate from: give --collectives FILE, --inter FILE and/or --train FILE".into()));
     }
-    let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| user(format!("cannot read {}: {e}", p.display())));
+    let read = |p: &PathBuf| {
+        fabbrica_data::bounded::read_to_string(p, crate::files::MAX_INPUT_BYTES).map_err(|e| user(format!("cannot read {}: {e}", p.display())))
+    };
     for (files, intra) in [(&a.collectives, true), (&a.inter, false)] {
         if files.is_empty() {
             continue;

@@ -205,6 +205,21 @@ fn malformed_toml_names_the_file() {
     assert_user_error(&out, &["bad_config.toml"]);
 }
 
+/// Inputs that are not regular files (a FIFO, an endless device) are refused by their kind,
+/// never read: the read would block for ever or never end.
+#[test]
+fn inputs_that_are_not_regular_files_are_refused_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe.toml");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    for (cfg, kind) in [(fifo.as_os_str(), "a FIFO"), ("/dev/zero".as_ref(), "a character device")] {
+        let out = fabbrica(&["train".as_ref(), "--config".as_ref(), cfg, "--dry-run".as_ref()]);
+        assert_user_error(&out, &["config file", kind, "not a regular file"]);
+    }
+    let out = fabbrica(&["plan", "--model", "tiny", "--cluster", fifo.to_str().unwrap(), "--gpus", "8"]);
+    assert_user_error(&out, &["cluster file", "pipe.toml", "a FIFO"]);
+}
+
 // 7
 #[test]
 fn resume_with_another_model_shape_names_tensor_and_shape() {

@@ -369,7 +369,7 @@ impl Vars<'_> {
             None => Ok(None),
             Some(raw) => match raw.trim().parse::<usize>() {
                 Ok(value) => Ok(Some(Num::plain(var, value))),
-                Err(_) => Err(LaunchError::NotANumber { var, value: raw, launcher }),
+                Err(_) => Err(LaunchError::NotANumber { var, value: shown(&raw), launcher }),
             },
         }
     }
@@ -444,8 +444,8 @@ fn slurm_local_size(vars: &Vars) -> Result<Num, LaunchError> {
         let Some(list) = (vars.get)(var) else {
             continue;
         };
-        let entries = parse_tasks_per_node(&list).ok_or_else(|| LaunchError::BadTasksPerNode { var, value: list.clone() })?;
-        let nodes: usize = entries.iter().map(|&(_, repeat)| repeat).sum();
+        let entries = parse_tasks_per_node(&list).ok_or_else(|| LaunchError::BadTasksPerNode { var, value: shown(&list) })?;
+        let nodes = entries.iter().fold(0usize, |n, &(_, repeat)| n.saturating_add(repeat));
         let value = tasks_on_node(&entries, node).ok_or_else(|| LaunchError::NodeOutOfRange { node, var, value: list.clone(), nodes })?;
         return Ok(Num { var, value, desc: format!("{var}='{list}' ({value} on node {node})") });
     }
@@ -454,6 +454,17 @@ fn slurm_local_size(vars: &Vars) -> Result<Num, LaunchError> {
         present: SLURM_PROCID,
         launcher: l,
     })
+}
+
+/// A variable's value as an error message shows it: at most 80 characters, control characters
+/// escaped (a newline in it would break the message's one line).
+fn shown(v: &str) -> String {
+    let cut: String = v.chars().take(80).flat_map(char::escape_default).collect();
+    if v.chars().count() > 80 {
+        format!("{cut}...")
+    } else {
+        cut
+    }
 }
 
 /// Parses Slurm's compressed tasks-per-node list: comma-separated entries

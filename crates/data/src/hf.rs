@@ -164,14 +164,12 @@ impl Eq for HfTokenizer {}
 /// The bytes of `path`, refusing a file over [`MAX_TOKENIZER_FILE_BYTES`] before reading it
 /// (and one that grows past it while being read).
 pub(crate) fn read_bounded(path: &Path) -> Result<Vec<u8>> {
-    let file = std::fs::File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => DataError::TokenizerMissing { path: path.to_owned() },
-        _ => DataError::io("read", path, e),
+    let file = crate::bounded::open_regular(path).map_err(|e| match e {
+        e if e.is_not_found() => DataError::TokenizerMissing { path: path.to_owned() },
+        crate::bounded::ReadError::Io(e) => DataError::io("read", path, e),
+        e => DataError::TokenizerInvalid { path: path.to_owned(), reason: e.to_string() },
     })?;
     let meta = file.metadata().map_err(|e| DataError::io("read", path, e))?;
-    if meta.is_dir() {
-        return Err(DataError::TokenizerInvalid { path: path.to_owned(), reason: "it is a directory, not a file".into() });
-    }
     let max = MAX_TOKENIZER_FILE_BYTES;
     if meta.len() > max {
         return Err(DataError::TokenizerTooLarge { path: path.to_owned(), bytes: meta.len(), max });

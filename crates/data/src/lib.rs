@@ -14,6 +14,7 @@
 //! All errors are [`DataError`]s whose `Display` is one user-facing line.
 
 pub mod atomic;
+pub mod bounded;
 pub mod dataset;
 pub mod error;
 pub mod hf;

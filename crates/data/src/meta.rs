@@ -11,14 +11,13 @@
 //! `dtype` is the element type of the token files; a meta.json without one (every directory
 //! prepared before it existed, and nanoGPT's) means `uint16`.
 //!
-//! `tokenizer_file` names the Hugging Face tokenizer.json; a relative name is relative to the
-//! directory holding meta.json. `prepare` copies the tokenizer file into the prepared directory
+//! `tokenizer_file` names the Hugging Face tokenizer.json. In a prepared directory it is a plain
+//! file name in the directory holding meta.json (a path that leaves it is refused). `prepare` copies the tokenizer file into the prepared directory
 //! and names that copy, so the directory is self-contained and can be moved. A checkpoint's copy
 //! of this description (built by [`Meta::for_tokenizer`]) names the absolute path the tokenizer
-//! was loaded from. Either way `tokenizer_sha256` pins the file's content: a changed file is an
-//! error, not silently different ids.
+//! was loaded from, and must carry `tokenizer_sha256`. Where present, `tokenizer_sha256` pins the
+//! file's content: a changed file is an error, not silently different ids.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -60,6 +59,11 @@ pub struct Meta {
     /// Where this was read from, for error messages and relative paths (not serialized).
     #[serde(skip)]
     source: Option<PathBuf>,
+}
+
+/// A file name with no directory part: not empty, not `.` or `..`, no separator.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\\') && !name.contains('\0')
 }
 
 impl Meta {
@@ -118,16 +122,12 @@ impl Meta {
     /// tokenizer.json takes a moment to parse).
     pub fn read_with_tokenizer(path: &Path) -> Result<(Meta, Tokenizer)> {
         let invalid = |reason: String| DataError::MetaInvalid { path: path.to_owned(), reason };
-        let file = match std::fs::File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(DataError::MetaMissing { path: path.to_owned() }),
-            Err(e) => return Err(DataError::io("read", path, e)),
+        let bytes = match crate::bounded::read(path, MAX_META_BYTES) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Err(DataError::MetaMissing { path: path.to_owned() }),
+            Err(crate::bounded::ReadError::Io(e)) => return Err(DataError::io("read", path, e)),
+            Err(e) => return Err(invalid(e.to_string())),
         };
-        let mut bytes = Vec::new();
-        file.take(MAX_META_BYTES + 1).read_to_end(&mut bytes).map_err(|e| DataError::io("read", path, e))?;
-        if bytes.len() as u64 > MAX_META_BYTES {
-            return Err(invalid(format!("it has more than {MAX_META_BYTES} bytes")));
-        }
         let text = String::from_utf8(bytes).map_err(|_| invalid("it is not UTF-8 text".into()))?;
         // serde quotes unknown names raw: a "\n" in one would break the message's line.
         let mut meta: Meta = serde_json::from_str(&text).map_err(|e| invalid(one_line(&e.to_string())))?;
@@ -202,6 +202,16 @@ impl Meta {
             TokenizerKind::Gpt2 => Ok(()),
             TokenizerKind::Hf => match self.tokenizer_file.as_deref() {
                 None | Some("") => Err("\"tokenizer\": \"hf\" needs a \"tokenizer_file\" naming the tokenizer.json".into()),
+                // Read from a prepared directory's meta.json: a file of that directory, never a
+                // path that leaves it.
+                Some(f) if self.source.is_some() && !is_plain_name(f) => Err(format!(
+                    "\"tokenizer_file\" is {f:?}, but it must name a file in the directory of meta.json (a plain name such as \"{HF_TOKENIZER_FILE}\"): copy the tokenizer there"
+                )),
+                // A checkpoint's copy names the absolute path it was loaded from, so its content
+                // must be pinned.
+                Some(_) if self.source.is_none() && self.tokenizer_sha256.is_none() => {
+                    Err("\"tokenizer_file\" comes without \"tokenizer_sha256\": a tokenizer outside a prepared directory must be pinned by its SHA-256".into())
+                }
                 Some(_) => Ok(()),
             },
             TokenizerKind::Char => {
@@ -311,6 +321,30 @@ mod tests {
         std::fs::remove_file(&tk).unwrap();
         let err = Meta::read(&path).unwrap_err();
         assert!(matches!(err, DataError::TokenizerMissing { .. }) && err.to_string().contains(HF_TOKENIZER_FILE), "{err}");
+    }
+
+    #[test]
+    fn a_prepared_directory_tokenizer_never_leaves_the_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        // A valid tokenizer outside the directory: still refused when meta.json points at it.
+        let outside = root.path().join(HF_TOKENIZER_FILE);
+        std::fs::write(&outside, crate::hf::tests::word_level_json(&crate::hf::tests::words(5))).unwrap();
+        let tok = Tokenizer::hf(&outside).unwrap();
+        for name in ["../tokenizer.json".to_string(), outside.to_string_lossy().into_owned(), "sub/tokenizer.json".into(), "..".into()] {
+            let meta = Meta { tokenizer_file: Some(name.clone()), ..Meta::for_prepared(&tok, TokenDtype::Uint16) };
+            let path = meta.write(&dir).unwrap();
+            let err = Meta::read(&path).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, DataError::MetaInvalid { .. }), "{name}: {msg}");
+            assert!(msg.contains("must name a file in the directory of meta.json") && msg.contains(META_FILE), "{name}: {msg}");
+        }
+        // A checkpoint's copy names an absolute path, and only with the content's hash.
+        let ck = Meta::for_tokenizer(&tok);
+        assert_eq!(ck.tokenizer().unwrap(), tok);
+        let msg = Meta { tokenizer_sha256: None, ..ck }.tokenizer().unwrap_err().to_string();
+        assert!(msg.contains("must be pinned by its SHA-256"), "{msg}");
     }
 
     #[test]

@@ -39,9 +39,10 @@ pub struct PrepareSummary {
 /// SHA-256), so the directory is self-contained.
 ///
 /// Each file is written atomically (temp file, fsync, rename), so an
-/// interrupted run never leaves a truncated file under a final name. Files
-/// are written in the order train, val, tokenizer.json, meta: a directory with meta.json
-/// always has complete files from the same run or an earlier one.
+/// interrupted run never leaves a truncated file under a final name. An earlier meta.json is
+/// removed first and the new one written last (after train, val, tokenizer.json): a directory
+/// with meta.json always has complete files from one run, and a run that failed midway leaves
+/// none, so the directory is refused until it is prepared again.
 pub fn prepare(input: &Path, spec: &TokenizerSpec, out_dir: &Path, val_fraction: f64) -> Result<PrepareSummary> {
     check_val_fraction(val_fraction)?;
     // The tokenizer file first: a wrong path is reported before a large text is read.
@@ -64,6 +65,14 @@ pub fn prepare(input: &Path, spec: &TokenizerSpec, out_dir: &Path, val_fraction:
     let (train, val) = tokens.split_at(cut);
 
     std::fs::create_dir_all(out_dir).map_err(|e| DataError::io("create directory", out_dir, e))?;
+    // An earlier run's meta.json goes first: if a write below fails, the directory has no
+    // meta.json (and is refused as unprepared) instead of describing a mix of two runs' files.
+    let old_meta = out_dir.join(crate::meta::META_FILE);
+    match std::fs::remove_file(&old_meta) {
+        Ok(()) => std::fs::File::open(out_dir).and_then(|d| d.sync_all()).map_err(|e| DataError::io("sync", out_dir, e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(DataError::io("remove", &old_meta, e)),
+    }
     let train_path = out_dir.join(TRAIN_FILE);
     let val_path = out_dir.join(VAL_FILE);
     write_tokens_atomic(&train_path, train, dtype)?;
@@ -151,6 +160,28 @@ mod tests {
         // Bytes are the little-endian ids: 'a' -> 0, 'b' -> 1.
         let bytes = std::fs::read(&s.train_path).unwrap();
         assert_eq!(&bytes[..4], &[0, 0, 1, 0]);
+    }
+
+    /// A re-prepare that fails midway leaves no meta.json: the directory is refused as
+    /// unprepared, never loaded as the new train.bin with the old val.bin and vocabulary.
+    #[test]
+    fn a_failed_re_prepare_leaves_no_mixed_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (dir.path().join("abc.txt"), dir.path().join("xyz.txt"));
+        std::fs::write(&first, "abcabcabcabcabcabcabcabcabcabc").unwrap();
+        std::fs::write(&second, "xyzzyxxyzzyxxyzzyxxyzzyxxyzzyx").unwrap();
+        let out = dir.path().join("data");
+        prepare(&first, &TokenizerSpec::Char, &out, 0.2).unwrap();
+        assert!(crate::load(&out, &TokenizerSpec::Char, 4, 0.2).is_ok());
+        // val.bin cannot be replaced (a directory stands in its place): the second run fails
+        // after writing train.bin.
+        std::fs::remove_file(out.join(VAL_FILE)).unwrap();
+        std::fs::create_dir(out.join(VAL_FILE)).unwrap();
+        std::fs::write(out.join(VAL_FILE).join("keep"), "x").unwrap();
+        assert!(prepare(&second, &TokenizerSpec::Char, &out, 0.2).is_err());
+        assert!(!out.join(crate::meta::META_FILE).exists());
+        let err = crate::load(&out, &TokenizerSpec::Char, 4, 0.2).unwrap_err();
+        assert!(matches!(err, DataError::MetaMissing { .. }), "{err}");
     }
 
     #[test]

@@ -140,7 +140,8 @@ impl Cluster {
 
     /// Reads and validates a cluster file.
     pub fn from_file(path: &Path) -> Result<Cluster, PlanError> {
-        let text = std::fs::read_to_string(path).map_err(|e| PlanError::input(format!("cannot read cluster file {}: {e}", path.display())))?;
+        let text = fabbrica_data::bounded::read_to_string(path, MAX_CLUSTER_FILE_BYTES)
+            .map_err(|e| PlanError::input(format!("cannot read cluster file {}: {e}", path.display())))?;
         Cluster::from_toml(&text).map_err(|e| PlanError::input(format!("cluster file {}: {}", path.display(), e.message)))
     }
 
@@ -249,6 +250,9 @@ impl Cluster {
 }
 
 /// Bytes in a GiB.
+/// The largest cluster file read.
+const MAX_CLUSTER_FILE_BYTES: u64 = 1 << 20;
+
 pub const GIB: f64 = (1u64 << 30) as f64;
 
 /// The machine this runs on, as a one-node cluster of one rank per core pair: fp32 FMA peak

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, Result};
 
+/// The largest config file read (a resolved config is a few KB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 mod choices;
 mod model_section;
 pub use choices::{CheckpointFailure, DeviceChoice, Dtype, Fused, IfExists, Nonfinite, NotAChoice, ReduceDtype};
@@ -369,7 +372,8 @@ impl Config {
         // The [model] keys as the user wrote them (file, then --set), for model_section::finish.
         let mut user_model = toml::value::Table::new();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io { path: path.to_path_buf(), why: e.to_string() })?;
+            let text = fabbrica_data::bounded::read_to_string(path, MAX_CONFIG_BYTES)
+                .map_err(|e| ConfigError::Io { path: path.to_path_buf(), why: e.to_string() })?;
             let table: toml::Value =
                 toml::from_str(&text).map_err(|e| ConfigError::Toml { path: path.to_path_buf(), why: one_line(&e.to_string()) })?;
             merge_checked(&schema, &mut merged, &table, "")?;

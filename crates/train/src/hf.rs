@@ -27,11 +27,7 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 fn read_json(path: &Path) -> Result<Value, String> {
-    let meta = fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if meta.len() > MAX_JSON_BYTES {
-        return Err(format!("{} is {} bytes, more than the {MAX_JSON_BYTES} a config or index may have", path.display(), meta.len()));
-    }
-    let bytes = fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = fabbrica_data::bounded::read(path, MAX_JSON_BYTES).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     serde_json::from_slice(&bytes).map_err(|e| format!("{} is not valid JSON: {e}", path.display()))
 }
 
@@ -203,16 +199,26 @@ pub fn read_weights(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, Tensor
             if name == "lm_head.weight" && cfg.tie_embeddings() {
                 continue;
             }
-            let mut t = t.to_kind(Kind::Float);
-            if gpt && is_conv1d(&name) {
-                t = t.transpose(0, 1).contiguous();
-            }
             let Some(shape) = expected.get(&name) else {
                 return Err(format!(
                     "{}: unexpected tensor {raw:?}: the weights do not belong to the model its config.json describes",
                     file.display()
                 ));
             };
+            let mut t = t.to_kind(Kind::Float);
+            // GPT-2's Conv1D stores (in, out), the transpose of a Linear's weight; the shape is
+            // checked first, as the file holds it.
+            if gpt && is_conv1d(&name) {
+                let stored: Vec<i64> = shape.iter().rev().copied().collect();
+                if t.size() != stored {
+                    return Err(format!(
+                        "{}: tensor {raw:?} has shape {:?} but the model needs {stored:?} (GPT-2's Conv1D layout, the transpose of {shape:?})",
+                        file.display(),
+                        t.size()
+                    ));
+                }
+                t = t.transpose(0, 1).contiguous();
+            }
             if &t.size() != shape {
                 return Err(format!("{}: tensor {raw:?} has shape {:?} but the model needs {shape:?}", file.display(), t.size()));
             }

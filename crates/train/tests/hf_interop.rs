@@ -174,3 +174,35 @@ fn bad_model_directories_are_one_line_naming_what_is_wrong() {
     let e = hf::read_weights(&other, &cfg).unwrap_err();
     assert!(e.contains("plain"), "{e}");
 }
+
+/// GPT-2's Conv1D weights are transposed on the way in: a tensor of the wrong rank or shape under
+/// such a name is a one-line error naming it and both layouts, not a crash in the transpose.
+#[test]
+fn misshapen_gpt2_conv1d_weights_are_named_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    python(&["make", "--arch", "gpt2", "--out", dir.path().to_str().unwrap()]);
+    let src = dir.path().join("model");
+    let cfg = hf::read_config(&src).unwrap();
+    let tensors = Tensor::read_safetensors(src.join("model.safetensors")).unwrap();
+    let victim = tensors.iter().map(|(n, _)| n.clone()).find(|n| n.ends_with("h.0.attn.c_attn.weight")).unwrap();
+    let (rows, cols) = tensors.iter().find(|(n, _)| *n == victim).map(|(_, t)| (t.size()[0], t.size()[1])).unwrap();
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::copy(src.join("config.json"), other.join("config.json")).unwrap();
+    for bad in [
+        Tensor::zeros([12], (Kind::Float, Device::Cpu)),
+        Tensor::zeros([], (Kind::Float, Device::Cpu)),
+        Tensor::zeros([cols, rows], (Kind::Float, Device::Cpu)),
+    ] {
+        let ts: Vec<(String, Tensor)> =
+            tensors.iter().map(|(n, t)| (n.clone(), if *n == victim { bad.shallow_clone() } else { t.shallow_clone() })).collect();
+        let refs: Vec<(&str, &Tensor)> = ts.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&refs, other.join("model.safetensors")).unwrap();
+        let e = hf::read_weights(&other, &cfg).unwrap_err();
+        assert!(
+            !e.contains('\n') && e.contains(&victim) && e.contains("Conv1D") && e.contains(&format!("[{rows}, {cols}]")),
+            "{:?}: {e}",
+            bad.size()
+        );
+    }
+}

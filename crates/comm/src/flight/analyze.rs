@@ -197,6 +197,9 @@ fn progress_of(dump: &Dump, group: Option<&GroupDump>, rank: usize, group_rank: 
 type GroupKey = (String, String, usize);
 
 /// What the dumps say: progress per group, who is behind, where ranks diverged, whom to look at.
+/// Ranks without a dump that get a line of their own in `look_at`.
+const MAX_MISSING_SUSPECTS: usize = 1024;
+
 pub fn analyze(dir: &str, dumps: &[Dump], unreadable: &[(String, String)]) -> Report {
     // The job of the newest dump is the one analysed; others' dumps are leftovers.
     let newest = dumps.iter().max_by_key(|d| d.unix_ns);
@@ -217,6 +220,7 @@ pub fn analyze(dir: &str, dumps: &[Dump], unreadable: &[(String, String)]) -> Re
     // Each dump's groups, keyed.
     let mut keyed: BTreeMap<usize, BTreeMap<GroupKey, &GroupDump>> = BTreeMap::new();
     let mut order: Vec<GroupKey> = Vec::new();
+    let mut ordered: BTreeSet<GroupKey> = BTreeSet::new();
     for d in &dumps {
         let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
         let mine = keyed.entry(d.rank).or_default();
@@ -224,7 +228,7 @@ pub fn analyze(dir: &str, dumps: &[Dump], unreadable: &[(String, String)]) -> Re
             let k = seen.entry((g.backend.clone(), g.id.clone())).or_insert(0);
             let key = (g.backend.clone(), g.id.clone(), *k);
             *k += 1;
-            if !order.contains(&key) {
+            if ordered.insert(key.clone()) {
                 order.push(key.clone());
             }
             mine.insert(key, g);
@@ -295,8 +299,9 @@ pub fn analyze(dir: &str, dumps: &[Dump], unreadable: &[(String, String)]) -> Re
 
     // Whom to look at.
     let mut look_at: Vec<Suspect> = Vec::new();
+    let mut named: BTreeSet<usize> = BTreeSet::new();
     let mut add = |rank: usize, why: String| {
-        if !look_at.iter().any(|s| s.rank == rank) {
+        if named.insert(rank) {
             look_at.push(Suspect { rank, why });
         }
     };
@@ -318,7 +323,8 @@ pub fn analyze(dir: &str, dumps: &[Dump], unreadable: &[(String, String)]) -> Re
     };
     if !missing.is_empty() {
         let context = groups.iter().find_map(waiting).map(|w| format!(" while {w}")).unwrap_or_default();
-        for &r in &missing {
+        // One line each for the first ranks; the verdict and `missing` name them all.
+        for &r in missing.iter().take(MAX_MISSING_SUSPECTS) {
             add(r, format!("left no dump (killed, crashed, or never started){context}"));
         }
     }

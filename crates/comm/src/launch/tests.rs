@@ -290,6 +290,15 @@ fn bad_slurm_lists() {
         &["SLURM_NODEID=2 is out of range for SLURM_STEP_TASKS_PER_NODE='4(x2)'", "only 2 node(s)"],
     );
     assert!(matches!(e, LaunchError::NodeOutOfRange { node: 2, nodes: 2, .. }));
+    // Node counts that overflow when summed (the count is only for messages): still read.
+    let huge = format!("1(x{}),1", usize::MAX);
+    assert_eq!(env(&owned(&srun_task(0, &huge, 0, 0))).unwrap().local_world_size, 1);
+    // A value with a newline stays on one line, escaped.
+    let e = err_with(env(&owned(&srun_task(0, "4\nx", 0, 0))), &["SLURM_STEP_TASKS_PER_NODE='4\\nx'"]);
+    assert!(!e.to_string().contains('\n'), "{e}");
+    let vars = ompi("1\n2", "4", "0", "4");
+    let e = err_with(env(&owned(&vars)), &["OMPI_COMM_WORLD_RANK='1\\n2' is not a number"]);
+    assert!(!e.to_string().contains('\n'), "{e}");
 }
 
 #[test]

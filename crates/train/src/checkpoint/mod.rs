@@ -124,11 +124,7 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>, TrainError> {
 /// `step_N` sibling (`../x`, an absolute path) is ignored, never followed.
 fn latest_hint(root: &Path) -> Option<PathBuf> {
     let pointer = root.join("latest");
-    let meta = fs::metadata(&pointer).ok()?;
-    if meta.len() > 256 {
-        return None;
-    }
-    let name = fs::read_to_string(&pointer).ok()?;
+    let name = fabbrica_data::bounded::read_to_string(&pointer, 256).ok()?;
     let name = name.trim();
     parse_dir_name(name)?;
     let dir = root.join(name);
@@ -163,11 +159,11 @@ pub fn read_state(dir: &Path) -> Result<CheckpointState, TrainError> {
     let corrupt = |why: String| {
         TrainError::Checkpoint(format!("{} is corrupt or truncated ({why}): resume from an earlier checkpoint (run.resume_from)", path.display()))
     };
-    let size = fs::metadata(&path).map_err(checkpoint_file(|e| format!("cannot read {}: {e}", path.display())))?.len();
-    if size > MAX_STATE_BYTES {
-        return Err(corrupt(format!("{size} bytes, a state.json is well under {MAX_STATE_BYTES}")));
-    }
-    let bytes = fs::read(&path).map_err(checkpoint_file(|e| format!("cannot read {}: {e}", path.display())))?;
+    let bytes = match fabbrica_data::bounded::read(&path, MAX_STATE_BYTES) {
+        Ok(b) => b,
+        Err(fabbrica_data::bounded::ReadError::Io(e)) => return Err(checkpoint_file(|e| format!("cannot read {}: {e}", path.display()))(e)),
+        Err(e) => return Err(corrupt(e.to_string())),
+    };
     // The version first, so that a newer format is named as such rather than as corrupt.
     #[derive(Deserialize)]
     struct Version {
@@ -301,13 +297,42 @@ pub fn save(
 /// replacing one of that step (only the same run re-writing the same step gets there: a fresh
 /// run into a directory with checkpoints is refused or archived first). Shared by the single
 /// writer and the sharded commit.
+///
+/// A replaced checkpoint is swapped with the new one in one step (`renameat2` with
+/// `RENAME_EXCHANGE`), so a crash at any moment leaves one complete checkpoint of that step; the
+/// old one, now at `tmp`, is removed after (or by the next run's sweep of dead writers'
+/// temporaries). Only a file system without the exchange falls back to remove, then rename.
 pub(crate) fn place(root: &Path, tmp: &Path, step: u64) -> std::io::Result<PathBuf> {
     let dest = root.join(dir_name(step));
-    if dest.exists() {
-        fs::remove_dir_all(&dest)?;
+    if fs::symlink_metadata(&dest).is_ok() {
+        match exchange(tmp, &dest) {
+            Ok(()) => {
+                fs::remove_dir_all(tmp)?;
+                return Ok(dest);
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::ENOTSUP)) => {
+                fs::remove_dir_all(&dest)?;
+            }
+            Err(e) => return Err(e),
+        }
     }
     fs::rename(tmp, &dest)?;
     Ok(dest)
+}
+
+/// Swaps two existing paths atomically (Linux `renameat2(RENAME_EXCHANGE)`).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the call; AT_FDCWD resolves
+    // relative paths as rename(2) does.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// After [`place`]: the directory entry made durable, `latest` pointed at it, and this run's

@@ -191,11 +191,7 @@ pub fn read_indexed(dir: &Path, state: &CheckpointState, index: &str) -> Result<
     let corrupt =
         |why: String| TrainError::Checkpoint(format!("{}: {why}: resume from an earlier checkpoint (run.resume_from)", dir.join(index).display()));
     let path = dir.join(index);
-    let size = fs::metadata(&path).map_err(|e| corrupt(format!("cannot read it ({e})")))?.len();
-    if size > MAX_INDEX_BYTES {
-        return Err(corrupt(format!("{size} bytes, more than an index holds")));
-    }
-    let bytes = fs::read(&path).map_err(|e| corrupt(format!("cannot read it ({e})")))?;
+    let bytes = fabbrica_data::bounded::read(&path, MAX_INDEX_BYTES).map_err(|e| corrupt(format!("cannot read it: {e}")))?;
     if state.sha256.get(index) != Some(&files::sha256_bytes(&bytes)) {
         return Err(corrupt("does not match the SHA-256 in state.json".into()));
     }
@@ -275,6 +271,15 @@ pub fn join_tp_slices(tensors: Vec<(String, Tensor)>, slices: &BTreeMap<String, 
         let shard = fabbrica_models::Shard { dim: how.dim, parts: how.parts };
         if ordered.iter().any(|t| t.size() != ordered[0].size()) || ordered[0].dim() <= how.dim {
             return Err(corrupt(format!("the slices of {param}{suffix} differ in shape")));
+        }
+        // Each slice holds `parts` blocks along `dim` (q, k and v of a fused weight, say).
+        if how.parts == 0 || ordered[0].size()[how.dim] % how.parts as i64 != 0 {
+            return Err(corrupt(format!(
+                "the index splits {param} into {} parts along dim {}, which its slices of shape {:?} cannot hold",
+                how.parts,
+                how.dim,
+                ordered[0].size()
+            )));
         }
         out.push((format!("{param}{suffix}"), shard.join(&ordered)));
     }

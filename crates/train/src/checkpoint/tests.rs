@@ -362,3 +362,46 @@ fn zero1_pieces_are_reassembled_and_gaps_refused() {
     let short = vec![("w[0..5].exp_avg".to_string(), piece(0, 5))];
     assert!(sharded::assemble_slices(short, &model, dir.path()).unwrap_err().to_string().contains("cover 5 of its 12"));
 }
+
+/// An index whose split cannot describe its slices (no parts, or parts that do not divide the
+/// slice) is a corrupt checkpoint, named, not a division by zero or a failed reshape.
+#[test]
+fn tp_slices_an_index_cannot_split_are_refused() {
+    let dir = Path::new("/ck");
+    let slices = |parts: usize| {
+        let t = |v: f64| Tensor::full([3, 2], v, (Kind::Float, Device::Cpu));
+        let named = vec![("w#tp0".to_string(), t(1.0)), ("w#tp1".to_string(), t(2.0))];
+        let how = std::collections::BTreeMap::from([("w".to_string(), sharded::TpSlice { dim: 0, parts, size: 2 })]);
+        sharded::join_tp_slices(named, &how, dir)
+    };
+    let whole = slices(1).unwrap();
+    assert_eq!(whole[0].0, "w");
+    assert_eq!(whole[0].1.size(), vec![6, 2]);
+    assert_eq!(whole[0].1.sum(Kind::Float).double_value(&[]), 18.0);
+    for parts in [0, 2] {
+        let e = slices(parts).unwrap_err().to_string();
+        assert!(e.contains(&format!("into {parts} parts along dim 0")) && e.contains("[3, 2]") && e.contains("/ck"), "{e}");
+    }
+}
+
+/// Re-writing a step swaps the new checkpoint in: the old one is never absent from the step's
+/// name, and neither it nor the temporary is left behind.
+#[test]
+fn place_swaps_a_rewritten_step_in_whole() {
+    let root = tempfile::tempdir().unwrap();
+    let tmp = |tag: &str| {
+        let d = root.path().join(format!(".tmp-{tag}"));
+        fs::create_dir(&d).unwrap();
+        fs::write(d.join("state.json"), tag).unwrap();
+        d
+    };
+    let first = place(root.path(), &tmp("old"), 7).unwrap();
+    assert_eq!(fs::read_to_string(first.join("state.json")).unwrap(), "old");
+    let new = tmp("new");
+    let again = place(root.path(), &new, 7).unwrap();
+    assert_eq!(again, first);
+    assert_eq!(fs::read_to_string(again.join("state.json")).unwrap(), "new");
+    assert!(!new.exists());
+    let names: Vec<String> = fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, vec![dir_name(7)]);
+}

@@ -146,7 +146,15 @@ fn num(v: &Value, key: &str, what: &str) -> Result<u64, String> {
     field(v, key, what)?.as_u64().ok_or_else(|| format!("{what}: \"{key}\" is not a non-negative integer"))
 }
 fn text(v: &Value, key: &str, what: &str) -> Result<String, String> {
-    Ok(field(v, key, what)?.as_str().ok_or_else(|| format!("{what}: \"{key}\" is not a string"))?.to_string())
+    Ok(printable(field(v, key, what)?.as_str().ok_or_else(|| format!("{what}: \"{key}\" is not a string"))?))
+}
+/// A string from a dump as the report may print it: control characters (a newline, a
+/// terminal's escape sequences) escaped.
+fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
 }
 fn opt_num(v: &Value, key: &str, what: &str) -> Result<Option<u64>, String> {
     match v.get(key) {
@@ -157,7 +165,7 @@ fn opt_num(v: &Value, key: &str, what: &str) -> Result<Option<u64>, String> {
 fn opt_text(v: &Value, key: &str, what: &str) -> Result<Option<String>, String> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(x) => x.as_str().map(|s| Some(s.to_string())).ok_or_else(|| format!("{what}: \"{key}\" is not a string")),
+        Some(x) => x.as_str().map(|s| Some(printable(s))).ok_or_else(|| format!("{what}: \"{key}\" is not a string")),
     }
 }
 fn array<'a>(v: &'a Value, key: &str, what: &str) -> Result<&'a [Value], String> {
@@ -250,7 +258,8 @@ pub struct Loaded {
 /// `rank_<N>.json` -> N.
 fn rank_of_file(name: &str) -> Option<usize> {
     let n = name.strip_prefix("rank_")?.strip_suffix(".json")?;
-    if n.is_empty() || n.len() > 8 || !n.bytes().all(|b| b.is_ascii_digit()) {
+    // One name per rank: `rank_07.json` is not rank 7's dump.
+    if n.is_empty() || n.len() > 8 || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0')) {
         return None;
     }
     n.parse().ok()

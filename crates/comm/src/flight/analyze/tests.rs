@@ -381,6 +381,37 @@ fn loading_a_directory_is_bounded_and_stays_inside_it() {
     let _ = std::fs::remove_dir_all(&plain);
 }
 
+/// A dump's claims size the work: a world of 2^24 ranks with one dump, and thousands of
+/// groups, are analysed in time linear in them (this test would take hours otherwise), and
+/// strings from a dump reach the terminal with their control characters escaped.
+#[test]
+fn a_hostile_dump_is_analysed_quickly_and_printed_safely() {
+    let huge = MINIMAL.replace("RANK", "0").replacen("\"world_size\":2", &format!("\"world_size\":{}", 1 << 24), 1).replacen(
+        "\"host\":\"h\"",
+        "\"host\":\"h\\u001b[2J\\nx\"",
+        1,
+    );
+    let d = parse_dump(&huge).unwrap();
+    assert_eq!(d.host, "h\\u{1b}[2J\\nx");
+    let r = analyze("d", &[d], &[]);
+    assert_eq!(r.missing.len(), (1 << 24) - 1);
+    assert_eq!(r.look_at.len(), MAX_MISSING_SUSPECTS);
+    let t = r.to_text();
+    assert!(t.contains("1-16777215") && !t.contains('\u{1b}'), "{t}");
+    // 40,000 distinct groups in one dump.
+    let groups: Vec<GroupDump> = (0..40_000).map(|i| group(&format!("g{i}"), &[0], 0, done(1))).collect();
+    let r = analyze("d", &[dump(0, 1, "r", groups)], &[]);
+    assert_eq!(r.groups.len(), 40_000);
+    // One file per rank: a zero-padded name is not a second dump of the same rank.
+    let f = scratch("padded");
+    std::fs::write(f.join("rank_0.json"), MINIMAL.replace("RANK", "0")).unwrap();
+    std::fs::write(f.join("rank_00.json"), MINIMAL.replace("RANK", "0")).unwrap();
+    std::fs::write(f.join("rank_01.json"), MINIMAL.replace("RANK", "1")).unwrap();
+    let l = load_dir(&f).unwrap();
+    assert_eq!((l.dumps.len(), l.unreadable.len()), (1, 0));
+    let _ = std::fs::remove_dir_all(&f);
+}
+
 #[test]
 fn malformed_dumps_are_errors() {
     let ok = MINIMAL.replace("RANK", "0");
