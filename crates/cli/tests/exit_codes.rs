@@ -5,10 +5,15 @@
 mod common;
 
 use std::process::Command;
+use std::sync::Mutex;
+
+/// One mpirun at a time: concurrent launches race on Open MPI's session directory.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// `mpirun -np 2 sh -c 'fabbrica train …; echo EXIT <rank> $?'`, rank 1 with `rank1` as its last
 /// `--set` (a rank-local key such as `data.path` or `run.out_dir`).
 fn per_rank_exit_codes(sets: &[String], rank1: &str) -> (Vec<(usize, i32)>, String) {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let bin = env!("CARGO_BIN_EXE_fabbrica");
     let quoted: Vec<String> = sets.iter().chain([common::corpus_set()].iter()).map(|s| format!("--set '{s}'")).collect();
     let script = format!(

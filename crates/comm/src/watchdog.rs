@@ -491,27 +491,63 @@ mod tests {
         TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
     }
 
-    /// Ports whose connections the kernel accepts and nobody ever answers (frozen ranks).
-    fn frozen(n: usize) -> Vec<TcpListener> {
-        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect()
+    /// Ports that accept connections and never answer (frozen ranks), and the most of their
+    /// connections that were open at one moment: how many peers were being asked at once.
+    struct Frozen {
+        addrs: Vec<SocketAddr>,
+        /// (open now, most open at once)
+        open: Arc<Mutex<(usize, usize)>>,
+    }
+
+    impl Frozen {
+        fn new(n: usize) -> Frozen {
+            let open = Arc::new(Mutex::new((0, 0)));
+            let addrs = (0..n)
+                .map(|_| {
+                    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                    let addr = l.local_addr().unwrap();
+                    let open = open.clone();
+                    std::thread::spawn(move || {
+                        for conn in l.incoming() {
+                            let Ok(mut conn) = conn else { return };
+                            let open = open.clone();
+                            std::thread::spawn(move || {
+                                {
+                                    let mut o = open.lock().unwrap();
+                                    o.0 += 1;
+                                    o.1 = o.1.max(o.0);
+                                }
+                                // Never answers; the asker closes the connection when it gives up.
+                                let _ = std::io::copy(&mut conn, &mut std::io::sink());
+                                open.lock().unwrap().0 -= 1;
+                            });
+                        }
+                    });
+                    addr
+                })
+                .collect();
+            Frozen { addrs, open }
+        }
+
+        fn most_at_once(&self) -> usize {
+            self.open.lock().unwrap().1
+        }
     }
 
     const FROZEN: usize = 100;
 
-    /// A hundred frozen peers cost one query timeout in all (one after another they would cost a
-    /// hundred), and each is still named, beside a rank that is behind and one that is gone.
+    /// A hundred frozen peers are asked all at once (one after another they would cost a hundred
+    /// query timeouts), and each is still named, beside a rank that is behind and one that is gone.
     #[test]
-    fn frozen_peers_cost_one_query_timeout_in_all() {
+    fn frozen_peers_are_asked_all_at_once() {
         let secret = auth::random_secret().unwrap();
-        let held = frozen(FROZEN);
+        let held = Frozen::new(FROZEN);
         let mut peers = vec![gone(), live(1, secret, 2), live(2, secret, 1), gone()];
-        peers.extend(held.iter().map(|l| l.local_addr().unwrap()));
+        peers.extend(&held.addrs);
         let members: Vec<usize> = (0..peers.len()).collect();
         let w = Watchdog::new(0, peers, secret, Duration::from_secs(600), port::LIMITS);
-        let t = Instant::now();
         let report = w.diagnose("world", 2, &members, None, true);
-        let took = t.elapsed();
-        assert!(took < QUERY_TIMEOUT + Duration::from_secs(2), "the diagnosis took {took:?}");
+        assert_eq!(held.most_at_once(), FROZEN, "the frozen peers were not all asked at once");
         let missing: Vec<usize> = (2..members.len()).collect();
         assert!(report.starts_with(&format!("ranks {missing:?} did not arrive (")), "{report}");
         assert!(report.contains("rank 2: last called all_reduce #1; now no operation in flight"), "{report}");
@@ -522,38 +558,44 @@ mod tests {
         assert!(!report.contains("not asked"), "{report}");
     }
 
-    /// Telling a hundred frozen peers (and a gone one) to abort takes one abort timeout in all.
+    /// A hundred frozen peers (and a gone one) are told to abort all at once.
     #[test]
-    fn abort_notices_to_frozen_peers_take_one_abort_timeout_in_all() {
+    fn abort_notices_to_frozen_peers_go_out_all_at_once() {
         let secret = auth::random_secret().unwrap();
-        let held = frozen(FROZEN);
+        let held = Frozen::new(FROZEN);
         let mut peers = vec![gone(), gone()];
-        peers.extend(held.iter().map(|l| l.local_addr().unwrap()));
+        peers.extend(&held.addrs);
         let w = Watchdog::new(0, peers, secret, Duration::from_secs(600), port::LIMITS);
-        let t = Instant::now();
         w.broadcast_abort("A rank 0 aborted the job: test");
-        let took = t.elapsed();
-        assert!(took >= ABORT_TIMEOUT - Duration::from_millis(100) && took < ABORT_TIMEOUT + Duration::from_secs(1), "the notices took {took:?}");
+        assert_eq!(held.most_at_once(), FROZEN, "the notices were not all sent at once");
     }
 
     /// `fan_out` runs the jobs at once, up to FAN_OUT of them, and starts none after its deadline.
     #[test]
     fn fan_out_is_concurrent_and_stops_at_its_deadline() {
+        // Each job waits (up to a minute) until all 100 have started: only jobs that run at
+        // once can all see the count reach 100.
+        let started = Mutex::new(0usize);
+        let all_in = std::sync::Condvar::new();
+        let rendezvous = |&i: &usize| {
+            let mut n = started.lock().unwrap();
+            *n += 1;
+            all_in.notify_all();
+            let (n, _) = all_in.wait_timeout_while(n, Duration::from_secs(60), |n| *n < 100).unwrap();
+            (i, *n == 100)
+        };
+        let targets: Vec<usize> = (0..100).collect();
+        let got = fan_out(&targets, Instant::now() + Duration::from_secs(120), rendezvous);
+        assert_eq!(got, targets.iter().map(|&i| Some((i, true))).collect::<Vec<_>>());
+
+        // More jobs than run at once: those not started by the deadline are not run (each of
+        // the FAN_OUT workers starts at most two of the 4 x FAN_OUT jobs of 200 ms in 300 ms).
         let job = |&i: &usize| {
             std::thread::sleep(Duration::from_millis(200));
             i
         };
-        let targets: Vec<usize> = (0..100).collect();
-        let t = Instant::now();
-        let got = fan_out(&targets, Instant::now() + Duration::from_secs(30), job);
-        assert!(t.elapsed() < Duration::from_secs(5), "100 jobs of 200 ms took {:?}", t.elapsed());
-        assert_eq!(got, targets.iter().map(|&i| Some(i)).collect::<Vec<_>>());
-
-        // More jobs than run at once: those not started by the deadline are not run.
         let targets: Vec<usize> = (0..4 * FAN_OUT).collect();
-        let t = Instant::now();
         let got = fan_out(&targets, Instant::now() + Duration::from_millis(300), job);
-        assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
         let done = got.iter().filter(|r| r.is_some()).count();
         assert!(done > 0 && done < targets.len(), "{done} of {} ran", targets.len());
         assert!(got.iter().enumerate().all(|(i, r)| r.is_none_or(|r| r == i)));

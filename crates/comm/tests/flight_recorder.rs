@@ -139,7 +139,12 @@ fn flight_recorder_sigusr2_dumps_a_running_rank_and_the_job_goes_on() {
     let env = [("FABBRICA_SELFTEST_DIR", d.as_str()), ("FABBRICA_FLIGHT_DIR", d.as_str())];
     let mut job = Running::start(2, &["flight-usr2"], &env);
     let ranks = job.addresses(&dir, 2);
-    std::thread::sleep(Duration::from_millis(300));
+    // Once rank 1 has completed a round, its ring holds a completed send and receive.
+    let t = Instant::now();
+    while !dir.join("round1.1").exists() {
+        assert!(t.elapsed() < Duration::from_secs(60) && job.child.try_wait().unwrap().is_none(), "rank 1 never finished a round:\n{}", job.output());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // SAFETY: kill(2) on a rank of our own job.
     assert_eq!(unsafe { libc::kill(ranks[1].1 as libc::pid_t, libc::SIGUSR2) }, 0);
     let t = Instant::now();

@@ -41,7 +41,9 @@ fn watchdog_ends_a_job_with_a_missing_rank() {
     // Rank 2 skips all_reduce #2 and sleeps 120 s; ranks 0 and 1 wait in it.
     let (out, took) = mpirun(3, &["watchdog"], &[("FABBRICA_COMM_TIMEOUT", "2")]);
     let all = text(&out);
-    assert!(!out.status.success(), "the job must fail:\n{all}");
+    // The watchdog's own exit code (README: "exits with code 3"), which mpirun passes on from
+    // the first rank that failed.
+    assert_eq!(out.status.code(), Some(fabbrica_comm::watchdog::EXIT_CODE), "the job must fail with the watchdog's code:\n{all}");
     // Not a speed assertion: proof that the job did not wait for the sleeping rank (120 s).
     assert!(took < Duration::from_secs(60), "the job took {took:?}:\n{all}");
     for r in 0..3 {
@@ -61,7 +63,7 @@ fn watchdog_ends_a_job_with_a_missing_rank() {
 fn watchdog_ends_a_job_stuck_in_a_receive() {
     let (out, took) = mpirun(2, &["watchdog-p2p"], &[("FABBRICA_COMM_TIMEOUT", "2")]);
     let all = text(&out);
-    assert!(!out.status.success(), "the job must fail:\n{all}");
+    assert_eq!(out.status.code(), Some(fabbrica_comm::watchdog::EXIT_CODE), "the job must fail with the watchdog's code:\n{all}");
     assert!(took < Duration::from_secs(60), "the job took {took:?}:\n{all}");
     for r in 0..2 {
         assert!(

