@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""PyTorch reference numerics for fabbrica's GPT (nanoGPT GPT-2, dropout 0), CPU fp32.
+"""PyTorch reference numerics for fabbrica's GPT (nanoGPT GPT-2, dropout 0), CPU fp32, or with
+--autocast under torch.autocast("cpu", dtype=torch.bfloat16) (forward and loss; parameters,
+gradients and AdamW stay fp32, as in fabbrica's train.dtype=bf16).
 
 Writes one .safetensors file containing:
   <param name>          initial parameters (state-dict names; lm_head.weight omitted, tied to wte)
@@ -14,7 +16,7 @@ Writes one .safetensors file containing:
 Usage:
   python scripts/torch_reference.py --out FILE.safetensors [--vocab 65 --block 16 --layers 2
       --heads 2 --embd 32 --bias 1 --batch 4 --seed 1337 --steps 10 --lr 1e-3 --wd 0.1
-      --beta1 0.9 --beta2 0.95 --eps 1e-8 --clip 1.0]
+      --beta1 0.9 --beta2 0.95 --eps 1e-8 --clip 1.0 --autocast]
 """
 
 import argparse
@@ -182,6 +184,7 @@ def main():
     ap.add_argument("--beta2", type=float, default=0.95)
     ap.add_argument("--eps", type=float, default=1e-8)
     ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--autocast", action="store_true", help="bf16 autocast on the CPU for forward and loss")
     args = ap.parse_args()
 
     torch.use_deterministic_algorithms(True)
@@ -214,12 +217,18 @@ def main():
     out["x"] = x.clone()
     out["y"] = y.clone()
 
+    def run(x, y):
+        if not args.autocast:
+            return model(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x, y)
+
     # Forward / backward at the initial weights.
     model.train()
-    logits, loss = model(x, y)
+    logits, loss = run(x, y)
     loss.backward()
-    out["logits"] = logits.detach().clone()
-    out["loss"] = loss.detach().clone().reshape([])
+    out["logits"] = logits.detach().float().clone()
+    out["loss"] = loss.detach().float().clone().reshape([])
     for n, p in named:
         out["grad." + n] = p.grad.detach().clone()
     grads = [p.grad.detach() for p in params]
@@ -250,7 +259,7 @@ def main():
     losses = []
     for step in range(args.steps):
         opt.zero_grad(set_to_none=True)
-        _, l = model(x, y)
+        _, l = run(x, y)
         losses.append(l.item())
         l.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, args.clip)
