@@ -441,7 +441,7 @@ mod tests {
     }
 
     fn est(params: u64, act: u64) -> MemoryEstimate {
-        MemoryEstimate { params, grads: params, optimizer: 2 * params, activations: act }
+        MemoryEstimate { params, grads: params, optimizer: 2 * params, activations: act, logits: 0 }
     }
 
     #[test]
