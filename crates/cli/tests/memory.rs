@@ -300,3 +300,52 @@ fn the_cpu_estimate_is_within_15_percent_of_measured_peak_rss() {
     }
     assert!(errors.is_empty(), "{errors:#?}");
 }
+
+/// `bench train --profile N` (README's tour): N more steps with the device synchronised after
+/// each phase, reported as text and as JSON; none without it.
+#[test]
+fn bench_train_profile_reports_every_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |profile: &str| {
+        let json = dir.path().join(format!("profile{profile}.json"));
+        let args = [
+            "bench",
+            "train",
+            "--preset",
+            "tiny",
+            "--set",
+            "model.vocab_size=65",
+            "--set",
+            "run.device=cpu",
+            "--batch",
+            "4",
+            "--block",
+            "64",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--profile",
+            profile,
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let o = common::fabbrica(&args);
+        assert!(o.status.success(), "{}", describe(&o));
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        (String::from_utf8_lossy(&o.stdout).into_owned(), v)
+    };
+    let (text, v) = run("3");
+    let p = &v["profile"];
+    assert_eq!(p["steps"], 3, "{v}");
+    for phase in ["forward_ms", "backward_ms", "clip_ms", "optimizer_ms", "zero_grad_ms"] {
+        let ms = p[phase].as_f64().unwrap_or_else(|| panic!("{phase} missing: {v}"));
+        assert!(ms.is_finite() && ms >= 0.0, "{phase} = {ms}");
+    }
+    // The two phases that do the model's work take measurable time.
+    assert!(p["forward_ms"].as_f64().unwrap() > 0.0 && p["backward_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(text.contains("profile       3 steps"), "{text}");
+    let (text, v) = run("0");
+    assert!(v["profile"].is_null() && !text.contains("profile "), "{text}\n{v}");
+}
