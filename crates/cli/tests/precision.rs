@@ -58,8 +58,10 @@ fn bf16_autocast_on_the_cpu_trains_like_fp32_within_its_rounding() {
     assert_eq!(note, !fabbrica_train::device::cpu_has_bf16(), "{said}");
     let (a, b) = (train_curve(&f32_out), train_curve(&bf16_out));
     // bf16 keeps 8 bits of mantissa (relative rounding 4e-3 per value); the loss, an average over
-    // 512 tokens of fp32 log-softmax, stays far closer.
-    assert_same_curve("bf16 vs fp32", &b, &a, STEPS, 2e-2);
+    // 512 tokens of fp32 log-softmax, stays far closer (measured 2026-12-02: 9e-5 for the loss,
+    // 7e-4 for the gradient norm over the 12 steps). That bf16 is PyTorch's own autocast, op for
+    // op, is checked in crates/train/tests/numerics.rs.
+    assert_same_curve("bf16 vs fp32", &b, &a, STEPS, 5e-3);
     // And bf16 is really on: the curves are not identical.
     assert!(a.iter().any(|(s, (l, _))| b[s].0 != *l), "bf16 and fp32 gave bit-identical losses");
     let (first, last) = (b[&1].0, b[&(STEPS as u64)].0);
@@ -77,8 +79,9 @@ fn tensor_and_pipeline_parallel_bf16_match_one_process_bf16() {
     train(0, &one, "bf16", &common);
     train(2, &tp2, "bf16", &[&common[..], &["parallel.tp=2"]].concat());
     train(2, &pp2, "bf16", &[&common[..], &["parallel.pp=2"]].concat());
-    // Split matmuls round their bf16 partial sums in another order than the whole one.
-    assert_same_curve("tp=2 bf16 vs one process bf16", &train_curve(&tp2), &train_curve(&one), STEPS, 2e-2);
+    // Split matmuls round their bf16 partial sums in another order than the whole one (measured
+    // 2026-12-02: 4e-5 for the loss, 2e-4 for the gradient norm by step 12).
+    assert_same_curve("tp=2 bf16 vs one process bf16", &train_curve(&tp2), &train_curve(&one), STEPS, 2e-3);
     // The stages compute what the whole model computes; only the tied embedding's gradient sums
     // its two stages' parts in another order (1e-7 in fp32, where pp = 2 matches one process
     // within 1e-7), which flips a few bf16 roundings of the next steps' activations (measured:

@@ -142,9 +142,12 @@ pub fn rel(a: f64, b: f64) -> f64 {
 /// `want`'s.
 pub fn assert_same_curve(name: &str, got: &Curve, want: &Curve, steps: usize, tol: f64) {
     assert_eq!(got.len(), steps, "{name}: steps logged");
+    let mut worst = (0f64, 0f64);
     for (step, (loss, norm)) in got {
         let (wl, wn) = want[step];
         assert!(rel(*loss, wl) <= tol, "{name} step {step}: loss {loss} vs {wl}");
         assert!(rel(*norm, wn) <= tol, "{name} step {step}: grad norm {norm} vs {wn}");
+        worst = (worst.0.max(rel(*loss, wl)), worst.1.max(rel(*norm, wn)));
     }
+    println!("{name}: largest relative difference {:.1e} (loss), {:.1e} (gradient norm), tolerance {tol:.0e}", worst.0, worst.1);
 }
