@@ -37,7 +37,8 @@ pub fn run(a: DdpArgs) -> Result<(), Failure> {
     }
     let cfg = fabbrica_train::Config::resolve(a.cfg.preset.as_deref(), a.cfg.config.as_deref(), &a.cfg.sets)?;
     let world = fabbrica_comm::init(fabbrica_train::comm_options(&cfg)?).map_err(|e| user(e.to_string()))?;
-    let r = run_ddp(&cfg, world.comm(), world.launch().local_rank, a.steps, a.warmup, a.rounds)?;
+    let launch = world.launch();
+    let r = run_ddp(&cfg, world.comm(), (launch.local_rank, launch.local_world_size), a.steps, a.warmup, a.rounds)?;
     if world.rank() == 0 {
         print(&r, &cfg);
         if let Some(path) = &a.json {

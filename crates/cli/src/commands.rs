@@ -38,7 +38,8 @@ pub struct ConfigArgs {
     /// TOML file with [model], [data], [train], [run] sections, applied over the preset.
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
-    /// Base settings: tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b (default tiny).
+    /// Base settings (default tiny): tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-tiny,
+    /// llama3.2-1b, llama3.2-3b, llama3.1-8b, llama3.1-70b, llama3.1-405b.
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
     /// Override one key, e.g. --set train.lr=3e-4 --set run.device=cpu (repeatable; applied last).
@@ -130,11 +131,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
     if rank != 0 {
         return Ok(());
     }
-    println!("finished {} steps: train loss {:.4}, val loss {:.4}", out.steps, out.train_loss, out.val_loss);
-    println!("checkpoint: {}", out.checkpoint.display());
-    println!("metrics: {}", out.out_dir.join("metrics.jsonl").display());
+    use fabbrica_train::metrics::say;
+    say(&format!("finished {} steps: train loss {:.4}, val loss {:.4}", out.steps, out.train_loss, out.val_loss));
+    say(&format!("checkpoint: {}", out.checkpoint.display()));
+    say(&format!("metrics: {}", out.out_dir.join("metrics.jsonl").display()));
     if let Some(s) = out.sample {
-        println!("--- sample ---\n{s}\n--------------");
+        say(&format!("--- sample ---\n{s}\n--------------"));
     }
     Ok(())
 }
@@ -392,8 +394,8 @@ pub struct BenchTrainArgs {
     /// Untimed steps first (allocator, kernels, caches).
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
-    /// Free the gradients after each step, as PyTorch's `zero_grad(set_to_none=True)` (what
-    /// ../shared/anchors/torch_gpt_bench.py runs); by default they are zeroed in place and stay
+    /// Free the gradients after each step, as PyTorch's `zero_grad(set_to_none=True)` (what the
+    /// PyTorch anchor of docs/BENCHMARKS.md's GPU comparison runs); by default they are zeroed in place and stay
     /// allocated, as the trainer's gradient buckets do (4 bytes per parameter more at the peak).
     #[arg(long)]
     pub free_grads: bool,

@@ -26,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a GPT model (one process, or many under mpirun/srun).
+    /// Train a GPT or Llama model (one process, or many under mpirun/srun).
     Train(commands::TrainArgs),
     /// Tokenize a UTF-8 text file into nanoGPT's train.bin/val.bin/meta.json.
     Prepare(commands::PrepareArgs),
@@ -59,6 +59,16 @@ fn main() -> ExitCode {
         }
     }));
     let cli = Cli::parse();
+    // A training run outlives a closed standard output (`train | head`): its lines are written
+    // with errors ignored, and SIGPIPE stays ignored as Rust sets it. Every other command's
+    // output is its product: a closed pipe ends it quietly, as it ends `ls | head`.
+    let training = matches!(&cli.command, Command::Train(a) if !a.dry_run);
+    if !training {
+        // SAFETY: restoring a signal's default action before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Train(a) => commands::train(a),
         Command::Prepare(a) => commands::prepare(a),

@@ -155,6 +155,11 @@ pub fn run(a: PlanArgs) -> Result<()> {
     if let Some(PlanCommand::Calibrate(c)) = a.command {
         return calibrate(c);
     }
+    if let Some(p) = &a.plot {
+        if !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")) {
+            return Err(user(format!("--plot {}: the plot is drawn as SVG: use a file name ending in .svg", p.display())));
+        }
+    }
     let cluster =
         Cluster::resolve(a.cluster.as_deref().ok_or_else(|| user("no cluster: give --cluster a100|h100-sxm|h200|b200|cpu|FILE.toml".into()))?)?;
     let model = resolve_model(a.model.as_deref(), a.config.as_deref(), a.seq)?;

@@ -230,6 +230,15 @@ fn resume_with_another_model_shape_names_tensor_and_shape() {
     assert!(line.contains(".weight'") || line.contains(".bias'"), "should name a tensor: {line}");
 }
 
+/// Resuming a run with a train.max_steps below the checkpoint's step would train nothing and
+/// report success: refused, naming both numbers.
+#[test]
+fn resume_past_max_steps_is_refused() {
+    let (_dir, data, out_dir) = trained_run();
+    let args = with_sets(tiny_train_args(&data, &out_dir), &["run.resume=true", "train.max_steps=2"]);
+    assert_user_error(&fabbrica(&args), &["train.max_steps = 2", "already trained 3 steps", "raise train.max_steps above 3"]);
+}
+
 // 8
 #[test]
 fn truncated_model_checkpoint_is_reported() {
@@ -431,4 +440,18 @@ fn hf_tokenizer_file_mistakes_name_the_file() {
     // No path, or an unknown name: the config key / the valid names are given.
     assert_user_error(&train_with("hf:"), &["data.tokenizer", "hf:PATH"]);
     assert_user_error(&prepare_with("sentencepiece"), &["sentencepiece", "hf:PATH"]);
+}
+
+/// `--help` names every preset the config accepts (the list is written out for clap).
+#[test]
+fn help_lists_every_preset() {
+    for cmd in [&["train", "--help"][..], &["bench", "train", "--help"]] {
+        let out = fabbrica(cmd);
+        assert_success(&out);
+        let help = String::from_utf8_lossy(&out.stdout).into_owned();
+        let words: Vec<&str> = help.split(|c: char| c.is_whitespace() || ",():".contains(c)).collect();
+        for name in fabbrica_models::PRESET_NAMES {
+            assert!(words.contains(&name), "{cmd:?}: {name} missing from\n{help}");
+        }
+    }
 }

@@ -349,3 +349,25 @@ fn bench_train_profile_reports_every_phase() {
     let (text, v) = run("0");
     assert!(v["profile"].is_null() && !text.contains("profile "), "{text}\n{v}");
 }
+
+/// The benchmarks run the trainer's memory check before building anything: a batch that cannot
+/// fit is one line and exit 2, not the kernel's OOM killer (which takes the machine with it).
+#[test]
+fn bench_train_and_bench_ddp_refuse_a_batch_that_cannot_fit() {
+    for cmd in [["bench", "train", "--batch", "100000"], ["bench", "ddp", "--set", "train.batch_size=100000"]] {
+        let mut args: Vec<&str> = cmd.to_vec();
+        args.extend(["--set", "run.device=cpu", "--steps", "1", "--warmup", "0"]);
+        let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let (o, peak) = output_with_peak_rss({
+            let mut c = Command::new(env!("CARGO_BIN_EXE_fabbrica"));
+            c.args(&args).env("RUST_BACKTRACE", "1");
+            c
+        });
+        let all = describe(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}\n{all}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}\n{all}");
+        assert!(err.starts_with("error: this run needs about") && err.contains("lower train.batch_size to"), "{args:?}\n{all}");
+        assert!(peak < 2 << 30, "{args:?}: a process peaked at {peak} bytes");
+    }
+}

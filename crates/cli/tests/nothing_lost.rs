@@ -162,6 +162,13 @@ fn a_corrupt_newest_checkpoint_falls_back_and_resume_from_chooses() {
     bytes[n - 10] ^= 0xFF;
     fs::write(&model, bytes).unwrap();
 
+    // `sample` reads the run as it is: it says what it passed over (and moves nothing).
+    let o = common::fabbrica(&["sample", "--checkpoint", out.to_str().unwrap(), "--tokens", "5", "--device", "cpu"]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("note: passed over step_00000030") && err.contains("using the checkpoint of step 20"), "{}", text(&o));
+    assert!(root.join("step_00000030").is_dir());
+
     let o = train(0, &out, &["train.max_steps=35", "run.checkpoint_interval=10", "run.keep_checkpoints=3", "run.resume=true"]);
     ok(&o);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -271,6 +278,9 @@ fn a_diverging_run_stops_before_writing_a_nan_checkpoint() {
     );
     let line = one_line_error(&o, 2, &["train.nonfinite = stop", "stopped without writing a checkpoint"]);
     assert!(line.contains("NaN") || line.contains("inf"), "{line}");
+    // The advice fits what is there: resume from a checkpoint, or start again without one.
+    let any = !checkpoint::list(&checkpoint::checkpoints_dir(&out)).unwrap().is_empty();
+    assert_eq!((line.contains("resume with run.resume=true"), line.contains("no checkpoint to resume from")), (any, !any), "{line}");
     for (_, d) in checkpoint::list(&checkpoint::checkpoints_dir(&out)).unwrap() {
         let ck = checkpoint::load(&d).unwrap();
         for (n, t) in ck.model.iter().chain(ck.optim.iter()) {
@@ -283,7 +293,9 @@ fn a_diverging_run_stops_before_writing_a_nan_checkpoint() {
         &out,
         &["train.max_steps=60", "train.lr=1e6", "train.warmup_steps=0", "train.grad_clip=0", "train.nonfinite=skip", "train.max_skipped_steps=2"],
     );
-    one_line_error(&o, 2, &["3 steps skipped", "train.max_skipped_steps = 2"]);
+    let line = one_line_error(&o, 2, &["3 steps skipped", "train.max_skipped_steps = 2"]);
+    assert!(checkpoint::list(&checkpoint::checkpoints_dir(&out)).unwrap().is_empty());
+    assert!(line.contains("run it again from the start (there is no checkpoint to resume from)"), "{line}");
 }
 
 /// Runs `fabbrica train` with `run.out_dir` on a fresh tmpfs of `kib` KiB in a private mount
@@ -371,4 +383,49 @@ fn sampling_a_nan_checkpoint_of_an_older_version_is_one_line() {
         c
     });
     one_line_error(&o, 2, &["wte.weight", "NaN or Inf", "earlier checkpoint"]);
+}
+
+/// A closed standard output (`fabbrica train | head -1`) loses a printed line, never the run:
+/// training goes on to its end, with every step in metrics.jsonl and its checkpoint.
+#[test]
+fn a_closed_stdout_does_not_end_the_run() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut child =
+        command(0, &out, &["train.max_steps=40"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    // The reader is gone: every later write to stdout fails with EPIPE.
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{first}\n{}", text(&o));
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"), "{}", text(&o));
+    assert_eq!(steps(&out), vec![40]);
+    let logged: Vec<u64> = read(&out.join("metrics.jsonl")).unwrap().iter().filter(|r| r.kind == "train").map(|r| r.step).collect();
+    assert_eq!(logged, (1..=40).collect::<Vec<u64>>());
+}
+
+/// `fabbrica train > log` from a terminal: the bar stays on the terminal (stderr) and every line
+/// (the start, each logged step, evaluations, the end) goes to the log, none lost to the bar.
+/// `script` gives the run a terminal, as an interactive shell would.
+#[test]
+fn a_redirected_stdout_keeps_every_line_while_the_terminal_shows_the_bar() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let log = dir.path().join("train.log");
+    let cmd = command(0, &out, &["train.max_steps=5"]);
+    let mut line = format!("{:?}", cmd.get_program());
+    for a in cmd.get_args() {
+        line.push(' ');
+        line.push_str(&format!("'{}'", a.to_string_lossy()));
+    }
+    line.push_str(&format!(" > '{}'", log.display()));
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let o = Command::new("script").args(["-qec", &line, "/dev/null"]).env("RUST_BACKTRACE", "1").output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let logged = fs::read_to_string(&log).unwrap();
+    for want in ["step 1: loss", "step 5: loss", "step 5: train loss", "finished 5 steps"] {
+        assert!(logged.contains(want), "{want:?} missing from the log:\n{logged}");
+    }
 }

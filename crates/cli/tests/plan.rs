@@ -173,6 +173,8 @@ fn bad_input_is_one_line_and_exit_2() {
         (vec!["--model", "gpt2-124m", "--cluster", "h100-sxm", "--gpus", "8,x"], "--gpus"),
         (vec!["--model", "gpt2-124m", "--cluster", "h100-sxm", "--gpus", "8", "--tokens", "15Q"], "--tokens"),
         (vec!["--model", "gpt2-1.5b", "--cluster", small.to_str().unwrap(), "--gpus", "1", "--global-batch", "8"], "would fit on"),
+        // The plot is SVG: a .png name is refused before the search, not filled with SVG.
+        (vec!["--model", "gpt2-124m", "--cluster", "h100-sxm", "--gpus", "8", "--plot", "scaling.png"], "ending in .svg"),
     ];
     for (args, needle) in cases {
         let o = plan(&args);

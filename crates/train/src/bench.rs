@@ -176,13 +176,18 @@ struct BenchModel {
 }
 
 fn bench_model(cfg: &Config, batch_seed: i64) -> Result<BenchModel, TrainError> {
-    bench_model_on(cfg, 0, batch_seed)
+    bench_model_on(cfg, 0, batch_seed, 1, 1)
 }
 
-fn bench_model_on(cfg: &Config, cuda_ordinal: usize, batch_seed: i64) -> Result<BenchModel, TrainError> {
+/// The benchmark's model and batch on `cuda_ordinal` (or the CPU), after the trainer's memory
+/// check for `local_ranks` ranks on this node, `dp` of them data-parallel: a batch or model
+/// that cannot fit is refused in one line, as `train` refuses it, not left to the allocator or
+/// the kernel's OOM killer.
+fn bench_model_on(cfg: &Config, cuda_ordinal: usize, batch_seed: i64, local_ranks: usize, dp: usize) -> Result<BenchModel, TrainError> {
     only_data_parallel(cfg)?;
     let device = resolve_device(cfg.run.device, cuda_ordinal)?;
     let bf16 = resolve_bf16(cfg.train.dtype, device);
+    crate::memory::check_fits_whole(cfg, 256, device, bf16, local_ranks, dp)?;
     crate::device::apply_tf32(cfg.train.tf32)?;
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);
@@ -357,7 +362,7 @@ impl DdpBenchState {
 pub fn run_ddp(
     cfg: &Config,
     comm: std::sync::Arc<dyn fabbrica_comm::Communicator>,
-    local_rank: usize,
+    (local_rank, local_ranks): (usize, usize),
     steps: usize,
     warmup: usize,
     rounds: usize,
@@ -366,7 +371,7 @@ pub fn run_ddp(
     let (rank, n) = (comm.rank(), comm.size());
     let ordinal = fabbrica_comm::cuda_device_for(local_rank, tch::Cuda::device_count() as usize).unwrap_or(local_rank);
     // Same weights on every rank (rank 0's are broadcast anyway), a different batch on each.
-    let BenchModel { model, device, bf16, x, y } = bench_model_on(cfg, ordinal, 1 + rank as i64)?;
+    let BenchModel { model, device, bf16, x, y } = bench_model_on(cfg, ordinal, 1 + rank as i64, local_ranks, n)?;
     let mcfg = model.config().clone();
     let params = model.parameter_handles();
     let ddp = fabbrica_ddp::Ddp::apply(

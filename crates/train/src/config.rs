@@ -768,6 +768,7 @@ fn checked_type(key: &str, schema: &toml::Value, value: &toml::Value) -> Result<
         (V::Array(_), _) => "a list of non-negative integers",
         (V::Integer(_), _) => "an integer",
         (V::Float(_), _) => "a number",
+        (V::Boolean(_), _) if key == "run.resume" => "true, false or \"auto\"",
         (V::Boolean(_), _) => "true or false",
         (V::String(_), _) => "a string",
         _ => "a value like the default",

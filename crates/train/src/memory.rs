@@ -220,8 +220,37 @@ pub fn refusal(need: &MemoryEstimate, avail: &Available, batch_size: usize, dp: 
 /// this rank. `local_ranks` is the number of ranks on this node (they share its RAM), `dp` the
 /// data-parallel degree. Nothing is refused when the free memory cannot be read.
 pub fn check_fits(s: &Setup, local_ranks: usize, dp: usize) -> Result<(), TrainError> {
-    let need = estimate(s, dp);
-    let avail = match s.device {
+    check_need(&estimate(s, dp), s.device, &s.cfg, local_ranks, dp)
+}
+
+/// [`check_fits`] for a whole model on one rank, before anything is built: what the benchmarks
+/// (`bench train`, `bench ddp`) run, with `cfg`'s model (a vocabulary still to be taken from
+/// the data counted as `vocab`), batch and block, on `device`.
+pub fn check_fits_whole(cfg: &crate::Config, vocab: usize, device: Device, bf16: bool, local_ranks: usize, dp: usize) -> Result<(), TrainError> {
+    let mut model = cfg.model.clone();
+    if model.vocab_size() == 0 {
+        model.set_vocab_size(vocab);
+    }
+    let mut e = stage_memory_estimate_tp(
+        &model,
+        &[StageSpec::whole(model.n_layer())],
+        cfg.train.batch_size,
+        model.block_size(),
+        bf16,
+        attention_kernel(device, &model),
+        cfg.recompute(),
+        1,
+        1,
+        false,
+    );
+    if cfg.parallel.zero == 1 && dp > 1 {
+        e.optimizer = e.optimizer.div_ceil(dp as u64);
+    }
+    check_need(&on_device(e, device), device, cfg, local_ranks, dp)
+}
+
+fn check_need(need: &MemoryEstimate, device: Device, cfg: &crate::Config, local_ranks: usize, dp: usize) -> Result<(), TrainError> {
+    let avail = match device {
         Device::Cuda(i) => cuda_free_bytes(i).map(|free| Available { bytes: free.saturating_add(need.params), place: format!("on cuda:{i}") }),
         _ => host_available_bytes().map(|free| {
             let n = local_ranks.max(1);
@@ -229,7 +258,7 @@ pub fn check_fits(s: &Setup, local_ranks: usize, dp: usize) -> Result<(), TrainE
             Available { bytes: (free / n as u64).saturating_add(need.params), place }
         }),
     };
-    match avail.and_then(|a| refusal(&need, &a, s.cfg.train.batch_size, dp, s.cfg.parallel.zero == 1)) {
+    match avail.and_then(|a| refusal(need, &a, cfg.train.batch_size, dp, cfg.parallel.zero == 1)) {
         Some(msg) => Err(TrainError::NotEnoughMemory(msg)),
         None => Ok(()),
     }

@@ -147,7 +147,17 @@ pub fn read(path: &Path) -> Result<Vec<Record>, TrainError> {
         .collect()
 }
 
-/// Progress on rank 0: a bar on a terminal, plain lines otherwise, nothing on other ranks.
+/// One line to standard output that never stops the run: a closed pipe (`train | head`) or a
+/// full disk behind a redirect loses the line (metrics.jsonl has it), not the training.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(format!("{line}\n").as_bytes());
+}
+
+/// Progress on rank 0, nothing on other ranks: a bar on standard error when it is a terminal,
+/// and the lines (steps, evaluations, checkpoints) on standard output — through the bar when
+/// both are the same terminal, as plain lines when standard output is redirected
+/// (`train > log` keeps every line while the terminal shows the bar) or there is no bar.
 pub struct Progress {
     bar: Option<ProgressBar>,
     lines: bool,
@@ -155,6 +165,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(total: u64, start: u64, rank0: bool) -> Self {
+        use std::io::IsTerminal;
         if !rank0 {
             return Progress { bar: None, lines: false };
         }
@@ -162,6 +173,7 @@ impl Progress {
         if target.is_hidden() {
             return Progress { bar: None, lines: true };
         }
+        let lines = !std::io::stdout().is_terminal();
         let bar = ProgressBar::with_draw_target(Some(total), target);
         bar.set_style(
             ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
@@ -169,28 +181,29 @@ impl Progress {
                 .progress_chars("█▉▊▋▌▍▎▏ "),
         );
         bar.set_position(start);
-        Progress { bar: Some(bar), lines: false }
+        Progress { bar: Some(bar), lines }
     }
 
     pub fn step(&self, step: u64, msg: Option<String>) {
         if let Some(b) = &self.bar {
             b.set_position(step);
-            if let Some(m) = msg {
-                b.set_message(m);
+            if let Some(m) = &msg {
+                b.set_message(m.clone());
             }
-        } else if self.lines {
+        }
+        if self.lines {
             if let Some(m) = msg {
-                println!("step {step}: {m}");
+                say(&format!("step {step}: {m}"));
             }
         }
     }
 
     /// A line that should stay visible (evaluations, checkpoints).
     pub fn println(&self, s: &str) {
-        if let Some(b) = &self.bar {
+        if self.lines {
+            say(s);
+        } else if let Some(b) = &self.bar {
             b.println(s);
-        } else if self.lines {
-            println!("{s}");
         }
     }
 

@@ -139,6 +139,19 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
                 Resume::No => false,
             };
         let resume = if wanted { Some(checkpoint::find_resume(out, explicit)?) } else { None };
+        if let Some(r) = &resume {
+            let (step, max) = (r.loaded.state.step, s.cfg.train.max_steps);
+            if step > max {
+                return Err(TrainError::Config(crate::ConfigError::Invalid {
+                    key: "train.max_steps".into(),
+                    value: max.to_string(),
+                    why: format!(
+                        "the checkpoint to resume from ({}) has already trained {step} steps: raise train.max_steps above {step} to train on",
+                        r.loaded.dir.display()
+                    ),
+                }));
+            }
+        }
         // A fresh run (or one starting from another run's checkpoint) never mixes its checkpoints
         // with an earlier run's in the same directory: refuse, or archive that run first.
         if resume.as_ref().is_none_or(|r| !r.in_run) {
@@ -332,9 +345,13 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
                 } else {
                     format!("{} steps skipped, more than train.max_skipped_steps = {}", saver.run.skipped_steps, cfg.train.max_skipped_steps)
                 };
-                let msg = format!(
-                    "{bad} ({why}): stopped without writing a checkpoint ({last}): lower train.lr or set train.nonfinite=skip, then resume with run.resume=true"
-                );
+                let again = if saver.run.last_saved.is_some() {
+                    "then resume with run.resume=true"
+                } else {
+                    "then run it again from the start (there is no checkpoint to resume from)"
+                };
+                let msg =
+                    format!("{bad} ({why}): stopped without writing a checkpoint ({last}): lower train.lr or set train.nonfinite=skip, {again}");
                 progress.finish();
                 // Every rank knows; one says it.
                 return Err(if rank0 { TrainError::NonFinite(msg) } else { TrainError::Elsewhere { rank: 0, user: true } });

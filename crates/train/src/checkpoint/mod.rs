@@ -151,13 +151,41 @@ pub fn resolve(path: &Path) -> Result<Loaded, TrainError> {
             path.display()
         )));
     }
-    Ok(find_resume(path, None)?.loaded)
+    let root = checkpoints_dir(path);
+    let all = list(&root)?;
+    let mut skipped: Vec<(PathBuf, String)> = Vec::new();
+    for (step, dir) in all.iter().rev() {
+        match load(dir) {
+            Ok(loaded) => {
+                // Read-only: what was passed over is said, not moved.
+                for (d, why) in &skipped {
+                    eprintln!("note: passed over {} ({why}); using the checkpoint of step {step}", display_name(d));
+                }
+                return Ok(loaded);
+            }
+            Err(e) => skipped.push((dir.clone(), e.to_string())),
+        }
+    }
+    let whys: Vec<String> = skipped.iter().map(|(d, why)| format!("{}: {why}", display_name(d))).collect();
+    Err(TrainError::Checkpoint(if whys.is_empty() {
+        format!("{} holds no checkpoint: pass a run directory of a run that wrote one, or a checkpoints/step_* directory", root.display())
+    } else {
+        format!("no checkpoint in {} verifies ({}): pass a checkpoint directory restored from a backup", root.display(), whys.join("; "))
+    }))
+}
+
+/// `step_N` of a checkpoint directory, for messages.
+fn display_name(dir: &Path) -> String {
+    dir.file_name().unwrap_or_default().to_string_lossy().into_owned()
 }
 
 pub fn read_state(dir: &Path) -> Result<CheckpointState, TrainError> {
     let path = dir.join(STATE_FILE);
     let corrupt = |why: String| {
-        TrainError::Checkpoint(format!("{} is corrupt or truncated ({why}): resume from an earlier checkpoint (run.resume_from)", path.display()))
+        TrainError::Checkpoint(format!(
+            "{} is corrupt or truncated ({why}): use an earlier checkpoint (run.resume_from to train on, --checkpoint to sample or export)",
+            path.display()
+        ))
     };
     let bytes = match fabbrica_data::bounded::read(&path, MAX_STATE_BYTES) {
         Ok(b) => b,
@@ -201,13 +229,13 @@ pub fn load(dir: &Path) -> Result<Loaded, TrainError> {
         })?;
         if !path.is_file() {
             return Err(TrainError::Checkpoint(format!(
-                "checkpoint {} is missing {file}: resume from an earlier one (run.resume_from)",
+                "checkpoint {} is missing {file}: use an earlier one (run.resume_from to train on, --checkpoint to sample or export)",
                 dir.display()
             )));
         }
         if &files::sha256_file(&path)? != expected {
             return Err(TrainError::Checkpoint(format!(
-                "{} is corrupt or truncated (SHA-256 does not match state.json): resume from an earlier checkpoint (run.resume_from)",
+                "{} is corrupt or truncated (SHA-256 does not match state.json): use an earlier checkpoint (run.resume_from to train on, --checkpoint to sample or export)",
                 path.display()
             )));
         }

@@ -188,8 +188,12 @@ pub fn commit(
 /// names come from the index: only plain names of files in this directory that state.json
 /// lists are read (a name with a path, `..` or unknown to state.json is refused).
 pub fn read_indexed(dir: &Path, state: &CheckpointState, index: &str) -> Result<(Named, BTreeMap<String, TpSlice>), TrainError> {
-    let corrupt =
-        |why: String| TrainError::Checkpoint(format!("{}: {why}: resume from an earlier checkpoint (run.resume_from)", dir.join(index).display()));
+    let corrupt = |why: String| {
+        TrainError::Checkpoint(format!(
+            "{}: {why}: use an earlier checkpoint (run.resume_from to train on, --checkpoint to sample or export)",
+            dir.join(index).display()
+        ))
+    };
     let path = dir.join(index);
     let bytes = fabbrica_data::bounded::read(&path, MAX_INDEX_BYTES).map_err(|e| corrupt(format!("cannot read it: {e}")))?;
     if state.sha256.get(index) != Some(&files::sha256_bytes(&bytes)) {
@@ -209,13 +213,13 @@ pub fn read_indexed(dir: &Path, state: &CheckpointState, index: &str) -> Result<
         let p = dir.join(file);
         if !p.is_file() {
             return Err(TrainError::Checkpoint(format!(
-                "checkpoint {} is missing {file}: resume from an earlier one (run.resume_from)",
+                "checkpoint {} is missing {file}: use an earlier one (run.resume_from to train on, --checkpoint to sample or export)",
                 dir.display()
             )));
         }
         if files::sha256_file(&p)? != state.sha256[file] {
             return Err(TrainError::Checkpoint(format!(
-                "{} is corrupt or truncated (SHA-256 does not match state.json): resume from an earlier checkpoint (run.resume_from)",
+                "{} is corrupt or truncated (SHA-256 does not match state.json): use an earlier checkpoint (run.resume_from to train on, --checkpoint to sample or export)",
                 p.display()
             )));
         }
@@ -246,7 +250,12 @@ fn tp_slice_of(key: &str) -> Option<(&str, usize, &str)> {
 /// says); other tensors pass through. Every slice of a tensor must be there, once, with the
 /// same shape.
 pub fn join_tp_slices(tensors: Vec<(String, Tensor)>, slices: &BTreeMap<String, TpSlice>, dir: &Path) -> Result<Vec<(String, Tensor)>, TrainError> {
-    let corrupt = |why: String| TrainError::Checkpoint(format!("{}: {why}: resume from an earlier checkpoint (run.resume_from)", dir.display()));
+    let corrupt = |why: String| {
+        TrainError::Checkpoint(format!(
+            "{}: {why}: use an earlier checkpoint (run.resume_from to train on, --checkpoint to sample or export)",
+            dir.display()
+        ))
+    };
     let mut out = Vec::new();
     let mut groups: BTreeMap<(String, String), BTreeMap<usize, Tensor>> = BTreeMap::new();
     for (name, t) in tensors {
@@ -300,7 +309,12 @@ fn slice_of(key: &str) -> Option<(&str, usize, usize, &str)> {
 /// with or without ZeRO-1, loads it. Whole tensors pass through. The pieces must cover every
 /// element exactly once.
 pub fn assemble_slices(optim: Vec<(String, Tensor)>, model: &[(String, Tensor)], dir: &Path) -> Result<Vec<(String, Tensor)>, TrainError> {
-    let corrupt = |why: String| TrainError::Checkpoint(format!("{}: {why}: resume from an earlier checkpoint (run.resume_from)", dir.display()));
+    let corrupt = |why: String| {
+        TrainError::Checkpoint(format!(
+            "{}: {why}: use an earlier checkpoint (run.resume_from to train on, --checkpoint to sample or export)",
+            dir.display()
+        ))
+    };
     let shapes: BTreeMap<&str, Vec<i64>> = model.iter().map(|(n, t)| (n.as_str(), t.size())).collect();
     let mut out = Vec::new();
     // (parameter, state suffix) -> its pieces: (first element, end element, values).

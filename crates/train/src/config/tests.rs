@@ -175,7 +175,7 @@ fn wrong_types_name_the_key_and_an_example() {
     let e = err_line(&["train.lr=fast"]);
     assert!(e.contains("`train.lr = \"fast\"`") && e.contains("expected a number, e.g. train.lr=0.002"), "{e}");
     let e = err_line(&["run.resume=yes"]);
-    assert!(e.contains("run.resume") && e.contains("true or false"), "{e}");
+    assert!(e.contains("run.resume") && e.contains("true, false or \"auto\""), "{e}");
     let c = Config::resolve(None, None, &sets(&["run.resume=auto"])).unwrap();
     assert_eq!(c.run.resume, Resume::Auto);
     let back: Config = toml::from_str(&c.to_toml()).unwrap();
