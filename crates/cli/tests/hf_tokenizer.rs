@@ -302,6 +302,10 @@ fn prepare_train_sample_with_a_hugging_face_tokenizer() {
     let run = dir.path().join("run");
     assert_success(&fabbrica(&tiny_train_args(&prepared, &run, &[])));
     last_loss(&run);
+    // The resolved config records the tokenizer the directory named (data.tokenizer was left at
+    // its default, char).
+    let cfg = fabbrica_train::Config::resolve(None, Some(&run.join("config.toml")), &[]).unwrap();
+    assert_eq!(cfg.data.tokenizer, format!("hf:{}", prepared.join("tokenizer.json").display()));
     let prompt = "In the morning Anna";
     let out = sample(&run, prompt, 12);
     assert_success(&out);

@@ -204,6 +204,8 @@ fn bad_transfer_learning_input_is_one_line_and_exit_2() {
         (vec![format!("model.init_from={}", dir.path().join("nowhere").display())], "model.init_from"),
         (vec![format!("model.init_from={}", hf_dir.display()), "model.n_layer=2".into()], "model.n_layer"),
         (vec![format!("model.init_from={}", hf_dir.display()), "model.arch=llama".into()], "model.arch"),
+        // Data tokenized for a larger vocabulary than the published model's: the data must change.
+        (vec![format!("model.init_from={}", hf_dir.display()), "data.tokenizer=gpt2".into()], "tokenize the data with that model's own tokenizer"),
     ];
     for (sets, want) in cases {
         let mut all = sets.clone();

@@ -24,6 +24,10 @@ pub enum DataError {
     )]
     PathNotFound { path: PathBuf },
 
+    /// `prepare`'s input text file does not exist.
+    #[error("input file {} does not exist: give `fabbrica prepare --input` a UTF-8 text file", .path.display())]
+    InputNotFound { path: PathBuf },
+
     /// A token file (train.bin / val.bin) is missing from a prepared directory.
     #[error(
         "token file {} does not exist: run `fabbrica prepare` to create train.bin, val.bin and meta.json",
@@ -155,6 +159,7 @@ mod tests {
     fn messages_are_one_line() {
         let errors = vec![
             DataError::PathNotFound { path: "x".into() },
+            DataError::InputNotFound { path: "x".into() },
             DataError::io("read", "x", io::Error::other("boom")),
             DataError::UnknownChar { ch: '\n', vocab_size: 3 },
             DataError::SplitTooShort { split: Split::Val, path: "d".into(), tokens: 3, needed: 9 },

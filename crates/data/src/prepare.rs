@@ -50,7 +50,10 @@ pub fn prepare(input: &Path, spec: &TokenizerSpec, out_dir: &Path, val_fraction:
         TokenizerSpec::Hf(path) => Some(Tokenizer::hf(path)?),
         _ => None,
     };
-    let text = read_text(input)?;
+    let text = read_text(input).map_err(|e| match e {
+        DataError::PathNotFound { path } => DataError::InputNotFound { path },
+        e => e,
+    })?;
     if text.is_empty() {
         return Err(DataError::EmptyInput { path: input.to_owned() });
     }
@@ -200,7 +203,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope.txt");
         let err = prepare(&missing, &TokenizerSpec::Gpt2, dir.path(), 0.1).unwrap_err();
-        assert!(matches!(err, DataError::PathNotFound { .. }), "{err}");
+        assert!(matches!(err, DataError::InputNotFound { .. }) && err.to_string().contains("--input"), "{err}");
         assert!(err.to_string().contains("nope.txt"));
         let empty = dir.path().join("empty.txt");
         std::fs::write(&empty, "").unwrap();

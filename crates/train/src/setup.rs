@@ -73,9 +73,31 @@ pub fn setup_stage(cfg: &Config, cuda_ordinal: usize, pp_rank: usize, tp: Option
     }
     let kind: TokenizerSpec = cfg.data.tokenizer.parse()?;
     let data = fabbrica_data::load(&cfg.data.path, &kind, cfg.model.block_size(), cfg.data.val_fraction)?;
+    // A prepared directory's meta.json names its tokenizer, whatever data.tokenizer says: the
+    // resolved config (config.toml, checkpoints) records the one that was used.
+    if cfg.data.path.is_dir() {
+        cfg.data.tokenizer = match &data.tokenizer {
+            fabbrica_data::Tokenizer::Hf(t) => format!("hf:{}", t.path().display()),
+            t => t.kind().as_str().to_string(),
+        };
+    }
     let vocab = data.tokenizer.vocab_size();
     if cfg.model.vocab_size() == 0 {
         cfg.model.set_vocab_size(vocab);
+    } else if cfg.model.vocab_size() < vocab && !cfg.model.init_from.as_os_str().is_empty() {
+        // The vocabulary is the published model's: it is the data that must change.
+        return Err(TrainError::Config(crate::ConfigError::Invalid {
+            key: "data.tokenizer".into(),
+            value: data.tokenizer.kind().as_str().into(),
+            why: format!(
+                "the {} tokenizer of {} has {vocab} tokens, more than the {} of the model in model.init_from = {}: tokenize the data with that model's own tokenizer (data.tokenizer=hf:{}/tokenizer.json, or `fabbrica prepare --tokenizer hf:...`)",
+                data.tokenizer.kind().as_str(),
+                cfg.data.path.display(),
+                cfg.model.vocab_size(),
+                cfg.model.init_from.display(),
+                cfg.model.init_from.display()
+            ),
+        }));
     } else if cfg.model.vocab_size() < vocab {
         return Err(TrainError::Config(crate::ConfigError::Invalid {
             key: "model.vocab_size".into(),
