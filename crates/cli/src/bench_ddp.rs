@@ -36,6 +36,10 @@ pub fn run(a: DdpArgs) -> Result<(), Failure> {
         return Err(user("--steps and --rounds must be at least 1".into()));
     }
     let cfg = fabbrica_train::Config::resolve(a.cfg.preset.as_deref(), a.cfg.config.as_deref(), &a.cfg.sets)?;
+    // Rank 0 writes the results; under mpirun its early exit ends the job.
+    if fabbrica_comm::launch::detect().is_ok_and(|l| l.rank == 0) {
+        crate::files::check_outputs(&[("--json", a.json.as_deref())])?;
+    }
     let world = fabbrica_comm::init(fabbrica_train::comm_options(&cfg)?).map_err(|e| user(e.to_string()))?;
     let launch = world.launch();
     let r = run_ddp(&cfg, world.comm(), (launch.local_rank, launch.local_world_size), a.steps, a.warmup, a.rounds)?;

@@ -427,6 +427,7 @@ pub fn bench(b: BenchCommand) -> Result<()> {
         return Err(Failure { user: true, message: "--steps must be at least 1".into() });
     }
     let cfg = Config::resolve(a.cfg.preset.as_deref(), a.cfg.config.as_deref(), &sets)?;
+    crate::files::check_outputs(&[("--json", a.json.as_deref())])?;
     let opts = fabbrica_train::bench::BenchOptions { steps: a.steps, warmup: a.warmup, free_grads: a.free_grads, profile_steps: a.profile };
     let r = fabbrica_train::bench::run(&cfg, opts)?;
     let mfu = r.mfu.map(|m| format!("{:.1}%", 100.0 * m)).unwrap_or_else(|| "n/a (set train.peak_flops)".into());

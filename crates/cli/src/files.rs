@@ -17,6 +17,39 @@ fn temp_path(path: &Path) -> PathBuf {
     }
 }
 
+/// Before the work that produces an output: whether `path` can be written, by writing and
+/// removing its temporary beside it, so that a mistyped or read-only output path is one line at
+/// the start, not after minutes of measuring. `None` when it can; else the one-line reason.
+pub fn unwritable(path: &Path, flag: &str) -> Option<String> {
+    if path.is_dir() {
+        return Some(format!("{flag} {} is a directory: give a file name", path.display()));
+    }
+    let tmp = temp_path(path);
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&tmp);
+            None
+        }
+        Err(e) => {
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.display().to_string(),
+                _ => ".".into(),
+            };
+            Some(format!("{flag} {}: cannot write in {dir} ({e}): give a path in an existing, writable directory", path.display()))
+        }
+    }
+}
+
+/// [`unwritable`] for each (flag, path) given.
+pub fn check_outputs(outputs: &[(&str, Option<&Path>)]) -> Result<(), crate::commands::Failure> {
+    for (flag, path) in outputs {
+        if let Some(why) = path.and_then(|p| unwritable(p, flag)) {
+            return Err(crate::commands::Failure { user: true, message: why });
+        }
+    }
+    Ok(())
+}
+
 /// `path` written whole or not at all (`fabbrica_data::atomic`, the one implementation).
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fabbrica_data::atomic::write(path, bytes)

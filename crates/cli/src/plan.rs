@@ -160,6 +160,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
             return Err(user(format!("--plot {}: the plot is drawn as SVG: use a file name ending in .svg", p.display())));
         }
     }
+    crate::files::check_outputs(&[("--json", a.json.as_deref()), ("--plot", a.plot.as_deref())])?;
     let cluster =
         Cluster::resolve(a.cluster.as_deref().ok_or_else(|| user("no cluster: give --cluster a100|h100-sxm|h200|b200|cpu|FILE.toml".into()))?)?;
     let model = resolve_model(a.model.as_deref(), a.config.as_deref(), a.seq)?;

@@ -455,3 +455,21 @@ fn help_lists_every_preset() {
         }
     }
 }
+
+/// An output path that cannot be written is refused before the work, not after it.
+#[test]
+fn unwritable_output_paths_are_refused_before_the_work() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["bench", "train", "--steps", "1", "--warmup", "0", "--json", "/nonexistent-dir/bench.json"], "--json /nonexistent-dir/bench.json"),
+        (&["bench", "collectives", "--op", "all_reduce", "--json", "/proc/nope.json"], "--json /proc/nope.json"),
+        (&["plan", "--model", "tiny", "--cluster", "cpu", "--gpus", "1", "--json", "/nonexistent-dir/plan.json"], "--json"),
+        (&["bench", "ddp", "--steps", "1", "--json", "/tmp"], "is a directory"),
+    ];
+    for (args, needle) in cases {
+        let out = fabbrica(args);
+        let line = assert_user_error(&out, &[needle]);
+        assert!(line.contains("give a path in an existing, writable directory") || line.contains("give a file name"), "{line}");
+        // Nothing was measured: no results line on stdout.
+        assert!(out.stdout.is_empty(), "{args:?}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+}

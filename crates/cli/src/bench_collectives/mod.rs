@@ -333,6 +333,10 @@ pub fn run(a: CollectivesArgs) -> Result<()> {
         Err(e) if !rank0 => std::process::exit(if e.user { 2 } else { 1 }),
         Err(e) => return Err(e),
     };
+    // Rank 0 writes the results; under mpirun its early exit ends the job.
+    if rank0 {
+        crate::files::check_outputs(&[("--json", a.json.as_deref()), ("--plot", a.plot.as_deref())])?;
+    }
     let r = bench(&plan);
     if !rank0 {
         if let Err(e) = &r {
