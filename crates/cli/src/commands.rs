@@ -4,7 +4,7 @@ use clap::{Args, Subcommand};
 use fabbrica_data::TokenizerSpec;
 use fabbrica_models::flops_per_token;
 use fabbrica_train::config::DeviceChoice;
-use fabbrica_train::sample::{sample_from_checkpoint, SampleArgs as LibSampleArgs};
+use fabbrica_train::sample::{sample_from_checkpoint_streaming, SampleArgs as LibSampleArgs};
 use fabbrica_train::{Config, TrainError, TrainOptions};
 
 /// A failure to report: one line, and whether the user caused it (exit 2) or not (exit 1).
@@ -349,7 +349,14 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     if a.top_k < 0 {
         return Err(Failure { user: true, message: format!("--top-k {} must be >= 0 (0 = no limit)", a.top_k) });
     }
-    let text = sample_from_checkpoint(&LibSampleArgs {
+    // Printed as it is generated: a long sample shows from its first words.
+    let mut emit = |piece: &str| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    };
+    let args = LibSampleArgs {
         checkpoint: &a.checkpoint,
         prompt: &a.prompt,
         tokens: a.tokens,
@@ -357,8 +364,9 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         top_k: (a.top_k > 0).then_some(a.top_k),
         seed: a.seed,
         device: a.device,
-    })?;
-    println!("{text}");
+    };
+    sample_from_checkpoint_streaming(&args, Some(&mut emit))?;
+    println!();
     Ok(())
 }
 

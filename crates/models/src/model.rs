@@ -529,6 +529,20 @@ impl Model {
     /// As [`Model::generate`], drawing only token ids below `vocab` (a vocabulary padded beyond
     /// its tokenizer's, e.g. to split it over tensor-parallel ranks, never samples a padding row).
     pub fn generate_within(&self, idx: &Tensor, new_tokens: usize, temperature: f64, top_k: Option<i64>, vocab: usize) -> Tensor {
+        self.generate_each(idx, new_tokens, temperature, top_k, vocab, None)
+    }
+
+    /// As [`Model::generate_within`], handing each new token id to `on_token` as it is drawn (a
+    /// sampler that prints as it goes; each call waits for the device).
+    pub fn generate_each(
+        &self,
+        idx: &Tensor,
+        new_tokens: usize,
+        temperature: f64,
+        top_k: Option<i64>,
+        vocab: usize,
+        mut on_token: Option<&mut dyn FnMut(i64)>,
+    ) -> Tensor {
         assert!(self.spec.is_whole(self.cfg.n_layer()) && self.tp.is_none(), "generate needs the whole model");
         let vocab = vocab.clamp(1, self.cfg.vocab_size()) as i64;
         tch::no_grad(|| {
@@ -547,6 +561,9 @@ impl Model {
                     _ => logits,
                 };
                 let next = logits.softmax(-1, Kind::Float).multinomial(1, true);
+                if let Some(f) = on_token.as_mut() {
+                    f(next.int64_value(&[0, 0]));
+                }
                 idx = Tensor::cat(&[idx, next], 1);
             }
             idx

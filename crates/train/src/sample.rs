@@ -15,6 +15,24 @@ use crate::error::TrainError;
 /// `<|begin_of_text|>`); when that gives no token (an empty prompt with char or GPT-2), sampling
 /// starts from the end-of-text token, else a newline. Deterministic for a given seed.
 pub fn sample_text(model: &Model, tok: &Tokenizer, prompt: &str, tokens: usize, temperature: f64, top_k: Option<i64>, seed: u64) -> String {
+    sample_streaming(model, tok, prompt, tokens, temperature, top_k, seed, None)
+}
+
+/// As [`sample_text`], handing the text to `emit` as it is generated: the prompt first, then
+/// pieces of the continuation whose concatenation is what [`sample_text`] returns. A piece is
+/// given once the decoding of the current line is settled (a multi-byte character whole, a
+/// word ended by a space or the line by a newline); the rest at the end.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_streaming(
+    model: &Model,
+    tok: &Tokenizer,
+    prompt: &str,
+    tokens: usize,
+    temperature: f64,
+    top_k: Option<i64>,
+    seed: u64,
+    mut emit: Option<&mut dyn FnMut(&str)>,
+) -> String {
     let mut ids: Vec<i64> = tok.encode(prompt).map(|v| v.into_iter().map(i64::from).collect()).unwrap_or_default();
     if ids.is_empty() {
         let start = tok.eot().or_else(|| tok.encode("\n").ok().and_then(|v| v.first().copied()));
@@ -22,7 +40,17 @@ pub fn sample_text(model: &Model, tok: &Tokenizer, prompt: &str, tokens: usize, 
     }
     tch::manual_seed(seed as i64);
     let idx = Tensor::from_slice(&ids).view([1, -1]).to_device(model.device());
-    let out = model.generate_within(&idx, tokens, temperature, top_k, tok.vocab_size());
+    let out = match emit.as_mut() {
+        None => model.generate_within(&idx, tokens, temperature, top_k, tok.vocab_size()),
+        Some(emit) => {
+            emit(prompt);
+            let mut stream = Stream::new(tok, ids.iter().map(|&x| u32::try_from(x).unwrap_or(u32::MAX)).collect());
+            let mut each = |id: i64| stream.push(u32::try_from(id).unwrap_or(u32::MAX), &mut **emit);
+            let out = model.generate_each(&idx, tokens, temperature, top_k, tok.vocab_size(), Some(&mut each));
+            stream.finish(&mut **emit);
+            out
+        }
+    };
     let gen: Vec<i64> = Vec::try_from(out.view([-1]).to_device(Device::Cpu)).unwrap_or_default();
     // `generate` returns the context too. What follows it is the decoding of everything past the
     // decoding of the context, when that is a prefix: tokenizers that join words with spaces or
@@ -37,6 +65,57 @@ pub fn sample_text(model: &Model, tok: &Tokenizer, prompt: &str, tokens: usize, 
     format!("{prompt}{continuation}")
 }
 
+/// The streaming decoder of [`sample_streaming`] (as transformers' `TextStreamer`): the
+/// current line's tokens, after the context, are decoded whole each time (so tokenizers that
+/// join or strip spaces decode as they would the whole text) and what is settled of it is given
+/// once; a newline starts a new line, which bounds the work per token by the line's length.
+struct Stream<'t> {
+    tok: &'t Tokenizer,
+    /// Token ids of the current line (the context's ids while on its line).
+    line: Vec<u32>,
+    /// Bytes of the decoding of `line` not to give (the context's), or already given.
+    done: usize,
+}
+
+impl<'t> Stream<'t> {
+    fn new(tok: &'t Tokenizer, context: Vec<u32>) -> Self {
+        let done = tok.decode(&context).len();
+        Stream { tok, line: context, done }
+    }
+
+    fn push(&mut self, id: u32, emit: &mut dyn FnMut(&str)) {
+        self.line.push(id);
+        let text = self.tok.decode(&self.line);
+        // A decoding that does not extend what was given (a tokenizer that rewrites the end of
+        // its text as it grows) waits for the end of the line.
+        if text.len() < self.done || !text.is_char_boundary(self.done) {
+            return;
+        }
+        let settled = if text.ends_with('\n') {
+            text.len()
+        } else if text.ends_with('\u{FFFD}') {
+            self.done // half a character: wait for its other bytes
+        } else {
+            text[self.done..].rfind(' ').map_or(self.done, |i| self.done + i + 1)
+        };
+        if settled > self.done {
+            emit(&text[self.done..settled]);
+            self.done = settled;
+        }
+        if text.ends_with('\n') && settled == text.len() {
+            self.line.clear();
+            self.done = 0;
+        }
+    }
+
+    fn finish(&mut self, emit: &mut dyn FnMut(&str)) {
+        let text = self.tok.decode(&self.line);
+        if text.len() > self.done && text.is_char_boundary(self.done) {
+            emit(&text[self.done..]);
+        }
+    }
+}
+
 pub struct SampleArgs<'a> {
     pub checkpoint: &'a Path,
     pub prompt: &'a str,
@@ -49,6 +128,12 @@ pub struct SampleArgs<'a> {
 
 /// Loads a checkpoint (or a run directory's latest) and samples from it.
 pub fn sample_from_checkpoint(a: &SampleArgs) -> Result<String, TrainError> {
+    sample_from_checkpoint_streaming(a, None)
+}
+
+/// As [`sample_from_checkpoint`], handing the text to `emit` as it is generated
+/// ([`sample_streaming`]).
+pub fn sample_from_checkpoint_streaming(a: &SampleArgs, emit: Option<&mut dyn FnMut(&str)>) -> Result<String, TrainError> {
     let ck = checkpoint::resolve(a.checkpoint)?;
     let dir = ck.dir.clone();
     let tok = ck.state.tokenizer.tokenizer()?;
@@ -68,5 +153,5 @@ pub fn sample_from_checkpoint(a: &SampleArgs) -> Result<String, TrainError> {
     }
     let model = Model::new(&ck.state.config.model, device)?;
     model.load_parameters(&ck.model)?;
-    Ok(sample_text(&model, &tok, a.prompt, a.tokens, a.temperature, a.top_k, a.seed))
+    Ok(sample_streaming(&model, &tok, a.prompt, a.tokens, a.temperature, a.top_k, a.seed, emit))
 }

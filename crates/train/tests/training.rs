@@ -140,3 +140,34 @@ fn train_tf32_sets_libtorch_flag_in_setup_and_bench() {
     fabbrica_train::sample::sample_from_checkpoint(&a).unwrap();
     assert_eq!(fabbrica_torch_ext::cuda_matmul_tf32(), Some(false));
 }
+
+/// `sample` prints as it generates: the pieces, joined, are exactly what the one-shot sampler
+/// returns, for the char and GPT-2 (byte-level BPE: characters split across tokens) tokenizers,
+/// and they come as many pieces, not one at the end.
+#[test]
+fn streamed_samples_equal_the_whole_sample() {
+    use fabbrica_data::{Tokenizer, TokenizerSpec};
+    use fabbrica_models::{GptConfig, Model, ModelConfig};
+    let _g = common::torch_lock();
+    // A tiny model: one thread (more only spin against the other tests); restored after.
+    let threads = tch::get_num_threads();
+    tch::set_num_threads(1);
+    let text = "def f(x):\n    return x + 1  # één\n\nprint(f(2))\n";
+    for tok in [Tokenizer::for_text(&TokenizerSpec::Char, text).unwrap(), Tokenizer::gpt2()] {
+        let cfg = GptConfig { vocab_size: tok.vocab_size(), block_size: 32, n_layer: 1, n_head: 2, n_embd: 16, dropout: 0.0, ..GptConfig::default() };
+        tch::manual_seed(3);
+        let model = Model::new(&ModelConfig::Gpt(cfg), tch::Device::Cpu).unwrap();
+        for prompt in ["", "def ", "x\n"] {
+            let t = std::time::Instant::now();
+            let whole = fabbrica_train::sample::sample_text(&model, &tok, prompt, 300, 1.0, None, 7);
+            let mut pieces: Vec<String> = Vec::new();
+            let mut emit = |p: &str| pieces.push(p.to_string());
+            let returned = fabbrica_train::sample::sample_streaming(&model, &tok, prompt, 300, 1.0, None, 7, Some(&mut emit));
+            assert_eq!(returned, whole);
+            assert_eq!(pieces.concat(), whole, "{:?}, prompt {prompt:?}", tok.kind());
+            assert!(pieces.len() > 10, "{:?}: {} pieces", tok.kind(), pieces.len());
+            println!("{:?} {prompt:?}: {} pieces in {:?}", tok.kind(), pieces.len(), t.elapsed());
+        }
+    }
+    tch::set_num_threads(threads);
+}
