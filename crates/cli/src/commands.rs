@@ -313,6 +313,17 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
         s.dtype,
         a.out.display()
     );
+    // Training needs more than one block of tokens in each split; the presets' blocks are 128
+    // (tiny) to 1024 and more.
+    let smallest = s.train_tokens.min(s.val_tokens);
+    if smallest <= 1024 {
+        let split = if s.val_tokens <= s.train_tokens { "val" } else { "train" };
+        eprintln!(
+            "note: the {split} split has {smallest} tokens, so model.block_size can be at most {} to train on it (the presets use 128 and up): give more text{}",
+            smallest.saturating_sub(1),
+            if split == "val" { " or a larger --val-fraction" } else { " or a smaller --val-fraction" }
+        );
+    }
     Ok(())
 }
 

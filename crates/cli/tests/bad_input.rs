@@ -473,3 +473,21 @@ fn unwritable_output_paths_are_refused_before_the_work() {
         assert!(out.stdout.is_empty(), "{args:?}: {}", String::from_utf8_lossy(&out.stdout));
     }
 }
+
+/// `prepare` says when a split is too short to train on at the presets' block sizes, and by how
+/// much (the files are still written: a small block may be what the user wants).
+#[test]
+fn prepare_says_when_a_split_is_too_short_for_the_presets() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("short.txt");
+    std::fs::write(&input, "abcdefghij".repeat(30)).unwrap();
+    let out = fabbrica(&["prepare".as_ref(), "--input".as_ref(), input.as_os_str(), "--out".as_ref(), dir.path().join("p").as_os_str()]);
+    assert_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    // 300 characters, 10% of them validation: 30 tokens.
+    assert!(
+        err.contains("note: the val split has 30 tokens, so model.block_size can be at most 29") && err.contains("larger --val-fraction"),
+        "{err}"
+    );
+    assert!(dir.path().join("p/meta.json").is_file());
+}
