@@ -491,3 +491,13 @@ fn prepare_says_when_a_split_is_too_short_for_the_presets() {
     );
     assert!(dir.path().join("p/meta.json").is_file());
 }
+
+/// `export --out` somewhere it cannot write: one line naming that place (not a temporary's name)
+/// and what to give instead.
+#[test]
+fn export_into_an_unwritable_place_is_one_line() {
+    let (_dir, _data, out_dir) = trained_run();
+    let out = fabbrica(&["export".as_ref(), "--checkpoint".as_ref(), out_dir.as_os_str(), "--out".as_ref(), "/proc/exported".as_ref()]);
+    let line = assert_user_error(&out, &["cannot write the export into /proc", "give --out a new directory"]);
+    assert!(!line.contains(".tmp-"), "{line}");
+}

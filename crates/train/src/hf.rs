@@ -320,7 +320,9 @@ pub fn export(
     // Named as every temporary is (`fabbrica_data::atomic`): `.<name>.tmp-<pid>@<host>`.
     let tmp = fabbrica_data::atomic::temp_path(out);
     let result = (|| -> Result<(), String> {
-        fs::create_dir_all(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        fs::create_dir_all(&tmp).map_err(|e| {
+            format!("cannot write the export into {} ({e}): give --out a new directory in an existing, writable one", parent.display())
+        })?;
         let io = |p: &Path, e: std::io::Error| format!("cannot write {}: {e}", p.display());
         // Shards in parameter order, each at most max_shard_bytes (a bigger tensor alone).
         let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
