@@ -501,3 +501,23 @@ fn export_into_an_unwritable_place_is_one_line() {
     let line = assert_user_error(&out, &["cannot write the export into /proc", "give --out a new directory"]);
     assert!(!line.contains(".tmp-"), "{line}");
 }
+
+/// Resuming with another global batch trains on, and says so with the setting that keeps it.
+#[test]
+fn resuming_with_another_global_batch_says_how_to_keep_it() {
+    let (_dir, data, out_dir) = trained_run();
+    let args = with_sets(tiny_train_args(&data, &out_dir), &["run.resume=true", "train.max_steps=4", "train.batch_size=2"]);
+    let out = fabbrica(&args);
+    assert_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("note: the checkpoint was trained with a global batch of 4 sequences (micro 4 x accum 1 x dp 1), this run has 2")
+            && err.contains("set train.grad_accum to 2 to keep it"),
+        "{err}"
+    );
+    // The same batch: no note.
+    let args = with_sets(tiny_train_args(&data, &out_dir), &["run.resume=true", "train.max_steps=5", "train.batch_size=2"]);
+    let out = fabbrica(&args);
+    assert_success(&out);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("global batch"), "{}", describe(&out));
+}

@@ -121,7 +121,10 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         ops: region.clone(),
     });
     let preflight = (|| -> Result<(Setup, Option<checkpoint::Resume>), TrainError> {
-        let s = setup_stage(cfg, ordinal, coords.pp, plan.clone())?;
+        let mut s = setup_stage(cfg, ordinal, coords.pp, plan.clone())?;
+        // The resolved config (config.toml, checkpoints) records the data-parallel degree the run
+        // had, not `0` (as many as the ranks allow): a resume can tell whether the batch changed.
+        s.cfg.parallel.dp = dp;
         crate::memory::check_fits(&s, world.launch().local_world_size, dp)?;
         let out = &s.cfg.run.out_dir;
         if rank0 {
@@ -228,6 +231,21 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     let mut opt = AdamW::from_parts(grads.optimizer_params(), adam);
 
     let resumed = resume_from.is_some();
+    // Resuming with another global batch changes what the run computes: said, with how to keep it.
+    if let Some(then) = resume_from.as_ref().map(|r| &r.loaded.state.config).filter(|c| c.parallel.dp > 0) {
+        let (was, now) = (then.train.batch_size * then.train.grad_accum * then.parallel.dp, cfg.train.batch_size * cfg.train.grad_accum * dp);
+        if was != now && rank0 && opts.progress {
+            eprintln!(
+                "note: the checkpoint was trained with a global batch of {was} sequences (micro {} x accum {} x dp {}), this run has {now} (micro {} x accum {} x dp {dp}): set train.grad_accum to {} to keep it",
+                then.train.batch_size,
+                then.train.grad_accum,
+                then.parallel.dp,
+                cfg.train.batch_size,
+                cfg.train.grad_accum,
+                if was % (cfg.train.batch_size * dp) == 0 { (was / (cfg.train.batch_size * dp)).to_string() } else { format!("about {}", was as f64 / (cfg.train.batch_size * dp) as f64) },
+            );
+        }
+    }
     let start = match resume_from {
         Some(resume) => restore(&s, &mut opt, resume.loaded)?,
         None => 0,
