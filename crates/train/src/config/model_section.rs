@@ -108,6 +108,20 @@ pub(super) fn finish(merged: &mut toml::Value, user: &toml::value::Table, base: 
                 });
             }
         }
+        // GPT's positions are a learned table of n_positions rows: a longer block has no rows to
+        // load (rotary positions, Llama's, extend to any length).
+        if let (ModelConfig::Gpt(g), Some(b)) = (&cfg, user.get("block_size").and_then(|v| v.as_integer())) {
+            if b > g.block_size as i64 {
+                return Err(ConfigError::Invalid {
+                    key: "model.block_size".into(),
+                    value: b.to_string(),
+                    why: format!(
+                        "the GPT-2 model in {init_from} has learned positions for {} tokens (n_positions): set model.block_size to {} or less",
+                        g.block_size, g.block_size
+                    ),
+                });
+            }
+        }
         cfg
     } else if arch != base.arch() {
         ModelConfig::default_for(&arch).ok_or_else(|| ConfigError::Invalid {
