@@ -511,7 +511,7 @@ fn resuming_with_another_global_batch_says_how_to_keep_it() {
     assert_success(&out);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("note: the checkpoint was trained with a global batch of 4 sequences (micro 4 x accum 1 x dp 1), this run has 2")
+        err.contains("note: the checkpoint was trained with a global batch of 4 sequences, this run has 2 (micro 2 x accum 1 x dp 1)")
             && err.contains("set train.grad_accum to 2 to keep it"),
         "{err}"
     );

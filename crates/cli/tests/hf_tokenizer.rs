@@ -192,6 +192,40 @@ fn tokenizers_trained_in_python_encode_and_decode_identically() {
     assert_eq!(unigram.eot(), Some(special("unigram", "</s>")));
     let wordpiece = fabbrica_data::Tokenizer::hf(&dir.path().join("wordpiece.json")).unwrap();
     assert_eq!(wordpiece.eot(), None, "BERT has no end-of-text token");
+
+    // `sample` streams: with each of these decoders (byte-level, WordPiece's `##`, Metaspace's
+    // `▁` that a line start would drop) the printed pieces join to the one-shot sample.
+    tch::set_num_threads(1);
+    for name in ["gpt2_bpe", "llama3_bpe", "wordpiece", "unigram"] {
+        let tok = fabbrica_data::Tokenizer::hf(&dir.path().join(format!("{name}.json"))).unwrap();
+        let cfg = fabbrica_models::GptConfig {
+            vocab_size: tok.vocab_size(),
+            block_size: 32,
+            n_layer: 1,
+            n_head: 2,
+            n_embd: 16,
+            dropout: 0.0,
+            ..fabbrica_models::GptConfig::default()
+        };
+        tch::manual_seed(5);
+        let model = fabbrica_models::Model::new(&fabbrica_models::ModelConfig::Gpt(cfg), tch::Device::Cpu).unwrap();
+        for prompt in ["", "Hello world\n  indented"] {
+            let whole = fabbrica_train::sample::sample_text(&model, &tok, prompt, 400, 1.0, None, 11);
+            let mut pieces: Vec<String> = Vec::new();
+            let mut emit = |p: &str| pieces.push(p.to_string());
+            fabbrica_train::sample::sample_streaming(&model, &tok, prompt, 400, 1.0, None, 11, Some(&mut emit));
+            assert_eq!(pieces.concat(), whole, "{name}, prompt {prompt:?}: streamed pieces differ from the sample");
+        }
+        // Real text through the streaming decoder, newlines and indentation included (a random
+        // model seldom draws a newline): the pieces join to the continuation, many of them.
+        for (context, rest) in [("", text.as_str()), ("def f(x):\n", "    return x\n\n    y = 2\n  z\n"), ("a b", " c\n d\n\n e")] {
+            // (Any ids will do, what a post-processor adds around a sequence included.)
+            let (c, g) = (tok.encode(context).unwrap(), tok.encode(rest).unwrap());
+            let pieces = fabbrica_train::sample::stream_pieces(&tok, &c, &g);
+            assert_eq!(pieces.concat(), fabbrica_train::sample::continuation(&tok, &c, &g), "{name}: streaming {rest:?} after {context:?}");
+            assert!(pieces.len() > 1, "{name}: {pieces:?}");
+        }
+    }
 }
 
 /// Arguments for a tiny CPU training run reading `data` and writing `out_dir`.

@@ -205,7 +205,10 @@ fn bad_transfer_learning_input_is_one_line_and_exit_2() {
         (vec![format!("model.init_from={}", hf_dir.display()), "model.n_layer=2".into()], "model.n_layer"),
         (vec![format!("model.init_from={}", hf_dir.display()), "model.arch=llama".into()], "model.arch"),
         // Data tokenized for a larger vocabulary than the published model's: the data must change.
-        (vec![format!("model.init_from={}", hf_dir.display()), "data.tokenizer=gpt2".into()], "tokenize the data with that model's own tokenizer"),
+        (
+            vec![format!("model.init_from={}", hf_dir.display()), "data.tokenizer=gpt2".into()],
+            "tokenize the data with that model's own tokenizer: set data.tokenizer=hf:",
+        ),
         // A block longer than GPT-2's learned position table.
         (vec![format!("model.init_from={}", hf_dir.display()), "model.block_size=100000".into()], "learned positions for"),
     ];

@@ -73,6 +73,7 @@ fn signal(pid: u32, sig: &str) {
         "TERM" => libc::SIGTERM,
         "INT" => libc::SIGINT,
         "USR1" => libc::SIGUSR1,
+        "HUP" => libc::SIGHUP,
         other => panic!("no signal {other}"),
     };
     // SAFETY: kill(2) on a process this test started.
@@ -118,6 +119,36 @@ fn sigterm_stops_one_process_at_a_step_boundary_with_a_checkpoint() {
 #[test]
 fn sigint_stops_one_process_too() {
     interrupted_run_matches(0, "SIGINT", |c| signal(c.id(), "INT"));
+}
+
+/// A closed terminal (SIGHUP) stops at a step boundary with a checkpoint too.
+#[test]
+fn sighup_stops_one_process_with_a_checkpoint() {
+    interrupted_run_matches(0, "SIGHUP", |c| signal(c.id(), "HUP"));
+}
+
+/// Started to ignore SIGHUP (`nohup`), a run stays so: the signal changes nothing.
+#[test]
+fn under_nohup_sighup_is_still_ignored() {
+    use std::os::unix::process::CommandExt;
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut cmd = cmd(0, &out, &["train.max_steps=60"]);
+    // SAFETY: signal(2) is async-signal-safe, the only call between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    wait_for_step(&out, 20, &mut child);
+    signal(child.id(), "HUP");
+    let (code, text) = finish(child);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("stopped by"), "{text}");
+    assert_eq!(losses(&out).last().unwrap().0, 60);
 }
 
 /// SIGUSR1 to one rank (as Slurm's `--signal` or a node's preemption notice would deliver it):

@@ -510,13 +510,14 @@ mod tests {
                     std::thread::spawn(move || {
                         for conn in l.incoming() {
                             let Ok(mut conn) = conn else { return };
+                            // Counted as it is accepted, here, not in the thread that waits on it.
+                            {
+                                let mut o = open.lock().unwrap();
+                                o.0 += 1;
+                                o.1 = o.1.max(o.0);
+                            }
                             let open = open.clone();
                             std::thread::spawn(move || {
-                                {
-                                    let mut o = open.lock().unwrap();
-                                    o.0 += 1;
-                                    o.1 = o.1.max(o.0);
-                                }
                                 // Never answers; the asker closes the connection when it gives up.
                                 let _ = std::io::copy(&mut conn, &mut std::io::sink());
                                 open.lock().unwrap().0 -= 1;

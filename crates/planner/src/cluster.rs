@@ -249,10 +249,10 @@ impl Cluster {
     }
 }
 
-/// Bytes in a GiB.
 /// The largest cluster file read.
 const MAX_CLUSTER_FILE_BYTES: u64 = 1 << 20;
 
+/// Bytes in a GiB.
 pub const GIB: f64 = (1u64 << 30) as f64;
 
 /// The machine this runs on, as a one-node cluster of one rank per core pair: fp32 FMA peak

@@ -42,7 +42,7 @@ use crate::trainer::Setup;
 /// as logging intervals): a difference there is still a sign that the ranks were not launched as
 /// one job, and saying so costs nothing.
 pub const RANK_LOCAL_KEYS: &[&str] =
-    &["run.threads", "run.out_dir", "run.resume_from", "data.path", "comm.debug", "comm.timeout_s", "run.sample_tokens"];
+    &["run.threads", "run.out_dir", "run.resume_from", "data.path", "data.tokenizer", "comm.debug", "comm.timeout_s", "run.sample_tokens"];
 
 /// Bytes of a key and of a value that travel when a difference is reported (longer ones are
 /// truncated; the comparison itself hashes the whole value).
@@ -108,7 +108,10 @@ fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
 /// hash of its description, as meta.json would write it), token counts per split, and a hash of
 /// a sample of the tokens.
 pub fn data_entries(data: &Dataset) -> Vec<(String, String)> {
-    let meta = Meta::for_tokenizer(&data.tokenizer);
+    // By content, not by where the file is: ranks may read node-local copies (`data.path` and
+    // `data.tokenizer` are rank-local); the SHA-256 stays.
+    let mut meta = Meta::for_tokenizer(&data.tokenizer);
+    meta.tokenizer_file = meta.tokenizer_file.as_ref().map(|_| String::new());
     let meta_json = serde_json::to_string(&meta).unwrap_or_default();
     let mut sample = Fnv::new();
     for src in [&data.train, &data.val] {

@@ -2,7 +2,7 @@
 //! (rank 0 only, drawn only on a terminal; otherwise plain log lines).
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -10,9 +10,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::write_atomic;
 use crate::error::{io_err, TrainError};
-
-/// The most of a metrics.jsonl [`read`] takes.
-const MAX_METRICS_BYTES: u64 = 1 << 30;
 
 /// One line of metrics.jsonl. Train lines carry the step metrics; eval lines carry the losses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,9 +129,8 @@ pub fn read(path: &Path) -> Result<Vec<Record>, TrainError> {
         fabbrica_data::bounded::ReadError::Io(e) => io_err(path)(e),
         e => TrainError::Io { path: path.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()) },
     })?;
-    // Lines are parsed as they are read; the cap bounds a runaway file (a long run's log is
-    // about 1 KB a line).
-    BufReader::new(f.take(MAX_METRICS_BYTES))
+    // fabbrica's own log, read line by line (a long run's is large): only its kind is checked.
+    BufReader::new(f)
         .lines()
         .filter(|l| l.as_ref().map(|s| !s.trim().is_empty()).unwrap_or(true))
         .map(|l| {

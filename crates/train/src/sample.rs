@@ -19,9 +19,10 @@ pub fn sample_text(model: &Model, tok: &Tokenizer, prompt: &str, tokens: usize, 
 }
 
 /// As [`sample_text`], handing the text to `emit` as it is generated: the prompt first, then
-/// pieces of the continuation whose concatenation is what [`sample_text`] returns. A piece is
-/// given once the decoding of the current line is settled (a multi-byte character whole, a
-/// word ended by a space or the line by a newline); the rest at the end.
+/// pieces of the continuation whose concatenation is what [`sample_text`] returns (tested for
+/// the char, GPT-2 and Hugging Face tokenizers). A piece is given once the decoding of the
+/// current line is settled up to a space or a newline (whole characters only); the rest at the
+/// end. Text without spaces (Chinese, say) shows a line at a time.
 #[allow(clippy::too_many_arguments)]
 pub fn sample_streaming(
     model: &Model,
@@ -52,23 +53,42 @@ pub fn sample_streaming(
         }
     };
     let gen: Vec<i64> = Vec::try_from(out.view([-1]).to_device(Device::Cpu)).unwrap_or_default();
-    // `generate` returns the context too. What follows it is the decoding of everything past the
-    // decoding of the context, when that is a prefix: tokenizers that join words with spaces or
-    // drop a leading one (WordLevel, SentencePiece) decode a continuation alone differently.
     let all: Vec<u32> = gen.iter().map(|&x| u32::try_from(x).unwrap_or(u32::MAX)).collect();
-    let context = tok.decode(&all[..ids.len().min(all.len())]);
-    let text = tok.decode(&all);
-    let continuation = match text.strip_prefix(context.as_str()) {
+    format!("{prompt}{}", continuation(tok, &all[..ids.len().min(all.len())], &all[ids.len().min(all.len())..]))
+}
+
+/// The text of `generated` after `context`: the decoding of the whole past the decoding of the
+/// context, when that is a prefix (tokenizers that join words with spaces or drop a leading one,
+/// WordLevel or SentencePiece, decode a continuation alone differently), else the decoding of
+/// `generated` alone.
+pub fn continuation(tok: &Tokenizer, context: &[u32], generated: &[u32]) -> String {
+    let all = [context, generated].concat();
+    let (head, text) = (tok.decode(context), tok.decode(&all));
+    match text.strip_prefix(head.as_str()) {
         Some(rest) => rest.to_owned(),
-        None => tok.decode(all.get(ids.len()..).unwrap_or_default()),
-    };
-    format!("{prompt}{continuation}")
+        None => tok.decode(generated),
+    }
+}
+
+/// The pieces [`sample_streaming`] prints for `generated` after `context`: joined, they are
+/// [`continuation`] (for a test that feeds it chosen tokens, newlines included).
+pub fn stream_pieces(tok: &Tokenizer, context: &[u32], generated: &[u32]) -> Vec<String> {
+    let mut pieces = Vec::new();
+    let mut emit = |p: &str| pieces.push(p.to_string());
+    let mut stream = Stream::new(tok, context.to_vec());
+    for &id in generated {
+        stream.push(id, &mut emit);
+    }
+    stream.finish(&mut emit);
+    pieces
 }
 
 /// The streaming decoder of [`sample_streaming`] (as transformers' `TextStreamer`): the
 /// current line's tokens, after the context, are decoded whole each time (so tokenizers that
 /// join or strip spaces decode as they would the whole text) and what is settled of it is given
-/// once; a newline starts a new line, which bounds the work per token by the line's length.
+/// once; a newline starts a new line, which bounds the work per token by the line's length. The
+/// new line keeps the newline's token as its context: decoders that drop a leading space (a
+/// SentencePiece `▁`) see the space as inside the text, as the whole decoding does.
 struct Stream<'t> {
     tok: &'t Tokenizer,
     /// Token ids of the current line (the context's ids while on its line).
@@ -104,7 +124,8 @@ impl<'t> Stream<'t> {
         }
         if text.ends_with('\n') && settled == text.len() {
             self.line.clear();
-            self.done = 0;
+            self.line.push(id);
+            self.done = self.tok.decode(&self.line).len();
         }
     }
 

@@ -40,6 +40,8 @@ pub(crate) struct RunState {
     pub last_saved: Option<PathBuf>,
     /// The step of the newest snapshot taken (every rank knows it): written, or being written.
     pub last_snapshot_step: Option<u64>,
+    /// Sequences per optimizer step (`CheckpointState::global_batch`).
+    pub global_batch: usize,
 }
 
 /// A finished write: the step and where it went, or why it failed.
@@ -120,6 +122,7 @@ impl Saver {
             sha256: Default::default(),
             run_id: self.run.id.clone(),
             skipped_steps: self.run.skipped_steps,
+            global_batch: self.run.global_batch as u64,
             state_sha256: String::new(),
         }
     }

@@ -85,17 +85,22 @@ pub fn setup_stage(cfg: &Config, cuda_ordinal: usize, pp_rank: usize, tp: Option
     if cfg.model.vocab_size() == 0 {
         cfg.model.set_vocab_size(vocab);
     } else if cfg.model.vocab_size() < vocab && !cfg.model.init_from.as_os_str().is_empty() {
-        // The vocabulary is the published model's: it is the data that must change.
+        // The vocabulary is the published model's: it is the data that must change (a prepared
+        // directory's tokenizer is its meta.json's, so it is prepared again).
+        let tokenizer = format!("hf:{}/tokenizer.json", cfg.model.init_from.display());
+        let how = if cfg.data.path.is_dir() {
+            format!("prepare the text again with `fabbrica prepare --tokenizer {tokenizer}` and point data.path at the new directory")
+        } else {
+            format!("set data.tokenizer={tokenizer}")
+        };
         return Err(TrainError::Config(crate::ConfigError::Invalid {
-            key: "data.tokenizer".into(),
-            value: data.tokenizer.kind().as_str().into(),
+            key: "data.path".into(),
+            value: cfg.data.path.display().to_string(),
             why: format!(
-                "the {} tokenizer of {} has {vocab} tokens, more than the {} of the model in model.init_from = {}: tokenize the data with that model's own tokenizer (data.tokenizer=hf:{}/tokenizer.json, or `fabbrica prepare --tokenizer hf:...`)",
+                "its {} tokenizer has {vocab} tokens, more than the {} of the model in model.init_from = {}: tokenize the data with that model's own tokenizer: {how}",
                 data.tokenizer.kind().as_str(),
-                cfg.data.path.display(),
                 cfg.model.vocab_size(),
                 cfg.model.init_from.display(),
-                cfg.model.init_from.display()
             ),
         }));
     } else if cfg.model.vocab_size() < vocab {

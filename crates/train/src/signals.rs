@@ -1,5 +1,6 @@
-//! Preemption: SIGTERM, SIGINT and SIGUSR1 (Slurm's `--signal`, time limits, scancel, Ctrl-C,
-//! `kill -USR1` of mpirun, which forwards it) only set a flag; the handler does nothing else.
+//! Preemption: SIGTERM, SIGINT, SIGUSR1 and SIGHUP (Slurm's `--signal`, time limits, scancel,
+//! Ctrl-C, `kill -USR1` of mpirun, which forwards it, a closed terminal) only set a flag; the
+//! handler does nothing else.
 //! The step loop reads the flag once per step. Every rank's flag travels with the per-step NaN
 //! check, so all ranks see a signal that reached any one of them in the same step. They finish
 //! that step, write the checkpoint and exit with [`EXIT_PREEMPTED`].
@@ -15,7 +16,9 @@ pub const EXIT_PREEMPTED: u8 = 75;
 static PENDING: AtomicI32 = AtomicI32::new(0);
 static DUMP_ON_STOP: AtomicBool = AtomicBool::new(false);
 
-const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1];
+/// SIGHUP (the terminal closed) stops gracefully too, unless the process was started to ignore
+/// it (`nohup`), which stays so.
+const SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGHUP];
 
 extern "C" fn on_signal(sig: libc::c_int) {
     // A stop may be the launcher tearing down a job whose rank died: leave a flight-recorder
@@ -45,6 +48,9 @@ pub fn install(dump_on_stop: bool) -> Handlers {
     DUMP_ON_STOP.store(dump_on_stop, Ordering::SeqCst);
     let mut previous = Vec::new();
     for sig in SIGNALS {
+        if sig == libc::SIGHUP && ignored(sig) {
+            continue;
+        }
         // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid; `old`
         // receives the previous action, restored on drop.
         unsafe {
@@ -59,6 +65,15 @@ pub fn install(dump_on_stop: bool) -> Handlers {
         }
     }
     Handlers { previous }
+}
+
+/// Whether `sig` is ignored now (inherited from `nohup`, say).
+fn ignored(sig: libc::c_int) -> bool {
+    // SAFETY: a null new action only reads the current one into `cur`.
+    unsafe {
+        let mut cur: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut cur) == 0 && cur.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 impl Drop for Handlers {
@@ -82,6 +97,7 @@ pub fn name(sig: i32) -> String {
         libc::SIGTERM => "SIGTERM".into(),
         libc::SIGINT => "SIGINT".into(),
         libc::SIGUSR1 => "SIGUSR1".into(),
+        libc::SIGHUP => "SIGHUP".into(),
         s => format!("signal {s}"),
     }
 }

@@ -121,10 +121,7 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
         ops: region.clone(),
     });
     let preflight = (|| -> Result<(Setup, Option<checkpoint::Resume>), TrainError> {
-        let mut s = setup_stage(cfg, ordinal, coords.pp, plan.clone())?;
-        // The resolved config (config.toml, checkpoints) records the data-parallel degree the run
-        // had, not `0` (as many as the ranks allow): a resume can tell whether the batch changed.
-        s.cfg.parallel.dp = dp;
+        let s = setup_stage(cfg, ordinal, coords.pp, plan.clone())?;
         crate::memory::check_fits(&s, world.launch().local_world_size, dp)?;
         let out = &s.cfg.run.out_dir;
         if rank0 {
@@ -191,7 +188,8 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
     }
     // A run keeps its identity across resumes; a fresh one (or one started from another run's
     // checkpoint) gets a new one. Retention only ever removes checkpoints of this identity.
-    let mut run = RunState { id: checkpoint::new_run_id(), skipped_steps: 0, last_saved: None, last_snapshot_step: None };
+    let global_batch = cfg.train.batch_size * cfg.train.grad_accum * dp;
+    let mut run = RunState { id: checkpoint::new_run_id(), skipped_steps: 0, last_saved: None, last_snapshot_step: None, global_batch };
     if let Some(r) = resume_from.as_ref().filter(|r| r.in_run) {
         if !r.loaded.state.run_id.is_empty() {
             run.id = r.loaded.state.run_id.clone();
@@ -232,17 +230,18 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
 
     let resumed = resume_from.is_some();
     // Resuming with another global batch changes what the run computes: said, with how to keep it.
-    if let Some(then) = resume_from.as_ref().map(|r| &r.loaded.state.config).filter(|c| c.parallel.dp > 0) {
-        let (was, now) = (then.train.batch_size * then.train.grad_accum * then.parallel.dp, cfg.train.batch_size * cfg.train.grad_accum * dp);
+    if let Some(was) = resume_from.as_ref().map(|r| r.loaded.state.global_batch as usize).filter(|&b| b > 0) {
+        let now = global_batch;
         if was != now && rank0 && opts.progress {
+            let per_accum = cfg.train.batch_size * dp;
+            let keep = if was % per_accum == 0 {
+                format!("set train.grad_accum to {} to keep it", was / per_accum)
+            } else {
+                format!("to keep it, choose train.batch_size and train.grad_accum with train.batch_size x train.grad_accum x {dp} = {was}")
+            };
             eprintln!(
-                "note: the checkpoint was trained with a global batch of {was} sequences (micro {} x accum {} x dp {}), this run has {now} (micro {} x accum {} x dp {dp}): set train.grad_accum to {} to keep it",
-                then.train.batch_size,
-                then.train.grad_accum,
-                then.parallel.dp,
-                cfg.train.batch_size,
-                cfg.train.grad_accum,
-                if was % (cfg.train.batch_size * dp) == 0 { (was / (cfg.train.batch_size * dp)).to_string() } else { format!("about {}", was as f64 / (cfg.train.batch_size * dp) as f64) },
+                "note: the checkpoint was trained with a global batch of {was} sequences, this run has {now} (micro {} x accum {} x dp {dp}): {keep}",
+                cfg.train.batch_size, cfg.train.grad_accum,
             );
         }
     }
@@ -260,7 +259,6 @@ pub fn train_in(world: &World, cfg: &Config, opts: &TrainOptions) -> Result<Trai
 
     let sched = CosineSchedule { lr: cfg.train.lr, min_lr: cfg.train.min_lr, warmup_steps: cfg.train.warmup_steps, decay_steps: cfg.decay_steps() };
     let sampler = Sampler::new(cfg.run.seed);
-    let global_batch = cfg.train.batch_size * cfg.train.grad_accum * dp;
     let tokens_per_step = (global_batch * cfg.model.block_size()) as f64;
     let flops_tok = flops_per_token(&cfg.model, cfg.model.block_size());
     let peak = crate::device::peak_flops(cfg.train.peak_flops, s.device);

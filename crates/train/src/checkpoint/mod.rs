@@ -64,9 +64,18 @@ pub struct CheckpointState {
     /// Steps whose update was dropped for a NaN/Inf (`train.nonfinite = "skip"`), so far.
     #[serde(default)]
     pub skipped_steps: u64,
+    /// Sequences per optimizer step (micro-batch x accumulation x data-parallel ranks) of the
+    /// run that wrote it; 0 in checkpoints from before it was recorded (left out, so that their
+    /// digests are unchanged).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub global_batch: u64,
     /// SHA-256 of this document serialised with this field empty (set by [`save`]).
     #[serde(default)]
     pub state_sha256: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl CheckpointState {
@@ -329,20 +338,19 @@ pub fn save(
 /// A replaced checkpoint is swapped with the new one in one step (`renameat2` with
 /// `RENAME_EXCHANGE`), so a crash at any moment leaves one complete checkpoint of that step; the
 /// old one, now at `tmp`, is removed after (or by the next run's sweep of dead writers'
-/// temporaries). Only a file system without the exchange falls back to remove, then rename.
+/// temporaries). Where the exchange is unavailable it falls back to remove, then rename.
 pub(crate) fn place(root: &Path, tmp: &Path, step: u64) -> std::io::Result<PathBuf> {
     let dest = root.join(dir_name(step));
     if fs::symlink_metadata(&dest).is_ok() {
-        match exchange(tmp, &dest) {
-            Ok(()) => {
-                fs::remove_dir_all(tmp)?;
-                return Ok(dest);
-            }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::ENOTSUP)) => {
-                fs::remove_dir_all(&dest)?;
-            }
-            Err(e) => return Err(e),
+        if exchange(tmp, &dest).is_ok() {
+            // The new checkpoint is in place; the old one left at `tmp` (if it cannot be removed
+            // now) is a dead writer's temporary to the next run's sweep.
+            let _ = fs::remove_dir_all(tmp);
+            return Ok(dest);
         }
+        // No exchange here (an old kernel, a file system or a seccomp profile without it): a
+        // failed exchange changed nothing, so the replacement is remove, then rename.
+        fs::remove_dir_all(&dest)?;
     }
     fs::rename(tmp, &dest)?;
     Ok(dest)

@@ -20,6 +20,7 @@ fn state(step: u64, run_id: &str) -> CheckpointState {
         sha256: Default::default(),
         run_id: run_id.into(),
         skipped_steps: 0,
+        global_batch: 0,
         state_sha256: String::new(),
     }
 }
