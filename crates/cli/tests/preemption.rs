@@ -43,8 +43,18 @@ fn base(out: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 fn cmd(np: usize, out: &Path, extra: &[&str]) -> Command {
+    use std::os::unix::process::CommandExt;
     let mut c = common::train_command(np, &[], base(out, extra));
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SIGHUP as a terminal session has it, whatever this test runner inherited (a CI started
+    // under nohup ignores it, and a child would inherit that).
+    // SAFETY: signal(2) is async-signal-safe, the only call between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_DFL);
+            Ok(())
+        });
+    }
     c
 }
 
