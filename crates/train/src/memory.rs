@@ -48,7 +48,7 @@ fn gib(b: u64) -> String {
 pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
     let cfg = &s.cfg;
     let attention = attention_kernel(s.device, &cfg.model);
-    let mut e = match &s.pipeline {
+    let e = match &s.pipeline {
         None => stage_memory_estimate_tp(
             &cfg.model,
             &[StageSpec::whole(cfg.model.n_layer())],
@@ -78,10 +78,16 @@ pub fn estimate(s: &Setup, dp: usize) -> MemoryEstimate {
             )
         }
     };
+    per_rank(e, cfg, dp, s.device)
+}
+
+/// `e` as one rank of `dp` holds it on `device`: ZeRO-1 (`parallel.zero = 1`) divides the AdamW
+/// moments among the data-parallel ranks; resident memory on the CPU ([`on_device`]).
+fn per_rank(mut e: MemoryEstimate, cfg: &crate::Config, dp: usize, device: Device) -> MemoryEstimate {
     if cfg.parallel.zero == 1 && dp > 1 {
         e.optimizer = e.optimizer.div_ceil(dp as u64);
     }
-    on_device(e, s.device)
+    on_device(e, device)
 }
 
 /// The attention kernel libtorch runs: fused, except on the CPU with dropout, where it takes the
@@ -231,7 +237,7 @@ pub fn check_fits_whole(cfg: &crate::Config, vocab: usize, device: Device, bf16:
     if model.vocab_size() == 0 {
         model.set_vocab_size(vocab);
     }
-    let mut e = stage_memory_estimate_tp(
+    let e = stage_memory_estimate_tp(
         &model,
         &[StageSpec::whole(model.n_layer())],
         cfg.train.batch_size,
@@ -243,10 +249,7 @@ pub fn check_fits_whole(cfg: &crate::Config, vocab: usize, device: Device, bf16:
         1,
         false,
     );
-    if cfg.parallel.zero == 1 && dp > 1 {
-        e.optimizer = e.optimizer.div_ceil(dp as u64);
-    }
-    check_need(&on_device(e, device), device, cfg, local_ranks, dp)
+    check_need(&per_rank(e, cfg, dp, device), device, cfg, local_ranks, dp)
 }
 
 fn check_need(need: &MemoryEstimate, device: Device, cfg: &crate::Config, local_ranks: usize, dp: usize) -> Result<(), TrainError> {
